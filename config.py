@@ -1,0 +1,139 @@
+"""Settings: one dataclass of defaults from which train.py builds its command line.
+
+The resolved settings are written to each run's `config.json` and stored in every checkpoint as a
+plain dict, so a run can be read, repeated and resumed from its folder alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+MODES = ("scratch", "finetune", "transfer")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2, before anything is written."""
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    """Print a one-line error for a person (no traceback) and exit."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field that also carries its argparse help, type and choices."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = opt("demo", "image folder (DIR/train + DIR/val, or DIR/<class>/...), or 'demo' for "
+                    "scikit-learn's digits exported as PNGs")
+    val_split: float = opt(0.2, "share of each class held out for validation when DATA has no val/ folder")
+    img_size: int | None = opt(None, "training/eval crop size in pixels (default: the weights' own, 224)",
+                               type=int)
+    augment: str = opt("basic", "training augmentation preset",
+                       choices=("none", "basic", "randaugment", "trivialaugment"))
+    min_scale: float = opt(0.35, "smallest area share kept by the random resized crop")
+    hflip: float = opt(0.5, "probability of a horizontal flip (0 for text, digits, asymmetric things)")
+    mixup: float = opt(0.0, "mixup alpha (0 = off)")
+    cutmix: float = opt(0.0, "cutmix alpha (0 = off)")
+    # model
+    model: str = opt("resnet18", "any torchvision classification model, e.g. vgg11, resnet18, mobilenet_v2")
+    mode: str = opt("finetune", "scratch: random init; finetune: ImageNet weights, all layers train; "
+                    "transfer: ImageNet weights, frozen backbone, only the new head trains",
+                    choices=MODES)
+    weights: str | None = opt(None, "local state_dict file to use instead of downloading ImageNet weights",
+                              type=str)
+    # optimisation
+    epochs: int = opt(10, "number of epochs")
+    batch_size: int = opt(64, "images per step (per process under torchrun)")
+    lr: float = opt(1e-3, "learning rate")
+    optimizer: str = opt("sgd", "optimizer", choices=("sgd", "adam", "adamw", "rmsprop"))
+    momentum: float = opt(0.9, "momentum (sgd, rmsprop)")
+    weight_decay: float = opt(0.0, "weight decay")
+    scheduler: str = opt("step", "learning-rate schedule",
+                         choices=("step", "cosine", "onecycle", "plateau", "none"))
+    step_size: int = opt(7, "epochs between learning-rate drops (step schedule)")
+    gamma: float = opt(0.1, "learning-rate drop factor (step and plateau schedules)")
+    warmup_epochs: int = opt(0, "linear warm-up epochs before the schedule")
+    backbone_lr_mult: float = opt(1.0, "finetune: learning-rate multiplier for the pretrained layers")
+    label_smoothing: float = opt(0.0, "label smoothing for the loss")
+    class_weights: str = opt("none", "'auto': weigh the loss by inverse class frequency",
+                             choices=("none", "auto"))
+    balanced_sampler: bool = opt(False, "draw training images so each class is seen equally often")
+    patience: int = opt(0, "stop after this many epochs without a better val accuracy (0 = never)")
+    # machine
+    device: str = opt("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1, mps")
+    workers: int | None = opt(None, "DataLoader worker processes (default: sized to the machine)",
+                              type=int)
+    amp: bool = opt(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
+    channels_last: bool = opt(True, "channels_last memory format on CUDA")
+    compile: bool = opt(False, "torch.compile the model (CUDA; slow start, faster steps)")
+    sync_bn: bool = opt(False, "SyncBatchNorm across processes under torchrun")
+    image_cache: bool = opt(True, "decode each image once into an on-disk uint8 cache")
+    feature_cache: bool = opt(True, "transfer mode: compute the frozen backbone's features once "
+                              "(turns augmentation off)")
+    cache_dir: str | None = opt(None, "where caches live (default: $IMGCLS_CACHE or ~/.cache/imgcls)",
+                                type=str)
+    max_bad_fraction: float = opt(0.5, "stop if more than this share of a batch cannot be read")
+    seed: int = opt(42, "random seed (split, init, shuffling, augmentation)")
+    # run folder
+    out: str | None = opt(None, "run folder (default: runs/<model>-<mode>-<time>)", type=str)
+    resume: str | None = opt(None, "continue a run: path to last.pt or a run folder, or 'auto'", type=str)
+    overwrite: bool = opt(False, "allow --out to be an existing non-empty folder")
+    summary: bool = opt(True, "print the torchsummary model summary at the start")
+    lr_find: bool = opt(False, "run a learning-rate range test, plot it, suggest an lr and exit")
+
+
+# Settings that define what a run *is*: changing them on --resume would make a different run.
+IDENTITY = ("data", "model", "mode", "weights", "img_size", "val_split", "seed")
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+    """Add one --option per dataclass field; unset options stay absent from the namespace."""
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        help_text = f"{meta.pop('help')} (default: {f.default})"
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text,
+                                default=argparse.SUPPRESS)
+        else:
+            meta.setdefault("type", type(f.default))
+            parser.add_argument(flag, help=help_text, default=argparse.SUPPRESS, **meta)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject settings that cannot work before anything is loaded or written."""
+    checks = [
+        (0 < cfg.val_split < 1, "--val-split must be between 0 and 1"),
+        (cfg.epochs >= 1, "--epochs must be at least 1"),
+        (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+        (cfg.lr > 0, "--lr must be positive"),
+        (cfg.img_size is None or cfg.img_size >= 16, "--img-size must be at least 16"),
+        (0 < cfg.min_scale <= 1, "--min-scale must be in (0, 1]"),
+        (0 <= cfg.hflip <= 1, "--hflip must be a probability"),
+        (0 <= cfg.max_bad_fraction <= 1, "--max-bad-fraction must be between 0 and 1"),
+        (cfg.workers is None or cfg.workers >= 0, "--workers cannot be negative"),
+        (cfg.patience >= 0 and cfg.warmup_epochs >= 0, "--patience and --warmup-epochs cannot be negative"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def cache_root(cfg_dir: str | None = None) -> Path:
+    """Caches (dataset checks, decoded images, features) survive runs; never inside the data folder."""
+    root = cfg_dir or os.environ.get("IMGCLS_CACHE") or Path.home() / ".cache" / "imgcls"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

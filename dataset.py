@@ -1,0 +1,493 @@
+"""Image folders: find classes and files, check every file once, split, decode, cache and augment.
+
+    python dataset.py check DIR          # counts, imbalance, skipped files and why, train/val leaks
+    python dataset.py demo               # export scikit-learn's digits as a PNG folder (data/digits)
+
+Every image, whatever its mode (L, LA, P, RGBA, CMYK, 16-bit, float), becomes 3-channel uint8 RGB,
+resized so its shorter side is `resize_size` and centre-cropped square. Training crops randomly
+from that square; evaluation takes its centre: the standard Resize + CenterCrop recipe, done once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from config import UsageError, cache_root
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+VAL_NAMES = ("val", "valid", "validation")
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "digits"
+ACCEPTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                  "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+CHECK_VERSION = 1
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a half-downloaded file is an error, never grey pixels
+
+
+# ----------------------------------------------------------------------------- decoding
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; the message is the reason shown to the user."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any accepted mode to RGB: alpha over white, 16-bit scaled to 8-bit (not clipped)."""
+    mode = img.mode
+    if mode not in ACCEPTED_MODES:
+        raise BadImage(f"unsupported mode {mode}")
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        if mode.startswith("I;16") or (mode == "I" and a.max() > 255):
+            a = a / 257.0  # 0..65535 -> 0..255
+        elif mode == "F" and a.max() <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA", "RGBa", "RGBA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Image:
+    """Decode fully (so truncation shows now), JPEGs at a reduced scale when `draft` allows."""
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))  # DCT scaling: keeps both sides >= draft
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage("decompression bomb (too many pixels)") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage("truncated" if "truncat" in str(e).lower() else f"unreadable ({e})") from None
+    return img
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Decode to a size x size x 3 uint8 array: shorter side resized to `size`, centre crop."""
+    img = to_rgb(open_image(path, draft=size))
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+    img = img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def inspect_file(path: str) -> tuple[str | None, str]:
+    """(reason to skip or None, sha1 of the bytes) for one file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return f"unreadable ({e.strerror})", ""
+    digest = hashlib.sha1(data).hexdigest()
+    if not data:
+        return "empty file", digest
+    try:
+        to_rgb(open_image(data, draft=64))
+    except BadImage as e:
+        return str(e), digest
+    return None, digest
+
+
+def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True) -> dict[str, tuple]:
+    """Inspect files in parallel; results are cached by (path, size, mtime) so re-checks are quick."""
+    store = cache_root(cache_dir) / "checks.json"
+    try:
+        cached = json.loads(store.read_text()) if store.exists() else {}
+        if cached.get("version") != CHECK_VERSION:
+            cached = {}
+    except (OSError, ValueError):
+        cached = {}
+    known = cached.get("files", {})
+    results: dict[str, tuple] = {}
+    todo = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            results[p] = ("missing", "")
+            continue
+        entry = known.get(p)
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            results[p] = (entry[2], entry[3])
+        else:
+            todo.append((p, st.st_size, st.st_mtime_ns))
+    if todo:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL decodes without the GIL
+            found = pool.map(lambda t: inspect_file(t[0]), todo)
+            for (p, size, mtime), (reason, digest) in tqdm(zip(todo, found), total=len(todo),
+                                                          desc="checking images", disable=None if progress else True,
+                                                          leave=False):
+                results[p] = (reason, digest)
+                known[p] = [size, mtime, reason, digest]
+        atomic_write_text(store, json.dumps({"version": CHECK_VERSION, "files": known}))
+    return results
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- folders and splits
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__") or name in {"Thumbs.db", "desktop.ini"}
+
+
+def list_files(folder: Path) -> list[str]:
+    """Every non-hidden file below `folder`, sorted; hidden folders (.ipynb_checkpoints...) pruned."""
+    out = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        out += [os.path.join(root, f) for f in sorted(files) if not is_hidden(f)]
+    return out
+
+
+def class_folders(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name))
+
+
+@dataclass
+class DataSplit:
+    """What a run trains and validates on: written to the run folder as split.json."""
+    root: str
+    classes: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    leaks: list[tuple[str, str]] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> DataSplit:
+        d = json.loads(Path(path).read_text())
+        for key in ("train", "val", "test", "skipped", "leaks"):
+            d[key] = [tuple(x) for x in d.get(key, [])]
+        return cls(**d)
+
+    def counts(self, items: list[tuple[str, int]]) -> list[int]:
+        c = Counter(label for _, label in items)
+        return [c[i] for i in range(len(self.classes))]
+
+
+def resolve_data_dir(data: str) -> Path:
+    """'demo' or a folder; a missing or empty folder is the user's mistake, said in one line."""
+    if data == "demo":
+        return export_demo()
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"data folder {data} does not exist: give --data DIR with one sub-folder per class, "
+                         "or --data demo")
+    return root
+
+
+def find_layout(root: Path) -> tuple[Path, Path | None, Path | None]:
+    """(train folder, val folder or None, test folder or None)."""
+    subdirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir()}
+    if "train" in subdirs:
+        val = next((subdirs[n] for n in VAL_NAMES if n in subdirs), None)
+        return subdirs["train"], val, subdirs.get("test")
+    return root, None, None
+
+
+def labelled_files(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
+    return [(p, i) for i, c in enumerate(classes) for p in list_files(folder / c)]
+
+
+def stratified_split(items: list[tuple[str, int]], val_split: float, seed: int
+                     ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Hold out the same share of every class (at least one image when a class has two or more)."""
+    by_class: dict[int, list] = defaultdict(list)
+    for item in items:
+        by_class[item[1]].append(item)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        group = sorted(by_class[label])
+        rng.shuffle(group)
+        n_val = min(len(group) - 1, max(1, round(len(group) * val_split)))
+        val += group[:n_val]
+        train += group[n_val:]
+    return sorted(train), sorted(val)
+
+
+def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
+                 progress: bool = True) -> DataSplit:
+    """Find classes and files, check them all, split; every problem a person can fix is a UsageError."""
+    root = resolve_data_dir(data)
+    train_dir, val_dir, test_dir = find_layout(root)
+    classes = class_folders(train_dir)
+    if not classes:
+        raise UsageError(f"no class folders in {train_dir}: expected {train_dir}/<class name>/<images>")
+    if len(classes) < 2:
+        raise UsageError(f"only one class ({classes[0]}) in {train_dir}: a classifier needs at least two "
+                         "class folders")
+    if val_dir is not None:
+        val_classes = class_folders(val_dir)
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(classes))
+            raise UsageError(f"train and {val_dir.name} classes differ (only in train: {only_train or '-'}; "
+                             f"only in {val_dir.name}: {only_val or '-'}): make the class folders match")
+    sets = {"train": labelled_files(train_dir, classes),
+            "val": labelled_files(val_dir, classes) if val_dir else [],
+            "test": labelled_files(test_dir, classes) if test_dir and class_folders(test_dir) == classes else []}
+    checked = check_files([p for items in sets.values() for p, _ in items], cache_dir, progress)
+    skipped = [(p, checked[p][0]) for items in sets.values() for p, _ in items if checked[p][0]]
+    good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
+    counts = Counter(y for _, y in good["train"] + good["val"])
+    empty = [c for i, c in enumerate(classes) if counts[i] == 0]
+    if empty:
+        raise UsageError(f"class folder(s) {', '.join(empty)} in {train_dir} have no readable images: "
+                         "add images or remove the folder")
+    train, val = good["train"], good["val"]
+    if val_dir is None:
+        train, val = stratified_split(train, val_split, seed)
+    digests = defaultdict(list)
+    for p, _ in train:
+        digests[checked[p][1]].append(p)
+    leaks = [(t, v) for v, _ in val for t in digests.get(checked[v][1], [])]
+    return DataSplit(str(root), classes, train, val, good["test"], skipped, leaks)
+
+
+def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True
+                ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
+    """An evaluation folder: (classes, good (path, label) items, skipped (path, reason))."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder: give a folder with one sub-folder per class")
+    for name in ("test", *VAL_NAMES):  # a dataset root: evaluate its held-out part
+        if (folder / name).is_dir() and (folder / "train").is_dir():
+            folder = folder / name
+            break
+    classes = class_folders(folder)
+    items = labelled_files(folder, classes)
+    checked = check_files([p for p, _ in items], cache_dir, progress)
+    good = [(p, y) for p, y in items if not checked[p][0]]
+    if not good:
+        raise UsageError(f"no readable images in {folder}/<class>/: nothing to evaluate")
+    return classes, good, [(p, checked[p][0]) for p, _ in items if checked[p][0]]
+
+
+def export_demo(dest: Path = DEMO_DIR) -> Path:
+    """scikit-learn's 1,797 handwritten digits (8x8, shipped with the package) as 32 px PNG folders."""
+    if (dest / "9").is_dir():
+        return dest
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        img = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), "L").resize((32, 32), Image.BICUBIC)
+        (tmp / str(label)).mkdir(parents=True, exist_ok=True)
+        img.save(tmp / str(label) / f"{i:04d}.png")
+    try:
+        os.replace(tmp, dest)  # atomic: a concurrent export either wins or finds the folder done
+    except OSError:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# ----------------------------------------------------------------------------- datasets and caches
+
+class ImageCache:
+    """Every image of a list decoded and resized once into a uint8 .npy file, memory-mapped.
+
+    The key covers the paths, their sizes and mtimes and the pixel size, so a changed file list or
+    preprocessing builds a new cache instead of reading a stale one.
+    """
+
+    def __init__(self, paths: list[str], size: int, cache_dir: str | None = None):
+        stats = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+                stats.append((p, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((p, -1, -1))
+        key = hashlib.sha1(json.dumps([size, stats]).encode()).hexdigest()[:20]
+        folder = cache_root(cache_dir) / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{key}-{size}px.npy"
+        self.ok_path = folder / f"{key}-{size}px.ok.npy"
+        self.paths, self.size = paths, size
+        self._pixels: np.ndarray | None = None
+        self._ok: np.ndarray | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.path.exists() and self.ok_path.exists()
+
+    def build(self, progress: bool = True) -> None:
+        if self.ready:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.npy")
+        pixels = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(self.paths), self.size, self.size, 3))
+        ok = np.zeros(len(self.paths), dtype=bool)
+
+        def decode(i: int) -> None:
+            try:
+                pixels[i] = load_image(self.paths[i], self.size)
+                ok[i] = True
+            except (BadImage, OSError) as e:
+                warn(f"skipped {self.paths[i]}: {e}")
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            list(tqdm(pool.map(decode, range(len(self.paths))), total=len(self.paths),
+                      desc=f"caching images ({self.size}px)", disable=None if progress else True, leave=False))
+        pixels.flush()
+        np.save(self.ok_path, ok)
+        os.replace(tmp, self.path)
+
+    def get(self, i: int) -> np.ndarray | None:
+        if self._pixels is None:  # opened lazily so DataLoader workers each map the file themselves
+            self._pixels = np.load(self.path, mmap_mode="r")
+            self._ok = np.load(self.ok_path)
+        return np.array(self._pixels[i]) if self._ok[i] else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pixels": None, "_ok": None}
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class ImageDataset(Dataset):
+    """(uint8 CHW tensor, label, index) per image; an unreadable image gives None, never an exception."""
+
+    def __init__(self, items: list[tuple[str, int]], size: int, transform: Callable | None = None,
+                 cache: ImageCache | None = None):
+        self.paths = [p for p, _ in items]
+        self.labels = [y for _, y in items]
+        self.size, self.transform, self.cache = size, transform, cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | None:
+        if self.cache is not None:
+            arr = self.cache.get(i)
+            if arr is None:
+                return None
+        else:
+            try:
+                arr = load_image(self.paths[i], self.size)
+            except (BadImage, OSError) as e:  # changed or deleted since the check: skip, go on
+                warn(f"skipped {self.paths[i]}: {e}")
+                return None
+        x = torch.from_numpy(arr).permute(2, 0, 1)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[i], i
+
+
+def collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]:
+    """Stack the readable samples; also say how many in the batch could not be read."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), len(batch)
+    xs, ys, idx = zip(*good)
+    return torch.stack(xs), torch.as_tensor(ys), torch.as_tensor(idx), len(batch) - len(good)
+
+
+def train_transform(img_size: int, augment: str = "basic", min_scale: float = 0.35,
+                    hflip: float = 0.5) -> Callable:
+    """Augmentation on uint8 tensors (cheap, and the same for cached and uncached images)."""
+    from torchvision.transforms import v2
+
+    if augment == "none":
+        return v2.CenterCrop(img_size)
+    steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True)]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    if augment == "randaugment":
+        steps.append(v2.RandAugment())
+    elif augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide())
+    return v2.Compose(steps)
+
+
+def eval_transform(img_size: int) -> Callable:
+    from torchvision.transforms import v2
+
+    return v2.CenterCrop(img_size)
+
+
+# ----------------------------------------------------------------------------- the check command
+
+def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
+    """Per-class counts, imbalance, skipped files and train/val duplicates, for people."""
+    train_counts, val_counts = split.counts(split.train), split.counts(split.val)
+    width = max(len(c) for c in split.classes)
+    out(f"{len(split.classes)} classes, {len(split.train)} train + {len(split.val)} val images in {split.root}")
+    for name, nt, nv in zip(split.classes, train_counts, val_counts):
+        out(f"  {name:>{width}}  train {nt:6d}  val {nv:6d}")
+    totals = [a + b for a, b in zip(train_counts, val_counts)]
+    out(f"imbalance (largest/smallest class): {max(totals) / max(1, min(totals)):.1f}x")
+    if split.skipped:
+        out(f"skipping {len(split.skipped)} file(s):")
+        for path, reason in split.skipped:
+            out(f"  {path}: {reason}")
+    if split.leaks:
+        out(f"warning: {len(split.leaks)} val image(s) are exact copies of train images (leakage):")
+        for t, v in split.leaks[:20]:
+            out(f"  {v} == {t}")
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Check an image folder, or export the demo digits.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="scan a dataset folder and report what training will use")
+    check.add_argument("data", help="dataset folder (or 'demo')")
+    check.add_argument("--val-split", type=float, default=0.2)
+    check.add_argument("--seed", type=int, default=42)
+    check.add_argument("--cache-dir", default=None)
+    sub.add_parser("demo", help=f"export the digits demo data to {DEMO_DIR}")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            print(export_demo())
+            return 0
+        report(prepare_data(args.data, args.val_split, args.seed, args.cache_dir))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

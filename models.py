@@ -1,0 +1,219 @@
+"""Networks: build any torchvision classifier, load its weights safely, fit its head, freeze it.
+
+Freezing rule (transfer mode): every parameter outside the new head has requires_grad=False AND the
+backbone stays in eval mode while training, so BatchNorm running statistics and dropout are frozen
+too. The backbone is then a fixed function, which is what lets train.py cache its features.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from config import UsageError
+
+CHECKPOINT_KIND = "imgcls-checkpoint"
+AUX_HEADS = ("googlenet", "inception_v3")  # their auxiliary classifiers are disabled
+DEFAULT_PREPROCESS = {"img_size": 224, "resize_size": 256,
+                      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def classifier_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_name(name: str) -> None:
+    if name not in classifier_names():
+        raise UsageError(f"unknown model '{name}'; choose one of: {', '.join(classifier_names())}")
+
+
+def default_weights(name: str) -> Any:
+    """The torchvision weights enum entry used for 'finetune' and 'transfer' (None if it has none)."""
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError):
+        return None
+
+
+def preprocessing(name: str, img_size: int | None = None) -> dict[str, Any]:
+    """Resize, crop and mean/std from the weights' own metadata; `img_size` keeps their crop ratio."""
+    pre = dict(DEFAULT_PREPROCESS)
+    weights = default_weights(name)
+    if weights is not None:
+        t = weights.transforms()
+        pre = {"img_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
+               "mean": [float(v) for v in t.mean], "std": [float(v) for v in t.std]}
+    if img_size is not None and img_size != pre["img_size"]:
+        ratio = pre["resize_size"] / pre["img_size"]
+        pre["img_size"], pre["resize_size"] = img_size, max(img_size, round(img_size * ratio))
+    return pre
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The last layer that maps to ImageNet's 1000 classes: the classifier head to replace."""
+    head = None
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Linear) and m.out_features == 1000) or \
+                (isinstance(m, nn.Conv2d) and m.out_channels == 1000):
+            head = (name, m)
+    if head is None:
+        raise UsageError(f"cannot find a 1000-class head in {type(model).__name__}: not a classifier")
+    return head
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    name, old = find_head(model)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+    set_module(model, name, new)
+    return new
+
+
+def head_of(model: nn.Module) -> tuple[str, nn.Module]:
+    """Name and module of the (already replaced) head: the last Linear/Conv2d of the network."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            last = (name, m)
+    assert last is not None
+    return last
+
+
+def safe_load(path: str | Path) -> Any:
+    """torch.load that never runs code from the file: weights_only, with people-sized errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"{path} needs pickled code to load and was refused (weights_only=True); "
+                         f"only tensors and plain data are accepted ({str(e).splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UsageError(f"{path} is not a readable PyTorch file ({str(e).splitlines()[0][:120]})") from None
+
+
+def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights via torchvision's weights API: torch hub cache first, then download."""
+    weights = default_weights(name)
+    if weights is None:
+        raise UsageError(f"torchvision has no pretrained weights for {name}: use --mode scratch or --weights FILE")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if cached.is_file():
+        return state_dict_from(safe_load(cached), cached)
+    try:
+        return weights.get_state_dict(progress=True, weights_only=True)
+    except Exception as e:  # no network, proxy, DNS, HTTP error: all end in the same advice
+        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise UsageError(f"ImageNet weights for {name} could not be downloaded ({reason}): put {weights.url} "
+                         f"at {cached}, or pass --weights FILE, or use --mode scratch") from None
+
+
+def state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a bare state_dict or one of our checkpoints."""
+    if isinstance(obj, dict) and obj.get("kind") == CHECKPOINT_KIND:
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UsageError(f"{path} is not a state_dict (a dict of tensors)")
+    return obj
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Load everything but the 1000-class head; any other mismatch means the file is for another model."""
+    head_name, _ = find_head(model)
+    prefix = head_name + "."
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    if arch in AUX_HEADS:
+        state = {k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}"
+                           for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                              ("wrong shape", wrong)) if keys)
+        raise UsageError(f"weights in {source} don't fit {arch} ({detail}): use weights saved from {arch}")
+    model.load_state_dict(state, strict=False)
+
+
+def build_model(arch: str, num_classes: int, mode: str = "scratch", weights_file: str | None = None
+                ) -> nn.Module:
+    """A torchvision classifier with a fresh `num_classes` head, initialised as `mode` says."""
+    check_name(arch)
+    kwargs = {"aux_logits": False, "init_weights": mode == "scratch"} if arch in AUX_HEADS else {}
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    if mode != "scratch" or weights_file:
+        if weights_file:
+            state, source = state_dict_from(safe_load(weights_file), Path(weights_file)), weights_file
+        else:
+            state, source = imagenet_state_dict(arch), "the ImageNet weights"
+        load_backbone(model, state, source, arch)
+    replace_head(model, num_classes)
+    if mode == "transfer":
+        freeze_backbone(model)
+    return model
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    _, head = head_of(model)
+    head_params = {id(p) for p in head.parameters()}
+    for p in model.parameters():
+        p.requires_grad = id(p) in head_params
+
+
+def set_train_mode(model: nn.Module, training: bool, mode: str) -> None:
+    """model.train(training), except that a frozen backbone always stays in eval mode."""
+    model.train(training)
+    if training and mode == "transfer":
+        model.eval()
+        head_of(model)[1].train()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
+class Normalize(nn.Module):
+    """uint8 (or 0..1 float) NCHW images -> normalised float; done on the device, batched."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            x = x * 255
+        return (x.float() - self.mean) / self.std
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """One of our checkpoints, loaded without running code from it."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+        raise UsageError(f"{path} is not a checkpoint made by train.py (no '{CHECKPOINT_KIND}' marker)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild the trained network from the checkpoint alone; returned in eval mode."""
+    model = build_model(ckpt["arch"], len(ckpt["classes"]), mode="scratch")
+    model.load_state_dict(ckpt["model"])
+    return model.eval()

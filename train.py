@@ -1,0 +1,753 @@
+"""Train an image classifier on a folder of labelled images (one sub-folder per class).
+
+    python train.py --data demo --mode scratch --epochs 3
+    python train.py --data ~/photos --model resnet18 --mode finetune
+    python train.py --data ~/photos --model mobilenet_v2 --mode transfer --epochs 10
+    torchrun --nproc_per_node=4 train.py --data ~/photos --mode finetune   # many GPUs (DDP)
+    python train.py --resume runs/resnet18-finetune-20261128-130000      # continue a run
+
+Everything a run makes goes to one run folder (--out, default runs/<model>-<mode>-<time>):
+last.pt, best.pt, config.json, split.json, skipped.txt, metrics.csv, summary.json, curves.png and
+TensorBoard event files (`tensorboard --logdir runs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm import tqdm
+
+import dataset
+import models
+import plots
+from config import IDENTITY, TrainConfig, UsageError, add_options, fail, validate
+
+
+class TrainingError(Exception):
+    """Training cannot go on (NaN loss, out of memory, unreadable data): one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------- machine
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto: CUDA, then Apple MPS, then CPU; an explicit device that is not there is a usage error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = f"cuda:{local_rank}"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible to this PyTorch build; use --device cpu")
+        check_gpu_supported(device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: Apple MPS is not available here; use --device cpu")
+    return device
+
+
+def check_gpu_supported(device: torch.device) -> None:
+    """Old GPUs (e.g. a K80, sm_37) have no kernels in current wheels: say so before training."""
+    major, minor = torch.cuda.get_device_capability(device)
+    archs = [a for a in torch.cuda.get_arch_list() if a.startswith("sm_")]
+    if archs and major * 10 + minor < min(int(a[3:].rstrip("a")) for a in archs):
+        raise UsageError(f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}) is not supported by this "
+                         f"PyTorch build (needs one of {', '.join(archs)}): install an older PyTorch "
+                         "for this GPU, or use --device cpu")
+
+
+def precision(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScaler]:
+    """Chosen once, so the loop has no device branches: autocast context + (maybe disabled) scaler."""
+    if device.type != "cuda" or not amp:
+        return contextlib.nullcontext, torch.amp.GradScaler("cuda", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return (lambda: torch.autocast("cuda", dtype=dtype),
+            torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
+
+
+def auto_workers(device: torch.device, cached: bool) -> int:
+    """Workers only where they help: cached uint8 crops are cheap, and on a small CPU box every
+    worker steals a core from the model's own threads."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return 0 if cached or cpus <= 2 else min(4, cpus // 4)
+    return min(8, max(1, cpus - 1))
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), world, local_rank
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's value of `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- data
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled (or class-balanced) order fixed by (seed, epoch), split across ranks like
+    DistributedSampler, and able to start mid-epoch so an interrupted epoch resumes where it stopped."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, weights: torch.Tensor | None = None):
+        self.n, self.seed, self.rank, self.world, self.weights = n, seed, rank, world, weights
+        self.epoch, self.start = 0, 0
+        self.per_rank = math.ceil(n / world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        else:
+            order = torch.randperm(self.n, generator=g)
+        order = torch.cat([order, order[: self.per_rank * self.world - self.n]])  # pad like DistributedSampler
+        return iter(order[self.rank::self.world][self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+class Features(Dataset):
+    """Cached backbone features, served like images: (feature, label, index)."""
+
+    def __init__(self, x: torch.Tensor, y: list[int]):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.x[i], self.y[i], i
+
+
+def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device,
+                sampler: Sampler | None = None) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      collate_fn=dataset.collate, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def shard(ds: Dataset, rank: int, world: int) -> Dataset:
+    """Every validation image on exactly one rank: no padding, so metrics count each image once."""
+    return ds if world == 1 else Subset(ds, range(rank, len(ds), world))
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+class Schedule:
+    """Learning-rate factor per optimizer step: warm-up, then step/cosine/onecycle/plateau/none.
+    Per step (not per epoch) so warm-up and onecycle are smooth; a plain object so LambdaLR saves it."""
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
+        self.kind, self.epochs, self.spe = cfg.scheduler, cfg.epochs, max(1, steps_per_epoch)
+        self.step_size, self.gamma, self.warmup = cfg.step_size, cfg.gamma, cfg.warmup_epochs * self.spe
+        self.plateau_scale, self.best, self.bad_epochs = 1.0, -1.0, 0
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        total = self.epochs * self.spe
+        t = min(1.0, max(0, step - self.warmup) / max(1, total - self.warmup))
+        if self.kind == "step":
+            factor = self.gamma ** ((step // self.spe) // self.step_size)
+        elif self.kind == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * t))
+        elif self.kind == "onecycle":  # up to lr over the first 30%, then cosine down to ~0
+            t = step / max(1, total)
+            factor = (0.04 + 0.96 * (1 - math.cos(math.pi * t / 0.3)) / 2 if t < 0.3
+                      else 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7)) + 1e-4)
+            warm = 1.0
+        elif self.kind == "plateau":
+            factor = self.plateau_scale
+        else:
+            factor = 1.0
+        return warm * factor
+
+    def end_epoch(self, val_acc: float, patience: int = 2) -> None:
+        """Plateau: multiply by gamma after `patience` epochs without a better val accuracy."""
+        if val_acc > self.best:
+            self.best, self.bad_epochs = val_acc, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs > patience:
+                self.plateau_scale *= self.gamma
+                self.bad_epochs = 0
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Only trainable parameters; finetune may give the pretrained backbone a smaller lr."""
+    _, head = models.head_of(model)
+    head_ids = {id(p) for p in head.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.lr}]
+    backbone = [p for p in trainable if id(p) not in head_ids]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult})
+    kw = {"weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=cfg.momentum, **kw)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, momentum=cfg.momentum, **kw)
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](groups, **kw)
+
+
+def class_weights(counts: list[int]) -> torch.Tensor:
+    """Inverse frequency, scaled so the average weight per image is 1."""
+    c = torch.tensor(counts, dtype=torch.float).clamp(min=1)
+    w = c.sum() / (len(counts) * c)
+    return w
+
+
+# ----------------------------------------------------------------------------- loops
+
+@dataclasses.dataclass
+class Progress:
+    """Where training is, so an interrupt can save exactly that."""
+    epoch: int = 0  # completed epochs
+    step: int = 0  # batches done in the current epoch
+    global_step: int = 0
+
+
+def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    criterion: nn.Module, to_input: Callable, autocast: Callable, progress: Progress,
+                    cfg: TrainConfig, device: torch.device, mix: Callable | None = None,
+                    show: bool = True) -> dict[str, float]:
+    loss_sum, correct, seen, bad, t0 = 0.0, 0, 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not show or None,
+               leave=False, dynamic_ncols=True)
+    for x, y, _, n_bad in bar:
+        bad += n_bad
+        if x is None or n_bad > cfg.max_bad_fraction * (len(y) + n_bad):
+            raise TrainingError(f"{n_bad} of {len(y) + n_bad} images in a batch could not be read (limit "
+                                f"--max-bad-fraction {cfg.max_bad_fraction}): check the data folder")
+        x, y = to_input(x), y.to(device, non_blocking=True)
+        target = y
+        if mix is not None:
+            x, target = mix(x, y)
+        with autocast():
+            logits = net(x)
+            loss = criterion(logits, target)
+        if not torch.isfinite(loss):
+            lr = optimizer.param_groups[0]["lr"]
+            raise TrainingError(f"loss became {loss.item()} at epoch {progress.epoch + 1}, batch "
+                                f"{progress.step + 1} (lr {lr:.3g}): try a lower --lr; last.pt holds the last "
+                                "good epoch")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        progress.step += 1
+        progress.global_step += 1
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    elapsed = time.perf_counter() - t0
+    return {"loss": loss_sum / max(1, seen), "acc": 100 * correct / max(1, seen), "images": seen,
+            "img_per_s": seen / max(elapsed, 1e-9), "bad": bad, "time_s": elapsed}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable,
+            desc: str = "predicting", show: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, dataset indices) for every readable item, in loader order, on the CPU."""
+    outs, targets, indices = [], [], []
+    for x, y, idx, _ in tqdm(loader, desc=desc, disable=not show or None, leave=False, dynamic_ncols=True):
+        if x is None:
+            continue
+        with autocast():
+            outs.append(model(to_input(x)).float().cpu())
+        targets.append(y)
+        indices.append(idx)
+    if not outs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(targets), torch.cat(indices)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable,
+             num_classes: int, show: bool = True) -> dict[str, Any]:
+    """Loss, accuracy and confusion matrix; exact across ranks (each image is on one rank only)."""
+    logits, y, _ = predict(model, loader, to_input, autocast, desc="validating", show=show)
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.float64)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    if len(y):
+        cm += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+    if dist.is_initialized():
+        both = torch.cat([cm, loss_sum]).to(next(model.parameters()).device)
+        dist.all_reduce(both)
+        cm, loss_sum = both[:-1].cpu(), both[-1:].cpu()
+    cm = cm.view(num_classes, num_classes).long()
+    n = int(cm.sum())
+    return {"loss": float(loss_sum) / max(1, n), "acc": 100 * float(cm.trace()) / max(1, n),
+            "confusion": cm.tolist(), "images": n}
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """Atomic: temp file in the same folder, fsync, rename. A kill at any moment leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.csv and curves.png rewritten from the checkpoint's history (so a resume never duplicates)."""
+    keys = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "time_s"]
+    tmp = run_dir / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, run_dir / "metrics.csv")
+    plots.save(plots.curves_figure(history, run_dir.name), run_dir / "curves.png")
+
+
+def resume_target(resume: str, out: str | None) -> Path:
+    """--resume PATH (last.pt or a run folder) or 'auto' (--out's last.pt, else the newest run's)."""
+    if resume == "auto":
+        if out:
+            path = Path(out) / "last.pt"
+        else:
+            found = sorted(Path("runs").glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                raise UsageError("--resume auto: no runs/*/last.pt to resume; start a run without --resume")
+            path = found[-1]
+    else:
+        path = Path(resume)
+        if path.is_dir():
+            path = path / "last.pt"
+    if not path.is_file():
+        raise UsageError(f"nothing to resume: {path} does not exist")
+    return path
+
+
+def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict[str, Any] | None, Path]:
+    """Settings from the command line; on --resume, from the checkpoint plus what the command line changes."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser)
+    given = vars(parser.parse_args(argv))
+    ckpt = None
+    if given.get("resume"):
+        path = resume_target(given["resume"], given.get("out"))
+        ckpt = models.load_checkpoint(path)
+        saved = ckpt["config"]
+        changed = [k for k in IDENTITY if k in given and given[k] != saved.get(k)]
+        if changed:
+            raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
+                             "resuming: start a new run instead")
+        cfg = TrainConfig(**{**saved, **{k: v for k, v in given.items() if k not in ("resume", "out")}})
+        cfg.resume, cfg.out = str(path), str(path.parent)
+        run_dir = path.parent
+    else:
+        cfg = TrainConfig(**given)
+        run_dir = Path(cfg.out) if cfg.out else None
+    validate(cfg)
+    models.check_name(cfg.model)
+    if run_dir is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{cfg.model}-{cfg.mode}-{stamp}"
+    return cfg, ckpt, run_dir
+
+
+def make_run_dir(run_dir: Path, cfg: TrainConfig, resuming: bool) -> None:
+    """Created up front; never reuse another run's folder by accident."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not resuming and not cfg.overwrite:
+        raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                         "--overwrite to replace it, or another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+def backbone_features(model: nn.Module, loaders: dict[str, DataLoader], to_input: Callable, autocast: Callable,
+                      path: Path, show: bool) -> dict[str, torch.Tensor]:
+    """The frozen backbone's output for every image, computed once and kept on disk."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    name, head = models.head_of(model)
+    models.set_module(model, name, nn.Identity())  # the network minus its head is the backbone
+    model.eval()
+    try:
+        feats = {}
+        for split, loader in loaders.items():
+            x, _, idx = predict(model, loader, to_input, autocast, desc=f"caching {split} features", show=show)
+            out = torch.full((len(loader.dataset), x.shape[1]), float("nan"))
+            out[idx] = x
+            feats[split] = out
+    finally:
+        models.set_module(model, name, head)
+    save_checkpoint(feats, path)
+    return feats
+
+
+def feature_key(cfg: TrainConfig, preprocess: dict[str, Any], split: dataset.DataSplit) -> str:
+    """Model, weights, preprocessing and file list: change any and the cache is rebuilt."""
+    source = cfg.weights or (models.default_weights(cfg.model) or "").__str__()
+    if cfg.weights:
+        st = os.stat(cfg.weights)
+        source += f":{st.st_size}:{st.st_mtime_ns}"
+    stats = [(p, os.path.getsize(p) if os.path.exists(p) else -1) for p, _ in split.train + split.val]
+    blob = json.dumps([cfg.model, source, preprocess, stats])
+    return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    rank, world, local_rank = init_distributed()
+    lead = rank == 0
+    say = print if lead else (lambda *a, **k: None)
+    cfg, ckpt, run_dir = resolve_config(argv)
+    run_dir = Path(broadcast(str(run_dir)))  # one run folder even if ranks started a second apart
+    device = pick_device(cfg.device, local_rank)
+    if lead:
+        make_run_dir(run_dir, cfg, resuming=ckpt is not None)
+    barrier()
+
+    # data: checked once by rank 0; the split is the run's and is reused on resume
+    split_path = run_dir / "split.json"
+    if ckpt is None and lead:
+        split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir)
+        split.save(split_path)
+        (run_dir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in split.skipped))
+    barrier()
+    split = dataset.DataSplit.load(split_path)
+    classes = split.classes
+    if lead:
+        dataset.report(split, out=lambda line: None)  # (counts go to split.json; keep the console short)
+        print(f"data: {len(classes)} classes, {len(split.train)} train / {len(split.val)} val images from "
+              f"{split.root}" + (f"; skipped {len(split.skipped)} unreadable file(s), see "
+                                 f"{run_dir / 'skipped.txt'}" if split.skipped else ""))
+        if split.leaks:
+            dataset.warn(f"{len(split.leaks)} val image(s) are exact copies of train images, e.g. "
+                         f"{split.leaks[0][1]} == {split.leaks[0][0]} (run `python dataset.py check`)")
+
+    # model
+    preprocess = models.preprocessing(cfg.model, cfg.img_size)
+    model = models.build_model(cfg.model, len(classes), "scratch" if ckpt else cfg.mode, cfg.weights)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if cfg.mode == "transfer":
+            models.freeze_backbone(model)
+    trainable, frozen = models.count_parameters(model)
+    if lead and cfg.summary:
+        from torchsummary import summary
+
+        model.eval()  # a summary forward pass must not move BatchNorm statistics
+        summary(model, (3, preprocess["img_size"], preprocess["img_size"]), device="cpu")
+    say(f"model: {cfg.model}, mode {cfg.mode}: {trainable:,} trainable and {frozen:,} frozen parameters; "
+        f"{preprocess['img_size']} px crops of {preprocess['resize_size']} px images")
+    cfg.workers = auto_workers(device, cfg.image_cache) if cfg.workers is None else cfg.workers
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    model.to(device)
+    on_cuda = device.type == "cuda"
+    memory_format = torch.channels_last if on_cuda and cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    normalize = models.Normalize(preprocess["mean"], preprocess["std"]).to(device)
+
+    def image_input(x: torch.Tensor) -> torch.Tensor:
+        return normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+
+    autocast, scaler = precision(device, cfg.amp)
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+
+    # datasets: decoded-image cache built once (rank 0), shared through the file system
+    size = preprocess["resize_size"]
+    caches = {}
+    if cfg.image_cache:
+        caches = {s: dataset.ImageCache([p for p, _ in items], size, cfg.cache_dir)
+                  for s, items in (("train", split.train), ("val", split.val))}
+        if lead:
+            for c in caches.values():
+                c.build()
+        barrier()
+    eval_tf = dataset.eval_transform(preprocess["img_size"])
+    train_ds = dataset.ImageDataset(split.train, size, dataset.train_transform(
+        preprocess["img_size"], cfg.augment, cfg.min_scale, cfg.hflip), caches.get("train"))
+    val_ds = dataset.ImageDataset(split.val, size, eval_tf, caches.get("val"))
+    net, to_input = model, image_input
+    use_features = cfg.mode == "transfer" and cfg.feature_cache and isinstance(models.head_of(model)[1], nn.Linear)
+    if use_features:
+        # the backbone is a fixed function (see models.py), so its output per image never changes:
+        # compute it once and train the head alone. Augmentation is off on this path.
+        path = dataset.cache_root(cfg.cache_dir) / "features" / f"{feature_key(cfg, preprocess, split)}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if lead:
+            plain = {"train": dataset.ImageDataset(split.train, size, eval_tf, caches.get("train")),
+                     "val": val_ds}
+            backbone_features(model, {k: make_loader(v, 2 * cfg.batch_size, cfg.workers, device)
+                                      for k, v in plain.items()}, image_input, autocast, path, lead)
+        barrier()
+        feats = torch.load(path, map_location="cpu", weights_only=True)
+        train_ds = Features(feats["train"], [y for _, y in split.train])
+        val_ds = Features(feats["val"], [y for _, y in split.val])
+        net = models.head_of(model)[1]
+        to_input = lambda x: x.to(device, non_blocking=True)
+        say(f"transfer: training the head on cached backbone features ({path.name}); augmentation off")
+
+    weights = None
+    train_counts = split.counts(split.train)
+    if cfg.balanced_sampler:
+        weights = torch.tensor([1.0 / train_counts[y] for _, y in split.train], dtype=torch.double)
+    sampler = ResumableSampler(len(train_ds), cfg.seed, rank, world, weights)
+    train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, device, sampler)
+    val_loader = make_loader(shard(val_ds, rank, world), 2 * cfg.batch_size, cfg.workers, device)
+
+    if cfg.sync_bn and world > 1 and not use_features:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    optimizer = make_optimizer(cfg, model)
+    schedule = Schedule(cfg, len(train_loader) + sampler.start)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_weights = class_weights(train_counts).to(device) if cfg.class_weights == "auto" else None
+    if loss_weights is not None:
+        say("class weights: " + ", ".join(f"{c}={w:.2f}" for c, w in zip(classes, loss_weights.tolist())))
+    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.label_smoothing)
+    mix = make_mix(cfg, len(classes))
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if on_cuda else None)
+        say(f"distributed: {world} processes x {cfg.batch_size} = {world * cfg.batch_size} images per step")
+    if cfg.compile:
+        net = torch.compile(net)
+
+    progress, history, best_acc, best_epoch = Progress(), [], -1.0, 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["global_step"])
+        history, best_acc, best_epoch = ckpt["history"], ckpt["best_acc"], ckpt["best_epoch"]
+        if ckpt.get("world", 1) != world:
+            raise UsageError(f"{cfg.resume} was saved by {ckpt.get('world', 1)} process(es), this run has {world}: "
+                             "resume with the same number of processes")
+        say(f"resuming {run_dir} after epoch {progress.epoch}" +
+            (f", batch {progress.step}" if progress.step else ""))
+        if ckpt.get("rng") and progress.step:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            random.setstate(ckpt["rng"]["python"])
+
+    writer = None
+    if lead:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run_dir, purge_step=progress.epoch + 1 if ckpt else None)
+
+    def checkpoint() -> dict[str, Any]:
+        return {"kind": models.CHECKPOINT_KIND, "version": 1, "arch": cfg.model, "mode": cfg.mode,
+                "classes": classes, "preprocess": preprocess, "model": model.state_dict(),
+                "config": dataclasses.asdict(cfg), "epoch": progress.epoch, "step": progress.step,
+                "global_step": progress.global_step, "best_acc": best_acc, "best_epoch": best_epoch,
+                "history": history, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "world": world,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+    stop = install_stop_handler()
+    start_time = time.perf_counter()
+    try:
+        while progress.epoch < cfg.epochs:
+            epoch = progress.epoch
+            if not progress.step:
+                seed_everything(cfg.seed + 1000 * epoch + rank)
+            sampler.set_epoch(epoch, start=progress.step * cfg.batch_size)
+            models.set_train_mode(model, True, cfg.mode)
+            if writer is not None and epoch == 0 and not use_features and not progress.step:
+                x, _, _, _ = next(iter(train_loader))
+                if x is not None:
+                    writer.add_images("train/augmented", x[:32], 0)
+            stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion, to_input,
+                                    autocast, progress, cfg, device, mix, lead)
+            models.set_train_mode(model, False, cfg.mode)
+            val = evaluate(net if not use_features or world == 1 else net.module, val_loader, to_input,
+                           autocast, len(classes), lead)
+            schedule.end_epoch(val["acc"])
+            progress.epoch, progress.step = epoch + 1, 0
+            row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
+                   "val_loss": val["loss"], "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
+                   "img_per_s": stats["img_per_s"] * world, "time_s": stats["time_s"]}
+            history.append(row)
+            improved = val["acc"] > best_acc
+            if improved:
+                best_acc, best_epoch = val["acc"], epoch + 1
+            if lead:
+                save_checkpoint(checkpoint(), run_dir / "last.pt")
+                if improved:
+                    copy_atomic(run_dir / "last.pt", run_dir / "best.pt")
+                write_metrics(run_dir, history)
+                log_epoch(writer, row, val["confusion"], classes)
+                print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats['loss']:.4f} acc {stats['acc']:.2f}%  "
+                      f"val loss {val['loss']:.4f} acc {val['acc']:.2f}%  {row['img_per_s']:.0f} img/s"
+                      + ("  *best*" if improved else "") + (f"  ({stats['bad']} unreadable)" if stats["bad"] else ""))
+            barrier()
+            if cfg.patience and epoch + 1 - best_epoch >= cfg.patience:
+                say(f"early stop: no better val accuracy for {cfg.patience} epochs")
+                break
+    except KeyboardInterrupt:
+        if lead:
+            save_checkpoint(checkpoint(), run_dir / "last.pt")
+            print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {progress.epoch + 1}, batch {progress.step}); "
+                  f"continue with: python train.py --resume {run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        stop()
+    if lead:
+        summary = {"best_val_acc": best_acc, "best_epoch": best_epoch, "epochs": progress.epoch,
+                   "train_img_per_s": float(np.mean([h["img_per_s"] for h in history])) if history else 0.0,
+                   "train_time_s": time.perf_counter() - start_time, "classes": classes,
+                   "model": cfg.model, "mode": cfg.mode, "run_dir": str(run_dir)}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        hparams = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
+        writer.add_hparams(hparams, {"hparam/best_val_acc": best_acc, "hparam/epochs": progress.epoch},
+                           run_name=".")
+        writer.close()
+        print(f"best val accuracy {best_acc:.2f}% (epoch {best_epoch}); run folder {run_dir}")
+    return 0
+
+
+def make_mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
+    """Mixup and/or CutMix on the device batch (soft targets)."""
+    from torchvision.transforms import v2
+
+    choices = []
+    if cfg.mixup > 0:
+        choices.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
+    if cfg.cutmix > 0:
+        choices.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]], classes: list[str]) -> None:
+    step = row["epoch"]
+    for split in ("train", "val"):
+        writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], step)
+        writer.add_scalar(f"{split}/acc", row[f"{split}_acc"], step)
+    writer.add_scalar("lr", row["lr"], step)
+    writer.add_scalar("train/img_per_s", row["img_per_s"], step)
+    writer.add_figure("val/confusion_matrix", plots.confusion_figure(np.array(confusion), classes), step)
+    writer.flush()
+
+
+def install_stop_handler() -> Callable[[], None]:
+    """SIGTERM (preemption, `kill`) behaves like Ctrl-C: save last.pt and exit. Returns the undo."""
+    if threading_main() is False:
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """main() with errors for people: bad input exits 2, a failed run 1, with one line each."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        fail(str(e), 2)
+    except TrainingError as e:
+        fail(str(e), 1)
+    except torch.OutOfMemoryError:
+        fail("out of GPU memory: try a smaller --batch-size (or --img-size)", 1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(run())
