@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +26,14 @@ def fail(message: str, status: int = 2) -> NoReturn:
     """Print a one-line error for a person (no traceback) and exit."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(status)
+
+
+def cli(entry: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run an entry point; bad input (UsageError) becomes one line on stderr and exit status 2."""
+    try:
+        return entry(argv)
+    except UsageError as e:
+        fail(str(e), 2)
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:

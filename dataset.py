@@ -95,7 +95,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     s = min(w, h)
     box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
     img = img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
 def inspect_file(path: str) -> tuple[str | None, str]:

@@ -30,25 +30,29 @@ def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
     return fig
 
 
-def confusion_figure(cm: np.ndarray, classes: Sequence[str], normalise: bool = False) -> Figure:
-    """Counts (or row shares) with class names on both axes; rows are the true classes."""
+def confusion_figure(cm: np.ndarray, classes: Sequence[str], shares: bool = True) -> Figure:
+    """Counts, and (with `shares`) each true class's row as shares; rows are the true classes."""
     cm = np.asarray(cm, dtype=float)
-    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalise else cm
     n = len(classes)
     size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalise else max(1.0, shown.max()))
-    ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 45, ha="right" if n <= 10 else "center")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix" + (" (share of each true class)" if normalise else " (counts)"))
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                text = f"{shown[i, j]:.2f}" if normalise else f"{int(cm[i, j])}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        color="white" if shown[i, j] > 0.6 * (1 if normalise else shown.max()) else "black")
+    panels = [(cm, "counts")]
+    if shares:
+        panels.append((cm / np.maximum(cm.sum(axis=1, keepdims=True), 1), "share of each true class"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    for ax, (shown, title) in zip(axes[0], panels):
+        top = max(1.0, shown.max())
+        ax.imshow(shown, cmap="Blues", vmin=0, vmax=top)
+        ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 45, ha="center" if n > 10 else "right")
+        ax.set_yticks(range(n), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"confusion matrix ({title})")
+        if n <= 30:
+            for i in range(n):
+                for j in range(n):
+                    text = f"{int(shown[i, j])}" if shown is cm else f"{shown[i, j]:.2f}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                            color="white" if shown[i, j] > 0.6 * top else "black")
     fig.tight_layout()
     return fig
 

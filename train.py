@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -42,6 +41,8 @@ import dataset
 import models
 import plots
 from config import IDENTITY, TrainConfig, UsageError, add_options, fail, validate
+
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # in last.pt, not in best.pt
 
 
 class TrainingError(Exception):
@@ -354,15 +355,6 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
-
-
 def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -508,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{split.leaks[0][1]} == {split.leaks[0][0]} (run `python dataset.py check`)")
 
     # model
+    seed_everything(cfg.seed)  # same seed, same initial weights
     preprocess = models.preprocessing(cfg.model, cfg.img_size)
     model = models.build_model(cfg.model, len(classes), "scratch" if ckpt else cfg.mode, cfg.weights)
     if ckpt is not None:
@@ -656,9 +649,10 @@ def main(argv: list[str] | None = None) -> int:
             if improved:
                 best_acc, best_epoch = val["acc"], epoch + 1
             if lead:
-                save_checkpoint(checkpoint(), run_dir / "last.pt")
-                if improved:
-                    copy_atomic(run_dir / "last.pt", run_dir / "best.pt")
+                state = checkpoint()
+                save_checkpoint(state, run_dir / "last.pt")
+                if improved:  # model only: what eval.py, test.py and export.py need, a third the size
+                    save_checkpoint({k: v for k, v in state.items() if k not in RESUME_ONLY}, run_dir / "best.pt")
                 write_metrics(run_dir, history)
                 log_epoch(writer, row, val["confusion"], classes)
                 print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats['loss']:.4f} acc {stats['acc']:.2f}%  "
@@ -711,7 +705,7 @@ def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]], clas
         writer.add_scalar(f"{split}/acc", row[f"{split}_acc"], step)
     writer.add_scalar("lr", row["lr"], step)
     writer.add_scalar("train/img_per_s", row["img_per_s"], step)
-    writer.add_figure("val/confusion_matrix", plots.confusion_figure(np.array(confusion), classes), step)
+    writer.add_figure("val/confusion_matrix", plots.confusion_figure(np.array(confusion), classes, shares=False), step)
     writer.flush()
 
 

@@ -1,0 +1,191 @@
+"""Evaluate a trained model on a labelled image folder it has never seen.
+
+    python eval.py eval_ds                                  # newest runs/*/best.pt
+    python eval.py ~/photos/test --checkpoint runs/resnet18-finetune-20261128-130000/best.pt
+    python eval.py eval_ds --checkpoint model.onnx          # an exported model, same report
+
+Prints accuracy, the confusion matrix, per-class accuracy with the real class names, scikit-learn's
+classification report and the most confused pairs; writes metrics.json, confusion_matrix.png,
+misclassified.csv and worst_mistakes.png to --out (default: eval-<data name> beside the checkpoint).
+Classes are matched to the checkpoint's by name, never by position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import dataset
+import models
+import plots
+from config import UsageError, cli
+from train import auto_workers, make_loader, pick_device, precision, predict
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference, with everything needed to feed it and name its outputs."""
+    model: Callable[[torch.Tensor], torch.Tensor]
+    to_input: Callable[[torch.Tensor], torch.Tensor]
+    autocast: Callable
+    classes: list[str]
+    preprocess: dict[str, Any]
+    source: Path
+    device: torch.device
+
+
+def default_checkpoint() -> Path:
+    found = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UsageError("no runs/*/best.pt found: train a model first (python train.py) or pass --checkpoint")
+    return found[-1]
+
+
+def load_model(checkpoint: str | None, device_name: str = "auto") -> Loaded:
+    """A checkpoint (.pt, rebuilt from its contents alone) or an exported .onnx model."""
+    path = Path(checkpoint) if checkpoint else default_checkpoint()
+    if not checkpoint:
+        print(f"using checkpoint {path}")
+    device = pick_device(device_name)
+    if path.suffix == ".onnx":
+        from export import OnnxModel  # optional dependency: onnxruntime
+
+        onnx = OnnxModel(path)
+        return Loaded(onnx, lambda x: x, contextlib.nullcontext, onnx.classes, onnx.preprocess,
+                      path, torch.device("cpu"))
+    ckpt = models.load_checkpoint(path)
+    model = models.model_from_checkpoint(ckpt).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    pre = ckpt["preprocess"]
+    normalize = models.Normalize(pre["mean"], pre["std"]).to(device)
+    autocast, _ = precision(device, amp=True)
+    return Loaded(model, lambda x: normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format),
+                  autocast, list(ckpt["classes"]), pre, path, device)
+
+
+def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
+              show: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities, targets, item indices) for every readable image, in order, each exactly once."""
+    pre = loaded.preprocess
+    ds = dataset.ImageDataset(items, pre["resize_size"], dataset.eval_transform(pre["img_size"]))
+    n_workers = auto_workers(loaded.device, cached=False) if workers is None else workers
+    loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
+    logits, targets, idx = predict(loaded.model, loader, loaded.to_input, loaded.autocast, show=show)
+    return logits.softmax(1) if len(idx) else logits, targets, idx
+
+
+def match_classes(folder_classes: list[str], model_classes: list[str]) -> list[int]:
+    """Map each folder class to the model's index of the same name."""
+    unknown = [c for c in folder_classes if c not in model_classes]
+    if unknown:
+        raise UsageError(f"the model does not know class(es) {', '.join(unknown)}; it knows: "
+                         f"{', '.join(model_classes)}. Remove or rename those folders")
+    missing = [c for c in model_classes if c not in folder_classes]
+    if missing:
+        dataset.warn(f"no folder for class(es) {', '.join(missing)}: the report covers the other classes")
+    return [model_classes.index(c) for c in folder_classes]
+
+
+def compute_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], present: list[int]) -> dict[str, Any]:
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
+    cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=present, zero_division=0)
+    per_class = {classes[c]: {"accuracy": 100 * cm[c, c] / max(1, cm[c].sum()), "precision": float(p[k]),
+                              "recall": float(r[k]), "f1": float(f1[k]), "support": int(support[k])}
+                 for k, c in enumerate(present)}
+    off = [(int(cm[i, j]), classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes))
+           if i != j and cm[i, j]]
+    return {"accuracy": 100 * float(np.trace(cm)) / max(1, cm.sum()), "images": int(cm.sum()),
+            "classes": classes, "confusion_matrix": cm.tolist(), "per_class": per_class,
+            "most_confused": [{"true": t, "predicted": q, "count": n} for n, t, q in sorted(off, reverse=True)[:10]],
+            "report": classification_report(y, pred, labels=present, target_names=[classes[c] for c in present],
+                                            digits=4, zero_division=0)}
+
+
+def print_report(m: dict[str, Any], present: list[int]) -> None:
+    classes = m["classes"]
+    print(f"Accuracy of the network on the {m['images']} test images: {m['accuracy']:.2f}%")
+    print("\nConfusion Matrix (rows: true, columns: predicted; order: " + ", ".join(classes) + ")")
+    print(np.array(m["confusion_matrix"]))
+    print("\nPer class accuracy")
+    width = max(len(c) for c in classes)
+    for c in present:
+        print(f"Accuracy of class {classes[c]:>{width}} : {m['per_class'][classes[c]]['accuracy']:.2f} %")
+    print("\n" + m["report"])
+    if m["most_confused"]:
+        print("Most confused (true -> predicted: count)")
+        for e in m["most_confused"][:5]:
+            print(f"  {e['true']} -> {e['predicted']}: {e['count']}")
+
+
+def thumbnail(path: str, size: int = 160) -> np.ndarray | None:
+    try:
+        img = dataset.to_rgb(dataset.open_image(path, draft=size))
+    except (dataset.BadImage, OSError):
+        return None
+    img.thumbnail((size, size))
+    return np.asarray(img)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="folder with one sub-folder per class (or a dataset root with test/ or val/)")
+    parser.add_argument("--checkpoint", help="best.pt/last.pt of a run, or an exported .onnx (default: newest "
+                        "runs/*/best.pt)")
+    parser.add_argument("--out", help="output folder (default: eval-<data name> beside the checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: sized to the machine)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache-dir", default=None, help="where the file check cache lives")
+    args = parser.parse_args(argv)
+
+    loaded = load_model(args.checkpoint, args.device)
+    folder = Path(args.data)
+    folder_classes, items, skipped = dataset.scan_folder(folder, args.cache_dir)
+    mapping = match_classes(folder_classes, loaded.classes)
+    items = [(p, mapping[y]) for p, y in items]
+    if skipped:
+        dataset.warn(f"skipping {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
+    probs, y, idx = run_model(loaded, items, args.batch_size, args.workers)
+    conf, pred = probs.max(1)
+    present = sorted(set(mapping))
+    m = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, present)
+    m.update({"checkpoint": str(loaded.source), "data": str(folder), "skipped": [list(s) for s in skipped]})
+    print_report(m, present)
+
+    out = Path(args.out) if args.out else loaded.source.parent / f"eval-{folder.resolve().name}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
+    (out / "classification_report.txt").write_text(m["report"])
+    plots.save(plots.confusion_figure(np.array(m["confusion_matrix"]), loaded.classes), out / "confusion_matrix.png")
+    wrong = [(float(conf[k]), items[int(idx[k])][0], loaded.classes[int(y[k])], loaded.classes[int(pred[k])])
+             for k in range(len(idx)) if pred[k] != y[k]]
+    wrong.sort(reverse=True)  # the most confident mistakes first: the ones worth looking at
+    with open(out / "misclassified.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", "confidence"])
+        w.writerows([p, t, q, f"{c:.4f}"] for c, p, t, q in wrong)
+    if wrong:
+        worst = wrong[:24]
+        plots.save(plots.image_grid([thumbnail(p) for _, p, _, _ in worst],
+                                    [f"{t} -> {q} ({100 * c:.0f}%)" for c, _, t, q in worst],
+                                    ["red"] * len(worst)), out / "worst_mistakes.png")
+    print(f"wrote {out}/metrics.json, confusion_matrix.png, misclassified.csv" +
+          (", worst_mistakes.png" if wrong else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))
