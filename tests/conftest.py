@@ -1,0 +1,106 @@
+"""Tiny real data made by the tests themselves: coloured-shape classes at 32 px, and weights files.
+
+No network: ImageNet weights are stood in for by randomly initialised torchvision models saved
+under the exact file names torchvision's weights API looks for in $TORCH_HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+
+THREE = ("vgg11", "resnet18", "mobilenet_v2")
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+def make_image(colour: tuple[int, int, int], seed: int, size: int = 32) -> Image.Image:
+    """A noisy patch of one dominant colour: separable by a tiny model in a couple of epochs."""
+    rng = np.random.default_rng(seed)
+    base = np.array(colour, dtype=np.float32)
+    pixels = base + rng.normal(0, 25, (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_folder(root: Path, per_class: int = 12, classes: dict = COLOURS, offset: int = 0) -> Path:
+    for c, (name, colour) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            make_image(colour, seed=offset + 1000 * c + i).save(root / name / f"{name}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path_factory, monkeypatch):
+    """Caches and run folders per test session, never in the user's home; offline even where
+    there is a network (an unreachable proxy makes any download fail at once)."""
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "empty-torch-home"))
+
+
+@pytest.fixture(scope="session")
+def colours(tmp_path_factory) -> Path:
+    """Flat layout: 3 classes x 12 images; train.py splits it."""
+    return make_folder(tmp_path_factory.mktemp("colours"))
+
+
+@pytest.fixture(scope="session")
+def colours_eval(tmp_path_factory) -> Path:
+    """Unseen images of the same classes, for eval.py and test.py."""
+    return make_folder(tmp_path_factory.mktemp("colours-eval"), per_class=6, offset=500)
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory) -> Path:
+    """A torch hub cache pre-filled with stand-in 'ImageNet' weights for the three models."""
+    home = tmp_path_factory.mktemp("torch-home")
+    folder = home / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in THREE:
+        torch.manual_seed(123)
+        model = torchvision.models.get_model(name)
+        url = models.default_weights(name).url
+        torch.save(model.state_dict(), folder / os.path.basename(url))
+    return home
+
+
+@pytest.fixture
+def with_weights(torch_home, monkeypatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return torch_home
+
+
+def cached_weights(torch_home: Path, name: str) -> dict[str, torch.Tensor]:
+    url = models.default_weights(name).url
+    return torch.load(torch_home / "hub" / "checkpoints" / os.path.basename(url), weights_only=True)
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """The smallest real run: 32 px, one epoch, no summary table."""
+    return ["--data", str(data), "--out", str(out), "--img-size", "32", "--epochs", "1", "--batch-size", "8",
+            "--no-summary", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, colours) -> Path:
+    """One small finished run that learned the colours, shared by the eval/test tests."""
+    import train
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    os.environ.setdefault("IMGCLS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    assert train.main(train_args(colours, out, "--mode", "scratch", "--model", "resnet18", "--epochs", "3",
+                                 "--optimizer", "adam", "--lr", "0.001", "--hflip", "0")) == 0
+    return out
