@@ -1,0 +1,110 @@
+"""eval.py and test.py: honest counts, classes matched by name, the same predictions from both."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_folder
+
+import eval as evaluate
+import test as predict
+
+
+def call(entry, args: list[str]) -> int:
+    try:
+        return evaluate.cli(entry, args)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def run_eval(trained_run: Path, data: Path, out: Path) -> dict:
+    assert call(evaluate.main, [str(data), "--checkpoint", str(trained_run / "best.pt"), "--out", str(out)]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_confusion_matrix_counts_every_image_once(trained_run, colours_eval, tmp_path):
+    m = run_eval(trained_run, colours_eval, tmp_path / "ev")
+    cm = torch.tensor(m["confusion_matrix"])
+    assert cm.sum() == m["images"] == 18
+    assert cm.sum(1).tolist() == [6, 6, 6]
+    assert m["accuracy"] == pytest.approx(100 * cm.trace().item() / cm.sum().item())
+    assert set(m["per_class"]) == {"blue", "green", "red"}
+    for name in ("confusion_matrix.png", "misclassified.csv", "classification_report.txt"):
+        assert (tmp_path / "ev" / name).exists()
+
+
+def test_a_folder_missing_a_class_keeps_the_per_class_numbers_of_the_rest(trained_run, colours_eval, tmp_path, capsys):
+    full = run_eval(trained_run, colours_eval, tmp_path / "full")
+    part = tmp_path / "part"
+    for name in ("green", "red"):  # 'blue' absent: by position, green would be read as blue
+        shutil.copytree(colours_eval / name, part / name)
+    sub = run_eval(trained_run, part, tmp_path / "sub")
+    assert "no folder for class(es) blue" in capsys.readouterr().err
+    for name in ("green", "red"):
+        assert sub["per_class"][name] == full["per_class"][name]
+    assert sub["images"] == 12
+
+
+def test_folder_classes_are_matched_by_name_not_position():
+    assert evaluate.match_classes(["red", "blue", "green"], ["blue", "green", "red"]) == [2, 0, 1]
+
+
+def test_a_class_the_model_does_not_know_is_refused(trained_run, colours_eval, tmp_path, capsys):
+    data = tmp_path / "d"
+    shutil.copytree(colours_eval, data)
+    make_folder(data, per_class=2, classes={"purple": (120, 0, 120)})
+    assert call(evaluate.main, [str(data), "--checkpoint", str(trained_run / "best.pt")]) == 2
+    assert "does not know class(es) purple" in capsys.readouterr().err
+
+
+def test_test_py_labels_match_what_eval_py_predicted(trained_run, colours_eval, tmp_path):
+    run_eval(trained_run, colours_eval, tmp_path / "ev")
+    wrong = {r["path"]: r["predicted"] for r in csv.DictReader(open(tmp_path / "ev" / "misclassified.csv"))}
+    assert call(predict.main, [str(colours_eval), "--checkpoint", str(trained_run / "best.pt"),
+                               "--out", str(tmp_path / "t")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "t" / "predictions.csv")))
+    assert len(rows) == 18
+    for r in rows:
+        true = Path(r["path"]).parent.name
+        assert r["label"] == wrong.get(r["path"], true)
+    assert (tmp_path / "t" / "predictions.png").exists()
+
+
+def test_test_py_reports_an_unreadable_file_and_predicts_the_rest(trained_run, colours_eval, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    good = sorted((colours_eval / "red").glob("*.png"))[:2]
+    args = [str(bad), *map(str, good), "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path / "t"),
+            "--topk", "2"]
+    assert call(predict.main, args) == 0
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "t" / "predictions.csv"))}
+    assert rows[str(bad)]["status"].startswith("unreadable")
+    assert all(rows[str(p)]["status"] == "ok" and rows[str(p)]["top2"].count(":") == 2 for p in good)
+    assert "unreadable" in capsys.readouterr().out
+
+
+def test_test_py_expands_glob_patterns(trained_run, colours_eval, tmp_path):
+    assert call(predict.main, [str(colours_eval / "*" / "*_00[01].png"), "--checkpoint",
+                               str(trained_run / "best.pt"), "--out", str(tmp_path / "t")]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "t" / "predictions.csv")))) == 6
+
+
+@pytest.mark.parametrize("problem", ["missing", "not ours", "empty folder"])
+def test_bad_checkpoint_or_folder_is_one_line_and_exit_2(problem, trained_run, colours_eval, tmp_path, capsys):
+    ckpt, data = trained_run / "best.pt", colours_eval
+    if problem == "missing":
+        ckpt = tmp_path / "nope.pt"
+    elif problem == "not ours":
+        ckpt = tmp_path / "plain.pt"
+        torch.save({"weight": torch.zeros(2)}, ckpt)
+    else:
+        data = tmp_path / "empty"
+        data.mkdir()
+    assert call(evaluate.main, [str(data), "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
