@@ -650,9 +650,10 @@ def main(argv: list[str] | None = None) -> int:
                 best_acc, best_epoch = val["acc"], epoch + 1
             if lead:
                 state = checkpoint()
-                save_checkpoint(state, run_dir / "last.pt")
+                # best before last: a kill in between re-runs this epoch on resume, which rewrites best.pt
                 if improved:  # model only: what eval.py, test.py and export.py need, a third the size
                     save_checkpoint({k: v for k, v in state.items() if k not in RESUME_ONLY}, run_dir / "best.pt")
+                save_checkpoint(state, run_dir / "last.pt")
                 write_metrics(run_dir, history)
                 log_epoch(writer, row, val["confusion"], classes)
                 print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats['loss']:.4f} acc {stats['acc']:.2f}%  "

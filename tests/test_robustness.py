@@ -1,0 +1,248 @@
+"""Real-world folders and failures: hostile files, kills, interrupted writes, malicious checkpoints."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, make_folder, make_image, train_args
+from PIL import Image
+
+import dataset
+import eval as evaluate
+import models
+import train
+
+HOSTILE_SKIPS = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "notes.png": "not an image",
+                 "bomb.png": "decompression bomb", "lab.tif": "unsupported mode LAB"}
+
+
+def write_hostile(folder: Path) -> None:
+    """Every kind of file a real photo folder holds, in class 'red' (which also has good images)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    make_image((200, 0, 0), 1, 64).save(buf, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "notes.png").write_text("this is text, not a picture")
+    Image.new("1", (10000, 9000)).save(folder / "bomb.png")  # 90 Mpx: over Pillow's safety limit
+    Image.new("LAB", (32, 32)).save(folder / "lab.tif")
+    make_image((200, 0, 0), 2).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((32, 32), 50000, np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray(np.full((32, 32), 0.8, np.float32)).save(folder / "float.tif")
+    Image.fromarray(np.full((32, 32), 40000, np.int32)).save(folder / "int32.tif")
+    make_image((200, 0, 0), 3).convert("LA").save(folder / "la.png")
+    make_image((200, 0, 0), 4).convert("RGBA").save(folder / "rgba.png")
+    palette = make_image((200, 0, 0), 5).convert("P")
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.gif", transparency=0)
+    (folder / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (folder / ".ipynb_checkpoints").mkdir(exist_ok=True)
+    make_image((0, 0, 0), 6).save(folder / ".ipynb_checkpoints" / "hidden.png")
+
+
+@pytest.fixture(scope="session")
+def hostile(tmp_path_factory) -> Path:
+    root = make_folder(tmp_path_factory.mktemp("hostile"), per_class=8)
+    write_hostile(root / "red")
+    (root / ".ipynb_checkpoints").mkdir()
+    make_image((0, 0, 0), 7).save(root / ".ipynb_checkpoints" / "x.png")
+    return root
+
+
+def test_every_accepted_mode_becomes_rgb_and_16_bit_is_scaled_not_clipped(hostile):
+    for name in ("cmyk.jpg", "sixteen.png", "float.tif", "int32.tif", "la.png", "rgba.png", "palette.gif"):
+        arr = dataset.load_image(hostile / "red" / name, 16)
+        assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8, name
+    assert dataset.load_image(hostile / "red" / "sixteen.png", 8)[0, 0, 0] == round(50000 / 257)  # not 255
+    assert dataset.load_image(hostile / "red" / "int32.tif", 8)[0, 0, 0] == round(40000 / 257)
+    assert dataset.load_image(hostile / "red" / "float.tif", 8)[0, 0, 0] == round(0.8 * 255)
+
+
+def test_transparent_pixels_become_white():
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert tuple(dataset.to_rgb(img).getpixel((0, 0))) == (255, 255, 255)
+
+
+def test_training_on_a_hostile_folder_skips_exactly_the_bad_files_and_ignores_hidden_ones(hostile, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(train_args(hostile, out, "--mode", "scratch")) == 0
+    skipped = dict(line.split("\t") for line in (out / "skipped.txt").read_text().splitlines())
+    reasons = {Path(p).name: reason for p, reason in skipped.items()}
+    assert reasons.keys() == HOSTILE_SKIPS.keys()
+    assert all(reasons[name].startswith(why) for name, why in HOSTILE_SKIPS.items())
+    assert models.load_checkpoint(out / "best.pt")["classes"] == ["blue", "green", "red"]
+    assert "skipped 5 unreadable file(s)" in capsys.readouterr().out
+    split = dataset.DataSplit.load(out / "split.json")
+    used = {Path(p).name for p, _ in split.train + split.val}
+    assert {"cmyk.jpg", "sixteen.png", "palette.gif", "la.png"} <= used and "hidden.png" not in used
+
+
+def test_check_command_reports_counts_skips_and_imbalance(hostile):
+    result = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "check", str(hostile)],
+                            capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    assert "3 classes" in result.stdout and "imbalance" in result.stdout
+    for name, reason in HOSTILE_SKIPS.items():
+        assert f"{name}: {reason}" in result.stdout
+
+
+def test_a_second_check_reads_the_cache_instead_of_the_files(hostile, monkeypatch):
+    paths = dataset.list_files(hostile / "red")
+    first = dataset.check_files(paths)
+
+    def boom(path):
+        raise AssertionError("re-inspected a file that had not changed")
+
+    monkeypatch.setattr(dataset, "inspect_file", boom)
+    assert dataset.check_files(paths) == first
+
+
+def test_exact_copies_across_train_and_val_are_flagged_as_leakage(tmp_path):
+    make_folder(tmp_path / "train", per_class=3)
+    make_folder(tmp_path / "val", per_class=2, offset=50)
+    leaked = tmp_path / "val" / "red" / "copy.png"
+    leaked.write_bytes((tmp_path / "train" / "red" / "red_000.png").read_bytes())
+    split = dataset.prepare_data(str(tmp_path))
+    assert split.leaks == [(str(tmp_path / "train" / "red" / "red_000.png"), str(leaked))]
+
+
+def tiny_loader(paths: list[Path]) -> torch.utils.data.DataLoader:
+    ds = dataset.ImageDataset([(str(p), 0) for p in paths], 32, dataset.eval_transform(32))
+    return torch.utils.data.DataLoader(ds, batch_size=len(paths), collate_fn=dataset.collate)
+
+
+def one_epoch(loader) -> dict:
+    model = models.build_model("mobilenet_v2", 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cfg = train.TrainConfig(epochs=1)
+    return train.train_one_epoch(model, loader, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                                 torch.amp.GradScaler("cuda", enabled=False), torch.nn.CrossEntropyLoss(),
+                                 lambda x: x.float() / 255, train.contextlib.nullcontext, train.Progress(), cfg,
+                                 torch.device("cpu"), show=False)
+
+
+def test_a_file_deleted_during_training_is_skipped_with_a_warning(colours, tmp_path, capsys):
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        make_image((9, 9, 9), i).save(paths[-1])
+    paths[0].unlink()
+    stats = one_epoch(tiny_loader(paths))
+    assert stats["bad"] == 1 and stats["images"] == 3
+    assert f"skipped {paths[0]}" in capsys.readouterr().err
+
+
+def test_too_many_unreadable_files_in_a_batch_stop_training_clearly(tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    make_image((9, 9, 9), 0).save(paths[0])
+    with pytest.raises(train.TrainingError, match="3 of 4 images in a batch could not be read"):
+        one_epoch(tiny_loader(paths))
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_file_intact(tmp_path):
+    path = tmp_path / "last.pt"
+    train.save_checkpoint({"epoch": 1}, path)
+
+    class FailsHalfway:
+        def __reduce__(self):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        train.save_checkpoint({"epoch": 2, "big": torch.zeros(10000), "bad": FailsHalfway()}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_checkpoint_is_refused_and_its_code_never_runs(colours_eval, colours, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": models.CHECKPOINT_KIND, "model": Payload(marker)}, evil)
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli(evaluate.main, [str(colours_eval), "--checkpoint", str(evil)])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        train.run(train_args(colours, tmp_path / "r", "--mode", "transfer", "--weights", str(evil)))
+    assert e.value.code == 2
+    assert "refused" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_diverging_loss_stops_naming_the_batch_and_learning_rate(colours, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.run(train_args(colours, tmp_path / "r", "--mode", "scratch", "--lr", "1e30", "--epochs", "3"))
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss became" in err and "batch" in err and "lr 1e+30" in err
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < end, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def slow_data(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("slow"), per_class=30)
+
+
+def metrics(run: Path) -> list[list[str]]:
+    return [r.split(",")[:5] for r in (run / "metrics.csv").read_text().strip().splitlines()[1:]]
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_result_as_an_unbroken_run(slow_data, tmp_path):
+    args = ["--mode", "scratch", "--epochs", "3", "--batch-size", "4", "--optimizer", "adam"]
+    whole = tmp_path / "whole"
+    assert train.main(train_args(slow_data, whole, *args)) == 0
+    broken = tmp_path / "broken"
+    proc = start(train_args(slow_data, broken, *args))
+    wait_for(broken / "last.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = torch.load(broken / "last.pt", weights_only=True)["epoch"]
+    assert done < 3
+    assert train.main(["--resume", str(broken), "--no-summary"]) == 0
+    assert metrics(broken) == metrics(whole)
+    assert torch.load(broken / "best.pt", weights_only=True)["best_epoch"] == \
+        torch.load(whole / "best.pt", weights_only=True)["best_epoch"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_last_pt_at_once_and_says_how_to_resume(sig, slow_data, tmp_path):
+    run = tmp_path / "run"
+    proc = start(train_args(slow_data, run, "--mode", "scratch", "--epochs", "20", "--batch-size", "2"))
+    wait_for(run / "last.pt", proc)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"--resume {run}" in err
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["epoch"] < 20
+    assert train.main(["--resume", str(run), "--epochs", str(ckpt["epoch"] + 1), "--no-summary"]) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == ckpt["epoch"] + 1
