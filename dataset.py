@@ -1,7 +1,7 @@
 """Image folders: find classes and files, check every file once, split, decode, cache and augment.
 
     python dataset.py check DIR          # counts, imbalance, skipped files and why, train/val leaks
-    python dataset.py demo               # export scikit-learn's digits as a PNG folder (data/digits)
+    python dataset.py demo               # export scikit-learn's digits as PNGs (data/digits/{train,test})
 
 Every image, whatever its mode (L, LA, P, RGBA, CMYK, 16-bit, float), becomes 3-channel uint8 RGB,
 resized so its shorter side is `resize_size` and centre-cropped square. Training crops randomly
@@ -300,8 +300,10 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
 
 
 def export_demo(dest: Path = DEMO_DIR) -> Path:
-    """scikit-learn's 1,797 handwritten digits (8x8, shipped with the package) as 32 px PNG folders."""
-    if (dest / "9").is_dir():
+    """scikit-learn's 1,797 handwritten digits (8x8, shipped with the package) as 32 px PNG folders:
+    train/<digit>/ for training (split into train and val) and every fifth image in test/<digit>/
+    for eval.py and test.py, so the demo has data the model has never seen."""
+    if (dest / "test" / "9").is_dir():
         return dest
     from sklearn.datasets import load_digits
 
@@ -309,12 +311,15 @@ def export_demo(dest: Path = DEMO_DIR) -> Path:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         img = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), "L").resize((32, 32), Image.BICUBIC)
-        (tmp / str(label)).mkdir(parents=True, exist_ok=True)
-        img.save(tmp / str(label) / f"{i:04d}.png")
+        folder = tmp / ("test" if i % 5 == 4 else "train") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"{i:04d}.png")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, dest)  # atomic: a concurrent export either wins or finds the folder done
     except OSError:
         import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
 

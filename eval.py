@@ -65,7 +65,7 @@ def load_model(checkpoint: str | None, device_name: str = "auto") -> Loaded:
                       path, torch.device("cpu"))
     ckpt = models.load_checkpoint(path)
     model = models.model_from_checkpoint(ckpt).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last
     model.to(memory_format=memory_format)
     pre = ckpt["preprocess"]
     normalize = models.Normalize(pre["mean"], pre["std"]).to(device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -90,6 +91,20 @@ def precision(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScale
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return (lambda: torch.autocast("cuda", dtype=dtype),
             torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed activation memory in the process instead of returning it to the OS each step.
+
+    glibc serves allocations over 32 MB (a ResNet's activations at batch 64) with fresh mmap()s,
+    so every step page-faults its memory in again: 40% of CPU time in the kernel on a 2-core box.
+    Heap-only allocation with no trimming measured 1.2x faster training here (bench/README.md).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap-backed chunks
+            libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
 
 
 def auto_workers(device: torch.device, cached: bool) -> int:
@@ -521,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model.to(device)
     on_cuda = device.type == "cuda"
-    memory_format = torch.channels_last if on_cuda and cfg.channels_last else torch.contiguous_format
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     normalize = models.Normalize(preprocess["mean"], preprocess["std"]).to(device)
 

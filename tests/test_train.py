@@ -24,10 +24,13 @@ def run_train(args: list[str]) -> int:
 
 # ----------------------------------------------------------------------------- data
 
-def test_demo_export_writes_ten_digit_class_folders(tmp_path):
+def test_demo_export_writes_the_digits_as_train_and_held_out_test_folders(tmp_path):
     dest = dataset.export_demo(tmp_path / "digits")
-    assert dataset.class_folders(dest) == [str(d) for d in range(10)]
-    assert sum(len(dataset.list_files(dest / str(d))) for d in range(10)) == 1797
+    digits = [str(d) for d in range(10)]
+    assert dataset.class_folders(dest / "train") == digits == dataset.class_folders(dest / "test")
+    n_train, n_test = (sum(len(dataset.list_files(dest / s / d)) for d in digits) for s in ("train", "test"))
+    assert (n_train, n_test) == (1438, 359)
+    assert dataset.find_layout(dest) == (dest / "train", None, dest / "test")
 
 
 def test_flat_folder_is_split_per_class_with_the_same_seed_giving_the_same_split(colours):

@@ -1,0 +1,59 @@
+"""Speed-ups change nothing but speed: the same seed and settings give the same results without them.
+
+Speed itself is measured by bench/bench_train.py (ratios against a baseline in one run), not here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import train_args
+from PIL import Image
+
+import dataset
+import train
+
+
+def history(run: Path) -> list[float]:
+    """train loss, train acc, val loss, val acc of every epoch, in one flat list."""
+    rows = (run / "metrics.csv").read_text().strip().splitlines()[1:]
+    return [float(v) for r in rows for v in r.split(",")[1:5]]
+
+
+def test_the_decoded_image_cache_gives_exactly_the_same_run(colours, tmp_path):
+    args = ("--mode", "scratch", "--epochs", "2", "--optimizer", "adam")
+    assert train.main(train_args(colours, tmp_path / "cached", *args)) == 0
+    assert train.main(train_args(colours, tmp_path / "plain", *args, "--no-image-cache")) == 0
+    assert history(tmp_path / "cached") == pytest.approx(history(tmp_path / "plain"), abs=1e-5)
+
+
+def test_dataloader_workers_give_exactly_the_same_run(colours, tmp_path):
+    args = ("--mode", "scratch", "--epochs", "1", "--augment", "none")
+    assert train.main(train_args(colours, tmp_path / "w0", *args, "--workers", "0")) == 0
+    assert train.main(train_args(colours, tmp_path / "w2", *args, "--workers", "2")) == 0
+    assert history(tmp_path / "w0") == pytest.approx(history(tmp_path / "w2"), abs=1e-5)
+
+
+def test_the_transfer_feature_cache_matches_the_exact_path(colours, tmp_path, with_weights):
+    # without augmentation the two paths compute the same function: same accuracy, near-same loss
+    args = ("--mode", "transfer", "--model", "mobilenet_v2", "--epochs", "3", "--augment", "none",
+            "--optimizer", "adam", "--lr", "0.01")
+    assert train.main(train_args(colours, tmp_path / "feat", *args)) == 0
+    assert train.main(train_args(colours, tmp_path / "exact", *args, "--no-feature-cache")) == 0
+    fast, exact = history(tmp_path / "feat"), history(tmp_path / "exact")
+    assert fast[3::4] == exact[3::4]  # val accuracy, epoch by epoch
+    assert fast[0::4] == pytest.approx(exact[0::4], rel=1e-3)  # train loss
+
+
+def test_large_jpegs_are_decoded_at_reduced_scale_to_the_same_picture(tmp_path):
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((3000, 2000), Image.BICUBIC)
+    big.save(tmp_path / "big.jpg", quality=90)
+    fast = dataset.load_image(tmp_path / "big.jpg", 256).astype(float)
+    full = Image.open(tmp_path / "big.jpg").convert("RGB")
+    s = 2000
+    reference = np.asarray(full.resize((256, 256), Image.BILINEAR, box=(500, 0, 500 + s, s)), dtype=float)
+    assert np.abs(fast - reference).mean() < 3  # of 255: the same picture
+    assert Image.open(tmp_path / "big.jpg").size == (3000, 2000)
