@@ -84,7 +84,8 @@ class TrainConfig:
     device: str = opt("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1, mps")
     workers: int | None = opt(None, "DataLoader worker processes (default: sized to the machine)",
                               type=int)
-    amp: bool = opt(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
+    amp: bool = opt(True, "mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with "
+                  "native bf16 (AVX512-BF16, AMX)")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
     compile: bool = opt(False, "torch.compile the model (CUDA; slow start, faster steps)")
     sync_bn: bool = opt(False, "SyncBatchNorm across processes under torchrun")

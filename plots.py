@@ -57,6 +57,20 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str], shares: bool = True
     return fig
 
 
+def lr_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: float) -> Figure:
+    """The LR range test: smoothed loss against learning rate (log scale), suggestion marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def image_grid(images: Sequence[np.ndarray | None], captions: Sequence[str], colours: Sequence[str] | None = None,
                columns: int = 6) -> Figure:
     """Images with a caption under each (label and confidence); None shows as 'unreadable'."""
@@ -76,5 +90,5 @@ def image_grid(images: Sequence[np.ndarray | None], captions: Sequence[str], col
 
 
 def save(fig: Figure, path: str | Path) -> None:
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -84,13 +84,25 @@ def check_gpu_supported(device: torch.device) -> None:
                          "for this GPU, or use --device cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 (AVX512-BF16 or AMX): there bf16 autocast trains ~1.9x faster; elsewhere it is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def precision(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScaler]:
-    """Chosen once, so the loop has no device branches: autocast context + (maybe disabled) scaler."""
-    if device.type != "cuda" or not amp:
-        return contextlib.nullcontext, torch.amp.GradScaler("cuda", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype),
-            torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
+    """Chosen once, so the loop has no device branches: autocast context + (maybe disabled) scaler.
+    CUDA: bf16 where supported, else fp16 with a scaler; CPU: bf16 only where the CPU has it natively."""
+    off = torch.amp.GradScaler("cuda", enabled=False)
+    if amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return (lambda: torch.autocast("cuda", dtype=dtype),
+                torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
+    if amp and device.type == "cpu" and cpu_has_bf16():
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16), off
+    return contextlib.nullcontext, off
 
 
 def tune_cpu_allocator() -> None:
@@ -354,6 +366,47 @@ def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast:
             "confusion": cm.tolist(), "images": n}
 
 
+def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+            to_input: Callable, autocast: Callable, device: torch.device, start: float = 1e-7, end: float = 10.0,
+            steps: int = 100) -> tuple[list[float], list[float], float]:
+    """LR range test: raise the lr exponentially each step, record the smoothed loss, stop when it
+    explodes; the suggestion is the lr where the loss falls fastest. Weights are restored after."""
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    saved_opt = optimizer.state_dict()
+    mults = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    lrs, losses, smooth, best = [], [], 0.0, math.inf
+    batches = iter(())
+    for i in range(steps):
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        x, y, _, _ = batch
+        lr = start * factor ** i
+        for g, m in zip(optimizer.param_groups, mults):
+            g["lr"] = lr * m
+        with autocast():
+            loss = criterion(net(to_input(x)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        smooth = 0.9 * smooth + 0.1 * loss.item()
+        value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected moving average
+        if not math.isfinite(value) or value > 4 * best:
+            break
+        best = min(best, value)
+        lrs.append(lr)
+        losses.append(value)
+    net.load_state_dict(saved)
+    optimizer.load_state_dict(saved_opt)
+    if len(lrs) < 3:
+        raise TrainingError("the lr range test diverged at once: check the data, or lower the start lr")
+    stop = int(np.argmin(losses)) + 1
+    slopes = np.gradient(np.array(losses[:stop]), np.log(lrs[:stop])) if stop > 2 else np.zeros(1)
+    return lrs, losses, float(lrs[int(np.argmin(slopes))])
+
+
 # ----------------------------------------------------------------------------- run folder
 
 def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
@@ -606,6 +659,14 @@ def main(argv: list[str] | None = None) -> int:
         say(f"distributed: {world} processes x {cfg.batch_size} = {world * cfg.batch_size} images per step")
     if cfg.compile:
         net = torch.compile(net)
+
+    if cfg.lr_find:
+        models.set_train_mode(model, True, cfg.mode)
+        lrs, losses, suggestion = find_lr(net, train_loader, optimizer, criterion, to_input, autocast, device)
+        if lead:
+            plots.save(plots.lr_figure(lrs, losses, suggestion), run_dir / "lr_find.png")
+            print(f"suggested --lr {suggestion:.2g} (steepest loss descent); plot: {run_dir / 'lr_find.png'}")
+        return 0
 
     progress, history, best_acc, best_epoch = Progress(), [], -1.0, 0
     if ckpt is not None:

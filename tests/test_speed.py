@@ -57,3 +57,13 @@ def test_large_jpegs_are_decoded_at_reduced_scale_to_the_same_picture(tmp_path):
     reference = np.asarray(full.resize((256, 256), Image.BILINEAR, box=(500, 0, 500 + s, s)), dtype=float)
     assert np.abs(fast - reference).mean() < 3  # of 255: the same picture
     assert Image.open(tmp_path / "big.jpg").size == (3000, 2000)
+
+
+def test_mixed_precision_learns_as_well_as_full_precision(colours, tmp_path):
+    # bf16 autocast is on where the CPU has native bf16 (and on CUDA); elsewhere both runs are fp32
+    args = ("--mode", "scratch", "--epochs", "3", "--optimizer", "adam", "--hflip", "0")
+    assert train.main(train_args(colours, tmp_path / "amp", *args)) == 0
+    assert train.main(train_args(colours, tmp_path / "fp32", *args, "--no-amp")) == 0
+    amp, fp32 = history(tmp_path / "amp"), history(tmp_path / "fp32")
+    assert max(amp[3::4]) >= 66.6 and max(fp32[3::4]) >= 66.6
+    assert abs(max(amp[3::4]) - max(fp32[3::4])) <= 100 / 6 + 1e-6  # at most one of six val images

@@ -1,0 +1,175 @@
+"""Training recipes: optimizers, schedules, imbalance, early stopping, the LR finder, comparing runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+from conftest import make_folder, train_args
+
+import runs
+import train
+from config import TrainConfig
+
+
+def lrs(cfg: TrainConfig, steps_per_epoch: int = 10) -> list[float]:
+    """The learning rate at every step of a run with these settings."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.Schedule(cfg, steps_per_epoch))
+    out = []
+    for _ in range(cfg.epochs * steps_per_epoch):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_step_schedule_drops_by_gamma_every_step_size_epochs():
+    curve = lrs(TrainConfig(lr=0.1, epochs=15, scheduler="step", step_size=7, gamma=0.1))
+    assert curve[0] == curve[69] == pytest.approx(0.1)
+    assert curve[70] == curve[139] == pytest.approx(0.01)
+    assert curve[140] == pytest.approx(0.001)
+
+
+def test_cosine_schedule_falls_from_lr_to_zero_after_warmup():
+    curve = lrs(TrainConfig(lr=0.1, epochs=10, scheduler="cosine", warmup_epochs=2))
+    assert curve[0] == pytest.approx(0.1 / 20)  # warm-up starts small
+    assert curve[19] == pytest.approx(0.1)  # ... and reaches lr
+    assert curve[60] == pytest.approx(0.05, rel=0.05)  # half-way through the cosine
+    assert curve[-1] < 0.001 and all(a >= b for a, b in itertools.pairwise(curve[20:]))
+
+
+def test_onecycle_rises_to_lr_then_anneals():
+    curve = lrs(TrainConfig(lr=0.1, epochs=10, scheduler="onecycle"))
+    peak = max(range(len(curve)), key=curve.__getitem__)
+    assert curve[0] == pytest.approx(0.004) and curve[peak] == pytest.approx(0.1, rel=1e-3)
+    assert 25 <= peak <= 35 and curve[-1] < 0.001
+
+
+def test_plateau_schedule_cuts_the_lr_after_epochs_without_improvement():
+    schedule = train.Schedule(TrainConfig(scheduler="plateau", gamma=0.5), 10)
+    for acc in (50, 60, 60, 60, 60):
+        schedule.end_epoch(acc)
+    assert schedule(0) == pytest.approx(0.5)
+
+
+def test_no_schedule_keeps_the_lr():
+    assert set(lrs(TrainConfig(lr=0.02, epochs=3, scheduler="none"))) == {0.02}
+
+
+@pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                      ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop)])
+def test_optimizer_choice_and_weight_decay_reach_the_optimizer(name, cls):
+    import models
+
+    model = models.build_model("resnet18", 3)
+    opt = train.make_optimizer(TrainConfig(optimizer=name, weight_decay=0.01, lr=0.1), model)
+    assert isinstance(opt, cls) and opt.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_backbone_lr_multiplier_gives_pretrained_layers_a_smaller_lr():
+    import models
+
+    model = models.build_model("resnet18", 3)
+    opt = train.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1), model)
+    head, backbone = opt.param_groups
+    assert head["lr"] == 0.1 and backbone["lr"] == pytest.approx(0.01)
+    assert {id(p) for p in head["params"]} == {id(model.fc.weight), id(model.fc.bias)}
+
+
+def test_auto_class_weights_are_inverse_frequency():
+    w = train.class_weights([90, 10])
+    assert w[1] / w[0] == pytest.approx(9.0)
+    assert (w * torch.tensor([90.0, 10.0])).sum() == pytest.approx(100.0)  # one per image on average
+
+
+def test_balanced_sampler_draws_each_class_about_equally():
+    labels = [0] * 90 + [1] * 10
+    weights = torch.tensor([1 / 90 if y == 0 else 1 / 10 for y in labels], dtype=torch.double)
+    sampler = train.ResumableSampler(len(labels), seed=0, weights=weights)
+    drawn = Counter()
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        drawn.update(labels[i] for i in sampler)
+    assert drawn[1] / sum(drawn.values()) == pytest.approx(0.5, abs=0.05)
+
+
+def test_sampler_resumes_mid_epoch_with_the_rest_of_the_same_order():
+    sampler = train.ResumableSampler(20, seed=3)
+    sampler.set_epoch(4)
+    whole = list(sampler)
+    sampler.set_epoch(4, start=8)
+    assert list(sampler) == whole[8:] and sorted(whole) == list(range(20))
+
+
+def test_sampler_splits_an_epoch_across_ranks_without_overlap():
+    parts = []
+    for rank in range(3):
+        s = train.ResumableSampler(10, seed=1, rank=rank, world=3)
+        s.set_epoch(0)
+        parts.append(list(s))
+    assert all(len(p) == 4 for p in parts)
+    assert set().union(*parts) == set(range(10))
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(colours, tmp_path):
+    # lr 0 can never improve on epoch 1
+    out = tmp_path / "run"
+    assert train.main(train_args(colours, out, "--mode", "scratch", "--epochs", "10", "--lr", "1e-12",
+                                 "--patience", "2")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("extra", [["--augment", "randaugment", "--mixup", "0.2", "--cutmix", "1.0"],
+                                   ["--augment", "trivialaugment", "--label-smoothing", "0.1",
+                                    "--class-weights", "auto", "--balanced-sampler"]])
+def test_augmentation_and_imbalance_options_train(extra, colours, tmp_path, capsys):
+    assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch", *extra)) == 0
+    if "--class-weights" in extra:
+        assert "class weights: blue=1.00" in capsys.readouterr().out
+
+
+def test_lr_find_writes_a_plot_suggests_an_lr_and_leaves_no_checkpoint(colours, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(train_args(colours, out, "--mode", "scratch", "--lr-find")) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("suggested --lr"))
+    assert 1e-7 <= float(line.split()[2]) <= 10
+    assert (out / "lr_find.png").exists() and not (out / "last.pt").exists()
+
+
+def test_runs_table_lists_runs_best_first(colours, tmp_path, capsys):
+    for name, acc in (("weak", 40.0), ("strong", 90.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"model": "resnet18", "mode": "scratch", "optimizer": "sgd", "lr": 0.001, "epochs": 3}))
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"best_val_acc": acc, "epochs": 3, "train_time_s": 60}))
+    assert runs.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("strong") and lines[2].startswith("weak") and "90.00" in lines[1]
+
+
+def test_hyper_parameters_and_final_metrics_go_to_tensorboard(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained_run))
+    acc.Reload()
+    assert {"train/loss", "val/acc", "lr", "train/img_per_s"} <= set(acc.Tags()["scalars"])
+    assert "train/augmented" in acc.Tags()["images"]
+    plugins = acc.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in plugins
+    assert not math.isnan(acc.Scalars("val/acc")[-1].value)
+
+
+def test_imbalanced_data_is_reported_by_the_check(tmp_path, capsys):
+    import dataset
+
+    make_folder(tmp_path, per_class=10, classes={"many": (0, 0, 0)})
+    make_folder(tmp_path, per_class=2, classes={"few": (255, 255, 255)}, offset=9)
+    dataset.report(dataset.prepare_data(str(tmp_path)))
+    assert "imbalance (largest/smallest class): 5.0x" in capsys.readouterr().out
