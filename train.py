@@ -491,11 +491,20 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict[str, Any] 
     return cfg, ckpt, run_dir
 
 
+RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
+             "curves.png", "lr_find.png", "events.out.tfevents.*")
+
+
 def make_run_dir(run_dir: Path, cfg: TrainConfig, resuming: bool) -> None:
-    """Created up front; never reuse another run's folder by accident."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not resuming and not cfg.overwrite:
-        raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
-                         "--overwrite to replace it, or another --out")
+    """Created up front; never reuse another run's folder by accident. --overwrite removes the files a
+    run writes (and nothing else), so the new run's folder holds only the new run."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not resuming:
+        if not cfg.overwrite:
+            raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                             "--overwrite to replace it, or another --out")
+        for pattern in RUN_FILES:
+            for old in run_dir.glob(pattern):
+                old.unlink()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -654,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         say("class weights: " + ", ".join(f"{c}={w:.2f}" for c, w in zip(classes, loss_weights.tolist())))
     criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.label_smoothing)
     mix = make_mix(cfg, len(classes))
+    inner = net  # unwrapped: evaluated on each rank's shard, saved in checkpoints
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if on_cuda else None)
         say(f"distributed: {world} processes x {cfg.batch_size} = {world * cfg.batch_size} images per step")
@@ -715,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion, to_input,
                                     autocast, progress, cfg, device, mix, lead)
             models.set_train_mode(model, False, cfg.mode)
-            val = evaluate(net if not use_features or world == 1 else net.module, val_loader, to_input,
+            val = evaluate(inner, val_loader, to_input,
                            autocast, len(classes), lead)
             schedule.end_epoch(val["acc"])
             progress.epoch, progress.step = epoch + 1, 0

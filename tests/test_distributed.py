@@ -1,0 +1,76 @@
+"""torchrun: the same train.py in several processes (CPU, gloo), exact metrics, one writer, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, make_folder, train_args
+
+import eval as evaluate
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def split_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    make_folder(root / "train", per_class=8)
+    make_folder(root / "val", per_class=3, offset=300)  # 9 images: 5 on one rank, 4 on the other
+    return root
+
+
+@pytest.fixture(scope="module")
+def ddp_run(split_data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("ddp-run") / "run"
+    result = torchrun(train_args(split_data, out, "--mode", "scratch", "--optimizer", "adam"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_two_processes_train_and_state_the_effective_batch_size(ddp_run):
+    _, result = ddp_run
+    assert "distributed: 2 processes x 8 = 16 images per step" in result.stdout
+    assert result.stdout.count("epoch 1/1") == 1  # only rank 0 reports
+
+
+def test_the_run_folder_is_written_once(ddp_run):
+    out, _ = ddp_run
+    assert len((out / "metrics.csv").read_text().strip().splitlines()) == 2
+    events = [p for p in out.glob("events.out.tfevents.*")]
+    assert len(events) == 2  # the scalars and the hparams summary, from rank 0 only
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+
+
+def test_validation_accuracy_equals_what_eval_py_computes_for_the_checkpoint(ddp_run, split_data, tmp_path):
+    out, _ = ddp_run
+    assert evaluate.main([str(split_data / "val"), "--checkpoint", str(out / "best.pt"), "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["images"] == 9
+    assert metrics["accuracy"] == pytest.approx(json.loads((out / "summary.json").read_text())["best_val_acc"])
+
+
+def test_resuming_under_torchrun_continues_at_the_next_epoch(ddp_run):
+    out, _ = ddp_run
+    result = torchrun(["--resume", str(out), "--epochs", "2", "--no-summary"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout and result.stdout.count("epoch 2/2") == 1
+    rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["1", "2"]
+
+
+def test_resuming_with_another_number_of_processes_is_refused(ddp_run):
+    out, _ = ddp_run
+    result = subprocess.run([sys.executable, "train.py", "--resume", str(out), "--epochs", "3"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "saved by 2 process(es), this run has 1" in result.stderr

@@ -1,0 +1,89 @@
+"""export.py: each model to each format that installs, parity checked; exported ONNX evaluated by eval.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from conftest import THREE, train_args
+
+import eval as evaluate
+import export
+import train
+
+FORMATS = {"onnx": "onnxruntime", "executorch": "executorch", "torchscript": "torch"}
+
+
+def installed(fmt: str) -> bool:
+    return importlib.util.find_spec(FORMATS[fmt]) is not None and (fmt != "onnx" or
+                                                                  importlib.util.find_spec("onnxscript"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, colours) -> dict[str, Path]:
+    """A one-epoch 32 px run of each of the three models."""
+    out = {}
+    for name in THREE:
+        run = tmp_path_factory.mktemp(f"export-{name}")
+        assert train.main(train_args(colours, run, "--model", name, "--mode", "scratch")) == 0
+        out[name] = run / "best.pt"
+    return out
+
+
+def call(args: list[str]) -> int:
+    try:
+        return export.cli(export.main, args)
+    except SystemExit as e:
+        return int(e.code)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("name", THREE)
+def test_each_model_exports_to_each_format_and_passes_the_parity_check(name, fmt, checkpoints, colours, tmp_path):
+    if not installed(fmt):
+        pytest.skip(f"{FORMATS[fmt]} is not installed (requirements-export.txt)")
+    out = tmp_path / f"model{export.SUFFIX[fmt]}"
+    assert call(["--checkpoint", str(checkpoints[name]), "--format", fmt, "--data", str(colours), "--out", str(out),
+                 "--images", "8"]) == 0
+    report = json.loads(Path(str(out) + ".json").read_text())
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= 1e-3
+    assert report["images"] == 8 and report["size_mb"] > 0 and report["latency_ms_batch1_cpu"] > 0
+    assert report["classes"] == ["blue", "green", "red"]
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_a_float_export_that_differs_beyond_the_tolerance_fails(checkpoints, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert call(["--checkpoint", str(checkpoints["resnet18"]), "--format", "onnx", "--out", str(out),
+                 "--images", "4", "--tolerance", "0"]) == 1
+    assert "does not match the PyTorch model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_exported_onnx_is_evaluated_by_eval_py_with_the_same_report(trained_run, colours_eval, tmp_path):
+    onnx_path = tmp_path / "model.onnx"
+    assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    reports = {}
+    for kind, ckpt in (("pt", trained_run / "best.pt"), ("onnx", onnx_path)):
+        assert evaluate.main([str(colours_eval), "--checkpoint", str(ckpt), "--out", str(tmp_path / kind)]) == 0
+        reports[kind] = json.loads((tmp_path / kind / "metrics.json").read_text())
+    assert reports["onnx"]["confusion_matrix"] == reports["pt"]["confusion_matrix"]
+    assert reports["onnx"]["classes"] == ["blue", "green", "red"]
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_int8_export_is_calibrated_on_data_and_reports_the_accuracy_change(trained_run, colours, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", "onnx", "--int8", "--data", str(colours),
+                 "--out", str(out), "--images", "24"]) == 0
+    report = json.loads(Path(str(out) + ".json").read_text())
+    assert report["int8"] and report["accuracy_pytorch"] is not None and report["accuracy_export"] is not None
+    assert "accuracy on those images" in capsys.readouterr().out
+    assert report["size_mb"] < 0.5 * (trained_run / "best.pt").stat().st_size / 1e6
+
+
+def test_int8_without_calibration_data_is_refused(trained_run, capsys):
+    assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", "onnx", "--int8"]) == 2
+    assert "--int8 needs --data" in capsys.readouterr().err
