@@ -29,7 +29,7 @@ import dataset
 import models
 import plots
 from config import UsageError, cli
-from train import auto_workers, make_loader, pick_device, precision, predict
+from engine import auto_workers, make_loader, pick_device, precision, predict
 
 
 @dataclass

@@ -14,9 +14,7 @@ TensorBoard event files (`tensorboard --logdir runs`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -27,7 +25,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,182 +33,34 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from tqdm import tqdm
+from torch.utils.data import DataLoader
 
 import dataset
 import models
 import plots
 from config import IDENTITY, TrainConfig, UsageError, add_options, fail, validate
+from engine import (
+    Features,
+    Progress,
+    ResumableSampler,
+    TrainingError,
+    auto_workers,
+    barrier,
+    broadcast,
+    evaluate,
+    init_distributed,
+    make_loader,
+    pick_device,
+    precision,
+    predict,
+    save_checkpoint,
+    seed_everything,
+    shard,
+    train_one_epoch,
+    tune_cpu_allocator,
+)
 
 RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # in last.pt, not in best.pt
-
-
-class TrainingError(Exception):
-    """Training cannot go on (NaN loss, out of memory, unreadable data): one line, exit status 1."""
-
-
-# ----------------------------------------------------------------------------- machine
-
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """auto: CUDA, then Apple MPS, then CPU; an explicit device that is not there is a usage error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = f"cuda:{local_rank}"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is visible to this PyTorch build; use --device cpu")
-        check_gpu_supported(device)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: Apple MPS is not available here; use --device cpu")
-    return device
-
-
-def check_gpu_supported(device: torch.device) -> None:
-    """Old GPUs (e.g. a K80, sm_37) have no kernels in current wheels: say so before training."""
-    major, minor = torch.cuda.get_device_capability(device)
-    archs = [a for a in torch.cuda.get_arch_list() if a.startswith("sm_")]
-    if archs and major * 10 + minor < min(int(a[3:].rstrip("a")) for a in archs):
-        raise UsageError(f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}) is not supported by this "
-                         f"PyTorch build (needs one of {', '.join(archs)}): install an older PyTorch "
-                         "for this GPU, or use --device cpu")
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 (AVX512-BF16 or AMX): there bf16 autocast trains ~1.9x faster; elsewhere it is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def precision(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScaler]:
-    """Chosen once, so the loop has no device branches: autocast context + (maybe disabled) scaler.
-    CUDA: bf16 where supported, else fp16 with a scaler; CPU: bf16 only where the CPU has it natively."""
-    off = torch.amp.GradScaler("cuda", enabled=False)
-    if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return (lambda: torch.autocast("cuda", dtype=dtype),
-                torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
-    if amp and device.type == "cpu" and cpu_has_bf16():
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16), off
-    return contextlib.nullcontext, off
-
-
-def tune_cpu_allocator() -> None:
-    """Keep freed activation memory in the process instead of returning it to the OS each step.
-
-    glibc serves allocations over 32 MB (a ResNet's activations at batch 64) with fresh mmap()s,
-    so every step page-faults its memory in again: 40% of CPU time in the kernel on a 2-core box.
-    Heap-only allocation with no trimming measured 1.2x faster training here (bench/README.md).
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap-backed chunks
-            libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
-
-
-def auto_workers(device: torch.device, cached: bool) -> int:
-    """Workers only where they help: cached uint8 crops are cheap, and on a small CPU box every
-    worker steals a core from the model's own threads."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type == "cpu":
-        return 0 if cached or cpus <= 2 else min(4, cpus // 4)
-    return min(8, max(1, cpus - 1))
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); starts the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), world, local_rank
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast(obj: Any) -> Any:
-    """Rank 0's value of `obj` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- data
-
-class ResumableSampler(Sampler[int]):
-    """Shuffled (or class-balanced) order fixed by (seed, epoch), split across ranks like
-    DistributedSampler, and able to start mid-epoch so an interrupted epoch resumes where it stopped."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, weights: torch.Tensor | None = None):
-        self.n, self.seed, self.rank, self.world, self.weights = n, seed, rank, world, weights
-        self.epoch, self.start = 0, 0
-        self.per_rank = math.ceil(n / world)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        if self.weights is not None:
-            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
-        else:
-            order = torch.randperm(self.n, generator=g)
-        order = torch.cat([order, order[: self.per_rank * self.world - self.n]])  # pad like DistributedSampler
-        return iter(order[self.rank::self.world][self.start:].tolist())
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
-
-class Features(Dataset):
-    """Cached backbone features, served like images: (feature, label, index)."""
-
-    def __init__(self, x: torch.Tensor, y: list[int]):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return self.x[i], self.y[i], i
-
-
-def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device,
-                sampler: Sampler | None = None) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      collate_fn=dataset.collate, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-
-
-def shard(ds: Dataset, rank: int, world: int) -> Dataset:
-    """Every validation image on exactly one rank: no padding, so metrics count each image once."""
-    return ds if world == 1 else Subset(ds, range(rank, len(ds), world))
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -278,94 +128,6 @@ def class_weights(counts: list[int]) -> torch.Tensor:
     return w
 
 
-# ----------------------------------------------------------------------------- loops
-
-@dataclasses.dataclass
-class Progress:
-    """Where training is, so an interrupt can save exactly that."""
-    epoch: int = 0  # completed epochs
-    step: int = 0  # batches done in the current epoch
-    global_step: int = 0
-
-
-def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    criterion: nn.Module, to_input: Callable, autocast: Callable, progress: Progress,
-                    cfg: TrainConfig, device: torch.device, mix: Callable | None = None,
-                    show: bool = True) -> dict[str, float]:
-    loss_sum, correct, seen, bad, t0 = 0.0, 0, 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not show or None,
-               leave=False, dynamic_ncols=True)
-    for x, y, _, n_bad in bar:
-        bad += n_bad
-        if x is None or n_bad > cfg.max_bad_fraction * (len(y) + n_bad):
-            raise TrainingError(f"{n_bad} of {len(y) + n_bad} images in a batch could not be read (limit "
-                                f"--max-bad-fraction {cfg.max_bad_fraction}): check the data folder")
-        x, y = to_input(x), y.to(device, non_blocking=True)
-        target = y
-        if mix is not None:
-            x, target = mix(x, y)
-        with autocast():
-            logits = net(x)
-            loss = criterion(logits, target)
-        if not torch.isfinite(loss):
-            lr = optimizer.param_groups[0]["lr"]
-            raise TrainingError(f"loss became {loss.item()} at epoch {progress.epoch + 1}, batch "
-                                f"{progress.step + 1} (lr {lr:.3g}): try a lower --lr; last.pt holds the last "
-                                "good epoch")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        progress.step += 1
-        progress.global_step += 1
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-    elapsed = time.perf_counter() - t0
-    return {"loss": loss_sum / max(1, seen), "acc": 100 * correct / max(1, seen), "images": seen,
-            "img_per_s": seen / max(elapsed, 1e-9), "bad": bad, "time_s": elapsed}
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable,
-            desc: str = "predicting", show: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, targets, dataset indices) for every readable item, in loader order, on the CPU."""
-    outs, targets, indices = [], [], []
-    for x, y, idx, _ in tqdm(loader, desc=desc, disable=not show or None, leave=False, dynamic_ncols=True):
-        if x is None:
-            continue
-        with autocast():
-            outs.append(model(to_input(x)).float().cpu())
-        targets.append(y)
-        indices.append(idx)
-    if not outs:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return torch.cat(outs), torch.cat(targets), torch.cat(indices)
-
-
-def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable,
-             num_classes: int, show: bool = True) -> dict[str, Any]:
-    """Loss, accuracy and confusion matrix; exact across ranks (each image is on one rank only)."""
-    logits, y, _ = predict(model, loader, to_input, autocast, desc="validating", show=show)
-    cm = torch.zeros(num_classes * num_classes, dtype=torch.float64)
-    loss_sum = torch.zeros(1, dtype=torch.float64)
-    if len(y):
-        cm += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-    if dist.is_initialized():
-        both = torch.cat([cm, loss_sum]).to(next(model.parameters()).device)
-        dist.all_reduce(both)
-        cm, loss_sum = both[:-1].cpu(), both[-1:].cpu()
-    cm = cm.view(num_classes, num_classes).long()
-    n = int(cm.sum())
-    return {"loss": float(loss_sum) / max(1, n), "acc": 100 * float(cm.trace()) / max(1, n),
-            "confusion": cm.tolist(), "images": n}
-
-
 def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
             to_input: Callable, autocast: Callable, device: torch.device, start: float = 1e-7, end: float = 10.0,
             steps: int = 100) -> tuple[list[float], list[float], float]:
@@ -409,31 +171,8 @@ def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
 
 # ----------------------------------------------------------------------------- run folder
 
-def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
-    """Atomic: temp file in the same folder, fsync, rename. A kill at any moment leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """metrics.csv and curves.png rewritten from the checkpoint's history (so a resume never duplicates)."""
+def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = True) -> None:
+    """metrics.csv (and curves.png) rewritten from the checkpoint's history, so a resume never duplicates."""
     keys = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "time_s"]
     tmp = run_dir / ".metrics.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -441,7 +180,8 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(history)
     os.replace(tmp, run_dir / "metrics.csv")
-    plots.save(plots.curves_figure(history, run_dir.name), run_dir / "curves.png")
+    if curves:
+        plots.save(plots.curves_figure(history, run_dir.name), run_dir / "curves.png")
 
 
 def resume_target(resume: str, out: str | None) -> Path:
@@ -532,6 +272,12 @@ def backbone_features(model: nn.Module, loaders: dict[str, DataLoader], to_input
         models.set_module(model, name, head)
     save_checkpoint(feats, path)
     return feats
+
+
+def features_dataset(x: torch.Tensor, items: list[tuple[str, int]]) -> Features:
+    """Cached features with their labels; images that could not be read (NaN rows) are left out."""
+    ok = torch.isfinite(x).all(1)
+    return Features(x[ok], [y for (_, y), good in zip(items, ok.tolist()) if good])
 
 
 def feature_key(cfg: TrainConfig, preprocess: dict[str, Any], split: dataset.DataSplit) -> str:
@@ -639,16 +385,18 @@ def main(argv: list[str] | None = None) -> int:
                                       for k, v in plain.items()}, image_input, autocast, path, lead)
         barrier()
         feats = torch.load(path, map_location="cpu", weights_only=True)
-        train_ds = Features(feats["train"], [y for _, y in split.train])
-        val_ds = Features(feats["val"], [y for _, y in split.val])
+        train_ds, val_ds = (features_dataset(feats[s], items) for s, items in (("train", split.train),
+                                                                               ("val", split.val)))
         net = models.head_of(model)[1]
         to_input = lambda x: x.to(device, non_blocking=True)
         say(f"transfer: training the head on cached backbone features ({path.name}); augmentation off")
 
-    weights = None
+    weights, weight_notes = None, []
     train_counts = split.counts(split.train)
     if cfg.balanced_sampler:
         weights = torch.tensor([1.0 / train_counts[y] for _, y in split.train], dtype=torch.double)
+        weight_notes.append("balanced sampler, chance of drawing an image per class: " + ", ".join(
+            f"{c}={1 / max(1, n) / len(classes):.4f}" for c, n in zip(classes, train_counts)))
     sampler = ResumableSampler(len(train_ds), cfg.seed, rank, world, weights)
     train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, device, sampler)
     val_loader = make_loader(shard(val_ds, rank, world), 2 * cfg.batch_size, cfg.workers, device)
@@ -656,11 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.sync_bn and world > 1 and not use_features:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = make_optimizer(cfg, model)
-    schedule = Schedule(cfg, len(train_loader) + sampler.start)
+    schedule = Schedule(cfg, len(train_loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_weights = class_weights(train_counts).to(device) if cfg.class_weights == "auto" else None
     if loss_weights is not None:
-        say("class weights: " + ", ".join(f"{c}={w:.2f}" for c, w in zip(classes, loss_weights.tolist())))
+        weight_notes.append("class weights: " + ", ".join(
+            f"{c}={w:.2f}" for c, w in zip(classes, loss_weights.tolist())))
+    for note in weight_notes:
+        say(note)
     criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.label_smoothing)
     mix = make_mix(cfg, len(classes))
     inner = net  # unwrapped: evaluated on each rank's shard, saved in checkpoints
@@ -699,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(run_dir, purge_step=progress.epoch + 1 if ckpt else None)
+        for note in weight_notes:
+            writer.add_text("imbalance", note)
 
     def checkpoint() -> dict[str, Any]:
         return {"kind": models.CHECKPOINT_KIND, "version": 1, "arch": cfg.model, "mode": cfg.mode,
@@ -710,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
     stop = install_stop_handler()
-    start_time = time.perf_counter()
+    start_time = last_drawn = time.perf_counter()
     try:
         while progress.epoch < cfg.epochs:
             epoch = progress.epoch
@@ -742,8 +495,13 @@ def main(argv: list[str] | None = None) -> int:
                 if improved:  # model only: what eval.py, test.py and export.py need, a third the size
                     save_checkpoint({k: v for k, v in state.items() if k not in RESUME_ONLY}, run_dir / "best.pt")
                 save_checkpoint(state, run_dir / "last.pt")
-                write_metrics(run_dir, history)
-                log_epoch(writer, row, val["confusion"], classes)
+                # pictures cost ~0.5 s: with short epochs (cached features) draw them at most once a
+                # minute, and always for the last epoch
+                last_epoch = epoch + 1 == cfg.epochs or (cfg.patience and epoch + 1 - best_epoch >= cfg.patience)
+                draw = last_epoch or time.perf_counter() - last_drawn > 60
+                write_metrics(run_dir, history, curves=draw)
+                log_epoch(writer, row, val["confusion"] if draw else None, classes)
+                last_drawn = time.perf_counter() if draw else last_drawn
                 print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats['loss']:.4f} acc {stats['acc']:.2f}%  "
                       f"val loss {val['loss']:.4f} acc {val['acc']:.2f}%  {row['img_per_s']:.0f} img/s"
                       + ("  *best*" if improved else "") + (f"  ({stats['bad']} unreadable)" if stats["bad"] else ""))
@@ -754,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if lead:
             save_checkpoint(checkpoint(), run_dir / "last.pt")
+            if history:
+                write_metrics(run_dir, history)
             print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {progress.epoch + 1}, batch {progress.step}); "
                   f"continue with: python train.py --resume {run_dir}", file=sys.stderr)
         return 130
@@ -787,14 +547,16 @@ def make_mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
     return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
 
 
-def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]], classes: list[str]) -> None:
+def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]] | None, classes: list[str]) -> None:
     step = row["epoch"]
     for split in ("train", "val"):
         writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], step)
         writer.add_scalar(f"{split}/acc", row[f"{split}_acc"], step)
     writer.add_scalar("lr", row["lr"], step)
     writer.add_scalar("train/img_per_s", row["img_per_s"], step)
-    writer.add_figure("val/confusion_matrix", plots.confusion_figure(np.array(confusion), classes, shares=False), step)
+    if confusion is not None:
+        writer.add_figure("val/confusion_matrix", plots.confusion_figure(np.array(confusion), classes, shares=False),
+                          step)
     writer.flush()
 
 

@@ -10,7 +10,7 @@ Measures (each a ratio against a baseline measured in the same run):
   3. transfer mode, 10 epochs: feature cache vs --no-feature-cache (wall time and val accuracy)
   4. evaluation images/s: eval.py's pipeline vs the seed's (batch 8, shuffled, a worker per CPU)
   5. preprocessing of 3000x2000 JPEGs: reduced-scale decoding vs a full PIL decode and resize
-Writes the figures to bench/results.json as well.
+Writes the figures to bench/results-<model>-<size>px-<images>img.json as well.
 """
 
 from __future__ import annotations
@@ -62,21 +62,29 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
 
 
 def ceiling(model_name: str, img_size: int, batch_size: int, steps: int = 5) -> float:
-    """Training images/s of the model alone: synthetic batches already in memory, our settings."""
-    import train
+    """Training images/s of the model alone: synthetic batches already in memory, with our settings
+    (channels_last, the allocator, mixed precision where the hardware has it)."""
+    import engine
 
-    train.tune_cpu_allocator()
-    model = __import__("torchvision").models.get_model(model_name, num_classes=4).to(memory_format=torch.channels_last)
+    device = engine.pick_device("auto")
+    if device.type == "cpu":
+        engine.tune_cpu_allocator()
+    autocast, _ = engine.precision(device, amp=True)
+    model = __import__("torchvision").models.get_model(model_name, num_classes=4)
+    model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(batch_size, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 4, (batch_size,))
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (batch_size,), device=device)
     times = []
     for _ in range(steps + 2):
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return batch_size * steps / sum(times[2:])  # the first two steps warm up
 
@@ -192,7 +200,9 @@ def main() -> None:
         print(f"3000x2000 JPEG to a 256 px square: full decode {pre['full_ms']:.0f} ms, ours {pre['ours_ms']:.0f} ms "
               f"-> {pre['speedup']:.1f}x")
 
-    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=1))
+    name = f"results-{a.model}-{a.img_size}px-{a.images}img.json"
+    (ROOT / "bench" / name).write_text(json.dumps(results, indent=1))
+    print(f"figures written to bench/{name}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_folder, train_args
 
+import engine
 import runs
 import train
 from config import TrainConfig
@@ -90,7 +91,7 @@ def test_auto_class_weights_are_inverse_frequency():
 def test_balanced_sampler_draws_each_class_about_equally():
     labels = [0] * 90 + [1] * 10
     weights = torch.tensor([1 / 90 if y == 0 else 1 / 10 for y in labels], dtype=torch.double)
-    sampler = train.ResumableSampler(len(labels), seed=0, weights=weights)
+    sampler = engine.ResumableSampler(len(labels), seed=0, weights=weights)
     drawn = Counter()
     for epoch in range(20):
         sampler.set_epoch(epoch)
@@ -99,7 +100,7 @@ def test_balanced_sampler_draws_each_class_about_equally():
 
 
 def test_sampler_resumes_mid_epoch_with_the_rest_of_the_same_order():
-    sampler = train.ResumableSampler(20, seed=3)
+    sampler = engine.ResumableSampler(20, seed=3)
     sampler.set_epoch(4)
     whole = list(sampler)
     sampler.set_epoch(4, start=8)
@@ -109,7 +110,7 @@ def test_sampler_resumes_mid_epoch_with_the_rest_of_the_same_order():
 def test_sampler_splits_an_epoch_across_ranks_without_overlap():
     parts = []
     for rank in range(3):
-        s = train.ResumableSampler(10, seed=1, rank=rank, world=3)
+        s = engine.ResumableSampler(10, seed=1, rank=rank, world=3)
         s.set_epoch(0)
         parts.append(list(s))
     assert all(len(p) == 4 for p in parts)
@@ -131,7 +132,8 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(colours,
 def test_augmentation_and_imbalance_options_train(extra, colours, tmp_path, capsys):
     assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch", *extra)) == 0
     if "--class-weights" in extra:
-        assert "class weights: blue=1.00" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "class weights: blue=1.00" in out and "balanced sampler" in out
 
 
 def test_lr_find_writes_a_plot_suggests_an_lr_and_leaves_no_checkpoint(colours, tmp_path, capsys):

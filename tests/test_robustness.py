@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -17,9 +18,11 @@ from conftest import ROOT, make_folder, make_image, train_args
 from PIL import Image
 
 import dataset
+import engine
 import eval as evaluate
 import models
 import train
+from config import TrainConfig
 
 HOSTILE_SKIPS = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "notes.png": "not an image",
                  "bomb.png": "decompression bomb", "lab.tif": "unsupported mode LAB"}
@@ -123,11 +126,11 @@ def tiny_loader(paths: list[Path]) -> torch.utils.data.DataLoader:
 def one_epoch(loader) -> dict:
     model = models.build_model("mobilenet_v2", 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    cfg = train.TrainConfig(epochs=1)
-    return train.train_one_epoch(model, loader, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                                 torch.amp.GradScaler("cuda", enabled=False), torch.nn.CrossEntropyLoss(),
-                                 lambda x: x.float() / 255, train.contextlib.nullcontext, train.Progress(), cfg,
-                                 torch.device("cpu"), show=False)
+    cfg = TrainConfig(epochs=1)
+    return engine.train_one_epoch(model, loader, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                                  torch.amp.GradScaler("cuda", enabled=False), torch.nn.CrossEntropyLoss(),
+                                  lambda x: x.float() / 255, contextlib.nullcontext, engine.Progress(), cfg,
+                                  torch.device("cpu"), show=False)
 
 
 def test_a_file_deleted_during_training_is_skipped_with_a_warning(colours, tmp_path, capsys):
@@ -144,20 +147,20 @@ def test_a_file_deleted_during_training_is_skipped_with_a_warning(colours, tmp_p
 def test_too_many_unreadable_files_in_a_batch_stop_training_clearly(tmp_path):
     paths = [tmp_path / f"{i}.png" for i in range(4)]
     make_image((9, 9, 9), 0).save(paths[0])
-    with pytest.raises(train.TrainingError, match="3 of 4 images in a batch could not be read"):
+    with pytest.raises(engine.TrainingError, match="3 of 4 images in a batch could not be read"):
         one_epoch(tiny_loader(paths))
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "last.pt"
-    train.save_checkpoint({"epoch": 1}, path)
+    engine.save_checkpoint({"epoch": 1}, path)
 
     class FailsHalfway:
         def __reduce__(self):
             raise OSError("disk full")
 
     with pytest.raises(OSError):
-        train.save_checkpoint({"epoch": 2, "big": torch.zeros(10000), "bad": FailsHalfway()}, path)
+        engine.save_checkpoint({"epoch": 2, "big": torch.zeros(10000), "bad": FailsHalfway()}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
