@@ -3,7 +3,7 @@ and prove the export gives the same answers as the PyTorch model before calling 
 
     python export.py --format onnx                                   # newest runs/*/best.pt
     python export.py --checkpoint runs/demo/best.pt --format executorch --data data/digits/test
-    python export.py --format onnx --int8 --data data/digits/test    # int8, calibrated on real images
+    python export.py --format onnx --int8 --data data/digits/train --check-data data/digits/test  # int8
 
 The exported model takes float32 RGB images in [0, 1], N x 3 x S x S (S = the checkpoint's crop
 size, after resizing the shorter side to the resize size and centre-cropping), and returns logits;
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="post-training int8 quantisation (ONNX), calibrated on "
                         "--data")
     parser.add_argument("--data", help="image folder for calibration and the parity check (e.g. the training data)")
+    parser.add_argument("--check-data", help="labelled folder for the parity check and accuracies (default: "
+                        "--data; give held-out images when --data calibrates --int8)")
     parser.add_argument("--out", help="output file (default: beside the checkpoint, named after the model)")
     parser.add_argument("--images", type=int, default=64, help="images for the parity check and calibration")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference a float export "
@@ -232,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{ckpt['arch']}{'-int8' if args.int8 else ''}{SUFFIX[args.format]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     images, labels = sample_images(args.data, ckpt["preprocess"], args.images, ckpt["classes"])
+    if args.check_data:
+        check, check_labels = sample_images(args.check_data, ckpt["preprocess"], args.images, ckpt["classes"])
+    else:
+        check, check_labels = images, labels
     example = images[:1]
     exporter = {"onnx": export_onnx, "executorch": export_executorch, "torchscript": export_torchscript}[args.format]
     try:
@@ -244,13 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--format {args.format} needs packages that are not installed ({e.name}): "
                          "pip install -r requirements-export.txt") from None
     with torch.no_grad():
-        reference = model(images)
-        exported = run(images)
+        reference = model(check)
+        exported = run(check)
     report = {"format": args.format, "int8": args.int8, "file": str(out), "checkpoint": str(ckpt_path),
               "size_mb": os.path.getsize(out) / 1e6, **parity(reference, exported),
               "latency_ms_batch1_cpu": latency_ms(run, example),
               "pytorch_latency_ms_batch1_cpu": latency_ms(lambda x: model(x), example),
-              "accuracy_pytorch": accuracy(reference, labels), "accuracy_export": accuracy(exported, labels),
+              "accuracy_pytorch": accuracy(reference, check_labels),
+              "accuracy_export": accuracy(exported, check_labels),
               "classes": ckpt["classes"], "preprocess": ckpt["preprocess"], "tolerance": args.tolerance}
     Path(str(out) + ".json").write_text(json.dumps(report, indent=1))
     print(f"exported {out} ({report['size_mb']:.1f} MB); on {report['images']} images: top-1 agreement "

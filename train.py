@@ -406,13 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = make_optimizer(cfg, model)
     schedule = Schedule(cfg, len(train_loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    loss_weights = class_weights(train_counts).to(device) if cfg.class_weights == "auto" else None
-    if loss_weights is not None:
+    criterion = make_criterion(cfg, train_counts).to(device)
+    if criterion.weight is not None:
         weight_notes.append("class weights: " + ", ".join(
-            f"{c}={w:.2f}" for c, w in zip(classes, loss_weights.tolist())))
+            f"{c}={w:.2f}" for c, w in zip(classes, criterion.weight.tolist())))
     for note in weight_notes:
         say(note)
-    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.label_smoothing)
     mix = make_mix(cfg, len(classes))
     inner = net  # unwrapped: evaluated on each rank's shard, saved in checkpoints
     if world > 1:
@@ -531,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
         writer.close()
         print(f"best val accuracy {best_acc:.2f}% (epoch {best_epoch}); run folder {run_dir}")
     return 0
+
+
+def make_criterion(cfg: TrainConfig, train_counts: list[int]) -> nn.CrossEntropyLoss:
+    weight = class_weights(train_counts) if cfg.class_weights == "auto" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
 def make_mix(cfg: TrainConfig, num_classes: int) -> Callable | None:

@@ -74,3 +74,9 @@ def test_resuming_with_another_number_of_processes_is_refused(ddp_run):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "saved by 2 process(es), this run has 1" in result.stderr
+
+
+def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
+    result = torchrun(train_args(tmp_path / "no-such-folder", tmp_path / "run", "--mode", "scratch"))
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr

@@ -175,3 +175,30 @@ def test_imbalanced_data_is_reported_by_the_check(tmp_path, capsys):
     make_folder(tmp_path, per_class=2, classes={"few": (255, 255, 255)}, offset=9)
     dataset.report(dataset.prepare_data(str(tmp_path)))
     assert "imbalance (largest/smallest class): 5.0x" in capsys.readouterr().out
+
+
+def test_label_smoothing_keeps_a_loss_for_confident_correct_predictions():
+    logits, target = torch.tensor([[20.0, 0.0, 0.0]]), torch.tensor([0])
+    plain = train.make_criterion(TrainConfig(), [5, 5, 5])(logits, target)
+    smooth = train.make_criterion(TrainConfig(label_smoothing=0.1), [5, 5, 5])(logits, target)
+    assert plain < 1e-6 < 0.5 < smooth
+
+
+def test_mixup_and_cutmix_blend_images_and_labels():
+    x = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)] * 4)
+    y = torch.tensor([0, 1] * 4)
+    torch.manual_seed(0)
+    mixed_x, soft = train.make_mix(TrainConfig(mixup=1.0, cutmix=1.0), 2)(x, y)
+    assert soft.shape == (8, 2) and torch.allclose(soft.sum(1), torch.ones(8))
+    assert ((soft > 0) & (soft < 1)).any()  # soft labels, not one-hot
+    assert not torch.equal(mixed_x, x)  # images blended or pasted
+    assert train.make_mix(TrainConfig(), 2) is None
+
+
+@pytest.mark.parametrize("preset,op", [("randaugment", "RandAugment"), ("trivialaugment", "TrivialAugmentWide")])
+def test_augmentation_presets_use_torchvision_policies(preset, op):
+    import dataset
+
+    tf = dataset.train_transform(32, preset)
+    assert op in [type(t).__name__ for t in tf.transforms]
+    assert tf(torch.zeros(3, 40, 40, dtype=torch.uint8)).shape == (3, 32, 32)

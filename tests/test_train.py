@@ -226,3 +226,16 @@ def test_class_names_are_the_folder_names_sorted_and_stored_in_checkpoints(tmp_p
     data = make_folder(tmp_path / "d", per_class=4, classes={"zebra": (0, 0, 0), "apple": (250, 0, 0)})
     assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch")) == 0
     assert models.load_checkpoint(tmp_path / "run" / "best.pt")["classes"] == ["apple", "zebra"]
+
+
+def test_asking_for_a_gpu_that_is_not_there_is_a_usage_error(colours, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert run_train(train_args(colours, tmp_path / "r", "--mode", "scratch", "--device", "cuda")) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_resume_auto_without_any_run_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_train(["--resume", "auto"]) == 2
+    assert "no runs/*/last.pt to resume" in capsys.readouterr().err
