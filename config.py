@@ -72,7 +72,8 @@ class TrainConfig:
     scheduler: str = opt("step", "learning-rate schedule",
                          choices=("step", "cosine", "onecycle", "plateau", "none"))
     step_size: int = opt(7, "epochs between learning-rate drops (step schedule)")
-    gamma: float = opt(0.1, "learning-rate drop factor (step and plateau schedules)")
+    gamma: float = opt(0.1, "learning-rate drop factor (step; plateau: after 2 epochs without a better "
+                       "val accuracy)")
     warmup_epochs: int = opt(0, "linear warm-up epochs before the schedule")
     backbone_lr_mult: float = opt(1.0, "finetune: learning-rate multiplier for the pretrained layers")
     label_smoothing: float = opt(0.0, "label smoothing for the loss")

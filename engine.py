@@ -14,6 +14,7 @@ import datetime
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -62,8 +63,8 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 def check_gpu_supported(device: torch.device) -> None:
     """Old GPUs (e.g. a K80, sm_37) have no kernels in current wheels: say so before training."""
     major, minor = torch.cuda.get_device_capability(device)
-    archs = [a for a in torch.cuda.get_arch_list() if a.startswith("sm_")]
-    if archs and major * 10 + minor < min(int(a[3:].rstrip("a")) for a in archs):
+    archs = [a for a in torch.cuda.get_arch_list() if re.fullmatch(r"sm_\d+[a-z]?", a)]
+    if archs and major * 10 + minor < min(int(re.sub(r"\D", "", a)) for a in archs):
         raise UsageError(f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}) is not supported by this "
                          f"PyTorch build (needs one of {', '.join(archs)}): install an older PyTorch "
                          "for this GPU, or use --device cpu")
@@ -95,7 +96,7 @@ def tune_cpu_allocator() -> None:
 
     glibc serves allocations over 32 MB (a ResNet's activations at batch 64) with fresh mmap()s,
     so every step page-faults its memory in again: 40% of CPU time in the kernel on a 2-core box.
-    Heap-only allocation with no trimming measured 1.2x faster training here (bench/README.md).
+    Heap-only allocation with no trimming measured 1.2x faster training here (README, Performance).
     """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):

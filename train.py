@@ -124,8 +124,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 def class_weights(counts: list[int]) -> torch.Tensor:
     """Inverse frequency, scaled so the average weight per image is 1."""
     c = torch.tensor(counts, dtype=torch.float).clamp(min=1)
-    w = c.sum() / (len(counts) * c)
-    return w
+    return c.sum() / (len(counts) * c)
 
 
 def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
