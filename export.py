@@ -151,15 +151,18 @@ def quantize_onnx(float_path: Path, out: Path, calibration: torch.Tensor) -> Cal
     return OnnxModel(out)
 
 
-def sample_images(data: str | None, pre: dict[str, Any], n: int, classes: list[str]
+def sample_images(data: str | None, pre: dict[str, Any], n: int, classes: list[str], held_out: bool = False
                   ) -> tuple[torch.Tensor, list[int]]:
-    """(float [0, 1] images, labels or -1): from a labelled folder, a folder of images, or noise."""
+    """(float [0, 1] images, labels or -1): from a labelled folder, a folder of images, or noise.
+    A dataset root gives its train/ images, or with `held_out` its test/ (else val/) images."""
     if data:
         folder = Path(data)
         if not folder.is_dir():
             raise UsageError(f"--data {data} is not a folder")
-        items = dataset.labelled_files(folder, dataset.class_folders(folder))
+        train_dir, val_dir, test_dir = dataset.find_layout(folder)
+        folder = (test_dir or val_dir or train_dir) if held_out else train_dir
         names = dataset.class_folders(folder)
+        items = dataset.labelled_files(folder, names)
         labelled = [(p, classes.index(names[y]) if names[y] in classes else -1) for p, y in items]
         if not labelled:
             labelled = [(p, -1) for p in dataset.list_files(folder)]
@@ -235,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     images, labels = sample_images(args.data, ckpt["preprocess"], args.images, ckpt["classes"])
     if args.check_data:
-        check, check_labels = sample_images(args.check_data, ckpt["preprocess"], args.images, ckpt["classes"])
+        check, check_labels = sample_images(args.check_data, ckpt["preprocess"], args.images, ckpt["classes"],
+                                            held_out=True)
     else:
         check, check_labels = images, labels
     example = images[:1]

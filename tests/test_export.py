@@ -87,3 +87,16 @@ def test_int8_export_is_calibrated_on_data_and_reports_the_accuracy_change(train
 def test_int8_without_calibration_data_is_refused(trained_run, capsys):
     assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", "onnx", "--int8"]) == 2
     assert "--int8 needs --data" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_a_dataset_root_calibrates_on_train_and_checks_on_test(trained_run, tmp_path):
+    from conftest import make_folder
+
+    make_folder(tmp_path / "root" / "train", per_class=4)
+    make_folder(tmp_path / "root" / "test", per_class=2, offset=900)
+    out = tmp_path / "q.onnx"
+    root = str(tmp_path / "root")
+    assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", "onnx", "--int8", "--data", root,
+                 "--check-data", root, "--out", str(out)]) == 0
+    assert json.loads(Path(str(out) + ".json").read_text())["images"] == 6  # the test/ images
