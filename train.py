@@ -234,13 +234,18 @@ RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "
              "curves.png", "lr_find.png", "events.out.tfevents.*")
 
 
+def check_run_dir(run_dir: Path, cfg: TrainConfig, resuming: bool) -> None:
+    """Never reuse another run's folder by accident (checked first, before any slow work)."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not resuming and not cfg.overwrite:
+        raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                         "--overwrite to replace it, or another --out")
+
+
 def make_run_dir(run_dir: Path, cfg: TrainConfig, resuming: bool) -> None:
-    """Created up front; never reuse another run's folder by accident. --overwrite removes the files a
-    run writes (and nothing else), so the new run's folder holds only the new run."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not resuming:
-        if not cfg.overwrite:
-            raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
-                             "--overwrite to replace it, or another --out")
+    """Created before training starts. --overwrite removes the files a run writes (and nothing else),
+    so the new run's folder holds only the new run."""
+    check_run_dir(run_dir, cfg, resuming)
+    if run_dir.exists() and not resuming:
         for pattern in RUN_FILES:
             for old in run_dir.glob(pattern):
                 old.unlink()
@@ -300,20 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(broadcast(str(run_dir)))  # one run folder even if ranks started a second apart
     device = pick_device(cfg.device, local_rank)
     if lead:
-        make_run_dir(run_dir, cfg, resuming=ckpt is not None)
-    barrier()
+        check_run_dir(run_dir, cfg, resuming=ckpt is not None)
 
-    # data: checked once by rank 0; the split is the run's and is reused on resume
+    # data: checked once by rank 0; the split is the run's and is reused on resume. Bad data and bad
+    # weights are found before the run folder is created, so a failed start leaves nothing behind.
     split_path = run_dir / "split.json"
-    if ckpt is None and lead:
-        split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir)
-        split.save(split_path)
-        (run_dir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in split.skipped))
-    barrier()
-    split = dataset.DataSplit.load(split_path)
+    if ckpt is not None:
+        split = dataset.DataSplit.load(split_path)
+    else:
+        split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir) if lead else None
+        split = dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
     classes = split.classes
     if lead:
-        dataset.report(split, out=lambda line: None)  # (counts go to split.json; keep the console short)
         print(f"data: {len(classes)} classes, {len(split.train)} train / {len(split.val)} val images from "
               f"{split.root}" + (f"; skipped {len(split.skipped)} unreadable file(s), see "
                                  f"{run_dir / 'skipped.txt'}" if split.skipped else ""))
@@ -339,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{preprocess['img_size']} px crops of {preprocess['resize_size']} px images")
     cfg.workers = auto_workers(device, cfg.image_cache) if cfg.workers is None else cfg.workers
     if lead:
+        make_run_dir(run_dir, cfg, resuming=ckpt is not None)
+        if ckpt is None:
+            split.save(split_path)
+            (run_dir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in split.skipped))
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    barrier()
 
     model.to(device)
     on_cuda = device.type == "cuda"

@@ -118,7 +118,7 @@ def test_missing_imagenet_weights_stop_at_once_naming_the_file_to_download(colou
     assert run_train(train_args(colours, tmp_path / "r", "--mode", "finetune")) == 2
     err = capsys.readouterr().err
     assert "resnet18-f37072fd.pth" in err and "--weights" in err and "--mode scratch" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()
 
 
 def test_weights_that_do_not_fit_the_model_are_refused(colours, tmp_path, capsys):
@@ -214,7 +214,7 @@ def test_bad_data_gets_one_line_and_exit_status_2_before_training(case, tmp_path
     assert run_train(train_args(Path(data), tmp_path / "run", "--mode", "scratch")) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_bad_settings_are_refused(colours, tmp_path, capsys):
