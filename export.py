@@ -95,11 +95,25 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[s
     return OnnxModel(out)
 
 
-def export_executorch(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> Callable:
+def export_executorch(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str],
+                      calibration: torch.Tensor | None = None) -> Callable:
+    """XNNPACK-delegated .pte; with `calibration`, int8 through the XNNPACK quantiser (PT2E, per-channel)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
+    if calibration is not None:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        prepared = prepare_pt2e(torch.export.export(model, (example,)).module(), quantizer)
+        for i in range(len(calibration)):  # the graph has the example's batch size (1)
+            prepared(calibration[i:i + 1])
+        model = convert_pt2e(prepared)
     program = torch.export.export(model, (example,))
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     out.write_bytes(lowered.buffer)
@@ -213,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="best.pt of a run (default: newest runs/*/best.pt)")
     parser.add_argument("--format", required=True, choices=tuple(SUFFIX))
-    parser.add_argument("--int8", action="store_true", help="post-training int8 quantisation (ONNX), calibrated on "
-                        "--data")
+    parser.add_argument("--int8", action="store_true", help="post-training int8 quantisation (onnx, executorch), "
+                        "calibrated on --data")
     parser.add_argument("--data", help="image folder for calibration and the parity check (e.g. the training data)")
     parser.add_argument("--check-data", help="labelled folder for the parity check and accuracies (default: "
                         "--data; give held-out images when --data calibrates --int8)")
@@ -223,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference a float export "
                         "may have")
     args = parser.parse_args(argv)
-    if args.int8 and args.format != "onnx":
-        raise UsageError("--int8 is available for --format onnx (onnxruntime static quantisation)")
+    if args.int8 and args.format == "torchscript":
+        raise UsageError("--int8 is available for --format onnx and --format executorch")
     if args.int8 and not args.data:
         raise UsageError("--int8 needs --data: a folder of training images to calibrate on")
 
@@ -243,13 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         check, check_labels = images, labels
     example = images[:1]
-    exporter = {"onnx": export_onnx, "executorch": export_executorch, "torchscript": export_torchscript}[args.format]
+    meta = metadata(ckpt)
     try:
-        run = exporter(model, example, out if not args.int8 else out.with_suffix(".float.onnx"), metadata(ckpt))
-        if args.int8:
+        if args.format == "onnx" and args.int8:
             float_path = out.with_suffix(".float.onnx")
+            export_onnx(model, example, float_path, meta)
             run = quantize_onnx(float_path, out, images)
             float_path.unlink()
+        elif args.format == "onnx":
+            run = export_onnx(model, example, out, meta)
+        elif args.format == "executorch":
+            run = export_executorch(model, example, out, meta, images if args.int8 else None)
+        else:
+            run = export_torchscript(model, example, out, meta)
     except ImportError as e:
         raise UsageError(f"--format {args.format} needs packages that are not installed ({e.name}): "
                          "pip install -r requirements-export.txt") from None

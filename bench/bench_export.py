@@ -29,7 +29,8 @@ import models  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["vgg11", "resnet18", "mobilenet_v2"])
-    p.add_argument("--formats", nargs="+", default=["onnx", "onnx-int8", "executorch", "torchscript"])
+    p.add_argument("--formats", nargs="+",
+                   default=["onnx", "onnx-int8", "executorch", "executorch-int8", "torchscript"])
     p.add_argument("--img-size", type=int, default=224)
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="imgcls-export-"))

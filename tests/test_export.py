@@ -73,10 +73,13 @@ def test_exported_onnx_is_evaluated_by_eval_py_with_the_same_report(trained_run,
     assert reports["onnx"]["classes"] == ["blue", "green", "red"]
 
 
-@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
-def test_int8_export_is_calibrated_on_data_and_reports_the_accuracy_change(trained_run, colours, tmp_path, capsys):
-    out = tmp_path / "q.onnx"
-    assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", "onnx", "--int8", "--data", str(colours),
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_int8_export_is_calibrated_on_data_and_reports_the_accuracy_change(fmt, trained_run, colours, tmp_path,
+                                                                           capsys):
+    if not installed(fmt):
+        pytest.skip(f"{FORMATS[fmt]} is not installed")
+    out = tmp_path / f"q{export.SUFFIX[fmt]}"
+    assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", fmt, "--int8", "--data", str(colours),
                  "--out", str(out), "--images", "24"]) == 0
     report = json.loads(Path(str(out) + ".json").read_text())
     assert report["int8"] and report["accuracy_pytorch"] is not None and report["accuracy_export"] is not None
