@@ -20,7 +20,7 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,6 @@ class DataSplit:
     classes: list[str]
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
-    test: list[tuple[str, int]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     leaks: list[tuple[str, str]] = field(default_factory=list)
 
@@ -192,8 +191,9 @@ class DataSplit:
     @classmethod
     def load(cls, path: Path) -> DataSplit:
         d = json.loads(Path(path).read_text())
-        for key in ("train", "val", "test", "skipped", "leaks"):
-            d[key] = [tuple(x) for x in d.get(key, [])]
+        known = {f.name for f in fields(cls)}
+        d = {k: [tuple(x) for x in v] if isinstance(v, list) and k != "classes" else v
+             for k, v in d.items() if k in known}
         return cls(**d)
 
     def counts(self, items: list[tuple[str, int]]) -> list[int]:
@@ -246,7 +246,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
                  progress: bool = True) -> DataSplit:
     """Find classes and files, check them all, split; every problem a person can fix is a UsageError."""
     root = resolve_data_dir(data)
-    train_dir, val_dir, test_dir = find_layout(root)
+    train_dir, val_dir, _ = find_layout(root)  # test/ is eval.py's, not checked or used here
     classes = class_folders(train_dir)
     if not classes:
         raise UsageError(f"no class folders in {train_dir}: expected {train_dir}/<class name>/<images>")
@@ -261,8 +261,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
             raise UsageError(f"train and {val_dir.name} classes differ (only in train: {only_train or '-'}; "
                              f"only in {val_dir.name}: {only_val or '-'}): make the class folders match")
     sets = {"train": labelled_files(train_dir, classes),
-            "val": labelled_files(val_dir, classes) if val_dir else [],
-            "test": labelled_files(test_dir, classes) if test_dir and class_folders(test_dir) == classes else []}
+            "val": labelled_files(val_dir, classes) if val_dir else []}
     checked = check_files([p for items in sets.values() for p, _ in items], cache_dir, progress)
     skipped = [(p, checked[p][0]) for items in sets.values() for p, _ in items if checked[p][0]]
     good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
@@ -278,7 +277,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     for p, _ in train:
         digests[checked[p][1]].append(p)
     leaks = [(t, v) for v, _ in val for t in digests.get(checked[v][1], [])]
-    return DataSplit(str(root), classes, train, val, good["test"], skipped, leaks)
+    return DataSplit(str(root), classes, train, val, skipped, leaks)
 
 
 def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True

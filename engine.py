@@ -219,9 +219,11 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
                leave=False, dynamic_ncols=True)
     for x, y, _, n_bad in bar:
         bad += n_bad
-        if x is None or n_bad > cfg.max_bad_fraction * (len(y) + n_bad):
+        if n_bad > cfg.max_bad_fraction * (len(y) + n_bad):
             raise TrainingError(f"{n_bad} of {len(y) + n_bad} images in a batch could not be read (limit "
                                 f"--max-bad-fraction {cfg.max_bad_fraction}): check the data folder")
+        if x is None:  # nothing readable in this batch, and the limit allows it
+            continue
         x, y = to_input(x), y.to(device, non_blocking=True)
         target = y
         if mix is not None:
@@ -229,9 +231,10 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         with autocast():
             logits = net(x)
             loss = criterion(logits, target)
-        if not torch.isfinite(loss):
+        value = loss.item()  # the one host sync per step: the check and the running mean share it
+        if not math.isfinite(value):
             lr = optimizer.param_groups[0]["lr"]
-            raise TrainingError(f"loss became {loss.item()} at epoch {progress.epoch + 1}, batch "
+            raise TrainingError(f"loss became {value} at epoch {progress.epoch + 1}, batch "
                                 f"{progress.step + 1} (lr {lr:.3g}): try a lower --lr; last.pt holds the last "
                                 "good epoch")
         optimizer.zero_grad(set_to_none=True)
@@ -241,7 +244,7 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         scheduler.step()
         progress.step += 1
         progress.global_step += 1
-        loss_sum += loss.item() * len(y)
+        loss_sum += value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
