@@ -88,7 +88,7 @@ class TrainConfig:
     amp: bool = opt(True, "mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with "
                   "native bf16 (AVX512-BF16, AMX)")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
-    compile: bool = opt(False, "torch.compile the model (CUDA; slow start, faster steps)")
+    compile: bool = opt(False, "torch.compile the model (a minute or more to start, faster steps: for long runs)")
     sync_bn: bool = opt(False, "SyncBatchNorm across processes under torchrun")
     image_cache: bool = opt(True, "decode each image once into an on-disk uint8 cache")
     feature_cache: bool = opt(True, "transfer mode: compute the frozen backbone's features once "
