@@ -239,3 +239,17 @@ def test_resume_auto_without_any_run_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run_train(["--resume", "auto"]) == 2
     assert "no runs/*/last.pt to resume" in capsys.readouterr().err
+
+
+def test_a_gpu_too_old_for_the_installed_pytorch_is_reported_before_training(monkeypatch):
+    import engine
+    from config import UsageError
+
+    # what torch reports for a Tesla K80 (sm_37) under a current wheel; no GPU is needed for the rule
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (3, 7))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_50", "sm_80", "sm_90a", "compute_90"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla K80")
+    with pytest.raises(UsageError, match=r"Tesla K80 \(sm_37\) is not supported .* --device cpu"):
+        engine.check_gpu_supported(torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    engine.check_gpu_supported(torch.device("cuda:0"))  # an H100 is fine
