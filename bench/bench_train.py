@@ -203,7 +203,9 @@ def main() -> None:
               f"-> {pre['speedup']:.1f}x")
 
     name = f"results-{a.model}-{a.img_size}px-{a.images}img.json"
-    (ROOT / "bench" / name).write_text(json.dumps(results, indent=1))
+    path = ROOT / "bench" / name  # merged: a run with --skip keeps the other measurements
+    merged = {**(json.loads(path.read_text()) if path.exists() else {}), **results}
+    path.write_text(json.dumps(merged, indent=1))
     print(f"figures written to bench/{name}")
 
 
