@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         summary(model, (3, preprocess["img_size"], preprocess["img_size"]), device="cpu")
     say(f"model: {cfg.model}, mode {cfg.mode}: {trainable:,} trainable and {frozen:,} frozen parameters; "
         f"{preprocess['img_size']} px crops of {preprocess['resize_size']} px images")
-    cfg.workers = auto_workers(device, cfg.image_cache) if cfg.workers is None else cfg.workers
+    # sized for this machine; left unresolved in the config so a resume elsewhere sizes it again
+    workers = auto_workers(device, cfg.image_cache) if cfg.workers is None else cfg.workers
     if lead:
         make_run_dir(run_dir, cfg, resuming=ckpt is not None)
         if ckpt is None:
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         if lead:
             plain = {"train": dataset.ImageDataset(split.train, size, eval_tf, caches.get("train")),
                      "val": val_ds}
-            backbone_features(model, {k: make_loader(v, 2 * cfg.batch_size, cfg.workers, device)
+            backbone_features(model, {k: make_loader(v, 2 * cfg.batch_size, workers, device)
                                       for k, v in plain.items()}, image_input, autocast, path, lead)
         barrier()
         feats = torch.load(path, map_location="cpu", weights_only=True)
@@ -405,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         weight_notes.append("balanced sampler, chance of drawing an image per class: " + ", ".join(
             f"{c}={1 / max(1, n) / len(classes):.4f}" for c, n in zip(classes, train_counts)))
     sampler = ResumableSampler(len(train_ds), cfg.seed, rank, world, weights)
-    train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, device, sampler)
-    val_loader = make_loader(shard(val_ds, rank, world), 2 * cfg.batch_size, cfg.workers, device)
+    train_loader = make_loader(train_ds, cfg.batch_size, workers, device, sampler)
+    val_loader = make_loader(shard(val_ds, rank, world), 2 * cfg.batch_size, workers, device)
 
     if cfg.sync_bn and world > 1 and not use_features:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)

@@ -157,6 +157,7 @@ def test_scratch_run_learns_and_leaves_a_complete_run_folder(colours, trained_ru
     assert len((trained_run / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
     config = json.loads((trained_run / "config.json").read_text())
     assert config["model"] == "resnet18" and config["epochs"] == 3
+    assert config["workers"] is None  # not pinned: a resume on another machine sizes it again
 
 
 def test_checkpoints_load_with_weights_only_and_carry_preprocessing(trained_run):
