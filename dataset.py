@@ -20,7 +20,7 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +191,8 @@ class DataSplit:
     @classmethod
     def load(cls, path: Path) -> DataSplit:
         d = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        d = {k: [tuple(x) for x in v] if isinstance(v, list) and k != "classes" else v
-             for k, v in d.items() if k in known}
+        for key in ("train", "val", "skipped", "leaks"):
+            d[key] = [tuple(x) for x in d.get(key, [])]
         return cls(**d)
 
     def counts(self, items: list[tuple[str, int]]) -> list[int]:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 import dataset
+import models
 from config import TrainConfig, UsageError
 
 
@@ -197,6 +198,13 @@ def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device
 def shard(ds: Dataset, rank: int, world: int) -> Dataset:
     """Every validation image on exactly one rank: no padding, so metrics count each image once."""
     return ds if world == 1 else Subset(ds, range(rank, len(ds), world))
+
+
+def to_model_input(preprocess: dict[str, Any], device: torch.device,
+                   memory_format: torch.memory_format = torch.channels_last) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 batch on the CPU -> normalised float batch on the device, in the model's memory format."""
+    normalize = models.Normalize(preprocess["mean"], preprocess["std"]).to(device)
+    return lambda x: normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------- loops

@@ -29,7 +29,7 @@ import dataset
 import models
 import plots
 from config import UsageError, cli
-from engine import auto_workers, make_loader, pick_device, precision, predict
+from engine import auto_workers, make_loader, pick_device, precision, predict, to_model_input
 
 
 @dataclass
@@ -64,14 +64,10 @@ def load_model(checkpoint: str | None, device_name: str = "auto") -> Loaded:
         return Loaded(onnx, lambda x: x, contextlib.nullcontext, onnx.classes, onnx.preprocess,
                       path, torch.device("cpu"))
     ckpt = models.load_checkpoint(path)
-    model = models.model_from_checkpoint(ckpt).to(device)
-    memory_format = torch.channels_last
-    model.to(memory_format=memory_format)
-    pre = ckpt["preprocess"]
-    normalize = models.Normalize(pre["mean"], pre["std"]).to(device)
+    model = models.model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp=True)
-    return Loaded(model, lambda x: normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format),
-                  autocast, list(ckpt["classes"]), pre, path, device)
+    return Loaded(model, to_model_input(ckpt["preprocess"], device), autocast, list(ckpt["classes"]),
+                  ckpt["preprocess"], path, device)
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,

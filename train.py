@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,7 @@ from engine import (
     save_checkpoint,
     seed_everything,
     shard,
+    to_model_input,
     train_one_epoch,
     tune_cpu_allocator,
 )
@@ -304,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, ckpt, run_dir = resolve_config(argv)
     run_dir = Path(broadcast(str(run_dir)))  # one run folder even if ranks started a second apart
     device = pick_device(cfg.device, local_rank)
+    if ckpt is not None and ckpt.get("world", 1) != world:
+        raise UsageError(f"{cfg.resume} was saved by {ckpt.get('world', 1)} process(es), this run has {world}: "
+                         "resume with the same number of processes")
     if lead:
         check_run_dir(run_dir, cfg, resuming=ckpt is not None)
 
@@ -356,11 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         tune_cpu_allocator()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
-    normalize = models.Normalize(preprocess["mean"], preprocess["std"]).to(device)
-
-    def image_input(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-
+    image_input = to_model_input(preprocess, device, memory_format)
     autocast, scaler = precision(device, cfg.amp)
     if on_cuda:
         torch.backends.cudnn.benchmark = True
@@ -389,10 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         if lead:
             plain = {"train": dataset.ImageDataset(split.train, size, eval_tf, caches.get("train")),
                      "val": val_ds}
-            backbone_features(model, {k: make_loader(v, 2 * cfg.batch_size, workers, device)
-                                      for k, v in plain.items()}, image_input, autocast, path, lead)
+            feats = backbone_features(model, {k: make_loader(v, 2 * cfg.batch_size, workers, device)
+                                              for k, v in plain.items()}, image_input, autocast, path, lead)
         barrier()
-        feats = torch.load(path, map_location="cpu", weights_only=True)
+        if not lead:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
         train_ds, val_ds = (features_dataset(feats[s], items) for s, items in (("train", split.train),
                                                                                ("val", split.val)))
         net = models.head_of(model)[1]
@@ -443,9 +445,6 @@ def main(argv: list[str] | None = None) -> int:
         scaler.load_state_dict(ckpt["scaler"])
         progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["global_step"])
         history, best_acc, best_epoch = ckpt["history"], ckpt["best_acc"], ckpt["best_epoch"]
-        if ckpt.get("world", 1) != world:
-            raise UsageError(f"{cfg.resume} was saved by {ckpt.get('world', 1)} process(es), this run has {world}: "
-                             "resume with the same number of processes")
         say(f"resuming {run_dir} after epoch {progress.epoch}" +
             (f", batch {progress.step}" if progress.step else ""))
         if ckpt.get("rng") and progress.step:
@@ -485,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion, to_input,
                                     autocast, progress, cfg, device, mix, lead)
             models.set_train_mode(model, False, cfg.mode)
-            val = evaluate(inner, val_loader, to_input,
-                           autocast, len(classes), lead)
+            val = evaluate(inner, val_loader, to_input, autocast, len(classes), lead)
             schedule.end_epoch(val["acc"])
             progress.epoch, progress.step = epoch + 1, 0
             row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
@@ -496,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             improved = val["acc"] > best_acc
             if improved:
                 best_acc, best_epoch = val["acc"], epoch + 1
+            stopping = cfg.patience > 0 and epoch + 1 - best_epoch >= cfg.patience
             if lead:
                 state = checkpoint()
                 # best before last: a kill in between re-runs this epoch on resume, which rewrites best.pt
@@ -504,8 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_checkpoint(state, run_dir / "last.pt")
                 # pictures cost ~0.5 s: with short epochs (cached features) draw them at most once a
                 # minute, and always for the last epoch
-                last_epoch = epoch + 1 == cfg.epochs or (cfg.patience and epoch + 1 - best_epoch >= cfg.patience)
-                draw = last_epoch or time.perf_counter() - last_drawn > 60
+                draw = epoch + 1 == cfg.epochs or stopping or time.perf_counter() - last_drawn > 60
                 write_metrics(run_dir, history, curves=draw)
                 log_epoch(writer, row, val["confusion"] if draw else None, classes)
                 last_drawn = time.perf_counter() if draw else last_drawn
@@ -513,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"val loss {val['loss']:.4f} acc {val['acc']:.2f}%  {row['img_per_s']:.0f} img/s"
                       + ("  *best*" if improved else "") + (f"  ({stats['bad']} unreadable)" if stats["bad"] else ""))
             barrier()
-            if cfg.patience and epoch + 1 - best_epoch >= cfg.patience:
+            if stopping:
                 say(f"early stop: no better val accuracy for {cfg.patience} epochs")
                 break
     except KeyboardInterrupt:
@@ -574,7 +572,7 @@ def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]] | Non
 
 def install_stop_handler() -> Callable[[], None]:
     """SIGTERM (preemption, `kill`) behaves like Ctrl-C: save last.pt and exit. Returns the undo."""
-    if threading_main() is False:
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
         return lambda: None
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -583,12 +581,6 @@ def install_stop_handler() -> Callable[[], None]:
 
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def run(argv: list[str] | None = None) -> int:

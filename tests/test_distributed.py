@@ -70,10 +70,12 @@ def test_resuming_under_torchrun_continues_at_the_next_epoch(ddp_run):
 
 def test_resuming_with_another_number_of_processes_is_refused(ddp_run):
     out, _ = ddp_run
+    config = (out / "config.json").read_text()
     result = subprocess.run([sys.executable, "train.py", "--resume", str(out), "--epochs", "3"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "saved by 2 process(es), this run has 1" in result.stderr
+    assert (out / "config.json").read_text() == config  # refused before anything was written
 
 
 def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
