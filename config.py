@@ -96,6 +96,8 @@ class TrainConfig:
     cache_dir: str | None = opt(None, "where caches live (default: $IMGCLS_CACHE or ~/.cache/imgcls)",
                                 type=str)
     max_bad_fraction: float = opt(0.5, "stop if more than this share of a batch cannot be read")
+    save_interval: float = opt(60.0, "seconds between checkpoint writes at epoch ends; always after the last "
+                               "epoch and on Ctrl-C (0 = every epoch; a hard kill loses at most this much)")
     seed: int = opt(42, "random seed (split, init, shuffling, augmentation)")
     # run folder
     out: str | None = opt(None, "run folder (default: runs/<model>-<mode>-<time>)", type=str)
@@ -135,6 +137,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.hflip <= 1, "--hflip must be a probability"),
         (0 <= cfg.max_bad_fraction <= 1, "--max-bad-fraction must be between 0 and 1"),
         (cfg.workers is None or cfg.workers >= 0, "--workers cannot be negative"),
+        (cfg.save_interval >= 0, "--save-interval cannot be negative"),
         (cfg.patience >= 0 and cfg.warmup_epochs >= 0, "--patience and --warmup-epochs cannot be negative"),
     ]
     for ok, message in checks:

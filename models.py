@@ -169,6 +169,13 @@ def build_model(arch: str, num_classes: int, mode: str = "scratch", weights_file
     return model
 
 
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict as it is now, on the CPU; frozen parameters never change, so they are
+    shared instead of copied (a transfer-mode snapshot costs the head only)."""
+    return {k: v.detach() if isinstance(v, nn.Parameter) and not v.requires_grad else v.detach().to("cpu", copy=True)
+            for k, v in model.state_dict(keep_vars=True).items()}
+
+
 def freeze_backbone(model: nn.Module) -> None:
     _, head = head_of(model)
     head_params = {id(p) for p in head.parameters()}

@@ -468,8 +468,18 @@ def main(argv: list[str] | None = None) -> int:
                 "scaler": scaler.state_dict(), "world": world,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
+    def save(state: dict[str, Any]) -> None:
+        """best.pt before last.pt: a kill in between re-runs this epoch on resume, which rewrites best.pt."""
+        nonlocal best_ckpt, last_saved
+        if best_ckpt is not None:
+            save_checkpoint(best_ckpt, run_dir / "best.pt")
+            best_ckpt = None
+        save_checkpoint(state, run_dir / "last.pt")
+        last_saved = time.perf_counter()
+
     stop = install_stop_handler()
-    start_time = last_drawn = time.perf_counter()
+    start_time = last_drawn = last_saved = time.perf_counter()
+    best_ckpt = None  # the best epoch's checkpoint while it is not yet written
     try:
         while progress.epoch < cfg.epochs:
             epoch = progress.epoch
@@ -496,14 +506,20 @@ def main(argv: list[str] | None = None) -> int:
                 best_acc, best_epoch = val["acc"], epoch + 1
             stopping = cfg.patience > 0 and epoch + 1 - best_epoch >= cfg.patience
             if lead:
+                # short epochs (cached features, small data) would spend their time writing checkpoints:
+                # write at most every --save-interval s. A hard kill in between loses only time, as
+                # resuming replays the same epochs and finds the same best model.
+                done = epoch + 1 == cfg.epochs or stopping
+                due = done or time.perf_counter() - last_saved >= cfg.save_interval
                 state = checkpoint()
-                # best before last: a kill in between re-runs this epoch on resume, which rewrites best.pt
                 if improved:  # model only: what eval.py, test.py and export.py need, a third the size
-                    save_checkpoint({k: v for k, v in state.items() if k not in RESUME_ONLY}, run_dir / "best.pt")
-                save_checkpoint(state, run_dir / "last.pt")
+                    best_ckpt = {k: v for k, v in state.items() if k not in RESUME_ONLY} | {
+                        "history": list(history), "model": state["model"] if due else models.snapshot(model)}
+                if due:
+                    save(state)
                 # pictures cost ~0.5 s: with short epochs (cached features) draw them at most once a
                 # minute, and always for the last epoch
-                draw = epoch + 1 == cfg.epochs or stopping or time.perf_counter() - last_drawn > 60
+                draw = done or time.perf_counter() - last_drawn > 60
                 write_metrics(run_dir, history, curves=draw)
                 log_epoch(writer, row, val["confusion"] if draw else None, classes)
                 last_drawn = time.perf_counter() if draw else last_drawn
@@ -516,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
     except KeyboardInterrupt:
         if lead:
-            save_checkpoint(checkpoint(), run_dir / "last.pt")
+            save(checkpoint())
             if history:
                 write_metrics(run_dir, history)
             print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {progress.epoch + 1}, batch {progress.step}); "

@@ -218,7 +218,7 @@ def metrics(run: Path) -> list[list[str]]:
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_result_as_an_unbroken_run(slow_data, tmp_path):
-    args = ["--mode", "scratch", "--epochs", "3", "--batch-size", "4", "--optimizer", "adam"]
+    args = ["--mode", "scratch", "--epochs", "3", "--batch-size", "4", "--optimizer", "adam", "--save-interval", "0"]
     whole = tmp_path / "whole"
     assert train.main(train_args(slow_data, whole, *args)) == 0
     broken = tmp_path / "broken"
@@ -238,7 +238,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_result_as_an_unbroken_run
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_saves_last_pt_at_once_and_says_how_to_resume(sig, slow_data, tmp_path):
     run = tmp_path / "run"
-    proc = start(train_args(slow_data, run, "--mode", "scratch", "--epochs", "20", "--batch-size", "2"))
+    proc = start(train_args(slow_data, run, "--mode", "scratch", "--epochs", "20", "--batch-size", "2",
+                            "--save-interval", "0"))
     wait_for(run / "last.pt", proc)
     time.sleep(0.3)
     proc.send_signal(sig)
@@ -249,3 +250,24 @@ def test_ctrl_c_or_sigterm_saves_last_pt_at_once_and_says_how_to_resume(sig, slo
     assert ckpt["epoch"] < 20
     assert train.main(["--resume", str(run), "--epochs", str(ckpt["epoch"] + 1), "--no-summary"]) == 0
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == ckpt["epoch"] + 1
+
+
+def test_a_snapshot_copies_the_trained_weights_and_shares_the_frozen_ones(with_weights):
+    model = models.build_model("resnet18", 3, "transfer")
+    snap = models.snapshot(model)
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+    assert not torch.equal(snap["fc.weight"], model.fc.weight)
+    assert snap["conv1.weight"].data_ptr() == model.conv1.weight.data_ptr()  # frozen: never changes, not copied
+
+
+def test_checkpoints_written_only_at_the_end_equal_those_written_every_epoch(colours, tmp_path):
+    # patience 1 ends the run one epoch after the best, so best.pt comes from the in-memory snapshot
+    args = ["--mode", "scratch", "--epochs", "8", "--optimizer", "adam", "--lr", "0.003", "--patience", "1"]
+    assert train.main(train_args(colours, tmp_path / "every", *args, "--save-interval", "0")) == 0
+    assert train.main(train_args(colours, tmp_path / "end", *args, "--save-interval", "3600")) == 0
+    for name in ("best.pt", "last.pt"):
+        every, end = (torch.load(tmp_path / run / name, weights_only=True) for run in ("every", "end"))
+        assert every["epoch"] == end["epoch"] and every["best_epoch"] == end["best_epoch"]
+        assert all(torch.equal(every["model"][k], end["model"][k]) for k in every["model"])
+    assert end["best_epoch"] < end["epoch"]
