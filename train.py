@@ -538,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {progress.epoch + 1}, batch {progress.step}); "
                   f"continue with: python train.py --resume {run_dir}", file=sys.stderr)
         return 130
+    except Exception:  # a NaN, out of memory, a bug: the best model found so far is kept all the same
+        if lead and best_ckpt is not None:
+            save_checkpoint(best_ckpt, run_dir / "best.pt")
+        raise
     finally:
         stop()
     if lead:

@@ -271,3 +271,20 @@ def test_checkpoints_written_only_at_the_end_equal_those_written_every_epoch(col
         assert every["epoch"] == end["epoch"] and every["best_epoch"] == end["best_epoch"]
         assert all(torch.equal(every["model"][k], end["model"][k]) for k in every["model"])
     assert end["best_epoch"] < end["epoch"]
+
+
+def test_a_run_that_fails_still_writes_its_best_model_held_in_memory(colours, tmp_path, monkeypatch):
+    calls = []
+
+    def failing_on_the_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return engine.evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", failing_on_the_third_epoch)
+    with pytest.raises(RuntimeError, match="boom"):
+        train.main(train_args(colours, tmp_path / "run", "--mode", "scratch", "--epochs", "4",
+                              "--save-interval", "3600"))
+    assert not (tmp_path / "run" / "last.pt").exists()  # not due yet: nothing was written before the failure
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["best_epoch"] in (1, 2)
