@@ -90,7 +90,10 @@ def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Im
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
     """Decode to a size x size x 3 uint8 array: shorter side resized to `size`, centre crop."""
-    img = to_rgb(open_image(path, draft=size))
+    return square(to_rgb(open_image(path, draft=size)), size)
+
+
+def square(img: Image.Image, size: int) -> np.ndarray:
     w, h = img.size
     s = min(w, h)
     box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
@@ -98,24 +101,31 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
-def inspect_file(path: str) -> tuple[str | None, str]:
-    """(reason to skip or None, sha1 of the bytes) for one file."""
+def inspect_file(path: str, size: int | None = None) -> tuple[str | None, str, np.ndarray | None]:
+    """(reason to skip or None, sha1 of the bytes, the image as load_image(path, size) gives it when a
+    size is asked for) for one file. The check has to decode the image anyway: for a big photo that is
+    all the work of caching it."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        return f"unreadable ({e.strerror})", ""
+        return f"unreadable ({e.strerror})", "", None
     digest = hashlib.sha1(data).hexdigest()
     if not data:
-        return "empty file", digest
+        return "empty file", digest, None
     try:
-        to_rgb(open_image(data, draft=64))
+        img = to_rgb(open_image(data, draft=size or 64))
     except BadImage as e:
-        return str(e), digest
-    return None, digest
+        return str(e), digest, None
+    return None, digest, square(img, size) if size else None
 
 
-def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True) -> dict[str, tuple]:
-    """Inspect files in parallel; results are cached by (path, size, mtime) so re-checks are quick."""
+def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True,
+                fill: ImageCache | None = None) -> dict[str, tuple]:
+    """Inspect files in parallel; results are cached by (path, size, mtime) so re-checks are quick.
+    With `fill`, each image decoded by the check is also written to that cache, so a first run decodes
+    every file once, not twice."""
+    if fill is not None and fill.ready:
+        fill = None
     store = cache_root(cache_dir) / "checks.json"
     try:
         cached = json.loads(store.read_text()) if store.exists() else {}
@@ -138,13 +148,26 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
         else:
             todo.append((p, st.st_size, st.st_mtime_ns))
     if todo:
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL decodes without the GIL
-            found = pool.map(lambda t: inspect_file(t[0]), todo)
-            for (p, size, mtime), (reason, digest) in tqdm(zip(todo, found), total=len(todo),
-                                                          desc="checking images", disable=None if progress else True,
-                                                          leave=False):
-                results[p] = (reason, digest)
-                known[p] = [size, mtime, reason, digest]
+        def inspect(path: str) -> tuple[str | None, str]:
+            reason, digest, pixels = inspect_file(path, fill and fill.size)
+            if fill is not None:
+                fill.put(path, pixels)
+            return reason, digest
+
+        desc = f"checking and caching images ({fill.size}px)" if fill else "checking images"
+        if fill is not None:
+            fill.begin()
+        try:
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL decodes without the GIL
+                found = pool.map(lambda t: inspect(t[0]), todo)
+                for (p, size, mtime), (reason, digest) in tqdm(zip(todo, found), total=len(todo), desc=desc,
+                                                              disable=None if progress else True, leave=False):
+                    results[p] = (reason, digest)
+                    known[p] = [size, mtime, reason, digest]
+        except BaseException:
+            if fill is not None:
+                fill.discard()
+            raise
         atomic_write_text(store, json.dumps({"version": CHECK_VERSION, "files": known}))
     return results
 
@@ -195,6 +218,10 @@ class DataSplit:
             d[key] = [tuple(x) for x in d.get(key, [])]
         return cls(**d)
 
+    def files(self) -> list[str]:
+        """Every file that was checked, in the order the image cache stores them."""
+        return sorted([p for p, _ in self.train + self.val] + [p for p, _ in self.skipped])
+
     def counts(self, items: list[tuple[str, int]]) -> list[int]:
         c = Counter(label for _, label in items)
         return [c[i] for i in range(len(self.classes))]
@@ -242,8 +269,9 @@ def stratified_split(items: list[tuple[str, int]], val_split: float, seed: int
 
 
 def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
-                 progress: bool = True) -> DataSplit:
-    """Find classes and files, check them all, split; every problem a person can fix is a UsageError."""
+                 progress: bool = True, cache_size: int | None = None) -> DataSplit:
+    """Find classes and files, check them all, split; every problem a person can fix is a UsageError.
+    With `cache_size`, also fill the decoded-image cache of DataSplit.files() at that size."""
     root = resolve_data_dir(data)
     train_dir, val_dir, _ = find_layout(root)  # test/ is eval.py's, not checked or used here
     classes = class_folders(train_dir)
@@ -261,8 +289,12 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
                              f"only in {val_dir.name}: {only_val or '-'}): make the class folders match")
     sets = {"train": labelled_files(train_dir, classes),
             "val": labelled_files(val_dir, classes) if val_dir else []}
-    checked = check_files([p for items in sets.values() for p, _ in items], cache_dir, progress)
+    paths = sorted(p for items in sets.values() for p, _ in items)
+    cache = ImageCache(paths, cache_size, cache_dir) if cache_size else None
+    checked = check_files(paths, cache_dir, progress, fill=cache)
     skipped = [(p, checked[p][0]) for items in sets.values() for p, _ in items if checked[p][0]]
+    if cache is not None:  # files whose check was remembered from an earlier run are decoded now
+        cache.build(progress, skip={p for p, _ in skipped})
     good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
     counts = Counter(y for _, y in good["train"] + good["val"])
     empty = [c for i, c in enumerate(classes) if counts[i] == 0]
@@ -345,42 +377,70 @@ class ImageCache:
         self.path = folder / f"{key}-{size}px.npy"
         self.ok_path = folder / f"{key}-{size}px.ok.npy"
         self.paths, self.size = paths, size
+        self.row = {p: i for i, p in enumerate(paths)}
         self._pixels: np.ndarray | None = None
         self._ok: np.ndarray | None = None
+        self._done: np.ndarray | None = None  # rows already decoded while building
 
     @property
     def ready(self) -> bool:
         return self.path.exists() and self.ok_path.exists()
 
-    def build(self, progress: bool = True) -> None:
+    def begin(self) -> None:
+        """Open the temporary file that put() and build() fill (before any threads use it)."""
+        if self._done is None:
+            self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.npy")
+            self._pixels = np.lib.format.open_memmap(self._tmp, "w+", np.uint8,
+                                                     (len(self.paths), self.size, self.size, 3))
+            self._ok = np.zeros(len(self.paths), dtype=bool)
+            self._done = np.zeros(len(self.paths), dtype=bool)
+
+    def put(self, path: str, pixels: np.ndarray | None) -> None:
+        """One image decoded elsewhere (by the file check); None marks it unreadable."""
+        i = self.row[path]
+        if pixels is not None:
+            self._pixels[i] = pixels
+        self._ok[i], self._done[i] = pixels is not None, True
+
+    def build(self, progress: bool = True, skip: set[str] = frozenset()) -> None:
+        """Decode what put() has not given (except `skip`: files known to be unreadable) and publish."""
         if self.ready:
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.npy")
-        pixels = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(self.paths), self.size, self.size, 3))
-        ok = np.zeros(len(self.paths), dtype=bool)
+        self.begin()
+        todo = [i for i, p in enumerate(self.paths) if not self._done[i] and p not in skip]
 
         def decode(i: int) -> None:
             try:
-                pixels[i] = load_image(self.paths[i], self.size)
-                ok[i] = True
+                self._pixels[i] = load_image(self.paths[i], self.size)
+                self._ok[i] = True
             except (BadImage, OSError) as e:
                 warn(f"skipped {self.paths[i]}: {e}")
 
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            list(tqdm(pool.map(decode, range(len(self.paths))), total=len(self.paths),
-                      desc=f"caching images ({self.size}px)", disable=None if progress else True, leave=False))
-        pixels.flush()
-        np.save(self.ok_path, ok)
-        os.replace(tmp, self.path)
+        try:
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+                list(tqdm(pool.map(decode, todo), total=len(todo), desc=f"caching images ({self.size}px)",
+                          disable=None if progress and todo else True, leave=False))
+            self._pixels.flush()
+            np.save(self.ok_path, self._ok)
+            os.replace(self._tmp, self.path)
+        finally:
+            self.discard()  # after publishing, get() maps the published file
 
-    def get(self, i: int) -> np.ndarray | None:
+    def discard(self) -> None:
+        """Drop an unfinished build (Ctrl-C, an error) and its temporary file."""
+        if self._done is not None:
+            self._pixels = self._ok = self._done = None
+            self._tmp.unlink(missing_ok=True)
+
+    def get(self, path: str) -> np.ndarray | None:
         if self._pixels is None:  # opened lazily so DataLoader workers each map the file themselves
             self._pixels = np.load(self.path, mmap_mode="r")
             self._ok = np.load(self.ok_path)
+        i = self.row[path]
         return np.array(self._pixels[i]) if self._ok[i] else None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pixels": None, "_ok": None}
+        return {**self.__dict__, "_pixels": None, "_ok": None, "_done": None}
 
 
 def warn(message: str) -> None:
@@ -401,7 +461,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | None:
         if self.cache is not None:
-            arr = self.cache.get(i)
+            arr = self.cache.get(self.paths[i])
             if arr is None:
                 return None
         else:

@@ -314,11 +314,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # data: checked once by rank 0; the split is the run's and is reused on resume. Bad data and bad
     # weights are found before the run folder is created, so a failed start leaves nothing behind.
+    preprocess = models.preprocessing(cfg.model, cfg.img_size)
+    size = preprocess["resize_size"]  # of the decoded images, cached (the check fills the cache as it goes)
     split_path = run_dir / "split.json"
     if ckpt is not None:
         split = dataset.DataSplit.load(split_path)
     else:
-        split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir) if lead else None
+        split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
+                                     cache_size=size if cfg.image_cache else None) if lead else None
         split = dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
     classes = split.classes
     if lead:
@@ -331,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # model
     seed_everything(cfg.seed)  # same seed, same initial weights
-    preprocess = models.preprocessing(cfg.model, cfg.img_size)
     model = models.build_model(cfg.model, len(classes), "scratch" if ckpt else cfg.mode, cfg.weights)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -366,20 +368,18 @@ def main(argv: list[str] | None = None) -> int:
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
-    # datasets: decoded-image cache built once (rank 0), shared through the file system
-    size = preprocess["resize_size"]
-    caches = {}
+    # datasets: decoded-image cache built once (rank 0; on a resume it may have been deleted), shared
+    # through the file system
+    cache = None
     if cfg.image_cache:
-        caches = {s: dataset.ImageCache([p for p, _ in items], size, cfg.cache_dir)
-                  for s, items in (("train", split.train), ("val", split.val))}
+        cache = dataset.ImageCache(split.files(), size, cfg.cache_dir)
         if lead:
-            for c in caches.values():
-                c.build()
+            cache.build(skip={p for p, _ in split.skipped})
         barrier()
     eval_tf = dataset.eval_transform(preprocess["img_size"])
     train_ds = dataset.ImageDataset(split.train, size, dataset.train_transform(
-        preprocess["img_size"], cfg.augment, cfg.min_scale, cfg.hflip), caches.get("train"))
-    val_ds = dataset.ImageDataset(split.val, size, eval_tf, caches.get("val"))
+        preprocess["img_size"], cfg.augment, cfg.min_scale, cfg.hflip), cache)
+    val_ds = dataset.ImageDataset(split.val, size, eval_tf, cache)
     net, to_input = model, image_input
     use_features = cfg.mode == "transfer" and cfg.feature_cache and isinstance(models.head_of(model)[1], nn.Linear)
     if use_features:
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         path = dataset.cache_root(cfg.cache_dir) / "features" / f"{feature_key(cfg, preprocess, split)}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         if lead:
-            plain = {"train": dataset.ImageDataset(split.train, size, eval_tf, caches.get("train")),
+            plain = {"train": dataset.ImageDataset(split.train, size, eval_tf, cache),
                      "val": val_ds}
             feats = backbone_features(model, {k: make_loader(v, 2 * cfg.batch_size, workers, device)
                                               for k, v in plain.items()}, image_input, autocast, path, lead)

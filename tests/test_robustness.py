@@ -77,13 +77,16 @@ def test_transparent_pixels_become_white():
 
 def test_training_on_a_hostile_folder_skips_exactly_the_bad_files_and_ignores_hidden_ones(hostile, tmp_path, capsys):
     out = tmp_path / "run"
+    dataset.check_files(dataset.list_files(hostile))  # checks remembered, images not yet cached
     assert train.main(train_args(hostile, out, "--mode", "scratch")) == 0
     skipped = dict(line.split("\t") for line in (out / "skipped.txt").read_text().splitlines())
     reasons = {Path(p).name: reason for p, reason in skipped.items()}
     assert reasons.keys() == HOSTILE_SKIPS.keys()
     assert all(reasons[name].startswith(why) for name, why in HOSTILE_SKIPS.items())
     assert models.load_checkpoint(out / "best.pt")["classes"] == ["blue", "green", "red"]
-    assert "skipped 5 unreadable file(s)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "skipped 5 unreadable file(s)" in captured.out
+    assert "warning: skipped" not in captured.err  # each bad file is reported once, in skipped.txt
     split = dataset.DataSplit.load(out / "split.json")
     used = {Path(p).name for p, _ in split.train + split.val}
     assert {"cmyk.jpg", "sixteen.png", "palette.gif", "la.png"} <= used and "hidden.png" not in used
@@ -102,11 +105,26 @@ def test_a_second_check_reads_the_cache_instead_of_the_files(hostile, monkeypatc
     paths = dataset.list_files(hostile / "red")
     first = dataset.check_files(paths)
 
-    def boom(path):
+    def boom(*args):
         raise AssertionError("re-inspected a file that had not changed")
 
     monkeypatch.setattr(dataset, "inspect_file", boom)
     assert dataset.check_files(paths) == first
+
+
+def test_a_check_interrupted_while_filling_the_image_cache_leaves_no_partial_cache(colours, tmp_path, monkeypatch):
+    real, seen = dataset.inspect_file, []
+
+    def interrupted(*args):
+        seen.append(1)
+        if len(seen) == 10:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(dataset, "inspect_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dataset.prepare_data(str(colours), cache_dir=str(tmp_path), cache_size=32)
+    assert list((tmp_path / "images").iterdir()) == []
 
 
 def test_exact_copies_across_train_and_val_are_flagged_as_leakage(tmp_path):

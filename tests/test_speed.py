@@ -29,6 +29,26 @@ def test_the_decoded_image_cache_gives_exactly_the_same_run(colours, tmp_path):
     assert history(tmp_path / "cached") == pytest.approx(history(tmp_path / "plain"), abs=1e-5)
 
 
+def test_a_first_run_decodes_each_image_once_for_the_check_and_the_cache(colours, tmp_path, monkeypatch):
+    decoded = []
+    real = dataset.open_image
+    monkeypatch.setattr(dataset, "open_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    args = ("--mode", "scratch", "--epochs", "2", "--cache-dir", str(tmp_path / "cache"))
+    assert train.main(train_args(colours, tmp_path / "run", *args)) == 0
+    assert len(decoded) == 36  # 3 classes x 12 images, then every epoch reads the cache
+
+
+def test_the_image_cache_deleted_before_a_resume_is_rebuilt(colours, tmp_path):
+    args = ("--mode", "scratch", "--optimizer", "adam", "--cache-dir", str(tmp_path / "cache"))
+    assert train.main(train_args(colours, tmp_path / "whole", *args, "--epochs", "2")) == 0
+    assert train.main(train_args(colours, tmp_path / "run", *args)) == 0
+    for f in (tmp_path / "cache" / "images").iterdir():
+        f.unlink()
+    assert train.main(["--resume", str(tmp_path / "run"), "--epochs", "2", "--no-summary"]) == 0
+    assert len(list((tmp_path / "cache" / "images").glob("*.npy"))) == 2  # pixels and readable flags
+    assert history(tmp_path / "run") == pytest.approx(history(tmp_path / "whole"), abs=1e-5)
+
+
 def test_dataloader_workers_give_exactly_the_same_run(colours, tmp_path):
     args = ("--mode", "scratch", "--epochs", "1", "--augment", "none")
     assert train.main(train_args(colours, tmp_path / "w0", *args, "--workers", "0")) == 0
