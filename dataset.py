@@ -311,9 +311,10 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     return DataSplit(str(root), classes, train, val, skipped, leaks)
 
 
-def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True
-                ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
-    """An evaluation folder: (classes, good (path, label) items, skipped (path, reason))."""
+def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None
+                ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]], ImageCache | None]:
+    """An evaluation folder: (classes, good (path, label) items, skipped (path, reason), and with
+    `cache_size` the decoded-image cache the check filled)."""
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder: give a folder with one sub-folder per class")
     for name in ("test", *VAL_NAMES):  # a dataset root: evaluate its held-out part
@@ -322,11 +323,15 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
             break
     classes = class_folders(folder)
     items = labelled_files(folder, classes)
-    checked = check_files([p for p, _ in items], cache_dir, progress)
+    cache = ImageCache(sorted(p for p, _ in items), cache_size, cache_dir) if cache_size else None
+    checked = check_files([p for p, _ in items], cache_dir, progress, fill=cache)
     good = [(p, y) for p, y in items if not checked[p][0]]
     if not good:
         raise UsageError(f"no readable images in {folder}/<class>/: nothing to evaluate")
-    return classes, good, [(p, checked[p][0]) for p, _ in items if checked[p][0]]
+    skipped = [(p, checked[p][0]) for p, _ in items if checked[p][0]]
+    if cache is not None:
+        cache.build(progress, skip={p for p, _ in skipped})
+    return classes, good, skipped, cache
 
 
 def export_demo(dest: Path = DEMO_DIR) -> Path:

@@ -71,11 +71,12 @@ def load_model(checkpoint: str | None, device_name: str = "auto") -> Loaded:
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
-              show: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              show: bool = True, cache: dataset.ImageCache | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(probabilities, targets, item indices) for every readable image, in order, each exactly once."""
     pre = loaded.preprocess
-    ds = dataset.ImageDataset(items, pre["resize_size"], dataset.eval_transform(pre["img_size"]))
-    n_workers = auto_workers(loaded.device, cached=False) if workers is None else workers
+    ds = dataset.ImageDataset(items, pre["resize_size"], dataset.eval_transform(pre["img_size"]), cache)
+    n_workers = auto_workers(loaded.device, cached=cache is not None) if workers is None else workers
     loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
     logits, targets, idx = predict(loaded.model, loader, loaded.to_input, loaded.autocast, show=show)
     return logits.softmax(1) if len(idx) else logits, targets, idx
@@ -144,17 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: sized to the machine)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--cache-dir", default=None, help="where the file check cache lives")
+    parser.add_argument("--image-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the decoded images in the on-disk cache, so evaluating the same files again "
+                        "(another checkpoint, say) decodes nothing (default: on)")
+    parser.add_argument("--cache-dir", default=None, help="where the caches live (default: $IMGCLS_CACHE or "
+                        "~/.cache/imgcls)")
     args = parser.parse_args(argv)
 
     loaded = load_model(args.checkpoint, args.device)
     folder = Path(args.data)
-    folder_classes, items, skipped = dataset.scan_folder(folder, args.cache_dir)
+    size = loaded.preprocess["resize_size"] if args.image_cache else None
+    folder_classes, items, skipped, cache = dataset.scan_folder(folder, args.cache_dir, cache_size=size)
     mapping = match_classes(folder_classes, loaded.classes)
     items = [(p, mapping[y]) for p, y in items]
     if skipped:
         dataset.warn(f"skipping {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
-    probs, y, idx = run_model(loaded, items, args.batch_size, args.workers)
+    probs, y, idx = run_model(loaded, items, args.batch_size, args.workers, cache=cache)
     conf, pred = probs.max(1)
     present = sorted(set(mapping))
     m = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, present)

@@ -187,7 +187,7 @@ def main() -> None:
                     "model": model.state_dict(), "preprocess": models.preprocessing(a.model, a.img_size)}, ckpt)
         import dataset
 
-        _, items, _ = dataset.scan_folder(data / "train", str(work / "cache-eval"), progress=False)
+        _, items, _, _ = dataset.scan_folder(data / "train", str(work / "cache-eval"), progress=False)
         loaded = ev.load_model(str(ckpt), "auto")
         t0 = time.perf_counter()
         ev.run_model(loaded, items, 256, None, show=False)

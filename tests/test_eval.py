@@ -27,6 +27,23 @@ def run_eval(trained_run: Path, data: Path, out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def test_a_second_evaluation_of_the_same_files_decodes_nothing(trained_run, colours_eval, tmp_path, monkeypatch):
+    import dataset
+
+    decoded = []
+    for name in ("inspect_file", "load_image"):  # the check and the loader (thumbnails are drawn apart)
+        real = getattr(dataset, name)
+        monkeypatch.setattr(dataset, name, lambda *a, real=real, name=name: decoded.append(name) or real(*a))
+    args = [str(colours_eval), "--checkpoint", str(trained_run / "best.pt"), "--cache-dir", str(tmp_path / "c")]
+    assert call(evaluate.main, [*args, "--out", str(tmp_path / "first")]) == 0
+    assert decoded == ["inspect_file"] * 18  # the check decodes each image once and fills the cache
+    decoded.clear()
+    assert call(evaluate.main, [*args, "--out", str(tmp_path / "second")]) == 0
+    assert decoded == []
+    first, second = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("first", "second"))
+    assert first["confusion_matrix"] == second["confusion_matrix"]
+
+
 def test_confusion_matrix_counts_every_image_once(trained_run, colours_eval, tmp_path):
     m = run_eval(trained_run, colours_eval, tmp_path / "ev")
     cm = torch.tensor(m["confusion_matrix"])
