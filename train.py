@@ -507,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             stopping = cfg.patience > 0 and epoch + 1 - best_epoch >= cfg.patience
             if lead:
                 # short epochs (cached features, small data) would spend their time writing checkpoints:
-                # write at most every --save-interval s. A hard kill in between loses only time, as
-                # resuming replays the same epochs and finds the same best model.
+                # write at most every --save-interval s. A hard kill in between loses only the epochs
+                # since the last write: resuming trains them again (on CPU to the same digits).
                 done = epoch + 1 == cfg.epochs or stopping
                 due = done or time.perf_counter() - last_saved >= cfg.save_interval
                 state = checkpoint()
