@@ -44,6 +44,12 @@ def test_a_second_evaluation_of_the_same_files_decodes_nothing(trained_run, colo
     assert first["confusion_matrix"] == second["confusion_matrix"]
 
 
+def test_eval_without_the_image_cache_writes_no_decoded_images(trained_run, colours_eval, tmp_path):
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run / "best.pt"), "--cache-dir",
+                                str(tmp_path / "c"), "--no-image-cache", "--out", str(tmp_path / "ev")]) == 0
+    assert not list((tmp_path / "c").glob("images/*.npy"))
+
+
 def test_confusion_matrix_counts_every_image_once(trained_run, colours_eval, tmp_path):
     m = run_eval(trained_run, colours_eval, tmp_path / "ev")
     cm = torch.tensor(m["confusion_matrix"])
