@@ -395,6 +395,7 @@ class ImageCache:
         """Open the temporary file that put() and build() fill (before any threads use it)."""
         if self._done is None:
             self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.npy")
+            self._ok_tmp = self.ok_path.with_name(f".{self.ok_path.name}.{os.getpid()}.tmp.npy")
             self._pixels = np.lib.format.open_memmap(self._tmp, "w+", np.uint8,
                                                      (len(self.paths), self.size, self.size, 3))
             self._ok = np.zeros(len(self.paths), dtype=bool)
@@ -426,7 +427,8 @@ class ImageCache:
                 list(tqdm(pool.map(decode, todo), total=len(todo), desc=f"caching images ({self.size}px)",
                           disable=None if progress and todo else True, leave=False))
             self._pixels.flush()
-            np.save(self.ok_path, self._ok)
+            np.save(self._ok_tmp, self._ok)  # both files renamed into place: readers never see half of one
+            os.replace(self._ok_tmp, self.ok_path)
             os.replace(self._tmp, self.path)
         finally:
             self.discard()  # after publishing, get() maps the published file
@@ -436,6 +438,7 @@ class ImageCache:
         if self._done is not None:
             self._pixels = self._ok = self._done = None
             self._tmp.unlink(missing_ok=True)
+            self._ok_tmp.unlink(missing_ok=True)
 
     def get(self, path: str) -> np.ndarray | None:
         if self._pixels is None:  # opened lazily so DataLoader workers each map the file themselves
