@@ -122,8 +122,8 @@ def inspect_file(path: str, size: int | None = None) -> tuple[str | None, str, n
 def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True,
                 fill: ImageCache | None = None) -> dict[str, tuple]:
     """Inspect files in parallel; results are cached by (path, size, mtime) so re-checks are quick.
-    With `fill`, each image decoded by the check is also written to that cache, so a first run decodes
-    every file once, not twice."""
+    With `fill` (a cache of these paths), each image decoded by the check is also written to that
+    cache, so a first run decodes every file once, not twice; the cache is complete on return."""
     if fill is not None and fill.ready:
         fill = None
     store = cache_root(cache_dir) / "checks.json"
@@ -169,6 +169,8 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
                 fill.discard()
             raise
         atomic_write_text(store, json.dumps({"version": CHECK_VERSION, "files": known}))
+    if fill is not None:  # images whose check was remembered from an earlier run are decoded now
+        fill.build(progress, skip={p for p, (reason, _) in results.items() if reason})
     return results
 
 
@@ -293,8 +295,6 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     cache = ImageCache(paths, cache_size, cache_dir) if cache_size else None
     checked = check_files(paths, cache_dir, progress, fill=cache)
     skipped = [(p, checked[p][0]) for items in sets.values() for p, _ in items if checked[p][0]]
-    if cache is not None:  # files whose check was remembered from an earlier run are decoded now
-        cache.build(progress, skip={p for p, _ in skipped})
     good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
     counts = Counter(y for _, y in good["train"] + good["val"])
     empty = [c for i, c in enumerate(classes) if counts[i] == 0]
@@ -328,10 +328,7 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
     good = [(p, y) for p, y in items if not checked[p][0]]
     if not good:
         raise UsageError(f"no readable images in {folder}/<class>/: nothing to evaluate")
-    skipped = [(p, checked[p][0]) for p, _ in items if checked[p][0]]
-    if cache is not None:
-        cache.build(progress, skip={p for p, _ in skipped})
-    return classes, good, skipped, cache
+    return classes, good, [(p, checked[p][0]) for p, _ in items if checked[p][0]], cache
 
 
 def export_demo(dest: Path = DEMO_DIR) -> Path:
