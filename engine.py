@@ -243,8 +243,8 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         if not math.isfinite(value):
             lr = optimizer.param_groups[0]["lr"]
             raise TrainingError(f"loss became {value} at epoch {progress.epoch + 1}, batch "
-                                f"{progress.step + 1} (lr {lr:.3g}): try a lower --lr; last.pt holds the last "
-                                "good epoch")
+                                f"{progress.step + 1} (lr {lr:.3g}): try a lower --lr; the checkpoints written so "
+                                "far are kept")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
