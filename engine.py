@@ -178,14 +178,14 @@ class ResumableSampler(Sampler[int]):
 class Features(Dataset):
     """Cached backbone features, served like images: (feature, label, index)."""
 
-    def __init__(self, x: torch.Tensor, y: list[int]):
-        self.x, self.y = x, y
+    def __init__(self, x: torch.Tensor, labels: list[int]):
+        self.x, self.labels = x, labels
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return self.x[i], self.y[i], i
+        return self.x[i], self.labels[i], i
 
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device,

@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     weights, weight_notes = None, []
     train_counts = split.counts(split.train)
     if cfg.balanced_sampler:
-        weights = torch.tensor([1.0 / train_counts[y] for _, y in split.train], dtype=torch.double)
+        # per item of what is sampled: cached features leave out images that could not be read
+        weights = torch.tensor([1.0 / train_counts[y] for y in train_ds.labels], dtype=torch.double)
         weight_notes.append("balanced sampler, chance of drawing an image per class: " + ", ".join(
             f"{c}={1 / max(1, n) / len(classes):.4f}" for c, n in zip(classes, train_counts)))
     sampler = ResumableSampler(len(train_ds), cfg.seed, rank, world, weights)

@@ -99,6 +99,22 @@ def test_balanced_sampler_draws_each_class_about_equally():
     assert drawn[1] / sum(drawn.values()) == pytest.approx(0.5, abs=0.05)
 
 
+def test_balanced_sampler_draws_only_the_cached_features_that_exist(colours, tmp_path, with_weights, monkeypatch):
+    import dataset
+
+    split = dataset.prepare_data(str(colours))
+    lost, real = split.train[0][0], dataset.load_image  # passed the check, unreadable when features are made
+
+    def load(path, size):
+        if path == lost:
+            raise dataset.BadImage("gone")
+        return real(path, size)
+
+    monkeypatch.setattr(dataset, "load_image", load)
+    assert train.main(train_args(colours, tmp_path / "r", "--mode", "transfer", "--balanced-sampler",
+                                 "--no-image-cache", "--epochs", "2")) == 0
+
+
 def test_sampler_resumes_mid_epoch_with_the_rest_of_the_same_order():
     sampler = engine.ResumableSampler(20, seed=3)
     sampler.set_epoch(4)
