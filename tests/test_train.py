@@ -218,9 +218,11 @@ def test_bad_data_gets_one_line_and_exit_status_2_before_training(case, tmp_path
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_bad_settings_are_refused(colours, tmp_path, capsys):
-    assert run_train(train_args(colours, tmp_path / "r", "--val-split", "1.5")) == 2
-    assert "--val-split" in capsys.readouterr().err
+@pytest.mark.parametrize("option, value", [("--val-split", "1.5"), ("--save-interval", "-1")])
+def test_bad_settings_are_refused(colours, tmp_path, capsys, option, value):
+    assert run_train(train_args(colours, tmp_path / "r", option, value)) == 2
+    assert option in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_class_names_are_the_folder_names_sorted_and_stored_in_checkpoints(tmp_path):
