@@ -30,6 +30,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import files
 from config import UsageError, cache_root
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -37,7 +38,8 @@ VAL_NAMES = ("val", "valid", "validation")
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "digits"
 ACCEPTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                   "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-CHECK_VERSION = 1
+CHECK_VERSION = 2  # 2: keyed by ctime too
+CACHE_VERSION = 2  # of the decoded pixels: a change in decoding makes new caches
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a half-downloaded file is an error, never grey pixels
 
@@ -121,32 +123,24 @@ def inspect_file(path: str, size: int | None = None) -> tuple[str | None, str, n
 
 def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True,
                 fill: ImageCache | None = None) -> dict[str, tuple]:
-    """Inspect files in parallel; results are cached by (path, size, mtime) so re-checks are quick.
+    """Inspect files in parallel; results are cached by files.identity() so re-checks are quick.
     With `fill` (a cache of these paths), each image decoded by the check is also written to that
     cache, so a first run decodes every file once, not twice; the cache is complete on return."""
     if fill is not None and fill.ready:
         fill = None
-    store = cache_root(cache_dir) / "checks.json"
-    try:
-        cached = json.loads(store.read_text()) if store.exists() else {}
-        if cached.get("version") != CHECK_VERSION:
-            cached = {}
-    except (OSError, ValueError):
-        cached = {}
-    known = cached.get("files", {})
+    known = read_checks(cache_root(cache_dir) / "checks.json")
     results: dict[str, tuple] = {}
     todo = []
     for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
+        _, *stamp = files.identity(p)
+        if stamp[0] < 0:
             results[p] = ("missing", "")
             continue
         entry = known.get(p)
-        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
-            results[p] = (entry[2], entry[3])
+        if isinstance(entry, list) and len(entry) == 5 and entry[:3] == stamp:
+            results[p] = (entry[3], entry[4])
         else:
-            todo.append((p, st.st_size, st.st_mtime_ns))
+            todo.append((p, stamp))
     if todo:
         def inspect(path: str) -> tuple[str | None, str]:
             reason, digest, pixels = inspect_file(path, fill and fill.size)
@@ -160,25 +154,36 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
         try:
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL decodes without the GIL
                 found = pool.map(lambda t: inspect(t[0]), todo)
-                for (p, size, mtime), (reason, digest) in tqdm(zip(todo, found), total=len(todo), desc=desc,
-                                                              disable=None if progress else True, leave=False):
+                for (p, stamp), (reason, digest) in tqdm(zip(todo, found), total=len(todo), desc=desc,
+                                                         disable=None if progress else True, leave=False):
                     results[p] = (reason, digest)
-                    known[p] = [size, mtime, reason, digest]
+                    known[p] = [*stamp, reason, digest]
         except BaseException:
             if fill is not None:
                 fill.discard()
             raise
-        atomic_write_text(store, json.dumps({"version": CHECK_VERSION, "files": known}))
+        files.atomic_write_text(cache_root(cache_dir) / "checks.json",
+                                json.dumps({"version": CHECK_VERSION, "files": known}))
     if fill is not None:  # images whose check was remembered from an earlier run are decoded now
         fill.build(progress, skip={p for p, (reason, _) in results.items() if reason})
     return results
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def read_checks(store: Path) -> dict[str, list]:
+    """Remembered checks; anything unexpected in the file (another version, damage) means none."""
+    try:
+        cached = json.loads(store.read_text()) if files.is_regular(store) else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cached, dict) or cached.get("version") != CHECK_VERSION:
+        return {}
+    known = cached.get("files")
+    return known if isinstance(known, dict) else {}
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed for one (seed, epoch, position...) combination, independent of every other one."""
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------- folders and splits
@@ -190,9 +195,9 @@ def is_hidden(name: str) -> bool:
 def list_files(folder: Path) -> list[str]:
     """Every non-hidden file below `folder`, sorted; hidden folders (.ipynb_checkpoints...) pruned."""
     out = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, names in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        out += [os.path.join(root, f) for f in sorted(files) if not is_hidden(f)]
+        out += [os.path.join(root, f) for f in sorted(names) if not is_hidden(f)]
     return out
 
 
@@ -211,7 +216,7 @@ class DataSplit:
     leaks: list[tuple[str, str]] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps(asdict(self), indent=1))
+        files.atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> DataSplit:
@@ -233,7 +238,7 @@ def resolve_data_dir(data: str) -> Path:
     """'demo' or a folder; a missing or empty folder is the user's mistake, said in one line."""
     if data == "demo":
         return export_demo()
-    root = Path(data).expanduser()
+    root = Path(data).expanduser().absolute()  # split.json's paths then hold from any working directory
     if not root.is_dir():
         raise UsageError(f"data folder {data} does not exist: give --data DIR with one sub-folder per class, "
                          "or --data demo")
@@ -361,19 +366,15 @@ def export_demo(dest: Path = DEMO_DIR) -> Path:
 class ImageCache:
     """Every image of a list decoded and resized once into a uint8 .npy file, memory-mapped.
 
-    The key covers the paths, their sizes and mtimes and the pixel size, so a changed file list or
-    preprocessing builds a new cache instead of reading a stale one.
+    The key covers each file's identity (path, size, mtime, ctime), the pixel size and the decoder's
+    version, so a changed file or preprocessing builds a new cache instead of reading a stale one.
+    Files found in the cache folder are checked (regular file, shape, dtype) before they are used;
+    a bad one is rebuilt, never trusted.
     """
 
     def __init__(self, paths: list[str], size: int, cache_dir: str | None = None):
-        stats = []
-        for p in paths:
-            try:
-                st = os.stat(p)
-                stats.append((p, st.st_size, st.st_mtime_ns))
-            except OSError:
-                stats.append((p, -1, -1))
-        key = hashlib.sha1(json.dumps([size, stats]).encode()).hexdigest()[:20]
+        stats = [files.identity(p) for p in paths]
+        key = hashlib.sha1(json.dumps([CACHE_VERSION, size, stats]).encode()).hexdigest()[:20]
         folder = cache_root(cache_dir) / "images"
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{key}-{size}px.npy"
@@ -383,20 +384,43 @@ class ImageCache:
         self._pixels: np.ndarray | None = None
         self._ok: np.ndarray | None = None
         self._done: np.ndarray | None = None  # rows already decoded while building
+        self._temp: tuple | None = None  # (file, path) of the pixels being built
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return len(self.paths), self.size, self.size, 3
 
     @property
     def ready(self) -> bool:
-        return self.path.exists() and self.ok_path.exists()
+        """Both files published and sound; a damaged or foreign pair is removed so it is rebuilt."""
+        if not (files.is_regular(self.path) and files.is_regular(self.ok_path)):
+            return False
+        try:
+            pixels = np.load(self.path, mmap_mode="r")
+            ok = np.load(self.ok_path, mmap_mode="r")
+            sound = (pixels.shape == self.shape and pixels.dtype == np.uint8 and ok.shape == (len(self.paths),)
+                     and ok.dtype == np.bool_)
+        except (OSError, ValueError, EOFError):
+            sound = False
+        if not sound:
+            warn(f"rebuilding a damaged image cache ({self.path.name})")
+            self.path.unlink(missing_ok=True)
+            self.ok_path.unlink(missing_ok=True)
+        return sound
 
     def begin(self) -> None:
-        """Open the temporary file that put() and build() fill (before any threads use it)."""
-        if self._done is None:
-            self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.npy")
-            self._ok_tmp = self.ok_path.with_name(f".{self.ok_path.name}.{os.getpid()}.tmp.npy")
-            self._pixels = np.lib.format.open_memmap(self._tmp, "w+", np.uint8,
-                                                     (len(self.paths), self.size, self.size, 3))
-            self._ok = np.zeros(len(self.paths), dtype=bool)
-            self._done = np.zeros(len(self.paths), dtype=bool)
+        """Open the temporary files that put() and build() fill (before any threads use it)."""
+        if self._done is not None:
+            return
+        f, _ = self._temp = files.open_temp(self.path)
+        # the .npy header, then the pixels memory-mapped through our own descriptor: nothing is
+        # opened by name, so a link planted in the cache folder is never written through
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": self.shape})
+        offset = f.tell()
+        f.truncate(offset + int(np.prod(self.shape)))
+        self._pixels = np.memmap(f, dtype=np.uint8, mode="r+", offset=offset, shape=self.shape)
+        self._ok = np.zeros(len(self.paths), dtype=bool)
+        self._done = np.zeros(len(self.paths), dtype=bool)
 
     def put(self, path: str, pixels: np.ndarray | None) -> None:
         """One image decoded elsewhere (by the file check); None marks it unreadable."""
@@ -407,7 +431,8 @@ class ImageCache:
 
     def build(self, progress: bool = True, skip: set[str] = frozenset()) -> None:
         """Decode what put() has not given (except `skip`: files known to be unreadable) and publish."""
-        if self.ready:
+        if self.ready:  # another process finished first: ours is not needed
+            self.discard()
             return
         self.begin()
         todo = [i for i, p in enumerate(self.paths) if not self._done[i] and p not in skip]
@@ -424,18 +449,22 @@ class ImageCache:
                 list(tqdm(pool.map(decode, todo), total=len(todo), desc=f"caching images ({self.size}px)",
                           disable=None if progress and todo else True, leave=False))
             self._pixels.flush()
-            np.save(self._ok_tmp, self._ok)  # both files renamed into place: readers never see half of one
-            os.replace(self._ok_tmp, self.ok_path)
-            os.replace(self._tmp, self.path)
+            # the flags first, then the pixels: `ready` needs both, so no reader sees half a cache
+            files.atomic_write(self.ok_path, lambda f: np.save(f, self._ok))
+            self._pixels = None
+            files.publish(*self._temp, self.path)
+            self._temp = None
         finally:
             self.discard()  # after publishing, get() maps the published file
 
     def discard(self) -> None:
-        """Drop an unfinished build (Ctrl-C, an error) and its temporary file."""
+        """Drop an unfinished build (Ctrl-C, an error, a race lost) and its temporary file."""
+        if self._temp is not None:
+            self._pixels = None
+            files.discard(*self._temp)
+            self._temp = None
         if self._done is not None:
             self._pixels = self._ok = self._done = None
-            self._tmp.unlink(missing_ok=True)
-            self._ok_tmp.unlink(missing_ok=True)
 
     def get(self, path: str) -> np.ndarray | None:
         if self._pixels is None:  # opened lazily so DataLoader workers each map the file themselves
@@ -445,7 +474,7 @@ class ImageCache:
         return np.array(self._pixels[i]) if self._ok[i] else None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pixels": None, "_ok": None, "_done": None}
+        return {**self.__dict__, "_pixels": None, "_ok": None, "_done": None, "_temp": None}
 
 
 def warn(message: str) -> None:
@@ -453,18 +482,24 @@ def warn(message: str) -> None:
 
 
 class ImageDataset(Dataset):
-    """(uint8 CHW tensor, label, index) per image; an unreadable image gives None, never an exception."""
+    """(uint8 CHW tensor, label, index) per image; an unreadable image gives None, never an exception.
+
+    Keyed by an index, or by (index, epoch) as ResumableSampler yields: then the augmentation of that
+    image in that epoch is seeded from (seed, epoch, index), the same in any worker process and after
+    any resume.
+    """
 
     def __init__(self, items: list[tuple[str, int]], size: int, transform: Callable | None = None,
-                 cache: ImageCache | None = None):
+                 cache: ImageCache | None = None, seed: int = 0):
         self.paths = [p for p, _ in items]
         self.labels = [y for _, y in items]
-        self.size, self.transform, self.cache = size, transform, cache
+        self.size, self.transform, self.cache, self.seed = size, transform, cache, seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | None:
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         if self.cache is not None:
             arr = self.cache.get(self.paths[i])
             if arr is None:
@@ -477,7 +512,12 @@ class ImageDataset(Dataset):
                 return None
         x = torch.from_numpy(arr).permute(2, 0, 1)
         if self.transform is not None:
-            x = self.transform(x)
+            if epoch is None:
+                x = self.transform(x)
+            else:
+                with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+                    torch.manual_seed(derived_seed(self.seed, epoch, i))
+                    x = self.transform(x)
         return x, self.labels[i], i
 
 

@@ -15,7 +15,9 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 import dataset
+import files
 import models
-from config import TrainConfig, UsageError
+from config import UsageError
 
 
 class TrainingError(Exception):
@@ -79,17 +82,23 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def precision(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScaler]:
-    """Chosen once, so the loop has no device branches: autocast context + (maybe disabled) scaler.
-    CUDA: bf16 where supported, else fp16 with a scaler; CPU: bf16 only where the CPU has it natively."""
-    off = torch.amp.GradScaler("cuda", enabled=False)
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """CUDA: bf16 where supported, else fp16; CPU: bf16 only where the CPU has it natively; else None."""
     if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return (lambda: torch.autocast("cuda", dtype=dtype),
-                torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp and device.type == "cpu" and cpu_has_bf16():
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16), off
-    return contextlib.nullcontext, off
+        return torch.bfloat16
+    return None
+
+
+def precision(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScaler]:
+    """Chosen once, so the loop has no device branches: autocast context + (maybe disabled) scaler;
+    fp16 needs the scaler."""
+    dtype = autocast_dtype(device, amp)
+    if dtype is None:
+        return contextlib.nullcontext, torch.amp.GradScaler("cuda", enabled=False)
+    return (lambda: torch.autocast(device.type, dtype=dtype),
+            torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
 
 
 def tune_cpu_allocator() -> None:
@@ -150,9 +159,11 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- data
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(Sampler[tuple[int, int]]):
     """Shuffled (or class-balanced) order fixed by (seed, epoch), split across ranks like
-    DistributedSampler, and able to start mid-epoch so an interrupted epoch resumes where it stopped."""
+    DistributedSampler, and able to start mid-epoch so an interrupted epoch resumes where it stopped.
+    Yields (index, epoch): the dataset seeds each image's augmentation from them, so augmentation
+    depends neither on the worker count nor on where a run was interrupted."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, weights: torch.Tensor | None = None):
         self.n, self.seed, self.rank, self.world, self.weights = n, seed, rank, world, weights
@@ -169,10 +180,10 @@ class ResumableSampler(Sampler[int]):
         else:
             order = torch.randperm(self.n, generator=g)
         order = torch.cat([order, order[: self.per_rank * self.world - self.n]])  # pad like DistributedSampler
-        return iter(order[self.rank::self.world][self.start:].tolist())
+        return iter([(i, self.epoch) for i in order[self.rank::self.world][self.start:].tolist()])
 
     def __len__(self) -> int:
-        return self.per_rank - self.start
+        return max(0, self.per_rank - self.start)
 
 
 class Features(Dataset):
@@ -184,7 +195,8 @@ class Features(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        i = key[0] if isinstance(key, tuple) else key
         return self.x[i], self.labels[i], i
 
 
@@ -192,7 +204,13 @@ def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device
                 sampler: Sampler | None = None) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=dataset.collate, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=ignore_ctrl_c if workers > 0 else None)
+
+
+def ignore_ctrl_c(_: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops at the end of the current step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def shard(ds: Dataset, rank: int, world: int) -> Dataset:
@@ -211,55 +229,145 @@ def to_model_input(preprocess: dict[str, Any], device: torch.device,
 
 @dataclasses.dataclass
 class Progress:
-    """Where training is, so an interrupt can save exactly that."""
-    epoch: int = 0  # completed epochs
-    step: int = 0  # batches done in the current epoch
+    """Where training is, exactly enough to resume there to the same result: completed epochs, and
+    within the current epoch the sampler positions this rank has trained on and the running
+    training statistics (so an epoch interrupted at any point is logged as if it had not been)."""
+    epoch: int = 0  # completed epochs: trained and validated
+    seen: int = 0  # sampler positions of the current epoch already trained on (unreadable ones too)
     global_step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    images: int = 0
+    bad: int = 0
+    time_s: float = 0.0
+
+    def where(self, per_epoch: int) -> str:
+        """The point a run stopped at, said the same way when it is interrupted and when it resumes."""
+        if self.seen == 0:
+            return f"the start of epoch {self.epoch + 1}"
+        if self.seen >= per_epoch:
+            return f"epoch {self.epoch + 1}, trained and not yet validated"
+        return f"epoch {self.epoch + 1}, {self.seen} of its {per_epoch} training images done"
+
+    def stats(self) -> dict[str, float]:
+        n = max(1, self.images)
+        return {"loss": self.loss_sum / n, "acc": 100 * self.correct / n, "images": self.images,
+                "img_per_s": self.images / max(self.time_s, 1e-9), "bad": self.bad, "time_s": self.time_s}
+
+    def next_epoch(self) -> None:
+        self.epoch, self.seen = self.epoch + 1, 0
+        self.loss_sum, self.correct, self.images, self.bad, self.time_s = 0.0, 0, 0, 0, 0.0
 
 
-def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    criterion: nn.Module, to_input: Callable, autocast: Callable, progress: Progress,
-                    cfg: TrainConfig, device: torch.device, mix: Callable | None = None,
-                    show: bool = True) -> dict[str, float]:
-    loss_sum, correct, seen, bad, t0 = 0.0, 0, 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not show or None,
-               leave=False, dynamic_ncols=True)
+@dataclasses.dataclass
+class Learner:
+    """What one optimisation step needs. `lr_factor(start, end)` is the schedule's factor for a step
+    from position `start` to `end` in the run, in epochs; each param group's lr is its base_lr times it."""
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    to_input: Callable[[torch.Tensor], torch.Tensor]
+    autocast: Callable
+    device: torch.device
+    lr_factor: Callable[[float, float], float]
+    mix: Callable | None = None
+
+
+def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, per_epoch: int, seed: int,
+                    max_bad_fraction: float = 0.5, desc: str = "", show: bool = True, rank: int = 0
+                    ) -> dict[str, float]:
+    """Train on what the loader yields, continuing `progress` (which may be mid-epoch). Every step's
+    randomness (dropout, mixup) is seeded from (seed, epoch, position, rank), so a resumed run
+    replays exactly what the unbroken run would have done."""
+    opt, t0, time_before = learner.optimizer, time.perf_counter(), progress.time_s
+    bar = tqdm(loader, desc=desc, disable=not show or None, leave=False, dynamic_ncols=True)
     for x, y, _, n_bad in bar:
-        bad += n_bad
-        if n_bad > cfg.max_bad_fraction * (len(y) + n_bad):
-            raise TrainingError(f"{n_bad} of {len(y) + n_bad} images in a batch could not be read (limit "
-                                f"--max-bad-fraction {cfg.max_bad_fraction}): check the data folder")
-        if x is None:  # nothing readable in this batch, and the limit allows it
-            continue
-        x, y = to_input(x), y.to(device, non_blocking=True)
-        target = y
-        if mix is not None:
-            x, target = mix(x, y)
-        with autocast():
-            logits = net(x)
-            loss = criterion(logits, target)
-        value = loss.item()  # the one host sync per step: the check and the running mean share it
-        if not math.isfinite(value):
-            lr = optimizer.param_groups[0]["lr"]
-            raise TrainingError(f"loss became {value} at epoch {progress.epoch + 1}, batch "
-                                f"{progress.step + 1} (lr {lr:.3g}): try a lower --lr; the checkpoints written so "
-                                "far are kept")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        progress.step += 1
-        progress.global_step += 1
-        loss_sum += value * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-    elapsed = time.perf_counter() - t0
-    return {"loss": loss_sum / max(1, seen), "acc": 100 * correct / max(1, seen), "images": seen,
-            "img_per_s": seen / max(elapsed, 1e-9), "bad": bad, "time_s": elapsed}
+        n = len(y) + n_bad
+        if n_bad > max_bad_fraction * n:
+            raise TrainingError(f"{n_bad} of {n} images in a batch could not be read (limit "
+                                f"--max-bad-fraction {max_bad_fraction}): check the data folder")
+        factor = learner.lr_factor(progress.epoch + progress.seen / per_epoch,
+                                   progress.epoch + (progress.seen + n) / per_epoch)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        torch.manual_seed(dataset.derived_seed(seed, progress.epoch, progress.seen, rank))
+        if x is not None:  # else nothing readable in this batch, and the limit allows it
+            batch = progress.seen // max(1, loader.batch_size or 1) + 1
+            loss, correct = train_step(learner, x, y, f"epoch {progress.epoch + 1}, batch {batch}")
+            progress.loss_sum += loss * len(y)
+            progress.correct += correct
+            progress.images += len(y)
+            progress.global_step += 1
+        progress.seen += n
+        progress.bad += n_bad
+        progress.time_s = time_before + time.perf_counter() - t0
+        stats = progress.stats()
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.1f}", img_s=f"{stats['img_per_s']:.0f}")
+        check_stop()  # a consistent point: this step is complete and counted
+    return progress.stats()
+
+
+def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, where: str) -> tuple[float, int]:
+    """One optimizer step; (loss, correct predictions)."""
+    x, y = learner.to_input(x), y.to(learner.device, non_blocking=True)
+    target = y
+    if learner.mix is not None:
+        x, target = learner.mix(x, y)
+    with learner.autocast():
+        logits = learner.net(x)
+        loss = learner.criterion(logits, target)
+    value = loss.item()  # the one host sync per step: the check and the running mean share it
+    if not math.isfinite(value):
+        lr = learner.optimizer.param_groups[0]["lr"]
+        raise TrainingError(f"loss became {value} at {where} (lr {lr:.3g}): try a lower --lr; the checkpoints "
+                            "written so far are kept")
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.scaler.scale(loss).backward()
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    return value, int((logits.argmax(1) == y).sum())
+
+
+# ----------------------------------------------------------------------------- stopping cleanly
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM during training: the step (or validation batch) under way finishes,
+    then KeyboardInterrupt is raised where the state is consistent, so what is saved resumes exactly.
+    A second signal interrupts at once."""
+    requested = False
+
+
+def check_stop() -> None:
+    if StopRequest.requested:
+        StopRequest.requested = False
+        raise KeyboardInterrupt
+
+
+def stop_requested() -> bool:
+    return StopRequest.requested
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM ask for a clean stop (see StopRequest)."""
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if StopRequest.requested:
+            raise KeyboardInterrupt
+        StopRequest.requested = True
+
+    StopRequest.requested = False
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        StopRequest.requested = False
 
 
 @torch.inference_mode()
@@ -274,6 +382,7 @@ def predict(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: 
             outs.append(model(to_input(x)).float().cpu())
         targets.append(y)
         indices.append(idx)
+        check_stop()
     if not outs:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     return torch.cat(outs), torch.cat(targets), torch.cat(indices)
@@ -299,23 +408,5 @@ def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast:
 
 
 def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
-    """Atomic: temp file in the same folder, fsync, rename. A kill at any moment leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Atomic: a kill at any moment leaves the old file or the new one (see files.py)."""
+    files.atomic_write(Path(path), lambda f: torch.save(obj, f))

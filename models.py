@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
+import files
 from config import UsageError
 
 CHECKPOINT_KIND = "imgcls-checkpoint"
@@ -120,6 +121,19 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
         raise UsageError(f"ImageNet weights for {name} could not be downloaded ({reason}): put {weights.url} "
                          f"at {cached}, or pass --weights FILE, or use --mode scratch") from None
+
+
+def weights_identity(arch: str, weights_file: str | None) -> list:
+    """What identifies the starting weights, for cache keys: the file's identity (path, size, times)
+    or, for torchvision's, the URL and the hub cache file. Recorded when a run starts, so a resume
+    needs neither file."""
+    if weights_file:
+        return ["file", *files.identity(Path(weights_file).absolute())]
+    weights = default_weights(arch)
+    if weights is None:
+        return ["none"]
+    return ["torchvision", weights.url, *files.identity(Path(torch.hub.get_dir()) / "checkpoints" /
+                                                         os.path.basename(weights.url))[1:]]
 
 
 def state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+import files
+
 
 def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
     """Loss and accuracy per epoch, train against val: the seed README's training graph."""
@@ -90,5 +92,10 @@ def image_grid(images: Sequence[np.ndarray | None], captions: Sequence[str], col
 
 
 def save(fig: Figure, path: str | Path) -> None:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    """Written atomically (a kill while drawing leaves the previous picture), then the figure is freed."""
+    path = Path(path)
+    try:
+        files.atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=100,
+                                                       bbox_inches="tight"))
+    finally:
+        plt.close(fig)

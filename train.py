@@ -4,27 +4,28 @@
     python train.py --data ~/photos --model resnet18 --mode finetune
     python train.py --data ~/photos --model mobilenet_v2 --mode transfer --epochs 10
     torchrun --nproc_per_node=4 train.py --data ~/photos --mode finetune   # many GPUs (DDP)
-    python train.py --resume runs/resnet18-finetune-20261128-130000      # continue a run
+    python train.py --resume runs/resnet18-finetune-20261128-130000 --epochs 20   # continue, train longer
 
 Everything a run makes goes to one run folder (--out, default runs/<model>-<mode>-<time>):
-last.pt, best.pt, config.json, split.json, skipped.txt, metrics.csv, summary.json, curves.png and
-TensorBoard event files (`tensorboard --logdir runs`).
+last.pt, best.pt, config.json, split.json, skipped.txt, metrics.csv, summary.json, curves.png,
+resumes.jsonl and TensorBoard event files (`tensorboard --logdir runs`).
+
+Resuming (see resolve_config): the settings that define the run (IDENTITY in config.py) cannot
+change; every other setting given with --resume takes effect from where the run is.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import math
-import os
-import random
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,17 +38,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import dataset
+import files
 import models
 import plots
 from config import IDENTITY, TrainConfig, UsageError, add_options, fail, validate
 from engine import (
     Features,
+    Learner,
     Progress,
     ResumableSampler,
     TrainingError,
     auto_workers,
+    autocast_dtype,
     barrier,
     broadcast,
+    deferred_interrupts,
     evaluate,
     init_distributed,
     make_loader,
@@ -57,35 +62,44 @@ from engine import (
     save_checkpoint,
     seed_everything,
     shard,
+    stop_requested,
     to_model_input,
     train_one_epoch,
     tune_cpu_allocator,
 )
 
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # in last.pt, not in best.pt
+CHECKPOINT_VERSION = 2  # 2: position in samples and epoch statistics ("progress"); the schedule is derived
+RESUME_ONLY = ("optimizer", "scaler", "progress")  # in last.pt, not in best.pt
+RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
+             "curves.png", "lr_find.png", "resumes.jsonl", "events.out.tfevents.*")
 
 
 # ----------------------------------------------------------------------------- optimisation
 
 class Schedule:
-    """Learning-rate factor per optimizer step: warm-up, then step/cosine/onecycle/plateau/none.
-    Per step (not per epoch) so warm-up and onecycle are smooth; a plain object so LambdaLR saves it."""
+    """The learning-rate factor at a position in the run, in epochs (2.5: half-way through epoch 3):
+    warm-up, then step/cosine/onecycle/plateau/none. It depends on the position and the settings
+    alone (plateau's cuts are replayed from the validation history), so a resume with new settings
+    (more epochs, another schedule) follows the new plan from where the run is, warm-up included:
+    a run past its warm-up never repeats it."""
 
-    def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
-        self.kind, self.epochs, self.spe = cfg.scheduler, cfg.epochs, max(1, steps_per_epoch)
-        self.step_size, self.gamma, self.warmup = cfg.step_size, cfg.gamma, cfg.warmup_epochs * self.spe
-        self.plateau_scale, self.best, self.bad_epochs = 1.0, -1.0, 0
+    def __init__(self, cfg: TrainConfig, history: list[dict[str, Any]] = ()):
+        self.kind, self.epochs, self.warmup = cfg.scheduler, cfg.epochs, cfg.warmup_epochs
+        self.step_size, self.gamma = cfg.step_size, cfg.gamma
+        self.plateau_scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
+        for row in history:
+            self.end_epoch(row["val_acc"])
 
-    def __call__(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
-        total = self.epochs * self.spe
-        t = min(1.0, max(0, step - self.warmup) / max(1, total - self.warmup))
+    def __call__(self, start: float, end: float) -> float:
+        """The factor for a step from position `start` to `end`."""
+        warm = min(1.0, end / self.warmup) if self.warmup else 1.0
+        t = min(1.0, max(0.0, start - self.warmup) / max(1e-9, self.epochs - self.warmup))
         if self.kind == "step":
-            factor = self.gamma ** ((step // self.spe) // self.step_size)
+            factor = self.gamma ** (math.floor(start) // self.step_size)
         elif self.kind == "cosine":
             factor = 0.5 * (1 + math.cos(math.pi * t))
         elif self.kind == "onecycle":  # up to lr over the first 30%, then cosine down to ~0
-            t = step / max(1, total)
+            t = min(1.0, start / self.epochs)
             factor = (0.04 + 0.96 * (1 - math.cos(math.pi * t / 0.3)) / 2 if t < 0.3
                       else 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7)) + 1e-4)
             warm = 1.0
@@ -107,20 +121,32 @@ class Schedule:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Only trainable parameters; finetune may give the pretrained backbone a smaller lr."""
+    """Only trainable parameters: the head's group first, then the rest (the pretrained backbone)."""
     _, head = models.head_of(model)
     head_ids = {id(p) for p in head.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.lr}]
+    groups = [{"params": [p for p in trainable if id(p) in head_ids]}]
     backbone = [p for p in trainable if id(p) not in head_ids]
     if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult})
-    kw = {"weight_decay": cfg.weight_decay}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=cfg.momentum, **kw)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, momentum=cfg.momentum, **kw)
-    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](groups, **kw)
+        groups.append({"params": backbone})
+    if cfg.optimizer in ("sgd", "rmsprop"):
+        optimizer = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[cfg.optimizer](
+            groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](groups, lr=cfg.lr)
+    apply_settings(optimizer, cfg)
+    return optimizer
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """The settings' lr, weight decay and momentum on every param group: on a resume they replace the
+    ones saved with the optimizer's state, so what the command line says takes effect. Finetune may
+    give the pretrained layers a smaller lr (--backbone-lr-mult)."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["base_lr"] = group["lr"] = cfg.lr * (1.0 if i == 0 else cfg.backbone_lr_mult)
+        group["weight_decay"] = cfg.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
 
 
 def class_weights(counts: list[int]) -> torch.Tensor:
@@ -170,100 +196,241 @@ def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
     return lrs, losses, float(lrs[int(np.argmin(slopes))])
 
 
-# ----------------------------------------------------------------------------- run folder
+# ----------------------------------------------------------------------------- settings and resuming
 
-def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = True) -> None:
-    """metrics.csv (and curves.png) rewritten from the checkpoint's history, so a resume never duplicates."""
-    keys = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "time_s"]
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, run_dir / "metrics.csv")
-    if curves:
-        plots.save(plots.curves_figure(history, run_dir.name), run_dir / "curves.png")
-
-
-def resume_target(resume: str, out: str | None) -> Path:
-    """--resume PATH (last.pt or a run folder) or 'auto' (--out's last.pt, else the newest run's)."""
-    if resume == "auto":
-        if out:
-            path = Path(out) / "last.pt"
-        else:
-            found = sorted(Path("runs").glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-            if not found:
-                raise UsageError("--resume auto: no runs/*/last.pt to resume; start a run without --resume")
-            path = found[-1]
-    else:
-        path = Path(resume)
-        if path.is_dir():
-            path = path / "last.pt"
-    if not path.is_file():
-        raise UsageError(f"nothing to resume: {path} does not exist")
-    return path
+@dataclasses.dataclass
+class Start:
+    """How this invocation begins: a new run, a run resumed from its last.pt (`ckpt`), or a run folder
+    that was created but never checkpointed (`in_place` without `ckpt`: the run starts again there
+    with its saved settings)."""
+    run_dir: Path
+    ckpt: dict[str, Any] | None = None
+    in_place: bool = False  # the folder is this run's own (--resume)
+    named: bool = True  # False: a default name under runs/, made unique when it is created
+    changes: dict[str, list] = dataclasses.field(default_factory=dict)  # setting -> [saved, now] on resume
+    epochs_given: bool = False
 
 
-def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, dict[str, Any] | None, Path]:
-    """Settings from the command line; on --resume, from the checkpoint plus what the command line changes."""
+def absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """--data and --weights as absolute paths, so a run is the same from any working directory."""
+    out = dict(settings)
+    if out.get("data") and out["data"] != "demo":
+        out["data"] = str(Path(out["data"]).expanduser().absolute())
+    if out.get("weights"):
+        out["weights"] = str(Path(out["weights"]).expanduser().absolute())
+    return out
+
+
+def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, Start]:
+    """Settings from the command line; on --resume, the run's saved settings plus what the command line
+    changes. What defines the run (IDENTITY) cannot change; everything else takes effect."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser)
-    given = vars(parser.parse_args(argv))
-    ckpt = None
-    if given.get("resume"):
-        path = resume_target(given["resume"], given.get("out"))
-        ckpt = models.load_checkpoint(path)
-        saved = ckpt["config"]
-        changed = [k for k in IDENTITY if k in given and given[k] != saved.get(k)]
-        if changed:
-            raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
-                             "resuming: start a new run instead")
-        cfg = TrainConfig(**{**saved, **{k: v for k, v in given.items() if k not in ("resume", "out")}})
-        cfg.resume, cfg.out = str(path), str(path.parent)
-        run_dir = path.parent
-    else:
+    given = absolute_paths(vars(parser.parse_args(argv)))
+    if not given.get("resume"):
         cfg = TrainConfig(**given)
-        run_dir = Path(cfg.out) if cfg.out else None
+        validate(cfg)
+        models.check_name(cfg.model)
+        if cfg.out:
+            return cfg, Start(Path(cfg.out))
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return cfg, Start(Path("runs") / f"{cfg.model}-{cfg.mode}-{stamp}", named=False)
+    run_dir, last = resume_target(given["resume"], given.get("out"))
+    ckpt = None
+    if last.is_file():
+        ckpt = models.load_checkpoint(last)
+        if "optimizer" not in ckpt:
+            raise UsageError(f"{last} holds a model without its training state: resume with "
+                             f"--resume {last.parent} (its last.pt)")
+        saved = ckpt["config"]
+    elif (run_dir / "config.json").is_file():  # created, then stopped before its first checkpoint
+        saved = json.loads((run_dir / "config.json").read_text())
+    else:
+        raise UsageError(f"nothing to resume: {last} does not exist")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = absolute_paths({k: v for k, v in saved.items() if k in fields})
+    overrides = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite")}
+    changed = [k for k in IDENTITY if k in overrides and overrides[k] != saved.get(k)]
+    if changed:
+        raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
+                         "resuming: start a new run instead")
+    if given.get("lr_find"):
+        raise UsageError("--lr-find starts no run: use it without --resume")
+    cfg = TrainConfig(**{**saved, **overrides, "resume": str(last), "out": str(run_dir)})
     validate(cfg)
     models.check_name(cfg.model)
-    if run_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{cfg.model}-{cfg.mode}-{stamp}"
-    return cfg, ckpt, run_dir
+    changes = {k: [saved.get(k), v] for k, v in overrides.items() if saved.get(k) != v}
+    return cfg, Start(run_dir, ckpt, in_place=True, changes=changes, epochs_given="epochs" in given)
 
 
-RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
-             "curves.png", "lr_find.png", "events.out.tfevents.*")
+def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
+    """(run folder, its last.pt) for --resume PATH (a run folder or a checkpoint in it) or 'auto'
+    (--out's, else the newest run's)."""
+    if resume == "auto":
+        if out:
+            return Path(out), Path(out) / "last.pt"
+        found = sorted(Path("runs").glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UsageError("--resume auto: no runs/*/last.pt to resume; start a run without --resume")
+        return found[-1].parent, found[-1]
+    path = Path(resume)
+    if path.is_dir():
+        return path, path / "last.pt"
+    return path.parent, path
 
 
-def check_run_dir(run_dir: Path, cfg: TrainConfig, resuming: bool) -> None:
-    """Never reuse another run's folder by accident (checked first, before any slow work)."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not resuming and not cfg.overwrite:
+def check_start(cfg: TrainConfig, start: Start, world: int) -> None:
+    """What a resume cannot honour, refused before anything is loaded or written."""
+    if cfg.lr_find and world > 1:
+        raise UsageError("--lr-find runs in one process: run it with python, not torchrun")
+    ckpt = start.ckpt
+    if ckpt is None:
+        return
+    if ckpt.get("world", 1) != world:
+        raise UsageError(f"{cfg.resume} was saved by {ckpt.get('world', 1)} process(es), this run has {world}: "
+                         "resume with the same number of processes")
+    if cfg.epochs < ckpt["epoch"]:
+        raise UsageError(f"--epochs {cfg.epochs} is fewer than the {ckpt['epoch']} epochs {start.run_dir} has "
+                         f"trained: give --epochs {ckpt['epoch'] + 1} or more to train longer")
+
+
+def finished(start: Start, cfg: TrainConfig) -> bool:
+    """A finished run (all its epochs, or stopped early) that was given no further epochs."""
+    ckpt = start.ckpt
+    if ckpt is None:
+        return False
+    done = ckpt.get("finished", ckpt["epoch"] >= ckpt["config"]["epochs"])
+    return done and (not start.epochs_given or cfg.epochs <= ckpt["epoch"])
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def check_run_dir(run_dir: Path, in_place: bool, overwrite: bool) -> None:
+    """Never reuse another run's folder by accident (checked first, before any slow work, and again
+    under the folder's lock)."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not in_place and not overwrite:
         raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                          "--overwrite to replace it, or another --out")
 
 
-def make_run_dir(run_dir: Path, cfg: TrainConfig, resuming: bool) -> None:
-    """Created before training starts. --overwrite removes the files a run writes (and nothing else),
-    so the new run's folder holds only the new run."""
-    check_run_dir(run_dir, cfg, resuming)
-    if run_dir.exists() and not resuming:
-        for pattern in RUN_FILES:
-            for old in run_dir.glob(pattern):
-                old.unlink()
+def claim_run_dir(start: Start, overwrite: bool) -> tuple[Path, files.FolderLock]:
+    """Create (or take) the run folder and lock it for this process: never two runs in one folder.
+    A default name is made unique atomically (mkdir), so runs started in the same second each get
+    their own. --overwrite removes the files a run writes (and nothing else)."""
+    if not start.named:
+        for n in itertools.count(1):
+            run_dir = start.run_dir if n == 1 else start.run_dir.with_name(f"{start.run_dir.name}-{n}")
+            try:
+                run_dir.mkdir(parents=True)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise UsageError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+            return run_dir, files.FolderLock(run_dir)
+    run_dir = start.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = files.FolderLock(run_dir)
+    except BlockingIOError:
+        raise UsageError(f"{run_dir} is in use by another train.py that is still running: wait for it to end, "
+                         "or choose another --out") from None
     except OSError as e:
         raise UsageError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+    try:
+        check_run_dir(run_dir, start.in_place, overwrite)
+        if not start.in_place or start.ckpt is None:  # a new run, or one started again in its folder
+            for pattern in RUN_FILES:
+                for old in run_dir.glob(pattern):
+                    old.unlink()
+        files.remove_temp_files(run_dir)  # left by a killed run; the folder is ours now
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
+
+
+def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: dataset.DataSplit) -> None:
+    """config.json (the settings in use now); a new run's split and skipped files; on a resume, a line
+    in resumes.jsonl saying what changed."""
+    files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+    if start.ckpt is None:
+        split.save(run_dir / "split.json")
+        files.atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in split.skipped))
+    else:
+        line = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
+                "epoch": start.ckpt["epoch"], "changed": start.changes}
+        with open(run_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = True) -> None:
+    """metrics.csv (and curves.png) rewritten from the checkpoint's history, so a resume never duplicates."""
+    keys = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "time_s"]
+
+    def write(f: Any) -> None:
+        import io
+
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+        f.write(text.getvalue().encode())
+
+    files.atomic_write(run_dir / "metrics.csv", write)
+    if curves:
+        plots.save(plots.curves_figure(history, run_dir.name), run_dir / "curves.png")
+
+
+# ----------------------------------------------------------------------------- data and model
+
+def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset.DataSplit:
+    """The run's split: a resumed run's own (split.json), else checked and made by rank 0 and shared.
+    The check fills the decoded-image cache at `size` as it goes."""
+    if start.ckpt is not None:
+        return dataset.DataSplit.load(start.run_dir / "split.json")
+    split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
+                                 cache_size=size if cfg.image_cache else None) if lead else None
+    return dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
+
+
+def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
+    print(f"data: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images from "
+          f"{split.root}" + (f"; skipped {len(split.skipped)} unreadable file(s), see "
+                             f"{run_dir / 'skipped.txt'}" if split.skipped else ""))
+    if split.leaks:
+        dataset.warn(f"{len(split.leaks)} val image(s) are exact copies of train images, e.g. "
+                     f"{split.leaks[0][1]} == {split.leaks[0][0]} (run `python dataset.py check`)")
+
+
+def build(cfg: TrainConfig, start: Start, num_classes: int) -> tuple[nn.Module, list]:
+    """The network and the identity of its starting weights. A resume loads last.pt and needs neither
+    the weights file nor the network: they mattered only at the start."""
+    seed_everything(cfg.seed)  # same seed, same initial weights
+    if start.ckpt is None:
+        model = models.build_model(cfg.model, num_classes, cfg.mode, cfg.weights)
+        used = cfg.mode != "scratch" or cfg.weights
+        return model, models.weights_identity(cfg.model, cfg.weights) if used else ["none"]
+    model = models.build_model(cfg.model, num_classes, "scratch")
+    model.load_state_dict(start.ckpt["model"])
+    if cfg.mode == "transfer":
+        models.freeze_backbone(model)
+    return model, start.ckpt.get("weights_id", ["unknown", cfg.weights])
 
 
 # ----------------------------------------------------------------------------- feature cache
 
+FEATURE_VERSION = 2  # 2: keyed by file identities, weights identity, precision and memory format
+
+
 def backbone_features(model: nn.Module, loaders: dict[str, DataLoader], to_input: Callable, autocast: Callable,
                       path: Path, show: bool) -> dict[str, torch.Tensor]:
-    """The frozen backbone's output for every image, computed once and kept on disk."""
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """The frozen backbone's output for every image, computed once and kept on disk; a cache file
+    that is not what this run needs (damaged, planted, of other images) is rebuilt, never trusted."""
+    if files.is_regular(path):
+        feats = load_features(path, {split: len(loader.dataset) for split, loader in loaders.items()})
+        if feats is not None:
+            return feats
+        dataset.warn(f"rebuilding a damaged feature cache ({path.name})")
     name, head = models.head_of(model)
     models.set_module(model, name, nn.Identity())  # the network minus its head is the backbone
     model.eval()
@@ -280,20 +447,31 @@ def backbone_features(model: nn.Module, loaders: dict[str, DataLoader], to_input
     return feats
 
 
+def load_features(path: Path, rows: dict[str, int]) -> dict[str, torch.Tensor] | None:
+    """Cached features if the file holds a float matrix per split with one row per image, else None."""
+    try:
+        feats = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # damaged in any way: rebuilt
+        return None
+    good = isinstance(feats, dict) and all(
+        isinstance(feats.get(k), torch.Tensor) and feats[k].dtype == torch.float32 and feats[k].dim() == 2
+        and feats[k].shape[0] == n for k, n in rows.items())
+    return feats if good else None
+
+
 def features_dataset(x: torch.Tensor, items: list[tuple[str, int]]) -> Features:
     """Cached features with their labels; images that could not be read (NaN rows) are left out."""
     ok = torch.isfinite(x).all(1)
     return Features(x[ok], [y for (_, y), good in zip(items, ok.tolist()) if good])
 
 
-def feature_key(cfg: TrainConfig, preprocess: dict[str, Any], split: dataset.DataSplit) -> str:
-    """Model, weights, preprocessing and file list: change any and the cache is rebuilt."""
-    source = cfg.weights or (models.default_weights(cfg.model) or "").__str__()
-    if cfg.weights:
-        st = os.stat(cfg.weights)
-        source += f":{st.st_size}:{st.st_mtime_ns}"
-    stats = [(p, os.path.getsize(p) if os.path.exists(p) else -1) for p, _ in split.train + split.val]
-    blob = json.dumps([cfg.model, source, preprocess, stats])
+def feature_key(cfg: TrainConfig, weights_id: list, preprocess: dict[str, Any], split: dataset.DataSplit,
+                device: torch.device) -> str:
+    """Everything that changes the features: each file's identity, the model and its weights, the
+    preprocessing, the precision and memory format they are computed in."""
+    dtype = autocast_dtype(device, cfg.amp)
+    blob = json.dumps([FEATURE_VERSION, cfg.model, weights_id, preprocess, str(dtype), cfg.channels_last,
+                       [files.identity(p) for p, _ in split.train + split.val]])
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
@@ -303,42 +481,43 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local_rank = init_distributed()
     lead = rank == 0
     say = print if lead else (lambda *a, **k: None)
-    cfg, ckpt, run_dir = resolve_config(argv)
-    run_dir = Path(broadcast(str(run_dir)))  # one run folder even if ranks started a second apart
+    cfg, start = resolve_config(argv)
+    check_start(cfg, start, world)
+    if finished(start, cfg):
+        say(f"{start.run_dir} has finished ({start.ckpt['epoch']} epochs, best val accuracy "
+            f"{start.ckpt['best_acc']:.2f}% at epoch {start.ckpt['best_epoch']}): nothing to do; "
+            f"pass --epochs {start.ckpt['epoch'] + 5} (or any number above {start.ckpt['epoch']}) to train longer")
+        return 0
     device = pick_device(cfg.device, local_rank)
-    if ckpt is not None and ckpt.get("world", 1) != world:
-        raise UsageError(f"{cfg.resume} was saved by {ckpt.get('world', 1)} process(es), this run has {world}: "
-                         "resume with the same number of processes")
-    if lead:
-        check_run_dir(run_dir, cfg, resuming=ckpt is not None)
+    if lead and start.named:
+        check_run_dir(start.run_dir, start.in_place, cfg.overwrite)
 
-    # data: checked once by rank 0; the split is the run's and is reused on resume. Bad data and bad
-    # weights are found before the run folder is created, so a failed start leaves nothing behind.
+    # data and model are checked before the run folder is created, so a failed start leaves nothing
     preprocess = models.preprocessing(cfg.model, cfg.img_size)
-    size = preprocess["resize_size"]  # of the decoded images, cached (the check fills the cache as it goes)
-    split_path = run_dir / "split.json"
-    if ckpt is not None:
-        split = dataset.DataSplit.load(split_path)
-    else:
-        split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
-                                     cache_size=size if cfg.image_cache else None) if lead else None
-        split = dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
-    classes = split.classes
-    if lead:
-        print(f"data: {len(classes)} classes, {len(split.train)} train / {len(split.val)} val images from "
-              f"{split.root}" + (f"; skipped {len(split.skipped)} unreadable file(s), see "
-                                 f"{run_dir / 'skipped.txt'}" if split.skipped else ""))
-        if split.leaks:
-            dataset.warn(f"{len(split.leaks)} val image(s) are exact copies of train images, e.g. "
-                         f"{split.leaks[0][1]} == {split.leaks[0][0]} (run `python dataset.py check`)")
+    split = load_split(cfg, start, preprocess["resize_size"], lead)
+    model, weights_id = build(cfg, start, len(split.classes))
+    with contextlib.ExitStack() as held:
+        run_dir = None
+        if lead:
+            run_dir, lock = claim_run_dir(start, cfg.overwrite)
+            held.callback(lock.release)
+            write_run_files(run_dir, cfg, start, split)
+            report_split(split, run_dir)
+        run_dir = Path(broadcast(str(run_dir)))
+        try:
+            return fit(cfg, start, run_dir, split, model, weights_id, preprocess, device, rank, world)
+        except KeyboardInterrupt:  # before training started: nothing to save, the folder restarts on resume
+            if lead and not (run_dir / "last.pt").exists():
+                print(f"\ninterrupted before the first checkpoint; start it again with: "
+                      f"python train.py --resume {run_dir}", file=sys.stderr)
+            return 130
 
-    # model
-    seed_everything(cfg.seed)  # same seed, same initial weights
-    model = models.build_model(cfg.model, len(classes), "scratch" if ckpt else cfg.mode, cfg.weights)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if cfg.mode == "transfer":
-            models.freeze_backbone(model)
+
+def fit(cfg: TrainConfig, start: Start, run_dir: Path, split: dataset.DataSplit, model: nn.Module,
+        weights_id: list, preprocess: dict[str, Any], device: torch.device, rank: int, world: int) -> int:
+    lead = rank == 0
+    say = print if lead else (lambda *a, **k: None)
+    classes = split.classes
     trainable, frozen = models.count_parameters(model)
     if lead and cfg.summary:
         from torchsummary import summary
@@ -349,27 +528,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{preprocess['img_size']} px crops of {preprocess['resize_size']} px images")
     # sized for this machine; left unresolved in the config so a resume elsewhere sizes it again
     workers = auto_workers(device, cfg.image_cache) if cfg.workers is None else cfg.workers
-    if lead:
-        make_run_dir(run_dir, cfg, resuming=ckpt is not None)
-        if ckpt is None:
-            split.save(split_path)
-            (run_dir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in split.skipped))
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    barrier()
 
     model.to(device)
-    on_cuda = device.type == "cuda"
     if device.type == "cpu":
         tune_cpu_allocator()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     image_input = to_model_input(preprocess, device, memory_format)
     autocast, scaler = precision(device, cfg.amp)
-    if on_cuda:
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     # datasets: decoded-image cache built once (rank 0; on a resume it may have been deleted), shared
     # through the file system
+    size = preprocess["resize_size"]
     cache = None
     if cfg.image_cache:
         cache = dataset.ImageCache(split.files(), size, cfg.cache_dir)
@@ -378,18 +550,18 @@ def main(argv: list[str] | None = None) -> int:
         barrier()
     eval_tf = dataset.eval_transform(preprocess["img_size"])
     train_ds = dataset.ImageDataset(split.train, size, dataset.train_transform(
-        preprocess["img_size"], cfg.augment, cfg.min_scale, cfg.hflip), cache)
+        preprocess["img_size"], cfg.augment, cfg.min_scale, cfg.hflip), cache, seed=cfg.seed)
     val_ds = dataset.ImageDataset(split.val, size, eval_tf, cache)
     net, to_input = model, image_input
     use_features = cfg.mode == "transfer" and cfg.feature_cache and isinstance(models.head_of(model)[1], nn.Linear)
     if use_features:
         # the backbone is a fixed function (see models.py), so its output per image never changes:
         # compute it once and train the head alone. Augmentation is off on this path.
-        path = dataset.cache_root(cfg.cache_dir) / "features" / f"{feature_key(cfg, preprocess, split)}.pt"
+        path = (dataset.cache_root(cfg.cache_dir) / "features" /
+                f"{feature_key(cfg, weights_id, preprocess, split, device)}.pt")
         path.parent.mkdir(parents=True, exist_ok=True)
         if lead:
-            plain = {"train": dataset.ImageDataset(split.train, size, eval_tf, cache),
-                     "val": val_ds}
+            plain = {"train": dataset.ImageDataset(split.train, size, eval_tf, cache), "val": val_ds}
             feats = backbone_features(model, {k: make_loader(v, 2 * cfg.batch_size, workers, device)
                                               for k, v in plain.items()}, image_input, autocast, path, lead)
         barrier()
@@ -415,18 +587,18 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.sync_bn and world > 1 and not use_features:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = make_optimizer(cfg, model)
-    schedule = Schedule(cfg, len(train_loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    history = start.ckpt["history"] if start.ckpt else []
+    if start.ckpt is not None:
+        restore_optimizer(optimizer, scaler, start.ckpt, cfg, say)
     criterion = make_criterion(cfg, train_counts).to(device)
     if criterion.weight is not None:
         weight_notes.append("class weights: " + ", ".join(
             f"{c}={w:.2f}" for c, w in zip(classes, criterion.weight.tolist())))
     for note in weight_notes:
         say(note)
-    mix = make_mix(cfg, len(classes))
     inner = net  # unwrapped: evaluated on each rank's shard, saved in checkpoints
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if on_cuda else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         say(f"distributed: {world} processes x {cfg.batch_size} = {world * cfg.batch_size} images per step")
     if cfg.compile:
         net = torch.compile(net)
@@ -439,124 +611,167 @@ def main(argv: list[str] | None = None) -> int:
             print(f"suggested --lr {suggestion:.2g} (steepest loss descent); plot: {run_dir / 'lr_find.png'}")
         return 0
 
-    progress, history, best_acc, best_epoch = Progress(), [], -1.0, 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["global_step"])
-        history, best_acc, best_epoch = ckpt["history"], ckpt["best_acc"], ckpt["best_epoch"]
-        say(f"resuming {run_dir} after epoch {progress.epoch}" +
-            (f", batch {progress.step}" if progress.step else ""))
-        if ckpt.get("rng") and progress.step:
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            random.setstate(ckpt["rng"]["python"])
-
-    writer = None
+    schedule = Schedule(cfg, history)
+    learner = Learner(net, optimizer, scaler, criterion, to_input, autocast, device, schedule,
+                      make_mix(cfg, len(classes)))
+    loop = Loop(cfg, start, run_dir, model, inner, learner, schedule, classes, preprocess, weights_id, rank, world)
     if lead:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(run_dir, purge_step=progress.epoch + 1 if ckpt else None)
+        loop.writer = SummaryWriter(run_dir, purge_step=loop.progress.epoch + 1 if start.ckpt else None)
         for note in weight_notes:
-            writer.add_text("imbalance", note)
+            loop.writer.add_text("imbalance", note)
+        if start.ckpt is not None:
+            print(f"resuming {run_dir} at {loop.progress.where(sampler.per_rank)}" +
+                  (" with " + ", ".join(f"--{k.replace('_', '-')} {v[1]}" for k, v in start.changes.items())
+                   if start.changes else ""))
+    return loop.run(train_loader, val_loader, sampler, use_features)
 
-    def checkpoint() -> dict[str, Any]:
-        return {"kind": models.CHECKPOINT_KIND, "version": 1, "arch": cfg.model, "mode": cfg.mode,
-                "classes": classes, "preprocess": preprocess, "model": model.state_dict(),
-                "config": dataclasses.asdict(cfg), "epoch": progress.epoch, "step": progress.step,
-                "global_step": progress.global_step, "best_acc": best_acc, "best_epoch": best_epoch,
-                "history": history, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "world": world,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
-    def save(state: dict[str, Any]) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ckpt: dict[str, Any],
+                      cfg: TrainConfig, say: Callable) -> None:
+    """The saved optimizer state (momentum, Adam's moments), with the settings now given applied on
+    top; another --optimizer starts its state afresh."""
+    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["config"].get("optimizer") != cfg.optimizer:
+        say(f"optimizer changed from {ckpt['config'].get('optimizer')} to {cfg.optimizer}: its state starts afresh")
+        return
+    optimizer.load_state_dict(ckpt["optimizer"])
+    apply_settings(optimizer, cfg)
+
+
+class Loop:
+    """The epochs of a run, from wherever it is, with its checkpoints, logs and interrupts."""
+
+    def __init__(self, cfg: TrainConfig, start: Start, run_dir: Path, model: nn.Module, inner: nn.Module,
+                 learner: Learner, schedule: Schedule, classes: list[str], preprocess: dict[str, Any],
+                 weights_id: list, rank: int, world: int):
+        self.cfg, self.run_dir, self.model, self.inner, self.learner = cfg, run_dir, model, inner, learner
+        self.schedule, self.classes, self.preprocess, self.weights_id = schedule, classes, preprocess, weights_id
+        self.rank, self.world, self.lead = rank, world, rank == 0
+        ckpt = start.ckpt or {}
+        self.progress = Progress(**ckpt["progress"]) if "progress" in ckpt else Progress(ckpt.get("epoch", 0))
+        self.history = list(ckpt.get("history", []))
+        self.best_acc, self.best_epoch = ckpt.get("best_acc", -1.0), ckpt.get("best_epoch", 0)
+        self.time_before = ckpt.get("train_time_s", sum(h["time_s"] for h in self.history))
+        self.writer: Any = None
+        self.best_ckpt: dict[str, Any] | None = None  # the best epoch's checkpoint while it is not yet written
+        self.finished = False
+
+    def checkpoint(self) -> dict[str, Any]:
+        cfg, p = self.cfg, self.progress
+        return {"kind": models.CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "arch": cfg.model, "mode": cfg.mode,
+                "classes": self.classes, "preprocess": self.preprocess, "model": self.model.state_dict(),
+                "config": dataclasses.asdict(cfg), "epoch": p.epoch, "progress": dataclasses.asdict(p),
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "history": self.history,
+                "finished": self.finished, "train_time_s": self.train_time(), "weights_id": self.weights_id,
+                "optimizer": self.learner.optimizer.state_dict(), "scaler": self.learner.scaler.state_dict(),
+                "world": self.world}
+
+    def train_time(self) -> float:
+        return self.time_before + time.perf_counter() - self.started
+
+    def save(self, state: dict[str, Any]) -> None:
         """best.pt before last.pt: a kill in between re-runs this epoch on resume, which rewrites best.pt."""
-        nonlocal best_ckpt, last_saved
-        if best_ckpt is not None:
-            save_checkpoint(best_ckpt, run_dir / "best.pt")
-            best_ckpt = None
-        save_checkpoint(state, run_dir / "last.pt")
-        last_saved = time.perf_counter()
+        if self.best_ckpt is not None:
+            save_checkpoint(self.best_ckpt, self.run_dir / "best.pt")
+            self.best_ckpt = None
+        save_checkpoint(state, self.run_dir / "last.pt")
+        self.last_saved = time.perf_counter()
 
-    stop = install_stop_handler()
-    start_time = last_drawn = last_saved = time.perf_counter()
-    best_ckpt = None  # the best epoch's checkpoint while it is not yet written
-    try:
-        while progress.epoch < cfg.epochs:
-            epoch = progress.epoch
-            if not progress.step:
-                seed_everything(cfg.seed + 1000 * epoch + rank)
-            sampler.set_epoch(epoch, start=progress.step * cfg.batch_size)
-            models.set_train_mode(model, True, cfg.mode)
-            if writer is not None and epoch == 0 and not use_features and not progress.step:
-                x, _, _, _ = next(iter(train_loader))
-                if x is not None:
-                    writer.add_images("train/augmented", x[:32], 0)
-            stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion, to_input,
-                                    autocast, progress, cfg, device, mix, lead)
-            models.set_train_mode(model, False, cfg.mode)
-            val = evaluate(inner, val_loader, to_input, autocast, len(classes), lead)
-            schedule.end_epoch(val["acc"])
-            progress.epoch, progress.step = epoch + 1, 0
-            row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
-                   "val_loss": val["loss"], "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
-                   "img_per_s": stats["img_per_s"] * world, "time_s": stats["time_s"]}
-            history.append(row)
-            improved = val["acc"] > best_acc
-            if improved:
-                best_acc, best_epoch = val["acc"], epoch + 1
-            stopping = cfg.patience > 0 and epoch + 1 - best_epoch >= cfg.patience
-            if lead:
-                # short epochs (cached features, small data) would spend their time writing checkpoints:
-                # write at most every --save-interval s. A hard kill in between loses only the epochs
-                # since the last write: resuming trains them again (on CPU to the same digits).
-                done = epoch + 1 == cfg.epochs or stopping
-                due = done or time.perf_counter() - last_saved >= cfg.save_interval
-                state = checkpoint()
-                if improved:  # model only: what eval.py, test.py and export.py need, a third the size
-                    best_ckpt = {k: v for k, v in state.items() if k not in RESUME_ONLY} | {
-                        "history": list(history), "model": state["model"] if due else models.snapshot(model)}
-                if due:
-                    save(state)
-                # pictures cost ~0.5 s: with short epochs (cached features) draw them at most once a
-                # minute, and always for the last epoch
-                draw = done or time.perf_counter() - last_drawn > 60
-                write_metrics(run_dir, history, curves=draw)
-                log_epoch(writer, row, val["confusion"] if draw else None, classes)
-                last_drawn = time.perf_counter() if draw else last_drawn
-                print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats['loss']:.4f} acc {stats['acc']:.2f}%  "
-                      f"val loss {val['loss']:.4f} acc {val['acc']:.2f}%  {row['img_per_s']:.0f} img/s"
-                      + ("  *best*" if improved else "") + (f"  ({stats['bad']} unreadable)" if stats["bad"] else ""))
-            barrier()
-            if stopping:
-                say(f"early stop: no better val accuracy for {cfg.patience} epochs")
-                break
-    except KeyboardInterrupt:
-        if lead:
-            save(checkpoint())
-            if history:
-                write_metrics(run_dir, history)
-            print(f"\ninterrupted: saved {run_dir / 'last.pt'} (epoch {progress.epoch + 1}, batch {progress.step}); "
-                  f"continue with: python train.py --resume {run_dir}", file=sys.stderr)
-        return 130
-    except Exception:  # a NaN, out of memory, a bug: the best model found so far is kept all the same
-        if lead and best_ckpt is not None:
-            save_checkpoint(best_ckpt, run_dir / "best.pt")
-        raise
-    finally:
-        stop()
-    if lead:
-        summary = {"best_val_acc": best_acc, "best_epoch": best_epoch, "epochs": progress.epoch,
-                   "train_img_per_s": float(np.mean([h["img_per_s"] for h in history])) if history else 0.0,
-                   "train_time_s": time.perf_counter() - start_time, "classes": classes,
-                   "model": cfg.model, "mode": cfg.mode, "run_dir": str(run_dir)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    def run(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
+            use_features: bool) -> int:
+        self.started = self.last_drawn = self.last_saved = time.perf_counter()
+        per_epoch = sampler.per_rank
+        try:
+            with deferred_interrupts():
+                while self.progress.epoch < self.cfg.epochs and not self.finished:
+                    self.one_epoch(train_loader, val_loader, sampler, use_features)
+        except (KeyboardInterrupt, Exception) as e:
+            if not isinstance(e, KeyboardInterrupt) and not stop_requested():
+                # a NaN, out of memory, a bug: the best model found so far is kept all the same
+                if self.lead and self.best_ckpt is not None:
+                    save_checkpoint(self.best_ckpt, self.run_dir / "best.pt")
+                raise
+            # Ctrl-C or SIGTERM (or a worker ended by it): the state is that of the last complete step
+            if self.lead:
+                self.save(self.checkpoint())
+                if self.history:
+                    write_metrics(self.run_dir, self.history)
+                print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / 'last.pt'}; "
+                      f"continue with: python train.py --resume {self.run_dir}", file=sys.stderr)
+            return 130
+        if self.lead:
+            self.finish()
+        return 0
+
+    def one_epoch(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
+                  use_features: bool) -> None:
+        cfg, progress, epoch = self.cfg, self.progress, self.progress.epoch
+        sampler.set_epoch(epoch, start=progress.seen)
+        models.set_train_mode(self.model, True, cfg.mode)
+        if self.writer is not None and epoch == 0 and not use_features and not progress.seen:
+            x, _, _, _ = next(iter(train_loader))
+            if x is not None:
+                self.writer.add_images("train/augmented", x[:32], 0)
+        stats = train_one_epoch(self.learner, train_loader, progress, sampler.per_rank, cfg.seed,
+                                cfg.max_bad_fraction, f"epoch {epoch + 1}/{cfg.epochs}", self.lead, self.rank)
+        models.set_train_mode(self.model, False, cfg.mode)
+        val = evaluate(self.inner, val_loader, self.learner.to_input, self.learner.autocast, len(self.classes),
+                       self.lead)
+        self.schedule.end_epoch(val["acc"])
+        progress.next_epoch()
+        row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
+               "val_loss": val["loss"], "val_acc": val["acc"], "lr": self.learner.optimizer.param_groups[0]["lr"],
+               "img_per_s": stats["img_per_s"] * self.world, "time_s": stats["time_s"]}
+        self.history.append(row)
+        improved = val["acc"] > self.best_acc
+        if improved:
+            self.best_acc, self.best_epoch = val["acc"], epoch + 1
+        stopping = cfg.patience > 0 and epoch + 1 - self.best_epoch >= cfg.patience
+        self.finished = epoch + 1 == cfg.epochs or stopping
+        if self.lead:
+            self.end_epoch(row, val["confusion"], improved, stats["bad"])
+        barrier()
+        if stopping:
+            if self.lead:
+                print(f"early stop: no better val accuracy for {cfg.patience} epochs")
+
+    def end_epoch(self, row: dict[str, Any], confusion: list[list[int]], improved: bool, bad: int) -> None:
+        """Checkpoints, metrics and pictures after an epoch (rank 0)."""
+        # short epochs (cached features, small data) would spend their time writing checkpoints:
+        # write at most every --save-interval s. A hard kill in between loses only the epochs
+        # since the last write: resuming trains them again (on CPU to the same digits).
+        due = self.finished or time.perf_counter() - self.last_saved >= self.cfg.save_interval
+        state = self.checkpoint()
+        if improved:  # model only: what eval.py, test.py and export.py need, a third the size
+            self.best_ckpt = {k: v for k, v in state.items() if k not in RESUME_ONLY} | {
+                "history": list(self.history), "model": state["model"] if due else models.snapshot(self.model)}
+        if due:
+            self.save(state)
+        # pictures cost ~0.5 s: with short epochs (cached features) draw them at most once a
+        # minute, and always for the last epoch
+        draw = self.finished or time.perf_counter() - self.last_drawn > 60
+        write_metrics(self.run_dir, self.history, curves=draw)
+        log_epoch(self.writer, row, confusion if draw else None, self.classes)
+        self.last_drawn = time.perf_counter() if draw else self.last_drawn
+        print(f"epoch {row['epoch']}/{self.cfg.epochs}  train loss {row['train_loss']:.4f} "
+              f"acc {row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%  "
+              f"{row['img_per_s']:.0f} img/s"
+              + ("  *best*" if improved else "") + (f"  ({bad} unreadable)" if bad else ""))
+
+    def finish(self) -> None:
+        cfg = self.cfg
+        summary = {"best_val_acc": self.best_acc, "best_epoch": self.best_epoch, "epochs": self.progress.epoch,
+                   "train_img_per_s": float(np.mean([h["img_per_s"] for h in self.history])) if self.history else 0.0,
+                   "train_time_s": self.train_time(), "classes": self.classes,
+                   "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir)}
+        files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         hparams = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
-        writer.add_hparams(hparams, {"hparam/best_val_acc": best_acc, "hparam/epochs": progress.epoch},
-                           run_name=".")
-        writer.close()
-        print(f"best val accuracy {best_acc:.2f}% (epoch {best_epoch}); run folder {run_dir}")
-    return 0
+        self.writer.add_hparams(hparams, {"hparam/best_val_acc": self.best_acc, "hparam/epochs": self.progress.epoch},
+                                run_name=".")
+        self.writer.close()
+        print(f"best val accuracy {self.best_acc:.2f}% (epoch {self.best_epoch}); run folder {self.run_dir}")
 
 
 def make_criterion(cfg: TrainConfig, train_counts: list[int]) -> nn.CrossEntropyLoss:
@@ -591,19 +806,6 @@ def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]] | Non
     writer.flush()
 
 
-def install_stop_handler() -> Callable[[], None]:
-    """SIGTERM (preemption, `kill`) behaves like Ctrl-C: save last.pt and exit. Returns the undo."""
-    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
-        return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
-
-
 def run(argv: list[str] | None = None) -> int:
     """main() with errors for people: bad input exits 2, a failed run 1, with one line each."""
     try:
@@ -614,6 +816,9 @@ def run(argv: list[str] | None = None) -> int:
         fail(str(e), 1)
     except torch.OutOfMemoryError:
         fail("out of GPU memory: try a smaller --batch-size (or --img-size)", 1)
+    except KeyboardInterrupt:  # before the run folder existed: nothing was written
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -143,12 +143,11 @@ def tiny_loader(paths: list[Path]) -> torch.utils.data.DataLoader:
 
 def one_epoch(loader) -> dict:
     model = models.build_model("mobilenet_v2", 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    cfg = TrainConfig(epochs=1)
-    return engine.train_one_epoch(model, loader, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                                  torch.amp.GradScaler("cuda", enabled=False), torch.nn.CrossEntropyLoss(),
-                                  lambda x: x.float() / 255, contextlib.nullcontext, engine.Progress(), cfg,
-                                  torch.device("cpu"), show=False)
+    opt = train.make_optimizer(TrainConfig(lr=0.01), model)
+    learner = engine.Learner(model, opt, torch.amp.GradScaler("cuda", enabled=False), torch.nn.CrossEntropyLoss(),
+                             lambda x: x.float() / 255, contextlib.nullcontext, torch.device("cpu"),
+                             lambda start, end: 1.0)
+    return engine.train_one_epoch(learner, loader, engine.Progress(), len(loader.dataset), seed=0, show=False)
 
 
 def test_a_file_deleted_during_training_is_skipped_with_a_warning(colours, tmp_path, capsys):

@@ -1,0 +1,117 @@
+"""Files that stay right under kills and parallel runs: atomic writes, run-folder locks, file identities.
+
+Every file this toolkit publishes (checkpoints, caches, split.json, metrics.csv, pictures) is written
+to a temporary file that only this process can have created (random name, O_EXCL, so a planted
+symlink is never followed), fsynced, and renamed over the target: a reader sees the old file or the
+new one, never half of one; a process that dies leaves at most its own temp file. Cache keys use
+`identity()`: a file replaced by another of the same size (even with its mtime copied) is noticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
+
+TEMP_SUFFIX = ".tmp"
+
+
+def open_temp(path: Path) -> tuple[IO[bytes], Path]:
+    """An exclusively created temp file beside `path` (same file system, so the rename is atomic)."""
+    fd, name = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=TEMP_SUFFIX)
+    return os.fdopen(fd, "w+b"), Path(name)
+
+
+def publish(f: IO[bytes], tmp: Path, path: Path) -> None:
+    """fsync and close the temp file, and rename it over `path`."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+def discard(f: IO[bytes], tmp: Path) -> None:
+    """Close and remove a temp file that will not be published."""
+    with contextlib.suppress(OSError):
+        f.close()
+    tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """`write(file)` into a temp file, then publish it as `path`; on any failure the temp is removed."""
+    f, tmp = open_temp(path)
+    try:
+        write(f)
+        publish(f, tmp, Path(path))
+    except BaseException:
+        discard(f, tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+
+
+def fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def identity(path: str | os.PathLike) -> list:
+    """What a cache key needs to know of a file: path, size, mtime and ctime (in ns). ctime changes
+    whenever a file is replaced or rewritten and cannot be set back, unlike mtime (`cp -p`, rsync)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [str(path), -1, -1, -1]
+    return [str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def is_regular(path: Path) -> bool:
+    """A plain file, not a symlink (a cache file that is a link was planted, not written by us)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Temp files a killed process left in a folder that this process now owns (a locked run folder)."""
+    for tmp in folder.glob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+class FolderLock:
+    """An exclusive lock on a folder (flock): held while a run uses it, released by the kernel when
+    the process ends in any way, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, folder: Path):
+        self.fd = -1
+        if fcntl is None:
+            return
+        self.fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = -1
