@@ -107,7 +107,8 @@ class TrainConfig:
     lr_find: bool = opt(False, "run a learning-rate range test, plot it, suggest an lr and exit")
 
 
-# Settings that define what a run *is*: changing them on --resume would make a different run.
+# Settings that define what a run *is*: changing them on --resume would make a different run, so a
+# resume refuses them. Every other setting given with --resume takes effect from where the run is.
 IDENTITY = ("data", "model", "mode", "weights", "img_size", "val_split", "seed")
 
 
@@ -139,6 +140,12 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.workers is None or cfg.workers >= 0, "--workers cannot be negative"),
         (cfg.save_interval >= 0, "--save-interval cannot be negative"),
         (cfg.patience >= 0 and cfg.warmup_epochs >= 0, "--patience and --warmup-epochs cannot be negative"),
+        (cfg.step_size >= 1, "--step-size must be at least 1 epoch"),
+        (cfg.gamma > 0, "--gamma must be positive"),
+        (cfg.momentum >= 0 and cfg.weight_decay >= 0, "--momentum and --weight-decay cannot be negative"),
+        (cfg.backbone_lr_mult >= 0, "--backbone-lr-mult cannot be negative"),
+        (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (cfg.mixup >= 0 and cfg.cutmix >= 0, "--mixup and --cutmix cannot be negative"),
     ]
     for ok, message in checks:
         if not ok:

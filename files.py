@@ -97,19 +97,24 @@ def remove_temp_files(folder: Path) -> None:
 
 
 class FolderLock:
-    """An exclusive lock on a folder (flock): held while a run uses it, released by the kernel when
-    the process ends in any way, so a killed run never leaves a stale lock behind."""
+    """An exclusive lock on a folder, held while a run uses it: a POSIX lock on its `.lock` file, which
+    the kernel releases when the process ends in any way (a killed run leaves no stale lock) and which
+    forked children (DataLoader workers outliving a killed run) do not inherit."""
+
+    NAME = ".lock"
 
     def __init__(self, folder: Path):
         self.fd = -1
         if fcntl is None:
             return
-        self.fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(Path(folder) / self.NAME, flags, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
             os.close(self.fd)
-            raise
+            self.fd = -1
+            raise BlockingIOError(e.errno, f"{folder} is locked by another process") from None
 
     def release(self) -> None:
         if self.fd >= 0:

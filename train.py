@@ -308,7 +308,8 @@ def finished(start: Start, cfg: TrainConfig) -> bool:
 def check_run_dir(run_dir: Path, in_place: bool, overwrite: bool) -> None:
     """Never reuse another run's folder by accident (checked first, before any slow work, and again
     under the folder's lock)."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not in_place and not overwrite:
+    held = run_dir.exists() and any(p.name != files.FolderLock.NAME for p in run_dir.iterdir())
+    if held and not in_place and not overwrite:
         raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                          "--overwrite to replace it, or another --out")
 

@@ -218,7 +218,8 @@ def test_bad_data_gets_one_line_and_exit_status_2_before_training(case, tmp_path
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-@pytest.mark.parametrize("option, value", [("--val-split", "1.5"), ("--save-interval", "-1")])
+@pytest.mark.parametrize("option, value", [("--val-split", "1.5"), ("--save-interval", "-1"), ("--step-size", "0"),
+                                           ("--gamma", "0"), ("--label-smoothing", "1")])
 def test_bad_settings_are_refused(colours, tmp_path, capsys, option, value):
     assert run_train(train_args(colours, tmp_path / "r", option, value)) == 2
     assert option in capsys.readouterr().err

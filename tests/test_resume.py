@@ -1,0 +1,273 @@
+"""Resume semantics and kills at any moment: a resumed run is the unbroken run, with new settings applied.
+
+Fault injection: interrupts at random moments (a signal sent from inside the data pipeline, so it lands
+in training or in validation), each followed by --resume, compared with an unbroken run to the last
+digit; and SIGKILL/SIGTERM/SIGINT at random times against a real process with DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, make_folder, train_args
+
+import dataset
+import train
+
+RANDOM = random.Random(int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000)))
+
+
+def metrics(run: Path) -> list[list[str]]:
+    """epoch, train loss, train acc, val loss, val acc of every epoch, as written."""
+    return [r.split(",")[:5] for r in (run / "metrics.csv").read_text().strip().splitlines()[1:]]
+
+
+def column(run: Path, name: str) -> list[float]:
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    i = rows[0].split(",").index(name)
+    return [float(r.split(",")[i]) for r in rows[1:]]
+
+
+def last(run: Path) -> dict:
+    return torch.load(run / "last.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """20 images a class: 48 train / 12 val, a few batches of 8 per epoch."""
+    return make_folder(tmp_path_factory.mktemp("resume-data"), per_class=20)
+
+
+# ----------------------------------------------------------------------------- settings on resume
+
+@pytest.mark.parametrize("scheduler", ["step", "cosine", "onecycle", "plateau", "none"])
+def test_train_longer_trains_the_added_epochs_for_every_scheduler(scheduler, data, tmp_path):
+    run = tmp_path / "run"
+    args = ("--mode", "scratch", "--epochs", "2", "--scheduler", scheduler, "--optimizer", "sgd", "--lr", "0.05")
+    assert train.main(train_args(data, run, *args)) == 0
+    before = last(run)["model"]
+    assert train.main(["--resume", str(run), "--epochs", "4", "--no-summary"]) == 0
+    lrs = column(run, "lr")
+    assert len(lrs) == 4 and all(lr > 1e-4 for lr in lrs[2:]), lrs
+    after = last(run)["model"]
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_a_longer_cosine_run_continues_the_curve_to_the_new_end_without_a_new_warm_up():
+    short = train.Schedule(train.TrainConfig(scheduler="cosine", epochs=4, warmup_epochs=1))
+    longer = train.Schedule(train.TrainConfig(scheduler="cosine", epochs=8, warmup_epochs=1))
+    assert short(3.9, 4.0) < 0.05  # the short run ended near zero
+    assert longer(4.0, 4.1) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 3 / 7)))
+    assert longer(7.9, 8.0) < 0.01 and longer(1.0, 1.1) == pytest.approx(1.0, rel=0.01)  # no warm-up after it
+
+
+def test_optimizer_settings_given_on_resume_take_effect_and_are_recorded(data, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch", "--scheduler", "none", "--lr", "0.01")) == 0
+    assert train.main(["--resume", str(run), "--epochs", "2", "--lr", "0.1", "--weight-decay", "0.001",
+                       "--momentum", "0.5", "--batch-size", "4", "--no-summary"]) == 0
+    groups = last(run)["optimizer"]["param_groups"]
+    assert all(g["lr"] == pytest.approx(0.1) and g["weight_decay"] == 0.001 and g["momentum"] == 0.5 for g in groups)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["lr"], config["batch_size"]) == (0.1, 4)
+    assert column(run, "lr") == pytest.approx([0.01, 0.1])
+    changes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert changes[-1]["epoch"] == 1 and changes[-1]["changed"]["lr"] == [0.01, 0.1]
+    assert changes[-1]["changed"]["batch_size"] == [8, 4]
+
+
+def test_another_optimizer_on_resume_starts_its_state_afresh(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch", "--optimizer", "sgd")) == 0
+    assert train.main(["--resume", str(run), "--epochs", "2", "--optimizer", "adamw", "--no-summary"]) == 0
+    assert "optimizer changed from sgd to adamw" in capsys.readouterr().out
+    assert "exp_avg" in next(iter(last(run)["optimizer"]["state"].values()))
+
+
+def test_resuming_a_finished_run_without_new_epochs_says_so_and_changes_nothing(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch")) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert train.main(["--resume", str(run)]) == 0
+    assert train.main(["--resume", str(run), "--epochs", "1", "--lr", "0.5"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_training_time_adds_up_across_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch")) == 0
+    first = json.loads((run / "summary.json").read_text())["train_time_s"]
+    assert train.main(["--resume", str(run), "--epochs", "2", "--no-summary"]) == 0
+    total = json.loads((run / "summary.json").read_text())["train_time_s"]
+    assert total > first + 0.9 * column(run, "time_s")[1]
+
+
+def test_fewer_epochs_than_already_trained_are_refused(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch", "--epochs", "2")) == 0
+    assert run_cli(["--resume", str(run), "--epochs", "1"]) == 2
+    assert "fewer than the 2 epochs" in capsys.readouterr().err
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return train.run(argv)
+    except SystemExit as e:
+        return e.code
+
+
+# ----------------------------------------------------------------------------- portable runs
+
+def test_a_run_resumes_from_another_working_directory(data, tmp_path, monkeypatch):
+    shutil.copytree(data, tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(train_args(Path("photos"), Path("run"), "--mode", "scratch")) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert train.main(["--resume", str(tmp_path / "run"), "--epochs", "2", "--no-summary"]) == 0
+    assert (tmp_path / "run" / "skipped.txt").read_text() == ""
+    assert last(tmp_path / "run")["epoch"] == 2
+
+
+def test_resume_needs_no_weights_file_that_only_the_start_needed(data, tmp_path, with_weights):
+    import models
+
+    weights = tmp_path / "weights.pt"
+    torch.save(models.build_model("resnet18", 1000).state_dict(), weights)
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "transfer", "--weights", str(weights))) == 0
+    weights.rename(tmp_path / "moved.pt")
+    assert train.main(["--resume", str(run), "--epochs", "2", "--no-summary"]) == 0
+
+
+def test_resume_from_best_pt_is_answered_in_one_line(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch")) == 0
+    assert run_cli(["--resume", str(run / "best.pt"), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--resume {run}" in err
+
+
+def test_a_folder_stopped_before_its_first_checkpoint_is_resumable(data, tmp_path, monkeypatch):
+    args = ("--mode", "scratch", "--epochs", "2", "--optimizer", "adam")
+    assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
+    real = train.fit
+
+    def killed_before_the_first_checkpoint(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", killed_before_the_first_checkpoint)
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, *args)) == 130
+    assert (run / "config.json").exists() and not (run / "last.pt").exists()
+    monkeypatch.setattr(train, "fit", real)
+    assert run_cli(train_args(data, run, *args)) == 2  # a fresh start does not take another run's folder
+    assert train.main(["--resume", str(run)]) == 0
+    assert metrics(run) == metrics(tmp_path / "whole")
+
+
+def test_lr_find_under_torchrun_is_refused_on_every_rank(data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *train_args(data, tmp_path / "run", "--lr-find")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert result.stderr.count("--lr-find runs in one process") == 2
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- kill anywhere
+
+def interrupt_at(call: int, sig: int, monkeypatch) -> None:
+    """Send `sig` to this process from inside the `call`-th batch collation (training or validation)."""
+    real, calls = dataset.collate, [0]
+
+    def collate(batch):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), sig)
+        return real(batch)
+
+    monkeypatch.setattr(dataset, "collate", collate)
+
+
+def test_an_interrupt_during_validation_resumes_to_the_unbroken_run(data, tmp_path, monkeypatch, capsys):
+    args = ("--mode", "scratch", "--epochs", "2", "--save-interval", "0")
+    assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
+    run = tmp_path / "run"
+    interrupt_at(6 + 1, signal.SIGINT, monkeypatch)  # 6 training batches, then the first validation batch
+    assert train.main(train_args(data, run, *args)) == 130
+    assert "trained and not yet validated" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert train.main(["--resume", str(run), "--no-summary"]) == 0
+    assert metrics(run) == metrics(tmp_path / "whole")
+
+
+def test_interrupts_at_random_moments_each_resumed_give_the_unbroken_run(data, tmp_path, monkeypatch, capsys):
+    args = ("--mode", "scratch", "--epochs", "3", "--save-interval", "0", "--hflip", "0.5", "--mixup", "0.2")
+    assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
+    run, argv, points = tmp_path / "run", train_args(data, tmp_path / "run", *args), []
+    for _ in range(12):
+        interrupt_at(RANDOM.randint(1, 8), RANDOM.choice([signal.SIGINT, signal.SIGTERM]), monkeypatch)
+        status = train.main(argv)
+        monkeypatch.undo()
+        out = capsys.readouterr()
+        if points:  # a resume names the point the interrupt before it named, in the same words
+            assert f"resuming {run} at {points[-1]}" in out.out
+        if status == 0:
+            break
+        assert status == 130, out.err
+        points.append(out.err.split("interrupted at ")[1].split(": saved")[0])
+        argv = ["--resume", str(run), "--no-summary"]
+    assert len(points) >= 2, points
+    assert metrics(run) == metrics(tmp_path / "whole"), f"interrupted at: {points}"
+
+
+def start(args: list[str], cwd: Path = ROOT) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+
+
+def test_kills_at_random_times_with_workers_each_resumed_give_the_unbroken_run(data, tmp_path):
+    """SIGKILL, SIGTERM or SIGINT at a random time: during start-up, the file check, training,
+    validation or a checkpoint write; then the run is started again (no folder yet) or resumed."""
+    args = ("--mode", "scratch", "--epochs", "6", "--save-interval", "0", "--batch-size", "2")
+    assert train.main(train_args(data, tmp_path / "whole", *args, "--workers", "0")) == 0
+    run, kills = tmp_path / "run", []
+    fresh = train_args(data, run, *args, "--workers", "2")
+    for _ in range(4):
+        argv = ["--resume", str(run), "--no-summary"] if (run / "config.json").exists() else fresh
+        proc = start(argv)
+        time.sleep(RANDOM.uniform(2.5, 9.0))
+        if proc.poll() is not None:
+            break
+        sig = RANDOM.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 130, -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT), err[-2000:]
+        kills.append(sig.name)
+    argv = ["--resume", str(run), "--no-summary"] if (run / "config.json").exists() else fresh
+    proc = start(argv)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert metrics(run) == metrics(tmp_path / "whole"), f"killed with {kills}"
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_workers_and_augmentation_give_the_same_run_as_no_workers(data, tmp_path):
+    args = ("--mode", "scratch", "--epochs", "2", "--hflip", "0.5", "--augment", "trivialaugment")
+    assert train.main(train_args(data, tmp_path / "w0", *args, "--workers", "0")) == 0
+    assert train.main(train_args(data, tmp_path / "w2", *args, "--workers", "2")) == 0
+    assert metrics(tmp_path / "w0") == metrics(tmp_path / "w2")
