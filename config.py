@@ -101,7 +101,8 @@ class TrainConfig:
     seed: int = opt(42, "random seed (split, init, shuffling, augmentation)")
     # run folder
     out: str | None = opt(None, "run folder (default: runs/<model>-<mode>-<time>)", type=str)
-    resume: str | None = opt(None, "continue a run: path to last.pt or a run folder, or 'auto'", type=str)
+    resume: str | None = opt(None, "continue a run: a run folder (or its last.pt), or 'auto' for the newest; "
+                             "options given with it take effect, except those that define the run", type=str)
     overwrite: bool = opt(False, "allow --out to be an existing non-empty folder")
     summary: bool = opt(True, "print the torchsummary model summary at the start")
     lr_find: bool = opt(False, "run a learning-rate range test, plot it, suggest an lr and exit")

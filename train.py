@@ -388,7 +388,11 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
     """The run's split: a resumed run's own (split.json), else checked and made by rank 0 and shared.
     The check fills the decoded-image cache at `size` as it goes."""
     if start.ckpt is not None:
-        return dataset.DataSplit.load(start.run_dir / "split.json")
+        try:
+            return dataset.DataSplit.load(start.run_dir / "split.json")
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UsageError(f"{start.run_dir / 'split.json'} cannot be read ({e.__class__.__name__}): a resume "
+                             "needs the run's split; restore the file, or start a new run") from None
     split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
                                  cache_size=size if cfg.image_cache else None) if lead else None
     return dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
@@ -683,28 +687,32 @@ class Loop:
     def run(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
             use_features: bool) -> int:
         self.started = self.last_drawn = self.last_saved = time.perf_counter()
-        per_epoch = sampler.per_rank
-        try:
-            with deferred_interrupts():
+        with deferred_interrupts():  # also while saving and finishing: a Ctrl-C there is not lost
+            try:
                 while self.progress.epoch < self.cfg.epochs and not self.finished:
                     self.one_epoch(train_loader, val_loader, sampler, use_features)
-        except (KeyboardInterrupt, Exception) as e:
-            if not isinstance(e, KeyboardInterrupt) and not stop_requested():
+            except KeyboardInterrupt:
+                return self.interrupted(sampler.per_rank)
+            except Exception:
+                if stop_requested():  # a DataLoader worker ended by the same Ctrl-C or SIGTERM
+                    return self.interrupted(sampler.per_rank)
                 # a NaN, out of memory, a bug: the best model found so far is kept all the same
                 if self.lead and self.best_ckpt is not None:
                     save_checkpoint(self.best_ckpt, self.run_dir / "best.pt")
                 raise
-            # Ctrl-C or SIGTERM (or a worker ended by it): the state is that of the last complete step
             if self.lead:
-                self.save(self.checkpoint())
-                if self.history:
-                    write_metrics(self.run_dir, self.history)
-                print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / 'last.pt'}; "
-                      f"continue with: python train.py --resume {self.run_dir}", file=sys.stderr)
-            return 130
-        if self.lead:
-            self.finish()
+                self.finish()
         return 0
+
+    def interrupted(self, per_epoch: int) -> int:
+        """Ctrl-C or SIGTERM: the state is that of the last complete step (or validation not begun)."""
+        if self.lead:
+            self.save(self.checkpoint())
+            if self.history:
+                write_metrics(self.run_dir, self.history)
+            print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / 'last.pt'}; "
+                  f"continue with: python train.py --resume {self.run_dir}", file=sys.stderr)
+        return 130
 
     def one_epoch(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
                   use_features: bool) -> None:
