@@ -95,6 +95,8 @@ class TrainConfig:
                               "(turns augmentation off)")
     cache_dir: str | None = opt(None, "where caches live (default: $IMGCLS_CACHE or ~/.cache/imgcls)",
                                 type=str)
+    max_file_mb: float = opt(256.0, "files larger than this (MB) are skipped without being read (a 12 MP JPEG is "
+                             "~5 MB; raise it for huge TIFFs)")
     max_bad_fraction: float = opt(0.5, "stop if more than this share of a batch cannot be read")
     save_interval: float = opt(60.0, "seconds between checkpoint writes at epoch ends; always after the last "
                                "epoch and on Ctrl-C (0 = every epoch; a hard kill loses at most this much)")
@@ -138,6 +140,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.min_scale <= 1, "--min-scale must be in (0, 1]"),
         (0 <= cfg.hflip <= 1, "--hflip must be a probability"),
         (0 <= cfg.max_bad_fraction <= 1, "--max-bad-fraction must be between 0 and 1"),
+        (cfg.max_file_mb > 0, "--max-file-mb must be positive"),
         (cfg.workers is None or cfg.workers >= 0, "--workers cannot be negative"),
         (cfg.save_interval >= 0, "--save-interval cannot be negative"),
         (cfg.patience >= 0 and cfg.warmup_epochs >= 0, "--patience and --warmup-epochs cannot be negative"),

@@ -10,15 +10,17 @@ from that square; evaluation takes its centre: the standard Resize + CenterCrop 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import random
 import sys
+import threading
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,20 +28,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import files
+import folders
 from config import UsageError, cache_root
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-VAL_NAMES = ("val", "valid", "validation")
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "digits"
 ACCEPTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                   "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-CHECK_VERSION = 2  # 2: keyed by ctime too
-CACHE_VERSION = 2  # of the decoded pixels: a change in decoding makes new caches
+CHECK_VERSION = 3  # 2: keyed by ctime too; 3: perceptual hashes, EXIF orientation
+CACHE_VERSION = 3  # of the decoded pixels: a change in decoding makes new caches (3: EXIF orientation)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a half-downloaded file is an error, never grey pixels
 
@@ -71,28 +73,98 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Image:
-    """Decode fully (so truncation shows now), JPEGs at a reduced scale when `draft` allows."""
-    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+# Pillow opens these formats and nothing else: never EPS (Ghostscript), PDF or the rarer plugins
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # JPEG also opens MPO (multi-picture) photos
+# the pixel limit is checked from the header in open_image(), the same way in every thread: Pillow's
+# own warning for it goes through the process-wide warnings filter, which threads cannot share safely
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class DecodeBudget:
+    """Pixels being decoded at once in this process, bounded: images near the pixel limit (several GB
+    each once decoded) wait for each other instead of being decoded on every core at once."""
+
+    def __init__(self, pixels: int):
+        self.limit, self.used, self.cond = pixels, 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        with self.cond:
+            self.cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
+BUDGET = DecodeBudget(MAX_PIXELS)
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file. Anything else (a FIFO, a device) is refused from fstat() after a
+    non-blocking open: reading a named pipe would wait forever."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-            if draft and img.format == "JPEG":
-                img.draft("RGB", (draft, draft))  # DCT scaling: keeps both sides >= draft
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise BadImage(f"unreadable ({e.strerror})") from None
+    try:
+        special = folders.special_file(os.fstat(fd).st_mode)
+        if special:
+            raise BadImage(special)
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise BadImage(f"unreadable ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def open_image(source: bytes, draft: int | None = None) -> Image.Image:
+    """Decode fully (so truncation shows now) and upright (the EXIF orientation applied, as every viewer
+    shows a phone photo); JPEGs at a reduced scale when `draft` allows. The pixel limit is checked
+    from the header, before any decoding."""
+    try:
+        img = Image.open(io.BytesIO(source), formats=FORMATS)
+        if img.width * img.height > MAX_PIXELS:
+            raise BadImage(f"decompression bomb (too many pixels: {img.width} x {img.height})")
+        if draft and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (draft, draft))  # DCT scaling: keeps both sides >= draft
+        with BUDGET.take(img.width * img.height):
             img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise BadImage("decompression bomb (too many pixels)") from None
     except Image.UnidentifiedImageError:
-        raise BadImage("not an image") from None
+        raise BadImage(f"not an image (or not one of {', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage("truncated" if "truncat" in str(e).lower() else f"unreadable ({e})") from None
+    return upright(img)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The EXIF orientation applied (phones store portraits lying on their side, with a tag)."""
+    try:
+        if img.getexif().get(ORIENTATION, 1) in range(2, 9):
+            return ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block: the pixels as stored
+        pass
     return img
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
+ORIENTATION = 0x0112
+
+
+def decode(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
+    """A file as an upright RGB picture (see open_image and to_rgb)."""
+    return to_rgb(open_image(read_file(path), draft))
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     """Decode to a size x size x 3 uint8 array: shorter side resized to `size`, centre crop."""
-    return square(to_rgb(open_image(path, draft=size)), size)
+    return square(decode(path, draft=size), size)
 
 
 def square(img: Image.Image, size: int) -> np.ndarray:
@@ -103,27 +175,35 @@ def square(img: Image.Image, size: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
-def inspect_file(path: str, size: int | None = None) -> tuple[str | None, str, np.ndarray | None]:
-    """(reason to skip or None, sha1 of the bytes, the image as load_image(path, size) gives it when a
-    size is asked for) for one file. The check has to decode the image anyway: for a big photo that is
-    all the work of caching it."""
+def look_hash(img: Image.Image) -> str:
+    """A 256-bit perceptual hash (difference hash: is each of 16 x 16 cells brighter than its right-hand
+    neighbour?). Resizing and re-encoding a photo keep it within a few bits; other photos differ by ~128."""
+    small = np.asarray(img.convert("L").resize((17, 16), Image.BOX), dtype=np.int16)
+    return np.packbits(small[:, 1:] > small[:, :-1]).tobytes().hex()
+
+
+def inspect_file(path: str, size: int | None = None) -> tuple[str | None, str, str, np.ndarray | None]:
+    """(reason to skip or None, sha1 of the bytes, perceptual hash, the image as load_image(path, size)
+    gives it when a size is asked for) for one file. The check has to decode the image anyway: for a
+    big photo that is all the work of caching it."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return f"unreadable ({e.strerror})", "", None
+        data = read_file(path)
+    except BadImage as e:
+        return str(e), "", "", None
     digest = hashlib.sha1(data).hexdigest()
     if not data:
-        return "empty file", digest, None
+        return "empty file", digest, "", None
     try:
         img = to_rgb(open_image(data, draft=size or 64))
     except BadImage as e:
-        return str(e), digest, None
-    return None, digest, square(img, size) if size else None
+        return str(e), digest, "", None
+    return None, digest, look_hash(img), square(img, size) if size else None
 
 
 def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True,
-                fill: ImageCache | None = None) -> dict[str, tuple]:
-    """Inspect files in parallel; results are cached by files.identity() so re-checks are quick.
+                fill: ImageCache | None = None) -> dict[str, tuple[str | None, str, str]]:
+    """(reason to skip or None, sha1, perceptual hash) per file, inspected in parallel; results are
+    cached by files.identity() so re-checks are quick.
     With `fill` (a cache of these paths), each image decoded by the check is also written to that
     cache, so a first run decodes every file once, not twice; the cache is complete on return."""
     if fill is not None and fill.ready:
@@ -134,19 +214,19 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
     for p in paths:
         _, *stamp = files.identity(p)
         if stamp[0] < 0:
-            results[p] = ("missing", "")
+            results[p] = ("missing", "", "")
             continue
         entry = known.get(p)
-        if isinstance(entry, list) and len(entry) == 5 and entry[:3] == stamp:
-            results[p] = (entry[3], entry[4])
+        if isinstance(entry, list) and len(entry) == 6 and entry[:3] == stamp:
+            results[p] = tuple(entry[3:])
         else:
             todo.append((p, stamp))
     if todo:
-        def inspect(path: str) -> tuple[str | None, str]:
-            reason, digest, pixels = inspect_file(path, fill and fill.size)
+        def inspect(path: str) -> tuple[str | None, str, str]:
+            reason, digest, look, pixels = inspect_file(path, fill and fill.size)
             if fill is not None:
                 fill.put(path, pixels)
-            return reason, digest
+            return reason, digest, look
 
         desc = f"checking and caching images ({fill.size}px)" if fill else "checking images"
         if fill is not None:
@@ -154,10 +234,10 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
         try:
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL decodes without the GIL
                 found = pool.map(lambda t: inspect(t[0]), todo)
-                for (p, stamp), (reason, digest) in tqdm(zip(todo, found), total=len(todo), desc=desc,
-                                                         disable=None if progress else True, leave=False):
-                    results[p] = (reason, digest)
-                    known[p] = [*stamp, reason, digest]
+                for (p, stamp), result in tqdm(zip(todo, found), total=len(todo), desc=desc,
+                                               disable=None if progress else True, leave=False):
+                    results[p] = result
+                    known[p] = [*stamp, *result]
         except BaseException:
             if fill is not None:
                 fill.discard()
@@ -165,7 +245,7 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
         files.atomic_write_text(cache_root(cache_dir) / "checks.json",
                                 json.dumps({"version": CHECK_VERSION, "files": known}))
     if fill is not None:  # images whose check was remembered from an earlier run are decoded now
-        fill.build(progress, skip={p for p, (reason, _) in results.items() if reason})
+        fill.build(progress, skip={p for p, result in results.items() if result[0]})
     return results
 
 
@@ -188,21 +268,13 @@ def derived_seed(*parts: int) -> int:
 
 # ----------------------------------------------------------------------------- folders and splits
 
-def is_hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("__") or name in {"Thumbs.db", "desktop.ini"}
-
-
 def list_files(folder: Path) -> list[str]:
-    """Every non-hidden file below `folder`, sorted; hidden folders (.ipynb_checkpoints...) pruned."""
-    out = []
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        out += [os.path.join(root, f) for f in sorted(names) if not is_hidden(f)]
-    return out
+    """Every file below `folder` that the folder rules let through (folders.py), sorted."""
+    return folders.Walk().image_files(Path(folder))
 
 
 def class_folders(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name))
+    return [d.name for d in folders.Walk().subfolders(Path(folder))]
 
 
 @dataclass
@@ -212,8 +284,11 @@ class DataSplit:
     classes: list[str]
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    leaks: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # checked and unreadable: (path, reason)
+    leaks: list[tuple[str, str, int]] = field(default_factory=list)  # (train, val or test, hash distance)
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # never opened: (path, reason), folders.py
+    ignored: list[str] = field(default_factory=list)  # folders ignored by name
+    repeats: list[tuple[str, str, int]] = field(default_factory=list)  # look-alikes within a class
 
     def save(self, path: Path) -> None:
         files.atomic_write_text(path, json.dumps(asdict(self), indent=1))
@@ -221,7 +296,7 @@ class DataSplit:
     @classmethod
     def load(cls, path: Path) -> DataSplit:
         d = json.loads(Path(path).read_text())
-        for key in ("train", "val", "skipped", "leaks"):
+        for key in ("train", "val", "skipped", "leaks", "left_out", "repeats"):
             d[key] = [tuple(x) for x in d.get(key, [])]
         return cls(**d)
 
@@ -232,6 +307,10 @@ class DataSplit:
     def counts(self, items: list[tuple[str, int]]) -> list[int]:
         c = Counter(label for _, label in items)
         return [c[i] for i in range(len(self.classes))]
+
+    def not_used(self) -> list[tuple[str, str]]:
+        """Every file of the data set that is not trained or validated on, with the reason."""
+        return self.left_out + self.skipped
 
 
 def resolve_data_dir(data: str) -> Path:
@@ -245,17 +324,8 @@ def resolve_data_dir(data: str) -> Path:
     return root
 
 
-def find_layout(root: Path) -> tuple[Path, Path | None, Path | None]:
-    """(train folder, val folder or None, test folder or None)."""
-    subdirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir()}
-    if "train" in subdirs:
-        val = next((subdirs[n] for n in VAL_NAMES if n in subdirs), None)
-        return subdirs["train"], val, subdirs.get("test")
-    return root, None, None
-
-
-def labelled_files(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
-    return [(p, i) for i, c in enumerate(classes) for p in list_files(folder / c)]
+def labelled(walk: folders.Walk, folder: Path, classes: list[str]) -> list[tuple[str, int]]:
+    return [(p, i) for i, c in enumerate(classes) for p in walk.image_files(folder / c)]
 
 
 def stratified_split(items: list[tuple[str, int]], val_split: float, seed: int
@@ -276,64 +346,124 @@ def stratified_split(items: list[tuple[str, int]], val_split: float, seed: int
 
 
 def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
-                 progress: bool = True, cache_size: int | None = None) -> DataSplit:
-    """Find classes and files, check them all, split; every problem a person can fix is a UsageError.
-    With `cache_size`, also fill the decoded-image cache of DataSplit.files() at that size."""
+                 progress: bool = True, cache_size: int | None = None,
+                 max_file_mb: float = folders.DEFAULT_MAX_FILE_MB) -> DataSplit:
+    """Find classes and files, check them all, split, look for look-alikes across the splits; every
+    problem a person can fix is a UsageError. With `cache_size`, also fill the decoded-image cache of
+    DataSplit.files() at that size."""
     root = resolve_data_dir(data)
-    train_dir, val_dir, _ = find_layout(root)  # test/ is eval.py's, not checked or used here
-    classes = class_folders(train_dir)
+    walk = folders.Walk(max_bytes=int(max_file_mb * 2**20))
+    train_dir, val_dir, test_dir = folders.find_layout(root, walk)
+    classes = [d.name for d in walk.subfolders(train_dir)]
     if not classes:
-        raise UsageError(f"no class folders in {train_dir}: expected {train_dir}/<class name>/<images>")
+        raise UsageError(f"no class folders in {shown(train_dir)}: expected {shown(train_dir)}/<class name>/<images>")
     if len(classes) < 2:
-        raise UsageError(f"only one class ({classes[0]}) in {train_dir}: a classifier needs at least two "
-                         "class folders")
+        raise UsageError(f"only one class ({shown(classes[0])}) in {shown(train_dir)}: a classifier needs at least "
+                         "two class folders")
     if val_dir is not None:
-        val_classes = class_folders(val_dir)
+        val_classes = [d.name for d in walk.subfolders(val_dir)]
         if val_classes != classes:
-            only_train = sorted(set(classes) - set(val_classes))
-            only_val = sorted(set(val_classes) - set(classes))
+            only_train = sorted(map(shown, set(classes) - set(val_classes)))
+            only_val = sorted(map(shown, set(val_classes) - set(classes)))
             raise UsageError(f"train and {val_dir.name} classes differ (only in train: {only_train or '-'}; "
                              f"only in {val_dir.name}: {only_val or '-'}): make the class folders match")
-    sets = {"train": labelled_files(train_dir, classes),
-            "val": labelled_files(val_dir, classes) if val_dir else []}
-    paths = sorted(p for items in sets.values() for p, _ in items)
+    test_classes = [d.name for d in walk.subfolders(test_dir)] if test_dir else []
+    for folder in [root, train_dir, val_dir, test_dir, *(train_dir / c for c in classes),
+                   *(val_dir / c for c in classes if val_dir), *(test_dir / c for c in test_classes)]:
+        if folder is not None:  # every class folder is its own: a link back to one of them adds nothing
+            walk.claim(folder)
+    sets = {"train": labelled(walk, train_dir, classes),
+            "val": labelled(walk, val_dir, classes) if val_dir else [],
+            "test": labelled(walk, test_dir, test_classes) if test_dir else []}
+    paths = sorted(p for name in ("train", "val") for p, _ in sets[name])
     cache = ImageCache(paths, cache_size, cache_dir) if cache_size else None
     checked = check_files(paths, cache_dir, progress, fill=cache)
-    skipped = [(p, checked[p][0]) for items in sets.values() for p, _ in items if checked[p][0]]
+    checked.update(check_files([p for p, _ in sets["test"]], cache_dir, progress) if sets["test"] else {})
+    skipped = [(p, checked[p][0]) for name in ("train", "val") for p, _ in sets[name] if checked[p][0]]
     good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
     counts = Counter(y for _, y in good["train"] + good["val"])
-    empty = [c for i, c in enumerate(classes) if counts[i] == 0]
+    empty = [shown(c) for i, c in enumerate(classes) if counts[i] == 0]
     if empty:
-        raise UsageError(f"class folder(s) {', '.join(empty)} in {train_dir} have no readable images: "
+        raise UsageError(f"class folder(s) {', '.join(empty)} in {shown(train_dir)} have no readable images: "
                          "add images or remove the folder")
     train, val = good["train"], good["val"]
     if val_dir is None:
         train, val = stratified_split(train, val_split, seed)
-    digests = defaultdict(list)
-    for p, _ in train:
-        digests[checked[p][1]].append(p)
-    leaks = [(t, v) for v, _ in val for t in digests.get(checked[v][1], [])]
-    return DataSplit(str(root), classes, train, val, skipped, leaks)
+    looks = {p: checked[p][2] if detailed(checked[p][2]) else "sha1:" + checked[p][1] for p in checked
+             if checked[p][2]}
+    leaks = (lookalikes([p for p, _ in train], [p for p, _ in val + good["test"]], looks) +
+             lookalikes([p for p, _ in val], [p for p, _ in good["test"]], looks))
+    repeats = [pair for items in (train, val) for c in range(len(classes))
+               for pair in lookalikes([p for p, y in items if y == c], None, looks)]
+    return DataSplit(str(root), classes, train, val, skipped, leaks, walk.skipped, walk.ignored, repeats)
+
+
+LOOKALIKE_BITS = 24  # of 256: resized and re-encoded copies differ by a few bits, other photos by ~128
+
+
+def detailed(look: str) -> bool:
+    """A hash with enough structure to compare: plain pictures (one colour, a smooth gradient) all hash
+    alike, so they are compared by their bytes only."""
+    return 16 <= bin(int(look, 16)).count("1") <= 240
+
+
+def lookalikes(a: list[str], b: list[str] | None, looks: dict[str, str], max_bits: int = LOOKALIKE_BITS
+               ) -> list[tuple[str, str, int]]:
+    """Pairs (x from a, y from b; or x, y both from a when b is None) that are the same picture: exact
+    copies, and (by perceptual hash, at most `max_bits` apart) the same photo resized or re-encoded.
+    `looks` maps a path to its perceptual hash, or to "sha1:<digest>" for a plain picture. Blocked
+    all-pairs with bit counting, so 50,000 images take seconds."""
+    out = []
+    exact: dict[str, list[str]] = defaultdict(list)
+    for p in (a if b is None else b):
+        if looks.get(p, "").startswith("sha1:"):
+            exact[looks[p]].append(p)
+    for p in a:
+        for q in exact.get(looks.get(p, ""), []):
+            if b is not None or p < q:
+                out.append((p, q, 0))
+    a = [p for p in a if p in looks and not looks[p].startswith("sha1:")]
+    b = a if b is None else [p for p in b if p in looks and not looks[p].startswith("sha1:")]
+    if not a or not b:
+        return out
+    ha, hb = (np.frombuffer(bytes.fromhex("".join(looks[p] for p in ps)), dtype=np.uint64).reshape(len(ps), -1)
+              for ps in (a, b))
+    rows = max(1, 2**22 // (len(b) * ha.shape[1]))
+    for i in range(0, len(a), rows):
+        dist = np.bitwise_count(ha[i:i + rows, None, :] ^ hb[None, :, :]).sum(-1, dtype=np.int32)
+        for x, y in zip(*np.nonzero(dist <= max_bits)):
+            if b is not a or i + x < y:  # within one list: each pair once, never an image with itself
+                out.append((a[i + x], b[y], int(dist[x, y])))
+    return out
+
+
+def shown(path: str | os.PathLike) -> str:
+    return folders.shown(path)
 
 
 def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None
                 ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]], ImageCache | None]:
     """An evaluation folder: (classes, good (path, label) items, skipped (path, reason), and with
-    `cache_size` the decoded-image cache the check filled)."""
+    `cache_size` the decoded-image cache the check filled). A data set root gives its test/ (else val/)."""
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder: give a folder with one sub-folder per class")
-    for name in ("test", *VAL_NAMES):  # a dataset root: evaluate its held-out part
-        if (folder / name).is_dir() and (folder / "train").is_dir():
-            folder = folder / name
-            break
-    classes = class_folders(folder)
-    items = labelled_files(folder, classes)
+    walk = folders.Walk()
+    train_dir, val_dir, test_dir = folders.find_layout(folder, walk)
+    if train_dir != folder:  # a dataset root: evaluate its held-out part
+        folder = test_dir or val_dir
+        if folder is None:
+            raise UsageError(f"{shown(train_dir.parent)} has train/ but no test/ or val/ folder to evaluate: give "
+                             "the folder of images to evaluate")
+    classes = [d.name for d in walk.subfolders(folder)]
+    for d in [folder, *(folder / c for c in classes)]:
+        walk.claim(d)
+    items = labelled(walk, folder, classes)
     cache = ImageCache(sorted(p for p, _ in items), cache_size, cache_dir) if cache_size else None
     checked = check_files([p for p, _ in items], cache_dir, progress, fill=cache)
     good = [(p, y) for p, y in items if not checked[p][0]]
     if not good:
-        raise UsageError(f"no readable images in {folder}/<class>/: nothing to evaluate")
-    return classes, good, [(p, checked[p][0]) for p, _ in items if checked[p][0]], cache
+        raise UsageError(f"no readable images in {shown(folder)}/<class>/: nothing to evaluate")
+    return classes, good, walk.skipped + [(p, checked[p][0]) for p, _ in items if checked[p][0]], cache
 
 
 def export_demo(dest: Path = DEMO_DIR) -> Path:
@@ -556,22 +686,32 @@ def eval_transform(img_size: int) -> Callable:
 # ----------------------------------------------------------------------------- the check command
 
 def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
-    """Per-class counts, imbalance, skipped files and train/val duplicates, for people."""
+    """Per-class counts, imbalance, what is ignored and skipped and why, and look-alikes, for people."""
     train_counts, val_counts = split.counts(split.train), split.counts(split.val)
-    width = max(len(c) for c in split.classes)
-    out(f"{len(split.classes)} classes, {len(split.train)} train + {len(split.val)} val images in {split.root}")
-    for name, nt, nv in zip(split.classes, train_counts, val_counts):
+    names = [shown(c) for c in split.classes]
+    width = max(len(c) for c in names)
+    out(f"{len(names)} classes, {len(split.train)} train + {len(split.val)} val images in {shown(split.root)}")
+    for name, nt, nv in zip(names, train_counts, val_counts):
         out(f"  {name:>{width}}  train {nt:6d}  val {nv:6d}")
     totals = [a + b for a, b in zip(train_counts, val_counts)]
     out(f"imbalance (largest/smallest class): {max(totals) / max(1, min(totals)):.1f}x")
-    if split.skipped:
-        out(f"skipping {len(split.skipped)} file(s):")
-        for path, reason in split.skipped:
-            out(f"  {path}: {reason}")
+    if split.ignored:
+        out(f"ignored {len(split.ignored)} folder(s) by name (system clutter, see README):")
+        for path in split.ignored:
+            out(f"  {shown(path)}")
+    if split.not_used():
+        out(f"skipping {len(split.not_used())} file(s):")
+        for path, reason in split.not_used():
+            out(f"  {shown(path)}: {reason}")
     if split.leaks:
-        out(f"warning: {len(split.leaks)} val image(s) are exact copies of train images (leakage):")
-        for t, v in split.leaks[:20]:
-            out(f"  {v} == {t}")
+        out(f"warning: {len(split.leaks)} image(s) in val/test look like train images (leakage; perceptual hash "
+            "distance in bits of 256, 0 = the same picture):")
+        for a, b, d in split.leaks[:20]:
+            out(f"  {shown(b)} ~ {shown(a)} ({d})")
+    if split.repeats:
+        out(f"hint: {len(split.repeats)} pair(s) of images within a class look alike (duplicates weigh twice):")
+        for a, b, d in split.repeats[:10]:
+            out(f"  {shown(b)} ~ {shown(a)} ({d})")
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -584,13 +724,15 @@ def main(argv: Iterable[str] | None = None) -> int:
     check.add_argument("--val-split", type=float, default=0.2)
     check.add_argument("--seed", type=int, default=42)
     check.add_argument("--cache-dir", default=None)
+    check.add_argument("--max-file-mb", type=float, default=folders.DEFAULT_MAX_FILE_MB,
+                       help="files larger than this are skipped without being read")
     sub.add_parser("demo", help=f"export the digits demo data to {DEMO_DIR}")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             print(export_demo())
             return 0
-        report(prepare_data(args.data, args.val_split, args.seed, args.cache_dir))
+        report(prepare_data(args.data, args.val_split, args.seed, args.cache_dir, max_file_mb=args.max_file_mb))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -129,7 +129,7 @@ def print_report(m: dict[str, Any], present: list[int]) -> None:
 
 def thumbnail(path: str, size: int = 160) -> np.ndarray | None:
     try:
-        img = dataset.to_rgb(dataset.open_image(path, draft=size))
+        img = dataset.decode(path, draft=size)
     except (dataset.BadImage, OSError):
         return None
     img.thumbnail((size, size))

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import dataset
+import folders
 import models
 from config import UsageError, cli
 
@@ -173,10 +174,10 @@ def sample_images(data: str | None, pre: dict[str, Any], n: int, classes: list[s
         folder = Path(data)
         if not folder.is_dir():
             raise UsageError(f"--data {data} is not a folder")
-        train_dir, val_dir, test_dir = dataset.find_layout(folder)
+        train_dir, val_dir, test_dir = folders.find_layout(folder)
         folder = (test_dir or val_dir or train_dir) if held_out else train_dir
         names = dataset.class_folders(folder)
-        items = dataset.labelled_files(folder, names)
+        items = [(p, i) for i, c in enumerate(names) for p in dataset.list_files(folder / c)]
         labelled = [(p, classes.index(names[y]) if names[y] in classes else -1) for p, y in items]
         if not labelled:
             labelled = [(p, -1) for p in dataset.list_files(folder)]

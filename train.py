@@ -356,7 +356,7 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: datase
     files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     if start.ckpt is None:
         split.save(run_dir / "split.json")
-        files.atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in split.skipped))
+        files.atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in split.not_used()))
     else:
         line = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
                 "epoch": start.ckpt["epoch"], "changed": start.changes}
@@ -394,17 +394,23 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
             raise UsageError(f"{start.run_dir / 'split.json'} cannot be read ({e.__class__.__name__}): a resume "
                              "needs the run's split; restore the file, or start a new run") from None
     split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
-                                 cache_size=size if cfg.image_cache else None) if lead else None
+                                 cache_size=size if cfg.image_cache else None,
+                                 max_file_mb=cfg.max_file_mb) if lead else None
     return dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
 
 
 def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
+    left = f" and left out {len(split.left_out)} other file(s)" if split.left_out else ""
     print(f"data: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images from "
-          f"{split.root}" + (f"; skipped {len(split.skipped)} unreadable file(s), see "
-                             f"{run_dir / 'skipped.txt'}" if split.skipped else ""))
+          f"{dataset.shown(split.root)}" + (f"; skipped {len(split.skipped)} unreadable file(s){left}, see "
+                                            f"{run_dir / 'skipped.txt'}" if split.not_used() else ""))
+    if split.ignored:
+        print(f"ignored folder(s) by name: {', '.join(dataset.shown(p) for p in split.ignored[:5])}"
+              + (" ..." if len(split.ignored) > 5 else ""))
     if split.leaks:
-        dataset.warn(f"{len(split.leaks)} val image(s) are exact copies of train images, e.g. "
-                     f"{split.leaks[0][1]} == {split.leaks[0][0]} (run `python dataset.py check`)")
+        b, a, d = split.leaks[0][1], split.leaks[0][0], split.leaks[0][2]
+        dataset.warn(f"{len(split.leaks)} val/test image(s) look like train images (leakage), e.g. "
+                     f"{dataset.shown(b)} ~ {dataset.shown(a)} ({d} bits apart); see `python dataset.py check`")
 
 
 def build(cfg: TrainConfig, start: Start, num_classes: int) -> tuple[nn.Module, list]:

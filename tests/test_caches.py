@@ -43,7 +43,7 @@ def test_the_file_check_notices_a_file_replaced_by_another_of_the_same_size_and_
     path = data / "red" / "00.bmp"
     assert dataset.check_files([str(path)])[str(path)][0] is None
     replace_keeping_size_and_mtime(path, b"x" * path.stat().st_size)
-    assert dataset.check_files([str(path)])[str(path)][0] == "not an image"
+    assert dataset.check_files([str(path)])[str(path)][0].startswith("not an image")
 
 
 def test_the_image_cache_key_changes_when_a_file_is_replaced_by_one_of_the_same_size_and_mtime(tmp_path):

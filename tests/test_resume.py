@@ -107,10 +107,11 @@ def test_resuming_a_finished_run_without_new_epochs_says_so_and_changes_nothing(
 def test_training_time_adds_up_across_resumes(data, tmp_path):
     run = tmp_path / "run"
     assert train.main(train_args(data, run, "--mode", "scratch")) == 0
-    first = json.loads((run / "summary.json").read_text())["train_time_s"]
+    first = last(run)["train_time_s"]
+    assert first > 0
     assert train.main(["--resume", str(run), "--epochs", "2", "--no-summary"]) == 0
     total = json.loads((run / "summary.json").read_text())["train_time_s"]
-    assert total > first + 0.9 * column(run, "time_s")[1]
+    assert total >= first + column(run, "time_s")[1]
 
 
 def test_fewer_epochs_than_already_trained_are_refused(data, tmp_path, capsys):

@@ -133,7 +133,7 @@ def test_exact_copies_across_train_and_val_are_flagged_as_leakage(tmp_path):
     leaked = tmp_path / "val" / "red" / "copy.png"
     leaked.write_bytes((tmp_path / "train" / "red" / "red_000.png").read_bytes())
     split = dataset.prepare_data(str(tmp_path))
-    assert split.leaks == [(str(tmp_path / "train" / "red" / "red_000.png"), str(leaked))]
+    assert split.leaks == [(str(tmp_path / "train" / "red" / "red_000.png"), str(leaked), 0)]
 
 
 def tiny_loader(paths: list[Path]) -> torch.utils.data.DataLoader:

@@ -11,6 +11,7 @@ import torchvision
 from conftest import THREE, cached_weights, make_folder, train_args
 
 import dataset
+import folders
 import models
 import train
 
@@ -30,7 +31,7 @@ def test_demo_export_writes_the_digits_as_train_and_held_out_test_folders(tmp_pa
     assert dataset.class_folders(dest / "train") == digits == dataset.class_folders(dest / "test")
     n_train, n_test = (sum(len(dataset.list_files(dest / s / d)) for d in digits) for s in ("train", "test"))
     assert (n_train, n_test) == (1438, 359)
-    assert dataset.find_layout(dest) == (dest / "train", None, dest / "test")
+    assert folders.find_layout(dest) == (dest / "train", None, dest / "test")
 
 
 def test_flat_folder_is_split_per_class_with_the_same_seed_giving_the_same_split(colours):
