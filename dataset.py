@@ -317,7 +317,7 @@ def resolve_data_dir(data: str) -> Path:
     """'demo' or a folder; a missing or empty folder is the user's mistake, said in one line."""
     if data == "demo":
         return export_demo()
-    root = Path(data).expanduser().absolute()  # split.json's paths then hold from any working directory
+    root = Path(os.path.abspath(os.path.expanduser(data)))  # split.json's paths then hold from any directory
     if not root.is_dir():
         raise UsageError(f"data folder {data} does not exist: give --data DIR with one sub-folder per class, "
                          "or --data demo")

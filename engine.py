@@ -240,6 +240,7 @@ class Progress:
     images: int = 0
     bad: int = 0
     time_s: float = 0.0
+    lr: float = 0.0  # of the last step
 
     def where(self, per_epoch: int) -> str:
         """The point a run stopped at, said the same way when it is interrupted and when it resumes."""
@@ -252,7 +253,8 @@ class Progress:
     def stats(self) -> dict[str, float]:
         n = max(1, self.images)
         return {"loss": self.loss_sum / n, "acc": 100 * self.correct / n, "images": self.images,
-                "img_per_s": self.images / max(self.time_s, 1e-9), "bad": self.bad, "time_s": self.time_s}
+                "img_per_s": self.images / max(self.time_s, 1e-9), "bad": self.bad, "time_s": self.time_s,
+                "lr": self.lr}
 
     def next_epoch(self) -> None:
         self.epoch, self.seen = self.epoch + 1, 0
@@ -291,6 +293,7 @@ def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, pe
                                    progress.epoch + (progress.seen + n) / per_epoch)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
+        progress.lr = opt.param_groups[0]["lr"]
         torch.manual_seed(dataset.derived_seed(seed, progress.epoch, progress.seen, rank))
         if x is not None:  # else nothing readable in this batch, and the limit allows it
             batch = progress.seen // max(1, loader.batch_size or 1) + 1
@@ -331,6 +334,10 @@ def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, where: str) -
 
 # ----------------------------------------------------------------------------- stopping cleanly
 
+class HardStop(KeyboardInterrupt):
+    """A second Ctrl-C: raised at once, wherever the run is; nothing from that moment is saved."""
+
+
 class StopRequest:
     """SIGINT (Ctrl-C) or SIGTERM during training: the step (or validation batch) under way finishes,
     then KeyboardInterrupt is raised where the state is consistent, so what is saved resumes exactly.
@@ -349,6 +356,24 @@ def stop_requested() -> bool:
 
 
 @contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption, `kill`) raises KeyboardInterrupt like Ctrl-C, so what is
+    half-written (a cache's temp file) is cleaned up on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM ask for a clean stop (see StopRequest)."""
     if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
@@ -357,7 +382,7 @@ def deferred_interrupts() -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         if StopRequest.requested:
-            raise KeyboardInterrupt
+            raise HardStop
         StopRequest.requested = True
 
     StopRequest.requested = False

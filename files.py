@@ -26,9 +26,21 @@ TEMP_SUFFIX = ".tmp"
 
 
 def open_temp(path: Path) -> tuple[IO[bytes], Path]:
-    """An exclusively created temp file beside `path` (same file system, so the rename is atomic)."""
+    """An exclusively created temp file beside `path` (same file system, so the rename is atomic), with
+    the permissions a plain new file gets (mkstemp's are owner-only)."""
     fd, name = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=TEMP_SUFFIX)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666 & ~umask())
     return os.fdopen(fd, "w+b"), Path(name)
+
+
+def umask() -> int:
+    """The process umask, read without changing it (os.umask sets it: not safe beside other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def publish(f: IO[bytes], tmp: Path, path: Path) -> None:

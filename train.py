@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ import plots
 from config import IDENTITY, TrainConfig, UsageError, add_options, fail, validate
 from engine import (
     Features,
+    HardStop,
     Learner,
     Progress,
     ResumableSampler,
@@ -62,6 +64,7 @@ from engine import (
     save_checkpoint,
     seed_everything,
     shard,
+    sigterm_as_ctrl_c,
     stop_requested,
     to_model_input,
     train_one_epoch,
@@ -214,10 +217,9 @@ class Start:
 def absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
     """--data and --weights as absolute paths, so a run is the same from any working directory."""
     out = dict(settings)
-    if out.get("data") and out["data"] != "demo":
-        out["data"] = str(Path(out["data"]).expanduser().absolute())
-    if out.get("weights"):
-        out["weights"] = str(Path(out["weights"]).expanduser().absolute())
+    for key in ("data", "weights"):
+        if out.get(key) and out[key] != "demo":
+            out[key] = os.path.abspath(os.path.expanduser(out[key]))
     return out
 
 
@@ -236,6 +238,9 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, Start]:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         return cfg, Start(Path("runs") / f"{cfg.model}-{cfg.mode}-{stamp}", named=False)
     run_dir, last = resume_target(given["resume"], given.get("out"))
+    if given.get("out") and given["resume"] != "auto" and Path(given["out"]).absolute() != run_dir.absolute():
+        raise UsageError(f"--out cannot change on resume: the run stays in {run_dir} (copy the folder to "
+                         "continue it elsewhere)")
     ckpt = None
     if last.is_file():
         ckpt = models.load_checkpoint(last)
@@ -289,9 +294,13 @@ def check_start(cfg: TrainConfig, start: Start, world: int) -> None:
     if ckpt.get("world", 1) != world:
         raise UsageError(f"{cfg.resume} was saved by {ckpt.get('world', 1)} process(es), this run has {world}: "
                          "resume with the same number of processes")
-    if cfg.epochs < ckpt["epoch"]:
-        raise UsageError(f"--epochs {cfg.epochs} is fewer than the {ckpt['epoch']} epochs {start.run_dir} has "
-                         f"trained: give --epochs {ckpt['epoch'] + 1} or more to train longer")
+    done = ckpt["epoch"]
+    if cfg.epochs < done:
+        raise UsageError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {start.run_dir} has "
+                         f"trained: give --epochs {done + 1} or more to train longer")
+    if cfg.epochs == done and not ckpt.get("finished", done >= ckpt["config"]["epochs"]):
+        raise UsageError(f"--epochs {cfg.epochs} would end {start.run_dir} inside epoch {done + 1}, which it has "
+                         f"begun: give --epochs {done + 1} or more")
 
 
 def finished(start: Start, cfg: TrainConfig) -> bool:
@@ -306,58 +315,82 @@ def finished(start: Start, cfg: TrainConfig) -> bool:
 # ----------------------------------------------------------------------------- run folder
 
 def check_run_dir(run_dir: Path, in_place: bool, overwrite: bool) -> None:
-    """Never reuse another run's folder by accident (checked first, before any slow work, and again
-    under the folder's lock)."""
+    """Never reuse another run's folder by accident (checked under the folder's lock)."""
     held = run_dir.exists() and any(p.name != files.FolderLock.NAME for p in run_dir.iterdir())
     if held and not in_place and not overwrite:
         raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                          "--overwrite to replace it, or another --out")
 
 
-def claim_run_dir(start: Start, overwrite: bool) -> tuple[Path, files.FolderLock]:
+@dataclasses.dataclass
+class RunFolder:
+    """A run folder this process holds (locked), and what it made there: undone if the start fails."""
+    path: Path
+    lock: files.FolderLock
+    created: bool  # the folder did not exist before
+    made_lock: bool  # nor did its lock file
+    wrote_config: bool = False
+
+    def undo(self) -> None:
+        """A start refused for bad input leaves nothing behind."""
+        if self.wrote_config:
+            (self.path / "config.json").unlink(missing_ok=True)
+        if self.made_lock:
+            (self.path / files.FolderLock.NAME).unlink(missing_ok=True)
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+
+def claim_run_dir(start: Start, cfg: TrainConfig, held: contextlib.ExitStack) -> RunFolder:
     """Create (or take) the run folder and lock it for this process: never two runs in one folder.
     A default name is made unique atomically (mkdir), so runs started in the same second each get
-    their own. --overwrite removes the files a run writes (and nothing else)."""
-    if not start.named:
-        for n in itertools.count(1):
-            run_dir = start.run_dir if n == 1 else start.run_dir.with_name(f"{start.run_dir.name}-{n}")
-            try:
-                run_dir.mkdir(parents=True)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise UsageError(f"cannot create run folder {run_dir}: {e.strerror}") from None
-            return run_dir, files.FolderLock(run_dir)
-    run_dir = start.run_dir
+    their own. --overwrite removes the files a run writes (and nothing else). A new run's settings
+    are written at once, so that a run stopped while it checks its files is resumable."""
+    run_dir, created = start.run_dir, not start.run_dir.exists()
+    for n in itertools.count(1) if not start.named else [1]:
+        run_dir = start.run_dir if n == 1 else start.run_dir.with_name(f"{start.run_dir.name}-{n}")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=start.named)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+    made_lock = not (run_dir / files.FolderLock.NAME).exists()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         lock = files.FolderLock(run_dir)
     except BlockingIOError:
         raise UsageError(f"{run_dir} is in use by another train.py that is still running: wait for it to end, "
                          "or choose another --out") from None
     except OSError as e:
-        raise UsageError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+        raise UsageError(f"cannot lock run folder {run_dir}: {e.strerror}") from None
+    held.callback(lock.release)
+    made = RunFolder(run_dir, lock, created or not start.named, made_lock)
     try:
-        check_run_dir(run_dir, start.in_place, overwrite)
+        check_run_dir(run_dir, start.in_place, cfg.overwrite)
         if not start.in_place or start.ckpt is None:  # a new run, or one started again in its folder
             for pattern in RUN_FILES:
                 for old in run_dir.glob(pattern):
                     old.unlink()
         files.remove_temp_files(run_dir)  # left by a killed run; the folder is ours now
+        if start.ckpt is None:
+            files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+            made.wrote_config = not start.in_place
     except BaseException:
-        lock.release()
+        made.undo()
         raise
-    return run_dir, lock
+    return made
 
 
 def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: dataset.DataSplit) -> None:
-    """config.json (the settings in use now); a new run's split and skipped files; on a resume, a line
-    in resumes.jsonl saying what changed."""
-    files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+    """A new run's split and skipped files; on a resume, config.json (the settings in use now) and a
+    line in resumes.jsonl saying what changed."""
     if start.ckpt is None:
         split.save(run_dir / "split.json")
         files.atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in split.not_used()))
     else:
+        files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
         line = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
                 "epoch": start.ckpt["epoch"], "changed": start.changes}
         with open(run_dir / "resumes.jsonl", "a") as f:
@@ -500,23 +533,26 @@ def main(argv: list[str] | None = None) -> int:
             f"pass --epochs {start.ckpt['epoch'] + 5} (or any number above {start.ckpt['epoch']}) to train longer")
         return 0
     device = pick_device(cfg.device, local_rank)
-    if lead and start.named:
-        check_run_dir(start.run_dir, start.in_place, cfg.overwrite)
-
-    # data and model are checked before the run folder is created, so a failed start leaves nothing
-    preprocess = models.preprocessing(cfg.model, cfg.img_size)
-    split = load_split(cfg, start, preprocess["resize_size"], lead)
-    model, weights_id = build(cfg, start, len(split.classes))
     with contextlib.ExitStack() as held:
-        run_dir = None
+        held.enter_context(sigterm_as_ctrl_c())  # so temp files are removed on the way out
+        # the run folder is made (or taken) and locked first, so a run stopped in any way from here on
+        # is resumable by its folder; a start that fails on bad input removes what it made
+        made = None
         if lead:
-            run_dir, lock = claim_run_dir(start, cfg.overwrite)
-            held.callback(lock.release)
-            write_run_files(run_dir, cfg, start, split)
-            report_split(split, run_dir)
-        run_dir = Path(broadcast(str(run_dir)))
+            made = claim_run_dir(start, cfg, held)
+        run_dir = Path(broadcast(str(made.path) if made else None))
         try:
+            preprocess = models.preprocessing(cfg.model, cfg.img_size)
+            split = load_split(cfg, start, preprocess["resize_size"], lead)
+            model, weights_id = build(cfg, start, len(split.classes))
+            if lead:
+                write_run_files(run_dir, cfg, start, split)
+                report_split(split, run_dir)
             return fit(cfg, start, run_dir, split, model, weights_id, preprocess, device, rank, world)
+        except UsageError:
+            if made is not None:
+                made.undo()
+            raise
         except KeyboardInterrupt:  # before training started: nothing to save, the folder restarts on resume
             if lead and not (run_dir / "last.pt").exists():
                 print(f"\ninterrupted before the first checkpoint; start it again with: "
@@ -697,6 +733,8 @@ class Loop:
             try:
                 while self.progress.epoch < self.cfg.epochs and not self.finished:
                     self.one_epoch(train_loader, val_loader, sampler, use_features)
+            except HardStop:
+                return self.stopped_at_once()
             except KeyboardInterrupt:
                 return self.interrupted(sampler.per_rank)
             except Exception:
@@ -709,6 +747,15 @@ class Loop:
             if self.lead:
                 self.finish()
         return 0
+
+    def stopped_at_once(self) -> int:
+        """A second Ctrl-C: the step under way may be half done, so nothing is saved from it."""
+        if self.lead:
+            if self.best_ckpt is not None:  # a finished epoch's best model, held in memory: consistent
+                save_checkpoint(self.best_ckpt, self.run_dir / "best.pt")
+            print(f"\nstopped at once: {self.run_dir / 'last.pt'} keeps the last point it saved; continue with: "
+                  f"python train.py --resume {self.run_dir}", file=sys.stderr)
+        return 130
 
     def interrupted(self, per_epoch: int) -> int:
         """Ctrl-C or SIGTERM: the state is that of the last complete step (or validation not begun)."""
@@ -737,7 +784,7 @@ class Loop:
         self.schedule.end_epoch(val["acc"])
         progress.next_epoch()
         row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
-               "val_loss": val["loss"], "val_acc": val["acc"], "lr": self.learner.optimizer.param_groups[0]["lr"],
+               "val_loss": val["loss"], "val_acc": val["acc"], "lr": stats["lr"],
                "img_per_s": stats["img_per_s"] * self.world, "time_s": stats["time_s"]}
         self.history.append(row)
         improved = val["acc"] > self.best_acc
@@ -753,7 +800,8 @@ class Loop:
                 print(f"early stop: no better val accuracy for {cfg.patience} epochs")
 
     def end_epoch(self, row: dict[str, Any], confusion: list[list[int]], improved: bool, bad: int) -> None:
-        """Checkpoints, metrics and pictures after an epoch (rank 0)."""
+        """Metrics, pictures and checkpoints after an epoch (rank 0). The files a person reads are
+        written before last.pt: a kill between them replays the epoch, which writes them again."""
         # short epochs (cached features, small data) would spend their time writing checkpoints:
         # write at most every --save-interval s. A hard kill in between loses only the epochs
         # since the last write: resuming trains them again (on CPU to the same digits).
@@ -762,27 +810,31 @@ class Loop:
         if improved:  # model only: what eval.py, test.py and export.py need, a third the size
             self.best_ckpt = {k: v for k, v in state.items() if k not in RESUME_ONLY} | {
                 "history": list(self.history), "model": state["model"] if due else models.snapshot(self.model)}
-        if due:
-            self.save(state)
         # pictures cost ~0.5 s: with short epochs (cached features) draw them at most once a
         # minute, and always for the last epoch
         draw = self.finished or time.perf_counter() - self.last_drawn > 60
         write_metrics(self.run_dir, self.history, curves=draw)
         log_epoch(self.writer, row, confusion if draw else None, self.classes)
         self.last_drawn = time.perf_counter() if draw else self.last_drawn
+        if self.finished:
+            self.write_summary(state["train_time_s"])
+        if due:
+            self.save(state)
         print(f"epoch {row['epoch']}/{self.cfg.epochs}  train loss {row['train_loss']:.4f} "
               f"acc {row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%  "
               f"{row['img_per_s']:.0f} img/s"
               + ("  *best*" if improved else "") + (f"  ({bad} unreadable)" if bad else ""))
 
-    def finish(self) -> None:
+    def write_summary(self, train_time_s: float) -> None:
         cfg = self.cfg
         summary = {"best_val_acc": self.best_acc, "best_epoch": self.best_epoch, "epochs": self.progress.epoch,
                    "train_img_per_s": float(np.mean([h["img_per_s"] for h in self.history])) if self.history else 0.0,
-                   "train_time_s": self.train_time(), "classes": self.classes,
+                   "train_time_s": train_time_s, "classes": self.classes,
                    "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir)}
         files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
-        hparams = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
+
+    def finish(self) -> None:
+        hparams = {k: v for k, v in dataclasses.asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))}
         self.writer.add_hparams(hparams, {"hparam/best_val_acc": self.best_acc, "hparam/epochs": self.progress.epoch},
                                 run_name=".")
         self.writer.close()

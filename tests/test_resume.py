@@ -205,7 +205,7 @@ def interrupt_at(call: int, sig: int, monkeypatch) -> None:
 
 
 def test_an_interrupt_during_validation_resumes_to_the_unbroken_run(data, tmp_path, monkeypatch, capsys):
-    args = ("--mode", "scratch", "--epochs", "2", "--save-interval", "0")
+    args = ("--mode", "scratch", "--epochs", "2", "--save-interval", "0", "--scheduler", "cosine")
     assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
     run = tmp_path / "run"
     interrupt_at(6 + 1, signal.SIGINT, monkeypatch)  # 6 training batches, then the first validation batch
@@ -214,6 +214,7 @@ def test_an_interrupt_during_validation_resumes_to_the_unbroken_run(data, tmp_pa
     monkeypatch.undo()
     assert train.main(["--resume", str(run), "--no-summary"]) == 0
     assert metrics(run) == metrics(tmp_path / "whole")
+    assert column(run, "lr") == column(tmp_path / "whole", "lr")
 
 
 def test_interrupts_at_random_moments_each_resumed_give_the_unbroken_run(data, tmp_path, monkeypatch, capsys):
@@ -272,3 +273,119 @@ def test_workers_and_augmentation_give_the_same_run_as_no_workers(data, tmp_path
     assert train.main(train_args(data, tmp_path / "w0", *args, "--workers", "0")) == 0
     assert train.main(train_args(data, tmp_path / "w2", *args, "--workers", "2")) == 0
     assert metrics(tmp_path / "w0") == metrics(tmp_path / "w2")
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL in-process: nothing catches it, nothing runs after it."""
+
+
+def test_a_kill_right_after_the_last_checkpoint_leaves_every_file_of_the_finished_run(data, tmp_path, monkeypatch):
+    args = ("--mode", "scratch", "--epochs", "2", "--save-interval", "0")
+    assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
+    real = train.save_checkpoint
+
+    def killed_after_the_final_last_pt(state, path):
+        real(state, path)
+        if path.name == "last.pt" and state.get("finished"):
+            raise Killed
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_after_the_final_last_pt)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train.main(train_args(data, run, *args))
+    monkeypatch.undo()
+    assert train.main(["--resume", str(run)]) == 0  # nothing to do: and nothing missing
+    assert metrics(run) == metrics(tmp_path / "whole")
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_consistent_checkpoint(data, tmp_path, monkeypatch, capsys):
+    import engine
+
+    args = ("--mode", "scratch", "--epochs", "2", "--save-interval", "0")
+    assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
+    real, calls = engine.train_step, [0]
+
+    def twice_after_a_step(*a, **k):
+        out = real(*a, **k)  # the weights have moved; the step is not yet counted
+        calls[0] += 1
+        if calls[0] == 8:  # the second step of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(engine, "train_step", twice_after_a_step)
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, *args)) == 130
+    assert "stopped at once" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert last(run)["epoch"] == 1  # the checkpoint of epoch 1, not a half-counted step
+    assert train.main(["--resume", str(run), "--no-summary"]) == 0
+    assert metrics(run) == metrics(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Killed])
+def test_a_run_stopped_while_checking_its_files_is_resumable_by_its_folder(stop, data, tmp_path, monkeypatch):
+    args = ("--mode", "scratch", "--epochs", "2")
+    assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
+
+    def stopped(*a, **k):
+        raise stop
+
+    monkeypatch.setattr(dataset, "prepare_data", stopped)
+    run = tmp_path / "run"
+    try:
+        status = train.main(train_args(data, run, *args))
+    except Killed:
+        status = 137
+    except KeyboardInterrupt:  # must not escape: main() says how to go on and returns 130
+        status = None
+    assert status == (130 if stop is KeyboardInterrupt else 137)
+    monkeypatch.undo()
+    assert train.main(["--resume", str(run), "--no-summary"]) == 0
+    assert metrics(run) == metrics(tmp_path / "whole")
+
+
+def test_a_resume_asking_to_end_inside_an_unfinished_epoch_is_refused(data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    interrupt_at(8 + 6 + 1, signal.SIGINT, monkeypatch)  # epoch 2, its first validation batch
+    assert train.main(train_args(data, run, "--mode", "scratch", "--epochs", "3", "--save-interval", "0")) == 130
+    monkeypatch.undo()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert run_cli(["--resume", str(run), "--epochs", "1"]) == 2
+    assert "--epochs 2 or more" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_resume_with_a_missing_split_is_one_line_and_exit_2(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch")) == 0
+    (run / "split.json").unlink()
+    assert run_cli(["--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "split.json" in err and len(err.splitlines()) == 1
+
+
+def test_another_out_on_resume_is_refused(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch")) == 0
+    assert run_cli(["--resume", str(run), "--epochs", "2", "--out", str(tmp_path / "other")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_the_same_data_folder_spelt_another_way_is_not_a_change(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(data.parent)
+    run = tmp_path / "run"
+    assert train.main(train_args(Path(f"../{data.parent.name}/{data.name}"), run, "--mode", "scratch")) == 0
+    assert train.main(["--resume", str(run), "--epochs", "2", "--data", str(data), "--no-summary"]) == 0
+
+
+def test_run_files_are_readable_by_others_as_the_umask_allows(data, tmp_path):
+    run = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert train.main(train_args(data, run, "--mode", "scratch")) == 0
+    finally:
+        os.umask(old)
+    for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "split.json"):
+        assert (run / name).stat().st_mode & 0o777 == 0o644, name
