@@ -7,6 +7,7 @@ plain dict, so a run can be read, repeated and resumed from its folder alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -28,8 +29,17 @@ def fail(message: str, status: int = 2) -> NoReturn:
     raise SystemExit(status)
 
 
+def printable_output() -> None:
+    """File and class names that are not UTF-8 print as \\udcXX escapes instead of failing the run
+    (stderr does this already; stdout would raise UnicodeEncodeError)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def cli(entry: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run an entry point; bad input (UsageError) becomes one line on stderr and exit status 2."""
+    printable_output()
     try:
         return entry(argv)
     except UsageError as e:

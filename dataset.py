@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import files
 import folders
-from config import UsageError, cache_root
+from config import UsageError, cache_root, printable_output
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "digits"
@@ -398,7 +398,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     return DataSplit(str(root), classes, train, val, skipped, leaks, walk.skipped, walk.ignored, repeats)
 
 
-LOOKALIKE_BITS = 24  # of 256: resized and re-encoded copies differ by a few bits, other photos by ~128
+LOOKALIKE_BITS = 32  # of 256: resized and re-encoded copies differ by up to ~15 bits, other photos by ~80-160
 
 
 def detailed(look: str) -> bool:
@@ -728,6 +728,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                        help="files larger than this are skipped without being read")
     sub.add_parser("demo", help=f"export the digits demo data to {DEMO_DIR}")
     args = parser.parse_args(argv)
+    printable_output()
     try:
         if args.command == "demo":
             print(export_demo())

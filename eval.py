@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import dataset
+import files
 import models
 import plots
 from config import UsageError, cli
@@ -170,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else loaded.source.parent / f"eval-{folder.resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
-    (out / "classification_report.txt").write_text(m["report"])
+    files.atomic_write_text(out / "classification_report.txt", m["report"])
     plots.save(plots.confusion_figure(np.array(m["confusion_matrix"]), loaded.classes), out / "confusion_matrix.png")
     wrong = [(float(conf[k]), items[int(idx[k])][0], loaded.classes[int(y[k])], loaded.classes[int(pred[k])])
              for k in range(len(idx)) if pred[k] != y[k]]
     wrong.sort(reverse=True)  # the most confident mistakes first: the ones worth looking at
-    with open(out / "misclassified.csv", "w", newline="") as f:
+    with open(out / "misclassified.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
         w = csv.writer(f)
         w.writerow(["path", "true", "predicted", "confidence"])
         w.writerows([p, t, q, f"{c:.4f}"] for c, p, t, q in wrong)

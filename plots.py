@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import files
+from folders import shown
 
 
 def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
@@ -27,34 +28,52 @@ def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(shown(title))
     fig.tight_layout()
     return fig
 
 
+MAX_CLASSES_DRAWN = 40  # a confusion picture of more classes is unreadable (and grows with their square)
+
+
+def most_confused(cm: np.ndarray, k: int) -> list[int]:
+    """The `k` classes most involved in mistakes (as the true class or the predicted one), in order."""
+    off = cm - np.diag(np.diag(cm))
+    score = off.sum(0) + off.sum(1)
+    return sorted(np.argsort(-score, kind="stable")[:k].tolist())
+
+
 def confusion_figure(cm: np.ndarray, classes: Sequence[str], shares: bool = True) -> Figure:
-    """Counts, and (with `shares`) each true class's row as shares; rows are the true classes."""
+    """Counts, and (with `shares`) each true class's row as shares; rows are the true classes. Above
+    MAX_CLASSES_DRAWN classes, the most-confused ones only: the full matrix is in the metrics files."""
     cm = np.asarray(cm, dtype=float)
-    n = len(classes)
-    size = max(4.0, 0.45 * n + 2)
     panels = [(cm, "counts")]
     if shares:
         panels.append((cm / np.maximum(cm.sum(axis=1, keepdims=True), 1), "share of each true class"))
+    note = ""
+    if len(classes) > MAX_CLASSES_DRAWN:
+        keep = most_confused(cm, MAX_CLASSES_DRAWN)
+        panels = [(m[np.ix_(keep, keep)], title) for m, title in panels]
+        note = f"; the {len(keep)} most-confused of {len(classes)} classes"
+        classes = [classes[i] for i in keep]
+    names = [shown(c) for c in classes]  # names that are not UTF-8 are drawn with \\xNN
+    n = len(names)
+    size = max(4.0, 0.45 * n + 2)
     fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
-    for ax, (shown, title) in zip(axes[0], panels):
-        top = max(1.0, shown.max())
-        ax.imshow(shown, cmap="Blues", vmin=0, vmax=top)
-        ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 45, ha="center" if n > 10 else "right")
-        ax.set_yticks(range(n), classes)
+    for ax, (values, title) in zip(axes[0], panels):
+        top = max(1.0, values.max())
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=top)
+        ax.set_xticks(range(n), names, rotation=90 if n > 10 else 45, ha="center" if n > 10 else "right")
+        ax.set_yticks(range(n), names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"confusion matrix ({title})")
+        ax.set_title(f"confusion matrix ({title}{note})")
         if n <= 30:
             for i in range(n):
                 for j in range(n):
-                    text = f"{int(shown[i, j])}" if shown is cm else f"{shown[i, j]:.2f}"
+                    text = f"{int(values[i, j])}" if title == "counts" else f"{values[i, j]:.2f}"
                     ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                            color="white" if shown[i, j] > 0.6 * top else "black")
+                            color="white" if values[i, j] > 0.6 * top else "black")
     fig.tight_layout()
     return fig
 
@@ -86,7 +105,7 @@ def image_grid(images: Sequence[np.ndarray | None], captions: Sequence[str], col
             continue
         if images[k] is not None:
             ax.imshow(images[k])
-        ax.set_title(captions[k], fontsize=8, color=(colours[k] if colours else "black"))
+        ax.set_title(shown(captions[k]), fontsize=8, color=(colours[k] if colours else "black"))
     fig.tight_layout()
     return fig
 

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             colours.append("red")
         if len(grid) < args.grid:
             grid.append(thumbnail(path) if i in results else None)
-    with open(out / "predictions.csv", "w", newline="") as f:
+    with open(out / "predictions.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
         w = csv.writer(f)
         w.writerow(["path", "label", "probability", f"top{k}", "status"])
         w.writerows(rows)

@@ -42,7 +42,7 @@ import dataset
 import files
 import models
 import plots
-from config import IDENTITY, TrainConfig, UsageError, add_options, fail, validate
+from config import IDENTITY, TrainConfig, UsageError, add_options, fail, printable_output, validate
 from engine import (
     Features,
     HardStop,
@@ -667,7 +667,7 @@ def fit(cfg: TrainConfig, start: Start, run_dir: Path, split: dataset.DataSplit,
 
         loop.writer = SummaryWriter(run_dir, purge_step=loop.progress.epoch + 1 if start.ckpt else None)
         for note in weight_notes:
-            loop.writer.add_text("imbalance", note)
+            loop.writer.add_text("imbalance", dataset.shown(note))
         if start.ckpt is not None:
             print(f"resuming {run_dir} at {loop.progress.where(sampler.per_rank)}" +
                   (" with " + ", ".join(f"--{k.replace('_', '-')} {v[1]}" for k, v in start.changes.items())
@@ -875,6 +875,7 @@ def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]] | Non
 
 def run(argv: list[str] | None = None) -> int:
     """main() with errors for people: bad input exits 2, a failed run 1, with one line each."""
+    printable_output()
     try:
         return main(argv)
     except UsageError as e:

@@ -1,0 +1,178 @@
+"""Folders as they really are: special files, links, odd names, rotated photos, look-alikes, many classes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, make_folder, make_image
+from PIL import Image
+
+import dataset
+import eval as evaluate
+import folders
+import plots
+
+ODD = os.fsdecode(b"caf\xe9")  # a Latin-1 name: not UTF-8
+
+
+def rotated_jpeg(upright: Image.Image, path: Path) -> None:
+    """The photo stored lying on its side, with the EXIF tag that tells viewers to turn it upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    upright.rotate(90, expand=True).save(path, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def two_halves(w: int = 48, h: int = 32) -> Image.Image:
+    a = np.zeros((h, w, 3), np.uint8)
+    a[: h // 2] = (220, 30, 30)
+    a[h // 2:] = (30, 30, 220)
+    return Image.fromarray(a)
+
+
+def photo(size: int, seed: int = 3) -> Image.Image:
+    """Something with structure, as photos have: shapes over a gradient (a noise patch has none)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(np.tile(np.linspace(40, 220, size)[None, :, None], (size, 1, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = rng.integers(0, size, 2).tolist()
+        r = int(rng.integers(size // 10, size // 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.integers(0, 255, 3).tolist()))
+    return img
+
+
+def real_folder(root: Path) -> dict[str, str]:
+    """Every kind of trouble a real folder holds; returns file name -> the reason it must be skipped for."""
+    make_folder(root, per_class=10, classes={"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40),
+                                              "train": (200, 200, 40), "__background__": (90, 90, 90)})
+    os.mkfifo(root / "red" / "pipe.jpg")
+    with open(root / "green" / "video.mp4", "wb") as f:
+        f.truncate(2 * 2**40)  # 2 TB, sparse
+    (root / "blue" / "up").symlink_to("..")  # a loop through the data set's root
+    (root / "green" / "self").symlink_to(".")  # a link to its own folder
+    Image.new("1", (10000, 9000)).save(root / "red" / "bomb1.png")
+    Image.new("1", (9500, 9500)).save(root / "blue" / "bomb2.png")
+    (root / "red" / "figure.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    make_image((220, 40, 40), 77).save(root / "red" / f"{ODD}.png")
+    (root / "__MACOSX").mkdir()
+    make_image((0, 0, 0), 1).save(root / "__MACOSX" / "x.png")
+    rotated_jpeg(two_halves(), root / "red" / "portrait.jpg")
+    big = photo(128)
+    big.save(root / "green" / "photo.png")
+    buf = io.BytesIO()
+    big.resize((64, 64)).save(buf, "JPEG", quality=80)
+    (root / "green" / "photo-small-copy.jpg").write_bytes(buf.getvalue())
+    return {"pipe.jpg": "not a regular file: a named pipe", "video.mp4": "too large for an image",
+            "up": "folder already walked: a link loop back", "self": "folder already walked: a link loop back",
+            "bomb1.png": "decompression bomb", "bomb2.png": "decompression bomb", "figure.eps": "not an image"}
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("messy")
+    return root, real_folder(root)
+
+
+def run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, timeout=timeout,
+                          env={**os.environ})
+
+
+def test_a_real_folder_trains_and_evaluates_with_the_right_classes_and_each_bad_thing_named_once(messy, tmp_path):
+    root, bad = messy
+    result = run("train.py", "--data", str(root), "--out", str(tmp_path / "run"), "--mode", "scratch", "--epochs",
+                 "1", "--img-size", "32", "--no-summary")
+    assert result.returncode == 0, result.stderr[-3000:]
+    split = dataset.DataSplit.load(tmp_path / "run" / "split.json")
+    assert split.classes == ["__background__", "blue", "green", "red", "train"]
+    assert len(split.train) + len(split.val) == 50 + 1 + 1 + 2  # + odd name, portrait, photo and its copy
+    skipped = (tmp_path / "run" / "skipped.txt").read_bytes().decode("utf-8", "surrogateescape").splitlines()
+    reasons = {Path(line.split("\t")[0]).name: line.split("\t")[1] for line in skipped}
+    assert len(skipped) == len(bad) and reasons.keys() == bad.keys()
+    assert all(reasons[name].startswith(why) for name, why in bad.items()), reasons
+    assert split.ignored == [str(root / "__MACOSX")]
+    assert f"{ODD}.png" in {Path(p).name for p, _ in split.train + split.val}
+    pair = {str(root / "green" / "photo.png"), str(root / "green" / "photo-small-copy.jpg")}
+    assert pair in [{a, b} for a, b, _ in split.leaks + split.repeats]  # the re-encoded copy is found
+    evaluated = run("eval.py", str(root), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out",
+                    str(tmp_path / "eval"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 54
+
+
+def test_the_check_command_names_each_bad_thing_once_and_the_ignored_folder(messy):
+    root, bad = messy
+    result = run("dataset.py", "check", str(root), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout.decode()
+    for name, why in bad.items():
+        assert out.count(f"/{name}: {why}") == 1, name
+    assert "__MACOSX" in out
+
+
+def test_a_fifo_is_skipped_without_being_opened(tmp_path):
+    make_folder(tmp_path, per_class=2)
+    os.mkfifo(tmp_path / "red" / "pipe.png")
+    split = dataset.prepare_data(str(tmp_path))  # reading the pipe would block: pytest-timeout ends the test
+    assert (str(tmp_path / "red" / "pipe.png"), "not a regular file: a named pipe (FIFO)") in split.left_out
+    with pytest.raises(dataset.BadImage, match="named pipe"):
+        dataset.load_image(tmp_path / "red" / "pipe.png", 32)  # even when asked directly: no blocking open
+
+
+def test_an_exif_rotated_photo_is_seen_upright_on_every_path(tmp_path, trained_run):
+    upright = two_halves()
+    upright.save(tmp_path / "upright.png")
+    rotated_jpeg(upright, tmp_path / "rotated.jpg")
+    want = dataset.load_image(tmp_path / "upright.png", 32).astype(int)
+    got = dataset.load_image(tmp_path / "rotated.jpg", 32).astype(int)  # training and evaluation
+    assert np.abs(got - want).mean() < 8
+    assert got[2, 16, 0] > 150 and got[30, 16, 2] > 150  # red on top, blue below: as a person sees it
+    cache = dataset.ImageCache([str(tmp_path / "rotated.jpg")], 32, str(tmp_path / "c"))
+    dataset.check_files(cache.paths, str(tmp_path / "c"), progress=False, fill=cache)  # the check fills it
+    assert np.abs(cache.get(str(tmp_path / "rotated.jpg")).astype(int) - want).mean() < 8
+    assert evaluate.thumbnail(str(tmp_path / "rotated.jpg")).shape[:2] == (32, 48)  # pictures: upright
+    loaded = evaluate.load_model(str(trained_run / "best.pt"), "cpu")
+    items = [(str(tmp_path / "upright.png"), 0), (str(tmp_path / "rotated.jpg"), 0)]
+    probs, _, _ = evaluate.run_model(loaded, items, 2, 0, show=False)
+    assert float((probs[0] - probs[1]).abs().max()) < 0.1  # the model sees nearly the same picture
+
+
+def test_a_class_called_train_in_a_flat_folder_is_a_class(tmp_path):
+    make_folder(tmp_path, per_class=3, classes={"bus": (1, 2, 3), "car": (200, 2, 3), "train": (1, 200, 3)})
+    assert folders.find_layout(tmp_path) == (tmp_path, None, None)
+    assert dataset.prepare_data(str(tmp_path)).classes == ["bus", "car", "train"]
+
+
+def test_a_train_folder_with_sub_folders_beside_class_folders_is_ambiguous_and_says_how_to_fix_it(tmp_path):
+    make_folder(tmp_path / "train", per_class=2)
+    make_folder(tmp_path, per_class=2, classes={"bus": (1, 2, 3)})
+    with pytest.raises(folders.UsageError, match="move bus under train/"):
+        folders.find_layout(tmp_path)
+
+
+def test_many_classes_draw_a_bounded_confusion_picture(tmp_path):
+    n = 1000
+    rng = np.random.default_rng(0)
+    cm = np.diag(rng.integers(5, 20, n)) + (rng.random((n, n)) < 0.002)
+    plots.save(plots.confusion_figure(cm, [f"class {i}" for i in range(n)]), tmp_path / "cm.png")
+    assert max(Image.open(tmp_path / "cm.png").size) < 5000
+
+
+def test_look_alikes_are_found_among_many_images():
+    rng = np.random.default_rng(0)
+    looks = {f"t{i}": rng.integers(0, 256, 32, dtype=np.uint8).tobytes().hex() for i in range(20000)}
+    flipped = bytearray(bytes.fromhex(looks["t7"]))
+    flipped[0] ^= 0b111  # three bits off: the same photo, re-encoded
+    looks["v0"] = flipped.hex()
+    looks |= {f"v{i}": rng.integers(0, 256, 32, dtype=np.uint8).tobytes().hex() for i in range(1, 5000)}
+    pairs = dataset.lookalikes([f"t{i}" for i in range(20000)], [f"v{i}" for i in range(5000)], looks)
+    assert pairs == [("t7", "v0", 3)]
