@@ -35,6 +35,7 @@ from tqdm import tqdm
 import files
 import folders
 from config import UsageError, cache_root, printable_output
+from folders import shown
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "digits"
@@ -435,10 +436,6 @@ def lookalikes(a: list[str], b: list[str] | None, looks: dict[str, str], max_bit
             if b is not a or i + x < y:  # within one list: each pair once, never an image with itself
                 out.append((a[i + x], b[y], int(dist[x, y])))
     return out
-
-
-def shown(path: str | os.PathLike) -> str:
-    return folders.shown(path)
 
 
 def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None

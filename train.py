@@ -249,7 +249,11 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, Start]:
                              f"--resume {last.parent} (its last.pt)")
         saved = ckpt["config"]
     elif (run_dir / "config.json").is_file():  # created, then stopped before its first checkpoint
-        saved = json.loads((run_dir / "config.json").read_text())
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{run_dir / 'config.json'} cannot be read ({e.__class__.__name__}): start the run "
+                             "again with its options and --overwrite") from None
     else:
         raise UsageError(f"nothing to resume: {last} does not exist")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -298,18 +302,20 @@ def check_start(cfg: TrainConfig, start: Start, world: int) -> None:
     if cfg.epochs < done:
         raise UsageError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {start.run_dir} has "
                          f"trained: give --epochs {done + 1} or more to train longer")
-    if cfg.epochs == done and not ckpt.get("finished", done >= ckpt["config"]["epochs"]):
+    if cfg.epochs == done and not ran_to_its_end(ckpt):
         raise UsageError(f"--epochs {cfg.epochs} would end {start.run_dir} inside epoch {done + 1}, which it has "
                          f"begun: give --epochs {done + 1} or more")
 
 
+def ran_to_its_end(ckpt: dict[str, Any]) -> bool:
+    """All its epochs, or stopped early (checkpoints before version 2 have no flag: all epochs)."""
+    return ckpt.get("finished", ckpt["epoch"] >= ckpt["config"]["epochs"])
+
+
 def finished(start: Start, cfg: TrainConfig) -> bool:
-    """A finished run (all its epochs, or stopped early) that was given no further epochs."""
+    """A run that ran to its end and was given no further epochs."""
     ckpt = start.ckpt
-    if ckpt is None:
-        return False
-    done = ckpt.get("finished", ckpt["epoch"] >= ckpt["config"]["epochs"])
-    return done and (not start.epochs_given or cfg.epochs <= ckpt["epoch"])
+    return ckpt is not None and ran_to_its_end(ckpt) and (not start.epochs_given or cfg.epochs <= ckpt["epoch"])
 
 
 # ----------------------------------------------------------------------------- run folder
