@@ -105,17 +105,22 @@ class DecodeBudget:
 BUDGET = DecodeBudget(MAX_PIXELS)
 
 
-def read_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file. Anything else (a FIFO, a device) is refused from fstat() after a
-    non-blocking open: reading a named pipe would wait forever."""
+MAX_BYTES = int(folders.DEFAULT_MAX_FILE_MB * 2**20)
+
+
+def read_file(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`. Anything else (a FIFO, a device, a 2 TB
+    sparse file) is refused from fstat() after a non-blocking open, on every path that reads images:
+    a file may have changed since the folder was listed, or be named directly (test.py)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise BadImage(f"unreadable ({e.strerror})") from None
     try:
-        special = folders.special_file(os.fstat(fd).st_mode)
-        if special:
-            raise BadImage(special)
+        st = os.fstat(fd)
+        problem = folders.special_file(st.st_mode) or folders.too_large(st.st_size, max_bytes)
+        if problem:
+            raise BadImage(problem)
         with open(fd, "rb", closefd=False) as f:
             return f.read()
     except OSError as e:
@@ -158,14 +163,14 @@ def upright(img: Image.Image) -> Image.Image:
 ORIENTATION = 0x0112
 
 
-def decode(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
+def decode(path: str | os.PathLike, draft: int | None = None, max_bytes: int = MAX_BYTES) -> Image.Image:
     """A file as an upright RGB picture (see open_image and to_rgb)."""
-    return to_rgb(open_image(read_file(path), draft))
+    return to_rgb(open_image(read_file(path, max_bytes), draft))
 
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+def load_image(path: str | os.PathLike, size: int, max_bytes: int = MAX_BYTES) -> np.ndarray:
     """Decode to a size x size x 3 uint8 array: shorter side resized to `size`, centre crop."""
-    return square(decode(path, draft=size), size)
+    return square(decode(path, size, max_bytes), size)
 
 
 def square(img: Image.Image, size: int) -> np.ndarray:
@@ -183,12 +188,13 @@ def look_hash(img: Image.Image) -> str:
     return np.packbits(small[:, 1:] > small[:, :-1]).tobytes().hex()
 
 
-def inspect_file(path: str, size: int | None = None) -> tuple[str | None, str, str, np.ndarray | None]:
+def inspect_file(path: str, size: int | None = None, max_bytes: int = MAX_BYTES
+                 ) -> tuple[str | None, str, str, np.ndarray | None]:
     """(reason to skip or None, sha1 of the bytes, perceptual hash, the image as load_image(path, size)
     gives it when a size is asked for) for one file. The check has to decode the image anyway: for a
     big photo that is all the work of caching it."""
     try:
-        data = read_file(path)
+        data = read_file(path, max_bytes)
     except BadImage as e:
         return str(e), "", "", None
     digest = hashlib.sha1(data).hexdigest()
@@ -202,7 +208,7 @@ def inspect_file(path: str, size: int | None = None) -> tuple[str | None, str, s
 
 
 def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True,
-                fill: ImageCache | None = None) -> dict[str, tuple[str | None, str, str]]:
+                fill: ImageCache | None = None, max_bytes: int = MAX_BYTES) -> dict[str, tuple[str | None, str, str]]:
     """(reason to skip or None, sha1, perceptual hash) per file, inspected in parallel; results are
     cached by files.identity() so re-checks are quick.
     With `fill` (a cache of these paths), each image decoded by the check is also written to that
@@ -224,7 +230,7 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
             todo.append((p, stamp))
     if todo:
         def inspect(path: str) -> tuple[str | None, str, str]:
-            reason, digest, look, pixels = inspect_file(path, fill and fill.size)
+            reason, digest, look, pixels = inspect_file(path, fill and fill.size, max_bytes)
             if fill is not None:
                 fill.put(path, pixels)
             return reason, digest, look
@@ -369,17 +375,16 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
             raise UsageError(f"train and {val_dir.name} classes differ (only in train: {only_train or '-'}; "
                              f"only in {val_dir.name}: {only_val or '-'}): make the class folders match")
     test_classes = [d.name for d in walk.subfolders(test_dir)] if test_dir else []
-    for folder in [root, train_dir, val_dir, test_dir, *(train_dir / c for c in classes),
-                   *(val_dir / c for c in classes if val_dir), *(test_dir / c for c in test_classes)]:
-        if folder is not None:  # every class folder is its own: a link back to one of them adds nothing
-            walk.claim(folder)
+    claim_structure(walk, root, [(d, classes if d is not test_dir else test_classes)
+                                 for d in (train_dir, val_dir, test_dir) if d is not None])
     sets = {"train": labelled(walk, train_dir, classes),
             "val": labelled(walk, val_dir, classes) if val_dir else [],
             "test": labelled(walk, test_dir, test_classes) if test_dir else []}
     paths = sorted(p for name in ("train", "val") for p, _ in sets[name])
-    cache = ImageCache(paths, cache_size, cache_dir) if cache_size else None
-    checked = check_files(paths, cache_dir, progress, fill=cache)
-    checked.update(check_files([p for p, _ in sets["test"]], cache_dir, progress) if sets["test"] else {})
+    cache = ImageCache(paths, cache_size, cache_dir, walk.max_bytes) if cache_size else None
+    checked = check_files(paths, cache_dir, progress, fill=cache, max_bytes=walk.max_bytes)
+    checked.update(check_files([p for p, _ in sets["test"]], cache_dir, progress, max_bytes=walk.max_bytes)
+                   if sets["test"] else {})
     skipped = [(p, checked[p][0]) for name in ("train", "val") for p, _ in sets[name] if checked[p][0]]
     good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
     counts = Counter(y for _, y in good["train"] + good["val"])
@@ -393,10 +398,36 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     looks = {p: checked[p][2] if detailed(checked[p][2]) else "sha1:" + checked[p][1] for p in checked
              if checked[p][2]}
     leaks = (lookalikes([p for p, _ in train], [p for p, _ in val + good["test"]], looks) +
-             lookalikes([p for p, _ in val], [p for p, _ in good["test"]], looks))
+             lookalikes([p for p, _ in val], [p for p, _ in good["test"]], looks) +
+             linked_across(walk.aliases, [p for p, _ in train], [p for p, _ in val + good["test"]]))
     repeats = [pair for items in (train, val) for c in range(len(classes))
                for pair in lookalikes([p for p, y in items if y == c], None, looks)]
     return DataSplit(str(root), classes, train, val, skipped, leaks, walk.skipped, walk.ignored, repeats)
+
+
+def claim_structure(walk: folders.Walk, root: Path, splits: list[tuple[Path, list[str]]]) -> None:
+    """The root, split and class folders are the data set's own: claimed before any is walked, so a
+    link to one of them from elsewhere adds nothing; two class folders that are one folder are refused."""
+    walk.claim(root)
+    for split_dir, names in splits:
+        walk.claim(split_dir)
+        for name in names:
+            first = walk.claim(split_dir / name)
+            if first != str(split_dir / name):
+                raise UsageError(f"class folders {shown(first)} and {shown(split_dir / name)} are the same folder "
+                                 "(one is a link to the other): remove one")
+
+
+def linked_across(aliases: list[tuple[str, str]], train: list[str], held_out: list[str]) -> list[tuple[str, str, int]]:
+    """Links and hard links between a training image and a held-out path: the same picture (leakage)."""
+    train_set, held = set(train), set(held_out)
+    out = []
+    for a, b in aliases:
+        if a in train_set and b not in train_set:
+            out.append((a, b, 0))
+        elif b in train_set and a in held:
+            out.append((b, a, 0))
+    return out
 
 
 LOOKALIKE_BITS = 32  # of 256: resized and re-encoded copies differ by up to ~15 bits, other photos by ~80-160
@@ -445,6 +476,7 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder: give a folder with one sub-folder per class")
     walk = folders.Walk()
+    root = folder
     train_dir, val_dir, test_dir = folders.find_layout(folder, walk)
     if train_dir != folder:  # a dataset root: evaluate its held-out part
         folder = test_dir or val_dir
@@ -452,8 +484,7 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
             raise UsageError(f"{shown(train_dir.parent)} has train/ but no test/ or val/ folder to evaluate: give "
                              "the folder of images to evaluate")
     classes = [d.name for d in walk.subfolders(folder)]
-    for d in [folder, *(folder / c for c in classes)]:
-        walk.claim(d)
+    claim_structure(walk, root, [(folder, classes)])
     items = labelled(walk, folder, classes)
     cache = ImageCache(sorted(p for p, _ in items), cache_size, cache_dir) if cache_size else None
     checked = check_files([p for p, _ in items], cache_dir, progress, fill=cache)
@@ -499,7 +530,8 @@ class ImageCache:
     a bad one is rebuilt, never trusted.
     """
 
-    def __init__(self, paths: list[str], size: int, cache_dir: str | None = None):
+    def __init__(self, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES):
+        self.max_bytes = max_bytes
         stats = [files.identity(p) for p in paths]
         key = hashlib.sha1(json.dumps([CACHE_VERSION, size, stats]).encode()).hexdigest()[:20]
         folder = cache_root(cache_dir) / "images"
@@ -566,7 +598,7 @@ class ImageCache:
 
         def decode(i: int) -> None:
             try:
-                self._pixels[i] = load_image(self.paths[i], self.size)
+                self._pixels[i] = load_image(self.paths[i], self.size, self.max_bytes)
                 self._ok[i] = True
             except (BadImage, OSError) as e:
                 warn(f"skipped {self.paths[i]}: {e}")
@@ -617,10 +649,10 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, items: list[tuple[str, int]], size: int, transform: Callable | None = None,
-                 cache: ImageCache | None = None, seed: int = 0):
+                 cache: ImageCache | None = None, seed: int = 0, max_bytes: int = MAX_BYTES):
         self.paths = [p for p, _ in items]
         self.labels = [y for _, y in items]
-        self.size, self.transform, self.cache, self.seed = size, transform, cache, seed
+        self.size, self.transform, self.cache, self.seed, self.max_bytes = size, transform, cache, seed, max_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -633,7 +665,7 @@ class ImageDataset(Dataset):
                 return None
         else:
             try:
-                arr = load_image(self.paths[i], self.size)
+                arr = load_image(self.paths[i], self.size, self.max_bytes)
             except (BadImage, OSError) as e:  # changed or deleted since the check: skip, go on
                 warn(f"skipped {self.paths[i]}: {e}")
                 return None
@@ -699,7 +731,7 @@ def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
     if split.not_used():
         out(f"skipping {len(split.not_used())} file(s):")
         for path, reason in split.not_used():
-            out(f"  {shown(path)}: {reason}")
+            out(f"  {folders.listed(path)}: {reason}")
     if split.leaks:
         out(f"warning: {len(split.leaks)} image(s) in val/test look like train images (leakage; perceptual hash "
             "distance in bits of 256, 0 = the same picture):")

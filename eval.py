@@ -27,6 +27,7 @@ import torch
 
 import dataset
 import files
+import folders
 import models
 import plots
 from config import UsageError, cli
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     mapping = match_classes(folder_classes, loaded.classes)
     items = [(p, mapping[y]) for p, y in items]
     if skipped:
-        dataset.warn(f"skipping {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
+        dataset.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
+                     f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
     probs, y, idx = run_model(loaded, items, args.batch_size, args.workers, cache=cache)
     conf, pred = probs.max(1)
     present = sorted(set(mapping))
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
     files.atomic_write_text(out / "classification_report.txt", m["report"])
+    files.atomic_write_text(out / "skipped.txt", "".join(f"{folders.listed(p)}\t{r}\n" for p, r in skipped))
     plots.save(plots.confusion_figure(np.array(m["confusion_matrix"]), loaded.classes), out / "confusion_matrix.png")
     wrong = [(float(conf[k]), items[int(idx[k])][0], loaded.classes[int(y[k])], loaded.classes[int(pred[k])])
              for k in range(len(idx)) if pred[k] != y[k]]

@@ -41,12 +41,15 @@ def shown(path: str | os.PathLike) -> str:
 @dataclass
 class Walk:
     """What walking the folders of one data set found; shared across its class folders and splits, so
-    a directory or file reached twice (through links) is counted once in the whole data set."""
+    a directory or file reached twice (through links) is counted once in the whole data set, under its
+    own path rather than a link's."""
     max_bytes: int = int(DEFAULT_MAX_FILE_MB * 2**20)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): never read
     ignored: list[str] = field(default_factory=list)  # folders left out by name
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # (a file, another path to it)
     dirs: dict[tuple[int, int], str] = field(default_factory=dict)  # (dev, inode) -> first path
     files: dict[tuple[int, int], str] = field(default_factory=dict)
+    homes: dict[str, str] = field(default_factory=dict)  # real path -> claimed folder (root, split, class)
 
     def subfolders(self, folder: Path) -> list[Path]:
         """Visible sub-folders (links to folders included), sorted; ignored ones are noted once."""
@@ -65,24 +68,28 @@ class Walk:
             out.append(Path(entry.path))
         return out
 
-    def claim(self, folder: Path) -> None:
-        """A folder of the data set's own structure (root, split, class): links to it add nothing."""
+    def claim(self, folder: Path) -> str:
+        """A folder of the data set's own structure (root, split, class): links to it or into it from
+        elsewhere add nothing. Returns the path that claimed it first (another one: the same folder)."""
         try:
             st = os.stat(folder)
         except OSError:
-            return
-        self.dirs.setdefault((st.st_dev, st.st_ino), str(folder))
+            return str(folder)
+        self.homes.setdefault(os.path.realpath(folder), str(folder))
+        return self.dirs.setdefault((st.st_dev, st.st_ino), str(folder))
 
     def note_ignored(self, path: str) -> None:
         if path not in self.ignored:
             self.ignored.append(path)
 
     def image_files(self, folder: Path) -> list[str]:
-        """Every readable-looking file below `folder`, sorted, each directory walked once."""
+        """Every readable-looking file below `folder`, sorted; each directory walked once, real
+        entries before links, so a file's own path is the one that counts."""
         out: list[str] = []
-        stack = [str(folder)]
-        while stack:
-            d = stack.pop()
+        home = os.path.realpath(folder)
+        real, linked = [str(folder)], []
+        while real or linked:
+            d = real.pop() if real else linked.pop()
             try:
                 st = os.stat(d)
             except OSError as e:
@@ -90,49 +97,77 @@ class Walk:
                 continue
             first = self.dirs.setdefault((st.st_dev, st.st_ino), d)
             if first != d:
-                why = "a link loop back" if d.startswith(first + os.sep) else "another path"
-                self.skipped.append((d, f"folder already walked: {why} to {shown(first)}"))
+                self.skipped.append((d, f"folder already walked: another path to {shown(first)}"))
                 continue
             try:
-                entries = sorted(os.scandir(d), key=lambda e: e.name)
+                entries = sorted(os.scandir(d), key=lambda e: (e.is_symlink(), e.name))
             except OSError as e:
                 self.skipped.append((d, f"unreadable folder ({e.strerror})"))
                 continue
-            subdirs = []
+            subdirs: list[str] = []
             for entry in entries:
                 if is_ignored(entry.name):
                     if not entry.name.startswith(".") and entry.is_dir():
                         self.note_ignored(entry.path)
                     continue
-                kind = self.classify(entry)
+                kind = self.classify(entry, home)
                 if kind == "dir":
-                    subdirs.append(entry.path)
+                    (linked if entry.is_symlink() else subdirs).append(entry.path)
                 elif kind == "file":
                     out.append(entry.path)
-            stack += reversed(subdirs)
+            real += reversed(subdirs)
         return sorted(out)
 
-    def classify(self, entry: os.DirEntry) -> str:
+    def owner(self, real: str) -> str | None:
+        """The claimed folder (class, split or root) that a real path lies in, the nearest one."""
+        for p in (real, *map(str, Path(real).parents)):
+            if p in self.homes:
+                return self.homes[p]
+        return None
+
+    def classify(self, entry: os.DirEntry, home: str) -> str:
         """'dir', 'file', or 'skip' (noted with its reason), from stat() alone: nothing is opened."""
         try:
             st = entry.stat()  # follows links
         except OSError as e:
             self.skipped.append((entry.path, "broken link" if entry.is_symlink() else f"unreadable ({e.strerror})"))
             return "skip"
-        if stat.S_ISDIR(st.st_mode):
+        reason = self.link_problem(entry, home, stat.S_ISDIR(st.st_mode)) if entry.is_symlink() else None
+        if reason is None and stat.S_ISDIR(st.st_mode):
             return "dir"
-        reason = special_file(st.st_mode)
-        if reason is None and st.st_size > self.max_bytes:
-            reason = (f"too large for an image ({st.st_size / 2**20:,.0f} MB; the limit is "
-                      f"{self.max_bytes / 2**20:,.0f} MB, see --max-file-mb)")
+        reason = reason or special_file(st.st_mode) or too_large(st.st_size, self.max_bytes)
         if reason is None:
             first = self.files.setdefault((st.st_dev, st.st_ino), entry.path)
             if first != entry.path:
                 reason = f"the same file as {shown(first)} (reached by another path)"
+                self.aliases.append((first, entry.path))
         if reason is not None:
             self.skipped.append((entry.path, reason))
             return "skip"
         return "file"
+
+    def link_problem(self, entry: os.DirEntry, home: str, is_dir: bool) -> str | None:
+        """A link to a folder above it (a loop), or into another class folder (whose label its
+        images have), is not followed."""
+        target = os.path.realpath(entry.path)
+        here = os.path.realpath(os.path.dirname(entry.path))
+        if is_dir and (here == target or here.startswith(target + os.sep)):
+            return f"a link loop back to a folder above it ({shown(target)})"
+        owner = self.owner(target)
+        if owner is not None and os.path.realpath(owner) != home and not home.startswith(os.path.realpath(owner)
+                                                                                          + os.sep):
+            if not is_dir:  # the same file under its own path, for the leakage report
+                self.aliases.append((os.path.join(owner, os.path.relpath(target, os.path.realpath(owner))),
+                                     entry.path))
+            return f"a link into {shown(owner)}, whose images it holds"
+        return None
+
+
+def too_large(size: int, max_bytes: int) -> str | None:
+    if size <= max_bytes:
+        return None
+    return (f"too large for an image ({size / 2**20:,.0f} MB; the limit is {max_bytes / 2**20:,.0f} MB, "
+            "see --max-file-mb)")
 
 
 def special_file(mode: int) -> str | None:
@@ -149,7 +184,11 @@ def find_layout(root: Path, walk: Walk | None = None) -> tuple[Path, Path | None
     its own train folder. A split layout needs class sub-folders in train/ and nothing beside the
     split folders; where both readings are possible the user is asked to make it unambiguous."""
     walk = walk or Walk()
-    dirs = {d.name.lower(): d for d in walk.subfolders(root)}
+    dirs: dict[str, Path] = {}
+    for d in walk.subfolders(root):
+        if d.name.lower() in dirs and d.name.lower() in SPLIT_NAMES:
+            raise UsageError(f"{shown(root)} has both {dirs[d.name.lower()].name}/ and {d.name}/: keep one")
+        dirs.setdefault(d.name.lower(), d)
     if "train" not in dirs or not walk.subfolders(dirs["train"]):
         return root, None, None  # flat; 'train' (if any) is a class of images
     others = sorted(name for name, d in dirs.items() if name not in SPLIT_NAMES)
@@ -158,5 +197,13 @@ def find_layout(root: Path, walk: Walk | None = None) -> tuple[Path, Path | None
         raise UsageError(f"{shown(root)} has a train/ folder with sub-folders and other folders beside it ({classes}): "
                          f"for a split layout move {classes} under train/ (or val/), for a flat one move the "
                          f"images in train/'s sub-folders up into train/")
-    val = next((dirs[n] for n in VAL_NAMES if n in dirs), None)
-    return dirs["train"], val, dirs.get("test")
+    vals = [dirs[n] for n in VAL_NAMES if n in dirs]
+    if len(vals) > 1:
+        raise UsageError(f"{shown(root)} has {' and '.join(v.name + '/' for v in vals)}: keep one validation folder")
+    return dirs["train"], (vals[0] if vals else None), dirs.get("test")
+
+
+def listed(path: str | os.PathLike) -> str:
+    """A path for a line of a list (skipped.txt, the check's report): shown(), with tabs and line
+    breaks in names written as \\t and \\n so that one file stays one line."""
+    return shown(path).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import dataset
+import folders
 import plots
 from config import UsageError, cli
 from eval import load_model, run_model, thumbnail
@@ -27,12 +28,12 @@ def expand(patterns: list[str]) -> list[str]:
     """Files as given, folders searched recursively for images, glob patterns expanded."""
     paths: list[str] = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            paths += [m for m in matches if Path(m).is_file()]
+        if glob.has_magic(pattern):  # special files too: each is reported as unreadable, with the reason
+            paths += [m for m in sorted(glob.glob(pattern, recursive=True)) if not Path(m).is_dir()]
         elif Path(pattern).is_dir():
-            paths += [p for p in dataset.list_files(Path(pattern))
-                      if Path(p).suffix.lower() in dataset.IMAGE_EXTENSIONS]
+            walk = folders.Walk()
+            found = walk.image_files(Path(pattern)) + [p for p, _ in walk.skipped if not Path(p).is_dir()]
+            paths += sorted(p for p in found if Path(p).suffix.lower() in dataset.IMAGE_EXTENSIONS)
         elif Path(pattern).exists():
             paths.append(pattern)
         else:
@@ -74,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     for i, path in enumerate(paths):
         if i in results:
             top = results[i]
-            print(f"{path}: " + ", ".join(f"{label} ({100 * p:.1f}%)" for label, p in top))
+            print(f"{folders.shown(path)}: " + ", ".join(f"{label} ({100 * p:.1f}%)" for label, p in top))
             rows.append([path, top[0][0], f"{top[0][1]:.4f}", ";".join(f"{lb}:{p:.4f}" for lb, p in top), "ok"])
             captions.append(f"{top[0][0]} ({100 * top[0][1]:.1f}%)")
             colours.append("black")
         else:
             reason = dataset.inspect_file(path)[0] or "unreadable"
-            print(f"{path}: unreadable ({reason})")
+            print(f"{folders.shown(path)}: unreadable ({reason})")
             rows.append([path, "", "", "", f"unreadable: {reason}"])
             captions.append("unreadable")
             colours.append("red")

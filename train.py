@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 import dataset
 import files
+import folders
 import models
 import plots
 from config import IDENTITY, TrainConfig, UsageError, add_options, fail, printable_output, validate
@@ -394,7 +395,8 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: datase
     line in resumes.jsonl saying what changed."""
     if start.ckpt is None:
         split.save(run_dir / "split.json")
-        files.atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in split.not_used()))
+        files.atomic_write_text(run_dir / "skipped.txt",
+                                "".join(f"{folders.listed(p)}\t{r}\n" for p, r in split.not_used()))
     else:
         files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
         line = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -594,17 +596,17 @@ def fit(cfg: TrainConfig, start: Start, run_dir: Path, split: dataset.DataSplit,
 
     # datasets: decoded-image cache built once (rank 0; on a resume it may have been deleted), shared
     # through the file system
-    size = preprocess["resize_size"]
+    size, max_bytes = preprocess["resize_size"], int(cfg.max_file_mb * 2**20)
     cache = None
     if cfg.image_cache:
-        cache = dataset.ImageCache(split.files(), size, cfg.cache_dir)
+        cache = dataset.ImageCache(split.files(), size, cfg.cache_dir, max_bytes)
         if lead:
             cache.build(skip={p for p, _ in split.skipped})
         barrier()
     eval_tf = dataset.eval_transform(preprocess["img_size"])
     train_ds = dataset.ImageDataset(split.train, size, dataset.train_transform(
-        preprocess["img_size"], cfg.augment, cfg.min_scale, cfg.hflip), cache, seed=cfg.seed)
-    val_ds = dataset.ImageDataset(split.val, size, eval_tf, cache)
+        preprocess["img_size"], cfg.augment, cfg.min_scale, cfg.hflip), cache, cfg.seed, max_bytes)
+    val_ds = dataset.ImageDataset(split.val, size, eval_tf, cache, max_bytes=max_bytes)
     net, to_input = model, image_input
     use_features = cfg.mode == "transfer" and cfg.feature_cache and isinstance(models.head_of(model)[1], nn.Linear)
     if use_features:
@@ -614,7 +616,8 @@ def fit(cfg: TrainConfig, start: Start, run_dir: Path, split: dataset.DataSplit,
                 f"{feature_key(cfg, weights_id, preprocess, split, device)}.pt")
         path.parent.mkdir(parents=True, exist_ok=True)
         if lead:
-            plain = {"train": dataset.ImageDataset(split.train, size, eval_tf, cache), "val": val_ds}
+            plain = {"train": dataset.ImageDataset(split.train, size, eval_tf, cache, max_bytes=max_bytes),
+                     "val": val_ds}
             feats = backbone_features(model, {k: make_loader(v, 2 * cfg.batch_size, workers, device)
                                               for k, v in plain.items()}, image_input, autocast, path, lead)
         barrier()

@@ -72,7 +72,7 @@ def real_folder(root: Path) -> dict[str, str]:
     big.resize((64, 64)).save(buf, "JPEG", quality=80)
     (root / "green" / "photo-small-copy.jpg").write_bytes(buf.getvalue())
     return {"pipe.jpg": "not a regular file: a named pipe", "video.mp4": "too large for an image",
-            "up": "folder already walked: a link loop back", "self": "folder already walked: a link loop back",
+            "up": "a link loop back to a folder above it", "self": "a link loop back to a folder above it",
             "bomb1.png": "decompression bomb", "bomb2.png": "decompression bomb", "figure.eps": "not an image"}
 
 
@@ -176,3 +176,74 @@ def test_look_alikes_are_found_among_many_images():
     looks |= {f"v{i}": rng.integers(0, 256, 32, dtype=np.uint8).tobytes().hex() for i in range(1, 5000)}
     pairs = dataset.lookalikes([f"t{i}" for i in range(20000)], [f"v{i}" for i in range(5000)], looks)
     assert pairs == [("t7", "v0", 3)]
+
+
+def split_with_test(root: Path) -> Path:
+    make_folder(root / "train", per_class=4, classes={"a": (200, 30, 30), "b": (30, 200, 30)})
+    make_folder(root / "test", per_class=2, classes={"a": (200, 30, 30), "b": (30, 200, 30)}, offset=90)
+    return root
+
+
+def test_a_link_loop_inside_test_adds_nothing_to_eval_test_or_export(tmp_path, capsys):
+    import export
+
+    root = split_with_test(tmp_path / "d")
+    (root / "test" / "a" / "up").symlink_to("../..")
+    (root / "train" / "b" / "up").symlink_to("..")
+    _, items, skipped, _ = dataset.scan_folder(root)
+    assert len(items) == 4 and any("a link loop back" in r for _, r in skipped)
+    assert len(dataset.list_files(root / "test")) == 4  # test.py's folder listing
+    _, labels = export.sample_images(str(root), {"resize_size": 32, "img_size": 32}, 100, ["a", "b"])
+    assert sorted(labels) == [0] * 4 + [1] * 4  # train/b/up/a/... is not labelled b
+
+
+def test_a_link_into_another_class_does_not_take_its_images(tmp_path):
+    make_folder(tmp_path, per_class=4, classes={"a": (200, 30, 30), "b": (30, 200, 30)})
+    make_folder(tmp_path / "b" / "sub", per_class=3, classes={"x": (30, 200, 30)}, offset=40)
+    (tmp_path / "a" / "more").symlink_to("../b/sub")
+    (tmp_path / "a" / "zz.png").symlink_to("../b/b_000.png")
+    split = dataset.prepare_data(str(tmp_path))
+    assert split.counts(split.train + split.val) == [4, 7]
+    assert {Path(p).name for p, r in split.left_out if "a link into" in r} == {"more", "zz.png"}
+
+
+def test_a_file_named_directly_is_read_only_if_it_is_a_regular_file_of_a_sane_size(tmp_path, trained_run):
+    with open(tmp_path / "movie.jpg", "wb") as f:
+        f.truncate(2 * 2**40)
+    make_image((200, 30, 30), 1).save(tmp_path / "ok.png")
+    result = run("test.py", str(tmp_path / "movie.jpg"), str(tmp_path / "ok.png"), "--checkpoint",
+                 str(trained_run / "best.pt"), "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert "movie.jpg: unreadable (too large for an image" in result.stdout.decode()
+
+
+def test_a_hard_link_of_a_training_image_in_test_is_reported_as_leakage(tmp_path):
+    root = split_with_test(tmp_path / "d")
+    os.link(root / "train" / "a" / "a_000.png", root / "test" / "a" / "copy.png")
+    split = dataset.prepare_data(str(root))
+    assert (str(root / "train" / "a" / "a_000.png"), str(root / "test" / "a" / "copy.png"), 0) in split.leaks
+
+
+def test_names_with_tabs_and_line_breaks_stay_one_line_in_skipped_txt(tmp_path):
+    make_folder(tmp_path / "d", per_class=3)
+    (tmp_path / "d" / "red" / "bad\tname\n.png").write_text("not an image")
+    assert run("train.py", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--mode", "scratch",
+               "--epochs", "1", "--img-size", "32", "--no-summary").returncode == 0
+    lines = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].split("\t")[0].endswith("bad\\tname\\n.png")
+
+
+@pytest.mark.parametrize("second", ["valid", "Train"])
+def test_two_folders_for_one_split_are_refused(second, tmp_path):
+    make_folder(tmp_path / "train", per_class=2)
+    make_folder(tmp_path / "val", per_class=2)
+    make_folder(tmp_path / second, per_class=2)
+    with pytest.raises(folders.UsageError, match="keep one"):
+        folders.find_layout(tmp_path)
+
+
+def test_two_class_folders_that_are_one_folder_are_refused(tmp_path):
+    make_folder(tmp_path, per_class=3)
+    (tmp_path / "scarlet").symlink_to("red")
+    with pytest.raises(folders.UsageError, match="are the same folder"):
+        dataset.prepare_data(str(tmp_path))
