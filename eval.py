@@ -6,8 +6,8 @@
 
 Prints accuracy, the confusion matrix, per-class accuracy with the real class names, scikit-learn's
 classification report and the most confused pairs; writes metrics.json, confusion_matrix.png,
-misclassified.csv and worst_mistakes.png to --out (default: eval-<data name> beside the checkpoint).
-Classes are matched to the checkpoint's by name, never by position.
+misclassified.csv, skipped.txt and worst_mistakes.png to --out (default: eval-<data name> beside the
+checkpoint). Classes are matched to the checkpoint's by name, never by position.
 """
 
 from __future__ import annotations

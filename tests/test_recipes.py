@@ -100,10 +100,10 @@ def test_balanced_sampler_draws_only_the_cached_features_that_exist(colours, tmp
     split = dataset.prepare_data(str(colours))
     lost, real = split.train[0][0], dataset.load_image  # passed the check, unreadable when features are made
 
-    def load(path, size):
+    def load(path, size, *rest):
         if path == lost:
             raise dataset.BadImage("gone")
-        return real(path, size)
+        return real(path, size, *rest)
 
     monkeypatch.setattr(dataset, "load_image", load)
     assert train.main(train_args(colours, tmp_path / "r", "--mode", "transfer", "--balanced-sampler",
