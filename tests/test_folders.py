@@ -247,3 +247,27 @@ def test_two_class_folders_that_are_one_folder_are_refused(tmp_path):
     (tmp_path / "scarlet").symlink_to("red")
     with pytest.raises(folders.UsageError, match="are the same folder"):
         dataset.prepare_data(str(tmp_path))
+
+
+def test_big_images_are_not_decoded_all_at_once():
+    import threading
+
+    budget, inside, most = dataset.DecodeBudget(100), [0], [0]
+    lock = threading.Lock()
+
+    def decode(pixels: int) -> None:
+        with budget.take(pixels):
+            with lock:
+                inside[0] += pixels
+                most[0] = max(most[0], inside[0])
+            threading.Event().wait(0.05)
+            with lock:
+                inside[0] -= pixels
+
+    threads = [threading.Thread(target=decode, args=(60,)) for _ in range(4)] + \
+        [threading.Thread(target=decode, args=(150,))]  # over the budget alone: it still runs, alone
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] <= 150 and inside[0] == 0
