@@ -184,7 +184,7 @@ def square(img: Image.Image, size: int) -> np.ndarray:
 def look_hash(img: Image.Image) -> str:
     """A 256-bit perceptual hash (pHash: the signs of the lowest 16 x 16 DCT frequencies of a 32 x 32
     grey thumbnail against their median), or "plain" for a picture with next to no contrast. Resizing
-    and re-encoding a photo keep it within ~15 bits; other pictures differ by 56 or more (bench_check)."""
+    and re-encoding a photo keep it within ~22 bits; other pictures differ by 56 or more (bench_check)."""
     from scipy.fft import dctn  # scipy comes with scikit-learn
 
     grey = np.asarray(img.convert("L").resize((32, 32), Image.BOX), dtype=np.float32)
@@ -436,7 +436,7 @@ def linked_across(aliases: list[tuple[str, str]], train: list[str], held_out: li
     return out
 
 
-LOOKALIKE_BITS = 32  # of 256: re-encoded copies differ by up to ~15 bits, other pictures by 56 or more (~126 typically)
+LOOKALIKE_BITS = 22  # of 256: measured in bench_check: re-encoded copies up to 22 bits, other photos 56 or more
 
 
 def lookalikes(a: list[str], b: list[str] | None, looks: dict[str, str], max_bits: int = LOOKALIKE_BITS
