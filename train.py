@@ -556,16 +556,24 @@ def main(argv: list[str] | None = None) -> int:
             if lead:
                 write_run_files(run_dir, cfg, start, split)
                 report_split(split, run_dir)
-            return fit(cfg, start, run_dir, split, model, weights_id, preprocess, device, rank, world)
         except UsageError:
             if made is not None:
                 made.undo()
             raise
-        except KeyboardInterrupt:  # before training started: nothing to save, the folder restarts on resume
-            if lead and not (run_dir / "last.pt").exists():
-                print(f"\ninterrupted before the first checkpoint; start it again with: "
-                      f"python train.py --resume {run_dir}", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt:
+            return interrupted_early(run_dir, lead)
+        try:
+            return fit(cfg, start, run_dir, split, model, weights_id, preprocess, device, rank, world)
+        except KeyboardInterrupt:
+            return interrupted_early(run_dir, lead)
+
+
+def interrupted_early(run_dir: Path, lead: bool) -> int:
+    """Stopped before training started: nothing to save; a folder without last.pt starts again on resume."""
+    if lead and not (run_dir / "last.pt").exists():
+        print(f"\ninterrupted before the first checkpoint; start it again with: python train.py --resume {run_dir}",
+              file=sys.stderr)
+    return 130
 
 
 def fit(cfg: TrainConfig, start: Start, run_dir: Path, split: dataset.DataSplit, model: nn.Module,
