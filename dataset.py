@@ -470,13 +470,14 @@ def lookalikes(a: list[str], b: list[str] | None, looks: dict[str, str], max_bit
     return out
 
 
-def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None
+def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None,
+                max_bytes: int = MAX_BYTES
                 ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]], ImageCache | None]:
     """An evaluation folder: (classes, good (path, label) items, skipped (path, reason), and with
     `cache_size` the decoded-image cache the check filled). A data set root gives its test/ (else val/)."""
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder: give a folder with one sub-folder per class")
-    walk = folders.Walk()
+    walk = folders.Walk(max_bytes=max_bytes)
     root = folder
     train_dir, val_dir, test_dir = folders.find_layout(folder, walk)
     if train_dir != folder:  # a dataset root: evaluate its held-out part
@@ -487,8 +488,8 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
     classes = [d.name for d in walk.subfolders(folder)]
     claim_structure(walk, root, [(folder, classes)])
     items = labelled(walk, folder, classes)
-    cache = ImageCache(sorted(p for p, _ in items), cache_size, cache_dir) if cache_size else None
-    checked = check_files([p for p, _ in items], cache_dir, progress, fill=cache)
+    cache = ImageCache(sorted(p for p, _ in items), cache_size, cache_dir, max_bytes) if cache_size else None
+    checked = check_files([p for p, _ in items], cache_dir, progress, fill=cache, max_bytes=max_bytes)
     good = [(p, y) for p, y in items if not checked[p][0]]
     if not good:
         raise UsageError(f"no readable images in {shown(folder)}/<class>/: nothing to evaluate")

@@ -73,11 +73,12 @@ def load_model(checkpoint: str | None, device_name: str = "auto") -> Loaded:
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
-              show: bool = True, cache: dataset.ImageCache | None = None
+              show: bool = True, cache: dataset.ImageCache | None = None, max_bytes: int = dataset.MAX_BYTES
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(probabilities, targets, item indices) for every readable image, in order, each exactly once."""
     pre = loaded.preprocess
-    ds = dataset.ImageDataset(items, pre["resize_size"], dataset.eval_transform(pre["img_size"]), cache)
+    ds = dataset.ImageDataset(items, pre["resize_size"], dataset.eval_transform(pre["img_size"]), cache,
+                              max_bytes=max_bytes)
     n_workers = auto_workers(loaded.device, cached=cache is not None) if workers is None else workers
     loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
     logits, targets, idx = predict(loaded.model, loader, loaded.to_input, loaded.autocast, show=show)
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: sized to the machine)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-file-mb", type=float, default=folders.DEFAULT_MAX_FILE_MB,
+                        help="files larger than this are skipped without being read (default: %(default)s)")
     parser.add_argument("--image-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the decoded images in the on-disk cache, so evaluating the same files again "
                         "(another checkpoint, say) decodes nothing (default: on)")
@@ -157,13 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.checkpoint, args.device)
     folder = Path(args.data)
     size = loaded.preprocess["resize_size"] if args.image_cache else None
-    folder_classes, items, skipped, cache = dataset.scan_folder(folder, args.cache_dir, cache_size=size)
+    max_bytes = int(args.max_file_mb * 2**20)
+    folder_classes, items, skipped, cache = dataset.scan_folder(folder, args.cache_dir, cache_size=size,
+                                                                max_bytes=max_bytes)
     mapping = match_classes(folder_classes, loaded.classes)
     items = [(p, mapping[y]) for p, y in items]
     if skipped:
         dataset.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
                      f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
-    probs, y, idx = run_model(loaded, items, args.batch_size, args.workers, cache=cache)
+    probs, y, idx = run_model(loaded, items, args.batch_size, args.workers, cache=cache, max_bytes=max_bytes)
     conf, pred = probs.max(1)
     present = sorted(set(mapping))
     m = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, present)

@@ -24,14 +24,14 @@ from config import UsageError, cli
 from eval import load_model, run_model, thumbnail
 
 
-def expand(patterns: list[str]) -> list[str]:
+def expand(patterns: list[str], max_bytes: int = dataset.MAX_BYTES) -> list[str]:
     """Files as given, folders searched recursively for images, glob patterns expanded."""
     paths: list[str] = []
     for pattern in patterns:
         if glob.has_magic(pattern):  # special files too: each is reported as unreadable, with the reason
             paths += [m for m in sorted(glob.glob(pattern, recursive=True)) if not Path(m).is_dir()]
         elif Path(pattern).is_dir():
-            walk = folders.Walk()
+            walk = folders.Walk(max_bytes=max_bytes)
             found = walk.image_files(Path(pattern)) + [p for p, _ in walk.skipped if not Path(p).is_dir()]
             paths += sorted(p for p in found if Path(p).suffix.lower() in dataset.IMAGE_EXTENSIONS)
         elif Path(pattern).exists():
@@ -54,13 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-file-mb", type=float, default=folders.DEFAULT_MAX_FILE_MB,
+                        help="files larger than this are reported unreadable without being read (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.topk < 1:
         raise UsageError("--topk must be at least 1")
 
-    paths = expand(args.paths)
+    max_bytes = int(args.max_file_mb * 2**20)
+    paths = expand(args.paths, max_bytes)
     loaded = load_model(args.checkpoint, args.device)
-    probs, _, idx = run_model(loaded, [(p, -1) for p in paths], args.batch_size, args.workers,
+    probs, _, idx = run_model(loaded, [(p, -1) for p in paths], args.batch_size, args.workers, max_bytes=max_bytes,
                               show=len(paths) > 256)
     k = min(args.topk, len(loaded.classes))
     results: dict[int, list[tuple[str, float]]] = {}
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             captions.append(f"{top[0][0]} ({100 * top[0][1]:.1f}%)")
             colours.append("black")
         else:
-            reason = dataset.inspect_file(path)[0] or "unreadable"
+            reason = dataset.inspect_file(path, max_bytes=max_bytes)[0] or "unreadable"
             print(f"{folders.shown(path)}: unreadable ({reason})")
             rows.append([path, "", "", "", f"unreadable: {reason}"])
             captions.append("unreadable")

@@ -271,3 +271,17 @@ def test_big_images_are_not_decoded_all_at_once():
     for t in threads:
         t.join()
     assert most[0] <= 150 and inside[0] == 0
+
+
+def test_eval_and_test_py_take_the_same_file_size_limit(trained_run, tmp_path, capsys):
+    import test as predict
+
+    data = make_folder(tmp_path / "d", per_class=2)
+    big = data / "red" / "big.png"
+    make_image((220, 40, 40), 9, 256).save(big)  # ~190 KB of noise; the others are ~3 KB
+    assert evaluate.main([str(data), "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path / "eval"),
+                          "--max-file-mb", "0.05"]) == 0
+    assert (tmp_path / "eval" / "skipped.txt").read_text().startswith(f"{big}\ttoo large for an image")
+    assert predict.main([str(big), "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path / "p"),
+                         "--max-file-mb", "0.05"]) == 0
+    assert "unreadable (too large for an image" in capsys.readouterr().out
