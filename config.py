@@ -116,7 +116,7 @@ class TrainConfig:
     resume: str | None = opt(None, "continue a run: a run folder (or its last.pt), or 'auto' for the newest; "
                              "options given with it take effect, except those that define the run", type=str)
     overwrite: bool = opt(False, "allow --out to be an existing non-empty folder")
-    summary: bool = opt(True, "print the torchsummary model summary at the start")
+    summary: bool = opt(True, "write the torchsummary layer table to model_summary.txt in the run folder")
     lr_find: bool = opt(False, "run a learning-rate range test, plot it, suggest an lr and exit")
 
 

@@ -46,16 +46,9 @@ class Loaded:
     device: torch.device
 
 
-def default_checkpoint() -> Path:
-    found = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UsageError("no runs/*/best.pt found: train a model first (python train.py) or pass --checkpoint")
-    return found[-1]
-
-
 def load_model(checkpoint: str | None, device_name: str = "auto") -> Loaded:
     """A checkpoint (.pt, rebuilt from its contents alone) or an exported .onnx model."""
-    path = Path(checkpoint) if checkpoint else default_checkpoint()
+    path = models.find_checkpoint(checkpoint)
     if not checkpoint:
         print(f"using checkpoint {path}")
     device = pick_device(device_name)
@@ -142,8 +135,8 @@ def thumbnail(path: str, size: int = 160) -> np.ndarray | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", help="folder with one sub-folder per class (or a dataset root with test/ or val/)")
-    parser.add_argument("--checkpoint", help="best.pt/last.pt of a run, or an exported .onnx (default: newest "
-                        "runs/*/best.pt)")
+    parser.add_argument("--checkpoint", help="a run folder (its best.pt), a .pt of a run, or an exported .onnx "
+                        "(default: newest runs/*/best.pt)")
     parser.add_argument("--out", help="output folder (default: eval-<data name> beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: sized to the machine)")
@@ -175,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     m.update({"checkpoint": str(loaded.source), "data": str(folder), "skipped": [list(s) for s in skipped]})
     print_report(m, present)
 
-    out = Path(args.out) if args.out else loaded.source.parent / f"eval-{folder.resolve().name}"
+    out = Path(args.out) if args.out else models.unused_folder(loaded.source.parent / f"eval-{folder.resolve().name}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
     files.atomic_write_text(out / "classification_report.txt", m["report"])

@@ -226,7 +226,8 @@ def accuracy(logits: torch.Tensor, labels: list[int]) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="best.pt of a run (default: newest runs/*/best.pt)")
+    parser.add_argument("--checkpoint", help="a run folder (its best.pt) or a .pt of a run (default: newest "
+                        "runs/*/best.pt)")
     parser.add_argument("--format", required=True, choices=tuple(SUFFIX))
     parser.add_argument("--int8", action="store_true", help="post-training int8 quantisation (onnx, executorch), "
                         "calibrated on --data")
@@ -243,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.int8 and not args.data:
         raise UsageError("--int8 needs --data: a folder of training images to calibrate on")
 
-    from eval import default_checkpoint
-
-    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    ckpt_path = models.find_checkpoint(args.checkpoint)
     ckpt = models.load_checkpoint(ckpt_path)
     model = Deployable(models.model_from_checkpoint(ckpt), ckpt["preprocess"]).eval()
     out = Path(args.out) if args.out else ckpt_path.parent / (

@@ -7,6 +7,7 @@ too. The backbone is then a fixed function, which is what lets train.py cache it
 
 from __future__ import annotations
 
+import difflib
 import os
 import pickle
 from pathlib import Path
@@ -31,7 +32,9 @@ def classifier_names() -> list[str]:
 
 def check_name(name: str) -> None:
     if name not in classifier_names():
-        raise UsageError(f"unknown model '{name}'; choose one of: {', '.join(classifier_names())}")
+        close = difflib.get_close_matches(name, classifier_names(), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UsageError(f"unknown model '{name}': {hint}choose one of: {', '.join(classifier_names())}")
 
 
 def default_weights(name: str) -> Any:
@@ -223,6 +226,27 @@ class Normalize(nn.Module):
         if x.dtype != torch.uint8:
             x = x * 255
         return (x.float() - self.mean) / self.std
+
+
+def find_checkpoint(given: str | None, name: str = "best.pt") -> Path:
+    """--checkpoint as a file, a run folder (its best.pt), or absent: the newest runs/*/best.pt."""
+    if given:
+        path = Path(given)
+        return path / name if path.is_dir() else path
+    found = sorted(Path("runs").glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UsageError(f"no runs/*/{name} found: train a model first (python train.py) or pass --checkpoint")
+    return found[-1]
+
+
+def unused_folder(path: Path) -> Path:
+    """`path`, or path-2, path-3, ... : the first that does not exist yet, so a report never replaces
+    another one silently."""
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        if not candidate.exists():
+            return candidate
+    raise UsageError(f"{path}-2 ... {path}-9999 all exist: pass --out")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import dataset
 import folders
+import models
 import plots
 from config import UsageError, cli
 from eval import load_model, run_model, thumbnail
@@ -46,8 +47,8 @@ def expand(patterns: list[str], max_bytes: int = dataset.MAX_BYTES) -> list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--checkpoint", help="best.pt/last.pt of a run, or an exported .onnx (default: newest "
-                        "runs/*/best.pt)")
+    parser.add_argument("--checkpoint", help="a run folder (its best.pt), a .pt of a run, or an exported .onnx "
+                        "(default: newest runs/*/best.pt)")
     parser.add_argument("--topk", type=int, default=3, help="labels to show per image")
     parser.add_argument("--grid", type=int, default=24, help="most images in predictions.png")
     parser.add_argument("--out", help="output folder (default: predictions/ beside the checkpoint)")
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         for row, i in enumerate(idx.tolist()):
             results[i] = [(loaded.classes[c], float(p)) for p, c in zip(top_p[row].tolist(), top_i[row].tolist())]
 
-    out = Path(args.out) if args.out else loaded.source.parent / "predictions"
+    out = Path(args.out) if args.out else models.unused_folder(loaded.source.parent / "predictions")
     out.mkdir(parents=True, exist_ok=True)
     rows, grid, captions, colours = [], [], [], []
     for i, path in enumerate(paths):

@@ -75,7 +75,7 @@ from engine import (
 CHECKPOINT_VERSION = 2  # 2: position in samples and epoch statistics ("progress"); the schedule is derived
 RESUME_ONLY = ("optimizer", "scaler", "progress")  # in last.pt, not in best.pt
 RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
-             "curves.png", "lr_find.png", "resumes.jsonl", "events.out.tfevents.*")
+             "curves.png", "lr_find.png", "resumes.jsonl", "model_summary.txt", "events.out.tfevents.*")
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -582,11 +582,16 @@ def fit(cfg: TrainConfig, start: Start, run_dir: Path, split: dataset.DataSplit,
     say = print if lead else (lambda *a, **k: None)
     classes = split.classes
     trainable, frozen = models.count_parameters(model)
-    if lead and cfg.summary:
+    if lead and cfg.summary:  # the layer table goes to a file; the screen keeps the one line below
+        import io
+
         from torchsummary import summary
 
         model.eval()  # a summary forward pass must not move BatchNorm statistics
-        summary(model, (3, preprocess["img_size"], preprocess["img_size"]), device="cpu")
+        table = io.StringIO()
+        with contextlib.redirect_stdout(table):
+            summary(model, (3, preprocess["img_size"], preprocess["img_size"]), device="cpu")
+        files.atomic_write_text(run_dir / "model_summary.txt", table.getvalue())
     say(f"model: {cfg.model}, mode {cfg.mode}: {trainable:,} trainable and {frozen:,} frozen parameters; "
         f"{preprocess['img_size']} px crops of {preprocess['resize_size']} px images")
     # sized for this machine; left unresolved in the config so a resume elsewhere sizes it again

@@ -131,3 +131,23 @@ def test_bad_checkpoint_or_folder_is_one_line_and_exit_2(problem, trained_run, c
     assert call(evaluate.main, [str(data), "--checkpoint", str(ckpt)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_run_folder_is_accepted_as_the_checkpoint_and_a_second_report_does_not_replace_the_first(
+        trained_run, colours_eval, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for _ in range(2):
+        assert evaluate.main([str(colours_eval), "--checkpoint", str(run)]) == 0
+    reports = sorted(p.name for p in run.iterdir() if p.name.startswith("eval-"))
+    assert reports == [f"eval-{colours_eval.name}", f"eval-{colours_eval.name}-2"]
+
+
+def test_an_unknown_model_name_gets_the_closest_names(capsys):
+    import models
+    from config import UsageError
+
+    with pytest.raises(UsageError, match="did you mean resnet18"):
+        models.check_name("resnet81")

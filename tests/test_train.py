@@ -258,3 +258,11 @@ def test_a_gpu_too_old_for_the_installed_pytorch_is_reported_before_training(mon
         engine.check_gpu_supported(torch.device("cuda:0"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     engine.check_gpu_supported(torch.device("cuda:0"))  # an H100 is fine
+
+
+def test_the_layer_table_goes_to_the_run_folder_not_the_screen(colours, tmp_path, capsys):
+    args = [a for a in train_args(colours, tmp_path / "run", "--mode", "scratch") if a != "--no-summary"]
+    assert train.main(args) == 0
+    assert "Total params" in (tmp_path / "run" / "model_summary.txt").read_text()
+    out = capsys.readouterr().out
+    assert "Total params" not in out and "trainable and 0 frozen parameters" in out
