@@ -13,17 +13,13 @@ checkpoint). Classes are matched to the checkpoint's by name, never by position.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import dataset
 import files
@@ -31,51 +27,7 @@ import folders
 import models
 import plots
 from config import UsageError, cli
-from engine import auto_workers, make_loader, pick_device, precision, predict, to_model_input
-
-
-@dataclass
-class Loaded:
-    """A model ready for inference, with everything needed to feed it and name its outputs."""
-    model: Callable[[torch.Tensor], torch.Tensor]
-    to_input: Callable[[torch.Tensor], torch.Tensor]
-    autocast: Callable
-    classes: list[str]
-    preprocess: dict[str, Any]
-    source: Path
-    device: torch.device
-
-
-def load_model(checkpoint: str | None, device_name: str = "auto") -> Loaded:
-    """A checkpoint (.pt, rebuilt from its contents alone) or an exported .onnx model."""
-    path = models.find_checkpoint(checkpoint)
-    if not checkpoint:
-        print(f"using checkpoint {path}")
-    device = pick_device(device_name)
-    if path.suffix == ".onnx":
-        from export import OnnxModel  # optional dependency: onnxruntime
-
-        onnx = OnnxModel(path)
-        return Loaded(onnx, lambda x: x, contextlib.nullcontext, onnx.classes, onnx.preprocess,
-                      path, torch.device("cpu"))
-    ckpt = models.load_checkpoint(path)
-    model = models.model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
-    autocast, _ = precision(device, amp=True)
-    return Loaded(model, to_model_input(ckpt["preprocess"], device), autocast, list(ckpt["classes"]),
-                  ckpt["preprocess"], path, device)
-
-
-def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
-              show: bool = True, cache: dataset.ImageCache | None = None, max_bytes: int = dataset.MAX_BYTES
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(probabilities, targets, item indices) for every readable image, in order, each exactly once."""
-    pre = loaded.preprocess
-    ds = dataset.ImageDataset(items, pre["resize_size"], dataset.eval_transform(pre["img_size"]), cache,
-                              max_bytes=max_bytes)
-    n_workers = auto_workers(loaded.device, cached=cache is not None) if workers is None else workers
-    loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
-    logits, targets, idx = predict(loaded.model, loader, loaded.to_input, loaded.autocast, show=show)
-    return logits.softmax(1) if len(idx) else logits, targets, idx
+from predictor import load_model, run_model, thumbnail
 
 
 def match_classes(folder_classes: list[str], model_classes: list[str]) -> list[int]:
@@ -121,15 +73,6 @@ def print_report(m: dict[str, Any], present: list[int]) -> None:
         print("Most confused (true -> predicted: count)")
         for e in m["most_confused"][:5]:
             print(f"  {e['true']} -> {e['predicted']}: {e['count']}")
-
-
-def thumbnail(path: str, size: int = 160) -> np.ndarray | None:
-    try:
-        img = dataset.decode(path, draft=size)
-    except (dataset.BadImage, OSError):
-        return None
-    img.thumbnail((size, size))
-    return np.asarray(img)
 
 
 def main(argv: list[str] | None = None) -> int:

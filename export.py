@@ -33,6 +33,7 @@ import dataset
 import folders
 import models
 from config import UsageError, cli
+from predictor import OnnxModel
 
 SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "torchscript": ".ptl"}
 
@@ -55,32 +56,6 @@ def metadata(ckpt: dict[str, Any]) -> dict[str, str]:
             "std": json.dumps(pre["std"]), "img_size": str(pre["img_size"]), "resize_size": str(pre["resize_size"]),
             "input": "float32 RGB in [0,1], N x 3 x img_size x img_size, shorter side resized to resize_size "
                      "then centre-cropped; normalisation is inside the model"}
-
-
-class OnnxModel:
-    """An exported .onnx run with onnxruntime, usable wherever eval.py and test.py use a model."""
-
-    def __init__(self, path: str | Path):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise UsageError("running .onnx models needs onnxruntime: pip install -r requirements-export.txt") from None
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise UsageError(f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:120]})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "classes" not in meta:
-            raise UsageError(f"{path} has no class names in its metadata: export it with export.py")
-        self.classes = json.loads(meta["classes"])
-        self.preprocess = {"img_size": int(meta["img_size"]), "resize_size": int(meta["resize_size"]),
-                           "mean": json.loads(meta["mean"]), "std": json.loads(meta["std"])}
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float() / 255
-        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> Callable:

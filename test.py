@@ -22,7 +22,7 @@ import folders
 import models
 import plots
 from config import UsageError, cli
-from eval import load_model, run_model, thumbnail
+from predictor import load_model, run_model, thumbnail
 
 
 def expand(patterns: list[str], max_bytes: int = dataset.MAX_BYTES) -> list[str]:

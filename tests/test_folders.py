@@ -18,6 +18,7 @@ import dataset
 import eval as evaluate
 import folders
 import plots
+import predictor
 
 ODD = os.fsdecode(b"caf\xe9")  # a Latin-1 name: not UTF-8
 
@@ -139,10 +140,10 @@ def test_an_exif_rotated_photo_is_seen_upright_on_every_path(tmp_path, trained_r
     cache = dataset.ImageCache([str(tmp_path / "rotated.jpg")], 32, str(tmp_path / "c"))
     dataset.check_files(cache.paths, str(tmp_path / "c"), progress=False, fill=cache)  # the check fills it
     assert np.abs(cache.get(str(tmp_path / "rotated.jpg")).astype(int) - want).mean() < 8
-    assert evaluate.thumbnail(str(tmp_path / "rotated.jpg")).shape[:2] == (32, 48)  # pictures: upright
-    loaded = evaluate.load_model(str(trained_run / "best.pt"), "cpu")
+    assert predictor.thumbnail(str(tmp_path / "rotated.jpg")).shape[:2] == (32, 48)  # pictures: upright
+    loaded = predictor.load_model(str(trained_run / "best.pt"), "cpu")
     items = [(str(tmp_path / "upright.png"), 0), (str(tmp_path / "rotated.jpg"), 0)]
-    probs, _, _ = evaluate.run_model(loaded, items, 2, 0, show=False)
+    probs, _, _ = predictor.run_model(loaded, items, 2, 0, show=False)
     assert float((probs[0] - probs[1]).abs().max()) < 0.1  # the model sees nearly the same picture
 
 
