@@ -23,6 +23,10 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2, before anything is written."""
 
 
+class TrainingError(Exception):
+    """A run cannot go on (NaN loss, out of memory, unreadable data): one line, exit status 1."""
+
+
 def fail(message: str, status: int = 2) -> NoReturn:
     """Print a one-line error for a person (no traceback) and exit."""
     print(f"error: {message}", file=sys.stderr)
@@ -38,12 +42,23 @@ def printable_output() -> None:
 
 
 def cli(entry: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run an entry point; bad input (UsageError) becomes one line on stderr and exit status 2."""
+    """Run an entry point with errors for people, the same for every script: bad input (UsageError)
+    is one line and exit status 2, a failed run (TrainingError, out of GPU memory) one line and 1,
+    Ctrl-C before anything was saved 130. Tracebacks are for bugs."""
     printable_output()
     try:
         return entry(argv)
     except UsageError as e:
         fail(str(e), 2)
+    except TrainingError as e:
+        fail(str(e), 1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, named so that this module needs no torch
+            fail("out of GPU memory: try a smaller --batch-size (or --img-size)", 1)
+        raise
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import files
 import folders
-from config import UsageError, cache_root, printable_output
+from config import UsageError, cache_root, cli
 from folders import shown
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -759,17 +759,12 @@ def main(argv: Iterable[str] | None = None) -> int:
                        help="files larger than this are skipped without being read")
     sub.add_parser("demo", help=f"export the digits demo data to {DEMO_DIR}")
     args = parser.parse_args(argv)
-    printable_output()
-    try:
-        if args.command == "demo":
-            print(export_demo())
-            return 0
-        report(prepare_data(args.data, args.val_split, args.seed, args.cache_dir, max_file_mb=args.max_file_mb))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "demo":
+        print(export_demo())
+        return 0
+    report(prepare_data(args.data, args.val_split, args.seed, args.cache_dir, max_file_mb=args.max_file_mb))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

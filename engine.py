@@ -33,12 +33,7 @@ from tqdm import tqdm
 import dataset
 import files
 import models
-from config import UsageError
-
-
-class TrainingError(Exception):
-    """Training cannot go on (NaN loss, out of memory, unreadable data): one line, exit status 1."""
-
+from config import TrainingError, UsageError
 
 # ----------------------------------------------------------------------------- machine
 

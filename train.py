@@ -43,14 +43,13 @@ import files
 import folders
 import models
 import plots
-from config import IDENTITY, TrainConfig, UsageError, add_options, fail, printable_output, validate
+from config import IDENTITY, TrainConfig, TrainingError, UsageError, add_options, cli, validate
 from engine import (
     Features,
     HardStop,
     Learner,
     Progress,
     ResumableSampler,
-    TrainingError,
     auto_workers,
     autocast_dtype,
     barrier,
@@ -896,19 +895,9 @@ def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]] | Non
 
 
 def run(argv: list[str] | None = None) -> int:
-    """main() with errors for people: bad input exits 2, a failed run 1, with one line each."""
-    printable_output()
+    """main() with the errors every entry script gives (config.cli); the process group is closed."""
     try:
-        return main(argv)
-    except UsageError as e:
-        fail(str(e), 2)
-    except TrainingError as e:
-        fail(str(e), 1)
-    except torch.OutOfMemoryError:
-        fail("out of GPU memory: try a smaller --batch-size (or --img-size)", 1)
-    except KeyboardInterrupt:  # before the run folder existed: nothing was written
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        return cli(main, argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -305,3 +305,10 @@ def test_a_run_that_fails_still_writes_its_best_model_held_in_memory(colours, tm
                               "--save-interval", "3600"))
     assert not (tmp_path / "run" / "last.pt").exists()  # not due yet: nothing was written before the failure
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["best_epoch"] in (1, 2)
+
+
+def test_the_check_command_answers_bad_input_like_every_entry_script(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "check", str(tmp_path / "nope")],
+                            capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: data folder") and len(result.stderr.strip().splitlines()) == 1
