@@ -100,7 +100,7 @@ class TrainConfig:
     gamma: float = opt(0.1, "learning-rate drop factor (step; plateau: after 2 epochs without a better "
                        "val accuracy)")
     warmup_epochs: int = opt(0, "linear warm-up epochs before the schedule")
-    backbone_lr_mult: float = opt(1.0, "finetune: learning-rate multiplier for the pretrained layers")
+    backbone_lr_mult: float = opt(1.0, "finetune only: learning-rate multiplier for the pretrained layers")
     label_smoothing: float = opt(0.0, "label smoothing for the loss")
     class_weights: str = opt("none", "'auto': weigh the loss by inverse class frequency",
                              choices=("none", "auto"))

@@ -77,23 +77,21 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """The ImageNet head (find_head) replaced by one for `num_classes`; its name is kept on the model,
+    so head_of() finds it again by the same rule."""
     name, old = find_head(model)
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_classes)
     else:
         new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
     set_module(model, name, new)
+    model.head_name = name
     return new
 
 
 def head_of(model: nn.Module) -> tuple[str, nn.Module]:
-    """Name and module of the (already replaced) head: the last Linear/Conv2d of the network."""
-    last = None
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            last = (name, m)
-    assert last is not None
-    return last
+    """Name and module of the head that replace_head() put in (one rule: find_head's 1000-class layer)."""
+    return model.head_name, model.get_submodule(model.head_name)
 
 
 def safe_load(path: str | Path) -> Any:

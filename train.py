@@ -146,7 +146,8 @@ def apply_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
     ones saved with the optimizer's state, so what the command line says takes effect. Finetune may
     give the pretrained layers a smaller lr (--backbone-lr-mult)."""
     for i, group in enumerate(optimizer.param_groups):
-        group["base_lr"] = group["lr"] = cfg.lr * (1.0 if i == 0 else cfg.backbone_lr_mult)
+        pretrained = i > 0 and cfg.mode == "finetune"  # in scratch there are no pretrained layers
+        group["base_lr"] = group["lr"] = cfg.lr * (cfg.backbone_lr_mult if pretrained else 1.0)
         group["weight_decay"] = cfg.weight_decay
         if "momentum" in group:
             group["momentum"] = cfg.momentum

@@ -213,3 +213,24 @@ def test_augmentation_presets_use_torchvision_policies(preset, op):
     tf = dataset.train_transform(32, preset)
     assert op in [type(t).__name__ for t in tf.transforms]
     assert tf(torch.zeros(3, 40, 40, dtype=torch.uint8)).shape == (3, 32, 32)
+
+
+def test_the_backbone_lr_multiplier_applies_to_pretrained_layers_only():
+    import models
+
+    model = models.build_model("resnet18", 3)
+    opt = train.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1, mode="scratch"), model)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]  # nothing is pretrained from scratch
+
+
+def test_the_head_is_found_by_one_rule_before_and_after_it_is_replaced():
+    import torchvision
+
+    import models
+
+    for name in ("vgg11", "resnet18", "mobilenet_v2", "squeezenet1_0"):
+        before, _ = models.find_head(torchvision.models.get_model(name))
+        model = models.build_model(name, 3)
+        assert models.head_of(model)[0] == before
+        assert models.head_of(models.model_from_checkpoint(
+            {"arch": name, "classes": ["a", "b", "c"], "model": model.state_dict()}))[0] == before
