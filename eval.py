@@ -77,7 +77,9 @@ def print_report(m: dict[str, Any], present: list[int]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", help="folder with one sub-folder per class (or a dataset root with test/ or val/)")
+    parser.add_argument("data", nargs="?", help="folder with one sub-folder per class (or a dataset root with "
+                        "test/ or val/); also accepted as --data, like train.py and export.py")
+    parser.add_argument("--data", dest="data_option", metavar="DATA", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help="a run folder (its best.pt), a .pt of a run, or an exported .onnx "
                         "(default: newest runs/*/best.pt)")
     parser.add_argument("--out", help="output folder (default: eval-<data name> beside the checkpoint)")
@@ -92,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="where the caches live (default: $IMGCLS_CACHE or "
                         "~/.cache/imgcls)")
     args = parser.parse_args(argv)
+    if bool(args.data) == bool(args.data_option):
+        raise UsageError("give the folder to evaluate once: python eval.py DATA (or --data DATA)")
 
     loaded = load_model(args.checkpoint, args.device)
-    folder = Path(args.data)
+    folder = Path(args.data or args.data_option)
     size = loaded.preprocess["resize_size"] if args.image_cache else None
     max_bytes = int(args.max_file_mb * 2**20)
     folder_classes, items, skipped, cache = dataset.scan_folder(folder, args.cache_dir, cache_size=size,

@@ -46,7 +46,9 @@ def expand(patterns: list[str], max_bytes: int = dataset.MAX_BYTES) -> list[str]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+    parser.add_argument("paths", nargs="*", help="image files, folders or glob patterns (or --data, like the "
+                        "other scripts)")
+    parser.add_argument("--data", action="append", default=[], metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help="a run folder (its best.pt), a .pt of a run, or an exported .onnx "
                         "(default: newest runs/*/best.pt)")
     parser.add_argument("--topk", type=int, default=3, help="labels to show per image")
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--topk must be at least 1")
 
     max_bytes = int(args.max_file_mb * 2**20)
-    paths = expand(args.paths, max_bytes)
+    if not args.paths + args.data:
+        raise UsageError("give the images to label: python test.py PATH [PATH ...] (files, folders or globs)")
+    paths = expand(args.paths + args.data, max_bytes)
     loaded = load_model(args.checkpoint, args.device)
     probs, _, idx = run_model(loaded, [(p, -1) for p in paths], args.batch_size, args.workers, max_bytes=max_bytes,
                               show=len(paths) > 256)

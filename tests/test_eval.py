@@ -151,3 +151,13 @@ def test_an_unknown_model_name_gets_the_closest_names(capsys):
 
     with pytest.raises(UsageError, match="did you mean resnet18"):
         models.check_name("resnet81")
+
+
+def test_the_data_folder_is_given_the_same_way_as_in_train_and_export(trained_run, colours_eval, tmp_path):
+    from config import UsageError
+
+    ckpt = str(trained_run / "best.pt")
+    assert evaluate.main(["--data", str(colours_eval), "--checkpoint", ckpt, "--out", str(tmp_path / "e")]) == 0
+    assert predict.main(["--data", str(colours_eval / "red"), "--checkpoint", ckpt, "--out", str(tmp_path / "p")]) == 0
+    with pytest.raises(UsageError, match="once"):
+        evaluate.main([str(colours_eval), "--data", str(colours_eval), "--checkpoint", ckpt])
