@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
     files.atomic_write_text(out / "classification_report.txt", m["report"])
-    files.atomic_write_text(out / "skipped.txt", "".join(f"{folders.listed(p)}\t{r}\n" for p, r in skipped))
+    files.atomic_write_text(out / "skipped.txt", folders.skipped_lines(skipped))
     plots.save(plots.confusion_figure(np.array(m["confusion_matrix"]), loaded.classes), out / "confusion_matrix.png")
     wrong = [(float(conf[k]), items[int(idx[k])][0], loaded.classes[int(y[k])], loaded.classes[int(pred[k])])
              for k in range(len(idx)) if pred[k] != y[k]]

@@ -203,6 +203,11 @@ def find_layout(root: Path, walk: Walk | None = None) -> tuple[Path, Path | None
     return dirs["train"], (vals[0] if vals else None), dirs.get("test")
 
 
+def skipped_lines(items: list[tuple[str, str]]) -> str:
+    """skipped.txt: one "path<TAB>reason" line per file left out."""
+    return "".join(f"{listed(p)}\t{reason}\n" for p, reason in items)
+
+
 def listed(path: str | os.PathLike) -> str:
     """A path for a line of a list (skipped.txt, the check's report): shown(), with tabs and line
     breaks in names written as \\t and \\n so that one file stays one line."""

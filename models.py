@@ -231,10 +231,16 @@ def find_checkpoint(given: str | None, name: str = "best.pt") -> Path:
     if given:
         path = Path(given)
         return path / name if path.is_dir() else path
-    found = sorted(Path("runs").glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    found = newest_in_runs(name)
+    if found is None:
         raise UsageError(f"no runs/*/{name} found: train a model first (python train.py) or pass --checkpoint")
-    return found[-1]
+    return found
+
+
+def newest_in_runs(name: str) -> Path | None:
+    """The most recently written runs/*/<name>, if any."""
+    found = sorted(Path("runs").glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def unused_folder(path: Path) -> Path:

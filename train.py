@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import datetime
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -279,10 +280,10 @@ def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
     if resume == "auto":
         if out:
             return Path(out), Path(out) / "last.pt"
-        found = sorted(Path("runs").glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-        if not found:
+        found = models.newest_in_runs("last.pt")
+        if found is None:
             raise UsageError("--resume auto: no runs/*/last.pt to resume; start a run without --resume")
-        return found[-1].parent, found[-1]
+        return found.parent, found
     path = Path(resume)
     if path.is_dir():
         return path, path / "last.pt"
@@ -382,7 +383,7 @@ def claim_run_dir(start: Start, cfg: TrainConfig, held: contextlib.ExitStack) ->
                     old.unlink()
         files.remove_temp_files(run_dir)  # left by a killed run; the folder is ours now
         if start.ckpt is None:
-            files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+            write_config(run_dir, cfg)
             made.wrote_config = not start.in_place
     except BaseException:
         made.undo()
@@ -390,15 +391,18 @@ def claim_run_dir(start: Start, cfg: TrainConfig, held: contextlib.ExitStack) ->
     return made
 
 
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+
+
 def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: dataset.DataSplit) -> None:
     """A new run's split and skipped files; on a resume, config.json (the settings in use now) and a
     line in resumes.jsonl saying what changed."""
     if start.ckpt is None:
         split.save(run_dir / "split.json")
-        files.atomic_write_text(run_dir / "skipped.txt",
-                                "".join(f"{folders.listed(p)}\t{r}\n" for p, r in split.not_used()))
+        files.atomic_write_text(run_dir / "skipped.txt", folders.skipped_lines(split.not_used()))
     else:
-        files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+        write_config(run_dir, cfg)
         line = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
                 "epoch": start.ckpt["epoch"], "changed": start.changes}
         with open(run_dir / "resumes.jsonl", "a") as f:
@@ -408,17 +412,11 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: datase
 def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = True) -> None:
     """metrics.csv (and curves.png) rewritten from the checkpoint's history, so a resume never duplicates."""
     keys = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "time_s"]
-
-    def write(f: Any) -> None:
-        import io
-
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-        f.write(text.getvalue().encode())
-
-    files.atomic_write(run_dir / "metrics.csv", write)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    files.atomic_write_text(run_dir / "metrics.csv", text.getvalue())
     if curves:
         plots.save(plots.curves_figure(history, run_dir.name), run_dir / "curves.png")
 
@@ -583,8 +581,6 @@ def fit(cfg: TrainConfig, start: Start, run_dir: Path, split: dataset.DataSplit,
     classes = split.classes
     trainable, frozen = models.count_parameters(model)
     if lead and cfg.summary:  # the layer table goes to a file; the screen keeps the one line below
-        import io
-
         from torchsummary import summary
 
         model.eval()  # a summary forward pass must not move BatchNorm statistics
