@@ -1,4 +1,6 @@
-"""Settings: one dataclass of defaults from which train.py builds its command line.
+"""Settings and command lines: the dataclass of training defaults from which train.py builds its
+options, the options every script shares (defined once, here), and the error handler every entry
+script runs under. No torch here: a command line is checked, and a typo answered, before torch loads.
 
 The resolved settings are written to each run's `config.json` and stored in every checkpoint as a
 plain dict, so a run can be read, repeated and resumed from its folder alone.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import os
 import sys
 from collections.abc import Callable
@@ -61,6 +64,72 @@ def cli(entry: Callable[[list[str] | None], int], argv: list[str] | None = None)
         raise
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The script's docstring as written, and each option's default shown once (an option whose
+    default is computed says so in its own help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        return text if shown else f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) and a "did you mean" for a misspelled option."""
+
+    def __init__(self, doc: str | None = None, **kwargs: Any):
+        kwargs.setdefault("description", doc)
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if not kwargs.get("help") and "-h" not in args:
+            raise TypeError(f"option {args[0]} needs a help text")  # a bug: every option says what it does
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            for word in message.removeprefix("unrecognized arguments: ").split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6) \
+                    if word.startswith("-") else []
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        fail(f"{message}; see python {self.prog} --help")
+
+
+HELP = {  # the options several scripts share, said the same way everywhere
+    "checkpoint": "a run folder (its best.pt), a .pt from a run, or an exported .onnx (default: the newest "
+                  "runs/*/best.pt)",
+    "data": "the image folder (one sub-folder per class, or a dataset root with train/ val/ test/)",
+    "device": "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1, mps",
+    "batch_size": "images per batch (per process under torchrun)",
+    "workers": "DataLoader worker processes (default: sized to the machine)",
+    "cache_dir": "where caches live (default: $IMGCLS_CACHE or ~/.cache/imgcls)",
+    "max_file_mb": "files larger than this (MB) are skipped without being read (a 12 MP JPEG is ~5 MB; raise "
+                   "it for huge TIFFs)",
+}
+DEFAULT_MAX_FILE_MB = 256.0
+
+
+def add_shared(parser: argparse.ArgumentParser, *names: str, batch_size: int = 256) -> None:
+    """The shared options, by field name (checkpoint, device, batch_size, workers, cache_dir, max_file_mb)."""
+    kinds = {"checkpoint": {}, "device": {"default": "auto"}, "batch_size": {"type": int, "default": batch_size},
+             "workers": {"type": int}, "cache_dir": {}, "max_file_mb": {"type": float, "default": DEFAULT_MAX_FILE_MB}}
+    for name in names:
+        parser.add_argument("--" + name.replace("_", "-"), help=HELP[name], **kinds[name])
+
+
+def check_shared(args: argparse.Namespace) -> None:
+    """The shared numbers, refused before anything loads."""
+    if getattr(args, "batch_size", 1) < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if (getattr(args, "workers", None) or 0) < 0:
+        raise UsageError("--workers cannot be negative")
+    if getattr(args, "max_file_mb", 1) <= 0:
+        raise UsageError("--max-file-mb must be positive")
+
+
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field that also carries its argparse help, type and choices."""
     return field(default=default, metadata={"help": help, **kwargs})
@@ -89,7 +158,7 @@ class TrainConfig:
                               type=str)
     # optimisation
     epochs: int = opt(10, "number of epochs")
-    batch_size: int = opt(64, "images per step (per process under torchrun)")
+    batch_size: int = opt(64, HELP["batch_size"])
     lr: float = opt(1e-3, "learning rate")
     optimizer: str = opt("sgd", "optimizer", choices=("sgd", "adam", "adamw", "rmsprop"))
     momentum: float = opt(0.9, "momentum (sgd, rmsprop)")
@@ -107,9 +176,8 @@ class TrainConfig:
     balanced_sampler: bool = opt(False, "draw training images so each class is seen equally often")
     patience: int = opt(0, "stop after this many epochs without a better val accuracy (0 = never)")
     # machine
-    device: str = opt("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1, mps")
-    workers: int | None = opt(None, "DataLoader worker processes (default: sized to the machine)",
-                              type=int)
+    device: str = opt("auto", HELP["device"])
+    workers: int | None = opt(None, HELP["workers"], type=int)
     amp: bool = opt(True, "mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with "
                   "native bf16 (AVX512-BF16, AMX)")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
@@ -118,10 +186,8 @@ class TrainConfig:
     image_cache: bool = opt(True, "decode each image once into an on-disk uint8 cache")
     feature_cache: bool = opt(True, "transfer mode: compute the frozen backbone's features once "
                               "(turns augmentation off)")
-    cache_dir: str | None = opt(None, "where caches live (default: $IMGCLS_CACHE or ~/.cache/imgcls)",
-                                type=str)
-    max_file_mb: float = opt(256.0, "files larger than this (MB) are skipped without being read (a 12 MP JPEG is "
-                             "~5 MB; raise it for huge TIFFs)")
+    cache_dir: str | None = opt(None, HELP["cache_dir"], type=str)
+    max_file_mb: float = opt(DEFAULT_MAX_FILE_MB, HELP["max_file_mb"])
     max_bad_fraction: float = opt(0.5, "stop if more than this share of a batch cannot be read")
     save_interval: float = opt(60.0, "seconds between checkpoint writes at epoch ends; always after the last "
                                "epoch and on Ctrl-C (0 = every epoch; a hard kill loses at most this much)")
@@ -141,10 +207,13 @@ IDENTITY = ("data", "model", "mode", "weights", "img_size", "val_split", "seed")
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
-    """Add one --option per dataclass field; unset options stay absent from the namespace."""
+    """Add one --option per dataclass field; unset options stay absent from the namespace (so a resume
+    can tell what was given), with the field's default shown in the help."""
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
-        help_text = f"{meta.pop('help')} (default: {f.default})"
+        help_text = meta.pop("help")
+        if "default" not in help_text and f.default is not None:
+            help_text += f" (default: {f.default})"
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text,
@@ -179,6 +248,15 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+
+
+def absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """--data and --weights as absolute paths, so a run is the same from any working directory."""
+    out = dict(settings)
+    for key in ("data", "weights"):
+        if out.get(key) and out[key] != "demo":
+            out[key] = os.path.abspath(os.path.expanduser(out[key]))
+    return out
 
 
 def cache_root(cfg_dir: str | None = None) -> Path:

@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 import files
 import folders
-from config import UsageError, cache_root, cli
+from config import Parser, TrainConfig, UsageError, add_shared, cache_root, cli
 from folders import shown
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = folders.IMAGE_EXTENSIONS
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "digits"
 ACCEPTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                   "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -105,7 +105,7 @@ class DecodeBudget:
 BUDGET = DecodeBudget(MAX_PIXELS)
 
 
-MAX_BYTES = int(folders.DEFAULT_MAX_FILE_MB * 2**20)
+MAX_BYTES = folders.DEFAULT_MAX_BYTES
 
 
 def read_file(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> bytes:
@@ -746,17 +746,14 @@ def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Check an image folder, or export the demo digits.")
+    parser = Parser("Check an image folder, or export the demo digits.", prog="dataset.py")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="scan a dataset folder and report what training will use")
     check.add_argument("data", help="dataset folder (or 'demo')")
-    check.add_argument("--val-split", type=float, default=0.2)
-    check.add_argument("--seed", type=int, default=42)
-    check.add_argument("--cache-dir", default=None)
-    check.add_argument("--max-file-mb", type=float, default=folders.DEFAULT_MAX_FILE_MB,
-                       help="files larger than this are skipped without being read")
+    check.add_argument("--val-split", type=float, default=TrainConfig.val_split, help="share of each class held "
+                       "out for validation when DATA has no val/ folder")
+    check.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed of the split")
+    add_shared(check, "cache_dir", "max_file_mb")
     sub.add_parser("demo", help=f"export the digits demo data to {DEMO_DIR}")
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -1,5 +1,5 @@
-"""The engine shared by train.py, eval.py, test.py and export.py: the machine (device, precision,
-processes), the data loaders, one training epoch, prediction and evaluation, and safe checkpoint writes.
+"""The loop and the machine it runs on: device, precision and processes, the data loaders, one training
+epoch, prediction and evaluation, and the handling of Ctrl-C and SIGTERM.
 
 Precision and device are chosen once (`precision()` returns an autocast context and a scaler), so the
 loops have no device branches; the same loops run on CPU, CUDA, MPS and under torchrun.
@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 import dataset
-import files
 import models
+from checkpoint import Preprocess
 from config import TrainingError, UsageError
 
 # ----------------------------------------------------------------------------- machine
@@ -213,10 +212,10 @@ def shard(ds: Dataset, rank: int, world: int) -> Dataset:
     return ds if world == 1 else Subset(ds, range(rank, len(ds), world))
 
 
-def to_model_input(preprocess: dict[str, Any], device: torch.device,
+def to_model_input(preprocess: Preprocess, device: torch.device,
                    memory_format: torch.memory_format = torch.channels_last) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 batch on the CPU -> normalised float batch on the device, in the model's memory format."""
-    normalize = models.Normalize(preprocess["mean"], preprocess["std"]).to(device)
+    normalize = models.Normalize(preprocess.mean, preprocess.std).to(device)
     return lambda x: normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
 
 
@@ -425,8 +424,3 @@ def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast:
     n = int(cm.sum())
     return {"loss": float(loss_sum) / max(1, n), "acc": 100 * float(cm.trace()) / max(1, n),
             "confusion": cm.tolist(), "images": n}
-
-
-def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
-    """Atomic: a kill at any moment leaves the old file or the new one (see files.py)."""
-    files.atomic_write(Path(path), lambda f: torch.save(obj, f))

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from config import UsageError
+
 try:
     import fcntl
 except ImportError:  # Windows: runs are not locked there
@@ -132,3 +134,13 @@ class FolderLock:
         if self.fd >= 0:
             os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = -1
+
+
+def unused_folder(path: Path) -> Path:
+    """`path`, or path-2, path-3, ... : the first that does not exist yet, so a report never replaces
+    another one silently."""
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        if not candidate.exists():
+            return candidate
+    raise UsageError(f"{path}-2 ... {path}-9999 all exist: pass --out")

@@ -27,6 +27,8 @@ IGNORED = {"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "$RECYCLE.BIN", "Sy
 VAL_NAMES = ("val", "valid", "validation")
 SPLIT_NAMES = ("train", *VAL_NAMES, "test")
 DEFAULT_MAX_FILE_MB = TrainConfig.max_file_mb
+DEFAULT_MAX_BYTES = int(DEFAULT_MAX_FILE_MB * 2**20)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def is_ignored(name: str) -> bool:
@@ -43,7 +45,7 @@ class Walk:
     """What walking the folders of one data set found; shared across its class folders and splits, so
     a directory or file reached twice (through links) is counted once in the whole data set, under its
     own path rather than a link's."""
-    max_bytes: int = int(DEFAULT_MAX_FILE_MB * 2**20)
+    max_bytes: int = DEFAULT_MAX_BYTES
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): never read
     ignored: list[str] = field(default_factory=list)  # folders left out by name
     aliases: list[tuple[str, str]] = field(default_factory=list)  # (a file, another path to it)

@@ -7,9 +7,9 @@ too. The backbone is then a fixed function, which is what lets train.py cache it
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,13 @@ import torch
 import torchvision
 from torch import nn
 
+import checkpoint
 import files
+from checkpoint import Preprocess
 from config import UsageError
 
-CHECKPOINT_KIND = "imgcls-checkpoint"
 AUX_HEADS = ("googlenet", "inception_v3")  # their auxiliary classifiers are disabled
-DEFAULT_PREPROCESS = {"img_size": 224, "resize_size": 256,
-                      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+DEFAULT_PREPROCESS = Preprocess(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def classifier_names() -> list[str]:
@@ -45,17 +45,17 @@ def default_weights(name: str) -> Any:
         return None
 
 
-def preprocessing(name: str, img_size: int | None = None) -> dict[str, Any]:
+def preprocessing(name: str, img_size: int | None = None) -> Preprocess:
     """Resize, crop and mean/std from the weights' own metadata; `img_size` keeps their crop ratio."""
-    pre = dict(DEFAULT_PREPROCESS)
+    pre = DEFAULT_PREPROCESS
     weights = default_weights(name)
     if weights is not None:
         t = weights.transforms()
-        pre = {"img_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
-               "mean": [float(v) for v in t.mean], "std": [float(v) for v in t.std]}
-    if img_size is not None and img_size != pre["img_size"]:
-        ratio = pre["resize_size"] / pre["img_size"]
-        pre["img_size"], pre["resize_size"] = img_size, max(img_size, round(img_size * ratio))
+        pre = Preprocess(int(t.crop_size[0]), int(t.resize_size[0]), tuple(map(float, t.mean)),
+                         tuple(map(float, t.std)))
+    if img_size is not None and img_size != pre.img_size:
+        ratio = pre.resize_size / pre.img_size
+        pre = dataclasses.replace(pre, img_size=img_size, resize_size=max(img_size, round(img_size * ratio)))
     return pre
 
 
@@ -94,20 +94,6 @@ def head_of(model: nn.Module) -> tuple[str, nn.Module]:
     return model.head_name, model.get_submodule(model.head_name)
 
 
-def safe_load(path: str | Path) -> Any:
-    """torch.load that never runs code from the file: weights_only, with people-sized errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UsageError(f"{path} needs pickled code to load and was refused (weights_only=True); "
-                         f"only tensors and plain data are accepted ({str(e).splitlines()[0][:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UsageError(f"{path} is not a readable PyTorch file ({str(e).splitlines()[0][:120]})") from None
-
-
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """ImageNet weights via torchvision's weights API: torch hub cache first, then download."""
     weights = default_weights(name)
@@ -115,7 +101,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         raise UsageError(f"torchvision has no pretrained weights for {name}: use --mode scratch or --weights FILE")
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     if cached.is_file():
-        return state_dict_from(safe_load(cached), cached)
+        return state_dict_from(checkpoint.read(cached), cached)
     try:
         return weights.get_state_dict(progress=True, weights_only=True)
     except Exception as e:  # no network, proxy, DNS, HTTP error: all end in the same advice
@@ -139,7 +125,7 @@ def weights_identity(arch: str, weights_file: str | None) -> list:
 
 def state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """Accept a bare state_dict or one of our checkpoints."""
-    if isinstance(obj, dict) and obj.get("kind") == CHECKPOINT_KIND:
+    if isinstance(obj, dict) and obj.get("kind") == checkpoint.KIND:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UsageError(f"{path} is not a state_dict (a dict of tensors)")
@@ -148,7 +134,7 @@ def state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
     """Load everything but the 1000-class head; any other mismatch means the file is for another model."""
-    head_name, _ = find_head(model)
+    head_name, _ = head_of(model)
     prefix = head_name + "."
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(prefix)}
@@ -166,19 +152,28 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str,
     model.load_state_dict(state, strict=False)
 
 
+def network(arch: str, num_classes: int, init: bool = False) -> nn.Module:
+    """The architecture with a `num_classes` head, for a state dict to be loaded into (`init`: a
+    network to train from torchvision's random initialisation)."""
+    check_name(arch)
+    kwargs = {"aux_logits": False, "init_weights": init} if arch in AUX_HEADS else {}
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    replace_head(model, num_classes)
+    return model
+
+
 def build_model(arch: str, num_classes: int, mode: str = "scratch", weights_file: str | None = None
                 ) -> nn.Module:
-    """A torchvision classifier with a fresh `num_classes` head, initialised as `mode` says."""
-    check_name(arch)
-    kwargs = {"aux_logits": False, "init_weights": mode == "scratch"} if arch in AUX_HEADS else {}
-    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    """The network a run starts from. scratch: random initialisation (or --weights FILE's backbone);
+    finetune and transfer: ImageNet's backbone (or FILE's) and a fresh head; transfer freezes the
+    backbone."""
+    model = network(arch, num_classes, init=mode == "scratch")
     if mode != "scratch" or weights_file:
         if weights_file:
-            state, source = state_dict_from(safe_load(weights_file), Path(weights_file)), weights_file
+            state, source = state_dict_from(checkpoint.read(weights_file), Path(weights_file)), weights_file
         else:
             state, source = imagenet_state_dict(arch), "the ImageNet weights"
         load_backbone(model, state, source, arch)
-    replace_head(model, num_classes)
     if mode == "transfer":
         freeze_backbone(model)
     return model
@@ -226,43 +221,8 @@ class Normalize(nn.Module):
         return (x.float() - self.mean) / self.std
 
 
-def find_checkpoint(given: str | None, name: str = "best.pt") -> Path:
-    """--checkpoint as a file, a run folder (its best.pt), or absent: the newest runs/*/best.pt."""
-    if given:
-        path = Path(given)
-        return path / name if path.is_dir() else path
-    found = newest_in_runs(name)
-    if found is None:
-        raise UsageError(f"no runs/*/{name} found: train a model first (python train.py) or pass --checkpoint")
-    return found
-
-
-def newest_in_runs(name: str) -> Path | None:
-    """The most recently written runs/*/<name>, if any."""
-    found = sorted(Path("runs").glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
-def unused_folder(path: Path) -> Path:
-    """`path`, or path-2, path-3, ... : the first that does not exist yet, so a report never replaces
-    another one silently."""
-    for n in range(1, 10_000):
-        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
-        if not candidate.exists():
-            return candidate
-    raise UsageError(f"{path}-2 ... {path}-9999 all exist: pass --out")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """One of our checkpoints, loaded without running code from it."""
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise UsageError(f"{path} is not a checkpoint made by train.py (no '{CHECKPOINT_KIND}' marker)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+def from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the trained network from the checkpoint alone; returned in eval mode."""
-    model = build_model(ckpt["arch"], len(ckpt["classes"]), mode="scratch")
+    model = network(ckpt["arch"], len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()

@@ -1,5 +1,6 @@
 """One predictor for trained models and exported ones: load a checkpoint (.pt) or an .onnx file, and
-run it over image files in order, each image exactly once. eval.py, test.py and export.py use it.
+run it over image files in order, each image exactly once, through the checkpoint's evaluation
+pipeline (Preprocess). eval.py and test.py use it for both kinds alike; export.py checks with it.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+import checkpoint
 import dataset
 import models
+from checkpoint import Preprocess
 from config import UsageError
 from engine import auto_workers, make_loader, pick_device, precision, predict, to_model_input
 
@@ -27,26 +29,23 @@ class Loaded:
     to_input: Callable[[torch.Tensor], torch.Tensor]
     autocast: Callable
     classes: list[str]
-    preprocess: dict[str, Any]
+    preprocess: Preprocess
     source: Path
     device: torch.device
 
 
-def load_model(checkpoint: str | None, device_name: str = "auto") -> Loaded:
-    """A checkpoint (.pt, rebuilt from its contents alone) or an exported .onnx model."""
-    path = models.find_checkpoint(checkpoint)
-    if not checkpoint:
-        print(f"using checkpoint {path}")
-    device = pick_device(device_name)
+def load_model(path: str | Path, device_name: str = "auto") -> Loaded:
+    """A checkpoint (.pt, rebuilt from its contents alone; see checkpoint.find) or an exported .onnx."""
+    path, device = Path(path), pick_device(device_name)
     if path.suffix == ".onnx":
         onnx = OnnxModel(path)
         return Loaded(onnx, lambda x: x, contextlib.nullcontext, onnx.classes, onnx.preprocess,
                       path, torch.device("cpu"))
-    ckpt = models.load_checkpoint(path)
-    model = models.model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
+    ckpt = checkpoint.load(path)
+    model = models.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp=True)
-    return Loaded(model, to_model_input(ckpt["preprocess"], device), autocast, list(ckpt["classes"]),
-                  ckpt["preprocess"], path, device)
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    return Loaded(model, to_model_input(pre, device), autocast, list(ckpt["classes"]), pre, path, device)
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
@@ -54,8 +53,7 @@ def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, wor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(probabilities, targets, item indices) for every readable image, in order, each exactly once."""
     pre = loaded.preprocess
-    ds = dataset.ImageDataset(items, pre["resize_size"], dataset.eval_transform(pre["img_size"]), cache,
-                              max_bytes=max_bytes)
+    ds = dataset.ImageDataset(items, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes)
     n_workers = auto_workers(loaded.device, cached=cache is not None) if workers is None else workers
     loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
     logits, targets, idx = predict(loaded.model, loader, loaded.to_input, loaded.autocast, show=show)
@@ -78,8 +76,7 @@ class OnnxModel:
         if "classes" not in meta:
             raise UsageError(f"{path} has no class names in its metadata: export it with export.py")
         self.classes = json.loads(meta["classes"])
-        self.preprocess = {"img_size": int(meta["img_size"]), "resize_size": int(meta["resize_size"]),
-                           "mean": json.loads(meta["mean"]), "std": json.loads(meta["std"])}
+        self.preprocess = Preprocess.from_metadata(meta)
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

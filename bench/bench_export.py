@@ -17,11 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+import checkpoint  # noqa: E402
 import dataset  # noqa: E402
 import models  # noqa: E402
 
@@ -40,8 +41,8 @@ def main() -> None:
         ckpt = work / f"{name}.pt"
         torch.manual_seed(0)
         net = models.build_model(name, 10)
-        torch.save({"kind": models.CHECKPOINT_KIND, "arch": name, "classes": [str(i) for i in range(10)],
-                    "model": net.state_dict(), "preprocess": models.preprocessing(name, a.img_size)}, ckpt)
+        checkpoint.save(checkpoint.of_model(name, [str(i) for i in range(10)], net.state_dict(),
+                                            models.preprocessing(name, a.img_size)), ckpt)
         for fmt in a.formats:
             kind, _, int8 = fmt.partition("-")
             out = work / f"{name}-{fmt}.{kind}"

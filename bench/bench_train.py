@@ -177,20 +177,21 @@ def main() -> None:
               f"{slow_s / fast_s:.2f}x; best val acc {fast_acc:.2f}% vs {slow_acc:.2f}%")
 
     if "eval" not in a.skip:
-        import eval as ev
+        import checkpoint
         import models
+        import predictor
         from bench.seed_baseline import evaluate
 
         ckpt = work / "eval.pt"
         model = models.build_model(a.model, 4)
-        torch.save({"kind": models.CHECKPOINT_KIND, "arch": a.model, "classes": [f"class{i}" for i in range(4)],
-                    "model": model.state_dict(), "preprocess": models.preprocessing(a.model, a.img_size)}, ckpt)
+        checkpoint.save(checkpoint.of_model(a.model, [f"class{i}" for i in range(4)], model.state_dict(),
+                                            models.preprocessing(a.model, a.img_size)), ckpt)
         import dataset
 
         _, items, _, _ = dataset.scan_folder(data / "train", str(work / "cache-eval"), progress=False)
-        loaded = ev.load_model(str(ckpt), "auto")
+        loaded = predictor.load_model(ckpt, "auto")
         t0 = time.perf_counter()
-        ev.run_model(loaded, items, 256, None, show=False)
+        predictor.run_model(loaded, items, 256, None, show=False)
         ours_rate = len(items) / (time.perf_counter() - t0)
         seed_rate = evaluate(str(data / "train"), a.model, a.img_size)["img_per_s"]
         results["eval"] = {"ours_img_per_s": ours_rate, "seed_img_per_s": seed_rate, "ratio": ours_rate / seed_rate}

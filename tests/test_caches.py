@@ -12,10 +12,13 @@ import pytest
 import torch
 from conftest import ROOT, make_folder, make_image, train_args
 
+import checkpoint
 import dataset
 import engine
 import files
 import train
+import training
+from checkpoint import Preprocess
 
 
 def replace_keeping_size_and_mtime(path: Path, data: bytes) -> None:
@@ -73,11 +76,11 @@ def test_the_feature_cache_never_serves_features_of_files_that_were_replaced(tmp
 
 def test_the_feature_cache_key_covers_the_precision(tmp_path, monkeypatch, colours):
     split = dataset.prepare_data(str(colours))
-    pre = {"img_size": 32}
+    pre = Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3)
     keys = set()
     for bf16 in (False, True):
         monkeypatch.setattr(engine, "cpu_has_bf16", lambda bf16=bf16: bf16)
-        keys.add(train.feature_key(train.TrainConfig(mode="transfer"), ["w"], pre, split, torch.device("cpu")))
+        keys.add(training.feature_key(training.TrainConfig(mode="transfer"), ["w"], pre, split, torch.device("cpu")))
     assert len(keys) == 2
 
 
@@ -87,7 +90,7 @@ def test_a_planted_link_at_a_temp_name_is_never_written_through(tmp_path):
     target = tmp_path / "cache.pt"
     for name in (f".{target.name}.tmp", f".{target.name}.{os.getpid()}.tmp", f".{target.name}.tmp.npy"):
         (tmp_path / name).symlink_to(victim)
-    engine.save_checkpoint({"new": 1}, target)
+    checkpoint.save({"new": 1}, target)
     assert victim.read_text() == "precious" and torch.load(target, weights_only=True) == {"new": 1}
 
 

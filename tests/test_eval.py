@@ -12,6 +12,7 @@ import torch
 from conftest import make_folder
 
 import eval as evaluate
+import report
 import test as predict
 
 
@@ -74,7 +75,7 @@ def test_a_folder_missing_a_class_keeps_the_per_class_numbers_of_the_rest(traine
 
 
 def test_folder_classes_are_matched_by_name_not_position():
-    assert evaluate.match_classes(["red", "blue", "green"], ["blue", "green", "red"]) == [2, 0, 1]
+    assert report.match_classes(["red", "blue", "green"], ["blue", "green", "red"]) == [2, 0, 1]
 
 
 def test_a_class_the_model_does_not_know_is_refused(trained_run, colours_eval, tmp_path, capsys):
@@ -142,7 +143,7 @@ def test_a_run_folder_is_accepted_as_the_checkpoint_and_a_second_report_does_not
     for _ in range(2):
         assert evaluate.main([str(colours_eval), "--checkpoint", str(run)]) == 0
     reports = sorted(p.name for p in run.iterdir() if p.name.startswith("eval-"))
-    assert reports == [f"eval-{colours_eval.name}", f"eval-{colours_eval.name}-2"]
+    assert reports == [f"eval-{colours_eval.name}-best", f"eval-{colours_eval.name}-best-2"]
 
 
 def test_an_unknown_model_name_gets_the_closest_names(capsys):

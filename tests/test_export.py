@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import THREE, train_args
 
+import checkpoint
 import eval as evaluate
 import export
 import train
@@ -44,7 +45,7 @@ def call(args: list[str]) -> int:
 def test_each_model_exports_to_each_format_and_passes_the_parity_check(name, fmt, checkpoints, colours, tmp_path):
     if not installed(fmt):
         pytest.skip(f"{FORMATS[fmt]} is not installed (requirements-export.txt)")
-    out = tmp_path / f"model{export.SUFFIX[fmt]}"
+    out = tmp_path / f"model{checkpoint.EXPORT_SUFFIX[fmt]}"
     assert call(["--checkpoint", str(checkpoints[name]), "--format", fmt, "--data", str(colours), "--out", str(out),
                  "--images", "8"]) == 0
     report = json.loads(Path(str(out) + ".json").read_text())
@@ -78,7 +79,7 @@ def test_int8_export_is_calibrated_on_data_and_reports_the_accuracy_change(fmt, 
                                                                            capsys):
     if not installed(fmt):
         pytest.skip(f"{FORMATS[fmt]} is not installed")
-    out = tmp_path / f"q{export.SUFFIX[fmt]}"
+    out = tmp_path / f"q{checkpoint.EXPORT_SUFFIX[fmt]}"
     assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", fmt, "--int8", "--data", str(colours),
                  "--out", str(out), "--images", "24"]) == 0
     report = json.loads(Path(str(out) + ".json").read_text())

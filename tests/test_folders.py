@@ -186,7 +186,8 @@ def split_with_test(root: Path) -> Path:
 
 
 def test_a_link_loop_inside_test_adds_nothing_to_eval_test_or_export(tmp_path, capsys):
-    import export
+    import deploy
+    from checkpoint import Preprocess
 
     root = split_with_test(tmp_path / "d")
     (root / "test" / "a" / "up").symlink_to("../..")
@@ -194,7 +195,7 @@ def test_a_link_loop_inside_test_adds_nothing_to_eval_test_or_export(tmp_path, c
     _, items, skipped, _ = dataset.scan_folder(root)
     assert len(items) == 4 and any("a link loop back" in r for _, r in skipped)
     assert len(dataset.list_files(root / "test")) == 4  # test.py's folder listing
-    _, labels = export.sample_images(str(root), {"resize_size": 32, "img_size": 32}, 100, ["a", "b"])
+    _, labels = deploy.sample_images(str(root), Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3), 100, ["a", "b"])
     assert sorted(labels) == [0] * 4 + [1] * 4  # train/b/up/a/... is not labelled b
 
 

@@ -14,12 +14,13 @@ from conftest import make_folder, train_args
 import engine
 import runs
 import train
+import training
 from config import TrainConfig
 
 
 def lrs(cfg: TrainConfig, steps_per_epoch: int = 10) -> list[float]:
     """The learning rate at every step of a run with these settings."""
-    schedule = train.Schedule(cfg)
+    schedule = training.Schedule(cfg)
     return [cfg.lr * schedule(s / steps_per_epoch, (s + 1) / steps_per_epoch)
             for s in range(cfg.epochs * steps_per_epoch)]
 
@@ -47,7 +48,7 @@ def test_onecycle_rises_to_lr_then_anneals():
 
 
 def test_plateau_schedule_cuts_the_lr_after_epochs_without_improvement():
-    schedule = train.Schedule(TrainConfig(scheduler="plateau", gamma=0.5))
+    schedule = training.Schedule(TrainConfig(scheduler="plateau", gamma=0.5))
     for acc in (50, 60, 60, 60, 60):
         schedule.end_epoch(acc)
     assert schedule(5, 5.1) == pytest.approx(0.5)
@@ -63,7 +64,7 @@ def test_optimizer_choice_and_weight_decay_reach_the_optimizer(name, cls):
     import models
 
     model = models.build_model("resnet18", 3)
-    opt = train.make_optimizer(TrainConfig(optimizer=name, weight_decay=0.01, lr=0.1), model)
+    opt = training.make_optimizer(TrainConfig(optimizer=name, weight_decay=0.01, lr=0.1), model)
     assert isinstance(opt, cls) and opt.param_groups[0]["weight_decay"] == 0.01
 
 
@@ -71,14 +72,14 @@ def test_backbone_lr_multiplier_gives_pretrained_layers_a_smaller_lr():
     import models
 
     model = models.build_model("resnet18", 3)
-    opt = train.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1), model)
+    opt = training.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1), model)
     head, backbone = opt.param_groups
     assert head["lr"] == 0.1 and backbone["lr"] == pytest.approx(0.01)
     assert {id(p) for p in head["params"]} == {id(model.fc.weight), id(model.fc.bias)}
 
 
 def test_auto_class_weights_are_inverse_frequency():
-    w = train.class_weights([90, 10])
+    w = training.class_weights([90, 10])
     assert w[1] / w[0] == pytest.approx(9.0)
     assert (w * torch.tensor([90.0, 10.0])).sum() == pytest.approx(100.0)  # one per image on average
 
@@ -190,8 +191,8 @@ def test_imbalanced_data_is_reported_by_the_check(tmp_path, capsys):
 
 def test_label_smoothing_keeps_a_loss_for_confident_correct_predictions():
     logits, target = torch.tensor([[20.0, 0.0, 0.0]]), torch.tensor([0])
-    plain = train.make_criterion(TrainConfig(), [5, 5, 5])(logits, target)
-    smooth = train.make_criterion(TrainConfig(label_smoothing=0.1), [5, 5, 5])(logits, target)
+    plain = training.make_criterion(TrainConfig(), [5, 5, 5])(logits, target)
+    smooth = training.make_criterion(TrainConfig(label_smoothing=0.1), [5, 5, 5])(logits, target)
     assert plain < 1e-6 < 0.5 < smooth
 
 
@@ -199,11 +200,11 @@ def test_mixup_and_cutmix_blend_images_and_labels():
     x = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)] * 4)
     y = torch.tensor([0, 1] * 4)
     torch.manual_seed(0)
-    mixed_x, soft = train.make_mix(TrainConfig(mixup=1.0, cutmix=1.0), 2)(x, y)
+    mixed_x, soft = training.make_mix(TrainConfig(mixup=1.0, cutmix=1.0), 2)(x, y)
     assert soft.shape == (8, 2) and torch.allclose(soft.sum(1), torch.ones(8))
     assert ((soft > 0) & (soft < 1)).any()  # soft labels, not one-hot
     assert not torch.equal(mixed_x, x)  # images blended or pasted
-    assert train.make_mix(TrainConfig(), 2) is None
+    assert training.make_mix(TrainConfig(), 2) is None
 
 
 @pytest.mark.parametrize("preset,op", [("randaugment", "RandAugment"), ("trivialaugment", "TrivialAugmentWide")])
@@ -219,7 +220,7 @@ def test_the_backbone_lr_multiplier_applies_to_pretrained_layers_only():
     import models
 
     model = models.build_model("resnet18", 3)
-    opt = train.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1, mode="scratch"), model)
+    opt = training.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1, mode="scratch"), model)
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]  # nothing is pretrained from scratch
 
 
@@ -232,5 +233,5 @@ def test_the_head_is_found_by_one_rule_before_and_after_it_is_replaced():
         before, _ = models.find_head(torchvision.models.get_model(name))
         model = models.build_model(name, 3)
         assert models.head_of(model)[0] == before
-        assert models.head_of(models.model_from_checkpoint(
+        assert models.head_of(models.from_checkpoint(
             {"arch": name, "classes": ["a", "b", "c"], "model": model.state_dict()}))[0] == before

@@ -21,8 +21,10 @@ import pytest
 import torch
 from conftest import ROOT, make_folder, train_args
 
+import checkpoint
 import dataset
 import train
+import training
 
 RANDOM = random.Random(int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000)))
 
@@ -64,8 +66,8 @@ def test_train_longer_trains_the_added_epochs_for_every_scheduler(scheduler, dat
 
 
 def test_a_longer_cosine_run_continues_the_curve_to_the_new_end_without_a_new_warm_up():
-    short = train.Schedule(train.TrainConfig(scheduler="cosine", epochs=4, warmup_epochs=1))
-    longer = train.Schedule(train.TrainConfig(scheduler="cosine", epochs=8, warmup_epochs=1))
+    short = training.Schedule(training.TrainConfig(scheduler="cosine", epochs=4, warmup_epochs=1))
+    longer = training.Schedule(training.TrainConfig(scheduler="cosine", epochs=8, warmup_epochs=1))
     assert short(3.9, 4.0) < 0.05  # the short run ended near zero
     assert longer(4.0, 4.1) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 3 / 7)))
     assert longer(7.9, 8.0) < 0.01 and longer(1.0, 1.1) == pytest.approx(1.0, rel=0.01)  # no warm-up after it
@@ -164,16 +166,16 @@ def test_resume_from_best_pt_is_answered_in_one_line(data, tmp_path, capsys):
 def test_a_folder_stopped_before_its_first_checkpoint_is_resumable(data, tmp_path, monkeypatch):
     args = ("--mode", "scratch", "--epochs", "2", "--optimizer", "adam")
     assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
-    real = train.fit
+    real = training.fit
 
     def killed_before_the_first_checkpoint(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "fit", killed_before_the_first_checkpoint)
+    monkeypatch.setattr(training, "fit", killed_before_the_first_checkpoint)
     run = tmp_path / "run"
     assert train.main(train_args(data, run, *args)) == 130
     assert (run / "config.json").exists() and not (run / "last.pt").exists()
-    monkeypatch.setattr(train, "fit", real)
+    monkeypatch.setattr(training, "fit", real)
     assert run_cli(train_args(data, run, *args)) == 2  # a fresh start does not take another run's folder
     assert train.main(["--resume", str(run)]) == 0
     assert metrics(run) == metrics(tmp_path / "whole")
@@ -282,14 +284,14 @@ class Killed(BaseException):
 def test_a_kill_right_after_the_last_checkpoint_leaves_every_file_of_the_finished_run(data, tmp_path, monkeypatch):
     args = ("--mode", "scratch", "--epochs", "2", "--save-interval", "0")
     assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
-    real = train.save_checkpoint
+    real = checkpoint.save
 
     def killed_after_the_final_last_pt(state, path):
         real(state, path)
         if path.name == "last.pt" and state.get("finished"):
             raise Killed
 
-    monkeypatch.setattr(train, "save_checkpoint", killed_after_the_final_last_pt)
+    monkeypatch.setattr(checkpoint, "save", killed_after_the_final_last_pt)
     run = tmp_path / "run"
     with pytest.raises(Killed):
         train.main(train_args(data, run, *args))

@@ -17,11 +17,13 @@ import torch
 from conftest import ROOT, make_folder, make_image, train_args
 from PIL import Image
 
+import checkpoint
 import dataset
 import engine
 import eval as evaluate
 import models
 import train
+import training
 from config import TrainConfig
 
 HOSTILE_SKIPS = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "notes.png": "not an image",
@@ -83,7 +85,7 @@ def test_training_on_a_hostile_folder_skips_exactly_the_bad_files_and_ignores_hi
     reasons = {Path(p).name: reason for p, reason in skipped.items()}
     assert reasons.keys() == HOSTILE_SKIPS.keys()
     assert all(reasons[name].startswith(why) for name, why in HOSTILE_SKIPS.items())
-    assert models.load_checkpoint(out / "best.pt")["classes"] == ["blue", "green", "red"]
+    assert checkpoint.load(out / "best.pt")["classes"] == ["blue", "green", "red"]
     captured = capsys.readouterr()
     assert "skipped 5 unreadable file(s)" in captured.out
     assert "warning: skipped" not in captured.err  # each bad file is reported once, in skipped.txt
@@ -143,7 +145,7 @@ def tiny_loader(paths: list[Path]) -> torch.utils.data.DataLoader:
 
 def one_epoch(loader) -> dict:
     model = models.build_model("mobilenet_v2", 3)
-    opt = train.make_optimizer(TrainConfig(lr=0.01), model)
+    opt = training.make_optimizer(TrainConfig(lr=0.01), model)
     learner = engine.Learner(model, opt, torch.amp.GradScaler("cuda", enabled=False), torch.nn.CrossEntropyLoss(),
                              lambda x: x.float() / 255, contextlib.nullcontext, torch.device("cpu"),
                              lambda start, end: 1.0)
@@ -170,14 +172,14 @@ def test_too_many_unreadable_files_in_a_batch_stop_training_clearly(tmp_path):
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "last.pt"
-    engine.save_checkpoint({"epoch": 1}, path)
+    checkpoint.save({"epoch": 1}, path)
 
     class FailsHalfway:
         def __reduce__(self):
             raise OSError("disk full")
 
     with pytest.raises(OSError):
-        engine.save_checkpoint({"epoch": 2, "big": torch.zeros(10000), "bad": FailsHalfway()}, path)
+        checkpoint.save({"epoch": 2, "big": torch.zeros(10000), "bad": FailsHalfway()}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
@@ -193,7 +195,7 @@ class Payload:
 def test_a_malicious_checkpoint_is_refused_and_its_code_never_runs(colours_eval, colours, tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"kind": models.CHECKPOINT_KIND, "model": Payload(marker)}, evil)
+    torch.save({"kind": checkpoint.KIND, "model": Payload(marker)}, evil)
     with pytest.raises(SystemExit) as e:
         evaluate.cli(evaluate.main, [str(colours_eval), "--checkpoint", str(evil)])
     assert e.value.code == 2
@@ -299,7 +301,7 @@ def test_a_run_that_fails_still_writes_its_best_model_held_in_memory(colours, tm
             raise RuntimeError("boom")
         return engine.evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", failing_on_the_third_epoch)
+    monkeypatch.setattr(training, "evaluate", failing_on_the_third_epoch)
     with pytest.raises(RuntimeError, match="boom"):
         train.main(train_args(colours, tmp_path / "run", "--mode", "scratch", "--epochs", "4",
                               "--save-interval", "3600"))

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from conftest import THREE, cached_weights, make_folder, train_args
 
+import checkpoint
 import dataset
 import folders
 import models
@@ -78,9 +79,9 @@ def test_unknown_model_is_refused_with_the_choices(colours, tmp_path, capsys):
 def test_preprocessing_comes_from_the_weights_metadata():
     t = torchvision.models.get_model_weights("efficientnet_b1").DEFAULT.transforms()
     pre = models.preprocessing("efficientnet_b1")
-    assert (pre["img_size"], pre["resize_size"]) == (t.crop_size[0], t.resize_size[0])
-    assert pre["mean"] == pytest.approx(t.mean) and pre["std"] == pytest.approx(t.std)
-    assert models.preprocessing("resnet18", img_size=112)["resize_size"] == 128  # same 224/256 ratio
+    assert (pre.img_size, pre.resize_size) == (t.crop_size[0], t.resize_size[0])
+    assert pre.mean == pytest.approx(t.mean) and pre.std == pytest.approx(t.std)
+    assert models.preprocessing("resnet18", img_size=112).resize_size == 128  # same 224/256 ratio
 
 
 def test_transfer_mode_trains_only_the_head_and_keeps_batchnorm_statistics(with_weights):
@@ -134,9 +135,9 @@ def test_weights_that_do_not_fit_the_model_are_refused(colours, tmp_path, capsys
 def test_each_model_trains_in_each_mode_and_its_checkpoint_rebuilds(name, mode, colours, tmp_path, with_weights):
     out = tmp_path / "run"
     assert train.main(train_args(colours, out, "--model", name, "--mode", mode)) == 0
-    ckpt = models.load_checkpoint(out / "best.pt")
+    ckpt = checkpoint.load(out / "best.pt")
     assert (ckpt["arch"], ckpt["mode"], ckpt["classes"]) == (name, mode, ["blue", "green", "red"])
-    model = models.model_from_checkpoint(ckpt)
+    model = models.from_checkpoint(ckpt)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
     if mode == "transfer":  # the frozen backbone is exactly the loaded weights after training
         saved = cached_weights(with_weights, name)
@@ -230,7 +231,7 @@ def test_bad_settings_are_refused(colours, tmp_path, capsys, option, value):
 def test_class_names_are_the_folder_names_sorted_and_stored_in_checkpoints(tmp_path):
     data = make_folder(tmp_path / "d", per_class=4, classes={"zebra": (0, 0, 0), "apple": (250, 0, 0)})
     assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch")) == 0
-    assert models.load_checkpoint(tmp_path / "run" / "best.pt")["classes"] == ["apple", "zebra"]
+    assert checkpoint.load(tmp_path / "run" / "best.pt")["classes"] == ["apple", "zebra"]
 
 
 def test_asking_for_a_gpu_that_is_not_there_is_a_usage_error(colours, tmp_path, capsys):

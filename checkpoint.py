@@ -1,0 +1,169 @@
+"""The trained model as a file: what best.pt and last.pt hold, how they are saved, loaded and found,
+and the preprocessing that travels with them (into ONNX and ExecuTorch metadata too).
+
+A checkpoint is a dict of tensors and plain data, loaded with weights_only=True (never runs code):
+
+    kind, version        KIND and VERSION: what the file is, and which layout
+    arch, mode, classes  the torchvision model name, the training mode, the class names in output order
+    preprocess           Preprocess.to_dict(): how images are resized, cropped and normalised
+    model                the network's state_dict (head included)
+    config               the run's settings (config.TrainConfig as a dict)
+    epoch, history, best_acc, best_epoch, finished, train_time_s, weights_id, world
+    optimizer, scaler, progress   last.pt only (RESUME_ONLY): what a resume needs to continue exactly
+
+best.pt is the best epoch's model without RESUME_ONLY (a third of the size); eval.py, test.py and
+export.py need nothing else. torch is imported only to save and load, so finding a checkpoint (and
+checking a command line) is answered before torch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import files
+from config import UsageError
+
+KIND = "imgcls-checkpoint"
+VERSION = 2  # 2: position in samples and epoch statistics ("progress"); the schedule is derived
+RESUME_ONLY = ("optimizer", "scaler", "progress")
+EXPORT_SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "torchscript": ".ptl"}  # export.py --format
+INPUT_CONTRACT = ("float32 RGB in [0,1], N x 3 x img_size x img_size, shorter side resized to resize_size then "
+                  "centre-cropped; normalisation is inside the model")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the network's input: its shorter side resized to `resize_size` and the centre
+    `img_size` square cropped (evaluation; training crops at random), then normalised by mean/std."""
+    img_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(int(d["img_size"]), int(d["resize_size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+
+    def to_dict(self) -> dict[str, Any]:
+        """As stored in checkpoints and written to JSON (lists, not tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def metadata(self) -> dict[str, str]:
+        """String key/values for an exported model (ONNX metadata_props, the .pte/.ptl JSON)."""
+        return {"mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std)),
+                "img_size": str(self.img_size), "resize_size": str(self.resize_size), "input": INPUT_CONTRACT}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> Preprocess:
+        return cls(int(meta["img_size"]), int(meta["resize_size"]), tuple(json.loads(meta["mean"])),
+                   tuple(json.loads(meta["std"])))
+
+    def crop(self) -> Any:
+        """The evaluation crop, applied to the uint8 `resize_size` square every dataset yields."""
+        from dataset import eval_transform
+
+        return eval_transform(self.img_size)
+
+
+def of_model(arch: str, classes: list[str], model: dict[str, Any], preprocess: Preprocess, mode: str = "scratch",
+             **training: Any) -> dict[str, Any]:
+    """A checkpoint in this layout: the model and what describes it, plus any training fields."""
+    return {"kind": KIND, "version": VERSION, "arch": arch, "mode": mode, "classes": list(classes),
+            "preprocess": preprocess.to_dict(), "model": model, **training}
+
+
+def export_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
+    """What an exported model carries: class names, architecture and the input contract."""
+    return {"classes": json.dumps(ckpt["classes"]), "arch": ckpt["arch"],
+            **Preprocess.from_dict(ckpt["preprocess"]).metadata()}
+
+
+def for_inference(state: dict[str, Any]) -> dict[str, Any]:
+    """best.pt's content: the model and what describes it, without the training state."""
+    return {k: v for k, v in state.items() if k not in RESUME_ONLY}
+
+
+def save(obj: dict[str, Any], path: Path) -> None:
+    """Atomic: a kill at any moment leaves the old file or the new one (see files.py)."""
+    import torch
+
+    files.atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def read(path: str | Path) -> Any:
+    """torch.load that never runs code from the file: weights_only, with people-sized errors."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"{path} needs pickled code to load and was refused (weights_only=True); "
+                         f"only tensors and plain data are accepted ({str(e).splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UsageError(f"{path} is not a readable PyTorch file ({str(e).splitlines()[0][:120]})") from None
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """One of our checkpoints, loaded without running code from it."""
+    ckpt = read(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
+        raise UsageError(f"{path} is not a checkpoint made by train.py (no '{KIND}' marker)")
+    if ckpt.get("version", 1) > VERSION:
+        raise UsageError(f"{path} was written by a newer version of this toolkit (checkpoint version "
+                         f"{ckpt['version']}, this one reads up to {VERSION}): update the code")
+    return ckpt
+
+
+def load_for_resume(path: Path) -> dict[str, Any]:
+    """last.pt: a checkpoint with its training state."""
+    ckpt = load(path)
+    if "optimizer" not in ckpt:
+        raise UsageError(f"{path} holds a model without its training state: resume with "
+                         f"--resume {path.parent} (its last.pt)")
+    return ckpt
+
+
+def find(given: str | None, name: str = "best.pt") -> Path:
+    """--checkpoint as a file, a run folder (its best.pt), or absent: the newest runs/*/best.pt.
+    A path that does not exist is refused here, before anything slow starts."""
+    if given:
+        path = Path(given)
+        path = path / name if path.is_dir() else path
+        if not path.is_file():
+            hint = f"{Path(given)} has no {name} yet (the run has not finished an epoch)" if Path(given).is_dir() \
+                else f"{path} does not exist"
+            raise UsageError(f"{hint}: give a run folder, a .pt from one, or an exported .onnx")
+        return path
+    found = newest_in_runs(name)
+    if found is None:
+        raise UsageError(f"no runs/*/{name} found: train a model first (python train.py) or pass --checkpoint")
+    return found
+
+
+def newest_in_runs(name: str) -> Path | None:
+    """The most recently written runs/*/<name>, if any."""
+    found = sorted(Path("runs").glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
+    """(run folder, its last.pt) for --resume PATH (a run folder or a checkpoint in it) or 'auto'
+    (--out's, else the newest run's). A folder with neither last.pt nor config.json is refused."""
+    if resume == "auto" and not out:
+        last = newest_in_runs("last.pt")
+        if last is None:
+            raise UsageError("--resume auto: no runs/*/last.pt to resume; start a run without --resume")
+    elif resume == "auto" or Path(resume).is_dir():
+        last = Path(out if resume == "auto" else resume) / "last.pt"
+    else:
+        last = Path(resume)
+    if not last.is_file() and not (last.parent / "config.json").is_file():
+        raise UsageError(f"nothing to resume: {last} does not exist")
+    return last.parent, last

@@ -1,0 +1,243 @@
+"""Export a trained model (export.py's work): the network with its normalisation inside, written as ONNX,
+ExecuTorch or TorchScript Lite (optionally int8), then run side by side with the PyTorch model on
+the same images to prove it gives the same answers; the proof is written beside the export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import checkpoint
+import dataset
+import folders
+import models
+from checkpoint import Preprocess
+from config import UsageError
+from predictor import OnnxModel
+
+
+class Deployable(nn.Module):
+    """The trained network with its normalisation inside: float [0, 1] RGB in, logits out."""
+
+    def __init__(self, net: nn.Module, preprocess: Preprocess):
+        super().__init__()
+        self.normalize = models.Normalize(preprocess.mean, preprocess.std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> Callable:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=["logits"],
+                      dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+    proto = onnx.load(str(out))
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(out))
+    return OnnxModel(out)
+
+
+def export_executorch(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str],
+                      calibration: torch.Tensor | None = None) -> Callable:
+    """XNNPACK-delegated .pte; with `calibration`, int8 through the XNNPACK quantiser (PT2E, per-channel)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    if calibration is not None:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        prepared = prepare_pt2e(torch.export.export(model, (example,)).module(), quantizer)
+        for i in range(len(calibration)):  # the graph has the example's batch size (1)
+            prepared(calibration[i:i + 1])
+        model = convert_pt2e(prepared)
+    program = torch.export.export(model, (example,))
+    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    out.write_bytes(lowered.buffer)
+    Path(str(out) + ".meta.json").write_text(json.dumps(meta, indent=1))
+    method = Runtime.get().load_program(str(out)).load_method("forward")
+    # the .pte has the example's batch size baked in: run larger batches one image at a time
+    return lambda x: torch.cat([method.execute([x[i:i + 1].contiguous()])[0] for i in range(len(x))])
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> Callable:
+    from torch.utils.mobile_optimizer import optimize_for_mobile
+
+    traced = torch.jit.trace(model, example)
+    try:
+        traced = optimize_for_mobile(traced)
+    except RuntimeError:  # builds without XNNPACK (e.g. CUDA wheels) cannot run the mobile passes
+        print("note: this PyTorch build has no XNNPACK; saving the TorchScript Lite model without mobile "
+              "optimisation")
+    traced._save_for_lite_interpreter(str(out), _extra_files={"meta.json": json.dumps(meta)})
+    from torch.jit.mobile import _load_for_lite_interpreter
+
+    lite = _load_for_lite_interpreter(str(out))
+    return lambda x: lite(x)
+
+
+def quantize_onnx(float_path: Path, out: Path, calibration: torch.Tensor) -> Callable:
+    """Static int8 (QDQ, per-channel weights), activations calibrated on real training images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"image": calibration[i:i + 8].numpy()} for i in range(0, len(calibration), 8)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    prepared = out.with_suffix(".prep.onnx")
+    quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    prepared.unlink(missing_ok=True)
+    import onnx
+
+    src, dst = onnx.load(str(float_path)), onnx.load(str(out))
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+    onnx.save(dst, str(out))
+    return OnnxModel(out)
+
+
+def sample_images(data: str | None, pre: Preprocess, n: int, classes: list[str], held_out: bool = False
+                  ) -> tuple[torch.Tensor, list[int]]:
+    """(float [0, 1] images, labels or -1): from a labelled folder, a folder of images, or noise.
+    A dataset root gives its train/ images, or with `held_out` its test/ (else val/) images."""
+    if data:
+        folder = Path(data)
+        if not folder.is_dir():
+            raise UsageError(f"--data {data} is not a folder")
+        train_dir, val_dir, test_dir = folders.find_layout(folder)
+        folder = (test_dir or val_dir or train_dir) if held_out else train_dir
+        names = dataset.class_folders(folder)
+        items = [(p, i) for i, c in enumerate(names) for p in dataset.list_files(folder / c)]
+        labelled = [(p, classes.index(names[y]) if names[y] in classes else -1) for p, y in items]
+        if not labelled:
+            labelled = [(p, -1) for p in dataset.list_files(folder)]
+        rng = np.random.default_rng(0)
+        picks = rng.permutation(len(labelled))
+        images, labels = [], []
+        for k in picks:
+            try:
+                arr = dataset.load_image(labelled[k][0], pre.resize_size)
+            except (dataset.BadImage, OSError):
+                continue
+            images.append(torch.from_numpy(arr).permute(2, 0, 1))
+            labels.append(labelled[k][1])
+            if len(images) == n:
+                break
+        if not images:
+            raise UsageError(f"no readable images in {data}")
+        crop = pre.crop()
+        return torch.stack([crop(x) for x in images]).float() / 255, labels
+    g = torch.Generator().manual_seed(0)
+    size = pre.img_size
+    return torch.rand(n, 3, size, size, generator=g), [-1] * n
+
+
+def parity(reference: torch.Tensor, exported: torch.Tensor) -> dict[str, float]:
+    return {"images": len(reference),
+            "top1_agreement": float((reference.argmax(1) == exported.argmax(1)).float().mean()),
+            "max_abs_logit_diff": float((reference - exported).abs().max())}
+
+
+@torch.no_grad()
+def latency_ms(run: Callable, example: torch.Tensor, repeats: int = 20) -> float:
+    run(example)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        run(example)
+    return 1000 * (time.perf_counter() - t0) / repeats
+
+
+def accuracy(logits: torch.Tensor, labels: list[int]) -> float | None:
+    known = [i for i, y in enumerate(labels) if y >= 0]
+    if not known:
+        return None
+    return 100 * float((logits[known].argmax(1) == torch.tensor([labels[i] for i in known])).float().mean())
+
+
+
+
+def export(ckpt_path: Path, fmt: str, int8: bool, out: Path | None, data: str | None, check_data: str | None,
+           n_images: int, tolerance: float) -> int:
+    """export.py's work: write the export, then prove it on images (exit status 1 when a float export
+    disagrees with the PyTorch model)."""
+    ckpt = checkpoint.load(ckpt_path)
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    model = Deployable(models.from_checkpoint(ckpt), pre).eval()
+    name = f"{ckpt['arch']}{'-int8' if int8 else ''}{checkpoint.EXPORT_SUFFIX[fmt]}"
+    out = ckpt_path.parent / name if out is None else out / name if out.is_dir() else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images, labels = sample_images(data, pre, n_images, ckpt["classes"])
+    check, check_labels = sample_images(check_data, pre, n_images, ckpt["classes"], held_out=True) \
+        if check_data else (images, labels)
+    run = write(fmt, model, images, out, checkpoint.export_metadata(ckpt), int8)
+    with torch.no_grad():
+        reference, exported = model(check), run(check)
+    report = {"format": fmt, "int8": int8, "file": str(out), "checkpoint": str(ckpt_path),
+              "size_mb": os.path.getsize(out) / 1e6, **parity(reference, exported),
+              "latency_ms_batch1_cpu": latency_ms(run, images[:1]),
+              "pytorch_latency_ms_batch1_cpu": latency_ms(lambda x: model(x), images[:1]),
+              "accuracy_pytorch": accuracy(reference, check_labels),
+              "accuracy_export": accuracy(exported, check_labels),
+              "classes": ckpt["classes"], "preprocess": pre.to_dict(), "tolerance": tolerance}
+    Path(str(out) + ".json").write_text(json.dumps(report, indent=1))
+    print_proof(report)
+    if not int8 and (report["top1_agreement"] < 1 or report["max_abs_logit_diff"] > tolerance):
+        print(f"error: the export does not match the PyTorch model (tolerance {tolerance}); see {out}.json",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def write(fmt: str, model: nn.Module, images: torch.Tensor, out: Path, meta: dict[str, str], int8: bool) -> Callable:
+    """The export file; returns a function that runs it. int8 calibrates on `images`."""
+    example = images[:1]
+    try:
+        if fmt == "onnx" and int8:
+            float_path = out.with_suffix(".float.onnx")
+            export_onnx(model, example, float_path, meta)
+            run = quantize_onnx(float_path, out, images)
+            float_path.unlink()
+            return run
+        if fmt == "onnx":
+            return export_onnx(model, example, out, meta)
+        if fmt == "executorch":
+            return export_executorch(model, example, out, meta, images if int8 else None)
+        return export_torchscript(model, example, out, meta)
+    except ImportError as e:
+        raise UsageError(f"--format {fmt} needs packages that are not installed ({e.name}): "
+                         "pip install -r requirements-export.txt") from None
+
+
+def print_proof(report: dict[str, Any]) -> None:
+    print(f"exported {report['file']} ({report['size_mb']:.1f} MB); on {report['images']} images: top-1 agreement "
+          f"{100 * report['top1_agreement']:.1f}%, largest logit difference {report['max_abs_logit_diff']:.2e}; "
+          f"CPU latency {report['latency_ms_batch1_cpu']:.1f} ms/image (PyTorch "
+          f"{report['pytorch_latency_ms_batch1_cpu']:.1f} ms)")
+    if report["accuracy_pytorch"] is not None:
+        print(f"accuracy on those images: PyTorch {report['accuracy_pytorch']:.2f}%, export "
+              f"{report['accuracy_export']:.2f}% ({report['accuracy_export'] - report['accuracy_pytorch']:+.2f})")

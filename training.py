@@ -1,0 +1,936 @@
+"""The training recipe behind train.py: settings and resuming, the run folder, data and model, the
+optional feature cache (transfer mode), the schedule, and the loop over epochs with its checkpoints.
+
+main() reads as the recipe: settings -> run folder -> data -> model -> loop -> finish. Resuming (see
+resolve_config): the settings that define the run (IDENTITY in config.py) cannot change; every other
+setting given with --resume takes effect from where the run is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import datetime
+import hashlib
+import io
+import itertools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import checkpoint
+import dataset
+import files
+import folders
+import models
+import plots
+from checkpoint import Preprocess
+from config import IDENTITY, TrainConfig, TrainingError, UsageError, absolute_paths, validate
+from engine import (
+    Features,
+    HardStop,
+    Learner,
+    Progress,
+    ResumableSampler,
+    auto_workers,
+    autocast_dtype,
+    barrier,
+    broadcast,
+    deferred_interrupts,
+    evaluate,
+    init_distributed,
+    make_loader,
+    pick_device,
+    precision,
+    predict,
+    seed_everything,
+    shard,
+    sigterm_as_ctrl_c,
+    stop_requested,
+    to_model_input,
+    train_one_epoch,
+    tune_cpu_allocator,
+)
+
+RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
+             "curves.png", "lr_find.png", "resumes.jsonl", "model_summary.txt", "events.out.tfevents.*")
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+class Schedule:
+    """The learning-rate factor at a position in the run, in epochs (2.5: half-way through epoch 3):
+    warm-up, then step/cosine/onecycle/plateau/none. It depends on the position and the settings
+    alone (plateau's cuts are replayed from the validation history), so a resume with new settings
+    (more epochs, another schedule) follows the new plan from where the run is, warm-up included:
+    a run past its warm-up never repeats it."""
+
+    def __init__(self, cfg: TrainConfig, history: list[dict[str, Any]] = ()):
+        self.kind, self.epochs, self.warmup = cfg.scheduler, cfg.epochs, cfg.warmup_epochs
+        self.step_size, self.gamma = cfg.step_size, cfg.gamma
+        self.plateau_scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
+        for row in history:
+            self.end_epoch(row["val_acc"])
+
+    def __call__(self, start: float, end: float) -> float:
+        """The factor for a step from position `start` to `end`."""
+        warm = min(1.0, end / self.warmup) if self.warmup else 1.0
+        t = min(1.0, max(0.0, start - self.warmup) / max(1e-9, self.epochs - self.warmup))
+        if self.kind == "step":
+            factor = self.gamma ** (math.floor(start) // self.step_size)
+        elif self.kind == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * t))
+        elif self.kind == "onecycle":  # up to lr over the first 30%, then cosine down to ~0
+            t = min(1.0, start / self.epochs)
+            factor = (0.04 + 0.96 * (1 - math.cos(math.pi * t / 0.3)) / 2 if t < 0.3
+                      else 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7)) + 1e-4)
+            warm = 1.0
+        elif self.kind == "plateau":
+            factor = self.plateau_scale
+        else:
+            factor = 1.0
+        return warm * factor
+
+    def end_epoch(self, val_acc: float, patience: int = 2) -> None:
+        """Plateau: multiply by gamma after `patience` epochs without a better val accuracy."""
+        if val_acc > self.best:
+            self.best, self.bad_epochs = val_acc, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs > patience:
+                self.plateau_scale *= self.gamma
+                self.bad_epochs = 0
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Only trainable parameters: the head's group first, then the rest (the pretrained backbone)."""
+    _, head = models.head_of(model)
+    head_ids = {id(p) for p in head.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in head_ids]}]
+    backbone = [p for p in trainable if id(p) not in head_ids]
+    if backbone:
+        groups.append({"params": backbone})
+    if cfg.optimizer in ("sgd", "rmsprop"):
+        optimizer = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[cfg.optimizer](
+            groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](groups, lr=cfg.lr)
+    apply_settings(optimizer, cfg)
+    return optimizer
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """The settings' lr, weight decay and momentum on every param group: on a resume they replace the
+    ones saved with the optimizer's state, so what the command line says takes effect. Finetune may
+    give the pretrained layers a smaller lr (--backbone-lr-mult)."""
+    for i, group in enumerate(optimizer.param_groups):
+        pretrained = i > 0 and cfg.mode == "finetune"  # in scratch there are no pretrained layers
+        group["base_lr"] = group["lr"] = cfg.lr * (cfg.backbone_lr_mult if pretrained else 1.0)
+        group["weight_decay"] = cfg.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+
+
+def class_weights(counts: list[int]) -> torch.Tensor:
+    """Inverse frequency, scaled so the average weight per image is 1."""
+    c = torch.tensor(counts, dtype=torch.float).clamp(min=1)
+    return c.sum() / (len(counts) * c)
+
+
+def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+            to_input: Callable, autocast: Callable, device: torch.device, start: float = 1e-7, end: float = 10.0,
+            steps: int = 100) -> tuple[list[float], list[float], float]:
+    """LR range test: raise the lr exponentially each step, record the smoothed loss, stop when it
+    explodes; the suggestion is the lr where the loss falls fastest. Weights are restored after."""
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    saved_opt = optimizer.state_dict()
+    mults = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    lrs, losses, smooth, best = [], [], 0.0, math.inf
+    batches = iter(())
+    for i in range(steps):
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        x, y, _, _ = batch
+        lr = start * factor ** i
+        for g, m in zip(optimizer.param_groups, mults):
+            g["lr"] = lr * m
+        with autocast():
+            loss = criterion(net(to_input(x)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        smooth = 0.9 * smooth + 0.1 * loss.item()
+        value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected moving average
+        if not math.isfinite(value) or value > 4 * best:
+            break
+        best = min(best, value)
+        lrs.append(lr)
+        losses.append(value)
+    net.load_state_dict(saved)
+    optimizer.load_state_dict(saved_opt)
+    if len(lrs) < 3:
+        raise TrainingError("the lr range test diverged at once: check the data, or lower the start lr")
+    stop = int(np.argmin(losses)) + 1
+    slopes = np.gradient(np.array(losses[:stop]), np.log(lrs[:stop])) if stop > 2 else np.zeros(1)
+    return lrs, losses, float(lrs[int(np.argmin(slopes))])
+
+
+# ----------------------------------------------------------------------------- settings and resuming
+
+@dataclasses.dataclass
+class Start:
+    """How this invocation begins: a new run, a run resumed from its last.pt (`ckpt`), or a run folder
+    that was created but never checkpointed (`in_place` without `ckpt`: the run starts again there
+    with its saved settings)."""
+    run_dir: Path
+    ckpt: dict[str, Any] | None = None
+    in_place: bool = False  # the folder is this run's own (--resume)
+    named: bool = True  # False: a default name under runs/, made unique when it is created
+    changes: dict[str, list] = dataclasses.field(default_factory=dict)  # setting -> [saved, now] on resume
+    epochs_given: bool = False
+
+
+def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, Start]:
+    """The settings given on the command line (train.read_command_line); on --resume, the run's saved
+    settings plus what the command line changes. What defines the run (IDENTITY) cannot change;
+    everything else takes effect."""
+    if not given.get("resume"):
+        cfg = TrainConfig(**given)
+        validate(cfg)
+        models.check_name(cfg.model)
+        if cfg.out:
+            return cfg, Start(Path(cfg.out))
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return cfg, Start(Path("runs") / f"{cfg.model}-{cfg.mode}-{stamp}", named=False)
+    run_dir, last = checkpoint.resume_target(given["resume"], given.get("out"))
+    if given.get("out") and given["resume"] != "auto" and Path(given["out"]).absolute() != run_dir.absolute():
+        raise UsageError(f"--out cannot change on resume: the run stays in {run_dir} (copy the folder to "
+                         "continue it elsewhere)")
+    ckpt = checkpoint.load_for_resume(last) if last.is_file() else None
+    saved = ckpt["config"] if ckpt else saved_settings(run_dir)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = absolute_paths({k: v for k, v in saved.items() if k in fields})
+    overrides = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite")}
+    changed = [k for k in IDENTITY if k in overrides and overrides[k] != saved.get(k)]
+    if changed:
+        raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
+                         "resuming: start a new run instead")
+    if given.get("lr_find"):
+        raise UsageError("--lr-find starts no run: use it without --resume")
+    cfg = TrainConfig(**{**saved, **overrides, "resume": str(last), "out": str(run_dir)})
+    validate(cfg)
+    models.check_name(cfg.model)
+    changes = {k: [saved.get(k), v] for k, v in overrides.items() if saved.get(k) != v}
+    return cfg, Start(run_dir, ckpt, in_place=True, changes=changes, epochs_given="epochs" in given)
+
+
+def saved_settings(run_dir: Path) -> dict[str, Any]:
+    """config.json of a run that was created, then stopped before its first checkpoint."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run_dir / 'config.json'} cannot be read ({e.__class__.__name__}): start the run "
+                         "again with its options and --overwrite") from None
+
+
+def check_start(cfg: TrainConfig, start: Start, world: int) -> None:
+    """What a resume cannot honour, refused before anything is loaded or written."""
+    if cfg.lr_find and world > 1:
+        raise UsageError("--lr-find runs in one process: run it with python, not torchrun")
+    ckpt = start.ckpt
+    if ckpt is None:
+        return
+    if ckpt.get("world", 1) != world:
+        raise UsageError(f"{cfg.resume} was saved by {ckpt.get('world', 1)} process(es), this run has {world}: "
+                         "resume with the same number of processes")
+    done = ckpt["epoch"]
+    if cfg.epochs < done:
+        raise UsageError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {start.run_dir} has "
+                         f"trained: give --epochs {done + 1} or more to train longer")
+    if cfg.epochs == done and not ran_to_its_end(ckpt):
+        raise UsageError(f"--epochs {cfg.epochs} would end {start.run_dir} inside epoch {done + 1}, which it has "
+                         f"begun: give --epochs {done + 1} or more")
+
+
+def ran_to_its_end(ckpt: dict[str, Any]) -> bool:
+    """All its epochs, or stopped early (checkpoints before version 2 have no flag: all epochs)."""
+    return ckpt.get("finished", ckpt["epoch"] >= ckpt["config"]["epochs"])
+
+
+def finished(start: Start, cfg: TrainConfig) -> bool:
+    """A run that ran to its end and was given no further epochs."""
+    ckpt = start.ckpt
+    return ckpt is not None and ran_to_its_end(ckpt) and (not start.epochs_given or cfg.epochs <= ckpt["epoch"])
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def check_run_dir(run_dir: Path, in_place: bool, overwrite: bool) -> None:
+    """Never reuse another run's folder by accident (checked under the folder's lock)."""
+    held = run_dir.exists() and any(p.name != files.FolderLock.NAME for p in run_dir.iterdir())
+    if held and not in_place and not overwrite:
+        raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                         "--overwrite to replace it, or another --out")
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """A run folder this process holds (locked), and what it made there: undone if the start fails."""
+    path: Path
+    lock: files.FolderLock
+    created: bool  # the folder did not exist before
+    made_lock: bool  # nor did its lock file
+    wrote_config: bool = False
+
+    def undo(self) -> None:
+        """A start refused for bad input leaves nothing behind."""
+        if self.wrote_config:
+            (self.path / "config.json").unlink(missing_ok=True)
+        if self.made_lock:
+            (self.path / files.FolderLock.NAME).unlink(missing_ok=True)
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+
+def claim_run_dir(start: Start, cfg: TrainConfig, held: contextlib.ExitStack) -> RunFolder:
+    """Create (or take) the run folder and lock it for this process: never two runs in one folder.
+    A default name is made unique atomically (mkdir), so runs started in the same second each get
+    their own. --overwrite removes the files a run writes (and nothing else). A new run's settings
+    are written at once, so that a run stopped while it checks its files is resumable."""
+    run_dir, created = start.run_dir, not start.run_dir.exists()
+    for n in itertools.count(1) if not start.named else [1]:
+        run_dir = start.run_dir if n == 1 else start.run_dir.with_name(f"{start.run_dir.name}-{n}")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=start.named)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+    made_lock = not (run_dir / files.FolderLock.NAME).exists()
+    try:
+        lock = files.FolderLock(run_dir)
+    except BlockingIOError:
+        raise UsageError(f"{run_dir} is in use by another train.py that is still running: wait for it to end, "
+                         "or choose another --out") from None
+    except OSError as e:
+        raise UsageError(f"cannot lock run folder {run_dir}: {e.strerror}") from None
+    held.callback(lock.release)
+    made = RunFolder(run_dir, lock, created or not start.named, made_lock)
+    try:
+        check_run_dir(run_dir, start.in_place, cfg.overwrite)
+        if not start.in_place or start.ckpt is None:  # a new run, or one started again in its folder
+            for pattern in RUN_FILES:
+                for old in run_dir.glob(pattern):
+                    old.unlink()
+        files.remove_temp_files(run_dir)  # left by a killed run; the folder is ours now
+        if start.ckpt is None:
+            write_config(run_dir, cfg)
+            made.wrote_config = not start.in_place
+    except BaseException:
+        made.undo()
+        raise
+    return made
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+
+
+def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: dataset.DataSplit) -> None:
+    """A new run's split and skipped files; on a resume, config.json (the settings in use now) and a
+    line in resumes.jsonl saying what changed."""
+    if start.ckpt is None:
+        split.save(run_dir / "split.json")
+        files.atomic_write_text(run_dir / "skipped.txt", folders.skipped_lines(split.not_used()))
+    else:
+        write_config(run_dir, cfg)
+        line = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
+                "epoch": start.ckpt["epoch"], "changed": start.changes}
+        with open(run_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = True) -> None:
+    """metrics.csv (and curves.png) rewritten from the checkpoint's history, so a resume never duplicates."""
+    keys = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "time_s"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    files.atomic_write_text(run_dir / "metrics.csv", text.getvalue())
+    if curves:
+        plots.save(plots.curves_figure(history, run_dir.name), run_dir / "curves.png")
+
+
+# ----------------------------------------------------------------------------- data and model
+
+def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset.DataSplit:
+    """The run's split: a resumed run's own (split.json), else checked and made by rank 0 and shared.
+    The check fills the decoded-image cache at `size` as it goes."""
+    if start.ckpt is not None:
+        try:
+            return dataset.DataSplit.load(start.run_dir / "split.json")
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UsageError(f"{start.run_dir / 'split.json'} cannot be read ({e.__class__.__name__}): a resume "
+                             "needs the run's split; restore the file, or start a new run") from None
+    split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
+                                 cache_size=size if cfg.image_cache else None,
+                                 max_file_mb=cfg.max_file_mb) if lead else None
+    return dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
+
+
+def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
+    left = f" and left out {len(split.left_out)} other file(s)" if split.left_out else ""
+    print(f"data: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images from "
+          f"{dataset.shown(split.root)}" + (f"; skipped {len(split.skipped)} unreadable file(s){left}, see "
+                                            f"{run_dir / 'skipped.txt'}" if split.not_used() else ""))
+    if split.ignored:
+        print(f"ignored folder(s) by name: {', '.join(dataset.shown(p) for p in split.ignored[:5])}"
+              + (" ..." if len(split.ignored) > 5 else ""))
+    if split.leaks:
+        b, a, d = split.leaks[0][1], split.leaks[0][0], split.leaks[0][2]
+        dataset.warn(f"{len(split.leaks)} val/test image(s) look like train images (leakage), e.g. "
+                     f"{dataset.shown(b)} ~ {dataset.shown(a)} ({d} bits apart); see `python dataset.py check`")
+
+
+def build(cfg: TrainConfig, start: Start, num_classes: int) -> tuple[nn.Module, list]:
+    """The network and the identity of its starting weights. A resume loads last.pt and needs neither
+    the weights file nor the network: they mattered only at the start."""
+    seed_everything(cfg.seed)  # same seed, same initial weights
+    if start.ckpt is None:
+        model = models.build_model(cfg.model, num_classes, cfg.mode, cfg.weights)
+        used = cfg.mode != "scratch" or cfg.weights
+        return model, models.weights_identity(cfg.model, cfg.weights) if used else ["none"]
+    model = models.build_model(cfg.model, num_classes, "scratch")
+    model.load_state_dict(start.ckpt["model"])
+    if cfg.mode == "transfer":
+        models.freeze_backbone(model)
+    return model, start.ckpt.get("weights_id", ["unknown", cfg.weights])
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+FEATURE_VERSION = 2  # 2: keyed by file identities, weights identity, precision and memory format
+
+
+def backbone_features(model: nn.Module, loaders: dict[str, DataLoader], to_input: Callable, autocast: Callable,
+                      path: Path, show: bool) -> dict[str, torch.Tensor]:
+    """The frozen backbone's output for every image, computed once and kept on disk; a cache file
+    that is not what this run needs (damaged, planted, of other images) is rebuilt, never trusted."""
+    if files.is_regular(path):
+        feats = load_features(path, {split: len(loader.dataset) for split, loader in loaders.items()})
+        if feats is not None:
+            return feats
+        dataset.warn(f"rebuilding a damaged feature cache ({path.name})")
+    name, head = models.head_of(model)
+    models.set_module(model, name, nn.Identity())  # the network minus its head is the backbone
+    model.eval()
+    try:
+        feats = {}
+        for split, loader in loaders.items():
+            x, _, idx = predict(model, loader, to_input, autocast, desc=f"caching {split} features", show=show)
+            out = torch.full((len(loader.dataset), x.shape[1]), float("nan"))
+            out[idx] = x
+            feats[split] = out
+    finally:
+        models.set_module(model, name, head)
+    checkpoint.save(feats, path)
+    return feats
+
+
+def load_features(path: Path, rows: dict[str, int]) -> dict[str, torch.Tensor] | None:
+    """Cached features if the file holds a float matrix per split with one row per image, else None."""
+    try:
+        feats = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # damaged in any way: rebuilt
+        return None
+    good = isinstance(feats, dict) and all(
+        isinstance(feats.get(k), torch.Tensor) and feats[k].dtype == torch.float32 and feats[k].dim() == 2
+        and feats[k].shape[0] == n for k, n in rows.items())
+    return feats if good else None
+
+
+def features_dataset(x: torch.Tensor, items: list[tuple[str, int]]) -> Features:
+    """Cached features with their labels; images that could not be read (NaN rows) are left out."""
+    ok = torch.isfinite(x).all(1)
+    return Features(x[ok], [y for (_, y), good in zip(items, ok.tolist()) if good])
+
+
+def feature_key(cfg: TrainConfig, weights_id: list, preprocess: Preprocess, split: dataset.DataSplit,
+                device: torch.device) -> str:
+    """Everything that changes the features: each file's identity, the model and its weights, the
+    preprocessing, the precision and memory format they are computed in."""
+    dtype = autocast_dtype(device, cfg.amp)
+    blob = json.dumps([FEATURE_VERSION, cfg.model, weights_id, preprocess.to_dict(), str(dtype), cfg.channels_last,
+                       [files.identity(p) for p, _ in split.train + split.val]])
+    return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(given: dict[str, Any]) -> int:
+    """Train with the settings train.py read; the process group (torchrun) is closed however it ends."""
+    try:
+        return train(given)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(given: dict[str, Any]) -> int:
+    """The recipe: settings -> run folder -> data and model -> loop. Under torchrun rank 0 makes the
+    run folder and checks the data; the other ranks take what it decided."""
+    rank, world, local_rank = init_distributed()
+    lead = rank == 0
+    cfg, start = resolve_config(given)
+    check_start(cfg, start, world)
+    if finished(start, cfg):
+        if lead:
+            print(nothing_to_do(start))
+        return 0
+    device = pick_device(cfg.device, local_rank)
+    with contextlib.ExitStack() as held:
+        held.enter_context(sigterm_as_ctrl_c())  # so temp files are removed on the way out
+        # the run folder is made (or taken) and locked first, so a run stopped in any way from here on
+        # is resumable by its folder; a start that fails on bad input removes what it made
+        made = claim_run_dir(start, cfg, held) if lead else None
+        run_dir = Path(broadcast(str(made.path) if made else None))
+        try:
+            preprocess = models.preprocessing(cfg.model, cfg.img_size)
+            split = load_split(cfg, start, preprocess.resize_size, lead)
+            model, weights_id = build(cfg, start, len(split.classes))
+            if lead:
+                write_run_files(run_dir, cfg, start, split)
+                report_split(split, run_dir)
+        except UsageError:
+            if made is not None:
+                made.undo()
+            raise
+        except KeyboardInterrupt:
+            return interrupted_early(run_dir, lead)
+        try:
+            return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world), model)
+        except KeyboardInterrupt:
+            return interrupted_early(run_dir, lead)
+
+
+def nothing_to_do(start: Start) -> str:
+    ckpt = start.ckpt
+    return (f"{start.run_dir} has finished ({ckpt['epoch']} epochs, best val accuracy {ckpt['best_acc']:.2f}% at "
+            f"epoch {ckpt['best_epoch']}): nothing to do; pass --epochs {ckpt['epoch'] + 5} (or any number above "
+            f"{ckpt['epoch']}) to train longer")
+
+
+def interrupted_early(run_dir: Path, lead: bool) -> int:
+    """Stopped before training started: nothing to save; a folder without last.pt starts again on resume."""
+    if lead and not (run_dir / "last.pt").exists():
+        print(f"\ninterrupted before the first checkpoint; start it again with: python train.py --resume {run_dir}",
+              file=sys.stderr)
+    return 130
+
+
+@dataclasses.dataclass
+class Run:
+    """What this process trains: the settings, where the run is, its data, and the machine."""
+    cfg: TrainConfig
+    start: Start
+    run_dir: Path
+    split: dataset.DataSplit
+    preprocess: Preprocess
+    weights_id: list
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    notes: list[str] = dataclasses.field(default_factory=list)  # about class imbalance, for TensorBoard too
+
+    def say(self, message: str) -> None:
+        if self.lead:
+            print(message)
+
+    def note(self, message: str) -> None:
+        self.say(message)
+        self.notes.append(message)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the loop trains on: the datasets and the network they feed, with the function that turns
+    a loaded batch into the network's input (images; or, on the feature path, cached features)."""
+    train: Dataset
+    val: Dataset
+    net: nn.Module
+    to_input: Callable
+    use_features: bool = False
+
+
+def fit(run: Run, model: nn.Module) -> int:
+    cfg, device = run.cfg, run.device
+    describe(run, model)
+    # sized for this machine; left unresolved in the config so a resume elsewhere sizes it again
+    workers = auto_workers(device, cfg.image_cache) if cfg.workers is None else cfg.workers
+    image_input, autocast, scaler = place(model, cfg, run.preprocess, device)
+    inputs = image_datasets(run, model, image_input)
+    if cfg.mode == "transfer" and cfg.feature_cache and isinstance(models.head_of(model)[1], nn.Linear):
+        inputs = feature_inputs(run, model, inputs, image_input, autocast, workers)
+
+    train_counts = run.split.counts(run.split.train)
+    sampler = make_sampler(run, inputs.train, train_counts)
+    train_loader = make_loader(inputs.train, cfg.batch_size, workers, device, sampler)
+    val_loader = make_loader(shard(inputs.val, run.rank, run.world), 2 * cfg.batch_size, workers, device)
+    net = inputs.net
+    if cfg.sync_bn and run.world > 1 and not inputs.use_features:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    optimizer = make_optimizer(cfg, model)
+    if run.start.ckpt is not None:
+        restore_optimizer(optimizer, scaler, run.start.ckpt, cfg, run.say)
+    criterion = make_criterion(cfg, train_counts).to(device)
+    if criterion.weight is not None:
+        run.note("class weights: " + ", ".join(f"{c}={w:.2f}" for c, w in zip(run.split.classes,
+                                                                            criterion.weight.tolist())))
+    inner = net  # unwrapped: evaluated on each rank's shard, saved in checkpoints
+    net = parallel(net, cfg, run)
+    if cfg.lr_find:
+        return lr_find(run, model, net, train_loader, optimizer, criterion, inputs.to_input, autocast)
+
+    schedule = Schedule(cfg, run.start.ckpt["history"] if run.start.ckpt else [])
+    learner = Learner(net, optimizer, scaler, criterion, inputs.to_input, autocast, device, schedule,
+                      make_mix(cfg, len(run.split.classes)))
+    loop = Loop(run, model, inner, learner, schedule)
+    if run.lead:
+        loop.open_log(sampler.per_rank)
+    return loop.run(train_loader, val_loader, sampler, inputs.use_features)
+
+
+def describe(run: Run, model: nn.Module) -> None:
+    """The parameter count on the screen; torchsummary's layer table in the run folder."""
+    trainable, frozen = models.count_parameters(model)
+    pre = run.preprocess
+    if run.lead and run.cfg.summary:
+        from torchsummary import summary
+
+        model.eval()  # a summary forward pass must not move BatchNorm statistics
+        table = io.StringIO()
+        with contextlib.redirect_stdout(table):
+            summary(model, (3, pre.img_size, pre.img_size), device="cpu")
+        files.atomic_write_text(run.run_dir / "model_summary.txt", table.getvalue())
+    run.say(f"model: {run.cfg.model}, mode {run.cfg.mode}: {trainable:,} trainable and {frozen:,} frozen parameters; "
+            f"{pre.img_size} px crops of {pre.resize_size} px images")
+
+
+def place(model: nn.Module, cfg: TrainConfig, preprocess: Preprocess, device: torch.device
+          ) -> tuple[Callable, Callable, torch.amp.GradScaler]:
+    """The model on its device in its memory format; (image batch -> model input, autocast, scaler)."""
+    model.to(device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return (to_model_input(preprocess, device, memory_format), *precision(device, cfg.amp))
+
+
+def image_datasets(run: Run, model: nn.Module, image_input: Callable) -> Inputs:
+    """Train and val images, through the decoded-image cache: built once by rank 0 (on a resume it may
+    have been deleted), shared with the other ranks through the file system."""
+    cfg, split, pre = run.cfg, run.split, run.preprocess
+    max_bytes = int(cfg.max_file_mb * 2**20)
+    cache = None
+    if cfg.image_cache:
+        cache = dataset.ImageCache(split.files(), pre.resize_size, cfg.cache_dir, max_bytes)
+        if run.lead:
+            cache.build(skip={p for p, _ in split.skipped})
+        barrier()
+    augment = dataset.train_transform(pre.img_size, cfg.augment, cfg.min_scale, cfg.hflip)
+    train_ds = dataset.ImageDataset(split.train, pre.resize_size, augment, cache, cfg.seed, max_bytes)
+    val_ds = dataset.ImageDataset(split.val, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes)
+    return Inputs(train_ds, val_ds, model, image_input)
+
+
+def feature_inputs(run: Run, model: nn.Module, images: Inputs, image_input: Callable, autocast: Callable,
+                   workers: int) -> Inputs:
+    """Transfer mode's fast path: the backbone is a fixed function (see models.py), so its output per
+    image never changes. It is computed once (rank 0, kept on disk) and the head alone trains on it.
+    Augmentation is off on this path."""
+    cfg, split, device = run.cfg, run.split, run.device
+    key = feature_key(cfg, run.weights_id, run.preprocess, split, device)
+    path = dataset.cache_root(cfg.cache_dir) / "features" / f"{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if run.lead:
+        plain_train = copy.copy(images.train)  # the same images without augmentation
+        plain_train.transform = images.val.transform
+        plain = {"train": plain_train, "val": images.val}
+        loaders = {k: make_loader(v, 2 * cfg.batch_size, workers, device) for k, v in plain.items()}
+        feats = backbone_features(model, loaders, image_input, autocast, path, run.lead)
+    barrier()
+    if not run.lead:
+        feats = torch.load(path, map_location="cpu", weights_only=True)
+    run.say(f"transfer: training the head on cached backbone features ({path.name}); augmentation off")
+    return Inputs(features_dataset(feats["train"], split.train), features_dataset(feats["val"], split.val),
+                  models.head_of(model)[1], lambda x: x.to(device, non_blocking=True), use_features=True)
+
+
+def make_sampler(run: Run, train_ds: Dataset, train_counts: list[int]) -> ResumableSampler:
+    """Every image once per epoch in a seeded order; with --balanced-sampler, each class equally often."""
+    weights = None
+    if run.cfg.balanced_sampler:
+        # per item of what is sampled: cached features leave out images that could not be read
+        weights = torch.tensor([1.0 / train_counts[y] for y in train_ds.labels], dtype=torch.double)
+        n = len(run.split.classes)
+        run.note("balanced sampler, chance of drawing an image per class: " + ", ".join(
+            f"{c}={1 / max(1, k) / n:.4f}" for c, k in zip(run.split.classes, train_counts)))
+    return ResumableSampler(len(train_ds), run.cfg.seed, run.rank, run.world, weights)
+
+
+def parallel(net: nn.Module, cfg: TrainConfig, run: Run) -> nn.Module:
+    """DistributedDataParallel under torchrun, torch.compile when asked."""
+    if run.world > 1:
+        device = run.device
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        run.say(f"distributed: {run.world} processes x {cfg.batch_size} = {run.world * cfg.batch_size} images "
+                "per step")
+    return torch.compile(net) if cfg.compile else net
+
+
+def lr_find(run: Run, model: nn.Module, net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+            criterion: nn.Module, to_input: Callable, autocast: Callable) -> int:
+    """--lr-find: the range test instead of a run; its plot and suggestion."""
+    models.set_train_mode(model, True, run.cfg.mode)
+    lrs, losses, suggestion = find_lr(net, loader, optimizer, criterion, to_input, autocast, run.device)
+    if run.lead:
+        plots.save(plots.lr_figure(lrs, losses, suggestion), run.run_dir / "lr_find.png")
+        print(f"suggested --lr {suggestion:.2g} (steepest loss descent); plot: {run.run_dir / 'lr_find.png'}")
+    return 0
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ckpt: dict[str, Any],
+                      cfg: TrainConfig, say: Callable) -> None:
+    """The saved optimizer state (momentum, Adam's moments), with the settings now given applied on
+    top; another --optimizer starts its state afresh."""
+    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["config"].get("optimizer") != cfg.optimizer:
+        say(f"optimizer changed from {ckpt['config'].get('optimizer')} to {cfg.optimizer}: its state starts afresh")
+        return
+    optimizer.load_state_dict(ckpt["optimizer"])
+    apply_settings(optimizer, cfg)
+
+
+class Loop:
+    """The epochs of a run, from wherever it is, with its checkpoints, logs and interrupts."""
+
+    def __init__(self, run: Run, model: nn.Module, inner: nn.Module, learner: Learner, schedule: Schedule):
+        self.cfg, self.run_dir, self.model, self.inner, self.learner = run.cfg, run.run_dir, model, inner, learner
+        self.schedule, self.classes, self.preprocess = schedule, run.split.classes, run.preprocess
+        self.weights_id, self.rank, self.world, self.lead = run.weights_id, run.rank, run.world, run.lead
+        self.start, self.notes = run.start, run.notes
+        ckpt = run.start.ckpt or {}
+        self.progress = Progress(**ckpt["progress"]) if "progress" in ckpt else Progress(ckpt.get("epoch", 0))
+        self.history = list(ckpt.get("history", []))
+        self.best_acc, self.best_epoch = ckpt.get("best_acc", -1.0), ckpt.get("best_epoch", 0)
+        self.time_before = ckpt.get("train_time_s", sum(h["time_s"] for h in self.history))
+        self.writer: Any = None
+        self.best_ckpt: dict[str, Any] | None = None  # the best epoch's checkpoint while it is not yet written
+        self.finished = False
+
+    def open_log(self, per_epoch: int) -> None:
+        """TensorBoard (rank 0): a resumed run's log continues after its last saved epoch."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        start = self.start
+        self.writer = SummaryWriter(self.run_dir, purge_step=self.progress.epoch + 1 if start.ckpt else None)
+        for note in self.notes:
+            self.writer.add_text("imbalance", dataset.shown(note))
+        if start.ckpt is not None:
+            print(f"resuming {self.run_dir} at {self.progress.where(per_epoch)}" +
+                  (" with " + ", ".join(f"--{k.replace('_', '-')} {v[1]}" for k, v in start.changes.items())
+                   if start.changes else ""))
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint as it is now (the layout is in checkpoint.py)."""
+        cfg, p = self.cfg, self.progress
+        return checkpoint.of_model(
+            cfg.model, self.classes, self.model.state_dict(), self.preprocess, cfg.mode,
+            config=dataclasses.asdict(cfg), epoch=p.epoch, progress=dataclasses.asdict(p), best_acc=self.best_acc,
+            best_epoch=self.best_epoch, history=self.history, finished=self.finished, train_time_s=self.train_time(),
+            weights_id=self.weights_id, optimizer=self.learner.optimizer.state_dict(),
+            scaler=self.learner.scaler.state_dict(), world=self.world)
+
+    def train_time(self) -> float:
+        return self.time_before + time.perf_counter() - self.started
+
+    def save(self, state: dict[str, Any]) -> None:
+        """best.pt before last.pt: a kill in between re-runs this epoch on resume, which rewrites best.pt."""
+        if self.best_ckpt is not None:
+            checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
+            self.best_ckpt = None
+        checkpoint.save(state, self.run_dir / "last.pt")
+        self.last_saved = time.perf_counter()
+
+    def run(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
+            use_features: bool) -> int:
+        self.started = self.last_drawn = self.last_saved = time.perf_counter()
+        with deferred_interrupts():  # also while saving and finishing: a Ctrl-C there is not lost
+            try:
+                while self.progress.epoch < self.cfg.epochs and not self.finished:
+                    self.one_epoch(train_loader, val_loader, sampler, use_features)
+            except HardStop:
+                return self.stopped_at_once()
+            except KeyboardInterrupt:
+                return self.interrupted(sampler.per_rank)
+            except Exception:
+                if stop_requested():  # a DataLoader worker ended by the same Ctrl-C or SIGTERM
+                    return self.interrupted(sampler.per_rank)
+                # a NaN, out of memory, a bug: the best model found so far is kept all the same
+                if self.lead and self.best_ckpt is not None:
+                    checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
+                raise
+            if self.lead:
+                self.finish()
+        return 0
+
+    def stopped_at_once(self) -> int:
+        """A second Ctrl-C: the step under way may be half done, so nothing is saved from it."""
+        if self.lead:
+            if self.best_ckpt is not None:  # a finished epoch's best model, held in memory: consistent
+                checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
+            print(f"\nstopped at once: {self.run_dir / 'last.pt'} keeps the last point it saved; continue with: "
+                  f"python train.py --resume {self.run_dir}", file=sys.stderr)
+        return 130
+
+    def interrupted(self, per_epoch: int) -> int:
+        """Ctrl-C or SIGTERM: the state is that of the last complete step (or validation not begun)."""
+        if self.lead:
+            self.save(self.state())
+            if self.history:
+                write_metrics(self.run_dir, self.history)
+            print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / 'last.pt'}; "
+                  f"continue with: python train.py --resume {self.run_dir}", file=sys.stderr)
+        return 130
+
+    def one_epoch(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
+                  use_features: bool) -> None:
+        cfg, progress, epoch = self.cfg, self.progress, self.progress.epoch
+        sampler.set_epoch(epoch, start=progress.seen)
+        models.set_train_mode(self.model, True, cfg.mode)
+        if self.writer is not None and epoch == 0 and not use_features and not progress.seen:
+            x, _, _, _ = next(iter(train_loader))
+            if x is not None:
+                self.writer.add_images("train/augmented", x[:32], 0)
+        stats = train_one_epoch(self.learner, train_loader, progress, sampler.per_rank, cfg.seed,
+                                cfg.max_bad_fraction, f"epoch {epoch + 1}/{cfg.epochs}", self.lead, self.rank)
+        models.set_train_mode(self.model, False, cfg.mode)
+        val = evaluate(self.inner, val_loader, self.learner.to_input, self.learner.autocast, len(self.classes),
+                       self.lead)
+        self.schedule.end_epoch(val["acc"])
+        progress.next_epoch()
+        row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
+               "val_loss": val["loss"], "val_acc": val["acc"], "lr": stats["lr"],
+               "img_per_s": stats["img_per_s"] * self.world, "time_s": stats["time_s"]}
+        self.history.append(row)
+        improved = val["acc"] > self.best_acc
+        if improved:
+            self.best_acc, self.best_epoch = val["acc"], epoch + 1
+        stopping = cfg.patience > 0 and epoch + 1 - self.best_epoch >= cfg.patience
+        self.finished = epoch + 1 == cfg.epochs or stopping
+        if self.lead:
+            self.end_epoch(row, val["confusion"], improved, stats["bad"])
+        barrier()
+        if stopping:
+            if self.lead:
+                print(f"early stop: no better val accuracy for {cfg.patience} epochs")
+
+    def end_epoch(self, row: dict[str, Any], confusion: list[list[int]], improved: bool, bad: int) -> None:
+        """Metrics, pictures and checkpoints after an epoch (rank 0). The files a person reads are
+        written before last.pt: a kill between them replays the epoch, which writes them again."""
+        # short epochs (cached features, small data) would spend their time writing checkpoints:
+        # write at most every --save-interval s. A hard kill in between loses only the epochs
+        # since the last write: resuming trains them again (on CPU to the same digits).
+        due = self.finished or time.perf_counter() - self.last_saved >= self.cfg.save_interval
+        state = self.state()
+        if improved:  # model only: what eval.py, test.py and export.py need, a third the size
+            self.best_ckpt = checkpoint.for_inference(state) | {
+                "history": list(self.history), "model": state["model"] if due else models.snapshot(self.model)}
+        # pictures cost ~0.5 s: with short epochs (cached features) draw them at most once a
+        # minute, and always for the last epoch
+        draw = self.finished or time.perf_counter() - self.last_drawn > 60
+        write_metrics(self.run_dir, self.history, curves=draw)
+        log_epoch(self.writer, row, confusion if draw else None, self.classes)
+        self.last_drawn = time.perf_counter() if draw else self.last_drawn
+        if self.finished:
+            self.write_summary(state["train_time_s"])
+        if due:
+            self.save(state)
+        print(f"epoch {row['epoch']}/{self.cfg.epochs}  train loss {row['train_loss']:.4f} "
+              f"acc {row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%  "
+              f"{row['img_per_s']:.0f} img/s"
+              + ("  *best*" if improved else "") + (f"  ({bad} unreadable)" if bad else ""))
+
+    def write_summary(self, train_time_s: float) -> None:
+        cfg = self.cfg
+        summary = {"best_val_acc": self.best_acc, "best_epoch": self.best_epoch, "epochs": self.progress.epoch,
+                   "train_img_per_s": float(np.mean([h["img_per_s"] for h in self.history])) if self.history else 0.0,
+                   "train_time_s": train_time_s, "classes": self.classes,
+                   "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir)}
+        files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+
+    def finish(self) -> None:
+        hparams = {k: v for k, v in dataclasses.asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))}
+        self.writer.add_hparams(hparams, {"hparam/best_val_acc": self.best_acc, "hparam/epochs": self.progress.epoch},
+                                run_name=".")
+        self.writer.close()
+        print(f"best val accuracy {self.best_acc:.2f}% (epoch {self.best_epoch}); run folder {self.run_dir}")
+
+
+def make_criterion(cfg: TrainConfig, train_counts: list[int]) -> nn.CrossEntropyLoss:
+    weight = class_weights(train_counts) if cfg.class_weights == "auto" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def make_mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
+    """Mixup and/or CutMix on the device batch (soft targets)."""
+    from torchvision.transforms import v2
+
+    choices = []
+    if cfg.mixup > 0:
+        choices.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
+    if cfg.cutmix > 0:
+        choices.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]] | None, classes: list[str]) -> None:
+    step = row["epoch"]
+    for split in ("train", "val"):
+        writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], step)
+        writer.add_scalar(f"{split}/acc", row[f"{split}_acc"], step)
+    writer.add_scalar("lr", row["lr"], step)
+    writer.add_scalar("train/img_per_s", row["img_per_s"], step)
+    if confusion is not None:
+        writer.add_figure("val/confusion_matrix", plots.confusion_figure(np.array(confusion), classes, shares=False),
+                          step)
+    writer.flush()
