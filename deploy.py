@@ -121,7 +121,8 @@ def quantize_onnx(float_path: Path, out: Path, calibration: torch.Tensor) -> Cal
     return OnnxModel(out)
 
 
-def sample_images(data: str | None, pre: Preprocess, n: int, classes: list[str], held_out: bool = False
+def sample_images(data: str | None, pre: Preprocess, n: int, classes: list[str], held_out: bool = False,
+                  max_bytes: int = folders.DEFAULT_MAX_BYTES
                   ) -> tuple[torch.Tensor, list[int]]:
     """(float [0, 1] images, labels or -1): from a labelled folder, a folder of images, or noise.
     A dataset root gives its train/ images, or with `held_out` its test/ (else val/) images."""
@@ -141,7 +142,7 @@ def sample_images(data: str | None, pre: Preprocess, n: int, classes: list[str],
         images, labels = [], []
         for k in picks:
             try:
-                arr = dataset.load_image(labelled[k][0], pre.resize_size)
+                arr = dataset.load_image(labelled[k][0], pre.resize_size, max_bytes)
             except (dataset.BadImage, OSError):
                 continue
             images.append(torch.from_numpy(arr).permute(2, 0, 1))
@@ -182,7 +183,7 @@ def accuracy(logits: torch.Tensor, labels: list[int]) -> float | None:
 
 
 def export(ckpt_path: Path, fmt: str, int8: bool, out: Path | None, data: str | None, check_data: str | None,
-           n_images: int, tolerance: float) -> int:
+           n_images: int, tolerance: float, max_bytes: int = folders.DEFAULT_MAX_BYTES) -> int:
     """export.py's work: write the export, then prove it on images (exit status 1 when a float export
     disagrees with the PyTorch model)."""
     ckpt = checkpoint.load(ckpt_path)
@@ -191,8 +192,8 @@ def export(ckpt_path: Path, fmt: str, int8: bool, out: Path | None, data: str | 
     name = f"{ckpt['arch']}{'-int8' if int8 else ''}{checkpoint.EXPORT_SUFFIX[fmt]}"
     out = ckpt_path.parent / name if out is None else out / name if out.is_dir() else out
     out.parent.mkdir(parents=True, exist_ok=True)
-    images, labels = sample_images(data, pre, n_images, ckpt["classes"])
-    check, check_labels = sample_images(check_data, pre, n_images, ckpt["classes"], held_out=True) \
+    images, labels = sample_images(data, pre, n_images, ckpt["classes"], max_bytes=max_bytes)
+    check, check_labels = sample_images(check_data, pre, n_images, ckpt["classes"], True, max_bytes) \
         if check_data else (images, labels)
     run = write(fmt, model, images, out, checkpoint.export_metadata(ckpt), int8)
     with torch.no_grad():

@@ -22,12 +22,12 @@ import sys
 from pathlib import Path
 
 import checkpoint
-from config import Parser, UsageError, add_shared, cli
+from config import Parser, UsageError, add_shared, check_shared, cli
 
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(__doc__, prog="export.py")
-    add_shared(parser, "checkpoint")
+    add_shared(parser, "checkpoint", "max_file_mb")
     parser.add_argument("--format", required=True, choices=tuple(checkpoint.EXPORT_SUFFIX),
                         help="onnx (servers, onnxruntime), executorch (phones: .pte with XNNPACK) or "
                         "torchscript (PyTorch Mobile Lite: .ptl)")
@@ -43,6 +43,7 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference a float export "
                         "may have")
     args = parser.parse_args(argv)
+    check_shared(args)
     if args.int8 and args.format == "torchscript":
         raise UsageError("--int8 is available for --format onnx and --format executorch")
     if args.int8 and not args.data:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import deploy  # torch loads only for a command line that is good
 
     return deploy.export(ckpt, args.format, args.int8, Path(args.out) if args.out else None, args.data,
-                         args.check_data, args.images, args.tolerance)
+                         args.check_data, args.images, args.tolerance, int(args.max_file_mb * 2**20))
 
 
 if __name__ == "__main__":
