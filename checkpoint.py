@@ -9,7 +9,8 @@ A checkpoint is a dict of tensors and plain data, loaded with weights_only=True 
     model                the network's state_dict (head included)
     config               the run's settings (config.TrainConfig as a dict)
     epoch, history, best_acc, best_epoch, finished, train_time_s, weights_id, world
-    optimizer, scaler, progress   last.pt only (RESUME_ONLY): what a resume needs to continue exactly
+    optimizer, scaler, progress, ema   last.pt only (RESUME_ONLY): what a resume needs to continue exactly
+    averaged             best.pt: True when its model is the weights' moving average (--ema)
 
 best.pt is the best epoch's model without RESUME_ONLY (a third of the size); eval.py, test.py and
 export.py need nothing else. torch is imported only to save and load, so finding a checkpoint (and
@@ -29,7 +30,7 @@ from config import UsageError
 
 KIND = "imgcls-checkpoint"
 VERSION = 2  # 2: position in samples and epoch statistics ("progress"); the schedule is derived
-RESUME_ONLY = ("optimizer", "scaler", "progress")
+RESUME_ONLY = ("optimizer", "scaler", "progress", "ema")
 EXPORT_SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "torchscript": ".ptl"}  # export.py --format
 INPUT_CONTRACT = ("float32 RGB in [0,1], N x 3 x img_size x img_size, shorter side resized to resize_size then "
                   "centre-cropped; normalisation is inside the model")
@@ -106,8 +107,9 @@ def read(path: str | Path) -> Any:
     except pickle.UnpicklingError as e:
         raise UsageError(f"{path} needs pickled code to load and was refused (weights_only=True); "
                          f"only tensors and plain data are accepted ({str(e).splitlines()[0][:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UsageError(f"{path} is not a readable PyTorch file ({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:  # the weights-only unpickler fails in many ways on files that are not ours
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UsageError(f"{path} is not a readable PyTorch file ({reason})") from None
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -137,14 +139,24 @@ def find(given: str | None, name: str = "best.pt") -> Path:
         path = Path(given)
         path = path / name if path.is_dir() else path
         if not path.is_file():
-            hint = f"{Path(given)} has no {name} yet (the run has not finished an epoch)" if Path(given).is_dir() \
-                else f"{path} does not exist"
-            raise UsageError(f"{hint}: give a run folder, a .pt from one, or an exported .onnx")
+            raise UsageError(f"{missing(Path(given), name)}: give a run folder, a .pt from one, or an exported .onnx")
         return path
     found = newest_in_runs(name)
     if found is None:
         raise UsageError(f"no runs/*/{name} found: train a model first (python train.py) or pass --checkpoint")
     return found
+
+
+def missing(given: Path, name: str) -> str:
+    if not given.is_dir():
+        return f"{given} does not exist"
+    if (given / "config.json").is_file():
+        return f"{given} has no {name} yet (the run has not finished an epoch)"
+    return f"{given} is not a run folder (no {name}, no config.json)"
+
+
+def is_onnx(path: Path) -> bool:
+    return path.suffix.lower() == ".onnx"
 
 
 def newest_in_runs(name: str) -> Path | None:

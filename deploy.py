@@ -182,15 +182,14 @@ def accuracy(logits: torch.Tensor, labels: list[int]) -> float | None:
 
 
 
-def export(ckpt_path: Path, fmt: str, int8: bool, out: Path | None, data: str | None, check_data: str | None,
-           n_images: int, tolerance: float, max_bytes: int = folders.DEFAULT_MAX_BYTES) -> int:
-    """export.py's work: write the export, then prove it on images (exit status 1 when a float export
-    disagrees with the PyTorch model)."""
+def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None, data: str | None,
+           check_data: str | None, n_images: int, tolerance: float, max_bytes: int = folders.DEFAULT_MAX_BYTES) -> int:
+    """export.py's work: write the export (to `out`, else into `folder` named after the model), then prove
+    it on images (exit status 1 when a float export disagrees with the PyTorch model)."""
     ckpt = checkpoint.load(ckpt_path)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     model = Deployable(models.from_checkpoint(ckpt), pre).eval()
-    name = f"{ckpt['arch']}{'-int8' if int8 else ''}{checkpoint.EXPORT_SUFFIX[fmt]}"
-    out = ckpt_path.parent / name if out is None else out / name if out.is_dir() else out
+    out = out or folder / f"{ckpt['arch']}{'-int8' if int8 else ''}{checkpoint.EXPORT_SUFFIX[fmt]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     images, labels = sample_images(data, pre, n_images, ckpt["classes"], max_bytes=max_bytes)
     check, check_labels = sample_images(check_data, pre, n_images, ckpt["classes"], True, max_bytes) \

@@ -268,6 +268,41 @@ class Learner:
     device: torch.device
     lr_factor: Callable[[float, float], float]
     mix: Callable | None = None
+    ema: Ema | None = None
+
+
+class Ema:
+    """An exponential moving average of a module's weights and buffers (torch's AveragedModel), updated
+    after every step. The decay warms up ((1 + n) / (10 + n) after n updates) and is capped so that the
+    average spans about the last tenth of the run: a short run is not averaged over its random start."""
+
+    def __init__(self, source: nn.Module, decay: float, total_steps: int):
+        from torch.optim.swa_utils import AveragedModel
+
+        self.source = source
+        self.decay = min(decay, 1 - 10 / max(20, total_steps))
+        self.model = AveragedModel(source, multi_avg_fn=self.average, use_buffers=True).eval()
+        self.steps = 0
+
+    @torch.no_grad()
+    def average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _: torch.Tensor) -> None:
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        else:  # counters (BatchNorm's num_batches_tracked): the current value
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+    def update(self) -> None:
+        self.model.update_parameters(self.source)
+        self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.steps = state["steps"]
 
 
 def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, per_epoch: int, seed: int,
@@ -323,6 +358,8 @@ def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, where: str) -
     learner.scaler.scale(loss).backward()
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
+    if learner.ema is not None:
+        learner.ema.update()
     return value, int((logits.argmax(1) == y).sum())
 
 

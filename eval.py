@@ -24,13 +24,13 @@ from config import Parser, UsageError, add_shared, check_shared, cli
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(__doc__, prog="eval.py")
-    parser.add_argument("data", nargs="?", help="folder with one sub-folder per class (or a dataset root with "
-                        "test/ or val/)")
+    parser.add_argument("data", nargs="?", help="folder with one sub-folder per class (or a dataset root: train/ "
+                        "with test/ or val/, whose test/, else val/, images are evaluated)")
     parser.add_argument("--data", dest="data_option", metavar="DATA", help="the same, as an option (as in "
                         "train.py and export.py)")
-    add_shared(parser, "checkpoint", "device", "batch_size", "workers", "cache_dir", "max_file_mb")
-    parser.add_argument("--out", help="report folder (default: eval-<data>-<checkpoint> beside the checkpoint; "
-                        "-2, -3, ... when that exists, so a report never replaces another)")
+    add_shared(parser, "checkpoint", "device", "amp", "batch_size", "workers", "cache_dir", "max_file_mb")
+    parser.add_argument("--out", help="report folder, new or empty (default: eval-<data>-<checkpoint> beside the "
+                        "checkpoint; -2, -3, ... when that exists, so a report never replaces another)")
     parser.add_argument("--image-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the decoded images in the on-disk cache, so evaluating the same files again "
                         "(another checkpoint, say) decodes nothing")
@@ -41,6 +41,8 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     args.data = Path(args.data or args.data_option)
     if not args.data.is_dir():
         raise UsageError(f"{args.data} is not a folder: give a folder with one sub-folder per class")
+    if args.out:
+        files.check_new_folder(Path(args.out))
     return args
 
 
@@ -49,12 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = checkpoint.find(args.checkpoint)
     if not args.checkpoint:
         print(f"using checkpoint {ckpt}")
-    out = Path(args.out) if args.out else files.unused_folder(
-        ckpt.parent / f"eval-{args.data.resolve().name}-{ckpt.stem}")
-    import report  # torch loads only for a command line that is good
+    with files.report_folder(args.out, ckpt.parent / f"eval-{args.data.resolve().name}-{ckpt.stem}") as out:
+        import report  # torch loads only for a command line that is good
 
-    return report.evaluate(ckpt, args.data, out, args.device, args.batch_size, args.workers, args.cache_dir,
-                           int(args.max_file_mb * 2**20), args.image_cache)
+        return report.evaluate(ckpt, args.data, out, args.device, args.amp, args.batch_size, args.workers,
+                               args.cache_dir, int(args.max_file_mb * 2**20), args.image_cache)
 
 
 if __name__ == "__main__":

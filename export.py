@@ -18,6 +18,8 @@ file size and CPU latency. A float export that disagrees on any top-1, or differ
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +29,9 @@ from config import Parser, UsageError, add_shared, check_shared, cli
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(__doc__, prog="export.py")
-    add_shared(parser, "checkpoint", "max_file_mb")
+    parser.add_argument("--checkpoint", help="a run folder (its best.pt) or a .pt from a run (default: the newest "
+                        "runs/*/best.pt)")
+    add_shared(parser, "max_file_mb")
     parser.add_argument("--format", required=True, choices=tuple(checkpoint.EXPORT_SUFFIX),
                         help="onnx (servers, onnxruntime), executorch (phones: .pte with XNNPACK) or "
                         "torchscript (PyTorch Mobile Lite: .ptl)")
@@ -37,8 +41,8 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
                         "(default: generated images)")
     parser.add_argument("--check-data", help="labelled folder for the parity check and accuracies (default: "
                         "--data; give held-out images when --data calibrates --int8)")
-    parser.add_argument("--out", help="output file, or a folder to write <model>.<format> in (default: beside the "
-                        "checkpoint, named after the model)")
+    parser.add_argument("--out", help="output file (named .onnx, .pte or .ptl as --format says), or a folder (an "
+                        "existing one, or ending in /) to write <model>.<format> in (default: beside the checkpoint)")
     parser.add_argument("--images", type=int, default=64, help="images for the parity check and calibration")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference a float export "
                         "may have")
@@ -50,21 +54,32 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--int8 needs --data: a folder of training images to calibrate on")
     if args.images < 1:
         raise UsageError("--images must be at least 1")
+    if not 0 <= args.tolerance < math.inf:
+        raise UsageError("--tolerance must be a number, 0 or more")
+    suffix = checkpoint.EXPORT_SUFFIX[args.format]
+    if args.out and not is_folder(args.out) and Path(args.out).suffix.lower() != suffix:
+        raise UsageError(f"--out {args.out}: a {args.format} export is a {suffix} file (or give a folder, ending in /)")
     for option, folder in (("--data", args.data), ("--check-data", args.check_data)):
         if folder and not Path(folder).is_dir():
             raise UsageError(f"{option} {folder} is not a folder")
     return args
 
 
+def is_folder(out: str) -> bool:
+    return out.endswith(("/", os.sep)) or Path(out).is_dir()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
     ckpt = checkpoint.find(args.checkpoint)
-    if ckpt.suffix == ".onnx":
+    if checkpoint.is_onnx(ckpt):
         raise UsageError(f"{ckpt} is already an export: give the run's checkpoint (.pt) or run folder")
+    folder = Path(args.out) if args.out and is_folder(args.out) else None
+    out = Path(args.out) if args.out and folder is None else None
     import deploy  # torch loads only for a command line that is good
 
-    return deploy.export(ckpt, args.format, args.int8, Path(args.out) if args.out else None, args.data,
-                         args.check_data, args.images, args.tolerance, int(args.max_file_mb * 2**20))
+    return deploy.export(ckpt, args.format, args.int8, folder or ckpt.parent, out, args.data, args.check_data,
+                         args.images, args.tolerance, int(args.max_file_mb * 2**20))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import contextlib
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -136,11 +136,58 @@ class FolderLock:
             self.fd = -1
 
 
-def unused_folder(path: Path) -> Path:
-    """`path`, or path-2, path-3, ... : the first that does not exist yet, so a report never replaces
-    another one silently."""
+def claim_folder(path: Path) -> Path:
+    """Create `path`, or path-2, path-3, ...: the first that does not exist yet, atomically (mkdir), so
+    a report never replaces another one, not even one written at the same moment by another process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):
         candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
-        if not candidate.exists():
+        try:
+            candidate.mkdir()
             return candidate
+        except FileExistsError:
+            continue
     raise UsageError(f"{path}-2 ... {path}-9999 all exist: pass --out")
+
+
+@contextlib.contextmanager
+def report_folder(given: str | None, default: Path) -> Iterator[Path]:
+    """The folder a report goes to: --out (new or empty), else `default` claimed (numbered when taken).
+    Made before the work starts, so two processes never share one; removed again, when it was made here
+    and is still empty, if the work fails."""
+    if given:
+        path = Path(given)
+        check_new_folder(path)
+        created = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        path, created = claim_folder(default), True
+    try:
+        yield path
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def check_new_folder(path: Path, option: str = "--out") -> None:
+    """A folder to write into must be new or empty: what is there is never replaced silently."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"{option} {path} already holds {'files' if path.is_dir() else 'a file'}: give a new or "
+                         "empty folder")
+
+
+def check_run_dir(run_dir: Path, in_place: bool, overwrite: bool) -> None:
+    """Never reuse another run's folder by accident (checked first, and again under the folder's lock)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file: give a folder for the run")
+    held = run_dir.exists() and any(p.name != FolderLock.NAME for p in run_dir.iterdir())
+    if held and not in_place and not overwrite:
+        raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                         "--overwrite to replace it, or another --out")
+
+
+def missing_parents(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist yet, innermost first (removed again by an undo)."""
+    return [p for p in path.absolute().parents if not p.exists()]

@@ -12,22 +12,36 @@ matplotlib.use("Agg")  # files only: works on servers with no display
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 import files
 from folders import shown
 
 
 def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
-    """Loss and accuracy per epoch, train against val: the seed README's training graph."""
+    """Loss (log scale: one spike does not flatten the rest) and accuracy per epoch, train against val,
+    the best epoch marked; and the learning rate of each epoch."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
+    best = max(history, key=lambda h: max(h["val_acc"], h.get("ema_val_acc", -1.0)))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, label in ((ax_loss, "loss", "loss (log scale)"), (ax_acc, "acc", "accuracy (%)")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="val")
+        if all(f"ema_val_{key}" in h for h in history):
+            ax.plot(epochs, [h[f"ema_val_{key}"] for h in history], "o--", label="val, EMA weights")
+        ax.axvline(best["epoch"], color="green", alpha=0.5, linestyle=":", label=f"best epoch ({best['epoch']})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
+    if all(h["train_loss"] > 0 and h["val_loss"] > 0 for h in history):
+        ax_loss.set_yscale("log")
+    ax_lr.plot(epochs, [h["lr"] for h in history], "o-", color="purple")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_lr.set_xlabel("epoch")
+    ax_lr.set_ylabel("learning rate (at the epoch's end)")
+    ax_lr.grid(alpha=0.3)
     fig.suptitle(shown(title))
     fig.tight_layout()
     return fig
@@ -78,14 +92,19 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str], shares: bool = True
     return fig
 
 
-def lr_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: float) -> Figure:
-    """The LR range test: smoothed loss against learning rate (log scale), suggestion marked."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lrs, losses)
-    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2g}")
+def lr_figure(lrs: Sequence[float], losses: Sequence[float], found: dict[str, float]) -> Figure:
+    """The LR range test: smoothed loss against learning rate (log scale), with the suggestion and the
+    two points it comes from."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, color="black")
+    ax.axvline(found["steepest"], color="grey", linestyle=":", label=f"steepest descent {found['steepest']:.2g}")
+    ax.axvline(found["minimum"], color="orange", linestyle=":", label=f"loss minimum {found['minimum']:.2g}")
+    ax.axvline(found["lr"], color="red", linestyle="--", label=f"suggested lr {found['lr']:.2g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss (smoothed)")
+    ax.set_title("suggested: the smaller of the steepest descent and a tenth of the loss minimum\n"
+                 "(at the minimum, training starts to blow up)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

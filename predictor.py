@@ -34,16 +34,17 @@ class Loaded:
     device: torch.device
 
 
-def load_model(path: str | Path, device_name: str = "auto") -> Loaded:
-    """A checkpoint (.pt, rebuilt from its contents alone; see checkpoint.find) or an exported .onnx."""
+def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -> Loaded:
+    """A checkpoint (.pt, rebuilt from its contents alone; see checkpoint.find) or an exported .onnx.
+    Full precision unless `amp`: then a .pt gives the same answers as its export."""
     path, device = Path(path), pick_device(device_name)
-    if path.suffix == ".onnx":
+    if checkpoint.is_onnx(path):
         onnx = OnnxModel(path)
         return Loaded(onnx, lambda x: x, contextlib.nullcontext, onnx.classes, onnx.preprocess,
                       path, torch.device("cpu"))
     ckpt = checkpoint.load(path)
     model = models.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
-    autocast, _ = precision(device, amp=True)
+    autocast, _ = precision(device, amp)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     return Loaded(model, to_model_input(pre, device), autocast, list(ckpt["classes"]), pre, path, device)
 

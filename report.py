@@ -65,10 +65,10 @@ def print_report(m: dict[str, Any], present: list[int]) -> None:
             print(f"  {e['true']} -> {e['predicted']}: {e['count']}")
 
 
-def evaluate(ckpt_path: Path, folder: Path, out: Path, device: str, batch_size: int, workers: int | None,
+def evaluate(ckpt_path: Path, folder: Path, out: Path, device: str, amp: bool, batch_size: int, workers: int | None,
              cache_dir: str | None, max_bytes: int, image_cache: bool) -> int:
     """eval.py's work: the model over every image of a labelled folder, the report printed and written."""
-    loaded = load_model(ckpt_path, device)
+    loaded = load_model(ckpt_path, device, amp)
     size = loaded.preprocess.resize_size if image_cache else None
     folder_classes, items, skipped, cache = dataset.scan_folder(folder, cache_dir, cache_size=size,
                                                                 max_bytes=max_bytes)
@@ -92,7 +92,6 @@ def evaluate(ckpt_path: Path, folder: Path, out: Path, device: str, batch_size: 
 
 def write_eval(out: Path, m: dict[str, Any], wrong: list[tuple[float, str, str, str]],
                skipped: list[tuple[str, str]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
     files.atomic_write_text(out / "classification_report.txt", m["report"])
     files.atomic_write_text(out / "skipped.txt", folders.skipped_lines(skipped))
@@ -110,10 +109,10 @@ def write_eval(out: Path, m: dict[str, Any], wrong: list[tuple[float, str, str, 
           (", worst_mistakes.png" if wrong else ""))
 
 
-def label(ckpt_path: Path, paths: list[str], out: Path, device: str, batch_size: int, workers: int | None,
-          max_bytes: int, topk: int, grid: int) -> int:
+def label(ckpt_path: Path, paths: list[str], out: Path, device: str, amp: bool, batch_size: int,
+          workers: int | None, max_bytes: int, topk: int, grid: int) -> int:
     """test.py's work: the top-k labels of each image, printed and written with a picture."""
-    loaded = load_model(ckpt_path, device)
+    loaded = load_model(ckpt_path, device, amp)
     probs, _, idx = run_model(loaded, [(p, -1) for p in paths], batch_size, workers, max_bytes=max_bytes,
                               show=len(paths) > 256)
     k = min(topk, len(loaded.classes))
@@ -128,7 +127,6 @@ def label(ckpt_path: Path, paths: list[str], out: Path, device: str, batch_size:
 
 def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple[str, float]]], k: int, grid: int,
                       max_bytes: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     rows, pictures, captions, colours = [], [], [], []
     for i, path in enumerate(paths):
         if i in results:

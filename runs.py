@@ -4,53 +4,65 @@
     python runs.py ~/experiments   # another parent folder
 
 Reads each run's config.json and summary.json (a run still going, or interrupted, shows its last
-finished epoch from metrics.csv). For curves side by side: tensorboard --logdir runs (HParams tab).
+finished epoch from metrics.csv). The time is the training time of all its sessions (resumes added).
+For curves side by side: tensorboard --logdir runs (HParams tab).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
 from pathlib import Path
 
-from config import UsageError, cli
+from config import Parser, UsageError, cli
 
-COLUMNS = ("run", "model", "mode", "optimizer", "lr", "epochs", "best val acc", "time (min)")
+COLUMNS = ("run", "data", "model", "mode", "size", "recipe", "optimizer", "lr", "epochs", "best val acc",
+           "time (min)")
 
 
 def collect(parent: Path) -> list[dict]:
     rows = []
     for cfg_path in sorted(parent.glob("*/config.json")):
-        run = cfg_path.parent
-        cfg = json.loads(cfg_path.read_text())
-        summary_path = run / "summary.json"
-        if summary_path.exists():
-            s = json.loads(summary_path.read_text())
-            acc, epochs, minutes = s["best_val_acc"], f"{s['epochs']}", s.get("train_time_s", 0) / 60
-        elif (run / "metrics.csv").exists():
-            history = list(csv.DictReader(open(run / "metrics.csv")))
-            acc = max((float(h["val_acc"]) for h in history), default=float("nan"))
-            epochs = f"{len(history)}/{cfg['epochs']} (unfinished)"
-            minutes = sum(float(h["time_s"]) for h in history) / 60
-        else:
+        try:
+            row = describe(cfg_path.parent)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign file: that run is left out
+            print(f"warning: skipping {cfg_path} ({e.__class__.__name__}: cannot be read)", file=sys.stderr)
             continue
-        rows.append({"run": run.name, "model": cfg["model"], "mode": cfg["mode"], "optimizer": cfg["optimizer"],
-                     "lr": f"{cfg['lr']:g}", "epochs": epochs, "best val acc": acc, "time (min)": minutes})
+        if row is not None:
+            rows.append(row)
     return sorted(rows, key=lambda r: -r["best val acc"] if r["best val acc"] == r["best val acc"] else 1e9)
 
 
+def describe(run: Path) -> dict | None:
+    """A run's line: from summary.json when it finished, else from metrics.csv; None before its first epoch."""
+    cfg = json.loads((run / "config.json").read_text())
+    if (run / "summary.json").exists():
+        s = json.loads((run / "summary.json").read_text())
+        acc, epochs, minutes = s["best_val_acc"], f"{s['epochs']}", s.get("train_time_s", 0) / 60
+    elif (run / "metrics.csv").exists():
+        with open(run / "metrics.csv") as f:
+            history = list(csv.DictReader(f))
+        acc = max((float(h["val_acc"]) for h in history), default=float("nan"))
+        epochs = f"{len(history)}/{cfg['epochs']} (unfinished)"
+        minutes = sum(float(h["time_s"]) for h in history) / 60
+    else:
+        return None
+    return {"run": run.name, "data": Path(cfg.get("data", "-")).name, "model": cfg["model"], "mode": cfg["mode"],
+            "size": str(cfg.get("img_size") or "default"), "recipe": cfg.get("recipe", "seed"),
+            "optimizer": cfg["optimizer"], "lr": f"{cfg['lr']:g}", "epochs": epochs, "best val acc": acc,
+            "time (min)": minutes}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__, prog="runs.py")
     parser.add_argument("parent", nargs="?", default="runs", help="folder holding run folders (default: runs)")
     args = parser.parse_args(argv)
     parent = Path(args.parent)
     rows = collect(parent) if parent.is_dir() else []
     if not rows:
         raise UsageError(f"no runs in {parent}/: train one first (python train.py ...)")
-    cells = [[r["run"], r["model"], r["mode"], r["optimizer"], r["lr"], r["epochs"], f"{r['best val acc']:.2f}",
-              f"{r['time (min)']:.1f}"] for r in rows]
+    cells = [[*(r[c] for c in COLUMNS[:-2]), f"{r['best val acc']:.2f}", f"{r['time (min)']:.1f}"] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
     print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
     for row in cells:

@@ -47,15 +47,17 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("paths", nargs="*", help="image files, folders or glob patterns")
     parser.add_argument("--data", action="append", default=[], metavar="PATH", help="the same, as an option (as "
                         "in the other scripts; may be repeated)")
-    add_shared(parser, "checkpoint", "device", "batch_size", "workers", "max_file_mb")
+    add_shared(parser, "checkpoint", "device", "amp", "batch_size", "workers", "max_file_mb")
     parser.add_argument("--topk", type=int, default=3, help="labels to show per image")
     parser.add_argument("--grid", type=int, default=24, help="most images in predictions.png")
-    parser.add_argument("--out", help="output folder (default: predictions-<data>-<checkpoint> beside the "
-                        "checkpoint; -2, -3, ... when that exists)")
+    parser.add_argument("--out", help="output folder, new or empty (default: predictions-<data>-<checkpoint> "
+                        "beside the checkpoint; -2, -3, ... when that exists)")
     args = parser.parse_args(argv)
     check_shared(args)
-    if args.topk < 1:
-        raise UsageError("--topk must be at least 1")
+    if args.topk < 1 or args.grid < 1:
+        raise UsageError(f"--{'topk' if args.topk < 1 else 'grid'} must be at least 1")
+    if args.out:
+        files.check_new_folder(Path(args.out))
     args.paths += args.data
     if not args.paths:
         raise UsageError("give the images to label: python test.py PATH [PATH ...] (files, folders or globs)")
@@ -71,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"using checkpoint {ckpt}")
     name = Path(args.paths[0]).resolve().name if len(args.paths) == 1 and not glob.has_magic(args.paths[0]) \
         else "images"
-    out = Path(args.out) if args.out else files.unused_folder(ckpt.parent / f"predictions-{name}-{ckpt.stem}")
-    import report  # torch loads only for a command line that is good
+    with files.report_folder(args.out, ckpt.parent / f"predictions-{name}-{ckpt.stem}") as out:
+        import report  # torch loads only for a command line that is good
 
-    return report.label(ckpt, paths, out, args.device, args.batch_size, args.workers, max_bytes, args.topk,
-                        args.grid)
+        return report.label(ckpt, paths, out, args.device, args.amp, args.batch_size, args.workers, max_bytes,
+                            args.topk, args.grid)
 
 
 if __name__ == "__main__":

@@ -21,23 +21,29 @@ from pathlib import Path
 from typing import Any
 
 import checkpoint
+import files
 from config import Parser, TrainConfig, UsageError, absolute_paths, add_options, cli, validate
 
 
 def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     """The options given (those not given stay absent, so a resume can tell them apart), checked as far
-    as they can be without torch: the numbers, the data folder, the run to resume."""
+    as they can be without torch: the numbers, the data folder, the weights file, the run folder (or
+    the run to resume). The model name is checked once torchvision is loaded."""
     parser = Parser(__doc__, prog="train.py")
     add_options(parser)
     given = absolute_paths(vars(parser.parse_args(argv)))
+    validate(TrainConfig(**{k: v for k, v in given.items() if k not in ("resume", "data")}))
     if given.get("resume"):
         checkpoint.resume_target(given["resume"], given.get("out"))
         return given
-    validate(TrainConfig(**given))
     data = given.get("data", TrainConfig.data)
     if data != "demo" and not Path(data).is_dir():
-        raise UsageError(f"data folder {data} does not exist: give --data DIR with one sub-folder per class, "
-                         "or --data demo")
+        raise UsageError(f"data folder {data} {'is not a folder' if Path(data).exists() else 'does not exist'}: "
+                         "give --data DIR with one sub-folder per class, or --data demo")
+    if given.get("weights") and not Path(given["weights"]).is_file():
+        raise UsageError(f"--weights {given['weights']} does not exist: give a state_dict file")
+    if given.get("out"):
+        files.check_run_dir(Path(given["out"]), in_place=False, overwrite=given.get("overwrite", False))
     return given
 
 

@@ -37,8 +37,20 @@ import folders
 import models
 import plots
 from checkpoint import Preprocess
-from config import IDENTITY, TrainConfig, TrainingError, UsageError, absolute_paths, validate
+from config import (
+    IDENTITY,
+    TrainConfig,
+    TrainingError,
+    UsageError,
+    absolute_paths,
+    describe_recipe,
+    recipe_name,
+    recipe_values,
+    validate,
+    with_recipe,
+)
 from engine import (
+    Ema,
     Features,
     HardStop,
     Learner,
@@ -65,7 +77,7 @@ from engine import (
 )
 
 RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
-             "curves.png", "lr_find.png", "resumes.jsonl", "model_summary.txt", "events.out.tfevents.*")
+             "curves.png", "lr_find.png", "lr_find.json", "resumes.jsonl", "model_summary.txt", "events.out.tfevents.*")
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -151,10 +163,11 @@ def class_weights(counts: list[int]) -> torch.Tensor:
 
 
 def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-            to_input: Callable, autocast: Callable, device: torch.device, start: float = 1e-7, end: float = 10.0,
-            steps: int = 100) -> tuple[list[float], list[float], float]:
-    """LR range test: raise the lr exponentially each step, record the smoothed loss, stop when it
-    explodes; the suggestion is the lr where the loss falls fastest. Weights are restored after."""
+            to_input: Callable, autocast: Callable, device: torch.device, start: float = 1e-7, end: float = 10.0
+            ) -> tuple[list[float], list[float]]:
+    """LR range test: raise the lr exponentially each step (one pass over the data, 30 to 100 steps),
+    record the smoothed loss, stop when it explodes. Weights and optimizer are restored after."""
+    steps = min(100, max(30, len(loader)))
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     saved_opt = optimizer.state_dict()
     mults = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
@@ -186,9 +199,17 @@ def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
     optimizer.load_state_dict(saved_opt)
     if len(lrs) < 3:
         raise TrainingError("the lr range test diverged at once: check the data, or lower the start lr")
+    return lrs, losses
+
+
+def suggest_lr(lrs: list[float], losses: list[float]) -> dict[str, float]:
+    """The lr to train at: the steeper-descent point, but never above a tenth of the loss minimum's lr.
+    The minimum is where training starts to blow up, and the smoothed curve lags behind the loss,
+    which moves the steepest point towards it; a tenth of the minimum is inside the stable region."""
     stop = int(np.argmin(losses)) + 1
     slopes = np.gradient(np.array(losses[:stop]), np.log(lrs[:stop])) if stop > 2 else np.zeros(1)
-    return lrs, losses, float(lrs[int(np.argmin(slopes))])
+    steepest, minimum = float(lrs[int(np.argmin(slopes))]), float(lrs[stop - 1])
+    return {"lr": min(steepest, minimum / 10), "steepest": steepest, "minimum": minimum}
 
 
 # ----------------------------------------------------------------------------- settings and resuming
@@ -206,18 +227,20 @@ class Start:
     epochs_given: bool = False
 
 
-def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, Start]:
-    """The settings given on the command line (train.read_command_line); on --resume, the run's saved
-    settings plus what the command line changes. What defines the run (IDENTITY) cannot change;
-    everything else takes effect."""
+def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, Start]:
+    """The settings given on the command line (train.read_command_line), the recipe's for the rest; on
+    --resume, the run's saved settings plus what the command line changes (a --recipe given then sets
+    the settings of it not given). What defines the run (IDENTITY) cannot change; everything else
+    takes effect."""
     if not given.get("resume"):
-        cfg = TrainConfig(**given)
+        cfg = TrainConfig(**with_recipe(given, world))
         validate(cfg)
         models.check_name(cfg.model)
         if cfg.out:
             return cfg, Start(Path(cfg.out))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return cfg, Start(Path("runs") / f"{cfg.model}-{cfg.mode}-{stamp}", named=False)
+        kind = "lr-find" if cfg.lr_find else cfg.mode
+        return cfg, Start(Path("runs") / f"{cfg.model}-{kind}-{stamp}", named=False)
     run_dir, last = checkpoint.resume_target(given["resume"], given.get("out"))
     if given.get("out") and given["resume"] != "auto" and Path(given["out"]).absolute() != run_dir.absolute():
         raise UsageError(f"--out cannot change on resume: the run stays in {run_dir} (copy the folder to "
@@ -227,6 +250,10 @@ def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, Start]:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = absolute_paths({k: v for k, v in saved.items() if k in fields})
     overrides = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite")}
+    if "recipe" in overrides:
+        name = recipe_name(saved["mode"], overrides["recipe"])
+        batch = overrides.get("batch_size", saved.get("batch_size", TrainConfig.batch_size))
+        overrides = {**recipe_values(name, batch * world), **overrides, "recipe": name}
     changed = [k for k in IDENTITY if k in overrides and overrides[k] != saved.get(k)]
     if changed:
         raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
@@ -281,14 +308,6 @@ def finished(start: Start, cfg: TrainConfig) -> bool:
 
 # ----------------------------------------------------------------------------- run folder
 
-def check_run_dir(run_dir: Path, in_place: bool, overwrite: bool) -> None:
-    """Never reuse another run's folder by accident (checked under the folder's lock)."""
-    held = run_dir.exists() and any(p.name != files.FolderLock.NAME for p in run_dir.iterdir())
-    if held and not in_place and not overwrite:
-        raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
-                         "--overwrite to replace it, or another --out")
-
-
 @dataclasses.dataclass
 class RunFolder:
     """A run folder this process holds (locked), and what it made there: undone if the start fails."""
@@ -296,17 +315,18 @@ class RunFolder:
     lock: files.FolderLock
     created: bool  # the folder did not exist before
     made_lock: bool  # nor did its lock file
+    parents: list[Path] = dataclasses.field(default_factory=list)  # folders made above it (runs/, say)
     wrote_config: bool = False
 
     def undo(self) -> None:
-        """A start refused for bad input leaves nothing behind."""
+        """A start that fails before training leaves nothing behind (and nothing that blocks a retry)."""
         if self.wrote_config:
             (self.path / "config.json").unlink(missing_ok=True)
         if self.made_lock:
             (self.path / files.FolderLock.NAME).unlink(missing_ok=True)
-        if self.created:
+        for folder in [self.path] * self.created + self.parents:
             with contextlib.suppress(OSError):
-                self.path.rmdir()
+                folder.rmdir()
 
 
 def claim_run_dir(start: Start, cfg: TrainConfig, held: contextlib.ExitStack) -> RunFolder:
@@ -314,7 +334,7 @@ def claim_run_dir(start: Start, cfg: TrainConfig, held: contextlib.ExitStack) ->
     A default name is made unique atomically (mkdir), so runs started in the same second each get
     their own. --overwrite removes the files a run writes (and nothing else). A new run's settings
     are written at once, so that a run stopped while it checks its files is resumable."""
-    run_dir, created = start.run_dir, not start.run_dir.exists()
+    run_dir, created, parents = start.run_dir, not start.run_dir.exists(), files.missing_parents(start.run_dir)
     for n in itertools.count(1) if not start.named else [1]:
         run_dir = start.run_dir if n == 1 else start.run_dir.with_name(f"{start.run_dir.name}-{n}")
         try:
@@ -333,9 +353,9 @@ def claim_run_dir(start: Start, cfg: TrainConfig, held: contextlib.ExitStack) ->
     except OSError as e:
         raise UsageError(f"cannot lock run folder {run_dir}: {e.strerror}") from None
     held.callback(lock.release)
-    made = RunFolder(run_dir, lock, created or not start.named, made_lock)
+    made = RunFolder(run_dir, lock, created or not start.named, made_lock, parents)
     try:
-        check_run_dir(run_dir, start.in_place, cfg.overwrite)
+        files.check_run_dir(run_dir, start.in_place, cfg.overwrite)
         if not start.in_place or start.ckpt is None:  # a new run, or one started again in its folder
             for pattern in RUN_FILES:
                 for old in run_dir.glob(pattern):
@@ -371,6 +391,8 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: datase
 def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = True) -> None:
     """metrics.csv (and curves.png) rewritten from the checkpoint's history, so a resume never duplicates."""
     keys = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "time_s"]
+    if any("ema_val_acc" in h for h in history):
+        keys[5:5] = ["ema_val_loss", "ema_val_acc"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -500,8 +522,10 @@ def train(given: dict[str, Any]) -> int:
     run folder and checks the data; the other ranks take what it decided."""
     rank, world, local_rank = init_distributed()
     lead = rank == 0
-    cfg, start = resolve_config(given)
+    cfg, start = resolve_config(given, world)
     check_start(cfg, start, world)
+    if lead and start.ckpt is None and not cfg.lr_find:
+        print(describe_recipe(cfg, given))
     if finished(start, cfg):
         if lead:
             print(nothing_to_do(start))
@@ -520,12 +544,12 @@ def train(given: dict[str, Any]) -> int:
             if lead:
                 write_run_files(run_dir, cfg, start, split)
                 report_split(split, run_dir)
-        except UsageError:
+        except KeyboardInterrupt:  # stopped while checking the data: resumable from its folder (config.json)
+            return interrupted_early(run_dir, lead)
+        except Exception:
             if made is not None:
                 made.undo()
             raise
-        except KeyboardInterrupt:
-            return interrupted_early(run_dir, lead)
         try:
             return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world), model)
         except KeyboardInterrupt:
@@ -617,11 +641,22 @@ def fit(run: Run, model: nn.Module) -> int:
 
     schedule = Schedule(cfg, run.start.ckpt["history"] if run.start.ckpt else [])
     learner = Learner(net, optimizer, scaler, criterion, inputs.to_input, autocast, device, schedule,
-                      make_mix(cfg, len(run.split.classes)))
+                      make_mix(cfg, len(run.split.classes)), make_ema(cfg, inner, len(train_loader), run.start))
     loop = Loop(run, model, inner, learner, schedule)
     if run.lead:
         loop.open_log(sampler.per_rank)
     return loop.run(train_loader, val_loader, sampler, inputs.use_features)
+
+
+def make_ema(cfg: TrainConfig, inner: nn.Module, steps_per_epoch: int, start: Start) -> Ema | None:
+    """--ema: the average of what trains (the network; on the feature path, its head), resumed from
+    last.pt when it holds one (a run that turns --ema on when resumed starts it there)."""
+    if not cfg.ema:
+        return None
+    ema = Ema(inner, cfg.ema_decay, cfg.epochs * steps_per_epoch)
+    if start.ckpt is not None and "ema" in start.ckpt:
+        ema.load_state_dict(start.ckpt["ema"])
+    return ema
 
 
 def describe(run: Run, model: nn.Module) -> None:
@@ -717,12 +752,16 @@ def parallel(net: nn.Module, cfg: TrainConfig, run: Run) -> nn.Module:
 
 def lr_find(run: Run, model: nn.Module, net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
             criterion: nn.Module, to_input: Callable, autocast: Callable) -> int:
-    """--lr-find: the range test instead of a run; its plot and suggestion."""
+    """--lr-find: the range test instead of a run, in a folder named for it; its plot, numbers and
+    suggestion."""
     models.set_train_mode(model, True, run.cfg.mode)
-    lrs, losses, suggestion = find_lr(net, loader, optimizer, criterion, to_input, autocast, run.device)
+    lrs, losses = find_lr(net, loader, optimizer, criterion, to_input, autocast, run.device)
+    found = suggest_lr(lrs, losses)
     if run.lead:
-        plots.save(plots.lr_figure(lrs, losses, suggestion), run.run_dir / "lr_find.png")
-        print(f"suggested --lr {suggestion:.2g} (steepest loss descent); plot: {run.run_dir / 'lr_find.png'}")
+        plots.save(plots.lr_figure(lrs, losses, found), run.run_dir / "lr_find.png")
+        files.atomic_write_text(run.run_dir / "lr_find.json", json.dumps({**found, "lrs": lrs, "losses": losses}))
+        print(f"suggested --lr {found['lr']:.2g} (the smaller of the steepest descent, {found['steepest']:.2g}, and "
+              f"a tenth of the loss minimum, {found['minimum']:.2g}); plot: {run.run_dir / 'lr_find.png'}")
     return 0
 
 
@@ -750,6 +789,7 @@ class Loop:
         self.progress = Progress(**ckpt["progress"]) if "progress" in ckpt else Progress(ckpt.get("epoch", 0))
         self.history = list(ckpt.get("history", []))
         self.best_acc, self.best_epoch = ckpt.get("best_acc", -1.0), ckpt.get("best_epoch", 0)
+        self.best_averaged = False  # the best model is the weights' average (--ema)
         self.time_before = ckpt.get("train_time_s", sum(h["time_s"] for h in self.history))
         self.writer: Any = None
         self.best_ckpt: dict[str, Any] | None = None  # the best epoch's checkpoint while it is not yet written
@@ -776,7 +816,8 @@ class Loop:
             config=dataclasses.asdict(cfg), epoch=p.epoch, progress=dataclasses.asdict(p), best_acc=self.best_acc,
             best_epoch=self.best_epoch, history=self.history, finished=self.finished, train_time_s=self.train_time(),
             weights_id=self.weights_id, optimizer=self.learner.optimizer.state_dict(),
-            scaler=self.learner.scaler.state_dict(), world=self.world)
+            scaler=self.learner.scaler.state_dict(), world=self.world,
+            **({"ema": self.learner.ema.state_dict()} if self.learner.ema else {}))
 
     def train_time(self) -> float:
         return self.time_before + time.perf_counter() - self.started
@@ -842,25 +883,46 @@ class Loop:
         stats = train_one_epoch(self.learner, train_loader, progress, sampler.per_rank, cfg.seed,
                                 cfg.max_bad_fraction, f"epoch {epoch + 1}/{cfg.epochs}", self.lead, self.rank)
         models.set_train_mode(self.model, False, cfg.mode)
-        val = evaluate(self.inner, val_loader, self.learner.to_input, self.learner.autocast, len(self.classes),
-                       self.lead)
+        val, ema_val = self.validate(val_loader)
         self.schedule.end_epoch(val["acc"])
         progress.next_epoch()
         row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
                "val_loss": val["loss"], "val_acc": val["acc"], "lr": stats["lr"],
                "img_per_s": stats["img_per_s"] * self.world, "time_s": stats["time_s"]}
+        if ema_val is not None:
+            row |= {"ema_val_loss": ema_val["loss"], "ema_val_acc": ema_val["acc"]}
         self.history.append(row)
-        improved = val["acc"] > self.best_acc
+        averaged = ema_val is not None and ema_val["acc"] > val["acc"]  # the average is the better model
+        shown = ema_val if averaged else val
+        improved = shown["acc"] > self.best_acc
         if improved:
-            self.best_acc, self.best_epoch = val["acc"], epoch + 1
+            self.best_acc, self.best_epoch, self.best_averaged = shown["acc"], epoch + 1, averaged
         stopping = cfg.patience > 0 and epoch + 1 - self.best_epoch >= cfg.patience
         self.finished = epoch + 1 == cfg.epochs or stopping
         if self.lead:
-            self.end_epoch(row, val["confusion"], improved, stats["bad"])
+            self.end_epoch(row, shown["confusion"], improved, stats["bad"])
         barrier()
         if stopping:
             if self.lead:
                 print(f"early stop: no better val accuracy for {cfg.patience} epochs")
+
+    def validate(self, val_loader: DataLoader) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The trained weights' validation, and with --ema the average's."""
+        learner, n = self.learner, len(self.classes)
+        val = evaluate(self.inner, val_loader, learner.to_input, learner.autocast, n, self.lead)
+        if learner.ema is None:
+            return val, None
+        return val, evaluate(learner.ema.model.module, val_loader, learner.to_input, learner.autocast, n, self.lead)
+
+    def best_weights(self, state: dict[str, Any], due: bool) -> dict[str, Any]:
+        """The model for best.pt: the trained weights, or their average when it validated better. A
+        checkpoint not written now holds a copy (the weights go on changing)."""
+        weights = state["model"] if due else models.snapshot(self.model)
+        if not self.best_averaged:
+            return weights
+        ema = self.learner.ema
+        prefix = "" if ema.source is self.model else models.head_of(self.model)[0] + "."
+        return weights | {prefix + k: v.detach().to("cpu", copy=True) for k, v in ema.model.module.state_dict().items()}
 
     def end_epoch(self, row: dict[str, Any], confusion: list[list[int]], improved: bool, bad: int) -> None:
         """Metrics, pictures and checkpoints after an epoch (rank 0). The files a person reads are
@@ -872,7 +934,7 @@ class Loop:
         state = self.state()
         if improved:  # model only: what eval.py, test.py and export.py need, a third the size
             self.best_ckpt = checkpoint.for_inference(state) | {
-                "history": list(self.history), "model": state["model"] if due else models.snapshot(self.model)}
+                "history": list(self.history), "model": self.best_weights(state, due), "averaged": self.best_averaged}
         # pictures cost ~0.5 s: with short epochs (cached features) draw them at most once a
         # minute, and always for the last epoch
         draw = self.finished or time.perf_counter() - self.last_drawn > 60
@@ -884,7 +946,8 @@ class Loop:
         if due:
             self.save(state)
         print(f"epoch {row['epoch']}/{self.cfg.epochs}  train loss {row['train_loss']:.4f} "
-              f"acc {row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%  "
+              f"acc {row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%  " +
+              (f"EMA {row['ema_val_acc']:.2f}%  " if "ema_val_acc" in row else "") +
               f"{row['img_per_s']:.0f} img/s"
               + ("  *best*" if improved else "") + (f"  ({bad} unreadable)" if bad else ""))
 
@@ -928,6 +991,9 @@ def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]] | Non
     for split in ("train", "val"):
         writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], step)
         writer.add_scalar(f"{split}/acc", row[f"{split}_acc"], step)
+    if "ema_val_acc" in row:
+        writer.add_scalar("val/ema_loss", row["ema_val_loss"], step)
+        writer.add_scalar("val/ema_acc", row["ema_val_acc"], step)
     writer.add_scalar("lr", row["lr"], step)
     writer.add_scalar("train/img_per_s", row["img_per_s"], step)
     if confusion is not None:

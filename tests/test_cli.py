@@ -15,6 +15,7 @@ from conftest import ROOT
 import checkpoint
 import eval as evaluate
 import export
+import files
 import test as predict
 from checkpoint import Preprocess
 from config import UsageError, cli
@@ -56,7 +57,7 @@ def test_every_option_has_help_and_shows_its_default_once(script):
     assert result.returncode == 0, result.stderr
     options = [line for line in result.stdout.splitlines() if line.startswith("  -")]
     assert options and all(line.count("default") <= 1 for line in options)
-    assert "(default: None)" not in result.stdout
+    assert "(default: None)" not in result.stdout and "(default: [])" not in result.stdout
 
 
 def test_a_checkpoint_is_found_from_a_run_folder_a_file_or_the_newest_run(trained_run, tmp_path, monkeypatch):
@@ -66,6 +67,7 @@ def test_a_checkpoint_is_found_from_a_run_folder_a_file_or_the_newest_run(traine
     (tmp_path / "runs").symlink_to(trained_run.parent)
     assert checkpoint.find(None).resolve() == (trained_run / "best.pt").resolve()
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(UsageError, match=r"has no best\.pt yet"):
         checkpoint.find(str(tmp_path / "empty"))
 
@@ -131,3 +133,106 @@ def test_no_function_is_longer_than_80_lines():
             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
             and n.end_lineno - n.lineno + 1 > 80]
     assert long == []
+
+
+@pytest.mark.parametrize("script, args, hint", [
+    ("train.py", ["--resume", "/tmp", "--lr", "-1"], "--lr must be positive"),
+    ("train.py", ["--weights", "/no/such.pt", "--mode", "scratch"], "/no/such.pt does not exist"),
+    ("train.py", ["--device", "bogus"], "--device bogus"),
+    ("train.py", ["--data", "README.md"], "is not a folder"),
+    ("train.py", ["--out", "tests", "--mode", "scratch"], "already holds"),
+    ("eval.py", [".", "--out", "README.md"], "already holds"),
+    ("eval.py", [".", "--out", "tests"], "already holds"),
+    ("test.py", ["README.md", "--out", "tests"], "already holds"),
+    ("test.py", ["README.md", "--grid", "0"], "--grid must be at least 1"),
+    ("export.py", ["--format", "onnx", "--tolerance", "nan"], "--tolerance"),
+    ("export.py", ["--format", "onnx", "--out", "model.bin"], "model.bin"),
+    ("export.py", ["--fromat", "onnx"], "did you mean --format?"),
+])
+def test_more_bad_command_lines_are_answered_before_torch_is_imported(script, args, hint):
+    result = run_script_in_process(script, *args)
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    assert hint in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [b"junk\n", b"epoch,loss\n1,2\n", b"", b"\x80\x02}q\x00."])
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(content, tmp_path):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(UsageError):
+        checkpoint.load(path)
+
+
+def test_a_folder_that_is_no_run_is_named_as_such(tmp_path):
+    with pytest.raises(UsageError, match="is not a run folder"):
+        checkpoint.find(str(tmp_path))
+
+
+def test_report_folders_are_claimed_atomically_by_concurrent_processes(tmp_path):
+    import threading
+
+    claimed = []
+    threads = [threading.Thread(target=lambda: claimed.append(files.claim_folder(tmp_path / "eval-x")))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(claimed)) == 8 and all(p.is_dir() for p in claimed)
+
+
+def test_an_exported_onnx_gives_the_same_probabilities_as_its_pt(colours, colours_eval, tmp_path):
+    import train
+
+    run = tmp_path / "barely"  # one epoch: near ties, where reduced precision would flip or move them
+    assert train.main(["--data", str(colours), "--out", str(run), "--img-size", "32", "--epochs", "1",
+                       "--no-summary", "--mode", "scratch"]) == 0
+    assert cli(export.main, ["--checkpoint", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                             "--images", "4"]) == 0
+    rows = {}
+    for kind, ckpt in (("pt", run / "best.pt"), ("onnx", tmp_path / "m.onnx")):
+        assert cli(predict.main, [str(colours_eval), "--checkpoint", str(ckpt), "--out", str(tmp_path / kind)]) == 0
+        rows[kind] = (tmp_path / kind / "predictions.csv").read_text()
+    assert rows["pt"] == rows["onnx"]
+
+
+def test_a_train_start_that_fails_leaves_no_folder_behind(colours, tmp_path, monkeypatch, capsys):
+    import train
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train.run(["--data", str(colours), "--mode", "scratch", "--weights", str(junk), "--out", "a/b/run"])
+    assert stop.value.code == 2 and not (tmp_path / "a").exists()
+    with pytest.raises(SystemExit):
+        train.run(["--data", str(colours), "--mode", "scratch", "--weights", str(junk)])
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        train.run(["--data", str(colours), "--mode", "scratch", "--cache-dir", "afile", "--out", "r"])
+    assert stop.value.code == 2 and not (tmp_path / "r").exists()
+    assert len(capsys.readouterr().err.strip().splitlines()) == 3
+
+
+def test_export_out_ending_in_a_slash_is_a_folder_made_for_it(trained_run, tmp_path):
+    assert cli(export.main, ["--checkpoint", str(trained_run), "--format", "torchscript", "--images", "2",
+                             "--out", f"{tmp_path / 'new'}/"]) == 0
+    assert (tmp_path / "new" / "resnet18.ptl").is_file()
+
+
+def test_a_closed_pipe_ends_quietly():
+    def printing(argv):
+        raise BrokenPipeError
+
+    assert cli(printing) == 141
+
+
+def test_runs_table_skips_a_run_whose_settings_cannot_be_read(tmp_path, capsys):
+    import runs
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    with pytest.raises(UsageError, match="no runs"):
+        runs.main([str(tmp_path)])
+    assert "broken/config.json" in capsys.readouterr().err

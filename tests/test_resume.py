@@ -75,7 +75,8 @@ def test_a_longer_cosine_run_continues_the_curve_to_the_new_end_without_a_new_wa
 
 def test_optimizer_settings_given_on_resume_take_effect_and_are_recorded(data, tmp_path):
     run = tmp_path / "run"
-    assert train.main(train_args(data, run, "--mode", "scratch", "--scheduler", "none", "--lr", "0.01")) == 0
+    assert train.main(train_args(data, run, "--mode", "scratch", "--recipe", "seed", "--scheduler", "none",
+                                 "--lr", "0.01")) == 0
     assert train.main(["--resume", str(run), "--epochs", "2", "--lr", "0.1", "--weight-decay", "0.001",
                        "--momentum", "0.5", "--batch-size", "4", "--no-summary"]) == 0
     groups = last(run)["optimizer"]["param_groups"]

@@ -1,0 +1,166 @@
+"""Defaults that reach accuracy: the recipe per mode, the demo's own settings, EMA of the weights, an lr
+finder whose suggestion is inside the stable region, curves and a runs table a person can read."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_folder, train_args
+from torch import nn
+
+import checkpoint
+import engine
+import plots
+import runs
+import train
+import training
+from config import RECIPES, with_recipe
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("defaults-data"), per_class=16)
+
+
+def test_scratch_takes_the_modern_recipe_and_pretrained_modes_the_seeds():
+    scratch = with_recipe({"data": "photos", "mode": "scratch"})
+    assert scratch["recipe"] == "modern" and {k: scratch[k] for k in RECIPES["modern"]} == RECIPES["modern"]
+    for mode in ("finetune", "transfer"):
+        settings = with_recipe({"data": "photos", "mode": mode})
+        assert settings["recipe"] == "seed" and {k: settings[k] for k in RECIPES["seed"]} == RECIPES["seed"]
+
+
+def test_any_option_given_overrides_the_recipe_and_recipe_seed_is_the_seeds_settings_exactly():
+    given = with_recipe({"data": "photos", "mode": "scratch", "lr": 0.01, "scheduler": "step"})
+    assert (given["lr"], given["scheduler"], given["optimizer"]) == (0.01, "step", "adamw")
+    seed = with_recipe({"data": "photos", "mode": "scratch", "recipe": "seed"})
+    assert {k: seed[k] for k in RECIPES["seed"]} == RECIPES["seed"] == {
+        "optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "step", "step_size": 7,
+        "gamma": 0.1, "warmup_epochs": 0, "label_smoothing": 0.0}
+
+
+def test_the_modern_lr_scales_with_the_images_per_step():
+    assert with_recipe({"data": "x", "mode": "scratch", "batch_size": 256})["lr"] == pytest.approx(0.004)
+    assert with_recipe({"data": "x", "mode": "scratch", "batch_size": 64}, world=4)["lr"] == pytest.approx(0.004)
+
+
+def test_the_demo_chooses_its_own_mode_size_epochs_and_no_flips_unless_told():
+    demo = with_recipe({})
+    assert (demo["mode"], demo["img_size"], demo["epochs"], demo["hflip"], demo["recipe"]) == \
+        ("scratch", 32, 10, 0.0, "modern")
+    assert with_recipe({"epochs": 3, "mode": "finetune"})["epochs"] == 3
+    assert with_recipe({"mode": "finetune"})["recipe"] == "seed"
+    assert "mode" not in with_recipe({"data": "photos"})  # a real folder keeps the usual defaults
+
+
+def test_the_recipe_is_printed_at_the_start_and_stored_in_config_json(data, tmp_path, capsys):
+    assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch", "--lr", "0.003")) == 0
+    out = capsys.readouterr().out
+    assert "recipe modern: adamw lr 0.003" in out and "(given: --lr 0.003)" in out
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["recipe"], saved["optimizer"], saved["lr"], saved["label_smoothing"]) == \
+        ("modern", "adamw", 0.003, 0.1)
+
+
+def test_a_resume_with_another_recipe_takes_its_settings_but_not_over_options_given(data, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch")) == 0
+    assert train.main(["--resume", str(run), "--epochs", "2", "--recipe", "seed", "--lr", "0.02"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["recipe"], saved["optimizer"], saved["scheduler"], saved["lr"]) == ("seed", "sgd", "step", 0.02)
+
+
+def test_ema_decay_warms_up_and_spans_about_a_tenth_of_a_short_run():
+    net = nn.Linear(2, 2)
+    assert engine.Ema(net, 0.9998, total_steps=100).decay == pytest.approx(0.9)
+    assert engine.Ema(net, 0.9998, total_steps=10**7).decay == pytest.approx(0.9998)
+    ema = engine.Ema(net, 0.9998, total_steps=10**7)
+    ema.update()  # the first update copies
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    before = ema.model.module.weight.clone()
+    ema.update()  # second update: decay (1 + 1) / (10 + 1), far below 0.9998
+    assert torch.allclose(ema.model.module.weight, before + 9 / 11, atol=1e-6)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_ema_is_validated_kept_when_better_and_a_resume_continues_it_exactly(data, tmp_path, monkeypatch):
+    args = ("--mode", "scratch", "--ema", "--epochs", "3", "--save-interval", "0")
+    assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
+    save = checkpoint.save
+
+    def killed_after_the_first_last_pt(state, path):
+        save(state, path)
+        if path.name == "last.pt":
+            raise Killed
+
+    monkeypatch.setattr(checkpoint, "save", killed_after_the_first_last_pt)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train.main(train_args(data, run, *args))
+    monkeypatch.undo()
+    assert train.main(["--resume", str(run)]) == 0
+    rows = [line.split(",")[:7] for line in (run / "metrics.csv").read_text().splitlines()]
+    assert rows[0][5:] == ["ema_val_loss", "ema_val_acc"] and len(rows) == 4
+    assert rows == [line.split(",")[:7] for line in (tmp_path / "whole" / "metrics.csv").read_text().splitlines()]
+    best = checkpoint.load(run / "best.pt")
+    row = best["history"][best["best_epoch"] - 1]
+    assert best["averaged"] == (row["ema_val_acc"] > row["val_acc"])
+    assert best["best_acc"] == max(row["val_acc"], row["ema_val_acc"])
+    assert "ema" in checkpoint.load(run / "last.pt") and "ema" not in best
+
+
+def test_ema_on_the_feature_cache_averages_the_head_and_best_pt_loads(with_weights, data, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "transfer", "--ema", "--epochs", "2")) == 0
+    state = checkpoint.load(run / "last.pt")["ema"]["model"]
+    assert {k for k in state if k != "n_averaged"} == {"module.weight", "module.bias"}  # the head alone
+    import models
+
+    models.from_checkpoint(checkpoint.load(run / "best.pt"))  # a complete network
+
+
+def test_the_lr_suggestion_is_inside_the_stable_region():
+    lrs = [10 ** (-6 + 0.1 * i) for i in range(60)]  # 1e-6 .. 1e-0.1
+    losses = [2.3 - 2.0 / (1 + math.exp(-(math.log10(lr) + 3) * 3)) + (50 * lr) ** 2 for lr in lrs]
+    found = training.suggest_lr(lrs, losses)
+    minimum = lrs[losses.index(min(losses))]
+    assert found["minimum"] == minimum and found["lr"] <= minimum / 10 and found["lr"] <= found["steepest"]
+
+
+def test_lr_find_without_out_gets_a_folder_named_for_it_with_its_numbers(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", str(data), "--img-size", "32", "--batch-size", "8", "--no-summary", "--mode", "scratch"]
+    assert train.main([*args, "--lr-find"]) == 0
+    [folder] = (tmp_path / "runs").iterdir()
+    assert "-lr-find-" in folder.name and not (folder / "last.pt").exists()
+    found = json.loads((folder / "lr_find.json").read_text())
+    assert found["lr"] <= found["minimum"] / 10 and f"suggested --lr {found['lr']:.2g}" in capsys.readouterr().out
+
+
+def test_curves_show_the_loss_on_a_log_scale_the_best_epoch_and_the_lr():
+    history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 400.0 if e == 2 else 1 / e, "train_acc": 10 * e,
+                "val_acc": [20, 10, 60, 50][e - 1], "lr": 0.1 / e} for e in range(1, 5)]
+    fig = plots.curves_figure(history)
+    loss, acc, lr = fig.axes
+    assert loss.get_yscale() == "log" and "learning rate" in lr.get_ylabel()
+    assert any(line.get_label() == "best epoch (3)" for line in acc.get_lines())
+
+
+def test_runs_table_shows_data_size_recipe_and_time_across_resumes(data, tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    assert train.main(train_args(data, run, "--mode", "scratch")) == 0
+    assert train.main(["--resume", str(run), "--epochs", "2"]) == 0
+    total = json.loads((run / "summary.json").read_text())["train_time_s"]
+    capsys.readouterr()
+    assert runs.main([str(tmp_path / "runs")]) == 0
+    header, line = capsys.readouterr().out.splitlines()[:2]
+    assert header.split()[:6] == ["run", "data", "model", "mode", "size", "recipe"]
+    assert line.split()[:6] == ["r", data.name, "resnet18", "scratch", "32", "modern"]
+    assert line.split()[-1] == f"{total / 60:.1f}"
