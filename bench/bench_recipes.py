@@ -10,7 +10,7 @@ Data sets, made here (no download), of different kinds and sizes:
           Hubble field, brick, grass, gravel, camera, IHC stain), 40 per photo; validation crops come
           from a part of each photo that no training crop touches. Needs `pip install scikit-image`.
   shapes  circles, squares, triangles and crosses of random colour, size and place on noisy random
-          backgrounds, 60 per class: the shape, not the colour, is the class
+          backgrounds, 150 per class: the shape, not the colour, is the class
 
 For each data set, ResNet18 trains from scratch with --recipe modern (the default for scratch) and
 --recipe seed, same epochs and size; then --lr-find runs, and the modern recipe trains again at its
@@ -65,17 +65,17 @@ def make_scenes(root: Path, per_class: int = 40, size: int = 128) -> Path:
     return root
 
 
-def make_shapes(root: Path, per_class: int = 60, size: int = 96) -> Path:
+def make_shapes(root: Path, per_class: int = 150, size: int = 96) -> Path:
     rng = np.random.default_rng(1)
     for shape in ("circle", "square", "triangle", "cross"):
         for i in range(per_class):
             background = rng.integers(0, 256, 3)
             img = Image.new("RGB", (size, size), tuple(int(v) for v in background))
             draw = ImageDraw.Draw(img)
-            for _ in range(6):  # clutter: lines of random colours
+            for _ in range(3):  # clutter: lines of random colours
                 draw.line(tuple(int(v) for v in rng.integers(0, size, 4)), fill=tuple(int(v) for v in
                           rng.integers(0, 256, 3)), width=2)
-            r = rng.uniform(0.15, 0.35) * size
+            r = rng.uniform(0.2, 0.4) * size
             cx, cy = rng.uniform(r, size - r, 2)
             colour = tuple(int(v) for v in rng.integers(0, 256, 3))
             if shape == "circle":
@@ -92,6 +92,10 @@ def make_shapes(root: Path, per_class: int = 60, size: int = 96) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
     return root
+
+
+VARIANTS = {"lr 1e-3": ["--lr", "0.001"], "trivialaugment": ["--augment", "trivialaugment"],
+            "min-scale 0.6": ["--min-scale", "0.6"], "ema": ["--ema"]}
 
 
 def train(args: list[str], out: Path, cache: Path) -> dict:
@@ -135,6 +139,8 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--model", default="resnet18")
     p.add_argument("--no-lr-find", action="store_true", help="skip the lr-find stability check")
+    p.add_argument("--variants", action="store_true", help="also modern with --lr 1e-3, TrivialAugment, "
+                   "--min-scale 0.6 and --ema")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="imgcls-recipes-"))
     sets = {"digits": lambda: "demo", "scenes": lambda: str(make_scenes(work / "scenes")),
@@ -150,10 +156,21 @@ def main() -> None:
             lr = lr_suggestion([*base, "--recipe", "modern"], work / "runs" / f"{name}-lr-find", work / "cache")
             row["modern_at_lr_find"] = train([*base, "--recipe", "modern", "--lr", f"{lr:.3g}"],
                                              work / "runs" / f"{name}-found", work / "cache") | {"lr": lr}
+        if a.variants:
+            for tag, extra in VARIANTS.items():
+                row[tag] = train([*base, "--recipe", "modern", *extra], work / "runs" / f"{name}-{tag}", work / "cache")
+                print(f"{name:7s} modern {tag}: {row[tag]['best_val_acc']:.2f}%, largest val loss "
+                      f"{row[tag]['max_val_loss']:.2f}", flush=True)
         results[name] = row
         print_row(name, row)
     meta = {"model": a.model, "img_size": a.img_size, "epochs": a.epochs, "cpus": os.cpu_count()}
-    (ROOT / "bench" / "results-recipes.json").write_text(json.dumps({"settings": meta, **results}, indent=1))
+    path = ROOT / "bench" / "results-recipes.json"  # merged: a run of some sets keeps the others' figures
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    if merged.get("settings") != meta:  # figures of other settings are not mixed in
+        merged = {"settings": meta}
+    for name, row in results.items():
+        merged[name] = {**merged.get(name, {}), **row}
+    path.write_text(json.dumps(merged, indent=1))
     print(f"figures written to bench/results-recipes.json (runs in {work})")
 
 

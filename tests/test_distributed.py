@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_folder, train_args
 
+import checkpoint
 import eval as evaluate
 
 
@@ -82,3 +83,12 @@ def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
     result = torchrun(train_args(tmp_path / "no-such-folder", tmp_path / "run", "--mode", "scratch"))
     assert result.returncode != 0
     assert "does not exist" in result.stderr
+
+
+def test_ema_under_torchrun_is_validated_on_every_shard_and_saved_once(split_data, tmp_path):
+    out = tmp_path / "run"
+    result = torchrun(train_args(split_data, out, "--mode", "scratch", "--ema", "--epochs", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"ema_val_acc", "ema_val_loss"} <= set(header) and result.stdout.count("EMA") == 2
+    assert "ema" in checkpoint.load(out / "last.pt") and "averaged" in checkpoint.load(out / "best.pt")
