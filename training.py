@@ -1,9 +1,11 @@
-"""The training recipe behind train.py: settings and resuming, the run folder, data and model, the
-optional feature cache (transfer mode), the schedule, and the loop over epochs with its checkpoints.
+"""Training, behind train.py: settings and resuming, the run folder, data and model, the optional
+feature cache (transfer mode), the schedule, the lr finder, and the loop over epochs with its
+checkpoints and EMA.
 
-main() reads as the recipe: settings -> run folder -> data -> model -> loop -> finish. Resuming (see
-resolve_config): the settings that define the run (IDENTITY in config.py) cannot change; every other
-setting given with --resume takes effect from where the run is.
+train() reads as the steps: settings -> run folder -> data and model -> fit (inputs, optimizer,
+loop). Resuming (see resolve_config): the settings that define the run (IDENTITY in config.py)
+cannot change; every other setting given with --resume takes effect from where the run is. The
+optimisation settings not given come from a recipe (config.RECIPES).
 """
 
 from __future__ import annotations
@@ -523,8 +525,8 @@ def main(given: dict[str, Any]) -> int:
 
 
 def train(given: dict[str, Any]) -> int:
-    """The recipe: settings -> run folder -> data and model -> loop. Under torchrun rank 0 makes the
-    run folder and checks the data; the other ranks take what it decided."""
+    """Settings -> run folder -> data and model -> fit. Under torchrun rank 0 makes the run folder and
+    checks the data; the other ranks take what it decided."""
     rank, world, local_rank = init_distributed()
     lead = rank == 0
     cfg, start = resolve_config(given, world)

@@ -104,3 +104,21 @@ def trained_run(tmp_path_factory, colours) -> Path:
     assert train.main(train_args(colours, out, "--mode", "scratch", "--model", "resnet18", "--epochs", "3",
                                  "--optimizer", "adam", "--lr", "0.001", "--hflip", "0")) == 0
     return out
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL in-process: nothing catches it, nothing runs after it."""
+
+
+def kill_after_saving(monkeypatch, when) -> None:
+    """The run is killed right after a checkpoint write for which `when(state, path)` is true."""
+    import checkpoint
+
+    real = checkpoint.save
+
+    def save(state, path):
+        real(state, path)
+        if when(state, path):
+            raise Killed
+
+    monkeypatch.setattr(checkpoint, "save", save)

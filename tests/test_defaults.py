@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_folder, train_args
+from conftest import Killed, kill_after_saving, make_folder, train_args
 from torch import nn
 
 import checkpoint
@@ -86,21 +86,10 @@ def test_ema_decay_warms_up_and_spans_about_a_tenth_of_a_short_run():
     assert torch.allclose(ema.model.module.weight, before + 9 / 11, atol=1e-6)
 
 
-class Killed(Exception):
-    pass
-
-
 def test_ema_is_validated_kept_when_better_and_a_resume_continues_it_exactly(data, tmp_path, monkeypatch):
     args = ("--mode", "scratch", "--ema", "--epochs", "3", "--save-interval", "0")
     assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
-    save = checkpoint.save
-
-    def killed_after_the_first_last_pt(state, path):
-        save(state, path)
-        if path.name == "last.pt":
-            raise Killed
-
-    monkeypatch.setattr(checkpoint, "save", killed_after_the_first_last_pt)
+    kill_after_saving(monkeypatch, lambda state, path: path.name == "last.pt")  # after the first epoch
     run = tmp_path / "run"
     with pytest.raises(Killed):
         train.main(train_args(data, run, *args))

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_folder, train_args
+from conftest import ROOT, Killed, kill_after_saving, make_folder, train_args
 
-import checkpoint
 import dataset
 import train
 import training
@@ -278,21 +277,10 @@ def test_workers_and_augmentation_give_the_same_run_as_no_workers(data, tmp_path
     assert metrics(tmp_path / "w0") == metrics(tmp_path / "w2")
 
 
-class Killed(BaseException):
-    """Stands in for SIGKILL in-process: nothing catches it, nothing runs after it."""
-
-
 def test_a_kill_right_after_the_last_checkpoint_leaves_every_file_of_the_finished_run(data, tmp_path, monkeypatch):
     args = ("--mode", "scratch", "--epochs", "2", "--save-interval", "0")
     assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
-    real = checkpoint.save
-
-    def killed_after_the_final_last_pt(state, path):
-        real(state, path)
-        if path.name == "last.pt" and state.get("finished"):
-            raise Killed
-
-    monkeypatch.setattr(checkpoint, "save", killed_after_the_final_last_pt)
+    kill_after_saving(monkeypatch, lambda state, path: path.name == "last.pt" and state.get("finished"))
     run = tmp_path / "run"
     with pytest.raises(Killed):
         train.main(train_args(data, run, *args))
