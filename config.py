@@ -250,10 +250,14 @@ def recipe_name(mode: str, recipe: str) -> str:
     return recipe if recipe != "auto" else "modern" if mode == "scratch" else "seed"
 
 
-def recipe_values(name: str, images_per_step: int) -> dict[str, Any]:
+def recipe_values(name: str, images_per_step: int, optimizer: str | None = None) -> dict[str, Any]:
+    """The recipe's settings; the modern lr scaled to the images per step. Its weight decay is AdamW's
+    (decoupled): with another optimizer given it would be an L2 penalty 0.05 strong, so it is left out."""
     values = dict(RECIPES[name])
     if name == "modern":
         values["lr"] = round(values["lr"] * math.sqrt(images_per_step / RECIPE_BATCH), 6)
+        if optimizer not in (None, "adamw"):
+            values["weight_decay"] = 0.0
     return values
 
 
@@ -265,7 +269,7 @@ def with_recipe(given: dict[str, Any], world: int = 1) -> dict[str, Any]:
         settings = {**DEMO, **settings}
     name = recipe_name(settings.get("mode", TrainConfig.mode), settings.get("recipe", TrainConfig.recipe))
     batch = settings.get("batch_size", TrainConfig.batch_size)
-    return {**recipe_values(name, batch * world), **settings, "recipe": name}
+    return {**recipe_values(name, batch * world, settings.get("optimizer")), **settings, "recipe": name}
 
 
 def describe_recipe(cfg: TrainConfig, given: dict[str, Any]) -> str:

@@ -260,7 +260,8 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
     if "recipe" in overrides:
         name = recipe_name(saved["mode"], overrides["recipe"])
         batch = overrides.get("batch_size", saved.get("batch_size", TrainConfig.batch_size))
-        overrides = {**recipe_values(name, batch * world), **overrides, "recipe": name}
+        optimizer = overrides.get("optimizer", saved.get("optimizer"))
+        overrides = {**recipe_values(name, batch * world, optimizer), **overrides, "recipe": name}
     changed = [k for k in IDENTITY if k in overrides and overrides[k] != saved.get(k)]
     if changed:
         raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "

@@ -42,6 +42,13 @@ def test_any_option_given_overrides_the_recipe_and_recipe_seed_is_the_seeds_sett
         "gamma": 0.1, "warmup_epochs": 0, "label_smoothing": 0.0}
 
 
+def test_another_optimizer_given_under_the_modern_recipe_does_not_take_adamws_weight_decay():
+    assert with_recipe({"data": "x", "mode": "scratch", "optimizer": "sgd"})["weight_decay"] == 0.0
+    assert with_recipe({"data": "x", "mode": "scratch", "optimizer": "adamw"})["weight_decay"] == 0.05
+    given = {"data": "x", "mode": "scratch", "optimizer": "adam", "weight_decay": 0.01}
+    assert with_recipe(given)["weight_decay"] == 0.01
+
+
 def test_the_modern_lr_scales_with_the_images_per_step():
     assert with_recipe({"data": "x", "mode": "scratch", "batch_size": 256})["lr"] == pytest.approx(0.004)
     assert with_recipe({"data": "x", "mode": "scratch", "batch_size": 64}, world=4)["lr"] == pytest.approx(0.004)
