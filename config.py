@@ -275,10 +275,12 @@ def with_recipe(given: dict[str, Any], world: int = 1) -> dict[str, Any]:
 def describe_recipe(cfg: TrainConfig, given: dict[str, Any]) -> str:
     """One line for the start of a run: the recipe, and which of its settings the command line changed."""
     own = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in RECIPE_FIELDS if k in given]
+    other = "optimizer" in given and "lr" not in given and cfg.optimizer != RECIPES[cfg.recipe]["optimizer"]
     return (f"recipe {cfg.recipe}: {cfg.optimizer} lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, {cfg.scheduler} "
             f"schedule" + (f" after {cfg.warmup_epochs} warm-up epoch(s)" if cfg.warmup_epochs else "") +
             (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "") +
-            (f" (given: {', '.join(own)})" if own else "") + "; --recipe seed or modern to choose another")
+            (f" (given: {', '.join(own)})" if own else "") + "; --recipe seed or modern to choose another" +
+            ("; note: this lr is for the recipe's own optimizer, --lr-find suggests one for yours" if other else ""))
 
 
 # Settings that define what a run *is*: changing them on --resume would make a different run, so a

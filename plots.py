@@ -27,14 +27,14 @@ def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
     for ax, key, label in ((ax_loss, "loss", "loss (log scale)"), (ax_acc, "acc", "accuracy (%)")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="val")
-        if all(f"ema_val_{key}" in h for h in history):
-            ax.plot(epochs, [h[f"ema_val_{key}"] for h in history], "o--", label="val, EMA weights")
+        if any(f"ema_val_{key}" in h for h in history):  # --ema may have been turned on by a resume
+            ax.plot(epochs, [h.get(f"ema_val_{key}", float("nan")) for h in history], "o--", label="val, EMA weights")
         ax.axvline(best["epoch"], color="green", alpha=0.5, linestyle=":", label=f"best epoch ({best['epoch']})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    if all(h["train_loss"] > 0 and h["val_loss"] > 0 for h in history):
+    if all(h["train_loss"] > 0 and h["val_loss"] > 0 and h.get("ema_val_loss", 1) > 0 for h in history):
         ax_loss.set_yscale("log")
     ax_lr.plot(epochs, [h["lr"] for h in history], "o-", color="purple")
     for ax in (ax_loss, ax_acc, ax_lr):

@@ -43,7 +43,8 @@ def describe(run: Path) -> dict | None:
     elif (run / "metrics.csv").exists():
         with open(run / "metrics.csv") as f:
             history = list(csv.DictReader(f))
-        acc = max((float(h["val_acc"]) for h in history), default=float("nan"))
+        acc = max((max(float(h["val_acc"]), float(h.get("ema_val_acc") or -1)) for h in history),
+                  default=float("nan"))
         epochs = f"{len(history)}/{cfg['epochs']} (unfinished)"
         minutes = sum(float(h["time_s"]) for h in history) / 60
     else:

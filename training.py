@@ -213,10 +213,11 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> dict[str, float]:
     """The lr to train at: the steeper-descent point, but never above a tenth of the loss minimum's lr.
     The minimum is where training starts to blow up, and the smoothed curve lags behind the loss,
     which moves the steepest point towards it; a tenth of the minimum is inside the stable region."""
-    stop = int(np.argmin(losses)) + 1
-    slopes = np.gradient(np.array(losses[:stop]), np.log(lrs[:stop])) if stop > 2 else np.zeros(1)
-    steepest, minimum = float(lrs[int(np.argmin(slopes))]), float(lrs[stop - 1])
-    return {"lr": min(steepest, minimum / 10), "steepest": steepest, "minimum": minimum}
+    skip = min(len(losses) - 1, max(3, len(losses) // 10))  # the first points are barely smoothed: noise
+    stop = skip + int(np.argmin(losses[skip:])) + 1
+    slopes = np.gradient(np.array(losses[skip:stop]), np.log(lrs[skip:stop])) if stop - skip > 2 else np.zeros(1)
+    steepest, minimum = float(lrs[skip + int(np.argmin(slopes))]), float(lrs[stop - 1])
+    return {"lr": max(lrs[skip], min(steepest, minimum / 10)), "steepest": steepest, "minimum": minimum}
 
 
 # ----------------------------------------------------------------------------- settings and resuming
@@ -256,6 +257,10 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
     saved = ckpt["config"] if ckpt else saved_settings(run_dir)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = absolute_paths({k: v for k, v in saved.items() if k in fields})
+    if saved.get("lr_find"):
+        raise UsageError(f"{run_dir} holds an lr range test, not a run: start a run with another --out (or this "
+                         "one and --overwrite)")
+    saved.setdefault("recipe", "seed")  # a run from before recipes had the seed's settings as defaults
     overrides = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite")}
     if "recipe" in overrides:
         name = recipe_name(saved["mode"], overrides["recipe"])
@@ -390,6 +395,7 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: datase
         files.atomic_write_text(run_dir / "skipped.txt", folders.skipped_lines(split.not_used()))
     else:
         write_config(run_dir, cfg)
+        (run_dir / "summary.json").unlink(missing_ok=True)  # it described the run as finished; written again
         line = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
                 "epoch": start.ckpt["epoch"], "changed": start.changes}
         with open(run_dir / "resumes.jsonl", "a") as f:
@@ -553,7 +559,7 @@ def train(given: dict[str, Any]) -> int:
                 write_run_files(run_dir, cfg, start, split)
                 report_split(split, run_dir)
         except KeyboardInterrupt:  # stopped while checking the data: resumable from its folder (config.json)
-            return interrupted_early(run_dir, lead)
+            return interrupted_early(run_dir, lead, not cfg.lr_find)
         except Exception:
             if made is not None:
                 made.undo()
@@ -561,7 +567,7 @@ def train(given: dict[str, Any]) -> int:
         try:
             return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world), model)
         except KeyboardInterrupt:
-            return interrupted_early(run_dir, lead)
+            return interrupted_early(run_dir, lead, not cfg.lr_find)
 
 
 def nothing_to_do(start: Start) -> str:
@@ -571,9 +577,10 @@ def nothing_to_do(start: Start) -> str:
             f"{ckpt['epoch']}) to train longer")
 
 
-def interrupted_early(run_dir: Path, lead: bool) -> int:
-    """Stopped before training started: nothing to save; a folder without last.pt starts again on resume."""
-    if lead and not (run_dir / "last.pt").exists():
+def interrupted_early(run_dir: Path, lead: bool, resumable: bool = True) -> int:
+    """Stopped before training started: nothing to save; a folder without last.pt starts again on resume
+    (an lr range test is not resumable: it is run again)."""
+    if lead and resumable and not (run_dir / "last.pt").exists():
         print(f"\ninterrupted before the first checkpoint; start it again with: python train.py --resume {run_dir}",
               file=sys.stderr)
     return 130
@@ -768,8 +775,8 @@ def lr_find(run: Run, model: nn.Module, net: nn.Module, loader: DataLoader, opti
     if run.lead:
         plots.save(plots.lr_figure(lrs, losses, found), run.run_dir / "lr_find.png")
         files.atomic_write_text(run.run_dir / "lr_find.json", json.dumps({**found, "lrs": lrs, "losses": losses}))
-        print(f"suggested --lr {found['lr']:.2g} (the smaller of the steepest descent, {found['steepest']:.2g}, and "
-              f"a tenth of the loss minimum, {found['minimum']:.2g}); plot: {run.run_dir / 'lr_find.png'}")
+        print(f"suggested --lr {found['lr']:.2g} (the smaller of the steepest descent, {found['steepest']:.2g}, and a "
+              f"tenth of the loss minimum's lr, {found['minimum']:.2g} / 10); plot: {run.run_dir / 'lr_find.png'}")
     return 0
 
 
@@ -917,10 +924,11 @@ class Loop:
     def validate(self, val_loader: DataLoader) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The trained weights' validation, and with --ema the average's."""
         learner, n = self.learner, len(self.classes)
-        val = evaluate(self.inner, val_loader, learner.to_input, learner.autocast, n, self.lead)
+        exact = contextlib.nullcontext  # full precision: the accuracy is the one eval.py computes for best.pt
+        val = evaluate(self.inner, val_loader, learner.to_input, exact, n, self.lead)
         if learner.ema is None:
             return val, None
-        return val, evaluate(learner.ema.model.module, val_loader, learner.to_input, learner.autocast, n, self.lead)
+        return val, evaluate(learner.ema.model.module, val_loader, learner.to_input, exact, n, self.lead)
 
     def best_weights(self, state: dict[str, Any], due: bool) -> dict[str, Any]:
         """The model for best.pt: the trained weights, or their average when it validated better. A

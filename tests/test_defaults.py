@@ -160,3 +160,71 @@ def test_runs_table_shows_data_size_recipe_and_time_across_resumes(data, tmp_pat
     assert header.split()[:6] == ["run", "data", "model", "mode", "size", "recipe"]
     assert line.split()[:6] == ["r", data.name, "resnet18", "scratch", "32", "modern"]
     assert line.split()[-1] == f"{total / 60:.1f}"
+
+
+def test_the_lr_suggestion_never_comes_from_the_unsmoothed_start_of_a_flat_curve():
+    lrs = [10 ** (-7 + 0.08 * i) for i in range(100)]
+    losses = [1.40] + [1.46 + 0.02 * (i % 2) for i in range(1, 60)] + [1.45 - 0.001 * i for i in range(40)]
+    found = training.suggest_lr(lrs, losses)
+    assert found["lr"] > lrs[5] and found["minimum"] > lrs[5]
+
+
+def test_an_lr_find_folder_is_not_a_run_to_resume(data, tmp_path, capsys):
+    out = tmp_path / "lf"
+    assert train.main(train_args(data, out, "--mode", "scratch", "--lr-find")) == 0
+    with pytest.raises(SystemExit) as stop:
+        train.run(["--resume", str(out)])
+    assert stop.value.code == 2 and "holds an lr range test, not a run" in capsys.readouterr().err
+
+
+def test_a_resumed_run_is_listed_by_its_newest_epochs_not_its_old_summary(data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "runs" / "r"
+    assert train.main(train_args(data, run, "--mode", "scratch", "--save-interval", "0")) == 0
+    kill_after_saving(monkeypatch, lambda state, path: path.name == "last.pt")
+    with pytest.raises(Killed):
+        train.main(["--resume", str(run), "--epochs", "3"])
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert runs.main([str(tmp_path / "runs")]) == 0
+    assert "2/3 (unfinished)" in capsys.readouterr().out
+
+
+def test_the_accuracy_a_run_prints_is_what_eval_py_computes_for_its_best_pt(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import eval as evaluate
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "hard"
+    for c in range(4):  # noise with a faint stripe per class: near ties, where reduced precision flips answers
+        for split, n in (("train", 32), ("val", 8)):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.normal(128, 40, (36, 36, 3))
+                pixels[:, 8 * c:8 * c + 4] += 12
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
+    run = tmp_path / "run"
+    assert train.main(["--data", str(root), "--out", str(run), "--img-size", "32", "--epochs", "3", "--batch-size",
+                       "16", "--seed", "1", "--mode", "scratch", "--ema", "--hflip", "0", "--no-summary"]) == 0
+    assert evaluate.main([str(root / "val"), "--checkpoint", str(run), "--out", str(tmp_path / "e")]) == 0
+    reported = json.loads((run / "summary.json").read_text())["best_val_acc"]
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["accuracy"] == pytest.approx(reported)
+
+
+def test_curves_keep_the_ema_line_when_ema_was_on_for_some_epochs_only():
+    history = [{"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "train_acc": 50, "val_acc": 50, "lr": 0.1}
+               for e in range(1, 4)]
+    history[2] |= {"ema_val_loss": 0.9, "ema_val_acc": 60}
+    _, acc, _ = plots.curves_figure(history).axes
+    assert "val, EMA weights" in [line.get_label() for line in acc.get_lines()]
+
+
+def test_a_run_from_before_the_recipes_resumes_as_the_seed_recipe(data, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch", "--recipe", "seed")) == 0
+    state = checkpoint.load(run / "last.pt")
+    del state["config"]["recipe"]  # as written before recipes existed
+    checkpoint.save(state, run / "last.pt")
+    assert train.main(["--resume", str(run), "--epochs", "2"]) == 0
+    assert json.loads((run / "config.json").read_text())["recipe"] == "seed"
