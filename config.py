@@ -267,9 +267,15 @@ def with_recipe(given: dict[str, Any], world: int = 1) -> dict[str, Any]:
     settings = dict(given)
     if settings.get("data", TrainConfig.data) == "demo":
         settings = {**DEMO, **settings}
-    name = recipe_name(settings.get("mode", TrainConfig.mode), settings.get("recipe", TrainConfig.recipe))
-    batch = settings.get("batch_size", TrainConfig.batch_size)
-    return {**recipe_values(name, batch * world, settings.get("optimizer")), **settings, "recipe": name}
+    return recipe_settings(settings, settings.get("mode", TrainConfig.mode),
+                           settings.get("batch_size", TrainConfig.batch_size), world)
+
+
+def recipe_settings(given: dict[str, Any], mode: str, batch_size: int, world: int = 1) -> dict[str, Any]:
+    """`given` with the recipe's values for the optimisation settings it lacks (the recipe: given['recipe'],
+    else auto); `recipe` holds its name. Only an optimizer *given* changes what the recipe sets."""
+    name = recipe_name(mode, given.get("recipe", TrainConfig.recipe))
+    return {**recipe_values(name, batch_size * world, given.get("optimizer")), **given, "recipe": name}
 
 
 def describe_recipe(cfg: TrainConfig, given: dict[str, Any]) -> str:

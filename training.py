@@ -46,8 +46,7 @@ from config import (
     UsageError,
     absolute_paths,
     describe_recipe,
-    recipe_name,
-    recipe_values,
+    recipe_settings,
     validate,
     with_recipe,
 )
@@ -263,10 +262,8 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
     saved.setdefault("recipe", "seed")  # a run from before recipes had the seed's settings as defaults
     overrides = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite")}
     if "recipe" in overrides:
-        name = recipe_name(saved["mode"], overrides["recipe"])
         batch = overrides.get("batch_size", saved.get("batch_size", TrainConfig.batch_size))
-        optimizer = overrides.get("optimizer", saved.get("optimizer"))
-        overrides = {**recipe_values(name, batch * world, optimizer), **overrides, "recipe": name}
+        overrides = recipe_settings(overrides, saved["mode"], batch, world)
     changed = [k for k in IDENTITY if k in overrides and overrides[k] != saved.get(k)]
     if changed:
         raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
@@ -650,7 +647,7 @@ def fit(run: Run, model: nn.Module) -> int:
         run.note("class weights: " + ", ".join(f"{c}={w:.2f}" for c, w in zip(run.split.classes,
                                                                             criterion.weight.tolist())))
     inner = net  # unwrapped: evaluated on each rank's shard, saved in checkpoints
-    net = parallel(net, cfg, run)
+    net = parallel(net, run)
     if cfg.lr_find:
         return lr_find(run, model, net, train_loader, optimizer, criterion, inputs.to_input, autocast)
 
@@ -755,8 +752,9 @@ def make_sampler(run: Run, train_ds: Dataset, train_counts: list[int]) -> Resuma
     return ResumableSampler(len(train_ds), run.cfg.seed, run.rank, run.world, weights)
 
 
-def parallel(net: nn.Module, cfg: TrainConfig, run: Run) -> nn.Module:
+def parallel(net: nn.Module, run: Run) -> nn.Module:
     """DistributedDataParallel under torchrun, torch.compile when asked."""
+    cfg = run.cfg
     if run.world > 1:
         device = run.device
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)

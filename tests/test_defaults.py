@@ -228,3 +228,11 @@ def test_a_run_from_before_the_recipes_resumes_as_the_seed_recipe(data, tmp_path
     checkpoint.save(state, run / "last.pt")
     assert train.main(["--resume", str(run), "--epochs", "2"]) == 0
     assert json.loads((run / "config.json").read_text())["recipe"] == "seed"
+
+
+def test_resuming_a_seed_run_with_the_modern_recipe_takes_all_of_it(data, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch", "--recipe", "seed")) == 0
+    assert train.main(["--resume", str(run), "--epochs", "2", "--recipe", "modern"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["optimizer"], saved["weight_decay"], saved["lr"]) == ("adamw", 0.05, 0.000707)  # batch 8
