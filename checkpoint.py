@@ -11,6 +11,8 @@ A checkpoint is a dict of tensors and plain data, loaded with weights_only=True 
     epoch, history, best_acc, best_epoch, finished, train_time_s, weights_id, world
     optimizer, scaler, progress, ema   last.pt only (RESUME_ONLY): what a resume needs to continue exactly
     averaged             best.pt: True when its model is the weights' moving average (--ema)
+    calibration          {temperature, ece_raw, ece}: temperature scaling of the best model on the
+                         validation set (calibration.py); absent in runs trained before it (temperature 1)
 
 best.pt is the best epoch's model without RESUME_ONLY (a third of the size); eval.py, test.py and
 export.py need nothing else. torch is imported only to save and load, so finding a checkpoint (and
@@ -33,7 +35,8 @@ VERSION = 2  # 2: position in samples and epoch statistics ("progress"); the sch
 RESUME_ONLY = ("optimizer", "scaler", "progress", "ema")
 EXPORT_SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "torchscript": ".ptl"}  # export.py --format
 INPUT_CONTRACT = ("float32 RGB in [0,1], N x 3 x img_size x img_size, shorter side resized to resize_size then "
-                  "centre-cropped; normalisation is inside the model")
+                  "centre-cropped; normalisation is inside the model; output: logits, probabilities are "
+                  "softmax(logits / temperature)")
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,23 @@ def of_model(arch: str, classes: list[str], model: dict[str, Any], preprocess: P
             "preprocess": preprocess.to_dict(), "model": model, **training}
 
 
+def temperature(ckpt: dict[str, Any]) -> float | None:
+    """The fitted temperature, or None for a model trained before calibration (use 1)."""
+    return ckpt["calibration"]["temperature"] if ckpt.get("calibration") else None
+
+
+def trained_with_flips(ckpt: dict[str, Any]) -> bool:
+    """Whether mirror images are the same class for this model (test-time augmentation may flip)."""
+    return float(ckpt.get("config", {}).get("hflip", 0.5)) > 0
+
+
 def export_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
-    """What an exported model carries: class names, architecture and the input contract."""
+    """What an exported model carries: class names, architecture, the input contract, and what turns
+    its logits into probabilities (softmax(logits / temperature)) and allows test-time flips."""
+    t = temperature(ckpt)
     return {"classes": json.dumps(ckpt["classes"]), "arch": ckpt["arch"],
-            **Preprocess.from_dict(ckpt["preprocess"]).metadata()}
+            **Preprocess.from_dict(ckpt["preprocess"]).metadata(),
+            **({"temperature": repr(t)} if t is not None else {}), "hflip": json.dumps(trained_with_flips(ckpt))}
 
 
 def for_inference(state: dict[str, Any]) -> dict[str, Any]:

@@ -446,7 +446,8 @@ def predict(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: 
 
 def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable,
              num_classes: int, show: bool = True) -> dict[str, Any]:
-    """Loss, accuracy and confusion matrix; exact across ranks (each image is on one rank only)."""
+    """Loss, accuracy and confusion matrix; exact across ranks (each image is on one rank only). Also
+    this rank's logits and targets, for calibration."""
     logits, y, _ = predict(model, loader, to_input, autocast, desc="validating", show=show)
     cm = torch.zeros(num_classes * num_classes, dtype=torch.float64)
     loss_sum = torch.zeros(1, dtype=torch.float64)
@@ -460,4 +461,13 @@ def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast:
     cm = cm.view(num_classes, num_classes).long()
     n = int(cm.sum())
     return {"loss": float(loss_sum) / max(1, n), "acc": 100 * float(cm.trace()) / max(1, n),
-            "confusion": cm.tolist(), "images": n}
+            "confusion": cm.tolist(), "images": n, "logits": logits, "targets": y}
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum of `t` over processes (itself when there is one), on the CPU in float64."""
+    if not dist.is_initialized():
+        return t
+    t = t.double().to(device)
+    dist.all_reduce(t)
+    return t.cpu()

@@ -3,12 +3,15 @@
     python eval.py eval_ds                                  # newest runs/*/best.pt
     python eval.py ~/photos/test --checkpoint runs/resnet18-finetune-20261128-130000
     python eval.py --data eval_ds --checkpoint model.onnx   # an exported model, same report
+    python eval.py eval_ds --tta                            # also with test-time augmentation
 
-Prints accuracy, the confusion matrix, per-class accuracy with the real class names, scikit-learn's
-classification report and the most confused pairs; writes metrics.json, classification_report.txt,
-confusion_matrix.png, misclassified.csv, skipped.txt and worst_mistakes.png to --out (default: a new
-folder eval-<data>-<checkpoint> beside the checkpoint). Classes are matched to the checkpoint's by
-name, never by position.
+Prints accuracy, top-5 accuracy, the confusion matrix, per-class accuracy with the real class names,
+scikit-learn's classification report, the most confused pairs, how well the probabilities are
+calibrated and what a --reject-below threshold keeps; writes report.html (everything, to browse),
+metrics.json, classification_report.txt, confusion_matrix.png, reliability.png, risk_coverage.png,
+misclassified.csv, skipped.txt and worst_mistakes.png (with heatmaps) to --out (default: a new folder
+eval-<data>-<checkpoint> beside the checkpoint). Classes are matched to the checkpoint's by name,
+never by position.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the decoded images in the on-disk cache, so evaluating the same files again "
                         "(another checkpoint, say) decodes nothing")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average the calibrated "
+                        "probabilities of the image, zoomed crops and (for models trained with flips) mirror images; "
+                        "prints the accuracy with and without")
     args = parser.parse_args(argv)
     check_shared(args)
     if bool(args.data) == bool(args.data_option):
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         import report  # torch loads only for a command line that is good
 
         return report.evaluate(ckpt, args.data, out, args.device, args.amp, args.batch_size, args.workers,
-                               args.cache_dir, int(args.max_file_mb * 2**20), args.image_cache)
+                               args.cache_dir, int(args.max_file_mb * 2**20), args.image_cache, args.tta)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name in IGNORED
 
 
+def class_of(path: str | os.PathLike, classes: list[str]) -> int | None:
+    """The class an image is labelled with by its folder's name, when that names one of `classes`."""
+    name = Path(path).parent.name
+    return classes.index(name) if name in classes else None
+
+
 def shown(path: str | os.PathLike) -> str:
     """A path as text that can always be printed or drawn: bytes that are not UTF-8 become \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -129,6 +129,51 @@ def image_grid(images: Sequence[np.ndarray | None], captions: Sequence[str], col
     return fig
 
 
+def reliability_figure(raw: dict[str, list[float]], calibrated: dict[str, list[float]], ece_raw: float,
+                       ece: float, temperature: float | None) -> Figure:
+    """Accuracy against confidence per bin, before and after temperature scaling: on the diagonal, a
+    model's 80% means right 80% of the time. Bar widths are the bins; the lower panel counts images."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=(3, 1), sharex=True)
+    bins = len(raw["count"])
+    centres = (np.arange(bins) + 0.5) / bins
+    after = f"temperature {temperature:.2f}" if temperature is not None else "no fitted temperature"
+    for r, colour, label, shift in ((raw, "tab:red", f"raw softmax (ECE {100 * ece_raw:.1f}%)", -0.25),
+                                    (calibrated, "tab:blue", f"{after} (ECE {100 * ece:.1f}%)", 0.25)):
+        acc = np.array([np.nan if a is None else a for a in r["accuracy"]], dtype=float)
+        ax.bar(centres + shift / bins, acc, width=0.5 / bins, color=colour, alpha=0.7, label=label)
+        ax_n.bar(centres + shift / bins, r["count"], width=0.5 / bins, color=colour, alpha=0.7)
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("reliability diagram")
+    ax_n.set_yscale("symlog")
+    ax_n.set_xlabel("confidence (top probability)")
+    ax_n.set_ylabel("images")
+    fig.tight_layout()
+    return fig
+
+
+def risk_coverage_figure(rows: Sequence[dict[str, float]]) -> Figure:
+    """Accuracy on the images kept against the share kept, per --reject-below threshold."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    rows = [r for r in rows if r["accuracy"] is not None]
+    cov = [100 * r["coverage"] for r in rows]
+    ax.plot(cov, [r["accuracy"] for r in rows], "o-")
+    for r, c in zip(rows, cov):
+        if r["threshold"] in (0.5, 0.8, 0.9, 0.95, 0.99) and r["coverage"] > 0:
+            ax.annotate(f"{r['threshold']:g}", (c, r["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    ax.set_xlabel("coverage: images kept (%)")
+    ax.set_ylabel("accuracy on the images kept (%)")
+    ax.set_title("risk-coverage (labels: test.py --reject-below P)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig: Figure, path: str | Path) -> None:
     """Written atomically (a kill while drawing leaves the previous picture), then the figure is freed."""
     path = Path(path)

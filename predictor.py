@@ -1,6 +1,8 @@
 """One predictor for trained models and exported ones: load a checkpoint (.pt) or an .onnx file, and
 run it over image files in order, each image exactly once, through the checkpoint's evaluation
-pipeline (Preprocess). eval.py and test.py use it for both kinds alike; export.py checks with it.
+pipeline (Preprocess), optionally with test-time augmentation; turn its logits into calibrated
+probabilities; explain its answers with heatmaps. eval.py and test.py use it for both kinds alike;
+export.py checks with it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+import calibration
 import checkpoint
 import dataset
+import explain
 import models
 from checkpoint import Preprocess
 from config import UsageError
@@ -32,6 +37,19 @@ class Loaded:
     preprocess: Preprocess
     source: Path
     device: torch.device
+    arch: str = "model"
+    temperature: float | None = None  # None: a model trained before calibration (softmax as it is)
+    flips: bool = True  # mirror images are the same class (trained with flips): TTA may flip
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities; logits of several views (N x views x classes) are averaged."""
+        probs = calibration.probabilities(logits, self.temperature or 1.0)
+        return probs.mean(1) if probs.dim() == 3 else probs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a uint8 batch as the loader gives it."""
+        with torch.no_grad(), self.autocast():
+            return self.model(self.to_input(x)).float().cpu()
 
 
 def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -> Loaded:
@@ -41,24 +59,91 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
     if checkpoint.is_onnx(path):
         onnx = OnnxModel(path)
         return Loaded(onnx, lambda x: x, contextlib.nullcontext, onnx.classes, onnx.preprocess,
-                      path, torch.device("cpu"))
+                      path, torch.device("cpu"), onnx.arch, onnx.temperature, onnx.flips)
     ckpt = checkpoint.load(path)
     model = models.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    return Loaded(model, to_model_input(pre, device), autocast, list(ckpt["classes"]), pre, path, device)
+    return Loaded(model, to_model_input(pre, device), autocast, list(ckpt["classes"]), pre, path, device,
+                  ckpt["arch"], checkpoint.temperature(ckpt), checkpoint.trained_with_flips(ckpt))
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
-              show: bool = True, cache: dataset.ImageCache | None = None, max_bytes: int = dataset.MAX_BYTES
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(probabilities, targets, item indices) for every readable image, in order, each exactly once."""
+              show: bool = True, cache: dataset.ImageCache | None = None, max_bytes: int = dataset.MAX_BYTES,
+              tta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, item indices) for every readable image, in order, each exactly once. With `tta`,
+    the logits are N x views x classes, the plain image being view 0."""
     pre = loaded.preprocess
     ds = dataset.ImageDataset(items, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes)
     n_workers = auto_workers(loaded.device, cached=cache is not None) if workers is None else workers
     loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
-    logits, targets, idx = predict(loaded.model, loader, loaded.to_input, loaded.autocast, show=show)
-    return logits.softmax(1) if len(idx) else logits, targets, idx
+    if not tta:
+        return predict(loaded.model, loader, loaded.to_input, loaded.autocast, show=show)
+
+    def views(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([loaded.model(loaded.to_input(v)) for v in tta_views(x, loaded.flips)], 1)
+
+    return predict(views, loader, lambda x: x, loaded.autocast, show=show)
+
+
+TTA_ZOOM = 0.875  # the crops' side, as a share of the image's: the usual eval crop ratio
+
+
+def tta_views(x: torch.Tensor, flips: bool) -> list[torch.Tensor]:
+    """Test-time augmentation of a uint8 batch: the image itself, its centre and two opposite corners
+    zoomed to the same size; and, for a model trained with flips, the image and its centre mirrored."""
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * TTA_ZOOM)), max(1, round(w * TTA_ZOOM))
+
+    def zoom(top: int, left: int) -> torch.Tensor:
+        crop = x[..., top:top + ch, left:left + cw].float()
+        return F.interpolate(crop, size=(h, w), mode="bilinear", antialias=True,
+                             align_corners=False).round().clamp(0, 255).to(x.dtype)
+
+    centre = zoom((h - ch) // 2, (w - cw) // 2)
+    views = [x, centre, zoom(0, 0), zoom(h - ch, w - cw)]
+    return [*views, x.flip(-1), centre.flip(-1)] if flips else views
+
+
+def input_images(loaded: Loaded, paths: list[str], max_bytes: int = dataset.MAX_BYTES) -> list[torch.Tensor | None]:
+    """Each file as the model sees it (uint8 3 x img_size x img_size), or None when unreadable."""
+    pre, crop = loaded.preprocess, loaded.preprocess.crop()
+    out: list[torch.Tensor | None] = []
+    for path in paths:
+        try:
+            out.append(crop(torch.from_numpy(dataset.load_image(path, pre.resize_size, max_bytes)).permute(2, 0, 1)))
+        except (dataset.BadImage, OSError):
+            out.append(None)
+    return out
+
+
+class Explainer:
+    """Heatmaps of the evidence for a class in an image: Grad-CAM for a .pt whose network ends in a
+    convolutional feature map, occlusion for the rest (an .onnx file, a vision transformer). `note`
+    says which, and why."""
+
+    def __init__(self, loaded: Loaded):
+        self.loaded, self.target = loaded, None
+        if not isinstance(loaded.model, torch.nn.Module):
+            self.method, self.note = "occlusion", "an .onnx file has no gradients: the heatmaps are occlusion maps"
+            return
+        size = loaded.preprocess.img_size
+        example = loaded.to_input(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+        try:
+            self.target = explain.find_target(loaded.model, example)
+            self.method, self.note = "grad-cam", f"Grad-CAM on {loaded.arch}'s {self.target.name}"
+        except explain.NoFeatureMap as e:
+            self.method = "occlusion"
+            self.note = f"Grad-CAM does not apply to {loaded.arch}: {e}; the heatmaps are occlusion maps"
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """N x H x W maps in [0, 1] for uint8 images N x 3 x H x W as the model takes them."""
+        if self.target is not None:
+            return torch.cat([explain.grad_cam(self.loaded.model, self.loaded.to_input(images[i:i + 16]),
+                                               classes[i:i + 16], self.target).cpu()
+                              for i in range(0, len(images), 16)])
+        return torch.stack([explain.occlusion(self.loaded, image, int(c), self.loaded.temperature or 1.0)
+                            for image, c in zip(images, classes)])
 
 
 class OnnxModel:
@@ -78,6 +163,9 @@ class OnnxModel:
             raise UsageError(f"{path} has no class names in its metadata: export it with export.py")
         self.classes = json.loads(meta["classes"])
         self.preprocess = Preprocess.from_metadata(meta)
+        self.temperature = float(meta["temperature"]) if "temperature" in meta else None
+        self.flips = json.loads(meta.get("hflip", "true"))
+        self.arch = meta.get("arch", Path(path).stem)
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

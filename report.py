@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+import calibration
 import dataset
+import explain
 import files
 import folders
+import html_report
 import plots
 from config import UsageError
-from predictor import load_model, run_model, thumbnail
+from predictor import Explainer, Loaded, input_images, load_model, run_model, thumbnail
 
 
 def match_classes(folder_classes: list[str], model_classes: list[str]) -> list[int]:
@@ -66,7 +71,7 @@ def print_report(m: dict[str, Any], present: list[int]) -> None:
 
 
 def evaluate(ckpt_path: Path, folder: Path, out: Path, device: str, amp: bool, batch_size: int, workers: int | None,
-             cache_dir: str | None, max_bytes: int, image_cache: bool) -> int:
+             cache_dir: str | None, max_bytes: int, image_cache: bool, tta: bool = False) -> int:
     """eval.py's work: the model over every image of a labelled folder, the report printed and written."""
     loaded = load_model(ckpt_path, device, amp)
     size = loaded.preprocess.resize_size if image_cache else None
@@ -77,64 +82,178 @@ def evaluate(ckpt_path: Path, folder: Path, out: Path, device: str, amp: bool, b
     if skipped:
         dataset.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
                      f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
-    probs, y, idx = run_model(loaded, items, batch_size, workers, cache=cache, max_bytes=max_bytes)
+    logits, y, idx = run_model(loaded, items, batch_size, workers, cache=cache, max_bytes=max_bytes, tta=tta)
+    if not len(idx):
+        raise UsageError(f"no readable image in {folder}: see the warnings above")
+    probs = loaded.probabilities(logits)  # calibrated; averaged over the views with --tta
     conf, pred = probs.max(1)
     present = sorted(set(mapping))
     m = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, present)
+    m.update(confidence_metrics(loaded, logits[:, 0] if tta else logits, probs, y, tta))
     m.update({"checkpoint": str(loaded.source), "data": str(folder), "skipped": [list(s) for s in skipped]})
     print_report(m, present)
-    wrong = [(float(conf[k]), items[int(idx[k])][0], loaded.classes[int(y[k])], loaded.classes[int(pred[k])])
-             for k in range(len(idx)) if pred[k] != y[k]]
-    wrong.sort(reverse=True)  # the most confident mistakes first: the ones worth looking at
-    write_eval(out, m, wrong, skipped)
+    print_confidence(m)
+    results = [Result(items[int(i)][0], int(t), int(q), float(c)) for i, t, q, c in zip(idx, y, pred, conf)]
+    write_eval(out, m, results, skipped, loaded)
     return 0
 
 
-def write_eval(out: Path, m: dict[str, Any], wrong: list[tuple[float, str, str, str]],
-               skipped: list[tuple[str, str]]) -> None:
+@dataclass
+class Result:
+    """One evaluated image: its file, true and predicted class (model indices), top probability."""
+    path: str
+    true: int
+    predicted: int
+    confidence: float
+
+
+def confidence_metrics(loaded: Loaded, logits: torch.Tensor, probs: torch.Tensor, y: torch.Tensor,
+                       tta: bool) -> dict[str, Any]:
+    """How far the probabilities can be trusted: top-k accuracy, calibration before and after the
+    temperature (on the plain images' logits), risk-coverage; with TTA, the accuracy without it."""
+    k = min(5, len(loaded.classes))
+    raw, calibrated = calibration.probabilities(logits), calibration.probabilities(logits, loaded.temperature or 1.0)
+    m = {f"top{k}_accuracy": calibration.topk_accuracy(probs, y, k), "temperature": loaded.temperature or 1.0,
+         "calibrated": loaded.temperature is not None,
+         "ece": {"raw": calibration.ece(raw, y), "calibrated": calibration.ece(calibrated, y)},
+         "reliability": {"raw": calibration.reliability_bins(raw, y),
+                         "calibrated": calibration.reliability_bins(calibrated, y)},
+         "risk_coverage": calibration.risk_coverage(probs, y)}
+    if tta:
+        m |= {"tta_accuracy": calibration.topk_accuracy(probs, y, 1),
+              "accuracy_without_tta": calibration.topk_accuracy(calibrated, y, 1)}
+        m["ece"]["tta"] = calibration.ece(probs, y)
+    return m
+
+
+def print_confidence(m: dict[str, Any]) -> None:
+    top = next(key for key in m if key.startswith("top") and key.endswith("_accuracy"))
+    print(f"Top-{top[3:-9]} accuracy: {m[top]:.2f}%")
+    if "tta_accuracy" in m:
+        print(f"With test-time augmentation: {m['tta_accuracy']:.2f}% (without: {m['accuracy_without_tta']:.2f}%)")
+    ece = m["ece"]
+    if m["calibrated"]:
+        print(f"Calibration: temperature {m['temperature']:.3f}; expected calibration error {100 * ece['raw']:.2f}% "
+              f"(raw softmax) -> {100 * ece['calibrated']:.2f}%")
+    else:
+        print(f"note: this checkpoint has no fitted temperature (trained before calibration): probabilities are the "
+              f"raw softmax (temperature 1); expected calibration error {100 * ece['raw']:.2f}%")
+    print("Keeping only predictions with probability >= P (test.py --reject-below P):")
+    for r in m["risk_coverage"]:
+        if r["threshold"] in (0.5, 0.8, 0.9, 0.95) and r["accuracy"] is not None:
+            print(f"  P={r['threshold']:.2f}: keeps {100 * r['coverage']:.1f}% of the images, "
+                  f"accuracy on them {r['accuracy']:.2f}%")
+
+
+def write_eval(out: Path, m: dict[str, Any], results: list[Result], skipped: list[tuple[str, str]],
+               loaded: Loaded) -> None:
     files.atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
     files.atomic_write_text(out / "classification_report.txt", m["report"])
     files.atomic_write_text(out / "skipped.txt", folders.skipped_lines(skipped))
-    plots.save(plots.confusion_figure(np.array(m["confusion_matrix"]), m["classes"]), out / "confusion_matrix.png")
+    classes = m["classes"]
+    plots.save(plots.confusion_figure(np.array(m["confusion_matrix"]), classes), out / "confusion_matrix.png")
+    plots.save(plots.reliability_figure(m["reliability"]["raw"], m["reliability"]["calibrated"], m["ece"]["raw"],
+                                        m["ece"]["calibrated"], m["temperature"] if m["calibrated"] else None),
+               out / "reliability.png")
+    plots.save(plots.risk_coverage_figure(m["risk_coverage"]), out / "risk_coverage.png")
+    # the most confident mistakes first: the ones worth looking at
+    wrong = sorted((r for r in results if r.predicted != r.true), key=lambda r: -r.confidence)
     with open(out / "misclassified.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
         w = csv.writer(f)
         w.writerow(["path", "true", "predicted", "confidence"])
-        w.writerows([p, t, q, f"{c:.4f}"] for c, p, t, q in wrong)
+        w.writerows([r.path, classes[r.true], classes[r.predicted], f"{r.confidence:.4f}"] for r in wrong)
     if wrong:
-        worst = wrong[:24]
-        plots.save(plots.image_grid([thumbnail(p) for _, p, _, _ in worst],
-                                    [f"{t} -> {q} ({100 * c:.0f}%)" for c, _, t, q in worst],
-                                    ["red"] * len(worst)), out / "worst_mistakes.png")
-    print(f"wrote {out}/metrics.json, confusion_matrix.png, misclassified.csv" +
-          (", worst_mistakes.png" if wrong else ""))
+        plots.save(worst_mistakes_figure(loaded, wrong[:WORST], classes), out / "worst_mistakes.png")
+    figures = [("Reliability diagram", out / "reliability.png"), ("Risk-coverage", out / "risk_coverage.png"),
+               ("Worst mistakes, with the evidence for each class", out / "worst_mistakes.png")]
+    html_report.write_html(out / "report.html", m, confusion_cells(results, len(classes), classes), figures)
+    print(f"wrote {out}/report.html, metrics.json, confusion_matrix.png, reliability.png, risk_coverage.png, "
+          "misclassified.csv" + (", worst_mistakes.png" if wrong else ""))
+
+
+WORST = 12  # mistakes drawn with their heatmaps
+CELL_THUMBS, ALL_THUMBS = 24, 2000  # report.html: a few MB however many images
+
+
+def worst_mistakes_figure(loaded: Loaded, wrong: list[Result], classes: list[str]) -> plots.Figure:
+    """Each mistake as the model saw it, with the evidence for what it said and for what it is."""
+    explainer = Explainer(loaded)
+    pictures, captions = [], []
+    for r, image in zip(wrong, input_images(loaded, [r.path for r in wrong])):
+        pictures.append(None if image is None else image.permute(1, 2, 0).numpy())
+        captions.append(f"{classes[r.true]} -> {classes[r.predicted]} ({100 * r.confidence:.0f}%)")
+        for c in (r.predicted, r.true):
+            pictures.append(None if image is None else overlay_for(explainer, image, c))
+            captions.append(f"evidence for {classes[c]}")
+    return plots.image_grid(pictures, captions, ["red", "black", "black"] * len(wrong), columns=6)
+
+
+def overlay_for(explainer: Explainer, image: torch.Tensor, c: int) -> np.ndarray:
+    heat = explainer(image[None], torch.tensor([c]))[0]
+    return explain.overlay(image.permute(1, 2, 0).numpy(), heat.numpy())
+
+
+def confusion_cells(results: list[Result], n: int, classes: list[str]) -> dict[tuple[int, int], html_report.Cell]:
+    """report.html's images per confusion cell: mistakes most confident first; a correct cell spread
+    over its confidences. Capped per cell and in all, so the page stays a few MB."""
+    by_cell: dict[tuple[int, int], list[Result]] = {}
+    for r in results:
+        by_cell.setdefault((r.true, r.predicted), []).append(r)
+    cap = max(4, min(CELL_THUMBS, ALL_THUMBS // max(1, len(by_cell))))
+    cells = {}
+    for (t, q), rs in by_cell.items():
+        rs.sort(key=lambda r: -r.confidence)
+        shown_rs = rs[:cap] if t != q else [rs[i] for i in np.linspace(0, len(rs) - 1, min(cap, len(rs))).astype(int)]
+        thumbs = []
+        for r in shown_rs:
+            image = thumbnail(r.path, 64)
+            if image is not None:
+                thumbs.append((f"{Path(r.path).name} {100 * r.confidence:.0f}%", html_report.jpeg_thumbnail(image)))
+        cells[(t, q)] = html_report.Cell(len(rs), thumbs)
+    return cells
 
 
 def label(ckpt_path: Path, paths: list[str], out: Path, device: str, amp: bool, batch_size: int,
-          workers: int | None, max_bytes: int, topk: int, grid: int) -> int:
-    """test.py's work: the top-k labels of each image, printed and written with a picture."""
+          workers: int | None, max_bytes: int, topk: int, grid: int, reject_below: float | None = None,
+          tta: bool = False, explain_them: bool = False) -> int:
+    """test.py's work: the top-k labels of each image (or "unknown" below --reject-below), printed and
+    written with a picture; with `explain_them`, a heatmap per image."""
     loaded = load_model(ckpt_path, device, amp)
-    probs, _, idx = run_model(loaded, [(p, -1) for p in paths], batch_size, workers, max_bytes=max_bytes,
-                              show=len(paths) > 256)
+    if loaded.temperature is None:
+        print("note: this model has no fitted temperature (trained before calibration): probabilities are the "
+              "raw softmax")
+    logits, _, idx = run_model(loaded, [(p, -1) for p in paths], batch_size, workers, max_bytes=max_bytes,
+                               show=len(paths) > 256, tta=tta)
     k = min(topk, len(loaded.classes))
     results: dict[int, list[tuple[str, float]]] = {}
     if len(idx):
-        top_p, top_i = probs.topk(k, dim=1)
+        top_p, top_i = loaded.probabilities(logits).topk(k, dim=1)
         for row, i in enumerate(idx.tolist()):
             results[i] = [(loaded.classes[c], float(p)) for p, c in zip(top_p[row].tolist(), top_i[row].tolist())]
-    write_predictions(out, paths, results, k, grid, max_bytes)
+    write_predictions(out, paths, results, k, grid, max_bytes, reject_below)
+    if explain_them and results:
+        write_explanations(out, loaded, paths, results, grid, max_bytes)
     return 0
 
 
+UNKNOWN = "unknown"
+
+
 def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple[str, float]]], k: int, grid: int,
-                      max_bytes: int) -> None:
+                      max_bytes: int, reject_below: float | None = None) -> None:
     rows, pictures, captions, colours = [], [], [], []
     for i, path in enumerate(paths):
         if i in results:
             top = results[i]
-            print(f"{folders.shown(path)}: " + ", ".join(f"{lb} ({100 * p:.1f}%)" for lb, p in top))
-            rows.append([path, top[0][0], f"{top[0][1]:.4f}", ";".join(f"{lb}:{p:.4f}" for lb, p in top), "ok"])
-            captions.append(f"{top[0][0]} ({100 * top[0][1]:.1f}%)")
-            colours.append("black")
+            rejected = reject_below is not None and top[0][1] < reject_below
+            name = UNKNOWN if rejected else top[0][0]
+            guesses = ", ".join(f"{lb} ({100 * p:.1f}%)" for lb, p in top)
+            print(f"{folders.shown(path)}: " +
+                  (f"{UNKNOWN} (below {reject_below:g}; best guesses: {guesses})" if rejected else guesses))
+            rows.append([path, name, f"{top[0][1]:.4f}", ";".join(f"{lb}:{p:.4f}" for lb, p in top), "ok"])
+            captions.append(f"{UNKNOWN} ({top[0][0]}? {100 * top[0][1]:.1f}%)" if rejected
+                            else f"{top[0][0]} ({100 * top[0][1]:.1f}%)")
+            colours.append("darkorange" if rejected else "black")
         else:
             reason = dataset.inspect_file(path, max_bytes=max_bytes)[0] or "unreadable"
             print(f"{folders.shown(path)}: unreadable ({reason})")
@@ -150,3 +269,36 @@ def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple
     plots.save(plots.image_grid(pictures, captions[: len(pictures)], colours[: len(pictures)]),
                out / "predictions.png")
     print(f"wrote {out / 'predictions.csv'} and {out / 'predictions.png'}")
+
+
+def write_explanations(out: Path, loaded: Loaded, paths: list[str], results: dict[int, list[tuple[str, float]]],
+                       grid: int, max_bytes: int) -> None:
+    """explanations/NNNN-<name>.png per image: the image, the evidence for the predicted class, and for
+    the true class when known (the image's folder is named after a class); explanations.png, a grid."""
+    explainer = Explainer(loaded)
+    print(explainer.note)
+    folder = out / "explanations"
+    folder.mkdir()
+    cells, captions = [], []
+    readable = sorted(results)
+    for i, image in zip(readable, input_images(loaded, [paths[i] for i in readable], max_bytes)):
+        if image is None:  # changed since it was predicted
+            continue
+        predicted = loaded.classes.index(results[i][0][0])
+        true = folders.class_of(paths[i], loaded.classes)
+        pictures = [image.permute(1, 2, 0).numpy(), overlay_for(explainer, image, predicted)]
+        names = [folders.shown(Path(paths[i]).name), f"evidence for {results[i][0][0]} ({100 * results[i][0][1]:.0f}%)"]
+        if true is not None and true != predicted:
+            pictures.append(overlay_for(explainer, image, true))
+            names.append(f"evidence for {loaded.classes[true]} (its folder)")
+        plots.save(plots.image_grid(pictures, names, columns=3), folder / f"{i:04d}-{safe_stem(paths[i])}.png")
+        if len(cells) < grid:
+            cells.append(pictures[1])
+            captions.append(names[1])
+    plots.save(plots.image_grid(cells, captions), out / "explanations.png")
+    print(f"wrote {folder}/ ({len(readable)} heatmaps, {explainer.method}) and {out / 'explanations.png'}")
+
+
+def safe_stem(path: str) -> str:
+    """A file name part that any file system takes."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(path).stem)[:60] or "image"

@@ -3,11 +3,13 @@
     python test.py test                                     # a folder (searched recursively)
     python test.py cat.jpg 'photos/**/*.png' --topk 3       # files and glob patterns
     python test.py --data test --checkpoint runs/mobilenet_v2-transfer-20261128-130000 --out preds
+    python test.py photos --reject-below 0.8 --explain      # "unknown" below 80%; heatmaps of the evidence
 
 Writes predictions.csv (path, label, probability, top-k, status) and predictions.png (a grid of the
 images with the predicted label and confidence under each) to --out (default: a new folder
-predictions-<data>-<checkpoint> beside the checkpoint). An unreadable file is reported as such; the
-others still run.
+predictions-<data>-<checkpoint> beside the checkpoint); with --explain, explanations/ (a heatmap per
+image) and explanations.png. Probabilities are calibrated (the temperature fitted when training). An
+unreadable file is reported as such; the others still run.
 """
 
 from __future__ import annotations
@@ -50,12 +52,22 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     add_shared(parser, "checkpoint", "device", "amp", "batch_size", "workers", "max_file_mb")
     parser.add_argument("--topk", type=int, default=3, help="labels to show per image")
     parser.add_argument("--grid", type=int, default=24, help="most images in predictions.png")
+    parser.add_argument("--reject-below", type=float, metavar="P", help="label an image 'unknown' when its top "
+                        "probability is below P (0-1; eval.py's risk-coverage table shows what a P keeps)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average the calibrated "
+                        "probabilities of the image, zoomed crops and (for models trained with flips) mirror images")
+    parser.add_argument("--explain", action="store_true", help="write a heatmap per image of the evidence for the "
+                        "predicted class (and for the true one when the image's folder names a class): Grad-CAM for "
+                        "CNNs, occlusion for .onnx files and transformers")
     parser.add_argument("--out", help="output folder, new or empty (default: predictions-<data>-<checkpoint> "
                         "beside the checkpoint; -2, -3, ... when that exists)")
     args = parser.parse_args(argv)
     check_shared(args)
     if args.topk < 1 or args.grid < 1:
         raise UsageError(f"--{'topk' if args.topk < 1 else 'grid'} must be at least 1")
+    if args.reject_below is not None and not 0 <= args.reject_below <= 1:
+        raise UsageError(f"--reject-below {args.reject_below:g} is not a probability: give a number from 0 to 1, "
+                         "e.g. --reject-below 0.8")
     if args.out:
         files.check_new_folder(Path(args.out))
     args.paths += args.data
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         import report  # torch loads only for a command line that is good
 
         return report.label(ckpt, paths, out, args.device, args.amp, args.batch_size, args.workers, max_bytes,
-                            args.topk, args.grid)
+                            args.topk, args.grid, args.reject_below, args.tta, args.explain)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+import calibration
 import checkpoint
 import dataset
 import files
@@ -57,6 +58,7 @@ from engine import (
     Learner,
     Progress,
     ResumableSampler,
+    all_reduce_sum,
     auto_workers,
     autocast_dtype,
     barrier,
@@ -803,6 +805,7 @@ class Loop:
         self.history = list(ckpt.get("history", []))
         self.best_acc, self.best_epoch = ckpt.get("best_acc", -1.0), ckpt.get("best_epoch", 0)
         self.best_averaged = False  # the best model is the weights' average (--ema)
+        self.calibration: dict[str, float] | None = ckpt.get("calibration")  # the best model's (calibration.py)
         self.time_before = ckpt.get("train_time_s", sum(h["time_s"] for h in self.history))
         self.writer: Any = None
         self.best_ckpt: dict[str, Any] | None = None  # the best epoch's checkpoint while it is not yet written
@@ -830,6 +833,7 @@ class Loop:
             best_epoch=self.best_epoch, history=self.history, finished=self.finished, train_time_s=self.train_time(),
             weights_id=self.weights_id, optimizer=self.learner.optimizer.state_dict(),
             scaler=self.learner.scaler.state_dict(), world=self.world,
+            **({"calibration": self.calibration} if self.calibration else {}),
             **({"ema": self.learner.ema.state_dict()} if self.learner.ema else {}))
 
     def train_time(self) -> float:
@@ -910,6 +914,7 @@ class Loop:
         improved = shown["acc"] > self.best_acc
         if improved:
             self.best_acc, self.best_epoch, self.best_averaged = shown["acc"], epoch + 1, averaged
+            self.calibration = self.calibrate(shown)
         stopping = cfg.patience > 0 and epoch + 1 - self.best_epoch >= cfg.patience
         self.finished = epoch + 1 == cfg.epochs or stopping
         if self.lead:
@@ -927,6 +932,17 @@ class Loop:
         if learner.ema is None:
             return val, None
         return val, evaluate(learner.ema.model.module, val_loader, learner.to_input, exact, n, self.lead)
+
+    def calibrate(self, val: dict[str, Any]) -> dict[str, float]:
+        """Temperature scaling of the new best model, on the validation images it was chosen on (every
+        rank takes part: each holds a shard of them)."""
+        device = self.learner.device
+
+        def total(t: torch.Tensor) -> torch.Tensor:
+            return all_reduce_sum(t, device)
+
+        temperature = calibration.fit_temperature(val["logits"], val["targets"], total)
+        return calibration.summary(val["logits"], val["targets"], temperature, total)
 
     def best_weights(self, state: dict[str, Any], due: bool) -> dict[str, Any]:
         """The model for best.pt: the trained weights, or their average when it validated better. A
@@ -969,7 +985,7 @@ class Loop:
         cfg = self.cfg
         summary = {"best_val_acc": self.best_acc, "best_epoch": self.best_epoch, "epochs": self.progress.epoch,
                    "train_img_per_s": float(np.mean([h["img_per_s"] for h in self.history])) if self.history else 0.0,
-                   "train_time_s": train_time_s, "classes": self.classes,
+                   "train_time_s": train_time_s, "classes": self.classes, "calibration": self.calibration,
                    "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir)}
         files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
 
@@ -979,6 +995,10 @@ class Loop:
                                 run_name=".")
         self.writer.close()
         print(f"best val accuracy {self.best_acc:.2f}% (epoch {self.best_epoch}); run folder {self.run_dir}")
+        if self.calibration:
+            c = self.calibration
+            print(f"calibrated: temperature {c['temperature']:.3f}; expected calibration error on val "
+                  f"{100 * c['ece_raw']:.2f}% -> {100 * c['ece']:.2f}%")
 
 
 def make_criterion(cfg: TrainConfig, train_counts: list[int]) -> nn.CrossEntropyLoss:

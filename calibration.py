@@ -1,0 +1,115 @@
+"""Confidence a user can threshold: temperature scaling fitted on the validation set, and the measures
+that say whether probabilities mean what they say (expected calibration error, the reliability
+diagram's bins, risk-coverage and top-k accuracy).
+
+Temperature scaling (Guo et al., 2017) divides the logits by one scalar T before the softmax: the
+predicted class never changes, only how sure the model says it is. T minimises the validation
+negative log-likelihood, with a weak prior on log T (a standard normal) so that a validation set
+with no mistakes, or only a few images, cannot drive T to an extreme it has no evidence for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+BINS = 15  # the usual ECE bin count (Guo et al.; Naeini et al.)
+LOG_T_RANGE = (math.log(0.05), math.log(20.0))
+THRESHOLDS = [round(0.05 * i, 2) for i in range(20)] + [0.96, 0.97, 0.98, 0.99]  # for risk-coverage
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor,
+                    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> float:
+    """T minimising NLL(logits / T) + log(T)^2 / 2, by golden-section search over log T (the NLL is
+    convex in 1/T, so the search finds the minimum). `all_reduce` sums over processes: each holds a
+    shard of the validation set, and every process gets the same T."""
+    logits, targets = logits.double(), targets.long()
+
+    def cost(u: float) -> float:
+        nll = F.cross_entropy(logits * math.exp(-u), targets, reduction="sum") if len(targets) else \
+            torch.zeros((), dtype=torch.float64)
+        return float(all_reduce(nll.reshape(1))[0]) + 0.5 * u * u
+
+    lo, hi = LOG_T_RANGE
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = cost(a), cost(b)
+    for _ in range(48):  # the bracket shrinks to ~1e-9 of its width
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = cost(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = cost(b)
+    return math.exp((lo + hi) / 2)
+
+
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The softmax of logits / T: what every script shows and writes as a probability."""
+    return (logits.float() / temperature).softmax(-1)
+
+
+def bin_sums(probs: torch.Tensor, targets: torch.Tensor, bins: int = BINS) -> torch.Tensor:
+    """Per equal-width confidence bin: (images, summed confidence, correct ones), float64; sums, so
+    that processes holding shards of the data add theirs up."""
+    conf, pred = probs.max(1)
+    which = torch.clamp((conf.double() * bins).ceil().long() - 1, 0, bins - 1)  # (0, 1/bins] is the first bin
+    return torch.stack([torch.bincount(which, minlength=bins).double(),
+                        torch.bincount(which, weights=conf.double(), minlength=bins),
+                        torch.bincount(which, weights=(pred == targets).double(), minlength=bins)])
+
+
+def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = BINS) -> dict[str, list[float]]:
+    """Per bin: images, mean confidence and accuracy: the reliability diagram."""
+    count, conf_sum, right = bin_sums(probs, targets, bins)
+    def mean(total: torch.Tensor) -> list[float | None]:  # JSON has no NaN: an empty bin is null
+        return [float(t / c) if c else None for t, c in zip(total, count)]
+
+    return {"count": count.tolist(), "confidence": mean(conf_sum), "accuracy": mean(right)}
+
+
+def ece_of(sums: torch.Tensor) -> float:
+    """Expected calibration error from bin_sums: the gap between confidence and accuracy, averaged
+    over bins weighted by their images (a fraction: 0.05 is five points)."""
+    count, conf_sum, right = sums
+    return float((conf_sum - right).abs().sum() / count.sum().clamp(min=1))
+
+
+def ece(probs: torch.Tensor, targets: torch.Tensor, bins: int = BINS) -> float:
+    return ece_of(bin_sums(probs, targets, bins))
+
+
+def risk_coverage(probs: torch.Tensor, targets: torch.Tensor,
+                  thresholds: list[float] = THRESHOLDS) -> list[dict[str, float]]:
+    """For each threshold P: the share of images whose top probability is at least P (coverage) and
+    the accuracy on those (what `test.py --reject-below P` keeps; the rest become "unknown")."""
+    conf, pred = probs.max(1)
+    correct = (pred == targets).float()
+    rows = []
+    for p in thresholds:
+        kept = conf >= p
+        n = int(kept.sum())
+        rows.append({"threshold": p, "coverage": n / max(1, len(conf)),
+                     "accuracy": 100 * float(correct[kept].mean()) if n else None})
+    return rows
+
+
+def topk_accuracy(probs: torch.Tensor, targets: torch.Tensor, k: int) -> float:
+    """Percent of images whose true class is among the k most probable."""
+    if not len(targets):
+        return float("nan")
+    top = probs.topk(min(k, probs.shape[1]), dim=1).indices
+    return 100 * float((top == targets[:, None]).any(1).float().mean())
+
+
+def summary(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+            all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
+    """ECE before and after the temperature, as stored with a checkpoint and printed."""
+    raw = all_reduce(bin_sums(probabilities(logits), targets))
+    scaled = all_reduce(bin_sums(probabilities(logits, temperature), targets))
+    return {"temperature": temperature, "ece_raw": ece_of(raw), "ece": ece_of(scaled)}
