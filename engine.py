@@ -145,6 +145,15 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def same_buffers(*modules: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP sends them at the start of each training
+    forward, so after an epoch's last step each rank holds its own; validation must see the saved model."""
+    if dist.is_initialized():
+        for module in modules:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, 0)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -70,6 +70,7 @@ from engine import (
     pick_device,
     precision,
     predict,
+    same_buffers,
     seed_everything,
     shard,
     sigterm_as_ctrl_c,
@@ -928,6 +929,7 @@ class Loop:
         """The trained weights' validation, and with --ema the average's."""
         learner, n = self.learner, len(self.classes)
         exact = contextlib.nullcontext  # full precision: the accuracy is the one eval.py computes for best.pt
+        same_buffers(self.inner, *([learner.ema.model] if learner.ema else []))
         val = evaluate(self.inner, val_loader, learner.to_input, exact, n, self.lead)
         if learner.ema is None:
             return val, None

@@ -60,6 +60,18 @@ def test_validation_accuracy_equals_what_eval_py_computes_for_the_checkpoint(ddp
     assert metrics["accuracy"] == pytest.approx(json.loads((out / "summary.json").read_text())["best_val_acc"])
 
 
+def test_the_temperature_is_fitted_on_the_validation_images_of_every_process(ddp_run, split_data):
+    import calibration
+    import predictor
+
+    out, _ = ddp_run
+    loaded = predictor.load_model(out / "best.pt", "cpu")
+    items = [(str(p), loaded.classes.index(p.parent.name)) for p in sorted((split_data / "val").rglob("*.png"))]
+    logits, labels, _ = predictor.run_model(loaded, items, 4, 0, show=False)
+    assert len(labels) == 9
+    assert loaded.temperature == pytest.approx(calibration.fit_temperature(logits, labels), rel=1e-4)
+
+
 def test_resuming_under_torchrun_continues_at_the_next_epoch(ddp_run):
     out, _ = ddp_run
     result = torchrun(["--resume", str(out), "--epochs", "2", "--no-summary"])
