@@ -1,0 +1,308 @@
+"""eval.py's report.html: one self-contained page with the metrics, a clickable confusion matrix and the figures.
+
+The page must open anywhere, offline and years later, as a single file a user can mail or archive: so
+nothing is fetched (no CDN, fonts or scripts; images are data URIs, and a Content-Security-Policy lets the
+browser load nothing else), every class name is escaped (folder names may hold <, & or quotes), and each
+thumbnail is stored once, in one JSON block the page's script reads when a matrix cell is clicked.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import files
+
+
+@dataclass
+class Cell:
+    """One confusion-matrix cell: its image count, and the thumbnails the caller kept (at most `count`:
+    a capped sample keeps a 10,000-image report a few MB)."""
+
+    count: int
+    thumbs: list[tuple[str, bytes]]  # (caption such as "img_0012.jpg 93%", JPEG bytes)
+
+
+def jpeg_thumbnail(image: np.ndarray, size: int = 64, quality: int = 70) -> bytes:
+    """A small JPEG (longest side `size`, aspect kept) of a uint8 HxWx3 image: about 2 KB, so thousands fit in
+    one page."""
+    from PIL import Image
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"jpeg_thumbnail wants a uint8 image (0..255), got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"jpeg_thumbnail wants an HxWx3 image, got shape {a.shape}")
+    im = Image.fromarray(a).convert("RGB")
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def write_html(path: Path, m: dict[str, Any], cells: dict[tuple[int, int], Cell],
+               figures: list[tuple[str, Path]]) -> None:
+    """Write report.html (atomically: a reader never sees half a page) from eval's metrics `m`, the thumbnails of
+    each confusion cell and the (title, PNG) figures; figures whose file is missing are left out."""
+    classes = [str(c) for c in m.get("classes", [])]
+    data = _script_json({"classes": classes,
+                         "cells": {f"{i},{j}": {"count": int(c.count),
+                                                "thumbs": [[str(cap), base64.b64encode(b).decode("ascii")]
+                                                           for cap, b in c.thumbs]}
+                                   for (i, j), c in sorted(cells.items())}})
+    script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode("utf-8")).digest()).decode("ascii")
+    csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'; "
+           "base-uri 'none'; form-action 'none'")
+    title = f"Evaluation: {m.get('data', '')}"
+    if "accuracy" in m:
+        title += f" ({m['accuracy']:.2f}%)"
+    body = "\n".join([_summary(m), _per_class(m), _matrix(m, classes, cells), _figures(figures)])
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>{_esc(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+{body}
+<script type="application/json" id="report-data">{data}</script>
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+    # names from folders can hold undecodable bytes (surrogate escapes): shown as U+FFFD, the page stays UTF-8
+    page = page.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    files.atomic_write_text(Path(path), page)
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _script_json(obj: Any) -> str:
+    """JSON that cannot end its <script> element or open a comment: <, > and & as \\u escapes."""
+    text = json.dumps(obj, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _pct(value: Any) -> str:
+    return f"{float(value):.2f}%"
+
+
+def _summary(m: dict[str, Any]) -> str:
+    rows: list[tuple[str, str]] = []
+    if "accuracy" in m:
+        rows.append(("Accuracy", _pct(m["accuracy"])))
+    topk = sorted((int(k.group(1)), k.string) for k in map(re.compile(r"top(\d+)_accuracy").fullmatch, m) if k)
+    rows += [(f"Top-{k} accuracy", _pct(m[key])) for k, key in topk]
+    if m.get("tta_accuracy") is not None:
+        without = m.get("accuracy_without_tta")
+        rows.append(("Accuracy with test-time augmentation",
+                     _pct(m["tta_accuracy"]) + (f" (without: {_pct(without)})" if without is not None else "")))
+    if "images" in m:
+        rows.append(("Images", f"{int(m['images']):,}"))
+    ece = m.get("ece") or {}
+    if m.get("calibrated") is False:
+        note = ("this checkpoint has no fitted temperature (trained before calibration); probabilities are the raw "
+                "softmax")
+        if ece.get("raw") is not None:
+            note += f" (ECE {100 * float(ece['raw']):.2f}%)"
+        rows.append(("Calibration", _esc(note)))
+    elif ece:
+        parts = []
+        if ece.get("raw") is not None:
+            parts.append(f"{100 * float(ece['raw']):.2f}% raw")
+        if ece.get("calibrated") is not None:
+            parts.append(f"{100 * float(ece['calibrated']):.2f}% calibrated")
+        text = " → ".join(parts)
+        if m.get("temperature") is not None:
+            text += f" (temperature {float(m['temperature']):.3f})"
+        if ece.get("tta") is not None:
+            text += f"; {100 * float(ece['tta']):.2f}% with test-time augmentation"
+        rows.append(("Expected calibration error", _esc(text)))
+    for key, label in (("checkpoint", "Checkpoint"), ("data", "Data")):
+        if key in m:
+            rows.append((label, f"<code>{_esc(m[key])}</code>"))
+    table = "\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in rows)
+    confused = ""
+    if m.get("most_confused"):
+        items = "".join(f"<li>{_esc(e['true'])} → {_esc(e['predicted'])}: {int(e['count'])}</li>"
+                        for e in m["most_confused"][:5])
+        confused = f"<h3>Most confused (true → predicted: count)</h3>\n<ol>{items}</ol>"
+    return f"<header>\n<h1>Evaluation report</h1>\n<table class=\"summary\">\n{table}\n</table>\n{confused}\n</header>"
+
+
+def _per_class(m: dict[str, Any]) -> str:
+    per_class = m.get("per_class") or {}
+    if not per_class:
+        return ""
+    known = list(m.get("classes", []))
+    order = [c for c in known if c in per_class] + [c for c in per_class if c not in known]
+    rows = []
+    for name in order:
+        r = per_class[name]
+        cells = [f'<td data-v="{int(r.get("support", 0))}">{int(r.get("support", 0))}</td>']
+        for key, text in (("accuracy", _pct), ("precision", "{:.3f}".format), ("recall", "{:.3f}".format),
+                          ("f1", "{:.3f}".format)):
+            v = r.get(key)
+            cells.append(f'<td data-v="{float(v)!r}">{text(v)}</td>' if v is not None else '<td data-v="-1">–</td>')
+        rows.append(f"<tr><th>{_esc(name)}</th>{''.join(cells)}</tr>")
+    head = "".join(f'<th title="click to sort">{h}</th>'
+                   for h in ("Class", "Support", "Accuracy", "Precision", "Recall", "F1"))
+    return (f'<section>\n<h2>Per class</h2>\n<div class="scroll"><table class="sortable" id="per-class">'
+            f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>\n</section>")
+
+
+def _matrix(m: dict[str, Any], classes: list[str], cells: dict[tuple[int, int], Cell]) -> str:
+    cm = np.asarray(m.get("confusion_matrix") or [], dtype=np.int64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(classes) or not classes:
+        return ""
+    totals = cm.sum(1)
+    head = "".join(f'<th title="{_esc(c)}"><span>{_esc(c)}</span></th>' for c in classes)
+    rows = []
+    for i, name in enumerate(classes):
+        tds = []
+        for j in range(len(classes)):
+            n = int(cm[i, j])
+            kind = "d" if i == j else "o"
+            if n == 0 and (i, j) not in cells:
+                tds.append(f'<td class="{kind}"></td>' if i == j else "<td></td>")
+                continue
+            share = n / totals[i] if totals[i] else 0.0
+            alpha = 0.08 + 0.92 * share if n else 0.0
+            dark = " k" if alpha > 0.55 else ""
+            tds.append(f'<td class="{kind}{dark}" data-cell="{i},{j}" tabindex="0" style="--a:{alpha:.2f}" '
+                       f'title="{100 * share:.1f}% of the row">{n}</td>')
+        rows.append(f'<tr><th title="{_esc(name)}">{_esc(name)}</th>{"".join(tds)}<td class="t">{totals[i]}</td></tr>')
+    return ('<section>\n<h2>Confusion matrix</h2>\n<p class="note">Rows: true class; columns: predicted class. Shade: '
+            "share of the row. Blue: correct (the diagonal); red: mistakes. Click a non-empty cell to see its "
+            'images.</p>\n<div class="scroll matrix"><table id="cm">'
+            f'<thead><tr><th class="corner">true \\ predicted</th>{head}<th class="t">images</th></tr></thead>\n'
+            "<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>\n"
+            '<section id="panel" hidden><h3 id="panel-title"></h3><div id="panel-thumbs"></div></section>\n'
+            "</section>")
+
+
+def _figures(figures: list[tuple[str, Path]]) -> str:
+    parts = []
+    for title, png in figures:
+        png = Path(png)
+        if not png.is_file():
+            continue
+        b64 = base64.b64encode(png.read_bytes()).decode("ascii")
+        parts.append(f'<figure class="fig"><figcaption>{_esc(title)}</figcaption>'
+                     f'<img alt="{_esc(title)}" src="data:image/png;base64,{b64}"></figure>')
+    return "<section>\n<h2>Figures</h2>\n" + "\n".join(parts) + "\n</section>" if parts else ""
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
+h1{margin:0 0 .4em}h2{margin:1.4em 0 .4em}
+table{border-collapse:collapse}
+.summary th{text-align:left;padding:2px 1em 2px 0;font-weight:600}
+.scroll{overflow:auto;max-width:100%}
+#per-class th,#per-class td{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}
+#per-class tbody th{text-align:left;font-weight:normal}
+#per-class thead th:first-child{text-align:left}
+#per-class thead th{cursor:pointer;user-select:none;background:#f3f3f3}
+#per-class thead th[aria-sort=ascending]::after{content:" ▲"}
+#per-class thead th[aria-sort=descending]::after{content:" ▼"}
+.matrix{display:inline-block;max-height:80vh;border:1px solid #ddd}
+#cm{border-collapse:separate;border-spacing:0}
+#cm td,#cm th{border:solid #eee;border-width:0 1px 1px 0;padding:0 4px;min-width:2.2em;height:1.8em;
+ text-align:center;font-size:12px}
+#cm thead th{position:sticky;top:0;background:#fff;z-index:1;vertical-align:bottom}
+#cm thead th span{writing-mode:vertical-rl;transform:rotate(180deg);max-height:10em;overflow:hidden;
+ text-overflow:ellipsis;white-space:nowrap;display:inline-block}
+#cm tbody th{position:sticky;left:0;background:#fff;text-align:right;max-width:14em;overflow:hidden;
+ text-overflow:ellipsis;white-space:nowrap;font-weight:normal}
+#cm thead th.corner{left:0;z-index:2;font-weight:normal;color:#777}
+#cm td.d{background:rgba(40,100,220,var(--a,0));box-shadow:inset 0 0 0 1px #9db4e8;font-weight:700}
+#cm td.o{background:rgba(215,45,45,var(--a,0))}
+#cm td.k{color:#fff}
+#cm td.t{color:#777;border-left:2px solid #ccc}
+#cm td[data-cell]{cursor:pointer}
+#cm td[data-cell]:hover,#cm td.sel{outline:2px solid #111;outline-offset:-2px}
+.note{color:#555}
+#panel{margin-top:1em;padding:.6em;border:1px solid #ccc;background:#fafafa}
+#panel h3{margin:0 0 .5em;font-size:15px}
+#panel-thumbs{display:flex;flex-wrap:wrap;gap:6px}
+#panel-thumbs figure{margin:0;width:96px;text-align:center;font-size:11px;overflow-wrap:anywhere}
+#panel-thumbs img{width:64px;height:64px;object-fit:contain;image-rendering:auto;background:#eee}
+.fig{margin:1em 0}.fig figcaption{font-weight:600;margin-bottom:.3em}.fig img{max-width:100%}
+"""
+
+_SCRIPT = """
+(() => {
+  "use strict";
+  const data = JSON.parse(document.getElementById("report-data").textContent);
+  const panel = document.getElementById("panel");
+  const matrix = document.getElementById("cm");
+  function show(td) {
+    const key = td.dataset.cell;
+    const [i, j] = key.split(",").map(Number);
+    const cell = data.cells[key] || {count: Number(td.textContent), thumbs: []};
+    for (const el of matrix.querySelectorAll("td.sel")) el.classList.remove("sel");
+    td.classList.add("sel");
+    document.getElementById("panel-title").textContent =
+      `true ${data.classes[i]}, predicted ${data.classes[j]}: showing ${cell.thumbs.length} of ${cell.count}`;
+    const figures = cell.thumbs.map(([caption, jpeg]) => {
+      const figure = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = "data:image/jpeg;base64," + jpeg;
+      img.alt = caption;
+      const text = document.createElement("figcaption");
+      text.textContent = caption;
+      figure.append(img, text);
+      return figure;
+    });
+    document.getElementById("panel-thumbs").replaceChildren(...figures);
+    panel.hidden = false;
+    panel.scrollIntoView({block: "nearest"});
+  }
+  if (matrix) {
+    matrix.addEventListener("click", (e) => {
+      const td = e.target.closest("td[data-cell]");
+      if (td) show(td);
+    });
+    matrix.addEventListener("keydown", (e) => {
+      const td = e.target.closest("td[data-cell]");
+      if (td && (e.key === "Enter" || e.key === " ")) { e.preventDefault(); show(td); }
+    });
+  }
+  for (const table of document.querySelectorAll("table.sortable")) {
+    const body = table.tBodies[0];
+    for (const th of table.tHead.rows[0].cells) {
+      th.addEventListener("click", () => {
+        const col = th.cellIndex;
+        const up = th.getAttribute("aria-sort") !== "ascending";
+        for (const other of table.tHead.rows[0].cells) other.removeAttribute("aria-sort");
+        th.setAttribute("aria-sort", up ? "ascending" : "descending");
+        const value = (row) => row.cells[col].dataset.v;
+        const rows = Array.from(body.rows).sort((a, b) => {
+          const x = value(a), y = value(b);
+          const d = x === undefined ? a.cells[col].textContent.localeCompare(b.cells[col].textContent)
+                                    : Number(x) - Number(y);
+          return up ? d : -d;
+        });
+        body.append(...rows);
+      });
+    }
+  }
+})();
+"""

@@ -1,0 +1,246 @@
+"""Probabilities a user can threshold: temperature scaling, ECE, "unknown", risk-coverage, TTA, top-k."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import calibration
+import checkpoint
+import eval as evaluate
+import predictor
+import test as predict
+
+needs_onnx = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+
+
+def call(entry, args: list[str]) -> int:
+    try:
+        return evaluate.cli(entry, args)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def models_of_both_kinds(trained_run, tmp_path_factory) -> dict[str, Path]:
+    """The trained run's best.pt, and (when onnxruntime is installed) its ONNX export."""
+    kinds = {"pt": trained_run / "best.pt"}
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import export
+
+        kinds["onnx"] = tmp_path_factory.mktemp("onnx") / "model.onnx"
+        assert export.main(["--checkpoint", str(kinds["pt"]), "--format", "onnx", "--out", str(kinds["onnx"])]) == 0
+    return kinds
+
+
+def kind_param() -> list:
+    return ["pt", pytest.param("onnx", marks=needs_onnx)]
+
+
+# ----------------------------------------------------------------------------- the measures
+
+def test_the_fitted_temperature_is_the_one_that_made_the_labels():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(20000, 5, generator=g)
+    labels = torch.multinomial((logits / 2).softmax(1), 1, generator=g)[:, 0]
+    assert calibration.fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.05)
+
+
+def test_a_validation_set_without_mistakes_does_not_drive_the_temperature_to_an_extreme():
+    logits, labels = 4 * torch.eye(3), torch.arange(3)
+    assert 0.5 < calibration.fit_temperature(logits, labels) < 1.0  # sharper, but not the 0.05 bound
+
+
+def test_processes_holding_shards_of_the_validation_set_fit_the_same_temperature_as_one_holding_all():
+    g = torch.Generator().manual_seed(1)
+    logits = 2 * torch.randn(3000, 4, generator=g)
+    labels = torch.multinomial((logits * 0.7).softmax(1), 1, generator=g)[:, 0]
+    shards, found = (slice(0, 1000), slice(1000, 3000)), [0.0, 0.0]
+    barrier, values = threading.Barrier(2), [None, None]
+
+    def all_reduce(rank: int, t: torch.Tensor) -> torch.Tensor:  # what torch.distributed does between processes
+        values[rank] = t.clone()
+        barrier.wait()
+        total = values[0] + values[1]
+        barrier.wait()
+        return total
+
+    def process(rank: int) -> None:
+        found[rank] = calibration.fit_temperature(logits[shards[rank]], labels[shards[rank]],
+                                                  lambda t: all_reduce(rank, t))
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert found[0] == found[1] == pytest.approx(calibration.fit_temperature(logits, labels), rel=1e-6)
+
+
+def test_ece_is_the_gap_between_confidence_and_accuracy():
+    probs = torch.tensor([[0.9, 0.1]] * 10)
+    labels = torch.tensor([0] * 6 + [1] * 4)  # 90% sure, right 60% of the time
+    assert calibration.ece(probs, labels) == pytest.approx(0.3)
+
+
+def test_risk_coverage_keeps_the_images_at_or_above_each_threshold():
+    probs = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.3, 0.7], [0.55, 0.45]])
+    labels = torch.tensor([0, 1, 1, 0])
+    rows = {r["threshold"]: r for r in calibration.risk_coverage(probs, labels, [0.0, 0.6, 0.7, 0.99])}
+    assert rows[0.0] == {"threshold": 0.0, "coverage": 1.0, "accuracy": 75.0}
+    assert rows[0.6] == {"threshold": 0.6, "coverage": 0.75, "accuracy": pytest.approx(200 / 3)}
+    assert rows[0.7]["coverage"] == 0.5 and rows[0.7]["accuracy"] == 100.0
+    assert rows[0.99] == {"threshold": 0.99, "coverage": 0.0, "accuracy": None}
+
+
+def test_top_k_accuracy_counts_the_true_class_among_the_k_most_probable():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    labels = torch.tensor([0, 1, 2])
+    assert [calibration.topk_accuracy(probs, labels, k) for k in (1, 2, 3, 5)] == \
+        pytest.approx([100 / 3, 200 / 3, 100, 100])
+
+
+def test_tta_mirrors_only_models_trained_with_flips():
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert len(predictor.tta_views(x, flips=False)) == 4
+    views = predictor.tta_views(x, flips=True)
+    assert len(views) == 6 and all(v.shape == x.shape and v.dtype == torch.uint8 for v in views)
+    assert torch.equal(views[0], x) and torch.equal(views[4], x.flip(-1))
+
+
+# ----------------------------------------------------------------------------- training and the scripts
+
+def test_training_stores_the_temperature_that_minimises_the_validation_loss(trained_run):
+    ckpt = checkpoint.load(trained_run / "best.pt")
+    assert set(ckpt["calibration"]) == {"temperature", "ece_raw", "ece"}
+    loaded = predictor.load_model(trained_run / "best.pt", "cpu")
+    val = json.loads((trained_run / "split.json").read_text())["val"]
+    logits, labels, _ = predictor.run_model(loaded, [(p, y) for p, y in val], 8, 0, show=False)
+    assert ckpt["calibration"]["temperature"] == pytest.approx(calibration.fit_temperature(logits, labels), rel=1e-4)
+    assert ckpt["calibration"]["ece"] <= ckpt["calibration"]["ece_raw"]
+
+
+@pytest.mark.parametrize("kind", kind_param())
+def test_test_py_writes_the_softmax_of_the_logits_divided_by_the_temperature(kind, models_of_both_kinds,
+                                                                           colours_eval, tmp_path):
+    model = models_of_both_kinds[kind]
+    assert call(predict.main, [str(colours_eval), "--checkpoint", str(model), "--out", str(tmp_path / "p")]) == 0
+    temperature = checkpoint.load(models_of_both_kinds["pt"])["calibration"]["temperature"]
+    loaded = predictor.load_model(models_of_both_kinds["pt"], "cpu")
+    assert loaded.temperature == temperature and temperature != 1
+    for row in read_csv(tmp_path / "p" / "predictions.csv"):
+        logits = loaded(torch.stack(predictor.input_images(loaded, [row["path"]])))[0]
+        expected = (logits / temperature).softmax(0).max()
+        assert float(row["probability"]) == pytest.approx(float(expected), abs=2e-4)
+
+
+@needs_onnx
+def test_the_onnx_export_carries_the_temperature_and_the_flip_setting(models_of_both_kinds):
+    onnx = predictor.OnnxModel(models_of_both_kinds["onnx"])
+    assert onnx.temperature == checkpoint.load(models_of_both_kinds["pt"])["calibration"]["temperature"]
+    assert onnx.flips is False  # the run was trained with --hflip 0
+
+
+def test_eval_reports_ece_before_and_after_the_temperature_and_draws_the_reliability_diagram(
+        trained_run, colours_eval, tmp_path, capsys):
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")]) == 0
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["calibrated"] is True
+    assert m["temperature"] == checkpoint.temperature(checkpoint.load(trained_run / "best.pt"))
+    assert set(m["ece"]) == {"raw", "calibrated"} and len(m["reliability"]["calibrated"]["count"]) == 15
+    assert sum(m["reliability"]["raw"]["count"]) == m["images"]
+    assert "expected calibration error" in capsys.readouterr().out
+    assert (tmp_path / "e" / "reliability.png").stat().st_size > 10_000
+
+
+def test_eval_of_a_model_trained_before_calibration_says_its_temperature_is_1(trained_run, colours_eval, tmp_path,
+                                                                              capsys):
+    old = checkpoint.load(trained_run / "best.pt")
+    del old["calibration"]
+    checkpoint.save(old, tmp_path / "old.pt")
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(tmp_path / "old.pt"), "--out",
+                                str(tmp_path / "e")]) == 0
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["calibrated"] is False and m["temperature"] == 1.0 and m["ece"]["raw"] == m["ece"]["calibrated"]
+    assert "no fitted temperature" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", kind_param())
+def test_reject_below_labels_the_images_under_the_threshold_unknown(kind, models_of_both_kinds, colours_eval,
+                                                                   tmp_path):
+    model = str(models_of_both_kinds[kind])
+    assert call(predict.main, [str(colours_eval), "--checkpoint", model, "--out", str(tmp_path / "all")]) == 0
+    plain = read_csv(tmp_path / "all" / "predictions.csv")
+    threshold = sorted(float(r["probability"]) for r in plain)[len(plain) // 2]  # half of them below
+    assert call(predict.main, [str(colours_eval), "--checkpoint", model, "--reject-below", str(threshold),
+                               "--out", str(tmp_path / "some")]) == 0
+    for before, after in zip(plain, read_csv(tmp_path / "some" / "predictions.csv"), strict=True):
+        below = float(before["probability"]) < threshold
+        assert after["label"] == ("unknown" if below else before["label"])
+        assert after["probability"] == before["probability"]
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_reject_below_must_be_a_probability(value, capsys):
+    assert call(predict.main, ["somewhere", "--reject-below", value]) == 2
+    assert "--reject-below" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", kind_param())
+def test_eval_with_tta_reports_the_accuracy_with_and_without(kind, models_of_both_kinds, colours_eval, tmp_path,
+                                                             capsys):
+    model = str(models_of_both_kinds[kind])
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", model, "--out", str(tmp_path / "plain")]) == 0
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", model, "--tta", "--out", str(tmp_path / "tta")]) == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    tta = json.loads((tmp_path / "tta" / "metrics.json").read_text())
+    assert tta["accuracy_without_tta"] == pytest.approx(plain["accuracy"])
+    assert tta["tta_accuracy"] == pytest.approx(tta["accuracy"]) and "tta_accuracy" not in plain
+    assert "With test-time augmentation" in capsys.readouterr().out
+
+
+def test_test_py_with_tta_averages_the_probabilities_of_the_views(trained_run, colours_eval, tmp_path):
+    path = str(next((colours_eval / "red").iterdir()))
+    assert call(predict.main, [path, "--checkpoint", str(trained_run), "--tta", "--out", str(tmp_path / "p")]) == 0
+    loaded = predictor.load_model(trained_run / "best.pt", "cpu")
+    image = torch.stack(predictor.input_images(loaded, [path]))
+    views = torch.stack([loaded(v)[0] for v in predictor.tta_views(image, loaded.flips)])
+    expected = (views / loaded.temperature).softmax(1).mean(0).max()
+    assert float(read_csv(tmp_path / "p" / "predictions.csv")[0]["probability"]) == pytest.approx(float(expected),
+                                                                                                 abs=2e-4)
+
+
+def test_eval_reports_top_k_accuracy_with_k_at_most_the_number_of_classes(trained_run, colours_eval, tmp_path):
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")]) == 0
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert "top3_accuracy" in m and "top5_accuracy" not in m and m["top3_accuracy"] == 100.0  # 3 classes
+
+
+def test_eval_writes_one_self_contained_report_with_the_images_of_each_confusion_cell(trained_run, colours_eval,
+                                                                                     tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(colours_eval, data)
+    shutil.copy(next((data / "red").iterdir()), data / "blue" / "actually-red.png")  # one sure mistake
+    assert call(evaluate.main, [str(data), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")]) == 0
+    html = (tmp_path / "e" / "report.html").read_text()
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    page = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', html).group(1))
+    cm = m["confusion_matrix"]
+    assert {key: cell["count"] for key, cell in page["cells"].items()} == \
+        {f"{i},{j}": n for i, row in enumerate(cm) for j, n in enumerate(row) if n}
+    assert all(len(cell["thumbs"]) == cell["count"] for cell in page["cells"].values())  # few images: all shown
+    assert html.count("data:image/png;base64,") == 3  # reliability, risk-coverage, worst mistakes
+    assert "actually-red.png" in html and "http://" not in html and "https://" not in html
