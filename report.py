@@ -183,14 +183,19 @@ def worst_mistakes_figure(loaded: Loaded, wrong: list[Result], classes: list[str
         pictures.append(None if image is None else image.permute(1, 2, 0).numpy())
         captions.append(f"{classes[r.true]} -> {classes[r.predicted]} ({100 * r.confidence:.0f}%)")
         for c in (r.predicted, r.true):
-            pictures.append(None if image is None else overlay_for(explainer, image, c))
-            captions.append(f"evidence for {classes[c]}")
+            picture, found = overlay_for(explainer, image, c) if image is not None else (None, True)
+            pictures.append(picture)
+            captions.append(f"evidence for {classes[c]}" + ("" if found else NONE_FOUND))
     return plots.image_grid(pictures, captions, ["red", "black", "black"] * len(wrong), columns=6)
 
 
-def overlay_for(explainer: Explainer, image: torch.Tensor, c: int) -> np.ndarray:
+NONE_FOUND = " (none found)"  # Grad-CAM's map is all negative: no region raises the class's score
+
+
+def overlay_for(explainer: Explainer, image: torch.Tensor, c: int) -> tuple[np.ndarray, bool]:
+    """The heatmap of the evidence for class `c` over the image, and whether there is any."""
     heat = explainer(image[None], torch.tensor([c]))[0]
-    return explain.overlay(image.permute(1, 2, 0).numpy(), heat.numpy())
+    return explain.overlay(image.permute(1, 2, 0).numpy(), heat.numpy()), bool(heat.max() > 0)
 
 
 def confusion_cells(results: list[Result], n: int, classes: list[str]) -> dict[tuple[int, int], html_report.Cell]:
@@ -286,11 +291,14 @@ def write_explanations(out: Path, loaded: Loaded, paths: list[str], results: dic
             continue
         predicted = loaded.classes.index(results[i][0][0])
         true = folders.class_of(paths[i], loaded.classes)
-        pictures = [image.permute(1, 2, 0).numpy(), overlay_for(explainer, image, predicted)]
-        names = [folders.shown(Path(paths[i]).name), f"evidence for {results[i][0][0]} ({100 * results[i][0][1]:.0f}%)"]
+        picture, found = overlay_for(explainer, image, predicted)
+        pictures = [image.permute(1, 2, 0).numpy(), picture]
+        names = [folders.shown(Path(paths[i]).name), f"evidence for {results[i][0][0]} ({100 * results[i][0][1]:.0f}%)"
+                 + ("" if found else NONE_FOUND)]
         if true is not None and true != predicted:
-            pictures.append(overlay_for(explainer, image, true))
-            names.append(f"evidence for {loaded.classes[true]} (its folder)")
+            picture, found = overlay_for(explainer, image, true)
+            pictures.append(picture)
+            names.append(f"evidence for {loaded.classes[true]} (its folder)" + ("" if found else NONE_FOUND))
         plots.save(plots.image_grid(pictures, names, columns=3), folder / f"{i:04d}-{safe_stem(paths[i])}.png")
         if len(cells) < grid:
             cells.append(pictures[1])
