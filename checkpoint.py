@@ -80,14 +80,32 @@ def of_model(arch: str, classes: list[str], model: dict[str, Any], preprocess: P
             "preprocess": preprocess.to_dict(), "model": model, **training}
 
 
-def temperature(ckpt: dict[str, Any]) -> float | None:
+def temperature(ckpt: dict[str, Any], source: str | Path = "the checkpoint") -> float | None:
     """The fitted temperature, or None for a model trained before calibration (use 1)."""
-    return ckpt["calibration"]["temperature"] if ckpt.get("calibration") else None
+    if not ckpt.get("calibration"):
+        return None
+    return checked_temperature(ckpt["calibration"].get("temperature"), source)
+
+
+def checked_temperature(value: Any, source: str | Path) -> float:
+    """A temperature read from a file: a finite number above 0, or the file is refused in one line."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not 0 < t < float("inf"):
+        raise UsageError(f"{source} has an invalid temperature ({value!r}): it must be a number above 0; "
+                         "export or train it again")
+    return t
 
 
 def trained_with_flips(ckpt: dict[str, Any]) -> bool:
-    """Whether mirror images are the same class for this model (test-time augmentation may flip)."""
-    return float(ckpt.get("config", {}).get("hflip", 0.5)) > 0
+    """Whether the model saw mirror images in training (then test-time augmentation may flip): not with
+    --hflip 0, --augment none, or transfer mode's feature cache (no augmentation at all)."""
+    cfg = ckpt.get("config", {})
+    augmented = cfg.get("augment", "basic") != "none" and not (cfg.get("mode") == "transfer" and
+                                                               cfg.get("feature_cache", True))
+    return augmented and float(cfg.get("hflip", 0.5)) > 0
 
 
 def export_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
@@ -173,6 +191,15 @@ def missing(given: Path, name: str) -> str:
 
 def is_onnx(path: Path) -> bool:
     return path.suffix.lower() == ".onnx"
+
+
+def runnable(path: Path) -> Path:
+    """A model eval.py and test.py can run: a .pt or an .onnx; the phone formats are refused by name."""
+    fmt = {suffix: name for name, suffix in EXPORT_SUFFIX.items()}.get(path.suffix.lower())
+    if fmt and fmt != "onnx":
+        raise UsageError(f"{path} is a {fmt} export for phones: eval.py and test.py run a .pt (or its run folder) "
+                         "or an .onnx")
+    return path
 
 
 def newest_in_runs(name: str) -> Path | None:

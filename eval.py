@@ -54,7 +54,7 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
-    ckpt = checkpoint.find(args.checkpoint)
+    ckpt = checkpoint.runnable(checkpoint.find(args.checkpoint))
     if not args.checkpoint:
         print(f"using checkpoint {ckpt}")
     with files.report_folder(args.out, ckpt.parent / f"eval-{args.data.resolve().name}-{ckpt.stem}") as out:

@@ -31,10 +31,15 @@ class Target:
     shape: tuple[int, ...]
 
 
+MIN_SIDE = 4  # a stage whose map is smaller can only say "this quadrant": an earlier one localises better
+
+
 def find_target(net: nn.Module, example: torch.Tensor) -> Target:
-    """The last module output of the forward pass that still has a spatial extent (more than 1 x 1),
-    pooling excluded, and the outermost module giving it (ResNet's `layer4`, VGG's and MobileNetV2's
-    `features`). Refused when that output is not an N x C x H x W map: a transformer's tokens."""
+    """The network's last convolutional stage with a spatial map: the last module output of the forward
+    pass that is an N x C x H x W map of at least MIN_SIDE x MIN_SIDE (else the last larger than 1 x 1),
+    taken whole (ResNet's `layer4`, VGG's and MobileNetV2's `features`), never from inside a block that
+    shrinks it further (a ResNet bottleneck's first ReLU bypasses its shortcut). Refused when the last
+    spatial output is no such map: a transformer's tokens, or channels-last features (Swin)."""
     seen: list[tuple[str, nn.Module, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda mod, _, out, name=name: seen.append((name, mod, out)))
              for name, m in net.named_modules() if name and "Pool" not in type(m).__name__]
@@ -44,15 +49,51 @@ def find_target(net: nn.Module, example: torch.Tensor) -> Target:
     finally:
         for h in hooks:
             h.remove()
-    spatial = [(n, m, o) for n, m, o in seen if isinstance(o, torch.Tensor) and o.dim() >= 3
-               and int(np.prod(o.shape[2:])) > 1]
+    outputs = {n: o for n, _, o in seen}
+    modules = dict(net.named_modules())
+    spatial = [(n, m, o) for n, m, o in seen
+               if isinstance(o, torch.Tensor) and area(o) > 1 and whole(n, o, outputs, modules)]
     if not spatial:
         raise NoFeatureMap("no module gives a spatial feature map")
-    name, module, out = spatial[-1]
-    if out.dim() != 4:
-        raise NoFeatureMap(f"its last stage ({name}) gives {' x '.join(map(str, out.shape))} tokens, not a "
-                           "convolutional feature map")
+    name, _, out = spatial[-1]
+    if not is_map(out):
+        shape = " x ".join(map(str, out.shape))
+        raise NoFeatureMap(f"its last stage ({name}) gives {shape} tokens, not a convolutional feature map"
+                           if out.dim() == 3 else f"its last stage ({name}) gives channels-last {shape} "
+                           "features, not a convolutional feature map")
+    # the maps after the last stage that is not one (Swin's channels-last stages, then one permuted map)
+    start = max((k + 1 for k, (_, _, o) in enumerate(spatial) if not is_map(o)), default=0)
+    stages = spatial[start:]
+    big = [c for c in stages if min(c[2].shape[2:]) >= MIN_SIDE]
+    name, module, out = (big or stages)[-1]
     return Target(name, module, tuple(out.shape))
+
+
+def is_map(t: torch.Tensor) -> bool:
+    """N x C x H x W. Inputs are square, so a 4-d tensor whose last two sizes differ is channels-last."""
+    return t.dim() == 4 and t.shape[2] == t.shape[3]
+
+
+def area(t: torch.Tensor) -> int:
+    """The spatial size of a map, channels-last or not; a token sequence's length; 1 for a vector."""
+    if t.dim() == 4:
+        return int(t.shape[2] * t.shape[3]) if is_map(t) else int(t.shape[1] * t.shape[2])
+    return int(t.shape[1]) if t.dim() == 3 else 1
+
+
+def whole(name: str, out: torch.Tensor, outputs: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> bool:
+    """Whether `name`'s output leaves every block around it at its size: a plain nn.Sequential only
+    chains stages, any other module around it (a residual block, an inverted residual) that ends at
+    another size would be cut through."""
+    parts = name.split(".")
+    for k in range(1, len(parts)):
+        parent = ".".join(parts[:k])
+        if type(modules[parent]) is nn.Sequential:
+            continue
+        up = outputs.get(parent)
+        if isinstance(up, torch.Tensor) and up.shape[2:] != out.shape[2:]:
+            return False
+    return True
 
 
 def grad_cam(net: nn.Module, x: torch.Tensor, classes: torch.Tensor, target: Target) -> torch.Tensor:

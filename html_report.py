@@ -168,16 +168,31 @@ def _per_class(m: dict[str, Any]) -> str:
             f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>\n</section>")
 
 
+MAX_MATRIX_CLASSES = 100  # a bigger matrix is unreadable and its page heavy (a million cells for ImageNet)
+
+
+def matrix_classes(cm: list[list[int]] | np.ndarray, limit: int = MAX_MATRIX_CLASSES) -> list[int]:
+    """The classes the page's matrix shows, in order: all, or the `limit` most involved in mistakes (as
+    the true class or the predicted one)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    if len(cm) <= limit:
+        return list(range(len(cm)))
+    off = cm - np.diag(np.diag(cm))
+    return sorted(np.argsort(-(off.sum(0) + off.sum(1)), kind="stable")[:limit].tolist())
+
+
 def _matrix(m: dict[str, Any], classes: list[str], cells: dict[tuple[int, int], Cell]) -> str:
     cm = np.asarray(m.get("confusion_matrix") or [], dtype=np.int64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(classes) or not classes:
         return ""
     totals = cm.sum(1)
-    head = "".join(f'<th title="{_esc(c)}"><span>{_esc(c)}</span></th>' for c in classes)
+    shown = matrix_classes(cm)
+    head = "".join(f'<th title="{_esc(classes[j])}"><span>{_esc(classes[j])}</span></th>' for j in shown)
     rows = []
-    for i, name in enumerate(classes):
+    for i in shown:
+        name = classes[i]
         tds = []
-        for j in range(len(classes)):
+        for j in shown:
             n = int(cm[i, j])
             kind = "d" if i == j else "o"
             if n == 0 and (i, j) not in cells:
@@ -189,9 +204,11 @@ def _matrix(m: dict[str, Any], classes: list[str], cells: dict[tuple[int, int], 
             tds.append(f'<td class="{kind}{dark}" data-cell="{i},{j}" tabindex="0" style="--a:{alpha:.2f}" '
                        f'title="{100 * share:.1f}% of the row">{n}</td>')
         rows.append(f'<tr><th title="{_esc(name)}">{_esc(name)}</th>{"".join(tds)}<td class="t">{totals[i]}</td></tr>')
+    part = (f" The {len(shown)} of {len(classes)} classes most involved in mistakes; the whole matrix is in "
+            "metrics.json." if len(shown) < len(classes) else "")
     return ('<section>\n<h2>Confusion matrix</h2>\n<p class="note">Rows: true class; columns: predicted class. Shade: '
             "share of the row. Blue: correct (the diagonal); red: mistakes. Click a non-empty cell to see its "
-            'images.</p>\n<div class="scroll matrix"><table id="cm">'
+            f'images.{part}</p>\n<div class="scroll matrix"><table id="cm">'
             f'<thead><tr><th class="corner">true \\ predicted</th>{head}<th class="t">images</th></tr></thead>\n'
             "<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>\n"
             '<section id="panel" hidden><h3 id="panel-title"></h3><div id="panel-thumbs"></div></section>\n'

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +65,7 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
     autocast, _ = precision(device, amp)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     return Loaded(model, to_model_input(pre, device), autocast, list(ckpt["classes"]), pre, path, device,
-                  ckpt["arch"], checkpoint.temperature(ckpt), checkpoint.trained_with_flips(ckpt))
+                  ckpt["arch"], checkpoint.temperature(ckpt, path), checkpoint.trained_with_flips(ckpt))
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
@@ -105,16 +105,16 @@ def tta_views(x: torch.Tensor, flips: bool) -> list[torch.Tensor]:
     return [*views, x.flip(-1), centre.flip(-1)] if flips else views
 
 
-def input_images(loaded: Loaded, paths: list[str], max_bytes: int = dataset.MAX_BYTES) -> list[torch.Tensor | None]:
-    """Each file as the model sees it (uint8 3 x img_size x img_size), or None when unreadable."""
+def input_images(loaded: Loaded, paths: list[str], max_bytes: int = dataset.MAX_BYTES
+                 ) -> Iterator[torch.Tensor | None]:
+    """Each file as the model sees it (uint8 3 x img_size x img_size), or None when unreadable; one at a
+    time, so that explaining 100,000 images holds one in memory."""
     pre, crop = loaded.preprocess, loaded.preprocess.crop()
-    out: list[torch.Tensor | None] = []
     for path in paths:
         try:
-            out.append(crop(torch.from_numpy(dataset.load_image(path, pre.resize_size, max_bytes)).permute(2, 0, 1)))
+            yield crop(torch.from_numpy(dataset.load_image(path, pre.resize_size, max_bytes)).permute(2, 0, 1))
         except (dataset.BadImage, OSError):
-            out.append(None)
-    return out
+            yield None
 
 
 class Explainer:
@@ -163,7 +163,7 @@ class OnnxModel:
             raise UsageError(f"{path} has no class names in its metadata: export it with export.py")
         self.classes = json.loads(meta["classes"])
         self.preprocess = Preprocess.from_metadata(meta)
-        self.temperature = float(meta["temperature"]) if "temperature" in meta else None
+        self.temperature = checkpoint.checked_temperature(meta["temperature"], path) if "temperature" in meta else None
         self.flips = json.loads(meta.get("hflip", "true"))
         self.arch = meta.get("arch", Path(path).stem)
         self.input = self.session.get_inputs()[0].name

@@ -111,9 +111,10 @@ def confidence_metrics(loaded: Loaded, logits: torch.Tensor, probs: torch.Tensor
                        tta: bool) -> dict[str, Any]:
     """How far the probabilities can be trusted: top-k accuracy, calibration before and after the
     temperature (on the plain images' logits), risk-coverage; with TTA, the accuracy without it."""
-    k = min(5, len(loaded.classes))
+    k = min(5, len(loaded.classes) - 1)  # top-k of all the classes is 100% and says nothing
     raw, calibrated = calibration.probabilities(logits), calibration.probabilities(logits, loaded.temperature or 1.0)
-    m = {f"top{k}_accuracy": calibration.topk_accuracy(probs, y, k), "temperature": loaded.temperature or 1.0,
+    m = {**({f"top{k}_accuracy": calibration.topk_accuracy(probs, y, k)} if k >= 2 else {}),
+         "temperature": loaded.temperature or 1.0,
          "calibrated": loaded.temperature is not None,
          "ece": {"raw": calibration.ece(raw, y), "calibrated": calibration.ece(calibrated, y)},
          "reliability": {"raw": calibration.reliability_bins(raw, y),
@@ -127,8 +128,9 @@ def confidence_metrics(loaded: Loaded, logits: torch.Tensor, probs: torch.Tensor
 
 
 def print_confidence(m: dict[str, Any]) -> None:
-    top = next(key for key in m if key.startswith("top") and key.endswith("_accuracy"))
-    print(f"Top-{top[3:-9]} accuracy: {m[top]:.2f}%")
+    for key in m:
+        if key.startswith("top") and key.endswith("_accuracy"):
+            print(f"Top-{key[3:-9]} accuracy: {m[key]:.2f}%")
     if "tta_accuracy" in m:
         print(f"With test-time augmentation: {m['tta_accuracy']:.2f}% (without: {m['accuracy_without_tta']:.2f}%)")
     ece = m["ece"]
@@ -138,7 +140,10 @@ def print_confidence(m: dict[str, Any]) -> None:
     else:
         print(f"note: this checkpoint has no fitted temperature (trained before calibration): probabilities are the "
               f"raw softmax (temperature 1); expected calibration error {100 * ece['raw']:.2f}%")
-    print("Keeping only predictions with probability >= P (test.py --reject-below P):")
+    if "tta" in ece:  # the temperature was fitted on single views: an average of views is less sure
+        print(f"  with test-time augmentation (averaged calibrated probabilities): {100 * ece['tta']:.2f}%")
+    tta = " --tta" if "tta_accuracy" in m else ""
+    print(f"Keeping only predictions with probability >= P (test.py{tta} --reject-below P):")
     for r in m["risk_coverage"]:
         if r["threshold"] in (0.5, 0.8, 0.9, 0.95) and r["accuracy"] is not None:
             print(f"  P={r['threshold']:.2f}: keeps {100 * r['coverage']:.1f}% of the images, "
@@ -166,7 +171,7 @@ def write_eval(out: Path, m: dict[str, Any], results: list[Result], skipped: lis
         plots.save(worst_mistakes_figure(loaded, wrong[:WORST], classes), out / "worst_mistakes.png")
     figures = [("Reliability diagram", out / "reliability.png"), ("Risk-coverage", out / "risk_coverage.png"),
                ("Worst mistakes, with the evidence for each class", out / "worst_mistakes.png")]
-    html_report.write_html(out / "report.html", m, confusion_cells(results, len(classes), classes), figures)
+    html_report.write_html(out / "report.html", m, confusion_cells(results, m["confusion_matrix"]), figures)
     print(f"wrote {out}/report.html, metrics.json, confusion_matrix.png, reliability.png, risk_coverage.png, "
           "misclassified.csv" + (", worst_mistakes.png" if wrong else ""))
 
@@ -198,19 +203,28 @@ def overlay_for(explainer: Explainer, image: torch.Tensor, c: int) -> tuple[np.n
     return explain.overlay(image.permute(1, 2, 0).numpy(), heat.numpy()), bool(heat.max() > 0)
 
 
-def confusion_cells(results: list[Result], n: int, classes: list[str]) -> dict[tuple[int, int], html_report.Cell]:
-    """report.html's images per confusion cell: mistakes most confident first; a correct cell spread
-    over its confidences. Capped per cell and in all, so the page stays a few MB."""
+def confusion_cells(results: list[Result], cm: list[list[int]]) -> dict[tuple[int, int], html_report.Cell]:
+    """report.html's images per confusion cell of the classes its matrix shows: mistakes most confident
+    first, a correct cell spread over its confidences. At most CELL_THUMBS per cell and ALL_THUMBS in
+    all, shared fairly among the mistake cells first, then the correct ones: a few MB however many images."""
+    shown = set(html_report.matrix_classes(cm))
     by_cell: dict[tuple[int, int], list[Result]] = {}
     for r in results:
-        by_cell.setdefault((r.true, r.predicted), []).append(r)
-    cap = max(4, min(CELL_THUMBS, ALL_THUMBS // max(1, len(by_cell))))
+        if r.true in shown and r.predicted in shown:
+            by_cell.setdefault((r.true, r.predicted), []).append(r)
+    budget, shares = ALL_THUMBS, {}
+    for group in ([c for c in by_cell if c[0] != c[1]], [c for c in by_cell if c[0] == c[1]]):
+        group.sort(key=lambda c: len(by_cell[c]))  # the smallest first: what they leave, the bigger ones share
+        for k, c in enumerate(group):
+            shares[c] = min(CELL_THUMBS, len(by_cell[c]), budget // (len(group) - k))
+            budget -= shares[c]
     cells = {}
     for (t, q), rs in by_cell.items():
         rs.sort(key=lambda r: -r.confidence)
-        shown_rs = rs[:cap] if t != q else [rs[i] for i in np.linspace(0, len(rs) - 1, min(cap, len(rs))).astype(int)]
+        k = shares[(t, q)]
+        picked = rs[:k] if t != q else [rs[i] for i in np.linspace(0, len(rs) - 1, k).astype(int)] if k else []
         thumbs = []
-        for r in shown_rs:
+        for r in picked:
             image = thumbnail(r.path, 64)
             if image is not None:
                 thumbs.append((f"{Path(r.path).name} {100 * r.confidence:.0f}%", html_report.jpeg_thumbnail(image)))
@@ -238,6 +252,8 @@ def label(ckpt_path: Path, paths: list[str], out: Path, device: str, amp: bool, 
     write_predictions(out, paths, results, k, grid, max_bytes, reject_below)
     if explain_them and results:
         write_explanations(out, loaded, paths, results, grid, max_bytes)
+    elif explain_them:
+        print("no readable image to explain")
     return 0
 
 
@@ -261,7 +277,8 @@ def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple
             colours.append("darkorange" if rejected else "black")
         else:
             reason = dataset.inspect_file(path, max_bytes=max_bytes)[0] or "unreadable"
-            print(f"{folders.shown(path)}: unreadable ({reason})")
+            said = reason if reason.startswith("unreadable") else f"unreadable ({reason})"
+            print(f"{folders.shown(path)}: {said}")
             rows.append([path, "", "", "", f"unreadable: {reason}"])
             captions.append("unreadable")
             colours.append("red")

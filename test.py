@@ -66,7 +66,7 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     if args.topk < 1 or args.grid < 1:
         raise UsageError(f"--{'topk' if args.topk < 1 else 'grid'} must be at least 1")
     if args.reject_below is not None and not 0 <= args.reject_below <= 1:
-        raise UsageError(f"--reject-below {args.reject_below:g} is not a probability: give a number from 0 to 1, "
+        raise UsageError(f"--reject-below {args.reject_below!r} is not a probability: give a number from 0 to 1, "
                          "e.g. --reject-below 0.8")
     if args.out:
         files.check_new_folder(Path(args.out))
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
     max_bytes = int(args.max_file_mb * 2**20)
     paths = expand(args.paths, max_bytes)
-    ckpt = checkpoint.find(args.checkpoint)
+    ckpt = checkpoint.runnable(checkpoint.find(args.checkpoint))
     if not args.checkpoint:
         print(f"using checkpoint {ckpt}")
     name = Path(args.paths[0]).resolve().name if len(args.paths) == 1 and not glob.has_magic(args.paths[0]) \

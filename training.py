@@ -793,6 +793,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradSc
     apply_settings(optimizer, cfg)
 
 
+FEW_TO_CALIBRATE = 100  # validation images below which the fitted temperature is said to be rough
+
+
 class Loop:
     """The epochs of a run, from wherever it is, with its checkpoints, logs and interrupts."""
 
@@ -1000,7 +1003,9 @@ class Loop:
         if self.calibration:
             c = self.calibration
             print(f"calibrated: temperature {c['temperature']:.3f}; expected calibration error on val "
-                  f"{100 * c['ece_raw']:.2f}% -> {100 * c['ece']:.2f}%")
+                  f"{100 * c['ece_raw']:.2f}% -> {100 * c['ece']:.2f}%" +
+                  (f" (only {c['images']} validation images: a rough fit, kept near 1 by its prior)"
+                   if c.get("images", FEW_TO_CALIBRATE) < FEW_TO_CALIBRATE else ""))
 
 
 def make_criterion(cfg: TrainConfig, train_counts: list[int]) -> nn.CrossEntropyLoss:

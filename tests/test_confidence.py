@@ -125,7 +125,7 @@ def test_tta_mirrors_only_models_trained_with_flips():
 
 def test_training_stores_the_temperature_that_minimises_the_validation_loss(trained_run):
     ckpt = checkpoint.load(trained_run / "best.pt")
-    assert set(ckpt["calibration"]) == {"temperature", "ece_raw", "ece"}
+    assert set(ckpt["calibration"]) == {"temperature", "ece_raw", "ece", "images"}
     loaded = predictor.load_model(trained_run / "best.pt", "cpu")
     val = json.loads((trained_run / "split.json").read_text())["val"]
     logits, labels, _ = predictor.run_model(loaded, [(p, y) for p, y in val], 8, 0, show=False)
@@ -142,7 +142,7 @@ def test_test_py_writes_the_softmax_of_the_logits_divided_by_the_temperature(kin
     loaded = predictor.load_model(models_of_both_kinds["pt"], "cpu")
     assert loaded.temperature == temperature and temperature != 1
     for row in read_csv(tmp_path / "p" / "predictions.csv"):
-        logits = loaded(torch.stack(predictor.input_images(loaded, [row["path"]])))[0]
+        logits = loaded(torch.stack(list(predictor.input_images(loaded, [row["path"]]))))[0]
         expected = (logits / temperature).softmax(0).max()
         assert float(row["probability"]) == pytest.approx(float(expected), abs=2e-4)
 
@@ -193,10 +193,10 @@ def test_reject_below_labels_the_images_under_the_threshold_unknown(kind, models
         assert after["probability"] == before["probability"]
 
 
-@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+@pytest.mark.parametrize("value", ["1.0000001", "-0.1", "nan"])
 def test_reject_below_must_be_a_probability(value, capsys):
     assert call(predict.main, ["somewhere", "--reject-below", value]) == 2
-    assert "--reject-below" in capsys.readouterr().err
+    assert f"--reject-below {value} is not a probability" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", kind_param())
@@ -209,24 +209,56 @@ def test_eval_with_tta_reports_the_accuracy_with_and_without(kind, models_of_bot
     tta = json.loads((tmp_path / "tta" / "metrics.json").read_text())
     assert tta["accuracy_without_tta"] == pytest.approx(plain["accuracy"])
     assert tta["tta_accuracy"] == pytest.approx(tta["accuracy"]) and "tta_accuracy" not in plain
-    assert "With test-time augmentation" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "With test-time augmentation" in said and "with test-time augmentation (averaged" in said
+    assert "test.py --tta --reject-below P" in said
 
 
 def test_test_py_with_tta_averages_the_probabilities_of_the_views(trained_run, colours_eval, tmp_path):
     path = str(next((colours_eval / "red").iterdir()))
     assert call(predict.main, [path, "--checkpoint", str(trained_run), "--tta", "--out", str(tmp_path / "p")]) == 0
     loaded = predictor.load_model(trained_run / "best.pt", "cpu")
-    image = torch.stack(predictor.input_images(loaded, [path]))
+    image = torch.stack(list(predictor.input_images(loaded, [path])))
     views = torch.stack([loaded(v)[0] for v in predictor.tta_views(image, loaded.flips)])
     expected = (views / loaded.temperature).softmax(1).mean(0).max()
     assert float(read_csv(tmp_path / "p" / "predictions.csv")[0]["probability"]) == pytest.approx(float(expected),
                                                                                                  abs=2e-4)
 
 
-def test_eval_reports_top_k_accuracy_with_k_at_most_the_number_of_classes(trained_run, colours_eval, tmp_path):
+def test_eval_reports_top_k_accuracy_with_k_below_the_number_of_classes(trained_run, colours_eval, tmp_path):
     assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")]) == 0
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    assert "top3_accuracy" in m and "top5_accuracy" not in m and m["top3_accuracy"] == 100.0  # 3 classes
+    assert [k for k in m if k.startswith("top")] == ["top2_accuracy"]  # 3 classes: top-3 would always be 100%
+    assert m["top2_accuracy"] >= m["accuracy"]
+
+
+def test_a_phone_export_given_to_eval_or_test_is_refused_by_name(colours_eval, tmp_path, capsys):
+    (tmp_path / "model.pte").write_bytes(b"not for eval")
+    for entry in (evaluate.main, predict.main):
+        assert call(entry, [str(colours_eval), "--checkpoint", str(tmp_path / "model.pte")]) == 2
+        assert "executorch export for phones" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), "warm"])
+def test_an_invalid_temperature_in_a_checkpoint_is_refused_in_one_line(value, trained_run, colours_eval, tmp_path,
+                                                                       capsys):
+    bad = checkpoint.load(trained_run / "best.pt")
+    bad["calibration"]["temperature"] = value
+    checkpoint.save(bad, tmp_path / "bad.pt")
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(tmp_path / "bad.pt"), "--out",
+                                str(tmp_path / "e")]) == 2
+    assert "invalid temperature" in capsys.readouterr().err
+
+
+def test_tta_does_not_mirror_a_model_that_never_saw_a_mirror_image():
+    def flips(**config) -> bool:
+        return checkpoint.trained_with_flips({"config": {"mode": "scratch", "hflip": 0.5, "augment": "basic"} | config})
+
+    assert flips()
+    assert not flips(hflip=0.0)
+    assert not flips(augment="none")
+    assert not flips(mode="transfer", feature_cache=True)  # trained on cached features: no augmentation
+    assert flips(mode="transfer", feature_cache=False)
 
 
 def test_eval_writes_one_self_contained_report_with_the_images_of_each_confusion_cell(trained_run, colours_eval,
@@ -244,3 +276,34 @@ def test_eval_writes_one_self_contained_report_with_the_images_of_each_confusion
     assert all(len(cell["thumbs"]) == cell["count"] for cell in page["cells"].values())  # few images: all shown
     assert html.count("data:image/png;base64,") == 3  # reliability, risk-coverage, worst mistakes
     assert "actually-red.png" in html and "http://" not in html and "https://" not in html
+
+
+def test_report_thumbnails_stay_within_their_budget_mistakes_first(colours_eval, monkeypatch):
+    import report
+
+    monkeypatch.setattr(report, "ALL_THUMBS", 10)
+    monkeypatch.setattr(report, "CELL_THUMBS", 4)
+    paths = sorted(str(p) for p in colours_eval.rglob("*.png"))  # 18 images
+    results = [report.Result(p, k % 3, k % 3 if k < 12 else (k + 1) % 3, 0.5) for k, p in enumerate(paths)]
+    cm = [[0] * 3 for _ in range(3)]
+    for r in results:
+        cm[r.true][r.predicted] += 1
+    cells = report.confusion_cells(results, cm)
+    assert sum(len(c.thumbs) for c in cells.values()) == 10
+    assert {k: c.count for k, c in cells.items()} == {(t, q): n for t, row in enumerate(cm) for q, n in enumerate(row)
+                                                      if n}
+    assert all(len(c.thumbs) == c.count for (t, q), c in cells.items() if t != q)  # the mistakes are all shown
+
+
+def test_a_report_of_many_classes_shows_the_most_confused_ones_in_its_matrix(tmp_path):
+    import html_report
+
+    n = 150
+    cm = [[5 if i == j else 0 for j in range(n)] for i in range(n)]
+    cm[7][9] = cm[140][3] = 2
+    classes = [f"class{i}" for i in range(n)]
+    shown = html_report.matrix_classes(cm, limit=100)
+    assert len(shown) == 100 and {3, 7, 9, 140} <= set(shown)
+    html_report.write_html(tmp_path / "r.html", {"classes": classes, "confusion_matrix": cm}, {}, [])
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<tr><th title=") == 100 and "100 of 150 classes most involved in mistakes" in page
