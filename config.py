@@ -158,10 +158,14 @@ def opt(default: Any, help: str, **kwargs: Any) -> Any:
 @dataclass
 class TrainConfig:
     # data
-    data: str = opt("demo", "image folder (DIR/train + DIR/val, or DIR/<class>/...), or 'demo' for "
-                    "scikit-learn's digits exported as PNGs (the demo trains from scratch at 32 px for 10 epochs "
-                    "without flips, unless told otherwise)")
-    val_split: float = opt(0.2, "share of each class held out for validation when DATA has no val/ folder")
+    data: str = opt("demo", "image folder (DIR/train + DIR/val, or DIR/<class>/...), a label file (a .csv with "
+                    "path,label[,split] columns), or 'demo' for scikit-learn's digits exported as PNGs (the demo "
+                    "trains from scratch at 32 px for 10 epochs without flips, unless told otherwise)")
+    val_split: float = opt(0.2, "share of each class held out for validation when DATA has no val/ folder (or "
+                           "split column)")
+    test_split: float = opt(0.0, "share of each class set aside as the run's test set, never trained on nor used "
+                            "to choose best.pt (flat folders and label files without a split column); "
+                            "python eval.py --checkpoint RUN evaluates it")
     img_size: int | None = opt(None, "training/eval crop size in pixels (default: the weights' own, 224)",
                                type=int)
     augment: str = opt("basic", "training augmentation preset",
@@ -291,7 +295,7 @@ def describe_recipe(cfg: TrainConfig, given: dict[str, Any]) -> str:
 
 # Settings that define what a run *is*: changing them on --resume would make a different run, so a
 # resume refuses them. Every other setting given with --resume takes effect from where the run is.
-IDENTITY = ("data", "model", "mode", "weights", "img_size", "val_split", "seed")
+IDENTITY = ("data", "model", "mode", "weights", "img_size", "val_split", "test_split", "seed")
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
@@ -319,6 +323,8 @@ def validate(cfg: TrainConfig) -> None:
     """Reject settings that cannot work before anything is loaded or written."""
     checks = [
         (0 < cfg.val_split < 1, "--val-split must be between 0 and 1"),
+        (0 <= cfg.test_split < 1 and cfg.val_split + cfg.test_split < 1,
+         "--test-split must be 0 or more, and --val-split plus --test-split less than 1"),
         (cfg.epochs >= 1, "--epochs must be at least 1"),
         (cfg.batch_size >= 1, "--batch-size must be at least 1"),
         (cfg.lr > 0, "--lr must be positive"),

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import files
 import folders
+import labels
 from config import Parser, TrainConfig, UsageError, add_shared, cache_root, cli
 from folders import shown
 
@@ -302,6 +303,7 @@ class DataSplit:
     left_out: list[tuple[str, str]] = field(default_factory=list)  # never opened: (path, reason), folders.py
     ignored: list[str] = field(default_factory=list)  # folders ignored by name
     repeats: list[tuple[str, str, int]] = field(default_factory=list)  # look-alikes within a class
+    test: list[tuple[str, int]] = field(default_factory=list)  # held out from training and model selection
 
     def save(self, path: Path) -> None:
         files.atomic_write_text(path, json.dumps(asdict(self), indent=1))
@@ -309,7 +311,7 @@ class DataSplit:
     @classmethod
     def load(cls, path: Path) -> DataSplit:
         d = json.loads(Path(path).read_text())
-        for key in ("train", "val", "skipped", "leaks", "left_out", "repeats"):
+        for key in ("train", "val", "skipped", "leaks", "left_out", "repeats", "test"):
             d[key] = [tuple(x) for x in d.get(key, [])]
         return cls(**d)
 
@@ -360,12 +362,51 @@ def stratified_split(items: list[tuple[str, int]], val_split: float, seed: int
 
 def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
                  progress: bool = True, cache_size: int | None = None,
-                 max_file_mb: float = folders.DEFAULT_MAX_FILE_MB) -> DataSplit:
-    """Find classes and files, check them all, split, look for look-alikes across the splits; every
-    problem a person can fix is a UsageError. With `cache_size`, also fill the decoded-image cache of
-    DataSplit.files() at that size."""
-    root = resolve_data_dir(data)
+                 max_file_mb: float = folders.DEFAULT_MAX_FILE_MB, test_split: float = 0.0) -> DataSplit:
+    """Find classes and files (a folder, or a label file), check them all, split, look for look-alikes
+    across the splits; every problem a person can fix is a UsageError. With `test_split`, a stratified
+    share is set aside as the run's own test set (DataSplit.test). With `cache_size`, also fill the
+    decoded-image cache of DataSplit.files() at that size."""
     walk = folders.Walk(max_bytes=int(max_file_mb * 2**20))
+    if labels.is_label_file(data):
+        root, classes, sets, own_split = label_file_sets(data)
+    else:
+        root = resolve_data_dir(data)
+        classes, sets, own_split = folder_sets(root, walk)
+    if test_split and own_split:
+        raise UsageError(f"--test-split sets aside part of a flat folder or of a label file without a split column; "
+                         f"{shown(root)} has its own split ({own_split}): drop --test-split")
+    paths = sorted(p for name in ("train", "val") for p, _ in sets[name])
+    cache = ImageCache(paths, cache_size, cache_dir, walk.max_bytes) if cache_size else None
+    checked = check_files(paths, cache_dir, progress, fill=cache, max_bytes=walk.max_bytes)
+    checked.update(check_files([p for p, _ in sets["test"]], cache_dir, progress, max_bytes=walk.max_bytes)
+                   if sets["test"] else {})
+    skipped = [(p, checked[p][0]) for name in ("train", "val") for p, _ in sets[name] if checked[p][0]]
+    good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
+    counts = Counter(y for _, y in good["train"] + good["val"])
+    empty = [shown(c) for i, c in enumerate(classes) if counts[i] == 0]
+    if empty:
+        raise UsageError(f"class(es) {', '.join(empty)} of {shown(root)} have no readable training images: add "
+                         "images or remove the class")
+    train, val = good["train"], good["val"]
+    test = good["test"] if labels.is_label_file(data) else []  # a test/ folder's classes may differ: eval's
+    if test_split:
+        train, test = stratified_split(train, test_split, derived_seed(seed, 1))
+    if not sets["val"]:
+        train, val = stratified_split(train, val_split / (1 - test_split), seed)
+    looks = {p: "sha1:" + checked[p][1] if checked[p][2] == "plain" else checked[p][2] for p in checked
+             if checked[p][2]}
+    held = val + good["test"] + (test if test_split else [])
+    leaks = (lookalikes([p for p, _ in train], [p for p, _ in held], looks) +
+             lookalikes([p for p, _ in val], [p for p, _ in good["test"] + (test if test_split else [])], looks) +
+             linked_across(walk.aliases, [p for p, _ in train], [p for p, _ in held]))
+    repeats = [pair for items in (train, val) for c in range(len(classes))
+               for pair in lookalikes([p for p, y in items if y == c], None, looks)]
+    return DataSplit(str(root), classes, train, val, skipped, leaks, walk.skipped, walk.ignored, repeats, test)
+
+
+def folder_sets(root: Path, walk: folders.Walk) -> tuple[list[str], dict[str, list[tuple[str, int]]], str]:
+    """(classes, the train/val/test items of a folder, and its own split folders or "")."""
     train_dir, val_dir, test_dir = folders.find_layout(root, walk)
     classes = [d.name for d in walk.subfolders(train_dir)]
     if not classes:
@@ -386,29 +427,16 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     sets = {"train": labelled(walk, train_dir, classes),
             "val": labelled(walk, val_dir, classes) if val_dir else [],
             "test": labelled(walk, test_dir, test_classes) if test_dir else []}
-    paths = sorted(p for name in ("train", "val") for p, _ in sets[name])
-    cache = ImageCache(paths, cache_size, cache_dir, walk.max_bytes) if cache_size else None
-    checked = check_files(paths, cache_dir, progress, fill=cache, max_bytes=walk.max_bytes)
-    checked.update(check_files([p for p, _ in sets["test"]], cache_dir, progress, max_bytes=walk.max_bytes)
-                   if sets["test"] else {})
-    skipped = [(p, checked[p][0]) for name in ("train", "val") for p, _ in sets[name] if checked[p][0]]
-    good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
-    counts = Counter(y for _, y in good["train"] + good["val"])
-    empty = [shown(c) for i, c in enumerate(classes) if counts[i] == 0]
-    if empty:
-        raise UsageError(f"class folder(s) {', '.join(empty)} in {shown(train_dir)} have no readable images: "
-                         "add images or remove the folder")
-    train, val = good["train"], good["val"]
-    if val_dir is None:
-        train, val = stratified_split(train, val_split, seed)
-    looks = {p: "sha1:" + checked[p][1] if checked[p][2] == "plain" else checked[p][2] for p in checked
-             if checked[p][2]}
-    leaks = (lookalikes([p for p, _ in train], [p for p, _ in val + good["test"]], looks) +
-             lookalikes([p for p, _ in val], [p for p, _ in good["test"]], looks) +
-             linked_across(walk.aliases, [p for p, _ in train], [p for p, _ in val + good["test"]]))
-    repeats = [pair for items in (train, val) for c in range(len(classes))
-               for pair in lookalikes([p for p, y in items if y == c], None, looks)]
-    return DataSplit(str(root), classes, train, val, skipped, leaks, walk.skipped, walk.ignored, repeats)
+    own = " and ".join(f"{d.name}/" for d in (val_dir, test_dir) if d is not None)
+    return classes, sets, own
+
+
+def label_file_sets(data: str) -> tuple[Path, list[str], dict[str, list[tuple[str, int]]], str]:
+    """(the label file, its classes, its train/val/test rows, "a split column" or "")."""
+    lf = labels.read(data)
+    if not lf.split:
+        return lf.source, lf.classes, {"train": lf.items, "val": [], "test": []}, ""
+    return lf.source, lf.classes, {name: lf.rows(name) for name in labels.SPLITS}, "a split column"
 
 
 def claim_structure(walk: folders.Walk, root: Path, splits: list[tuple[Path, list[str]]]) -> None:
@@ -470,11 +498,14 @@ def lookalikes(a: list[str], b: list[str] | None, looks: dict[str, str], max_bit
     return out
 
 
+Scanned = tuple[list[str], list[tuple[str, int]], list[tuple[str, str]], "ImageCache | None", str]
+
+
 def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None,
-                max_bytes: int = MAX_BYTES
-                ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]], ImageCache | None]:
-    """An evaluation folder: (classes, good (path, label) items, skipped (path, reason), and with
-    `cache_size` the decoded-image cache the check filled). A data set root gives its test/ (else val/)."""
+                max_bytes: int = MAX_BYTES) -> Scanned:
+    """An evaluation folder: (classes, good (path, label) items, skipped (path, reason), with `cache_size`
+    the decoded-image cache the check filled, and which images they are). A data set root gives its
+    test/ (else val/)."""
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder: give a folder with one sub-folder per class")
     walk = folders.Walk(max_bytes=max_bytes)
@@ -488,12 +519,31 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
     classes = [d.name for d in walk.subfolders(folder)]
     claim_structure(walk, root, [(folder, classes)])
     items = labelled(walk, folder, classes)
+    good, skipped, cache = check_items(items, f"{shown(folder)}/<class>/", cache_dir, progress, cache_size, max_bytes)
+    return classes, good, walk.skipped + skipped, cache, f"the images in {shown(folder)}"
+
+
+def scan_labels(source: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None,
+                max_bytes: int = MAX_BYTES) -> Scanned:
+    """A label file to evaluate: its test rows, else its val rows (with a split column), else every row."""
+    lf = labels.read(source)
+    part = next((name for name in ("test", "val") if lf.rows(name)), None)
+    items = lf.rows(part) if part else lf.items
+    good, skipped, cache = check_items(items, shown(lf.source), cache_dir, progress, cache_size, max_bytes)
+    what = f"the {part} rows of {shown(lf.source)}" if part else f"the images listed in {shown(lf.source)}"
+    return lf.classes, good, skipped, cache, what
+
+
+def check_items(items: list[tuple[str, int]], where: str, cache_dir: str | None, progress: bool,
+                cache_size: int | None, max_bytes: int
+                ) -> tuple[list[tuple[str, int]], list[tuple[str, str]], ImageCache | None]:
+    """(readable items, skipped (path, reason), the cache the check filled): every file checked once."""
     cache = ImageCache(sorted(p for p, _ in items), cache_size, cache_dir, max_bytes) if cache_size else None
     checked = check_files([p for p, _ in items], cache_dir, progress, fill=cache, max_bytes=max_bytes)
     good = [(p, y) for p, y in items if not checked[p][0]]
     if not good:
-        raise UsageError(f"no readable images in {shown(folder)}/<class>/: nothing to evaluate")
-    return classes, good, walk.skipped + [(p, checked[p][0]) for p, _ in items if checked[p][0]], cache
+        raise UsageError(f"no readable images in {where}: nothing to evaluate")
+    return good, [(p, checked[p][0]) for p, _ in items if checked[p][0]], cache
 
 
 def export_demo(dest: Path = DEMO_DIR) -> Path:

@@ -20,6 +20,7 @@ from torch import nn
 import checkpoint
 import dataset
 import folders
+import labels
 import models
 from checkpoint import Preprocess
 from config import UsageError
@@ -127,16 +128,7 @@ def sample_images(data: str | None, pre: Preprocess, n: int, classes: list[str],
     """(float [0, 1] images, labels or -1): from a labelled folder, a folder of images, or noise.
     A dataset root gives its train/ images, or with `held_out` its test/ (else val/) images."""
     if data:
-        folder = Path(data)
-        if not folder.is_dir():
-            raise UsageError(f"--data {data} is not a folder")
-        train_dir, val_dir, test_dir = folders.find_layout(folder)
-        folder = (test_dir or val_dir or train_dir) if held_out else train_dir
-        names = dataset.class_folders(folder)
-        items = [(p, i) for i, c in enumerate(names) for p in dataset.list_files(folder / c)]
-        labelled = [(p, classes.index(names[y]) if names[y] in classes else -1) for p, y in items]
-        if not labelled:
-            labelled = [(p, -1) for p in dataset.list_files(folder)]
+        labelled = data_items(Path(data), classes, held_out)
         rng = np.random.default_rng(0)
         picks = rng.permutation(len(labelled))
         images, labels = [], []
@@ -156,6 +148,23 @@ def sample_images(data: str | None, pre: Preprocess, n: int, classes: list[str],
     g = torch.Generator().manual_seed(0)
     size = pre.img_size
     return torch.rand(n, 3, size, size, generator=g), [-1] * n
+
+
+def data_items(data: Path, classes: list[str], held_out: bool) -> list[tuple[str, int]]:
+    """(path, the model's class index or -1) of a labelled folder, a folder of images, or a label file:
+    its training part, or with `held_out` its test (else val) part."""
+    if labels.is_label_file(data):
+        lf = labels.read(data)
+        part = next((lf.rows(n) for n in (("test", "val") if held_out else ("train",)) if lf.rows(n)), lf.items)
+        return [(p, classes.index(lf.classes[y]) if lf.classes[y] in classes else -1) for p, y in part]
+    if not data.is_dir():
+        raise UsageError(f"--data {data} is not a folder or a label file (.csv)")
+    train_dir, val_dir, test_dir = folders.find_layout(data)
+    folder = (test_dir or val_dir or train_dir) if held_out else train_dir
+    names = dataset.class_folders(folder)
+    items = [(p, i) for i, c in enumerate(names) for p in dataset.list_files(folder / c)]
+    return [(p, classes.index(names[y]) if names[y] in classes else -1) for p, y in items] or \
+        [(p, -1) for p in dataset.list_files(folder)]
 
 
 def parity(reference: torch.Tensor, exported: torch.Tensor) -> dict[str, float]:

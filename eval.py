@@ -4,6 +4,8 @@
     python eval.py ~/photos/test --checkpoint runs/resnet18-finetune-20261128-130000
     python eval.py --data eval_ds --checkpoint model.onnx   # an exported model, same report
     python eval.py eval_ds --tta                            # also with test-time augmentation
+    python eval.py --checkpoint runs/resnet18-scratch-20261129-130000   # the run's own --test-split images
+    python eval.py labels.csv                               # a label file: its test rows (else val, else all)
 
 Prints accuracy, top-5 accuracy, the confusion matrix, per-class accuracy with the real class names,
 scikit-learn's classification report, the most confused pairs, how well the probabilities are
@@ -22,13 +24,16 @@ from pathlib import Path
 
 import checkpoint
 import files
+import labels
 from config import Parser, UsageError, add_shared, check_shared, cli
 
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(__doc__, prog="eval.py")
     parser.add_argument("data", nargs="?", help="folder with one sub-folder per class (or a dataset root: train/ "
-                        "with test/ or val/, whose test/, else val/, images are evaluated)")
+                        "with test/ or val/, whose test/, else val/, images are evaluated), or a label file (.csv: "
+                        "its test rows, else its val rows, else all); without it, the held-out test split of the "
+                        "checkpoint's run (train.py --test-split)")
     parser.add_argument("--data", dest="data_option", metavar="DATA", help="the same, as an option (as in "
                         "train.py and export.py)")
     add_shared(parser, "checkpoint", "device", "amp", "batch_size", "workers", "cache_dir", "max_file_mb")
@@ -42,11 +47,15 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
                         "prints the accuracy with and without")
     args = parser.parse_args(argv)
     check_shared(args)
-    if bool(args.data) == bool(args.data_option):
-        raise UsageError("give the folder to evaluate once: python eval.py DATA (or --data DATA)")
-    args.data = Path(args.data or args.data_option)
-    if not args.data.is_dir():
-        raise UsageError(f"{args.data} is not a folder: give a folder with one sub-folder per class")
+    if args.data and args.data_option:
+        raise UsageError("give the data to evaluate once: python eval.py DATA (or --data DATA)")
+    given = args.data or args.data_option
+    args.data = Path(given) if given else None  # None: the run's own held-out test split
+    if args.data is not None and labels.is_label_file(args.data):
+        labels.read(args.data)  # every row checked before torch loads
+    elif args.data is not None and not args.data.is_dir():
+        raise UsageError(f"{args.data} is not a folder: give a folder with one sub-folder per class, or a label "
+                         "file (.csv)")
     if args.out:
         files.check_new_folder(Path(args.out))
     return args
@@ -57,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = checkpoint.runnable(checkpoint.find(args.checkpoint))
     if not args.checkpoint:
         print(f"using checkpoint {ckpt}")
-    with files.report_folder(args.out, ckpt.parent / f"eval-{args.data.resolve().name}-{ckpt.stem}") as out:
+    name = Path(args.data).resolve().stem if args.data else "test-split"
+    with files.report_folder(args.out, ckpt.parent / f"eval-{name}-{ckpt.stem}") as out:
         import report  # torch loads only for a command line that is good
 
         return report.evaluate(ckpt, args.data, out, args.device, args.amp, args.batch_size, args.workers,

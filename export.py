@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import checkpoint
+import labels
 from config import Parser, UsageError, add_shared, check_shared, cli
 
 
@@ -37,8 +38,8 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
                         "torchscript (PyTorch Mobile Lite: .ptl)")
     parser.add_argument("--int8", action="store_true", help="post-training int8 quantisation (onnx, executorch), "
                         "calibrated on --data")
-    parser.add_argument("--data", help="image folder for calibration and the parity check, e.g. the training data "
-                        "(default: generated images)")
+    parser.add_argument("--data", help="image folder or label file (.csv: its train rows) for calibration and the "
+                        "parity check, e.g. the training data (default: generated images)")
     parser.add_argument("--check-data", help="labelled folder for the parity check and accuracies (default: "
                         "--data; give held-out images when --data calibrates --int8)")
     parser.add_argument("--out", help="output file (named .onnx, .pte or .ptl as --format says), or a folder (an "
@@ -60,8 +61,10 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     if args.out and not is_folder(args.out) and Path(args.out).suffix.lower() != suffix:
         raise UsageError(f"--out {args.out}: a {args.format} export is a {suffix} file (or give a folder, ending in /)")
     for option, folder in (("--data", args.data), ("--check-data", args.check_data)):
-        if folder and not Path(folder).is_dir():
-            raise UsageError(f"{option} {folder} is not a folder")
+        if folder and labels.is_label_file(folder):
+            labels.read(folder)  # every row checked before torch loads
+        elif folder and not Path(folder).is_dir():
+            raise UsageError(f"{option} {folder} is not a folder or a label file (.csv)")
     return args
 
 

@@ -20,6 +20,7 @@ import explain
 import files
 import folders
 import html_report
+import labels
 import plots
 from config import UsageError
 from predictor import Explainer, Loaded, input_images, load_model, run_model, thumbnail
@@ -70,32 +71,76 @@ def print_report(m: dict[str, Any], present: list[int]) -> None:
             print(f"  {e['true']} -> {e['predicted']}: {e['count']}")
 
 
-def evaluate(ckpt_path: Path, folder: Path, out: Path, device: str, amp: bool, batch_size: int, workers: int | None,
-             cache_dir: str | None, max_bytes: int, image_cache: bool, tta: bool = False) -> int:
-    """eval.py's work: the model over every image of a labelled folder, the report printed and written."""
+def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bool, batch_size: int,
+             workers: int | None, cache_dir: str | None, max_bytes: int, image_cache: bool, tta: bool = False) -> int:
+    """eval.py's work: the model over every image of a labelled folder or label file (or, without one, the
+    run's own held-out test split), the report printed and written."""
     loaded = load_model(ckpt_path, device, amp)
     size = loaded.preprocess.resize_size if image_cache else None
-    folder_classes, items, skipped, cache = dataset.scan_folder(folder, cache_dir, cache_size=size,
-                                                                max_bytes=max_bytes)
-    mapping = match_classes(folder_classes, loaded.classes)
+    data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, cache_dir, size, max_bytes)
+    mapping = match_classes(data_classes, loaded.classes)
     items = [(p, mapping[y]) for p, y in items]
+    print(f"evaluating {len(items)} images: {what}")
+    warn_if_seen(items, ckpt_path.parent / "split.json")
     if skipped:
         dataset.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
                      f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
     logits, y, idx = run_model(loaded, items, batch_size, workers, cache=cache, max_bytes=max_bytes, tta=tta)
     if not len(idx):
-        raise UsageError(f"no readable image in {folder}: see the warnings above")
+        raise UsageError(f"no readable image in {what}: see the warnings above")
     probs = loaded.probabilities(logits)  # calibrated; averaged over the views with --tta
     conf, pred = probs.max(1)
     present = sorted(set(mapping))
     m = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, present)
     m.update(confidence_metrics(loaded, logits[:, 0] if tta else logits, probs, y, tta))
-    m.update({"checkpoint": str(loaded.source), "data": str(folder), "skipped": [list(s) for s in skipped]})
+    m.update({"checkpoint": str(loaded.source), "data": str(data if data is not None else ckpt_path.parent),
+              "evaluated": what, "skipped": [list(s) for s in skipped]})
     print_report(m, present)
     print_confidence(m)
     results = [Result(items[int(i)][0], int(t), int(q), float(c)) for i, t, q, c in zip(idx, y, pred, conf)]
     write_eval(out, m, results, skipped, loaded)
     return 0
+
+
+def evaluation_set(data: Path | None, ckpt_path: Path, cache_dir: str | None, size: int | None,
+                   max_bytes: int) -> dataset.Scanned:
+    """The labelled images to evaluate: a folder, a label file, or the checkpoint's run's test split."""
+    if data is not None and labels.is_label_file(data):
+        return dataset.scan_labels(data, cache_dir, cache_size=size, max_bytes=max_bytes)
+    if data is not None:
+        return dataset.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes)
+    split = run_split(ckpt_path.parent)
+    if split is None or not (split.test or folders.find_layout(Path(split.root))[2]):
+        raise UsageError(f"{ckpt_path.parent} has no held-out test split (train with --test-split F, or give a "
+                         "folder with a test/ folder): give the images to evaluate, python eval.py DATA")
+    if not split.test:  # a data set root with its own test/ folder
+        return dataset.scan_folder(Path(split.root), cache_dir, cache_size=size, max_bytes=max_bytes)
+    good, skipped, cache = dataset.check_items(split.test, "the run's test split", cache_dir, True, size, max_bytes)
+    return split.classes, good, skipped, cache, f"the run's held-out test split ({ckpt_path.parent / 'split.json'})"
+
+
+def run_split(run_dir: Path) -> dataset.DataSplit | None:
+    """The run's split.json, when the checkpoint is in a run folder that has a readable one."""
+    try:
+        return dataset.DataSplit.load(run_dir / "split.json")
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def warn_if_seen(items: list[tuple[str, int]], split_file: Path) -> None:
+    """A warning when the images evaluated are ones the model trained on or was chosen on: then the
+    accuracy is not that of new images."""
+    split = run_split(split_file.parent)
+    if split is None:
+        return
+    paths = {p for p, _ in items}
+    for name, used, why in (("training", split.train, "it learned from"), ("validation", split.val,
+                                                                        "best.pt was chosen on")):
+        seen = len(paths & {p for p, _ in used})
+        if seen:
+            dataset.warn(f"{seen} of the {len(paths)} images evaluated are the {name} images {why} "
+                         f"({split_file}): the accuracy is optimistic; evaluate images the run never used "
+                         "(train with --test-split F to keep some aside)")
 
 
 @dataclass

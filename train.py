@@ -22,6 +22,7 @@ from typing import Any
 
 import checkpoint
 import files
+import labels
 from config import Parser, TrainConfig, UsageError, absolute_paths, add_options, cli, validate
 
 
@@ -37,9 +38,11 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
         checkpoint.resume_target(given["resume"], given.get("out"))
         return given
     data = given.get("data", TrainConfig.data)
-    if data != "demo" and not Path(data).is_dir():
+    if labels.is_label_file(data):
+        labels.read(data)  # every row checked before torch loads
+    elif data != "demo" and not Path(data).is_dir():
         raise UsageError(f"data folder {data} {'is not a folder' if Path(data).exists() else 'does not exist'}: "
-                         "give --data DIR with one sub-folder per class, or --data demo")
+                         "give --data DIR with one sub-folder per class, a label file (.csv), or --data demo")
     if given.get("weights") and not Path(given["weights"]).is_file():
         raise UsageError(f"--weights {given['weights']} does not exist: give a state_dict file")
     if given.get("out"):

@@ -429,13 +429,14 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
                              "needs the run's split; restore the file, or start a new run") from None
     split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
                                  cache_size=size if cfg.image_cache else None,
-                                 max_file_mb=cfg.max_file_mb) if lead else None
+                                 max_file_mb=cfg.max_file_mb, test_split=cfg.test_split) if lead else None
     return dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
 
 
 def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
     left = f" and left out {len(split.left_out)} other file(s)" if split.left_out else ""
-    print(f"data: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images from "
+    test = f" / {len(split.test)} test (held out; python eval.py --checkpoint {run_dir})" if split.test else ""
+    print(f"data: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val{test} images from "
           f"{dataset.shown(split.root)}" + (f"; skipped {len(split.skipped)} unreadable file(s){left}, see "
                                             f"{run_dir / 'skipped.txt'}" if split.not_used() else ""))
     if split.ignored:

@@ -192,7 +192,7 @@ def test_a_link_loop_inside_test_adds_nothing_to_eval_test_or_export(tmp_path, c
     root = split_with_test(tmp_path / "d")
     (root / "test" / "a" / "up").symlink_to("../..")
     (root / "train" / "b" / "up").symlink_to("..")
-    _, items, skipped, _ = dataset.scan_folder(root)
+    _, items, skipped, _, _ = dataset.scan_folder(root)
     assert len(items) == 4 and any("a link loop back" in r for _, r in skipped)
     assert len(dataset.list_files(root / "test")) == 4  # test.py's folder listing
     _, labels = deploy.sample_images(str(root), Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3), 100, ["a", "b"])

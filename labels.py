@@ -1,0 +1,125 @@
+"""Label files: a CSV naming each image's class, and optionally the split it belongs to, for data that
+does not come as a folder per class (Kaggle, labelling tools).
+
+    path,label,split
+    photos/IMG_0001.jpg,cat,train
+    /data/more/dog 7.png,dog,val
+
+`path` is absolute or relative to the CSV's folder; `label` is the class name; `split` (optional) is
+train, val or test. Without it, train.py splits the rows as it splits a flat folder. Every problem is
+answered in one line naming the row (line numbers as an editor shows them), before anything slow.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config import UsageError
+from folders import shown
+
+REQUIRED = ("path", "label")
+SPLITS = ("train", "val", "test")
+COLUMNS = (*REQUIRED, "split")
+
+
+def is_label_file(data: str | os.PathLike) -> bool:
+    return str(data).lower().endswith(".csv")
+
+
+@dataclass
+class LabelFile:
+    """A read label file: absolute paths with class indices (classes sorted by name), in file order."""
+    source: Path
+    classes: list[str]
+    items: list[tuple[str, int]]
+    split: dict[str, str] = field(default_factory=dict)  # path -> train/val/test; empty without the column
+
+    def rows(self, name: str) -> list[tuple[str, int]]:
+        """The items of split `name` (train, val or test)."""
+        return [(p, y) for p, y in self.items if self.split.get(p) == name]
+
+
+def read(source: str | os.PathLike) -> LabelFile:
+    """The label file at `source`, checked row by row."""
+    source = Path(os.path.abspath(os.path.expanduser(source)))
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as f:
+            lines = list(csv.reader(f))
+    except FileNotFoundError:
+        raise UsageError(f"label file {shown(source)} does not exist") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"label file {shown(source)} cannot be read as a UTF-8 CSV ({e})") from None
+    header = check_header(source, lines[0] if lines else [])
+    base = source.parent
+    rows: list[tuple[int, str, str, str | None]] = []  # (line, absolute path, label, split)
+    for number, fields in enumerate(lines[1:], start=2):
+        if not any(f.strip() for f in fields):
+            continue  # a blank line
+        rows.append(check_row(source, number, fields, header, base))
+    return collect(source, rows)
+
+
+def check_header(source: Path, header: list[str]) -> dict[str, int]:
+    names = [h.strip().lower() for h in header]
+    where = f"label file {shown(source)}"
+    if not any(names):
+        raise UsageError(f"{where} is empty: its first line names the columns, path,label (and optionally split)")
+    if "labels" in names:
+        raise UsageError(f"{where} has a 'labels' column (several labels per image): multi-label training is not "
+                         "supported yet; give one class per image in a 'label' column")
+    unknown = [h for h in names if h not in COLUMNS]
+    if unknown:
+        raise UsageError(f"{where} has unknown column(s) {', '.join(map(repr, unknown))}: the columns are path, "
+                         "label and (optionally) split")
+    twice = sorted({h for h in names if names.count(h) > 1})
+    if twice:
+        raise UsageError(f"{where} names column(s) {', '.join(twice)} twice")
+    missing = [c for c in REQUIRED if c not in names]
+    if missing:
+        raise UsageError(f"{where} has no {' or '.join(missing)} column: its first line must name the columns, "
+                         "path,label (and optionally split)")
+    return {name: k for k, name in enumerate(names)}
+
+
+def check_row(source: Path, number: int, fields: list[str], header: dict[str, int], base: Path
+              ) -> tuple[int, str, str, str | None]:
+    where = f"{shown(source)} line {number}"
+    if len(fields) != len(header):
+        raise UsageError(f"{where} has {len(fields)} field(s), the header {len(header)}: quote a value that "
+                         "holds a comma")
+    path, label = fields[header["path"]].strip(), fields[header["label"]].strip()
+    if not path or not label:
+        raise UsageError(f"{where} has an empty {'path' if not path else 'label'}")
+    split = fields[header["split"]].strip().lower() if "split" in header else None
+    if split is not None and split not in SPLITS:
+        raise UsageError(f"{where}: split {fields[header['split']]!r} is not one of {', '.join(SPLITS)}")
+    full = os.path.abspath(os.path.join(base, os.path.expanduser(path)))
+    return number, full, label, split
+
+
+def collect(source: Path, rows: list[tuple[int, str, str, str | None]]) -> LabelFile:
+    """Every path once, every path there; at least two classes."""
+    first: dict[str, int] = {}
+    for number, path, _, _ in rows:
+        if path in first:
+            raise UsageError(f"{shown(source)} lines {first[path]} and {number} both list {shown(path)}: keep one")
+        first[path] = number
+    missing = [(number, path) for number, path, _, _ in rows if not os.path.isfile(path)]
+    if missing:
+        number, path = missing[0]
+        what = "is a folder, not an image" if os.path.isdir(path) else "does not exist"
+        more = f" (and {len(missing) - 1} more line(s) name files that are not there)" if len(missing) > 1 else ""
+        raise UsageError(f"{shown(source)} line {number}: {shown(path)} {what}{more}")
+    classes = sorted({label for _, _, label, _ in rows})
+    if len(classes) < 2:
+        raise UsageError(f"label file {shown(source)} names {len(classes)} class(es) "
+                         f"({', '.join(classes) or 'none'}): a classifier needs at least two")
+    index = {c: i for i, c in enumerate(classes)}
+    items = [(path, index[label]) for _, path, label, _ in rows]
+    split = {path: s for _, path, _, s in rows if s is not None}
+    if split and not any(s == "train" for s in split.values()):
+        raise UsageError(f"label file {shown(source)} has a split column with no train rows")
+    return LabelFile(source, classes, items, split)
