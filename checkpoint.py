@@ -11,8 +11,9 @@ A checkpoint is a dict of tensors and plain data, loaded with weights_only=True 
     epoch, history, best_acc, best_epoch, finished, train_time_s, weights_id, world
     optimizer, scaler, progress, ema   last.pt only (RESUME_ONLY): what a resume needs to continue exactly
     averaged             best.pt: True when its model is the weights' moving average (--ema)
-    calibration          {temperature, ece_raw, ece}: temperature scaling of the best model on the
-                         validation set (calibration.py); absent in runs trained before it (temperature 1)
+    calibration          {temperature, ece_raw, ece, images}: temperature scaling of the best model on
+                         the validation set (calibration.py); absent in runs trained before it (temperature 1)
+    best_confusion       the best model's validation confusion matrix (cross-validation's per-class accuracy)
 
 best.pt is the best epoch's model without RESUME_ONLY (a third of the size); eval.py, test.py and
 export.py need nothing else. torch is imported only to save and load, so finding a checkpoint (and

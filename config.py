@@ -166,6 +166,10 @@ class TrainConfig:
     test_split: float = opt(0.0, "share of each class set aside as the run's test set, never trained on nor used "
                             "to choose best.pt (flat folders and label files without a split column); "
                             "python eval.py --checkpoint RUN evaluates it")
+    folds: int = opt(0, "k-fold cross-validation: train K runs (fold-1/ ... fold-K/ in one folder), each validated "
+                     "on one stratified fold of the data (the test split, if any, outside all folds), then report "
+                     "the mean and spread (cv_summary.json); 0: one run")
+    fold: int = opt(0, "which fold this run validates on (1..K; set by --folds)", cli=False)
     img_size: int | None = opt(None, "training/eval crop size in pixels (default: the weights' own, 224)",
                                type=int)
     augment: str = opt("basic", "training augmentation preset",
@@ -295,7 +299,7 @@ def describe_recipe(cfg: TrainConfig, given: dict[str, Any]) -> str:
 
 # Settings that define what a run *is*: changing them on --resume would make a different run, so a
 # resume refuses them. Every other setting given with --resume takes effect from where the run is.
-IDENTITY = ("data", "model", "mode", "weights", "img_size", "val_split", "test_split", "seed")
+IDENTITY = ("data", "model", "mode", "weights", "img_size", "val_split", "test_split", "folds", "fold", "seed")
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
@@ -304,6 +308,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> Non
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help")
+        if not meta.pop("cli", True):  # set by the toolkit itself, stored with the run
+            continue
         if f.name in RECIPE_FIELDS:
             seed, modern = RECIPES["seed"][f.name], RECIPES["modern"][f.name]
             help_text += f" (default: the recipe's: seed {seed}, modern {modern}" + \
@@ -325,6 +331,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.val_split < 1, "--val-split must be between 0 and 1"),
         (0 <= cfg.test_split < 1 and cfg.val_split + cfg.test_split < 1,
          "--test-split must be 0 or more, and --val-split plus --test-split less than 1"),
+        (cfg.folds == 0 or cfg.folds >= 2, "--folds must be 2 or more (or 0: no cross-validation)"),
         (cfg.epochs >= 1, "--epochs must be at least 1"),
         (cfg.batch_size >= 1, "--batch-size must be at least 1"),
         (cfg.lr > 0, "--lr must be positive"),

@@ -360,12 +360,31 @@ def stratified_split(items: list[tuple[str, int]], val_split: float, seed: int
     return sorted(train), sorted(val)
 
 
+def fold_split(items: list[tuple[str, int]], folds: int, fold: int, seed: int
+               ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Stratified k-fold: each class shuffled (seeded) and dealt round the folds; fold `fold` (1..K)
+    validates, the others train. The K runs of one seed validate on every image exactly once."""
+    by_class: dict[int, list] = defaultdict(list)
+    for item in items:
+        by_class[item[1]].append(item)
+    rng = random.Random(derived_seed(seed, 2))
+    train, val = [], []
+    for label in sorted(by_class):
+        group = sorted(by_class[label])
+        rng.shuffle(group)
+        for i, item in enumerate(group):
+            (val if i % folds == fold - 1 else train).append(item)
+    return sorted(train), sorted(val)
+
+
 def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
                  progress: bool = True, cache_size: int | None = None,
-                 max_file_mb: float = folders.DEFAULT_MAX_FILE_MB, test_split: float = 0.0) -> DataSplit:
+                 max_file_mb: float = folders.DEFAULT_MAX_FILE_MB, test_split: float = 0.0,
+                 folds: int = 0, fold: int = 0) -> DataSplit:
     """Find classes and files (a folder, or a label file), check them all, split, look for look-alikes
     across the splits; every problem a person can fix is a UsageError. With `test_split`, a stratified
-    share is set aside as the run's own test set (DataSplit.test). With `cache_size`, also fill the
+    share is set aside as the run's own test set (DataSplit.test). With `folds`, the rest is cut into
+    that many stratified folds and fold number `fold` validates. With `cache_size`, also fill the
     decoded-image cache of DataSplit.files() at that size."""
     walk = folders.Walk(max_bytes=int(max_file_mb * 2**20))
     if labels.is_label_file(data):
@@ -392,7 +411,9 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     test = good["test"] if labels.is_label_file(data) else []  # a test/ folder's classes may differ: eval's
     if test_split:
         train, test = stratified_split(train, test_split, derived_seed(seed, 1))
-    if not sets["val"]:
+    if folds:
+        train, val = fold_split(train + val, folds, fold, seed)
+    elif not sets["val"]:
         train, val = stratified_split(train, val_split / (1 - test_split), seed)
     looks = {p: "sha1:" + checked[p][1] if checked[p][2] == "plain" else checked[p][2] for p in checked
              if checked[p][2]}

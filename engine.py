@@ -124,6 +124,8 @@ def init_distributed() -> tuple[int, int, int]:
     if world == 1:
         return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():  # the folds of a cross-validation share one group
+        return dist.get_rank(), world, local_rank
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)

@@ -4,7 +4,9 @@
     python runs.py ~/experiments   # another parent folder
 
 Reads each run's config.json and summary.json (a run still going, or interrupted, shows its last
-finished epoch from metrics.csv). The time is the training time of all its sessions (resumes added).
+finished epoch from metrics.csv); a cross-validation job (train.py --folds K) is one line, the mean
+of its folds' best val accuracy with their spread (cv_summary.json). The time is the training time of
+all its sessions (resumes added).
 For curves side by side: tensorboard --logdir runs (HParams tab).
 """
 
@@ -23,9 +25,9 @@ COLUMNS = ("run", "data", "model", "mode", "size", "recipe", "optimizer", "lr", 
 
 def collect(parent: Path) -> list[dict]:
     rows = []
-    for cfg_path in sorted(parent.glob("*/config.json")):
+    for cfg_path in sorted([*parent.glob("*/config.json"), *parent.glob("*/cv.json")]):
         try:
-            row = describe(cfg_path.parent)
+            row = describe(cfg_path.parent) if cfg_path.name == "config.json" else describe_cv(cfg_path.parent)
         except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign file: that run is left out
             print(f"warning: skipping {cfg_path} ({e.__class__.__name__}: cannot be read)", file=sys.stderr)
             continue
@@ -53,6 +55,27 @@ def describe(run: Path) -> dict | None:
             "size": str(cfg.get("img_size") or "default"), "recipe": cfg.get("recipe", "seed"),
             "optimizer": cfg["optimizer"], "lr": f"{cfg['lr']:g}", "epochs": epochs, "best val acc": acc,
             "time (min)": minutes}
+
+
+def describe_cv(job: Path) -> dict | None:
+    """A cross-validation job's line: the mean best val accuracy of its folds (and their spread), from
+    cv_summary.json; before that, how many folds have finished."""
+    cfg = json.loads((job / "cv.json").read_text())
+    folds = cfg["folds"]
+    summaries = [job / f"fold-{k}" / "summary.json" for k in range(1, folds + 1)]
+    done = [json.loads(s.read_text()) for s in summaries if s.exists()]
+    if (job / "cv_summary.json").exists():
+        acc = json.loads((job / "cv_summary.json").read_text())["best_val_acc"]
+        epochs, best = f"{folds} folds (+-{acc['std']:.2f})", acc["mean"]
+    elif done:
+        epochs, best = f"{len(done)}/{folds} folds (unfinished)", sum(d["best_val_acc"] for d in done) / len(done)
+    else:
+        return None
+    return {"run": job.name, "data": Path(cfg.get("data", "demo")).name, "model": cfg.get("model", "resnet18"),
+            "mode": cfg.get("mode", "finetune"), "size": str(cfg.get("img_size") or "default"),
+            "recipe": cfg.get("recipe", "auto"), "optimizer": cfg.get("optimizer", "recipe"),
+            "lr": f"{cfg['lr']:g}" if "lr" in cfg else "recipe", "epochs": epochs, "best val acc": best,
+            "time (min)": sum(d.get("train_time_s", 0) for d in done) / 60}
 
 
 def main(argv: list[str] | None = None) -> int:

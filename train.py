@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import checkpoint
+import crossval
 import files
 import labels
 from config import Parser, TrainConfig, UsageError, absolute_paths, add_options, cli, validate
@@ -34,6 +35,8 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     add_options(parser)
     given = absolute_paths(vars(parser.parse_args(argv)))
     validate(TrainConfig(**{k: v for k, v in given.items() if k not in ("resume", "data")}))
+    if given.get("resume") and crossval.is_cv_folder(given["resume"]):
+        return given  # a cross-validation job: its folds are resumed one by one
     if given.get("resume"):
         checkpoint.resume_target(given["resume"], given.get("out"))
         return given
@@ -52,6 +55,9 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     given = read_command_line(argv)
+    resume = given.get("resume")
+    if crossval.is_cv_folder(resume) if resume else given.get("folds"):
+        return crossval.main(given)
     import training  # torch loads only for a command line that is good
 
     return training.main(given)

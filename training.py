@@ -267,7 +267,7 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
     if "recipe" in overrides:
         batch = overrides.get("batch_size", saved.get("batch_size", TrainConfig.batch_size))
         overrides = recipe_settings(overrides, saved["mode"], batch, world)
-    changed = [k for k in IDENTITY if k in overrides and overrides[k] != saved.get(k)]
+    changed = [k for k in IDENTITY if k in overrides and overrides[k] != saved.get(k, getattr(TrainConfig, k))]
     if changed:
         raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
                          "resuming: start a new run instead")
@@ -429,7 +429,8 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
                              "needs the run's split; restore the file, or start a new run") from None
     split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
                                  cache_size=size if cfg.image_cache else None,
-                                 max_file_mb=cfg.max_file_mb, test_split=cfg.test_split) if lead else None
+                                 max_file_mb=cfg.max_file_mb, test_split=cfg.test_split, folds=cfg.folds,
+                                 fold=cfg.fold) if lead else None
     return dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
 
 
@@ -811,6 +812,7 @@ class Loop:
         self.best_acc, self.best_epoch = ckpt.get("best_acc", -1.0), ckpt.get("best_epoch", 0)
         self.best_averaged = False  # the best model is the weights' average (--ema)
         self.calibration: dict[str, float] | None = ckpt.get("calibration")  # the best model's (calibration.py)
+        self.best_confusion: list[list[int]] | None = ckpt.get("best_confusion")  # its validation confusion
         self.time_before = ckpt.get("train_time_s", sum(h["time_s"] for h in self.history))
         self.writer: Any = None
         self.best_ckpt: dict[str, Any] | None = None  # the best epoch's checkpoint while it is not yet written
@@ -839,6 +841,7 @@ class Loop:
             weights_id=self.weights_id, optimizer=self.learner.optimizer.state_dict(),
             scaler=self.learner.scaler.state_dict(), world=self.world,
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"best_confusion": self.best_confusion} if self.best_confusion else {}),
             **({"ema": self.learner.ema.state_dict()} if self.learner.ema else {}))
 
     def train_time(self) -> float:
@@ -919,6 +922,7 @@ class Loop:
         improved = shown["acc"] > self.best_acc
         if improved:
             self.best_acc, self.best_epoch, self.best_averaged = shown["acc"], epoch + 1, averaged
+            self.best_confusion = shown["confusion"]
             self.calibration = self.calibrate(shown)
         stopping = cfg.patience > 0 and epoch + 1 - self.best_epoch >= cfg.patience
         self.finished = epoch + 1 == cfg.epochs or stopping
@@ -992,6 +996,7 @@ class Loop:
         summary = {"best_val_acc": self.best_acc, "best_epoch": self.best_epoch, "epochs": self.progress.epoch,
                    "train_img_per_s": float(np.mean([h["img_per_s"] for h in self.history])) if self.history else 0.0,
                    "train_time_s": train_time_s, "classes": self.classes, "calibration": self.calibration,
+                   "val_confusion": self.best_confusion,
                    "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir)}
         files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
 

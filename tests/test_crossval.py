@@ -1,0 +1,81 @@
+"""k-fold cross-validation: K runs on stratified folds, a summary of their spread, resumable as a whole."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from conftest import Killed, kill_after_saving, make_folder, train_args
+
+import runs
+import train
+
+
+@pytest.fixture(scope="module")
+def flat(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("cv-data"), per_class=8)
+
+
+@pytest.fixture(scope="module")
+def cv_job(flat, tmp_path_factory) -> Path:
+    job = tmp_path_factory.mktemp("cv") / "job"
+    assert train.main(train_args(flat, job, "--mode", "scratch", "--folds", "3", "--test-split", "0.25")) == 0
+    return job
+
+
+def split_of(job: Path, k: int) -> dict:
+    return json.loads((job / f"fold-{k}" / "split.json").read_text())
+
+
+def test_the_folds_validate_on_every_image_once_and_the_test_split_on_none(cv_job):
+    vals = [{p for p, _ in split_of(cv_job, k)["val"]} for k in (1, 2, 3)]
+    tests = [{p for p, _ in split_of(cv_job, k)["test"]} for k in (1, 2, 3)]
+    pool = {p for p, _ in split_of(cv_job, 1)["train"]} | vals[0]
+    assert tests[0] == tests[1] == tests[2] and len(tests[0]) == 6 and not tests[0] & pool
+    assert not vals[0] & vals[1] and not vals[1] & vals[2] and not vals[0] & vals[2]
+    assert vals[0] | vals[1] | vals[2] == pool and len(pool) == 18
+    for k in (1, 2, 3):  # stratified: each fold validates on every class
+        assert sorted({y for _, y in split_of(cv_job, k)["val"]}) == [0, 1, 2]
+
+
+def test_the_summary_is_the_mean_and_spread_of_the_folds(cv_job):
+    summary = json.loads((cv_job / "cv_summary.json").read_text())
+    best = [json.loads((cv_job / f"fold-{k}" / "summary.json").read_text())["best_val_acc"] for k in (1, 2, 3)]
+    assert summary["best_val_acc"]["per_fold"] == best
+    assert summary["best_val_acc"]["mean"] == pytest.approx(statistics.mean(best))
+    assert summary["best_val_acc"]["std"] == pytest.approx(statistics.stdev(best))
+    assert set(summary["per_class_acc"]) == {"blue", "green", "red"}
+
+
+def test_runs_py_shows_the_job_as_one_line_with_its_spread(cv_job, capsys):
+    assert runs.main([str(cv_job.parent)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("job") and "3 folds (+-" in lines[1]
+
+
+def test_a_killed_job_resumes_its_unfinished_fold_and_keeps_the_finished_ones(flat, tmp_path, monkeypatch):
+    job = tmp_path / "job"
+    kill_after_saving(monkeypatch, lambda state, path: path.name == "last.pt" and path.parent.name == "fold-2")
+    args = train_args(flat, job, "--mode", "scratch", "--folds", "3", "--epochs", "2", "--save-interval", "0")
+    with pytest.raises(Killed):
+        train.main(args)
+    monkeypatch.undo()
+    assert (job / "fold-1" / "summary.json").exists() and not (job / "fold-3").exists()
+    first = (job / "fold-1" / "best.pt").stat().st_mtime_ns
+    assert train.main(["--resume", str(job)]) == 0
+    assert (job / "fold-1" / "best.pt").stat().st_mtime_ns == first  # finished: not trained again
+    rows = (job / "fold-2" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    resumed = [json.loads(line) for line in (job / "fold-2" / "resumes.jsonl").read_text().splitlines()]
+    assert len(resumed) == 1 and not (job / "fold-3" / "resumes.jsonl").exists()  # resumed; the third started
+    assert json.loads((job / "cv_summary.json").read_text())["folds"] == 3
+
+
+def test_folds_of_one_are_refused(flat, tmp_path, capsys):
+    try:
+        code = train.run(train_args(flat, tmp_path / "job", "--folds", "1"))
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and "--folds must be 2 or more" in capsys.readouterr().err
