@@ -323,6 +323,12 @@ def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, pe
     randomness (dropout, mixup) is seeded from (seed, epoch, position, rank), so a resumed run
     replays exactly what the unbroken run would have done."""
     opt, t0, time_before = learner.optimizer, time.perf_counter(), progress.time_s
+    # BatchNorm cannot train on a batch of one (a last partial batch, or one left by unreadable files):
+    # that image waits for the next epoch's shuffle. Every rank has the same batch sizes, so all skip.
+    needs_two = trains_batchnorm(learner.net)
+    if needs_two and loader.batch_size == 1:
+        raise UsageError("--batch-size 1 cannot train a network with BatchNorm layers (each needs two images or "
+                         "more): use --batch-size 2 or more")
     bar = tqdm(loader, desc=desc, disable=not show or None, leave=False, dynamic_ncols=True)
     for x, y, _, n_bad in bar:
         n = len(y) + n_bad
@@ -335,7 +341,7 @@ def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, pe
             group["lr"] = group["base_lr"] * factor
         progress.lr = opt.param_groups[0]["lr"]
         torch.manual_seed(dataset.derived_seed(seed, progress.epoch, progress.seen, rank))
-        if x is not None:  # else nothing readable in this batch, and the limit allows it
+        if x is not None and not (needs_two and len(y) == 1):  # else nothing (trainable) in this batch
             batch = progress.seen // max(1, loader.batch_size or 1) + 1
             loss, correct = train_step(learner, x, y, f"epoch {progress.epoch + 1}, batch {batch}")
             progress.loss_sum += loss * len(y)
@@ -349,6 +355,11 @@ def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, pe
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.1f}", img_s=f"{stats['img_per_s']:.0f}")
         check_stop()  # a consistent point: this step is complete and counted
     return progress.stats()
+
+
+def trains_batchnorm(net: nn.Module) -> bool:
+    """Whether a training step updates BatchNorm statistics: then a batch needs two images or more."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules())
 
 
 def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, where: str) -> tuple[float, int]:

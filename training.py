@@ -77,6 +77,7 @@ from engine import (
     stop_requested,
     to_model_input,
     train_one_epoch,
+    trains_batchnorm,
     tune_cpu_allocator,
 )
 
@@ -182,13 +183,15 @@ def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
     mults = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
     factor = (end / start) ** (1 / max(1, steps - 1))
     lrs, losses, smooth, best = [], [], 0.0, math.inf
-    batches = iter(())
+    batches, needs_two = iter(()), trains_batchnorm(net)
     for i in range(steps):
         batch = next(batches, None)
         if batch is None:
             batches = iter(loader)
             batch = next(batches)
         x, y, _, _ = batch
+        if x is None or (needs_two and len(y) < 2):  # nothing readable, or one image BatchNorm cannot train on
+            continue
         lr = start * factor ** i
         for g, m in zip(optimizer.param_groups, mults):
             g["lr"] = lr * m

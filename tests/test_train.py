@@ -267,3 +267,21 @@ def test_the_layer_table_goes_to_the_run_folder_not_the_screen(colours, tmp_path
     assert "Total params" in (tmp_path / "run" / "model_summary.txt").read_text()
     out = capsys.readouterr().out
     assert "Total params" not in out and "trainable and 0 frozen parameters" in out
+
+
+def test_a_last_batch_of_one_image_does_not_stop_training(tmp_path):
+    """BatchNorm cannot train on one image: with 9 training images and batches of 8, the ninth waits
+    for the next epoch's shuffle instead of ending the run with a ValueError."""
+    make_folder(tmp_path / "data" / "train", per_class=3)
+    make_folder(tmp_path / "data" / "val", per_class=1, offset=300)
+    assert train.main(train_args(tmp_path / "data", tmp_path / "run", "--mode", "scratch", "--epochs", "2")) == 0
+
+
+def test_a_batch_size_of_one_is_refused_for_a_network_with_batchnorm(tmp_path, capsys):
+    make_folder(tmp_path / "data", per_class=3)
+    args = train_args(tmp_path / "data", tmp_path / "run", "--mode", "scratch", "--batch-size", "1")
+    try:
+        code = train.run(args)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and "--batch-size 1 cannot train" in capsys.readouterr().err
