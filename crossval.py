@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import files
-from config import UsageError
+from config import IDENTITY, TrainConfig, UsageError
 
 SETTINGS = "cv.json"
 SUMMARY = "cv_summary.json"
@@ -37,16 +38,32 @@ def main(given: dict[str, Any]) -> int:
     try:
         rank, _, _ = init_distributed()
         parent, settings, overrides = broadcast(prepare(given) if rank == 0 else None)
+        parent = Path(parent)
         for k in range(1, settings["folds"] + 1):
-            code = run_fold(Path(parent), k, settings, overrides)
+            try:
+                code = run_fold(parent, k, settings, overrides)
+            except UsageError:
+                if rank == 0 and not given.get("resume") and k == 1 and not (parent / "fold-1").exists():
+                    undo(parent)  # bad settings: the same command, corrected, can simply run again
+                raise
             if code:
+                if code == 130 and rank == 0:
+                    print(f"the cross-validation job continues with: python train.py --resume {parent}",
+                          file=sys.stderr)
                 return code
         if rank == 0:
-            summarise(Path(parent), settings["folds"])
+            summarise(parent, settings["folds"])
         return 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def undo(parent: Path) -> None:
+    """Remove a new job's folder that no fold got to use (only cv.json in it)."""
+    (parent / SETTINGS).unlink(missing_ok=True)
+    if not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def prepare(given: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -54,10 +71,15 @@ def prepare(given: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]
     its settings written before any fold starts."""
     if given.get("resume"):
         parent = Path(given["resume"])
-        settings = json.loads((parent / SETTINGS).read_text())
+        settings = read_settings(parent)
+        if given.get("out") and Path(given["out"]).absolute() != parent.absolute():
+            raise UsageError(f"--out cannot change on resume: the job stays in {parent}")
         overrides = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite")}
-        if "folds" in overrides and overrides["folds"] != settings["folds"]:
-            raise UsageError(f"cannot change --folds when resuming {parent}: start a new job instead")
+        changed = [k for k in IDENTITY if k in overrides and overrides[k] != settings.get(k, getattr(TrainConfig, k))]
+        if changed:
+            raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when resuming "
+                             f"{parent}: start a new job instead")
+        (parent / SUMMARY).unlink(missing_ok=True)  # written again when every fold has finished
         return str(parent), settings, overrides
     settings = {k: v for k, v in given.items() if k not in ("out", "overwrite")}
     if given.get("out"):
@@ -73,6 +95,17 @@ def prepare(given: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]
     return str(parent), settings, {}
 
 
+def read_settings(parent: Path) -> dict[str, Any]:
+    try:
+        settings = json.loads((parent / SETTINGS).read_text())
+        if isinstance(settings, dict) and int(settings["folds"]) >= 2:
+            return settings
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    raise UsageError(f"{parent / SETTINGS} cannot be read: the job's settings are lost; start the job again "
+                     "with its options")
+
+
 def run_fold(parent: Path, k: int, settings: dict[str, Any], overrides: dict[str, Any]) -> int:
     """One fold: started, or resumed from its folder (a finished one says so and returns at once)."""
     import training
@@ -86,21 +119,33 @@ def run_fold(parent: Path, k: int, settings: dict[str, Any], overrides: dict[str
 def summarise(parent: Path, folds: int) -> dict[str, Any]:
     """cv_summary.json and the printed lines: each fold's best validation accuracy and per-class accuracy,
     their mean and (sample) standard deviation."""
-    runs = [json.loads((parent / f"fold-{k}" / "summary.json").read_text()) for k in range(1, folds + 1)]
-    classes = runs[0]["classes"]
-    best = np.array([r["best_val_acc"] for r in runs])
-    per_class = np.array([[100 * row[i] / max(1, sum(row)) for i, row in enumerate(r["val_confusion"])]
-                          for r in runs])
-    summary = {"folds": folds, "best_val_acc": {"mean": float(best.mean()), "std": float(best.std(ddof=1)),
-                                                "per_fold": best.tolist()},
-               "per_class_acc": {c: {"mean": float(per_class[:, i].mean()), "std": float(per_class[:, i].std(ddof=1))}
-                                 for i, c in enumerate(classes)},
+    try:
+        runs = [json.loads((parent / f"fold-{k}" / "summary.json").read_text()) for k in range(1, folds + 1)]
+        classes = runs[0]["classes"]
+        best = np.array([r["best_val_acc"] for r in runs], dtype=float)
+        # a fold that validated on no image of a class says nothing of it (NaN), rather than 0%
+        per_class = np.array([[100 * row[i] / sum(row) if sum(row) else np.nan for i, row in
+                               enumerate(r["val_confusion"])] for r in runs], dtype=float)
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise UsageError(f"a fold's summary.json in {parent} cannot be read ({e.__class__.__name__}): resume the "
+                         f"job to write it again, python train.py --resume {parent}") from None
+
+    def spread(values: np.ndarray) -> dict[str, float | None]:
+        values = values[~np.isnan(values)]
+        return {"mean": float(values.mean()) if len(values) else None,
+                "std": float(values.std(ddof=1)) if len(values) > 1 else None, "folds": len(values)}
+
+    summary = {"folds": folds, "best_val_acc": {**spread(best), "per_fold": best.tolist()},
+               "per_class_acc": {c: spread(per_class[:, i]) for i, c in enumerate(classes)},
                "classes": classes, "runs": [f"fold-{k}" for k in range(1, folds + 1)]}
     files.atomic_write_text(parent / SUMMARY, json.dumps(summary, indent=1))
     print(f"cross-validation over {folds} folds: best val accuracy {best.mean():.2f}% +- {best.std(ddof=1):.2f} "
           f"(folds: {', '.join(f'{a:.2f}' for a in best)}); per class:")
     width = max(len(c) for c in classes)
     for c in classes:
-        print(f"  {c:>{width}}: {summary['per_class_acc'][c]['mean']:.2f}% +- {summary['per_class_acc'][c]['std']:.2f}")
+        acc = summary["per_class_acc"][c]
+        print(f"  {c:>{width}}: " + ("no fold validated on it" if acc["mean"] is None else
+                                     f"{acc['mean']:.2f}%" + (f" +- {acc['std']:.2f}" if acc["std"] is not None else "")
+                                     + (f" ({acc['folds']} of {folds} folds)" if acc["folds"] < folds else "")))
     print(f"wrote {parent / SUMMARY}")
     return summary

@@ -368,13 +368,27 @@ def fold_split(items: list[tuple[str, int]], folds: int, fold: int, seed: int
     for item in items:
         by_class[item[1]].append(item)
     rng = random.Random(derived_seed(seed, 2))
-    train, val = [], []
+    train, val, dealt = [], [], 0
     for label in sorted(by_class):
         group = sorted(by_class[label])
         rng.shuffle(group)
-        for i, item in enumerate(group):
-            (val if i % folds == fold - 1 else train).append(item)
+        for item in group:  # dealing goes on where the last class stopped: folds differ by one image at most
+            (val if dealt % folds == fold - 1 else train).append(item)
+            dealt += 1
     return sorted(train), sorted(val)
+
+
+def check_folds(items: list[tuple[str, int]], classes: list[str], folds: int) -> None:
+    """Every fold validates on something; a class smaller than the folds is said (some folds will not
+    validate on it, and a class of one image is missing from one fold's training)."""
+    counts = Counter(y for _, y in items)
+    if len(items) < folds:
+        raise UsageError(f"--folds {folds}: only {len(items)} images to share out (after the test split): use "
+                         f"--folds {max(2, len(items))} or fewer")
+    small = [f"{shown(c)} ({counts[i]})" for i, c in enumerate(classes) if counts[i] < folds]
+    if small:
+        warn(f"class(es) with fewer images than the {folds} folds: {', '.join(small)}; some folds validate "
+             "without them, and their per-class accuracy covers only the folds that had them")
 
 
 def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
@@ -402,7 +416,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
                    if sets["test"] else {})
     skipped = [(p, checked[p][0]) for name in ("train", "val") for p, _ in sets[name] if checked[p][0]]
     good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
-    counts = Counter(y for _, y in good["train"] + good["val"])
+    counts = Counter(y for _, y in good["train"] + (good["val"] if folds else []))
     empty = [shown(c) for i, c in enumerate(classes) if counts[i] == 0]
     if empty:
         raise UsageError(f"class(es) {', '.join(empty)} of {shown(root)} have no readable training images: add "
@@ -412,6 +426,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     if test_split:
         train, test = stratified_split(train, test_split, derived_seed(seed, 1))
     if folds:
+        check_folds(train + val, classes, folds)
         train, val = fold_split(train + val, folds, fold, seed)
     elif not sets["val"]:
         train, val = stratified_split(train, val_split / (1 - test_split), seed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,11 +111,16 @@ def evaluation_set(data: Path | None, ckpt_path: Path, cache_dir: str | None, si
     if data is not None:
         return dataset.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes)
     split = run_split(ckpt_path.parent)
-    if split is None or not (split.test or folders.find_layout(Path(split.root))[2]):
+    if split is None and (ckpt_path.parent / "split.json").exists():
+        raise UsageError(f"{ckpt_path.parent / 'split.json'} cannot be read: give the images to evaluate, "
+                         "python eval.py DATA")
+    root = Path(split.root) if split is not None else None
+    test_dir = folders.find_layout(root)[2] if root is not None and root.is_dir() else None
+    if split is None or not (split.test or test_dir):
         raise UsageError(f"{ckpt_path.parent} has no held-out test split (train with --test-split F, or give a "
                          "folder with a test/ folder): give the images to evaluate, python eval.py DATA")
     if not split.test:  # a data set root with its own test/ folder
-        return dataset.scan_folder(Path(split.root), cache_dir, cache_size=size, max_bytes=max_bytes)
+        return dataset.scan_folder(root, cache_dir, cache_size=size, max_bytes=max_bytes)
     good, skipped, cache = dataset.check_items(split.test, "the run's test split", cache_dir, True, size, max_bytes)
     return split.classes, good, skipped, cache, f"the run's held-out test split ({ckpt_path.parent / 'split.json'})"
 
@@ -122,9 +128,13 @@ def evaluation_set(data: Path | None, ckpt_path: Path, cache_dir: str | None, si
 def run_split(run_dir: Path) -> dataset.DataSplit | None:
     """The run's split.json, when the checkpoint is in a run folder that has a readable one."""
     try:
-        return dataset.DataSplit.load(run_dir / "split.json")
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+        split = dataset.DataSplit.load(run_dir / "split.json")
+        n = len(split.classes)
+        if all(isinstance(p, str) and 0 <= int(y) < n for p, y in split.train + split.val + split.test):
+            return split
+    except Exception:  # a damaged or foreign file, whatever it holds: as if there were none
+        pass
+    return None
 
 
 def warn_if_seen(items: list[tuple[str, int]], split_file: Path) -> None:
@@ -133,10 +143,10 @@ def warn_if_seen(items: list[tuple[str, int]], split_file: Path) -> None:
     split = run_split(split_file.parent)
     if split is None:
         return
-    paths = {p for p, _ in items}
+    paths = {os.path.realpath(p) for p, _ in items}  # however the folder was named: relative, a link
     for name, used, why in (("training", split.train, "it learned from"), ("validation", split.val,
                                                                         "best.pt was chosen on")):
-        seen = len(paths & {p for p, _ in used})
+        seen = len(paths & {os.path.realpath(p) for p, _ in used})
         if seen:
             dataset.warn(f"{seen} of the {len(paths)} images evaluated are the {name} images {why} "
                          f"({split_file}): the accuracy is optimistic; evaluate images the run never used "

@@ -66,7 +66,7 @@ def describe_cv(job: Path) -> dict | None:
     done = [json.loads(s.read_text()) for s in summaries if s.exists()]
     if (job / "cv_summary.json").exists():
         acc = json.loads((job / "cv_summary.json").read_text())["best_val_acc"]
-        epochs, best = f"{folds} folds (+-{acc['std']:.2f})", acc["mean"]
+        epochs, best = f"{folds} folds (+-{acc['std'] or 0:.2f})", acc["mean"]
     elif done:
         epochs, best = f"{len(done)}/{folds} folds (unfinished)", sum(d["best_val_acc"] for d in done) / len(done)
     else:

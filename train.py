@@ -35,6 +35,8 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     add_options(parser)
     given = absolute_paths(vars(parser.parse_args(argv)))
     validate(TrainConfig(**{k: v for k, v in given.items() if k not in ("resume", "data")}))
+    if given.get("folds") and given.get("lr_find"):
+        raise UsageError("--lr-find runs one range test and starts no run: use it without --folds")
     if given.get("resume") and crossval.is_cv_folder(given["resume"]):
         return given  # a cross-validation job: its folds are resumed one by one
     if given.get("resume"):

@@ -427,7 +427,7 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
     if start.ckpt is not None:
         try:
             return dataset.DataSplit.load(start.run_dir / "split.json")
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
             raise UsageError(f"{start.run_dir / 'split.json'} cannot be read ({e.__class__.__name__}): a resume "
                              "needs the run's split; restore the file, or start a new run") from None
     split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,

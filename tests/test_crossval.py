@@ -25,6 +25,14 @@ def cv_job(flat, tmp_path_factory) -> Path:
     return job
 
 
+def run(args: list[str]) -> int:
+    """train.py as a command: its exit status."""
+    try:
+        return train.run(args)
+    except SystemExit as e:
+        return int(e.code)
+
+
 def split_of(job: Path, k: int) -> dict:
     return json.loads((job / f"fold-{k}" / "split.json").read_text())
 
@@ -74,8 +82,72 @@ def test_a_killed_job_resumes_its_unfinished_fold_and_keeps_the_finished_ones(fl
 
 
 def test_folds_of_one_are_refused(flat, tmp_path, capsys):
-    try:
-        code = train.run(train_args(flat, tmp_path / "job", "--folds", "1"))
-    except SystemExit as e:
-        code = e.code
-    assert code == 2 and "--folds must be 2 or more" in capsys.readouterr().err
+    assert run(train_args(flat, tmp_path / "job", "--folds", "1")) == 2
+    assert "--folds must be 2 or more" in capsys.readouterr().err
+
+
+def test_more_folds_than_images_is_refused_and_small_classes_are_named(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=3)
+    assert run(train_args(data, tmp_path / "job", "--folds", "10", "--mode", "scratch")) == 2
+    assert "--folds 10: only 9 images" in capsys.readouterr().err
+    assert not (tmp_path / "job").exists()  # the job that could not start left nothing behind
+    assert train.main(train_args(data, tmp_path / "job", "--folds", "4", "--mode", "scratch")) == 0
+    assert "fewer images than the 4 folds: blue (3)" in capsys.readouterr().err
+
+
+def test_a_job_that_fails_to_start_can_simply_be_run_again(flat, tmp_path, capsys):
+    assert run(train_args(flat, tmp_path / "job", "--folds", "2", "--model", "resnet1")) == 2
+    assert "resnet1" in capsys.readouterr().err and not (tmp_path / "job").exists()
+
+
+def test_the_settings_that_define_a_job_cannot_change_on_resume(flat, tmp_path, capsys):
+    import crossval
+
+    job = tmp_path / "job"
+    crossval.prepare({"data": str(flat), "folds": 2, "out": str(job), "mode": "scratch"})  # killed before fold-1
+    assert run(["--resume", str(job), "--seed", "7"]) == 2
+    assert "cannot change --seed" in capsys.readouterr().err and not (job / "fold-1").exists()
+
+
+def test_a_fold_that_never_validated_on_a_class_does_not_count_it_as_zero(tmp_path):
+    import crossval
+
+    for k, confusion in enumerate(([[2, 0], [1, 1]], [[3, 0], [0, 0]]), start=1):
+        (tmp_path / f"fold-{k}").mkdir()
+        (tmp_path / f"fold-{k}" / "summary.json").write_text(json.dumps(
+            {"classes": ["a", "b"], "best_val_acc": 75.0 + 25 * (k - 1), "val_confusion": confusion}))
+    summary = crossval.summarise(tmp_path, 2)
+    assert summary["per_class_acc"]["b"] == {"mean": 50.0, "std": None, "folds": 1}
+    assert summary["per_class_acc"]["a"]["mean"] == 100.0
+
+
+def test_a_resumed_job_is_unfinished_until_every_fold_is_again(cv_job, tmp_path, monkeypatch):
+    import shutil
+
+    job = shutil.copytree(cv_job, tmp_path / "job")
+    kill_after_saving(monkeypatch, lambda state, path: path.name == "last.pt")
+    with pytest.raises(Killed):
+        train.main(["--resume", str(job), "--epochs", "2", "--save-interval", "0"])
+    assert not (job / "cv_summary.json").exists()  # runs.py must not show the old one as the result
+
+
+def test_a_damaged_job_settings_file_is_one_line(cv_job, tmp_path, capsys):
+    import shutil
+
+    job = shutil.copytree(cv_job, tmp_path / "job")
+    (job / "cv.json").write_text("[]")
+    assert run(["--resume", str(job)]) == 2
+    assert "cv.json cannot be read" in capsys.readouterr().err
+
+
+def test_folds_with_lr_find_is_refused(flat, tmp_path, capsys):
+    assert run(train_args(flat, tmp_path / "job", "--folds", "2", "--lr-find")) == 2
+    assert "without --folds" in capsys.readouterr().err
+
+
+def test_an_interrupted_fold_points_at_the_job_to_resume(flat, tmp_path, monkeypatch, capsys):
+    import training
+
+    monkeypatch.setattr(training, "train", lambda given: 130)  # what a fold returns after Ctrl-C
+    assert train.main(train_args(flat, tmp_path / "job", "--folds", "2")) == 130
+    assert f"python train.py --resume {tmp_path / 'job'}" in capsys.readouterr().err

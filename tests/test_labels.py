@@ -142,3 +142,25 @@ def test_eval_of_a_label_file_evaluates_its_test_rows(images, trained_run, tmp_p
     assert call(evaluate.main, [str(labels_csv), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")]) == 0
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["images"] == sum(r[2] == "test" for r in rows) and "the test rows of" in m["evaluated"]
+
+
+def test_eval_without_data_of_a_label_file_run_without_a_test_split_says_what_to_give(images, tmp_path, capsys):
+    labels_csv = write_csv(images.parent / "plain.csv", ["path", "label"], rows_of(images))
+    assert train.main(train_args(labels_csv, tmp_path / "run", "--mode", "scratch")) == 0
+    assert call(evaluate.main, ["--checkpoint", str(tmp_path / "run")]) == 2
+    assert "has no held-out test split" in capsys.readouterr().err
+
+
+def test_a_class_with_no_training_rows_is_refused(images, tmp_path, capsys):
+    rows = [r for r in rows_of(images, split=True) if not (r[1] == "red" and r[2] == "train")]
+    labels_csv = write_csv(images.parent / "notrain.csv", ["path", "label", "split"], rows)
+    assert call(train.main, train_args(labels_csv, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "red" in err and "no readable training images" in err
+
+
+def test_eval_warns_about_seen_images_however_the_folder_is_named(held_out_run, tmp_path, monkeypatch, capsys):
+    data = Path(read_split(held_out_run)["root"])
+    monkeypatch.chdir(data.parent)
+    assert call(evaluate.main, [data.name, "--checkpoint", str(held_out_run), "--out", str(tmp_path / "e")]) == 0
+    assert "are the training images it learned from" in capsys.readouterr().err
