@@ -37,14 +37,14 @@ def main(given: dict[str, Any]) -> int:
 
     try:
         rank, _, _ = init_distributed()
-        parent, settings, overrides = broadcast(prepare(given) if rank == 0 else None)
+        parent, settings, overrides, created = broadcast(prepare(given) if rank == 0 else None)
         parent = Path(parent)
         for k in range(1, settings["folds"] + 1):
             try:
                 code = run_fold(parent, k, settings, overrides)
             except UsageError:
                 if rank == 0 and not given.get("resume") and k == 1 and not (parent / "fold-1").exists():
-                    undo(parent)  # bad settings: the same command, corrected, can simply run again
+                    undo(parent, created)  # bad settings: the same command, corrected, can simply run again
                 raise
             if code:
                 if code == 130 and rank == 0:
@@ -59,16 +59,16 @@ def main(given: dict[str, Any]) -> int:
             dist.destroy_process_group()
 
 
-def undo(parent: Path) -> None:
-    """Remove a new job's folder that no fold got to use (only cv.json in it)."""
+def undo(parent: Path, created: bool) -> None:
+    """Remove what a new job made before any fold could use it: cv.json, and its folder if made here."""
     (parent / SETTINGS).unlink(missing_ok=True)
-    if not any(parent.iterdir()):
+    if created and not any(parent.iterdir()):
         parent.rmdir()
 
 
-def prepare(given: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(the parent folder, the job's settings, options given with --resume): a new job's folder is made and
-    its settings written before any fold starts."""
+def prepare(given: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any], bool]:
+    """(the parent folder, the job's settings, options given with --resume, whether the folder was made
+    here): a new job's folder is made and its settings written before any fold starts."""
     if given.get("resume"):
         parent = Path(given["resume"])
         settings = read_settings(parent)
@@ -80,19 +80,20 @@ def prepare(given: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]
             raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when resuming "
                              f"{parent}: start a new job instead")
         (parent / SUMMARY).unlink(missing_ok=True)  # written again when every fold has finished
-        return str(parent), settings, overrides
+        return str(parent), settings, overrides, False
     settings = {k: v for k, v in given.items() if k not in ("out", "overwrite")}
     if given.get("out"):
         parent = Path(given["out"])
         files.check_new_folder(parent)
+        created = not parent.exists()
         parent.mkdir(parents=True, exist_ok=True)
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        name = f"{given.get('model', 'resnet18')}-{given.get('mode', 'finetune')}-cv{given['folds']}-{stamp}"
-        parent = files.claim_folder(Path("runs") / name)
+        parent, created = files.claim_folder(Path("runs") / f"{given.get('model', TrainConfig.model)}-cv"
+                                             f"{given['folds']}-{stamp}"), True
     files.atomic_write_text(parent / SETTINGS, json.dumps(settings, indent=1))
     print(f"cross-validation: {settings['folds']} folds in {parent}")
-    return str(parent), settings, {}
+    return str(parent), settings, {}, created
 
 
 def read_settings(parent: Path) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def test_the_settings_that_define_a_job_cannot_change_on_resume(flat, tmp_path, 
     import crossval
 
     job = tmp_path / "job"
-    crossval.prepare({"data": str(flat), "folds": 2, "out": str(job), "mode": "scratch"})  # killed before fold-1
+    crossval.prepare({"data": str(flat), "folds": 2, "out": str(job), "mode": "scratch"})  # as if killed before fold-1
     assert run(["--resume", str(job), "--seed", "7"]) == 2
     assert "cannot change --seed" in capsys.readouterr().err and not (job / "fold-1").exists()
 
