@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,15 +48,18 @@ def read(source: str | os.PathLike) -> LabelFile:
     source = Path(os.path.abspath(os.path.expanduser(source)))
     try:
         with open(source, newline="", encoding="utf-8-sig") as f:
-            lines = list(csv.reader(f))
+            reader, lines, end = csv.reader(f), [], 0
+            for fields in reader:  # each record with the editor's line it starts on (quoted fields may span lines)
+                lines.append((end + 1, fields))
+                end = reader.line_num
     except FileNotFoundError:
         raise UsageError(f"label file {shown(source)} does not exist") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"label file {shown(source)} cannot be read as a UTF-8 CSV ({e})") from None
-    header = check_header(source, lines[0] if lines else [])
+    header = check_header(source, lines[0][1] if lines else [])
     base = source.parent
     rows: list[tuple[int, str, str, str | None]] = []  # (line, absolute path, label, split)
-    for number, fields in enumerate(lines[1:], start=2):
+    for number, fields in lines[1:]:
         if not any(f.strip() for f in fields):
             continue  # a blank line
         rows.append(check_row(source, number, fields, header, base))
@@ -88,6 +92,8 @@ def check_row(source: Path, number: int, fields: list[str], header: dict[str, in
               ) -> tuple[int, str, str, str | None]:
     where = f"{shown(source)} line {number}"
     if len(fields) != len(header):
+        if any("\n" in f for f in fields):
+            raise UsageError(f"{where} opens a quote (\") that is not closed on its line: close it, or remove it")
         raise UsageError(f"{where} has {len(fields)} field(s), the header {len(header)}: quote a value that "
                          "holds a comma")
     path, label = fields[header["path"]].strip(), fields[header["label"]].strip()
@@ -114,6 +120,13 @@ def collect(source: Path, rows: list[tuple[int, str, str, str | None]]) -> Label
         more = f" (and {len(missing) - 1} more line(s) name files that are not there)" if len(missing) > 1 else ""
         raise UsageError(f"{shown(source)} line {number}: {shown(path)} {what}{more}")
     classes = sorted({label for _, _, label, _ in rows})
+    folded: dict[str, list[str]] = {}
+    for c in classes:
+        folded.setdefault(c.casefold(), []).append(c)
+    alike = [" and ".join(names) for names in folded.values() if len(names) > 1]
+    if alike:
+        print(f"warning: labels that differ only by case are different classes: {'; '.join(alike[:3])}"
+              + (" ..." if len(alike) > 3 else ""), file=sys.stderr)
     if len(classes) < 2:
         raise UsageError(f"label file {shown(source)} names {len(classes)} class(es) "
                          f"({', '.join(classes) or 'none'}): a classifier needs at least two")

@@ -164,3 +164,27 @@ def test_eval_warns_about_seen_images_however_the_folder_is_named(held_out_run, 
     monkeypatch.chdir(data.parent)
     assert call(evaluate.main, [data.name, "--checkpoint", str(held_out_run), "--out", str(tmp_path / "e")]) == 0
     assert "are the training images it learned from" in capsys.readouterr().err
+
+
+def test_line_numbers_are_the_editors_after_a_quoted_field_that_spans_lines(images, tmp_path, capsys):
+    text = 'path,label\nblue/blue_000.png,blue\nblue/blue_001.png,"blue\n"\nblue/missing.png,blue\n'
+    (images / "multiline.csv").write_text(text)
+    assert call(train.main, train_args(images / "multiline.csv", tmp_path / "run")) == 2
+    assert "line 5" in capsys.readouterr().err  # the missing file's line, as an editor numbers it
+
+
+def test_an_unclosed_quote_is_named_as_such(images, tmp_path, capsys):
+    (images / "quote.csv").write_text('path,label\n"blue/blue_000.png,blue\nblue/blue_001.png,blue\n')
+    assert call(train.main, train_args(images / "quote.csv", tmp_path / "run")) == 2
+    assert "line 2 opens a quote" in capsys.readouterr().err
+
+
+def test_labels_that_differ_only_by_case_are_warned_about(images, tmp_path, capsys):
+    rows = rows_of(images)
+    rows[0][1] = "Blue"
+    labels_csv = write_csv(images.parent / "case.csv", ["path", "label"], rows)
+    import labels
+
+    assert labels.read(labels_csv).classes == ["Blue", "blue", "green", "red"]
+    err = capsys.readouterr().err
+    assert "differ only by case" in err and "Blue and blue" in err
