@@ -302,6 +302,13 @@ def describe_recipe(cfg: TrainConfig, given: dict[str, Any]) -> str:
 IDENTITY = ("data", "model", "mode", "weights", "img_size", "val_split", "test_split", "folds", "fold", "seed")
 
 
+def identity_changes(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The options given on a resume that would change what defines the run (or job), as --flags; a
+    setting the saved file predates counts as its default."""
+    return ["--" + k.replace("_", "-") for k in IDENTITY
+            if k in given and given[k] != saved.get(k, getattr(TrainConfig, k))]
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
     """Add one --option per dataclass field; unset options stay absent from the namespace (so a resume
     can tell what was given), with the field's default shown in the help."""

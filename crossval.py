@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import files
-from config import IDENTITY, TrainConfig, UsageError
+from config import TrainConfig, UsageError, identity_changes
 
 SETTINGS = "cv.json"
 SUMMARY = "cv_summary.json"
@@ -75,10 +75,9 @@ def prepare(given: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any],
         if given.get("out") and Path(given["out"]).absolute() != parent.absolute():
             raise UsageError(f"--out cannot change on resume: the job stays in {parent}")
         overrides = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite")}
-        changed = [k for k in IDENTITY if k in overrides and overrides[k] != settings.get(k, getattr(TrainConfig, k))]
+        changed = identity_changes(settings, overrides)
         if changed:
-            raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when resuming "
-                             f"{parent}: start a new job instead")
+            raise UsageError(f"cannot change {', '.join(changed)} when resuming {parent}: start a new job instead")
         (parent / SUMMARY).unlink(missing_ok=True)  # written again when every fold has finished
         return str(parent), settings, overrides, False
     settings = {k: v for k, v in given.items() if k not in ("out", "overwrite")}

@@ -422,7 +422,9 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
         raise UsageError(f"class(es) {', '.join(empty)} of {shown(root)} have no readable training images: add "
                          "images or remove the class")
     train, val = good["train"], good["val"]
-    test = good["test"] if labels.is_label_file(data) else []  # a test/ folder's classes may differ: eval's
+    # the run's own test set: a label file's test rows, or --test-split's share. A test/ folder's classes
+    # may differ from training's: eval.py reads it itself; here it only takes part in the leak check.
+    test, outside = (good["test"], []) if labels.is_label_file(data) else ([], good["test"])
     if test_split:
         train, test = stratified_split(train, test_split, derived_seed(seed, 1))
     if folds:
@@ -432,9 +434,9 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
         train, val = stratified_split(train, val_split / (1 - test_split), seed)
     looks = {p: "sha1:" + checked[p][1] if checked[p][2] == "plain" else checked[p][2] for p in checked
              if checked[p][2]}
-    held = val + good["test"] + (test if test_split else [])
+    held = val + test + outside
     leaks = (lookalikes([p for p, _ in train], [p for p, _ in held], looks) +
-             lookalikes([p for p, _ in val], [p for p, _ in good["test"] + (test if test_split else [])], looks) +
+             lookalikes([p for p, _ in val], [p for p, _ in test + outside], looks) +
              linked_across(walk.aliases, [p for p, _ in train], [p for p, _ in held]))
     repeats = [pair for items in (train, val) for c in range(len(classes))
                for pair in lookalikes([p for p, y in items if y == c], None, looks)]

@@ -78,11 +78,13 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     run's own held-out test split), the report printed and written."""
     loaded = load_model(ckpt_path, device, amp)
     size = loaded.preprocess.resize_size if image_cache else None
-    data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, cache_dir, size, max_bytes)
+    split = run_split(ckpt_path.parent)
+    data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, split, cache_dir, size, max_bytes)
     mapping = match_classes(data_classes, loaded.classes)
     items = [(p, mapping[y]) for p, y in items]
     print(f"evaluating {len(items)} images: {what}")
-    warn_if_seen(items, ckpt_path.parent / "split.json")
+    if split is not None:
+        warn_if_seen(items, split, ckpt_path.parent / "split.json")
     if skipped:
         dataset.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
                      f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
@@ -103,14 +105,14 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     return 0
 
 
-def evaluation_set(data: Path | None, ckpt_path: Path, cache_dir: str | None, size: int | None,
-                   max_bytes: int) -> dataset.Scanned:
-    """The labelled images to evaluate: a folder, a label file, or the checkpoint's run's test split."""
+def evaluation_set(data: Path | None, ckpt_path: Path, split: dataset.DataSplit | None, cache_dir: str | None,
+                   size: int | None, max_bytes: int) -> dataset.Scanned:
+    """The labelled images to evaluate: a folder, a label file, or the test split of the checkpoint's run
+    (`split`, its split.json when readable)."""
     if data is not None and labels.is_label_file(data):
         return dataset.scan_labels(data, cache_dir, cache_size=size, max_bytes=max_bytes)
     if data is not None:
         return dataset.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes)
-    split = run_split(ckpt_path.parent)
     if split is None and (ckpt_path.parent / "split.json").exists():
         raise UsageError(f"{ckpt_path.parent / 'split.json'} cannot be read: give the images to evaluate, "
                          "python eval.py DATA")
@@ -137,12 +139,9 @@ def run_split(run_dir: Path) -> dataset.DataSplit | None:
     return None
 
 
-def warn_if_seen(items: list[tuple[str, int]], split_file: Path) -> None:
+def warn_if_seen(items: list[tuple[str, int]], split: dataset.DataSplit, split_file: Path) -> None:
     """A warning when the images evaluated are ones the model trained on or was chosen on: then the
     accuracy is not that of new images."""
-    split = run_split(split_file.parent)
-    if split is None:
-        return
     paths = {os.path.realpath(p) for p, _ in items}  # however the folder was named: relative, a link
     for name, used, why in (("training", split.train, "it learned from"), ("validation", split.val,
                                                                         "best.pt was chosen on")):

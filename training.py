@@ -41,12 +41,12 @@ import models
 import plots
 from checkpoint import Preprocess
 from config import (
-    IDENTITY,
     TrainConfig,
     TrainingError,
     UsageError,
     absolute_paths,
     describe_recipe,
+    identity_changes,
     recipe_settings,
     validate,
     with_recipe,
@@ -270,10 +270,9 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
     if "recipe" in overrides:
         batch = overrides.get("batch_size", saved.get("batch_size", TrainConfig.batch_size))
         overrides = recipe_settings(overrides, saved["mode"], batch, world)
-    changed = [k for k in IDENTITY if k in overrides and overrides[k] != saved.get(k, getattr(TrainConfig, k))]
+    changed = identity_changes(saved, overrides)
     if changed:
-        raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
-                         "resuming: start a new run instead")
+        raise UsageError(f"cannot change {', '.join(changed)} when resuming: start a new run instead")
     if given.get("lr_find"):
         raise UsageError("--lr-find starts no run: use it without --resume")
     cfg = TrainConfig(**{**saved, **overrides, "resume": str(last), "out": str(run_dir)})
