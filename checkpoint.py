@@ -14,6 +14,8 @@ A checkpoint is a dict of tensors and plain data, loaded with weights_only=True 
     calibration          {temperature, ece_raw, ece, images}: temperature scaling of the best model on
                          the validation set (calibration.py); absent in runs trained before it (temperature 1)
     best_confusion       the best model's validation confusion matrix (cross-validation's per-class accuracy)
+    multilabel           True for a multi-label model (sigmoid per label; best_acc is then the best val mAP)
+    thresholds           multi-label: each label's threshold, tuned on validation (max F1); best_ap, its APs
 
 best.pt is the best epoch's model without RESUME_ONLY (a third of the size); eval.py, test.py and
 export.py need nothing else. torch is imported only to save and load, so finding a checkpoint (and
@@ -37,7 +39,8 @@ RESUME_ONLY = ("optimizer", "scaler", "progress", "ema")
 EXPORT_SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "torchscript": ".ptl"}  # export.py --format
 INPUT_CONTRACT = ("float32 RGB in [0,1], N x 3 x img_size x img_size, shorter side resized to resize_size then "
                   "centre-cropped; normalisation is inside the model; output: logits, probabilities are "
-                  "softmax(logits / temperature)")
+                  "softmax(logits / temperature), or for a multilabel model sigmoid(logits), each label present "
+                  "when its probability reaches its threshold")
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,25 @@ def checked_temperature(value: Any, source: str | Path) -> float:
     return t
 
 
+def thresholds(ckpt: dict[str, Any], source: str | Path = "the checkpoint") -> list[float] | None:
+    """A multi-label model's per-label thresholds; None for a single-label model."""
+    if not ckpt.get("multilabel"):
+        return None
+    return checked_thresholds(ckpt.get("thresholds"), len(ckpt["classes"]), source)
+
+
+def checked_thresholds(value: Any, n: int, source: str | Path) -> list[float]:
+    """Thresholds read from a file: one probability per label, or the file is refused in one line."""
+    try:
+        out = [float(t) for t in value]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != n or not all(0 <= t <= 1 for t in out):
+        raise UsageError(f"{source} is a multi-label model without a threshold in [0, 1] for each of its {n} labels: "
+                         "export or train it again")
+    return out
+
+
 def trained_with_flips(ckpt: dict[str, Any]) -> bool:
     """Whether the model saw mirror images in training (then test-time augmentation may flip): not with
     --hflip 0, --augment none, or transfer mode's feature cache (no augmentation at all)."""
@@ -111,11 +133,13 @@ def trained_with_flips(ckpt: dict[str, Any]) -> bool:
 
 def export_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
     """What an exported model carries: class names, architecture, the input contract, and what turns
-    its logits into probabilities (softmax(logits / temperature)) and allows test-time flips."""
-    t = temperature(ckpt)
+    its logits into probabilities (softmax(logits / temperature); a multi-label model's sigmoid and
+    per-label thresholds) and allows test-time flips."""
+    t, cuts = temperature(ckpt), thresholds(ckpt)
     return {"classes": json.dumps(ckpt["classes"]), "arch": ckpt["arch"],
             **Preprocess.from_dict(ckpt["preprocess"]).metadata(),
-            **({"temperature": repr(t)} if t is not None else {}), "hflip": json.dumps(trained_with_flips(ckpt))}
+            **({"temperature": repr(t)} if t is not None else {}), "hflip": json.dumps(trained_with_flips(ckpt)),
+            **({"multilabel": "true", "thresholds": json.dumps(cuts)} if cuts is not None else {})}
 
 
 def for_inference(state: dict[str, Any]) -> dict[str, Any]:

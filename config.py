@@ -121,15 +121,18 @@ HELP = {  # the options several scripts share, said the same way everywhere
            "precision and from an exported model's",
     "max_file_mb": "files larger than this (MB) are skipped without being read (a 12 MP JPEG is ~5 MB; raise "
                    "it for huge TIFFs)",
+    "label_sep": "what separates the labels in a label file's labels column (multi-label; default: the one the "
+                 "model was trained with, else a space)",
 }
 DEFAULT_MAX_FILE_MB = 256.0
 
 
 def add_shared(parser: argparse.ArgumentParser, *names: str, batch_size: int = 256) -> None:
-    """The shared options, by field name (checkpoint, device, batch_size, workers, cache_dir, max_file_mb, amp)."""
+    """The shared options, by field name (checkpoint, device, batch_size, workers, cache_dir, max_file_mb, amp,
+    label_sep)."""
     kinds = {"checkpoint": {}, "device": {"default": "auto"}, "batch_size": {"type": int, "default": batch_size},
              "workers": {"type": int}, "cache_dir": {}, "max_file_mb": {"type": float, "default": DEFAULT_MAX_FILE_MB},
-             "amp": {"action": argparse.BooleanOptionalAction, "default": False}}
+             "amp": {"action": argparse.BooleanOptionalAction, "default": False}, "label_sep": {}}
     for name in names:
         parser.add_argument("--" + name.replace("_", "-"), help=HELP[name], **kinds[name])
 
@@ -142,6 +145,8 @@ def check_shared(args: argparse.Namespace) -> None:
         raise UsageError("--workers cannot be negative")
     if getattr(args, "max_file_mb", 1) <= 0:
         raise UsageError("--max-file-mb must be positive")
+    if getattr(args, "label_sep", None) == "":
+        raise UsageError("--label-sep cannot be empty: give the character between an image's labels, e.g. ';'")
     check_device(getattr(args, "device", "auto"))
 
 
@@ -159,8 +164,10 @@ def opt(default: Any, help: str, **kwargs: Any) -> Any:
 class TrainConfig:
     # data
     data: str = opt("demo", "image folder (DIR/train + DIR/val, or DIR/<class>/...), a label file (a .csv with "
-                    "path,label[,split] columns), or 'demo' for scikit-learn's digits exported as PNGs (the demo "
-                    "trains from scratch at 32 px for 10 epochs without flips, unless told otherwise)")
+                    "path,label[,split] columns; path,labels[,split] for several labels per image: multi-label), or "
+                    "'demo' for scikit-learn's digits exported as PNGs (the demo trains from scratch at 32 px for 10 "
+                    "epochs without flips, unless told otherwise)")
+    label_sep: str = opt(" ", "what separates the labels in a label file's labels column (multi-label)")
     val_split: float = opt(0.2, "share of each class held out for validation when DATA has no val/ folder (or "
                            "split column)")
     test_split: float = opt(0.0, "share of each class set aside as the run's test set, never trained on nor used "
@@ -299,7 +306,8 @@ def describe_recipe(cfg: TrainConfig, given: dict[str, Any]) -> str:
 
 # Settings that define what a run *is*: changing them on --resume would make a different run, so a
 # resume refuses them. Every other setting given with --resume takes effect from where the run is.
-IDENTITY = ("data", "model", "mode", "weights", "img_size", "val_split", "test_split", "folds", "fold", "seed")
+IDENTITY = ("data", "label_sep", "model", "mode", "weights", "img_size", "val_split", "test_split", "folds", "fold",
+            "seed")
 
 
 def identity_changes(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
@@ -357,6 +365,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (0 < cfg.ema_decay < 1, "--ema-decay must be between 0 and 1"),
         (cfg.mixup >= 0 and cfg.cutmix >= 0, "--mixup and --cutmix cannot be negative"),
+        (cfg.label_sep != "", "--label-sep cannot be empty: give the character between an image's labels, e.g. ';'"),
     ]
     for ok, message in checks:
         if not ok:

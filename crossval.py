@@ -117,14 +117,16 @@ def run_fold(parent: Path, k: int, settings: dict[str, Any], overrides: dict[str
 
 
 def summarise(parent: Path, folds: int) -> dict[str, Any]:
-    """cv_summary.json and the printed lines: each fold's best validation accuracy and per-class accuracy,
-    their mean and (sample) standard deviation."""
+    """cv_summary.json and the printed lines: each fold's best validation accuracy and per-class accuracy
+    (multi-label: mAP and per-label AP), their mean and (sample) standard deviation."""
     try:
         runs = [json.loads((parent / f"fold-{k}" / "summary.json").read_text()) for k in range(1, folds + 1)]
-        classes = runs[0]["classes"]
-        best = np.array([r["best_val_acc"] for r in runs], dtype=float)
+        classes, multi = runs[0]["classes"], bool(runs[0].get("multilabel"))
+        score, per = ("best_val_map", "per_label_ap") if multi else ("best_val_acc", "per_class_acc")
+        best = np.array([r[score] for r in runs], dtype=float)
         # a fold that validated on no image of a class says nothing of it (NaN), rather than 0%
-        per_class = np.array([[100 * row[i] / sum(row) if sum(row) else np.nan for i, row in
+        per_class = np.array([[np.nan if a is None else 100 * a for a in r["val_ap"]] if multi else
+                              [100 * row[i] / sum(row) if sum(row) else np.nan for i, row in
                                enumerate(r["val_confusion"])] for r in runs], dtype=float)
     except (OSError, ValueError, TypeError, KeyError, IndexError) as e:
         raise UsageError(f"a fold's summary.json in {parent} cannot be read ({e.__class__.__name__}): resume the "
@@ -135,15 +137,16 @@ def summarise(parent: Path, folds: int) -> dict[str, Any]:
         return {"mean": float(values.mean()) if len(values) else None,
                 "std": float(values.std(ddof=1)) if len(values) > 1 else None, "folds": len(values)}
 
-    summary = {"folds": folds, "best_val_acc": {**spread(best), "per_fold": best.tolist()},
-               "per_class_acc": {c: spread(per_class[:, i]) for i, c in enumerate(classes)},
-               "classes": classes, "runs": [f"fold-{k}" for k in range(1, folds + 1)]}
+    summary = {"folds": folds, score: {**spread(best), "per_fold": best.tolist()},
+               per: {c: spread(per_class[:, i]) for i, c in enumerate(classes)},
+               "classes": classes, "multilabel": multi, "runs": [f"fold-{k}" for k in range(1, folds + 1)]}
     files.atomic_write_text(parent / SUMMARY, json.dumps(summary, indent=1))
-    print(f"cross-validation over {folds} folds: best val accuracy {best.mean():.2f}% +- {best.std(ddof=1):.2f} "
-          f"(folds: {', '.join(f'{a:.2f}' for a in best)}); per class:")
+    print(f"cross-validation over {folds} folds: best val {'mAP' if multi else 'accuracy'} {best.mean():.2f}% +- "
+          f"{best.std(ddof=1):.2f} (folds: {', '.join(f'{a:.2f}' for a in best)}); per "
+          f"{'label (average precision)' if multi else 'class'}:")
     width = max(len(c) for c in classes)
     for c in classes:
-        acc = summary["per_class_acc"][c]
+        acc = summary[per][c]
         print(f"  {c:>{width}}: " + ("no fold validated on it" if acc["mean"] is None else
                                      f"{acc['mean']:.2f}%" + (f" +- {acc['std']:.2f}" if acc["std"] is not None else "")
                                      + (f" ({acc['folds']} of {folds} folds)" if acc["folds"] < folds else "")))

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import files
 import folders
 import labels
+import multilabel
 from config import Parser, TrainConfig, UsageError, add_shared, cache_root, cli
 from folders import shown
 
@@ -304,6 +305,7 @@ class DataSplit:
     ignored: list[str] = field(default_factory=list)  # folders ignored by name
     repeats: list[tuple[str, str, int]] = field(default_factory=list)  # look-alikes within a class
     test: list[tuple[str, int]] = field(default_factory=list)  # held out from training and model selection
+    multilabel: bool = False  # a label file's `labels` column: each item's label is a tuple of label indices
 
     def save(self, path: Path) -> None:
         files.atomic_write_text(path, json.dumps(asdict(self), indent=1))
@@ -313,15 +315,18 @@ class DataSplit:
         d = json.loads(Path(path).read_text())
         for key in ("train", "val", "skipped", "leaks", "left_out", "repeats", "test"):
             d[key] = [tuple(x) for x in d.get(key, [])]
+        if d.get("multilabel"):
+            for key in ("train", "val", "test"):
+                d[key] = [(p, tuple(y)) for p, y in d[key]]
         return cls(**d)
 
     def files(self) -> list[str]:
         """Every file that was checked, in the order the image cache stores them."""
         return sorted([p for p, _ in self.train + self.val] + [p for p, _ in self.skipped])
 
-    def counts(self, items: list[tuple[str, int]]) -> list[int]:
-        c = Counter(label for _, label in items)
-        return [c[i] for i in range(len(self.classes))]
+    def counts(self, items: list[tuple[str, Any]]) -> list[int]:
+        """Images per class (per label: the images that have it)."""
+        return class_counts(items, len(self.classes))
 
     def not_used(self) -> list[tuple[str, str]]:
         """Every file of the data set that is not trained or validated on, with the reason."""
@@ -343,12 +348,31 @@ def labelled(walk: folders.Walk, folder: Path, classes: list[str]) -> list[tuple
     return [(p, i) for i, c in enumerate(classes) for p in walk.image_files(folder / c)]
 
 
-def stratified_split(items: list[tuple[str, int]], val_split: float, seed: int
-                     ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Hold out the same share of every class (at least one image when a class has two or more)."""
-    by_class: dict[int, list] = defaultdict(list)
+def label_set(y: Any) -> tuple[int, ...]:
+    """An item's labels: its class, or a multi-label item's labels."""
+    return tuple(y) if isinstance(y, (tuple, list)) else (y,)
+
+
+def class_counts(items: list[tuple[str, Any]], num_classes: int) -> list[int]:
+    c = Counter(label for _, y in items for label in label_set(y))
+    return [c[i] for i in range(num_classes)]
+
+
+def strata(items: list[tuple[str, Any]]) -> dict[int, list]:
+    """The items grouped for stratifying: by class; a multi-label item by its rarest label (so every
+    label is spread over the splits as evenly as its rarest images allow), an item of no label apart."""
+    counts = Counter(label for _, y in items for label in label_set(y))
+    groups: dict[int, list] = defaultdict(list)
     for item in items:
-        by_class[item[1]].append(item)
+        labels_ = label_set(item[1])
+        groups[min(labels_, key=lambda c: (counts[c], c)) if labels_ else -1].append(item)
+    return groups
+
+
+def stratified_split(items: list[tuple[str, Any]], val_split: float, seed: int
+                     ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """Hold out the same share of every class (at least one image when a class has two or more)."""
+    by_class = strata(items)
     rng = random.Random(seed)
     train, val = [], []
     for label in sorted(by_class):
@@ -364,9 +388,7 @@ def fold_split(items: list[tuple[str, int]], folds: int, fold: int, seed: int
                ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Stratified k-fold: each class shuffled (seeded) and dealt round the folds; fold `fold` (1..K)
     validates, the others train. The K runs of one seed validate on every image exactly once."""
-    by_class: dict[int, list] = defaultdict(list)
-    for item in items:
-        by_class[item[1]].append(item)
+    by_class = strata(items)
     rng = random.Random(derived_seed(seed, 2))
     train, val, dealt = [], [], 0
     for label in sorted(by_class):
@@ -381,7 +403,7 @@ def fold_split(items: list[tuple[str, int]], folds: int, fold: int, seed: int
 def check_folds(items: list[tuple[str, int]], classes: list[str], folds: int) -> None:
     """Every fold validates on something; a class smaller than the folds is said (some folds will not
     validate on it, and a class of one image is missing from one fold's training)."""
-    counts = Counter(y for _, y in items)
+    counts = class_counts(items, len(classes))
     if len(items) < folds:
         raise UsageError(f"--folds {folds}: only {len(items)} images to share out (after the test split): use "
                          f"--folds {max(2, len(items))} or fewer")
@@ -394,7 +416,7 @@ def check_folds(items: list[tuple[str, int]], classes: list[str], folds: int) ->
 def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
                  progress: bool = True, cache_size: int | None = None,
                  max_file_mb: float = folders.DEFAULT_MAX_FILE_MB, test_split: float = 0.0,
-                 folds: int = 0, fold: int = 0) -> DataSplit:
+                 folds: int = 0, fold: int = 0, label_sep: str = labels.DEFAULT_SEP) -> DataSplit:
     """Find classes and files (a folder, or a label file), check them all, split, look for look-alikes
     across the splits; every problem a person can fix is a UsageError. With `test_split`, a stratified
     share is set aside as the run's own test set (DataSplit.test). With `folds`, the rest is cut into
@@ -402,7 +424,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     decoded-image cache of DataSplit.files() at that size."""
     walk = folders.Walk(max_bytes=int(max_file_mb * 2**20))
     if labels.is_label_file(data):
-        root, classes, sets, own_split = label_file_sets(data)
+        root, classes, sets, own_split = label_file_sets(data, label_sep)
     else:
         root = resolve_data_dir(data)
         classes, sets, own_split = folder_sets(root, walk)
@@ -416,7 +438,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
                    if sets["test"] else {})
     skipped = [(p, checked[p][0]) for name in ("train", "val") for p, _ in sets[name] if checked[p][0]]
     good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}
-    counts = Counter(y for _, y in good["train"] + (good["val"] if folds else []))
+    counts = class_counts(good["train"] + (good["val"] if folds else []), len(classes))
     empty = [shown(c) for i, c in enumerate(classes) if counts[i] == 0]
     if empty:
         raise UsageError(f"class(es) {', '.join(empty)} of {shown(root)} have no readable training images: add "
@@ -438,9 +460,12 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     leaks = (lookalikes([p for p, _ in train], [p for p, _ in held], looks) +
              lookalikes([p for p, _ in val], [p for p, _ in test + outside], looks) +
              linked_across(walk.aliases, [p for p, _ in train], [p for p, _ in held]))
-    repeats = [pair for items in (train, val) for c in range(len(classes))
-               for pair in lookalikes([p for p, y in items if y == c], None, looks)]
-    return DataSplit(str(root), classes, train, val, skipped, leaks, walk.skipped, walk.ignored, repeats, test)
+    many = multilabel.is_multilabel(sets["train"])
+    within = [[p for p, _ in items] for items in (train, val)] if many else \
+        [[p for p, y in items if y == c] for items in (train, val) for c in range(len(classes))]
+    repeats = [pair for group in within for pair in lookalikes(group, None, looks)]
+    return DataSplit(str(root), classes, train, val, skipped, leaks, walk.skipped, walk.ignored, repeats, test,
+                     many)
 
 
 def folder_sets(root: Path, walk: folders.Walk) -> tuple[list[str], dict[str, list[tuple[str, int]]], str]:
@@ -469,9 +494,10 @@ def folder_sets(root: Path, walk: folders.Walk) -> tuple[list[str], dict[str, li
     return classes, sets, own
 
 
-def label_file_sets(data: str) -> tuple[Path, list[str], dict[str, list[tuple[str, int]]], str]:
+def label_file_sets(data: str, sep: str = labels.DEFAULT_SEP
+                    ) -> tuple[Path, list[str], dict[str, list[tuple[str, Any]]], str]:
     """(the label file, its classes, its train/val/test rows, "a split column" or "")."""
-    lf = labels.read(data)
+    lf = labels.read(data, sep)
     if not lf.split:
         return lf.source, lf.classes, {"train": lf.items, "val": [], "test": []}, ""
     return lf.source, lf.classes, {name: lf.rows(name) for name in labels.SPLITS}, "a split column"
@@ -562,9 +588,9 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
 
 
 def scan_labels(source: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None,
-                max_bytes: int = MAX_BYTES) -> Scanned:
+                max_bytes: int = MAX_BYTES, sep: str = labels.DEFAULT_SEP) -> Scanned:
     """A label file to evaluate: its test rows, else its val rows (with a split column), else every row."""
-    lf = labels.read(source)
+    lf = labels.read(source, sep)
     part = next((name for name in ("test", "val") if lf.rows(name)), None)
     items = lf.rows(part) if part else lf.items
     good, skipped, cache = check_items(items, shown(lf.source), cache_dir, progress, cache_size, max_bytes)
@@ -738,10 +764,11 @@ class ImageDataset(Dataset):
     any resume.
     """
 
-    def __init__(self, items: list[tuple[str, int]], size: int, transform: Callable | None = None,
-                 cache: ImageCache | None = None, seed: int = 0, max_bytes: int = MAX_BYTES):
+    def __init__(self, items: list[tuple[str, Any]], size: int, transform: Callable | None = None,
+                 cache: ImageCache | None = None, seed: int = 0, max_bytes: int = MAX_BYTES,
+                 num_classes: int | None = None):
         self.paths = [p for p, _ in items]
-        self.labels = [y for _, y in items]
+        self.labels = targets(items, num_classes)
         self.size, self.transform, self.cache, self.seed, self.max_bytes = size, transform, cache, seed, max_bytes
 
     def __len__(self) -> int:
@@ -770,13 +797,23 @@ class ImageDataset(Dataset):
         return x, self.labels[i], i
 
 
+def targets(items: list[tuple[str, Any]], num_classes: int | None) -> list:
+    """What the loss compares with, per item: its class index, or a multi-label item's multi-hot vector."""
+    if not multilabel.is_multilabel(items):
+        return [y for _, y in items]
+    if num_classes is None:
+        raise ValueError("multi-label items need num_classes")  # a bug
+    return [multilabel.multi_hot(y, num_classes) for _, y in items]
+
+
 def collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]:
     """Stack the readable samples; also say how many in the batch could not be read."""
     good = [b for b in batch if b is not None]
     if not good:
         return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), len(batch)
     xs, ys, idx = zip(*good)
-    return torch.stack(xs), torch.as_tensor(ys), torch.as_tensor(idx), len(batch) - len(good)
+    y = torch.stack(ys) if isinstance(ys[0], torch.Tensor) else torch.as_tensor(ys)
+    return torch.stack(xs), y, torch.as_tensor(idx), len(batch) - len(good)
 
 
 def train_transform(img_size: int, augment: str = "basic", min_scale: float = 0.35,
@@ -841,13 +878,16 @@ def main(argv: Iterable[str] | None = None) -> int:
     check.add_argument("--val-split", type=float, default=TrainConfig.val_split, help="share of each class held "
                        "out for validation when DATA has no val/ folder")
     check.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed of the split")
+    check.add_argument("--label-sep", default=TrainConfig.label_sep, help="what separates the labels in a label "
+                       "file's labels column (multi-label)")
     add_shared(check, "cache_dir", "max_file_mb")
     sub.add_parser("demo", help=f"export the digits demo data to {DEMO_DIR}")
     args = parser.parse_args(argv)
     if args.command == "demo":
         print(export_demo())
         return 0
-    report(prepare_data(args.data, args.val_split, args.seed, args.cache_dir, max_file_mb=args.max_file_mb))
+    report(prepare_data(args.data, args.val_split, args.seed, args.cache_dir, max_file_mb=args.max_file_mb,
+                        label_sep=args.label_sep))
     return 0
 
 

@@ -22,6 +22,7 @@ import dataset
 import folders
 import labels
 import models
+import multilabel
 from checkpoint import Preprocess
 from config import UsageError
 from predictor import OnnxModel
@@ -156,6 +157,8 @@ def data_items(data: Path, classes: list[str], held_out: bool) -> list[tuple[str
     if labels.is_label_file(data):
         lf = labels.read(data)
         part = next((lf.rows(n) for n in (("test", "val") if held_out else ("train",)) if lf.rows(n)), lf.items)
+        if lf.multilabel:  # images only: accuracy is for one class per image (the parity check covers the labels)
+            return [(p, -1) for p, _ in part]
         return [(p, classes.index(lf.classes[y]) if lf.classes[y] in classes else -1) for p, y in part]
     if not data.is_dir():
         raise UsageError(f"--data {data} is not a folder or a label file (.csv)")
@@ -167,10 +170,17 @@ def data_items(data: Path, classes: list[str], held_out: bool) -> list[tuple[str
         [(p, -1) for p in dataset.list_files(folder)]
 
 
-def parity(reference: torch.Tensor, exported: torch.Tensor) -> dict[str, float]:
-    return {"images": len(reference),
-            "top1_agreement": float((reference.argmax(1) == exported.argmax(1)).float().mean()),
-            "max_abs_logit_diff": float((reference - exported).abs().max())}
+def parity(reference: torch.Tensor, exported: torch.Tensor, thresholds: list[float] | None = None
+           ) -> dict[str, float]:
+    """How closely the export's outputs follow the model's; for a multi-label model also the share of
+    (image, label) decisions at the thresholds that agree."""
+    out = {"images": len(reference),
+           "top1_agreement": float((reference.argmax(1) == exported.argmax(1)).float().mean()),
+           "max_abs_logit_diff": float((reference - exported).abs().max())}
+    if thresholds is not None:
+        out["label_agreement"] = float((multilabel.decide(torch.sigmoid(reference), thresholds) ==
+                                        multilabel.decide(torch.sigmoid(exported), thresholds)).mean())
+    return out
 
 
 @torch.no_grad()
@@ -207,7 +217,7 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
     with torch.no_grad():
         reference, exported = model(check), run(check)
     report = {"format": fmt, "int8": int8, "file": str(out), "checkpoint": str(ckpt_path),
-              "size_mb": os.path.getsize(out) / 1e6, **parity(reference, exported),
+              "size_mb": os.path.getsize(out) / 1e6, **parity(reference, exported, checkpoint.thresholds(ckpt)),
               "latency_ms_batch1_cpu": latency_ms(run, images[:1]),
               "pytorch_latency_ms_batch1_cpu": latency_ms(lambda x: model(x), images[:1]),
               "accuracy_pytorch": accuracy(reference, check_labels),
@@ -215,7 +225,8 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
               "classes": ckpt["classes"], "preprocess": pre.to_dict(), "tolerance": tolerance}
     Path(str(out) + ".json").write_text(json.dumps(report, indent=1))
     print_proof(report)
-    if not int8 and (report["top1_agreement"] < 1 or report["max_abs_logit_diff"] > tolerance):
+    if not int8 and (report["top1_agreement"] < 1 or report.get("label_agreement", 1) < 1
+                     or report["max_abs_logit_diff"] > tolerance):
         print(f"error: the export does not match the PyTorch model (tolerance {tolerance}); see {out}.json",
               file=sys.stderr)
         return 1
@@ -244,7 +255,10 @@ def write(fmt: str, model: nn.Module, images: torch.Tensor, out: Path, meta: dic
 
 def print_proof(report: dict[str, Any]) -> None:
     print(f"exported {report['file']} ({report['size_mb']:.1f} MB); on {report['images']} images: top-1 agreement "
-          f"{100 * report['top1_agreement']:.1f}%, largest logit difference {report['max_abs_logit_diff']:.2e}; "
+          f"{100 * report['top1_agreement']:.1f}%" +
+          (f", label decisions agreeing {100 * report['label_agreement']:.1f}%" if "label_agreement" in report
+           else "") +
+          f", largest logit difference {report['max_abs_logit_diff']:.2e}; "
           f"CPU latency {report['latency_ms_batch1_cpu']:.1f} ms/image (PyTorch "
           f"{report['pytorch_latency_ms_batch1_cpu']:.1f} ms)")
     if report["accuracy_pytorch"] is not None:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import dataset
 import models
+import multilabel
 from checkpoint import Preprocess
 from config import TrainingError, UsageError
 
@@ -280,6 +281,7 @@ class Learner:
     lr_factor: Callable[[float, float], float]
     mix: Callable | None = None
     ema: Ema | None = None
+    multilabel: bool = False  # targets are multi-hot: no training accuracy to count
 
 
 class Ema:
@@ -352,7 +354,8 @@ def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, pe
         progress.bad += n_bad
         progress.time_s = time_before + time.perf_counter() - t0
         stats = progress.stats()
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.1f}", img_s=f"{stats['img_per_s']:.0f}")
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", **({} if learner.multilabel else {"acc": f"{stats['acc']:.1f}"}),
+                        img_s=f"{stats['img_per_s']:.0f}")
         check_stop()  # a consistent point: this step is complete and counted
     return progress.stats()
 
@@ -382,7 +385,7 @@ def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, where: str) -
     learner.scaler.update()
     if learner.ema is not None:
         learner.ema.update()
-    return value, int((logits.argmax(1) == y).sum())
+    return value, 0 if learner.multilabel else int((logits.argmax(1) == y).sum())
 
 
 # ----------------------------------------------------------------------------- stopping cleanly
@@ -467,9 +470,12 @@ def predict(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: 
 
 
 def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable,
-             num_classes: int, show: bool = True) -> dict[str, Any]:
+             num_classes: int, show: bool = True, multi: bool = False) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix; exact across ranks (each image is on one rank only). Also
-    this rank's logits and targets, for calibration."""
+    this rank's logits and targets, for calibration. `score` is what picks the best model: the accuracy,
+    or for a multi-label model (`multi`) the mAP."""
+    if multi:
+        return evaluate_multilabel(model, loader, to_input, autocast, show)
     logits, y, _ = predict(model, loader, to_input, autocast, desc="validating", show=show)
     cm = torch.zeros(num_classes * num_classes, dtype=torch.float64)
     loss_sum = torch.zeros(1, dtype=torch.float64)
@@ -482,8 +488,31 @@ def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast:
         cm, loss_sum = both[:-1].cpu(), both[-1:].cpu()
     cm = cm.view(num_classes, num_classes).long()
     n = int(cm.sum())
-    return {"loss": float(loss_sum) / max(1, n), "acc": 100 * float(cm.trace()) / max(1, n),
-            "confusion": cm.tolist(), "images": n, "logits": logits, "targets": y}
+    acc = 100 * float(cm.trace()) / max(1, n)
+    return {"loss": float(loss_sum) / max(1, n), "acc": acc, "score": acc, "confusion": cm.tolist(), "images": n,
+            "logits": logits, "targets": y}
+
+
+def evaluate_multilabel(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable,
+                        show: bool = True) -> dict[str, Any]:
+    """Loss, mAP, per-label AP and F1 at 0.5 of a multi-label model. AP ranks all the images at once, so
+    every rank gathers every rank's outputs: all compute the same numbers (and thresholds, later)."""
+    logits, y, _ = predict(model, loader, to_input, autocast, desc="validating", show=show)
+    if dist.is_initialized():
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (logits, y))
+        logits = torch.cat([p[0] for p in parts if len(p[1])] or [logits])
+        y = torch.cat([p[1] for p in parts if len(p[1])] or [y])
+    if not len(y):
+        return {"loss": 0.0, "map": 0.0, "f1": 0.0, "score": 0.0, "ap": [], "images": 0, "logits": logits,
+                "targets": y}
+    loss = float(nn.functional.binary_cross_entropy_with_logits(logits, y.float()))
+    truth, probs = y.numpy().astype(np.int64), torch.sigmoid(logits).numpy()
+    ap = multilabel.average_precision(truth, probs)
+    f1 = multilabel.micro_f1(truth, probs, [multilabel.DEFAULT_THRESHOLD] * truth.shape[1])
+    score = multilabel.mean_ap(ap)
+    return {"loss": loss, "map": score, "f1": f1, "score": score,
+            "ap": [None if np.isnan(a) else float(a) for a in ap], "images": len(y), "logits": logits, "targets": y}
 
 
 def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:

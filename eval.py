@@ -7,6 +7,10 @@
     python eval.py --checkpoint runs/resnet18-scratch-20261129-130000   # the run's own --test-split images
     python eval.py labels.csv                               # a label file: its test rows (else val, else all)
 
+A multi-label model (trained on a label file with a labels column) is evaluated on such a file: mAP,
+micro and macro F1 at its tuned thresholds, a per-label table (precision, recall, F1, AP) and picture
+(per_label.png), mistakes.csv.
+
 Prints accuracy, top-5 accuracy, the confusion matrix, per-class accuracy with the real class names,
 scikit-learn's classification report, the most confused pairs, how well the probabilities are
 calibrated and what a --reject-below threshold keeps; writes report.html (everything, to browse),
@@ -36,7 +40,7 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
                         "checkpoint's run (train.py --test-split)")
     parser.add_argument("--data", dest="data_option", metavar="DATA", help="the same, as an option (as in "
                         "train.py and export.py)")
-    add_shared(parser, "checkpoint", "device", "amp", "batch_size", "workers", "cache_dir", "max_file_mb")
+    add_shared(parser, "checkpoint", "device", "amp", "batch_size", "workers", "cache_dir", "max_file_mb", "label_sep")
     parser.add_argument("--out", help="report folder, new or empty (default: eval-<data>-<checkpoint> beside the "
                         "checkpoint; -2, -3, ... when that exists, so a report never replaces another)")
     parser.add_argument("--image-cache", action=argparse.BooleanOptionalAction, default=True,
@@ -52,7 +56,7 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     given = args.data or args.data_option
     args.data = Path(given) if given else None  # None: the run's own held-out test split
     if args.data is not None and labels.is_label_file(args.data):
-        labels.read(args.data)  # every row checked before torch loads
+        labels.read(args.data, args.label_sep or labels.DEFAULT_SEP)  # every row checked before torch loads
     elif args.data is not None and not args.data.is_dir():
         raise UsageError(f"{args.data} is not a folder: give a folder with one sub-folder per class, or a label "
                          "file (.csv)")
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         import report  # torch loads only for a command line that is good
 
         return report.evaluate(ckpt, args.data, out, args.device, args.amp, args.batch_size, args.workers,
-                               args.cache_dir, int(args.max_file_mb * 2**20), args.image_cache, args.tta)
+                               args.cache_dir, int(args.max_file_mb * 2**20), args.image_cache, args.tta,
+                               args.label_sep)
 
 
 if __name__ == "__main__":

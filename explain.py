@@ -121,11 +121,12 @@ def grad_cam(net: nn.Module, x: torch.Tensor, classes: torch.Tensor, target: Tar
 
 
 def occlusion(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, cls: int,
-              temperature: float = 1.0, steps: int = 7) -> torch.Tensor:
+              temperature: float = 1.0, steps: int = 7, multilabel: bool = False) -> torch.Tensor:
     """Heatmap (H x W, in [0, 1]) of how much covering each part of `image` (uint8 3 x H x W, as the
     model takes it) lowers the evidence for class `cls`: a square of the image's mean colour, a quarter
     of its side, slid in `steps` x `steps` overlapping positions, all in one batch. The evidence is the
-    log-odds of the class, which, unlike its probability, does not saturate near 100%."""
+    log-odds of the class, which, unlike its probability, does not saturate near 100% (for a multi-label
+    model, whose labels are independent sigmoids, that is the label's logit itself)."""
     _, h, w = image.shape
     ph, pw = max(1, h // 4), max(1, w // 4)
     ys = np.linspace(0, h - ph, steps).round().astype(int)
@@ -135,9 +136,13 @@ def occlusion(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
     for k, (y0, x0) in enumerate((y, x) for y in ys for x in xs):
         batch[k + 1, :, y0:y0 + ph, x0:x0 + pw] = fill
     with torch.no_grad():
-        log_p = (model(batch).float().cpu() / temperature).log_softmax(1)
-    others = torch.cat([log_p[:, :cls], log_p[:, cls + 1:]], 1).logsumexp(1)
-    log_odds = log_p[:, cls] - others
+        logits = model(batch).float().cpu()
+    if multilabel:
+        log_odds = logits[:, cls]
+    else:
+        log_p = (logits / temperature).log_softmax(1)
+        others = torch.cat([log_p[:, :cls], log_p[:, cls + 1:]], 1).logsumexp(1)
+        log_odds = log_p[:, cls] - others
     drop = (log_odds[0] - log_odds[1:]).clamp(min=0)
     heat, cover = torch.zeros(h, w), torch.zeros(h, w)
     for k, (y0, x0) in enumerate((y, x) for y in ys for x in xs):

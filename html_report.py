@@ -67,6 +67,8 @@ def write_html(path: Path, m: dict[str, Any], cells: dict[tuple[int, int], Cell]
     title = f"Evaluation: {m.get('data', '')}"
     if "accuracy" in m:
         title += f" ({m['accuracy']:.2f}%)"
+    elif "map" in m:
+        title += f" (mAP {m['map']:.2f}%)"
     body = "\n".join([_summary(m), _per_class(m), _matrix(m, classes, cells), _figures(figures)])
     page = f"""<!DOCTYPE html>
 <html lang="en">
@@ -108,6 +110,12 @@ def _summary(m: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
     if "accuracy" in m:
         rows.append(("Accuracy", _pct(m["accuracy"])))
+    for key, label in (("map", "mAP (mean average precision over labels)"), ("map_without_tta", "mAP without TTA"),
+                       ("micro_f1", "Micro F1 at the tuned thresholds"),
+                       ("macro_f1", "Macro F1 at the tuned thresholds"),
+                       ("exact_match", "Images with exactly their labels")):
+        if m.get(key) is not None:
+            rows.append((label, _pct(m[key])))
     topk = sorted((int(k.group(1)), k.string) for k in map(re.compile(r"top(\d+)_accuracy").fullmatch, m) if k)
     rows += [(f"Top-{k} accuracy", _pct(m[key])) for k, key in topk]
     if m.get("tta_accuracy") is not None:
@@ -148,6 +156,8 @@ def _summary(m: dict[str, Any]) -> str:
 
 
 def _per_class(m: dict[str, Any]) -> str:
+    if m.get("per_label"):
+        return _per_label(m["per_label"])
     per_class = m.get("per_class") or {}
     if not per_class:
         return ""
@@ -165,6 +175,22 @@ def _per_class(m: dict[str, Any]) -> str:
     head = "".join(f'<th title="click to sort">{h}</th>'
                    for h in ("Class", "Support", "Accuracy", "Precision", "Recall", "F1"))
     return (f'<section>\n<h2>Per class</h2>\n<div class="scroll"><table class="sortable" id="per-class">'
+            f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>\n</section>")
+
+
+def _per_label(per_label: dict[str, dict[str, Any]]) -> str:
+    """A multi-label model's table: each label's support, threshold, precision, recall, F1 and AP."""
+    rows = []
+    for name, r in per_label.items():
+        cells = [f'<td data-v="{int(r.get("support", 0))}">{int(r.get("support", 0))}</td>']
+        for key in ("threshold", "precision", "recall", "f1", "ap"):
+            v = r.get(key)
+            cells.append(f'<td data-v="{float(v)!r}">{float(v):.3f}</td>' if v is not None
+                         else '<td data-v="-1">–</td>')
+        rows.append(f"<tr><th>{_esc(name)}</th>{''.join(cells)}</tr>")
+    head = "".join(f'<th title="click to sort">{h}</th>'
+                   for h in ("Label", "Support", "Threshold", "Precision", "Recall", "F1", "AP"))
+    return (f'<section>\n<h2>Per label</h2>\n<div class="scroll"><table class="sortable" id="per-class">'
             f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>\n</section>")
 
 

@@ -8,6 +8,13 @@ does not come as a folder per class (Kaggle, labelling tools).
 `path` is absolute or relative to the CSV's folder; `label` is the class name; `split` (optional) is
 train, val or test. Without it, train.py splits the rows as it splits a flat folder. Every problem is
 answered in one line naming the row (line numbers as an editor shows them), before anything slow.
+
+A `labels` column instead of `label` makes a multi-label data set: each image holds all the labels in
+its cell, separated by spaces (--label-sep to change), or none (an image of none of them):
+
+    path,labels
+    beach/001.jpg,sea sky people
+    beach/002.jpg,
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from config import UsageError
 from folders import shown
 
-REQUIRED = ("path", "label")
 SPLITS = ("train", "val", "test")
-COLUMNS = (*REQUIRED, "split")
+COLUMNS = ("path", "label", "labels", "split")
+DEFAULT_SEP = " "
 
 
 def is_label_file(data: str | os.PathLike) -> bool:
@@ -32,19 +40,34 @@ def is_label_file(data: str | os.PathLike) -> bool:
 
 @dataclass
 class LabelFile:
-    """A read label file: absolute paths with class indices (classes sorted by name), in file order."""
+    """A read label file: absolute paths with class indices (classes sorted by name), in file order; in a
+    multi-label file each image's label is the sorted tuple of its label indices."""
     source: Path
     classes: list[str]
-    items: list[tuple[str, int]]
+    items: list[tuple[str, Any]]
     split: dict[str, str] = field(default_factory=dict)  # path -> train/val/test; empty without the column
+    multilabel: bool = False
 
-    def rows(self, name: str) -> list[tuple[str, int]]:
+    def rows(self, name: str) -> list[tuple[str, Any]]:
         """The items of split `name` (train, val or test)."""
         return [(p, y) for p, y in self.items if self.split.get(p) == name]
 
 
-def read(source: str | os.PathLike) -> LabelFile:
-    """The label file at `source`, checked row by row."""
+def is_multilabel(source: str | os.PathLike) -> bool:
+    """Whether a label file has a `labels` column: read from its first line only (quick, for checking
+    options before anything slow); a file that cannot be read says so later, in read()."""
+    try:
+        with open(os.path.expanduser(source), newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return "labels" in [h.strip().lower() for h in header]
+
+
+def read(source: str | os.PathLike, sep: str = DEFAULT_SEP) -> LabelFile:
+    """The label file at `source`, checked row by row; `sep` separates the labels of a `labels` cell."""
+    if not sep:
+        raise UsageError("--label-sep cannot be empty: give the character between an image's labels, e.g. ';'")
     source = Path(os.path.abspath(os.path.expanduser(source)))
     try:
         with open(source, newline="", encoding="utf-8-sig") as f:
@@ -58,12 +81,12 @@ def read(source: str | os.PathLike) -> LabelFile:
         raise UsageError(f"label file {shown(source)} cannot be read as a UTF-8 CSV ({e})") from None
     header = check_header(source, lines[0][1] if lines else [])
     base = source.parent
-    rows: list[tuple[int, str, str, str | None]] = []  # (line, absolute path, label, split)
+    rows: list[Row] = []
     for number, fields in lines[1:]:
         if not any(f.strip() for f in fields):
             continue  # a blank line
-        rows.append(check_row(source, number, fields, header, base))
-    return collect(source, rows)
+        rows.append(check_row(source, number, fields, header, base, sep))
+    return collect(source, rows, "labels" in header)
 
 
 def check_header(source: Path, header: list[str]) -> dict[str, int]:
@@ -71,43 +94,52 @@ def check_header(source: Path, header: list[str]) -> dict[str, int]:
     where = f"label file {shown(source)}"
     if not any(names):
         raise UsageError(f"{where} is empty: its first line names the columns, path,label (and optionally split)")
-    if "labels" in names:
-        raise UsageError(f"{where} has a 'labels' column (several labels per image): multi-label training is not "
-                         "supported yet; give one class per image in a 'label' column")
     unknown = [h for h in names if h not in COLUMNS]
     if unknown:
         raise UsageError(f"{where} has unknown column(s) {', '.join(map(repr, unknown))}: the columns are path, "
-                         "label and (optionally) split")
+                         "label (or labels, for several per image) and (optionally) split")
     twice = sorted({h for h in names if names.count(h) > 1})
     if twice:
         raise UsageError(f"{where} names column(s) {', '.join(twice)} twice")
-    missing = [c for c in REQUIRED if c not in names]
-    if missing:
-        raise UsageError(f"{where} has no {' or '.join(missing)} column: its first line must name the columns, "
-                         "path,label (and optionally split)")
+    if "label" in names and "labels" in names:
+        raise UsageError(f"{where} has both a label and a labels column: keep label for one class per image, or "
+                         "labels for several (multi-label)")
+    if "path" not in names or not {"label", "labels"} & set(names):
+        missing = "path" if "path" not in names else "label"
+        raise UsageError(f"{where} has no {missing} column: its first line must name the columns, path,label "
+                         "(or path,labels for several per image; and optionally split)")
     return {name: k for k, name in enumerate(names)}
 
 
-def check_row(source: Path, number: int, fields: list[str], header: dict[str, int], base: Path
-              ) -> tuple[int, str, str, str | None]:
+Row = tuple[int, str, tuple[str, ...], "str | None"]  # (line, absolute path, label names, split)
+
+
+def check_row(source: Path, number: int, fields: list[str], header: dict[str, int], base: Path,
+              sep: str = DEFAULT_SEP) -> Row:
     where = f"{shown(source)} line {number}"
     if len(fields) != len(header):
         if any("\n" in f for f in fields):
             raise UsageError(f"{where} opens a quote (\") that is not closed on its line: close it, or remove it")
         raise UsageError(f"{where} has {len(fields)} field(s), the header {len(header)}: quote a value that "
                          "holds a comma")
-    path, label = fields[header["path"]].strip(), fields[header["label"]].strip()
-    if not path or not label:
+    path = fields[header["path"]].strip()
+    if "labels" in header:  # several per image, or none
+        cell = fields[header["labels"]]
+        names = tuple(dict.fromkeys(n.strip() for n in (cell.split() if sep == " " else cell.split(sep))
+                                    if n.strip()))
+    else:
+        names = (fields[header["label"]].strip(),)
+    if not path or ("label" in header and not names[0]):  # an empty labels cell: an image of none of them
         raise UsageError(f"{where} has an empty {'path' if not path else 'label'}")
     split = fields[header["split"]].strip().lower() if "split" in header else None
     if split is not None and split not in SPLITS:
         raise UsageError(f"{where}: split {fields[header['split']]!r} is not one of {', '.join(SPLITS)}")
     full = os.path.abspath(os.path.join(base, os.path.expanduser(path)))
-    return number, full, label, split
+    return number, full, names, split
 
 
-def collect(source: Path, rows: list[tuple[int, str, str, str | None]]) -> LabelFile:
-    """Every path once, every path there; at least two classes."""
+def collect(source: Path, rows: list[Row], multilabel: bool = False) -> LabelFile:
+    """Every path once, every path there; at least two classes (labels)."""
     first: dict[str, int] = {}
     for number, path, _, _ in rows:
         if path in first:
@@ -119,7 +151,7 @@ def collect(source: Path, rows: list[tuple[int, str, str, str | None]]) -> Label
         what = "is a folder, not an image" if os.path.isdir(path) else "does not exist"
         more = f" (and {len(missing) - 1} more line(s) name files that are not there)" if len(missing) > 1 else ""
         raise UsageError(f"{shown(source)} line {number}: {shown(path)} {what}{more}")
-    classes = sorted({label for _, _, label, _ in rows})
+    classes = sorted({name for _, _, names, _ in rows for name in names})
     folded: dict[str, list[str]] = {}
     for c in classes:
         folded.setdefault(c.casefold(), []).append(c)
@@ -128,11 +160,13 @@ def collect(source: Path, rows: list[tuple[int, str, str, str | None]]) -> Label
         print(f"warning: labels that differ only by case are different classes: {'; '.join(alike[:3])}"
               + (" ..." if len(alike) > 3 else ""), file=sys.stderr)
     if len(classes) < 2:
-        raise UsageError(f"label file {shown(source)} names {len(classes)} class(es) "
+        what = "label(s)" if multilabel else "class(es)"
+        raise UsageError(f"label file {shown(source)} names {len(classes)} {what} "
                          f"({', '.join(classes) or 'none'}): a classifier needs at least two")
     index = {c: i for i, c in enumerate(classes)}
-    items = [(path, index[label]) for _, path, label, _ in rows]
+    items = [(path, tuple(sorted(index[n] for n in names)) if multilabel else index[names[0]])
+             for _, path, names, _ in rows]
     split = {path: s for _, path, _, s in rows if s is not None}
     if split and not any(s == "train" for s in split.values()):
         raise UsageError(f"label file {shown(source)} has a split column with no train rows")
-    return LabelFile(source, classes, items, split)
+    return LabelFile(source, classes, items, split, multilabel)

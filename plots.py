@@ -19,14 +19,17 @@ from folders import shown
 
 
 def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
-    """Loss (log scale: one spike does not flatten the rest) and accuracy per epoch, train against val,
-    the best epoch marked; and the learning rate of each epoch."""
+    """Loss (log scale: one spike does not flatten the rest) and accuracy (a multi-label run's mAP) per
+    epoch, train against val, the best epoch marked; and the learning rate of each epoch."""
     epochs = [h["epoch"] for h in history]
-    best = max(history, key=lambda h: max(h["val_acc"], h.get("ema_val_acc", -1.0)))
+    score = "map" if "val_map" in history[0] else "acc"  # a multi-label run: val mAP, no train accuracy
+    best = max(history, key=lambda h: max(h[f"val_{score}"], h.get(f"ema_val_{score}", -1.0)))
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, label in ((ax_loss, "loss", "loss (log scale)"), (ax_acc, "acc", "accuracy (%)")):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
-        ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="val")
+    for ax, key, label in ((ax_loss, "loss", "loss (log scale)"),
+                           (ax_acc, score, "mAP (%)" if score == "map" else "accuracy (%)")):
+        if f"train_{key}" in history[0]:
+            ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", color="C0", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", color="C1", label="val")
         if any(f"ema_val_{key}" in h for h in history):  # --ema may have been turned on by a resume
             ax.plot(epochs, [h.get(f"ema_val_{key}", float("nan")) for h in history], "o--", label="val, EMA weights")
         ax.axvline(best["epoch"], color="green", alpha=0.5, linestyle=":", label=f"best epoch ({best['epoch']})")
@@ -43,6 +46,27 @@ def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
     ax_lr.set_ylabel("learning rate (at the epoch's end)")
     ax_lr.grid(alpha=0.3)
     fig.suptitle(shown(title))
+    fig.tight_layout()
+    return fig
+
+
+def per_label_figure(per_label: dict[str, dict[str, Any]], limit: int = 60) -> Figure:
+    """A multi-label evaluation per label: AP, precision, recall and F1 at the label's threshold, as
+    horizontal bars, the weakest labels (by AP) at the top; at most `limit` labels, the weakest."""
+    names = sorted(per_label, key=lambda n: (per_label[n]["ap"] is not None, per_label[n]["ap"] or 0.0))[:limit]
+    keys = (("ap", "AP"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1 at threshold"))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(names)))
+    y = np.arange(len(names))
+    for k, (key, label) in enumerate(keys):
+        values = [per_label[n][key] or 0.0 for n in names]
+        ax.barh(y + (k - 1.5) * 0.2, values, height=0.2, label=label)
+    ax.set_yticks(y, [f"{shown(n)} ({per_label[n]['support']})" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score (label's support in brackets)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize="small", frameon=False)
+    fig.suptitle("Per label" + (f" (the {limit} weakest)" if len(per_label) > limit else ""))
     fig.tight_layout()
     return fig
 

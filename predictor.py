@@ -40,10 +40,17 @@ class Loaded:
     arch: str = "model"
     temperature: float | None = None  # None: a model trained before calibration (softmax as it is)
     flips: bool = True  # mirror images are the same class (trained with flips): TTA may flip
+    thresholds: list[float] | None = None  # a multi-label model's, one per label; None: single-label
+    label_sep: str = " "  # what separated the labels of its training label file (eval.py reads alike)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities; logits of several views (N x views x classes) are averaged."""
-        probs = calibration.probabilities(logits, self.temperature or 1.0)
+        """Calibrated probabilities (a multi-label model's: each label's sigmoid); logits of several views
+        (N x views x classes) are averaged."""
+        probs = torch.sigmoid(logits) if self.multilabel else calibration.probabilities(logits, self.temperature or 1.0)
         return probs.mean(1) if probs.dim() == 3 else probs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,13 +66,14 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
     if checkpoint.is_onnx(path):
         onnx = OnnxModel(path)
         return Loaded(onnx, lambda x: x, contextlib.nullcontext, onnx.classes, onnx.preprocess,
-                      path, torch.device("cpu"), onnx.arch, onnx.temperature, onnx.flips)
+                      path, torch.device("cpu"), onnx.arch, onnx.temperature, onnx.flips, onnx.thresholds)
     ckpt = checkpoint.load(path)
     model = models.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     return Loaded(model, to_model_input(pre, device), autocast, list(ckpt["classes"]), pre, path, device,
-                  ckpt["arch"], checkpoint.temperature(ckpt, path), checkpoint.trained_with_flips(ckpt))
+                  ckpt["arch"], checkpoint.temperature(ckpt, path), checkpoint.trained_with_flips(ckpt),
+                  checkpoint.thresholds(ckpt, path), str(ckpt.get("config", {}).get("label_sep") or " "))
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
@@ -74,7 +82,8 @@ def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, wor
     """(logits, targets, item indices) for every readable image, in order, each exactly once. With `tta`,
     the logits are N x views x classes, the plain image being view 0."""
     pre = loaded.preprocess
-    ds = dataset.ImageDataset(items, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes)
+    ds = dataset.ImageDataset(items, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes,
+                              num_classes=len(loaded.classes))
     n_workers = auto_workers(loaded.device, cached=cache is not None) if workers is None else workers
     loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
     if not tta:
@@ -142,7 +151,8 @@ class Explainer:
             return torch.cat([explain.grad_cam(self.loaded.model, self.loaded.to_input(images[i:i + 16]),
                                                classes[i:i + 16], self.target).cpu()
                               for i in range(0, len(images), 16)])
-        return torch.stack([explain.occlusion(self.loaded, image, int(c), self.loaded.temperature or 1.0)
+        return torch.stack([explain.occlusion(self.loaded, image, int(c), self.loaded.temperature or 1.0,
+                                              multilabel=self.loaded.multilabel)
                             for image, c in zip(images, classes)])
 
 
@@ -165,6 +175,8 @@ class OnnxModel:
         self.preprocess = Preprocess.from_metadata(meta)
         self.temperature = checkpoint.checked_temperature(meta["temperature"], path) if "temperature" in meta else None
         self.flips = json.loads(meta.get("hflip", "true"))
+        self.thresholds = checkpoint.checked_thresholds(json.loads(meta["thresholds"]), len(self.classes), path) \
+            if meta.get("multilabel") == "true" else None
         self.arch = meta.get("arch", Path(path).stem)
         self.input = self.session.get_inputs()[0].name
 

@@ -22,6 +22,7 @@ import files
 import folders
 import html_report
 import labels
+import multilabel
 import plots
 from config import UsageError
 from predictor import Explainer, Loaded, input_images, load_model, run_model, thumbnail
@@ -35,7 +36,7 @@ def match_classes(folder_classes: list[str], model_classes: list[str]) -> list[i
                          f"{', '.join(model_classes)}. Remove or rename those folders")
     missing = [c for c in model_classes if c not in folder_classes]
     if missing:
-        dataset.warn(f"no folder for class(es) {', '.join(missing)}: the report covers the other classes")
+        dataset.warn(f"no images of class(es) {', '.join(missing)}: the report covers the other classes")
     return [model_classes.index(c) for c in folder_classes]
 
 
@@ -73,15 +74,18 @@ def print_report(m: dict[str, Any], present: list[int]) -> None:
 
 
 def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bool, batch_size: int,
-             workers: int | None, cache_dir: str | None, max_bytes: int, image_cache: bool, tta: bool = False) -> int:
+             workers: int | None, cache_dir: str | None, max_bytes: int, image_cache: bool, tta: bool = False,
+             label_sep: str | None = None) -> int:
     """eval.py's work: the model over every image of a labelled folder or label file (or, without one, the
     run's own held-out test split), the report printed and written."""
     loaded = load_model(ckpt_path, device, amp)
     size = loaded.preprocess.resize_size if image_cache else None
     split = run_split(ckpt_path.parent)
-    data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, split, cache_dir, size, max_bytes)
+    data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, split, cache_dir, size, max_bytes,
+                                                               label_sep or loaded.label_sep)
+    check_kind(multilabel.is_multilabel(items), loaded, what)
     mapping = match_classes(data_classes, loaded.classes)
-    items = [(p, mapping[y]) for p, y in items]
+    items = [(p, tuple(sorted(mapping[c] for c in y)) if loaded.multilabel else mapping[y]) for p, y in items]
     print(f"evaluating {len(items)} images: {what}")
     if split is not None:
         warn_if_seen(items, split, ckpt_path.parent / "split.json")
@@ -92,6 +96,9 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     if not len(idx):
         raise UsageError(f"no readable image in {what}: see the warnings above")
     probs = loaded.probabilities(logits)  # calibrated; averaged over the views with --tta
+    if loaded.multilabel:
+        return evaluate_multilabel(loaded, out, items, probs, logits, y, idx, skipped,
+                                   {"data": str(data if data is not None else ckpt_path.parent), "evaluated": what})
     conf, pred = probs.max(1)
     present = sorted(set(mapping))
     m = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, present)
@@ -105,12 +112,57 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     return 0
 
 
+def check_kind(multi_data: bool, loaded: Loaded, what: str) -> None:
+    """Multi-label images for a multi-label model, one class per image for the others."""
+    if multi_data and not loaded.multilabel:
+        raise UsageError(f"{what} hold several labels per image (a labels column), and {loaded.source} is a "
+                         "single-label model: evaluate it on a file with a label column, or a folder per class")
+    if loaded.multilabel and not multi_data:
+        raise UsageError(f"{loaded.source} is a multi-label model: evaluate it on a label file with a labels column "
+                         f"(not {what})")
+
+
+def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]], probs: torch.Tensor,
+                        logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, skipped: list[tuple[str, str]],
+                        about: dict[str, str]) -> int:
+    """eval.py for a multi-label model: mAP, F1 at the model's thresholds, the per-label table and picture."""
+    truth, p = y.numpy().astype(np.int64), probs.numpy()
+    m = multilabel.metrics(truth, p, loaded.thresholds, loaded.classes)
+    if logits.dim() == 3:  # --tta: the plain images too
+        plain = torch.sigmoid(logits[:, 0]).numpy()
+        m["map_without_tta"] = multilabel.mean_ap(multilabel.average_precision(truth, plain))
+    m |= {"checkpoint": str(loaded.source), **about, "skipped": [list(s) for s in skipped]}
+    multilabel.print_metrics(m)
+    if "map_without_tta" in m:
+        print(f"With test-time augmentation: mAP {m['map']:.2f}% (without: {m['map_without_tta']:.2f}%)")
+    files.atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
+    files.atomic_write_text(out / "classification_report.txt", m["report"])
+    files.atomic_write_text(out / "skipped.txt", folders.skipped_lines(skipped))
+    plots.save(plots.per_label_figure(m["per_label"]), out / "per_label.png")
+    wrong = multilabel.decide(p, loaded.thresholds) != truth.astype(bool)
+    rows = sorted(((int(wrong[r].sum()), items[int(i)][0], r) for r, i in enumerate(idx.tolist()) if wrong[r].any()),
+                  key=lambda t: -t[0])
+    names, sep = loaded.classes, loaded.label_sep  # label lists as the label file writes them
+    with open(out / "mistakes.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
+        w = csv.writer(f)
+        w.writerow(["path", "labels", "predicted", "missed", "extra"])
+        for _, path, r in rows:
+            said = p[r] >= np.asarray(loaded.thresholds)
+            w.writerow([path, sep.join(names[c] for c in np.flatnonzero(truth[r])),
+                        ";".join(f"{names[c]}:{p[r, c]:.3f}" for c in np.flatnonzero(said)),
+                        sep.join(names[c] for c in np.flatnonzero(truth[r] & ~said)),
+                        sep.join(names[c] for c in np.flatnonzero(said & ~truth[r].astype(bool)))])
+    html_report.write_html(out / "report.html", m, {}, [("Per label", out / "per_label.png")])
+    print(f"wrote {out}/report.html, metrics.json, per_label.png, classification_report.txt, mistakes.csv")
+    return 0
+
+
 def evaluation_set(data: Path | None, ckpt_path: Path, split: dataset.DataSplit | None, cache_dir: str | None,
-                   size: int | None, max_bytes: int) -> dataset.Scanned:
+                   size: int | None, max_bytes: int, sep: str = labels.DEFAULT_SEP) -> dataset.Scanned:
     """The labelled images to evaluate: a folder, a label file, or the test split of the checkpoint's run
     (`split`, its split.json when readable)."""
     if data is not None and labels.is_label_file(data):
-        return dataset.scan_labels(data, cache_dir, cache_size=size, max_bytes=max_bytes)
+        return dataset.scan_labels(data, cache_dir, cache_size=size, max_bytes=max_bytes, sep=sep)
     if data is not None:
         return dataset.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes)
     if split is None and (ckpt_path.parent / "split.json").exists():
@@ -132,7 +184,8 @@ def run_split(run_dir: Path) -> dataset.DataSplit | None:
     try:
         split = dataset.DataSplit.load(run_dir / "split.json")
         n = len(split.classes)
-        if all(isinstance(p, str) and 0 <= int(y) < n for p, y in split.train + split.val + split.test):
+        if all(isinstance(p, str) and all(0 <= int(c) < n for c in dataset.label_set(y))
+               for p, y in split.train + split.val + split.test):
             return split
     except Exception:  # a damaged or foreign file, whatever it holds: as if there were none
         pass
@@ -292,18 +345,26 @@ def label(ckpt_path: Path, paths: list[str], out: Path, device: str, amp: bool, 
     """test.py's work: the top-k labels of each image (or "unknown" below --reject-below), printed and
     written with a picture; with `explain_them`, a heatmap per image."""
     loaded = load_model(ckpt_path, device, amp)
-    if loaded.temperature is None:
+    if loaded.multilabel and reject_below is not None:
+        raise UsageError(f"{ckpt_path} is a multi-label model: each label has its own threshold (tuned when training), "
+                         "so --reject-below does not apply; drop it")
+    if loaded.temperature is None and not loaded.multilabel:
         print("note: this model has no fitted temperature (trained before calibration): probabilities are the "
               "raw softmax")
     logits, _, idx = run_model(loaded, [(p, -1) for p in paths], batch_size, workers, max_bytes=max_bytes,
                                show=len(paths) > 256, tta=tta)
     k = min(topk, len(loaded.classes))
     results: dict[int, list[tuple[str, float]]] = {}
+    present: dict[int, list[tuple[str, float]]] | None = {} if loaded.multilabel else None
     if len(idx):
-        top_p, top_i = loaded.probabilities(logits).topk(k, dim=1)
+        probs = loaded.probabilities(logits)
+        top_p, top_i = probs.topk(k, dim=1)
         for row, i in enumerate(idx.tolist()):
             results[i] = [(loaded.classes[c], float(p)) for p, c in zip(top_p[row].tolist(), top_i[row].tolist())]
-    write_predictions(out, paths, results, k, grid, max_bytes, reject_below)
+            if present is not None:  # every label at or above its threshold, the most probable first
+                said = np.flatnonzero(multilabel.decide(probs[row:row + 1], loaded.thresholds)[0])
+                present[i] = sorted(((loaded.classes[c], float(probs[row, c])) for c in said), key=lambda t: -t[1])
+    write_predictions(out, paths, results, k, grid, max_bytes, reject_below, present, loaded.label_sep)
     if explain_them and results:
         write_explanations(out, loaded, paths, results, grid, max_bytes)
     elif explain_them:
@@ -315,10 +376,23 @@ UNKNOWN = "unknown"
 
 
 def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple[str, float]]], k: int, grid: int,
-                      max_bytes: int, reject_below: float | None = None) -> None:
+                      max_bytes: int, reject_below: float | None = None,
+                      present: dict[int, list[tuple[str, float]]] | None = None, sep: str = " ") -> None:
+    """predictions.csv and .png: each image's top-k labels (a multi-label model's: the labels at or above
+    their thresholds, `present`), or why it could not be read."""
     rows, pictures, captions, colours = [], [], [], []
     for i, path in enumerate(paths):
-        if i in results:
+        if present is not None and i in results:
+            found = present[i]
+            guesses = ", ".join(f"{lb} ({100 * p:.1f}%)" for lb, p in found)
+            best = results[i][0]
+            print(f"{folders.shown(path)}: " + (guesses or f"no label above its threshold (most likely: {best[0]}, "
+                                                          f"{100 * best[1]:.1f}%)"))
+            rows.append([path, sep.join(lb for lb, _ in found), ";".join(f"{lb}:{p:.4f}" for lb, p in found),
+                         ";".join(f"{lb}:{p:.4f}" for lb, p in results[i]), "ok"])
+            captions.append(", ".join(lb for lb, _ in found) or "(none)")
+            colours.append("black" if found else "darkorange")
+        elif i in results:
             top = results[i]
             rejected = reject_below is not None and top[0][1] < reject_below
             name = UNKNOWN if rejected else top[0][0]
@@ -340,7 +414,8 @@ def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple
             pictures.append(thumbnail(path) if i in results else None)
     with open(out / "predictions.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
         w = csv.writer(f)
-        w.writerow(["path", "label", "probability", f"top{k}", "status"])
+        w.writerow(["path", "labels", "probabilities", f"top{k}", "status"] if present is not None else
+                   ["path", "label", "probability", f"top{k}", "status"])
         w.writerows(rows)
     plots.save(plots.image_grid(pictures, captions[: len(pictures)], colours[: len(pictures)]),
                out / "predictions.png")

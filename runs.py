@@ -6,7 +6,7 @@
 Reads each run's config.json and summary.json (a run still going, or interrupted, shows its last
 finished epoch from metrics.csv); a cross-validation job (train.py --folds K) is one line, the mean
 of its folds' best val accuracy with their spread (cv_summary.json). The time is the training time of
-all its sessions (resumes added).
+all its sessions (resumes added). A multi-label run's column holds its best val mAP.
 For curves side by side: tensorboard --logdir runs (HParams tab).
 """
 
@@ -41,12 +41,13 @@ def describe(run: Path) -> dict | None:
     cfg = json.loads((run / "config.json").read_text())
     if (run / "summary.json").exists():
         s = json.loads((run / "summary.json").read_text())
-        acc, epochs, minutes = s["best_val_acc"], f"{s['epochs']}", s.get("train_time_s", 0) / 60
+        acc, epochs, minutes = s.get("best_val_acc", s.get("best_val_map")), f"{s['epochs']}", \
+            s.get("train_time_s", 0) / 60
     elif (run / "metrics.csv").exists():
         with open(run / "metrics.csv") as f:
             history = list(csv.DictReader(f))
-        acc = max((max(float(h["val_acc"]), float(h.get("ema_val_acc") or -1)) for h in history),
-                  default=float("nan"))
+        key = "val_acc" if not history or "val_acc" in history[0] else "val_map"  # a multi-label run's: mAP
+        acc = max((max(float(h[key]), float(h.get(f"ema_{key}") or -1)) for h in history), default=float("nan"))
         epochs = f"{len(history)}/{cfg['epochs']} (unfinished)"
         minutes = sum(float(h["time_s"]) for h in history) / 60
     else:
@@ -65,10 +66,12 @@ def describe_cv(job: Path) -> dict | None:
     summaries = [job / f"fold-{k}" / "summary.json" for k in range(1, folds + 1)]
     done = [json.loads(s.read_text()) for s in summaries if s.exists()]
     if (job / "cv_summary.json").exists():
-        acc = json.loads((job / "cv_summary.json").read_text())["best_val_acc"]
+        cv = json.loads((job / "cv_summary.json").read_text())
+        acc = cv.get("best_val_acc", cv.get("best_val_map"))
         epochs, best = f"{folds} folds (+-{acc['std'] or 0:.2f})", acc["mean"]
     elif done:
-        epochs, best = f"{len(done)}/{folds} folds (unfinished)", sum(d["best_val_acc"] for d in done) / len(done)
+        scores = [d.get("best_val_acc", d.get("best_val_map", 0.0)) for d in done]
+        epochs, best = f"{len(done)}/{folds} folds (unfinished)", sum(scores) / len(scores)
     else:
         return None
     return {"run": job.name, "data": Path(cfg.get("data", "demo")).name, "model": cfg.get("model", "resnet18"),

@@ -37,7 +37,9 @@ import checkpoint
 import dataset
 import files
 import folders
+import labels
 import models
+import multilabel
 import plots
 from checkpoint import Preprocess
 from config import (
@@ -99,7 +101,7 @@ class Schedule:
         self.step_size, self.gamma = cfg.step_size, cfg.gamma
         self.plateau_scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
         for row in history:
-            self.end_epoch(row["val_acc"])
+            self.end_epoch(val_score(row))
 
     def __call__(self, start: float, end: float) -> float:
         """The factor for a step from position `start` to `end`."""
@@ -120,15 +122,24 @@ class Schedule:
             factor = 1.0
         return warm * factor
 
-    def end_epoch(self, val_acc: float, patience: int = 2) -> None:
-        """Plateau: multiply by gamma after `patience` epochs without a better val accuracy."""
-        if val_acc > self.best:
-            self.best, self.bad_epochs = val_acc, 0
+    def end_epoch(self, score: float, patience: int = 2) -> None:
+        """Plateau: multiply by gamma after `patience` epochs without a better val accuracy (mAP)."""
+        if score > self.best:
+            self.best, self.bad_epochs = score, 0
         else:
             self.bad_epochs += 1
             if self.bad_epochs > patience:
                 self.plateau_scale *= self.gamma
                 self.bad_epochs = 0
+
+
+def val_score(row: dict[str, Any], prefix: str = "") -> float:
+    """An epoch's validation score from its history row: accuracy, or a multi-label run's mAP."""
+    return row.get(f"{prefix}val_acc", row.get(f"{prefix}val_map", -1.0))
+
+
+def metric_name(multi: bool) -> str:
+    return "mAP" if multi else "accuracy"
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -295,6 +306,9 @@ def check_start(cfg: TrainConfig, start: Start, world: int) -> None:
     """What a resume cannot honour, refused before anything is loaded or written."""
     if cfg.lr_find and world > 1:
         raise UsageError("--lr-find runs in one process: run it with python, not torchrun")
+    if cfg.balanced_sampler and labels.is_label_file(cfg.data) and labels.is_multilabel(cfg.data):
+        raise UsageError("--balanced-sampler draws images by class, and a multi-label image has several: use "
+                         "--class-weights auto (each label's positives weighted) instead")
     ckpt = start.ckpt
     if ckpt is None:
         return
@@ -405,10 +419,14 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: datase
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = True) -> None:
-    """metrics.csv (and curves.png) rewritten from the checkpoint's history, so a resume never duplicates."""
-    keys = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "time_s"]
-    if any("ema_val_acc" in h for h in history):
-        keys[5:5] = ["ema_val_loss", "ema_val_acc"]
+    """metrics.csv (and curves.png) rewritten from the checkpoint's history, so a resume never duplicates.
+    A multi-label run has mAP and F1 (at 0.5) where the others have accuracy."""
+    multi = bool(history) and "val_map" in history[0]
+    keys = (["epoch", "train_loss", "val_loss", "val_map", "val_f1", "lr", "img_per_s", "time_s"] if multi else
+            ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "time_s"])
+    ema = "ema_val_map" if multi else "ema_val_acc"
+    if any(ema in h for h in history):
+        keys[5:5] = ["ema_val_loss", ema]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -432,7 +450,7 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
     split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
                                  cache_size=size if cfg.image_cache else None,
                                  max_file_mb=cfg.max_file_mb, test_split=cfg.test_split, folds=cfg.folds,
-                                 fold=cfg.fold) if lead else None
+                                 fold=cfg.fold, label_sep=cfg.label_sep) if lead else None
     return dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
 
 
@@ -508,10 +526,10 @@ def load_features(path: Path, rows: dict[str, int]) -> dict[str, torch.Tensor] |
     return feats if good else None
 
 
-def features_dataset(x: torch.Tensor, items: list[tuple[str, int]]) -> Features:
-    """Cached features with their labels; images that could not be read (NaN rows) are left out."""
+def features_dataset(x: torch.Tensor, items: list[tuple[str, Any]], num_classes: int) -> Features:
+    """Cached features with their targets; images that could not be read (NaN rows) are left out."""
     ok = torch.isfinite(x).all(1)
-    return Features(x[ok], [y for (_, y), good in zip(items, ok.tolist()) if good])
+    return Features(x[ok], [y for y, good in zip(dataset.targets(items, num_classes), ok.tolist()) if good])
 
 
 def feature_key(cfg: TrainConfig, weights_id: list, preprocess: Preprocess, split: dataset.DataSplit,
@@ -576,7 +594,8 @@ def train(given: dict[str, Any]) -> int:
 
 def nothing_to_do(start: Start) -> str:
     ckpt = start.ckpt
-    return (f"{start.run_dir} has finished ({ckpt['epoch']} epochs, best val accuracy {ckpt['best_acc']:.2f}% at "
+    return (f"{start.run_dir} has finished ({ckpt['epoch']} epochs, best val "
+            f"{metric_name(ckpt.get('multilabel', False))} {ckpt['best_acc']:.2f}% at "
             f"epoch {ckpt['best_epoch']}): nothing to do; pass --epochs {ckpt['epoch'] + 5} (or any number above "
             f"{ckpt['epoch']}) to train longer")
 
@@ -649,10 +668,11 @@ def fit(run: Run, model: nn.Module) -> int:
     optimizer = make_optimizer(cfg, model)
     if run.start.ckpt is not None:
         restore_optimizer(optimizer, scaler, run.start.ckpt, cfg, run.say)
-    criterion = make_criterion(cfg, train_counts).to(device)
-    if criterion.weight is not None:
-        run.note("class weights: " + ", ".join(f"{c}={w:.2f}" for c, w in zip(run.split.classes,
-                                                                            criterion.weight.tolist())))
+    criterion = make_criterion(cfg, train_counts, len(run.split.train), run.split.multilabel).to(device)
+    weights = criterion.pos_weight if run.split.multilabel else criterion.weight
+    if weights is not None:
+        what = "positive-label weights" if run.split.multilabel else "class weights"
+        run.note(f"{what}: " + ", ".join(f"{c}={w:.2f}" for c, w in zip(run.split.classes, weights.tolist())))
     inner = net  # unwrapped: evaluated on each rank's shard, saved in checkpoints
     net = parallel(net, run)
     if cfg.lr_find:
@@ -660,7 +680,8 @@ def fit(run: Run, model: nn.Module) -> int:
 
     schedule = Schedule(cfg, run.start.ckpt["history"] if run.start.ckpt else [])
     learner = Learner(net, optimizer, scaler, criterion, inputs.to_input, autocast, device, schedule,
-                      make_mix(cfg, len(run.split.classes)), make_ema(cfg, inner, len(train_loader), run.start))
+                      make_mix(cfg, len(run.split.classes)), make_ema(cfg, inner, len(train_loader), run.start),
+                      run.split.multilabel)
     loop = Loop(run, model, inner, learner, schedule)
     if run.lead:
         loop.open_log(sampler.per_rank)
@@ -719,8 +740,9 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable) -> Inputs:
             cache.build(skip={p for p, _ in split.skipped})
         barrier()
     augment = dataset.train_transform(pre.img_size, cfg.augment, cfg.min_scale, cfg.hflip)
-    train_ds = dataset.ImageDataset(split.train, pre.resize_size, augment, cache, cfg.seed, max_bytes)
-    val_ds = dataset.ImageDataset(split.val, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes)
+    n = len(split.classes)
+    train_ds = dataset.ImageDataset(split.train, pre.resize_size, augment, cache, cfg.seed, max_bytes, n)
+    val_ds = dataset.ImageDataset(split.val, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes, num_classes=n)
     return Inputs(train_ds, val_ds, model, image_input)
 
 
@@ -743,7 +765,8 @@ def feature_inputs(run: Run, model: nn.Module, images: Inputs, image_input: Call
     if not run.lead:
         feats = torch.load(path, map_location="cpu", weights_only=True)
     run.say(f"transfer: training the head on cached backbone features ({path.name}); augmentation off")
-    return Inputs(features_dataset(feats["train"], split.train), features_dataset(feats["val"], split.val),
+    n = len(split.classes)
+    return Inputs(features_dataset(feats["train"], split.train, n), features_dataset(feats["val"], split.val, n),
                   models.head_of(model)[1], lambda x: x.to(device, non_blocking=True), use_features=True)
 
 
@@ -815,6 +838,10 @@ class Loop:
         self.best_averaged = False  # the best model is the weights' average (--ema)
         self.calibration: dict[str, float] | None = ckpt.get("calibration")  # the best model's (calibration.py)
         self.best_confusion: list[list[int]] | None = ckpt.get("best_confusion")  # its validation confusion
+        # multi-label: best_acc is the best mAP; the best model's per-label thresholds and average precisions
+        self.multi = run.split.multilabel
+        self.thresholds: list[float] | None = ckpt.get("thresholds")
+        self.best_ap: list[float | None] | None = ckpt.get("best_ap")
         self.time_before = ckpt.get("train_time_s", sum(h["time_s"] for h in self.history))
         self.writer: Any = None
         self.best_ckpt: dict[str, Any] | None = None  # the best epoch's checkpoint while it is not yet written
@@ -844,6 +871,7 @@ class Loop:
             scaler=self.learner.scaler.state_dict(), world=self.world,
             **({"calibration": self.calibration} if self.calibration else {}),
             **({"best_confusion": self.best_confusion} if self.best_confusion else {}),
+            **({"multilabel": True, "thresholds": self.thresholds, "best_ap": self.best_ap} if self.multi else {}),
             **({"ema": self.learner.ema.state_dict()} if self.learner.ema else {}))
 
     def train_time(self) -> float:
@@ -911,39 +939,55 @@ class Loop:
                                 cfg.max_bad_fraction, f"epoch {epoch + 1}/{cfg.epochs}", self.lead, self.rank)
         models.set_train_mode(self.model, False, cfg.mode)
         val, ema_val = self.validate(val_loader)
-        self.schedule.end_epoch(val["acc"])
+        self.schedule.end_epoch(val["score"])
         progress.next_epoch()
-        row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
-               "val_loss": val["loss"], "val_acc": val["acc"], "lr": stats["lr"],
-               "img_per_s": stats["img_per_s"] * self.world, "time_s": stats["time_s"]}
-        if ema_val is not None:
-            row |= {"ema_val_loss": ema_val["loss"], "ema_val_acc": ema_val["acc"]}
+        row = self.history_row(epoch + 1, stats, val, ema_val)
         self.history.append(row)
-        averaged = ema_val is not None and ema_val["acc"] > val["acc"]  # the average is the better model
+        averaged = ema_val is not None and ema_val["score"] > val["score"]  # the average is the better model
         shown = ema_val if averaged else val
-        improved = shown["acc"] > self.best_acc
+        improved = shown["score"] > self.best_acc
         if improved:
-            self.best_acc, self.best_epoch, self.best_averaged = shown["acc"], epoch + 1, averaged
-            self.best_confusion = shown["confusion"]
-            self.calibration = self.calibrate(shown)
+            self.best_acc, self.best_epoch, self.best_averaged = shown["score"], epoch + 1, averaged
+            if self.multi:  # every rank holds all the validation outputs (engine.evaluate_multilabel)
+                self.thresholds = multilabel.tune_thresholds(shown["targets"].numpy().astype(np.int64),
+                                                             torch.sigmoid(shown["logits"]).numpy())
+                self.best_ap = shown["ap"]
+            else:
+                self.best_confusion = shown["confusion"]
+                self.calibration = self.calibrate(shown)
         stopping = cfg.patience > 0 and epoch + 1 - self.best_epoch >= cfg.patience
         self.finished = epoch + 1 == cfg.epochs or stopping
         if self.lead:
-            self.end_epoch(row, shown["confusion"], improved, stats["bad"])
+            self.end_epoch(row, shown.get("confusion"), improved, stats["bad"])
         barrier()
         if stopping:
             if self.lead:
                 print(f"early stop: no better val accuracy for {cfg.patience} epochs")
+
+    def history_row(self, epoch: int, stats: dict[str, float], val: dict[str, Any], ema_val: dict[str, Any] | None
+                    ) -> dict[str, Any]:
+        """metrics.csv's line: training loss (and accuracy), validation loss and accuracy; a multi-label
+        run's validation mAP and F1 at 0.5 instead of accuracies."""
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"]}
+        if self.multi:
+            row |= {"val_loss": val["loss"], "val_map": val["map"], "val_f1": val["f1"]}
+        else:
+            row |= {"train_acc": stats["acc"], "val_loss": val["loss"], "val_acc": val["acc"]}
+        row |= {"lr": stats["lr"], "img_per_s": stats["img_per_s"] * self.world, "time_s": stats["time_s"]}
+        if ema_val is not None:
+            key = "map" if self.multi else "acc"
+            row |= {"ema_val_loss": ema_val["loss"], f"ema_val_{key}": ema_val[key]}
+        return row
 
     def validate(self, val_loader: DataLoader) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The trained weights' validation, and with --ema the average's."""
         learner, n = self.learner, len(self.classes)
         exact = contextlib.nullcontext  # full precision: the accuracy is the one eval.py computes for best.pt
         same_buffers(self.inner, *([learner.ema.model] if learner.ema else []))
-        val = evaluate(self.inner, val_loader, learner.to_input, exact, n, self.lead)
+        val = evaluate(self.inner, val_loader, learner.to_input, exact, n, self.lead, self.multi)
         if learner.ema is None:
             return val, None
-        return val, evaluate(learner.ema.model.module, val_loader, learner.to_input, exact, n, self.lead)
+        return val, evaluate(learner.ema.model.module, val_loader, learner.to_input, exact, n, self.lead, self.multi)
 
     def calibrate(self, val: dict[str, Any]) -> dict[str, float]:
         """Temperature scaling of the new best model, on the validation images it was chosen on (every
@@ -966,7 +1010,7 @@ class Loop:
         prefix = "" if ema.source is self.model else models.head_of(self.model)[0] + "."
         return weights | {prefix + k: v.detach().to("cpu", copy=True) for k, v in ema.model.module.state_dict().items()}
 
-    def end_epoch(self, row: dict[str, Any], confusion: list[list[int]], improved: bool, bad: int) -> None:
+    def end_epoch(self, row: dict[str, Any], confusion: list[list[int]] | None, improved: bool, bad: int) -> None:
         """Metrics, pictures and checkpoints after an epoch (rank 0). The files a person reads are
         written before last.pt: a kill between them replays the epoch, which writes them again."""
         # short epochs (cached features, small data) would spend their time writing checkpoints:
@@ -987,27 +1031,38 @@ class Loop:
             self.write_summary(state["train_time_s"])
         if due:
             self.save(state)
-        print(f"epoch {row['epoch']}/{self.cfg.epochs}  train loss {row['train_loss']:.4f} "
-              f"acc {row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%  " +
-              (f"EMA {row['ema_val_acc']:.2f}%  " if "ema_val_acc" in row else "") +
-              f"{row['img_per_s']:.0f} img/s"
+        key = "map" if self.multi else "acc"
+        scores = (f"train loss {row['train_loss']:.4f} " + ("" if self.multi else f"acc {row['train_acc']:.2f}%") +
+                  f"  val loss {row['val_loss']:.4f} " +
+                  (f"mAP {row['val_map']:.2f}% F1@0.5 {row['val_f1']:.2f}%  " if self.multi else
+                   f"acc {row['val_acc']:.2f}%  ") +
+                  (f"EMA {row[f'ema_val_{key}']:.2f}%  " if f"ema_val_{key}" in row else ""))
+        print(f"epoch {row['epoch']}/{self.cfg.epochs}  {scores}{row['img_per_s']:.0f} img/s"
               + ("  *best*" if improved else "") + (f"  ({bad} unreadable)" if bad else ""))
 
     def write_summary(self, train_time_s: float) -> None:
         cfg = self.cfg
-        summary = {"best_val_acc": self.best_acc, "best_epoch": self.best_epoch, "epochs": self.progress.epoch,
+        scores = ({"best_val_map": self.best_acc, "thresholds": self.thresholds, "val_ap": self.best_ap}
+                  if self.multi else
+                  {"best_val_acc": self.best_acc, "calibration": self.calibration,
+                   "val_confusion": self.best_confusion})
+        summary = {**scores, "best_epoch": self.best_epoch, "epochs": self.progress.epoch,
                    "train_img_per_s": float(np.mean([h["img_per_s"] for h in self.history])) if self.history else 0.0,
-                   "train_time_s": train_time_s, "classes": self.classes, "calibration": self.calibration,
-                   "val_confusion": self.best_confusion,
+                   "train_time_s": train_time_s, "classes": self.classes, "multilabel": self.multi,
                    "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir)}
         files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
 
     def finish(self) -> None:
         hparams = {k: v for k, v in dataclasses.asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))}
-        self.writer.add_hparams(hparams, {"hparam/best_val_acc": self.best_acc, "hparam/epochs": self.progress.epoch},
+        key = "best_val_map" if self.multi else "best_val_acc"
+        self.writer.add_hparams(hparams, {f"hparam/{key}": self.best_acc, "hparam/epochs": self.progress.epoch},
                                 run_name=".")
         self.writer.close()
-        print(f"best val accuracy {self.best_acc:.2f}% (epoch {self.best_epoch}); run folder {self.run_dir}")
+        print(f"best val {metric_name(self.multi)} {self.best_acc:.2f}% (epoch {self.best_epoch}); run folder "
+              f"{self.run_dir}")
+        if self.multi and self.thresholds:
+            print("per-label thresholds (tuned on val for the best F1): " + ", ".join(
+                f"{c}={t:.2f}" for c, t in zip(self.classes, self.thresholds)))
         if self.calibration:
             c = self.calibration
             print(f"calibrated: temperature {c['temperature']:.3f}; expected calibration error on val "
@@ -1016,9 +1071,15 @@ class Loop:
                    if c.get("images", FEW_TO_CALIBRATE) < FEW_TO_CALIBRATE else ""))
 
 
-def make_criterion(cfg: TrainConfig, train_counts: list[int]) -> nn.CrossEntropyLoss:
-    weight = class_weights(train_counts) if cfg.class_weights == "auto" else None
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+def make_criterion(cfg: TrainConfig, train_counts: list[int], images: int = 0, multi: bool = False) -> nn.Module:
+    """Cross-entropy; for multi-label data, binary cross-entropy per label (--class-weights auto: its
+    pos_weight, negatives over positives)."""
+    auto = cfg.class_weights == "auto"
+    if multi:
+        return multilabel.BCELoss(multilabel.pos_weight(train_counts, images) if auto else None,
+                                  cfg.label_smoothing)
+    return nn.CrossEntropyLoss(weight=class_weights(train_counts) if auto else None,
+                               label_smoothing=cfg.label_smoothing)
 
 
 def make_mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
@@ -1035,14 +1096,16 @@ def make_mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
     return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
 
 
+SCALARS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc",
+           "val_map": "val/map", "val_f1": "val/f1", "ema_val_loss": "val/ema_loss", "ema_val_acc": "val/ema_acc",
+           "ema_val_map": "val/ema_map"}  # history row -> TensorBoard tag
+
+
 def log_epoch(writer: Any, row: dict[str, Any], confusion: list[list[int]] | None, classes: list[str]) -> None:
     step = row["epoch"]
-    for split in ("train", "val"):
-        writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], step)
-        writer.add_scalar(f"{split}/acc", row[f"{split}_acc"], step)
-    if "ema_val_acc" in row:
-        writer.add_scalar("val/ema_loss", row["ema_val_loss"], step)
-        writer.add_scalar("val/ema_acc", row["ema_val_acc"], step)
+    for key, tag in SCALARS.items():
+        if key in row:
+            writer.add_scalar(tag, row[key], step)
     writer.add_scalar("lr", row["lr"], step)
     writer.add_scalar("train/img_per_s", row["img_per_s"], step)
     if confusion is not None:

@@ -6,7 +6,9 @@ under the exact file names torchvision's weights API looks for in $TORCH_HOME.
 
 from __future__ import annotations
 
+import csv
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -39,6 +41,41 @@ def make_folder(root: Path, per_class: int = 12, classes: dict = COLOURS, offset
         for i in range(per_class):
             make_image(colour, seed=offset + 1000 * c + i).save(root / name / f"{name}_{i:03d}.png")
     return root
+
+
+# multi-label data: images holding two of four coloured squares, listed in a label file
+SQUARES = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40), "yellow": (230, 210, 30)}
+CORNERS = ((0, 0), (0, 16), (16, 0), (16, 16))
+
+
+def make_objects_image(names: list[str], rng: random.Random) -> Image.Image:
+    """Grey noise with a 13 px square of each named colour in its own random corner."""
+    pixels = np.random.default_rng(rng.randrange(2**32)).normal(128, 20, (32, 32, 3))
+    for name, (y, x) in zip(names, rng.sample(CORNERS, len(names))):
+        dy, dx = rng.randrange(3), rng.randrange(3)
+        pixels[y + dy:y + dy + 13, x + dx:x + dx + 13] = SQUARES[name]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_labels_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def make_labelled_set(root: Path, n: int, seed: int, split: bool = False, sep: str = " ") -> Path:
+    """`n` images of two objects each, and labels.csv (with a split column: 3 train, 1 val, 1 test of 5)."""
+    rng = random.Random(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        two = sorted(rng.sample(list(SQUARES), 2))
+        make_objects_image(two, rng).save(root / "img" / f"{i:03d}.png")
+        rows.append([f"img/{i:03d}.png", sep.join(two)] + ([("train", "train", "train", "val", "test")[i % 5]]
+                                                           if split else []))
+    return write_labels_csv(root / "labels.csv", ["path", "labels"] + (["split"] if split else []), rows)
 
 
 @pytest.fixture(autouse=True)

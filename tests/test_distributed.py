@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_folder, train_args
+from conftest import ROOT, make_folder, make_labelled_set, train_args
 
 import checkpoint
 import eval as evaluate
@@ -104,3 +104,21 @@ def test_ema_under_torchrun_is_validated_on_every_shard_and_saved_once(split_dat
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"ema_val_acc", "ema_val_loss"} <= set(header) and result.stdout.count("EMA") == 2
     assert "ema" in checkpoint.load(out / "last.pt") and "averaged" in checkpoint.load(out / "best.pt")
+
+
+def test_a_multilabel_run_validates_and_tunes_thresholds_on_every_processs_images(tmp_path):
+    """mAP and thresholds need all the validation images at once: each rank gathers the others' outputs."""
+    import multilabel
+    import predictor
+    data = make_labelled_set(tmp_path / "data", 40, seed=4, split=True)  # 8 val rows: 4 on each rank
+    out = tmp_path / "run"
+    result = torchrun(train_args(data, out, "--mode", "scratch", "--optimizer", "adam"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    split = json.loads((out / "split.json").read_text())
+    loaded = predictor.load_model(out / "best.pt", "cpu")
+    logits, y, _ = predictor.run_model(loaded, [(p, tuple(t)) for p, t in split["val"]], 4, 0, show=False)
+    truth, probs = y.numpy().astype(int), loaded.probabilities(logits).numpy()
+    assert len(truth) == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_val_map"] == pytest.approx(multilabel.mean_ap(multilabel.average_precision(truth, probs)))
+    assert loaded.thresholds == pytest.approx(multilabel.tune_thresholds(truth, probs), abs=1e-5)

@@ -68,7 +68,7 @@ def test_a_folder_missing_a_class_keeps_the_per_class_numbers_of_the_rest(traine
     for name in ("green", "red"):  # 'blue' absent: by position, green would be read as blue
         shutil.copytree(colours_eval / name, part / name)
     sub = run_eval(trained_run, part, tmp_path / "sub")
-    assert "no folder for class(es) blue" in capsys.readouterr().err
+    assert "no images of class(es) blue" in capsys.readouterr().err
     for name in ("green", "red"):
         assert sub["per_class"][name] == full["per_class"][name]
     assert sub["images"] == 12

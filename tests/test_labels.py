@@ -78,7 +78,7 @@ def test_a_split_column_decides_train_val_and_test(images, tmp_path):
     (["path", "label"], ["blue/blue_001.png", ""], "line 3 has an empty label"),
     (["path", "label"], ["blue/blue_000.png", "green"], "lines 2 and 3 both list"),
     (["path", "label"], ["blue/blue_001.png", "blue", "extra"], "line 3 has 3 field"),
-    (["path", "labels"], ["blue/blue_001.png", "blue red"], "multi-label training is not supported yet"),
+    (["path", "label", "labels"], ["blue/blue_001.png", "blue", "red"], "both a label and a labels column"),
 ])
 def test_a_bad_label_file_is_one_line_naming_the_row_before_anything_starts(header, row, message, images, tmp_path,
                                                                           capsys):

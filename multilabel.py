@@ -1,0 +1,142 @@
+"""Multi-label classification (a label file with a `labels` column): each image holds any number of the
+labels, so each label is its own yes/no question. The network's outputs are independent logits
+(probability = sigmoid), trained with binary cross-entropy; a label is said present when its
+probability reaches its own threshold, tuned on the validation images (the one that maximises the
+label's F1). Models are compared by mAP, the mean over labels of their average precision, which needs
+no threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_THRESHOLD = 0.5  # a label never seen in validation keeps it
+
+
+def is_multilabel(items: Sequence[tuple[str, Any]]) -> bool:
+    """Whether (path, label) items carry label tuples (multi-label) rather than class indices."""
+    return bool(items) and isinstance(items[0][1], (tuple, list))
+
+
+def multi_hot(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """A float target vector with 1 at each of the image's labels."""
+    target = torch.zeros(num_classes)
+    target[list(labels)] = 1.0
+    return target
+
+
+def matrix(items: Sequence[tuple[str, Sequence[int]]], num_classes: int) -> np.ndarray:
+    """The items' labels as an images x labels 0/1 matrix."""
+    y = np.zeros((len(items), num_classes), dtype=np.int64)
+    for row, (_, labels) in enumerate(items):
+        y[row, list(labels)] = 1
+    return y
+
+
+class BCELoss(nn.Module):
+    """Binary cross-entropy on logits, with each label's positives weighted by `pos_weight`
+    (--class-weights auto) and label smoothing as timm's BinaryCrossEntropy does it: targets moved to
+    smoothing / C and 1 - smoothing + smoothing / C. Soft targets (mixup, cutmix) are taken as they are."""
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, smoothing: float = 0.0):
+        super().__init__()
+        self.smoothing = smoothing
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(logits.dtype)
+        if self.smoothing:
+            off = self.smoothing / target.shape[-1]
+            target = target * (1 - self.smoothing) + off
+        return nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight)
+
+
+def pos_weight(counts: Sequence[int], images: int) -> torch.Tensor:
+    """Negatives over positives per label: a rare label's few positives weigh as much as its negatives."""
+    c = torch.tensor(counts, dtype=torch.float).clamp(min=1)
+    return (images - c).clamp(min=1) / c
+
+
+def average_precision(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Each label's average precision (scikit-learn's); NaN for a label with no positive image, whose
+    precision is undefined."""
+    from sklearn.metrics import average_precision_score
+
+    return np.array([average_precision_score(y[:, c], probs[:, c]) if y[:, c].any() else np.nan
+                     for c in range(y.shape[1])], dtype=float)
+
+
+def mean_ap(ap: np.ndarray) -> float:
+    """mAP in percent over the labels that have positives (0 when none has)."""
+    known = ap[~np.isnan(ap)]
+    return 100 * float(known.mean()) if len(known) else 0.0
+
+
+def tune_thresholds(y: np.ndarray, probs: np.ndarray) -> list[float]:
+    """Per label, the threshold with the best F1 on these images: half-way between the lowest probability
+    it accepts and the next lower one, so that a new image scored between them is not decided by a hair.
+    A label without positives here keeps DEFAULT_THRESHOLD."""
+    from sklearn.metrics import precision_recall_curve
+
+    out = []
+    for c in range(y.shape[1]):
+        if not y[:, c].any():
+            out.append(DEFAULT_THRESHOLD)
+            continue
+        precision, recall, cuts = precision_recall_curve(y[:, c], probs[:, c])
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        cut = float(cuts[int(np.argmax(f1))])
+        below = probs[:, c][probs[:, c] < cut]
+        out.append(round((cut + float(below.max())) / 2 if len(below) else cut / 2, 6))
+    return out
+
+
+def decide(probs: torch.Tensor | np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Which labels each image is said to have: probability at or above the label's threshold."""
+    return np.asarray(probs) >= np.asarray(thresholds, dtype=float)[None, :]
+
+
+def micro_f1(y: np.ndarray, probs: np.ndarray, thresholds: Sequence[float]) -> float:
+    """F1 in percent over every (image, label) decision at the thresholds."""
+    from sklearn.metrics import f1_score
+
+    return 100 * float(f1_score(y, decide(probs, thresholds).astype(np.int64), average="micro", zero_division=0))
+
+
+def metrics(y: np.ndarray, probs: np.ndarray, thresholds: Sequence[float], classes: list[str]) -> dict[str, Any]:
+    """mAP; micro and macro F1 at the thresholds; per label precision, recall, F1, AP, support and
+    threshold; scikit-learn's classification report; the share of images with exactly their labels."""
+    from sklearn.metrics import classification_report, f1_score, precision_recall_fscore_support
+
+    pred = decide(probs, thresholds).astype(np.int64)
+    ap = average_precision(y, probs)
+    p, r, f1, support = precision_recall_fscore_support(y, pred, zero_division=0)
+    present = [c for c in range(len(classes)) if y[:, c].any()]
+    per_label = {classes[c]: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f1[c]),
+                              "ap": None if np.isnan(ap[c]) else float(ap[c]), "support": int(support[c]),
+                              "threshold": float(thresholds[c])} for c in range(len(classes))}
+    return {"map": mean_ap(ap), "images": len(y), "classes": classes,
+            "micro_f1": micro_f1(y, probs, thresholds),
+            "macro_f1": 100 * float(f1_score(y[:, present], pred[:, present], average="macro", zero_division=0))
+            if present else 0.0,
+            "exact_match": 100 * float((pred == y).all(1).mean()) if len(y) else 0.0,
+            "per_label": per_label,
+            "report": classification_report(y, pred, target_names=classes, digits=4, zero_division=0)}
+
+
+def print_metrics(m: dict[str, Any]) -> None:
+    print(f"mAP (mean average precision over labels) on the {m['images']} test images: {m['map']:.2f}%")
+    print(f"F1 at the tuned thresholds: micro {m['micro_f1']:.2f}%, macro {m['macro_f1']:.2f}%; images with "
+          f"exactly their labels: {m['exact_match']:.2f}%")
+    width = max(len(c) for c in m["classes"])
+    print(f"\n{'label':>{width}}  support  threshold  precision  recall     F1      AP")
+    for name, r in m["per_label"].items():
+        ap = "     -" if r["ap"] is None else f"{r['ap']:.4f}"
+        print(f"{name:>{width}}  {r['support']:7d}  {r['threshold']:9.3f}  {r['precision']:9.4f}  {r['recall']:.4f}  "
+              f"{r['f1']:.4f}  {ap}")
+    print("\n" + m["report"])

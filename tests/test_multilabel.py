@@ -1,0 +1,230 @@
+"""Multi-label data (a label file with a `labels` column): every image holds two of four coloured squares;
+the model learns both, per-label thresholds are tuned and travel with the model, and the metrics agree
+with ones computed here independently."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SQUARES, make_labelled_set, train_args, write_labels_csv
+from PIL import Image
+
+import crossval
+import eval as evaluate
+import export
+import test as label_images
+import train
+
+
+def call(entry, args: list[str]) -> int:
+    try:
+        return train.cli(entry, args)
+    except SystemExit as e:
+        return int(e.code)
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory) -> Path:
+    return make_labelled_set(tmp_path_factory.mktemp("objects"), 100, seed=1, split=True)
+
+
+@pytest.fixture(scope="module")
+def ml_run(objects, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert train.main(train_args(objects, run, "--mode", "scratch", "--epochs", "8", "--hflip", "0",
+                                 "--batch-size", "16")) == 0
+    return run
+
+
+def test_the_model_learns_both_objects_of_each_image(ml_run, tmp_path):
+    assert evaluate.main(["--checkpoint", str(ml_run), "--out", str(tmp_path / "ev")]) == 0  # its test rows
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["images"] == 20 and m["map"] > 90, m["map"]
+    assert all(r["ap"] > 0.8 for r in m["per_label"].values()), m["per_label"]
+
+
+def test_map_computed_independently_agrees_with_eval(ml_run, objects, tmp_path):
+    """Probabilities from test.py's predictions.csv (all four labels), AP by its definition (precision at
+    each positive, ranked by probability, averaged), against eval.py's metrics.json."""
+    rows = list(csv.DictReader(open(objects)))
+    truth = {str(objects.parent / r["path"]): set(r["labels"].split()) for r in rows if r["split"] == "test"}
+    assert label_images.main([*truth, "--checkpoint", str(ml_run), "--topk", "4", "--out", str(tmp_path / "te")]) == 0
+    assert evaluate.main([str(objects), "--checkpoint", str(ml_run), "--out", str(tmp_path / "ev")]) == 0
+    probs = {}
+    for r in csv.DictReader(open(tmp_path / "te" / "predictions.csv")):
+        probs[r["path"]] = {k: float(v) for k, v in (kv.split(":") for kv in r["top4"].split(";"))}
+    aps = []
+    for name in SQUARES:
+        ranked = sorted(truth, key=lambda p: -probs[p][name])
+        hits = [name in truth[p] for p in ranked]
+        precisions = [sum(hits[:k + 1]) / (k + 1) for k, hit in enumerate(hits) if hit]
+        aps.append(np.mean(precisions))
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["map"] == pytest.approx(100 * np.mean(aps), abs=0.01)
+
+
+def test_thresholds_are_tuned_on_validation_and_stored_in_the_checkpoint(ml_run, tmp_path):
+    ckpt = torch.load(ml_run / "best.pt", weights_only=True)
+    assert ckpt["multilabel"] and len(ckpt["thresholds"]) == 4
+    assert all(0 < t < 1 for t in ckpt["thresholds"]) and len(set(ckpt["thresholds"])) > 1  # each its own
+    summary = json.loads((ml_run / "summary.json").read_text())
+    assert summary["thresholds"] == ckpt["thresholds"]
+
+
+def test_best_pt_is_the_epoch_with_the_best_validation_map(ml_run):
+    ckpt = torch.load(ml_run / "best.pt", weights_only=True)
+    maps = [h["val_map"] for h in ckpt["history"]]
+    assert ckpt["best_epoch"] == 1 + int(np.argmax(maps)) and ckpt["best_acc"] == max(maps)
+    header = (ml_run / "metrics.csv").read_text().splitlines()[0]
+    assert "val_map" in header and "val_acc" not in header
+
+
+def test_test_py_lists_every_label_at_or_above_its_threshold(ml_run, objects, tmp_path, capsys):
+    images = sorted((objects.parent / "img").glob("*.png"))[:10]
+    assert label_images.main([*map(str, images), "--checkpoint", str(ml_run), "--topk", "4",
+                              "--out", str(tmp_path / "te")]) == 0
+    thresholds = dict(zip(sorted(SQUARES), torch.load(ml_run / "best.pt", weights_only=True)["thresholds"]))
+    for r in csv.DictReader(open(tmp_path / "te" / "predictions.csv")):
+        probs = {k: float(v) for k, v in (kv.split(":") for kv in r["top4"].split(";"))}
+        expected = {k for k, p in probs.items() if p >= thresholds[k]}
+        assert set(r["labels"].split()) == expected and r["status"] == "ok"
+    assert re.search(r"img/000\.png: \w+ \(\d+\.\d%\)", capsys.readouterr().out)
+
+
+def test_eval_writes_the_per_label_table_and_picture(ml_run, tmp_path, capsys):
+    assert evaluate.main(["--checkpoint", str(ml_run), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ *yellow +\d+ +0\.\d+ ", out, re.M) and "mAP" in out
+    for name in ("per_label.png", "report.html", "mistakes.csv", "classification_report.txt"):
+        assert (tmp_path / "ev" / name).is_file()
+    assert "Per label" in (tmp_path / "ev" / "report.html").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="onnxruntime is not installed (requirements-export.txt)")
+def test_the_onnx_export_carries_the_thresholds_and_evaluates_the_same(ml_run, objects, tmp_path):
+    onnx_path = tmp_path / "model.onnx"
+    assert export.main(["--checkpoint", str(ml_run), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    import onnxruntime
+
+    meta = onnxruntime.InferenceSession(str(onnx_path)).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["thresholds"]) == torch.load(ml_run / "best.pt", weights_only=True)["thresholds"]
+    assert json.loads(Path(str(onnx_path) + ".json").read_text())["label_agreement"] == 1.0
+    for source, out in ((ml_run, "pt"), (onnx_path, "onnx")):
+        assert evaluate.main([str(objects), "--checkpoint", str(source), "--out", str(tmp_path / out)]) == 0
+    pt, onnx = (json.loads((tmp_path / k / "metrics.json").read_text())["map"] for k in ("pt", "onnx"))
+    assert onnx == pytest.approx(pt, abs=0.01)
+
+
+def test_class_weights_auto_weighs_each_labels_positives_by_its_negatives(objects, tmp_path, capsys):
+    assert train.main(train_args(objects, tmp_path / "run", "--mode", "scratch", "--class-weights", "auto")) == 0
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    positives = [sum(c in y for _, y in split["train"]) for c in range(4)]
+    said = re.search(r"positive-label weights: (.*)", capsys.readouterr().out).group(1)
+    weights = [float(w.split("=")[1]) for w in said.split(", ")]
+    assert weights == pytest.approx([(len(split["train"]) - k) / k for k in positives], abs=0.01)
+
+
+def test_mixup_cutmix_and_ema_train_on_multi_hot_targets(objects, tmp_path):
+    assert train.main(train_args(objects, tmp_path / "run", "--mode", "scratch", "--mixup", "0.2", "--cutmix", "1",
+                                 "--ema", "--epochs", "2")) == 0
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "ema_val_map" in header
+
+
+def test_transfer_mode_trains_the_head_on_cached_features(objects, with_weights, tmp_path):
+    assert train.main(train_args(objects, tmp_path / "run", "--mode", "transfer")) == 0
+    assert len(torch.load(tmp_path / "run" / "best.pt", weights_only=True)["thresholds"]) == 4
+
+
+def test_a_resumed_run_continues_its_map_history(objects, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(train_args(objects, run, "--mode", "scratch", "--scheduler", "plateau")) == 0
+    assert train.main(["--resume", str(run), "--epochs", "2", "--no-summary"]) == 0
+    history = torch.load(run / "last.pt", weights_only=True)["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and all("val_map" in h for h in history)
+
+
+def test_a_test_split_and_folds_are_stratified_by_each_images_rarest_label(tmp_path):
+    data = make_labelled_set(tmp_path / "data", 60, seed=2)
+    job = tmp_path / "cv"
+    assert train.main(train_args(data, job, "--mode", "scratch", "--folds", "3", "--test-split", "0.2")) == 0
+    splits = [json.loads((job / f"fold-{k}" / "split.json").read_text()) for k in (1, 2, 3)]
+    test = {p for p, _ in splits[0]["test"]}
+    assert len(test) == 12 and all({p for p, _ in s["test"]} == test for s in splits)
+    vals = [{p for p, _ in s["val"]} for s in splits]
+    assert not (vals[0] & vals[1]) and len(set().union(*vals)) == 48 and not test & set().union(*vals)
+    for s in splits:  # every label in every fold's validation
+        assert {c for _, y in s["val"] for c in y} == {0, 1, 2, 3}
+    summary = json.loads((job / crossval.SUMMARY).read_text())
+    assert len(summary["best_val_map"]["per_fold"]) == 3 and set(summary["per_label_ap"]) == set(SQUARES)
+    assert evaluate.main(["--checkpoint", str(job / "fold-1"), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["images"] == 12
+
+
+def test_label_sep_and_images_of_no_label(tmp_path):
+    data = make_labelled_set(tmp_path / "data", 30, seed=3, sep=";")
+    with open(data, "a", newline="") as f:  # an image with none of the labels: its cell is empty
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(data.parent / "img" / "empty.png")
+        csv.writer(f).writerow(["img/empty.png", ""])
+    assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch", "--label-sep", ";")) == 0
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["classes"] == sorted(SQUARES) and split["multilabel"]
+    assert [y for p, y in split["train"] + split["val"] if p.endswith("empty.png")] == [[]]
+
+
+@pytest.mark.parametrize("header, cell, message", [
+    (["path", "label", "labels"], None, "both a label and a labels column"),
+    (["path", "labels"], "blue", "names 1 label"),
+])
+def test_a_bad_multilabel_file_is_one_line(header, cell, message, tmp_path, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    data = write_labels_csv(tmp_path / "l.csv", header, [["a.png", "blue", "blue"][:len(header)] if cell is None
+                                                  else ["a.png", cell]])
+    assert call(train.main, train_args(data, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_balanced_sampler_is_refused_for_multilabel_data(objects, tmp_path, capsys):
+    assert call(train.main, train_args(objects, tmp_path / "run", "--balanced-sampler")) == 2
+    assert "--class-weights auto" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_single_label_model_refuses_a_multilabel_file_in_one_line(trained_run, objects, tmp_path, capsys):
+    assert call(evaluate.main, [str(objects), "--checkpoint", str(trained_run), "--out", str(tmp_path / "ev")]) == 2
+    assert "single-label model" in capsys.readouterr().err
+
+
+def test_reject_below_is_refused_for_a_multilabel_model(ml_run, objects, tmp_path, capsys):
+    image = str(objects.parent / "img" / "000.png")
+    assert call(label_images.main, [image, "--checkpoint", str(ml_run), "--reject-below", "0.5"]) == 2
+    assert "own threshold" in capsys.readouterr().err
+
+
+def test_dataset_check_counts_the_images_of_each_label(objects):
+    out = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "check", str(objects)], capture_output=True,
+                         text=True, check=True).stdout
+    assert re.search(r"4 classes, 60 train \+ 20 val images", out) and re.search(r"yellow +train +\d+", out)
+
+
+def test_runs_py_shows_a_multilabel_runs_best_map(ml_run):
+    import runs
+
+    row = runs.describe(ml_run)
+    assert row["best val acc"] == json.loads((ml_run / "summary.json").read_text())["best_val_map"]
+
+
+def test_the_lr_range_test_runs_on_multi_hot_targets(objects, tmp_path):
+    assert train.main(train_args(objects, tmp_path / "find", "--mode", "scratch", "--lr-find")) == 0
+    assert (tmp_path / "find" / "lr_find.png").is_file()
