@@ -93,7 +93,7 @@ def precision(device: torch.device, amp: bool) -> tuple[Any, torch.amp.GradScale
     if dtype is None:
         return contextlib.nullcontext, torch.amp.GradScaler("cuda", enabled=False)
     return (lambda: torch.autocast(device.type, dtype=dtype),
-            torch.amp.GradScaler("cuda", enabled=dtype == torch.float16))
+            torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
 
 def tune_cpu_allocator() -> None:

@@ -133,9 +133,9 @@ class Schedule:
                 self.bad_epochs = 0
 
 
-def val_score(row: dict[str, Any], prefix: str = "") -> float:
+def val_score(row: dict[str, Any]) -> float:
     """An epoch's validation score from its history row: accuracy, or a multi-label run's mAP."""
-    return row.get(f"{prefix}val_acc", row.get(f"{prefix}val_map", -1.0))
+    return row["val_acc"] if "val_acc" in row else row["val_map"]
 
 
 def metric_name(multi: bool) -> str:

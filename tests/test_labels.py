@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_folder, train_args
+from conftest import write_labels_csv as write_csv
 
 import eval as evaluate
 import train
@@ -22,12 +22,6 @@ def call(entry, args: list[str]) -> int:
         return int(e.code)
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")

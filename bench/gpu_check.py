@@ -1,0 +1,268 @@
+"""One command for a fresh GPU machine: the CUDA tests, then training and evaluation throughput, and a
+one-GPU torchrun (NCCL) run; everything in one JSON file and a table. Under 8 minutes on one modern GPU.
+
+    python bench/gpu_check.py                    # on the GPU machine: writes bench/results-gpu.json
+    python bench/gpu_check.py --dry-run          # the same steps on the CPU at toy sizes (< 3 min)
+
+Steps (each recorded as ok / failed / skipped with its reason, so one failure does not hide the rest):
+  1. the machine: GPU name, capability, bf16, torch and CUDA versions
+  2. the CUDA tests (pytest -m cuda; the dry run runs them on the CPU, torch.compile left out)
+  3. training img/s on synthetic in-memory batches at 224 px, batch 256, for ResNet18, MobileNetV2 and
+     VGG11: our training step (AMP, channels_last, fused AdamW) against a plain fp32 loop on the same
+     model (the seed project's way), and against timm's model of the same name when timm is installed
+  4. train.py end to end on generated JPEGs through the decoded-image cache (img/s of its last epoch)
+  5. eval.py img/s on the same images
+  6. train.py under torchrun with one process (NCCL on a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_train import make_photos  # noqa: E402
+
+import engine  # noqa: E402
+import models  # noqa: E402
+
+MODELS = ("resnet18", "mobilenet_v2", "vgg11")
+FULL = {"img_size": 224, "batch": 256, "steps": 20, "warmup": 5, "images": 2560, "photo": (640, 480),
+        "epochs": 2, "test_timeout": 420}
+DRY = {"img_size": 32, "batch": 8, "steps": 3, "warmup": 1, "images": 60, "photo": (64, 48), "epochs": 1,
+       "test_timeout": 240}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        info |= {"gpu": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability()),
+                 "bf16": torch.cuda.is_bf16_supported(), "cuda": torch.version.cuda,
+                 "memory_gb": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)}
+    else:
+        info |= {"gpu": None, "cpu": platform.processor() or platform.machine()}
+    return info
+
+
+def cuda_tests(dry: bool, timeout: int) -> dict[str, Any]:
+    env = {**os.environ, **({"IMGCLS_TEST_DEVICE": "cpu"} if dry else {})}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-300:]
+    return {"ok": out.returncode == 0, "summary": last, **({} if out.returncode == 0 else
+                                                           {"output": out.stdout[-4000:] + out.stderr[-2000:]})}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_s(step: Callable[[], None], device: torch.device, batch: int, steps: int, warmup: int) -> float:
+    """Steps per second times the batch, warm-up excluded, the device synchronised (honest timing)."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def ours(name: str, device: torch.device, size: int, batch: int) -> Callable[[], None]:
+    """Our training step (engine.train_step) as train.py sets it up: AMP, channels_last, fused AdamW."""
+    net = models.build_model(name, 10, "scratch").to(device, memory_format=torch.channels_last)
+    autocast, scaler = engine.precision(device, amp=True)
+    try:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    to_input = engine.to_model_input(models.preprocessing(name, size), device)
+    learner = engine.Learner(net.train(), optimizer, scaler, torch.nn.CrossEntropyLoss(), to_input, autocast, device,
+                             lambda start, end: 1.0)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    return lambda: engine.train_step(learner, x, y, "the benchmark")
+
+
+def plain(net: torch.nn.Module, device: torch.device, size: int, batch: int) -> Callable[[], None]:
+    """A plain fp32 loop, contiguous memory, SGD: the seed project's step."""
+    net = net.to(device).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def throughput(name: str, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
+    size, batch = p["img_size"], p["batch"]
+    row: dict[str, Any] = {"model": name, "img_size": size, "batch": batch}
+    row["ours_img_s"] = images_per_s(ours(name, device, size, batch), device, batch, p["steps"], p["warmup"])
+    row["plain_fp32_img_s"] = images_per_s(plain(models.build_model(name, 10, "scratch"), device, size, batch), device,
+                                           batch, p["steps"], p["warmup"])
+    if importlib.util.find_spec("timm") is not None:
+        import timm
+
+        try:
+            net = timm.create_model(name, num_classes=10)
+        except RuntimeError as e:  # timm names some models differently
+            row["timm"] = f"not compared: {e}"
+        else:
+            row["timm_fp32_img_s"] = images_per_s(plain(net, device, size, batch), device, batch, p["steps"],
+                                                  p["warmup"])
+    else:
+        row["timm"] = "not installed (pip install timm to compare)"
+    row["speedup_vs_plain"] = row["ours_img_s"] / row["plain_fp32_img_s"]
+    with contextlib.suppress(Exception):
+        torch.cuda.empty_cache()
+    return row
+
+
+def run(cmd: list[str], timeout: int = 600) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return time.perf_counter() - t0, out
+
+
+def train_args(data: Path, out: Path, device: torch.device, p: dict[str, Any], model: str = "resnet18") -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--model", model, "--mode", "scratch", "--img-size",
+            str(p["img_size"]), "--batch-size", str(p["batch"]), "--epochs", str(p["epochs"]), "--device",
+            device.type, "--no-summary", "--save-interval", "600"]
+
+
+def real_training(data: Path, work: Path, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
+    """train.py end to end: image check, cache, epochs; the last epoch's img/s (the cache is warm then)."""
+    seconds, out = run([sys.executable, "train.py", *train_args(data, work / "train-run", device, p)])
+    if out.returncode:
+        return {"ok": False, "output": out.stderr[-3000:]}
+    with open(work / "train-run" / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    return {"ok": True, "wall_s": seconds, "last_epoch_img_s": float(last["img_per_s"]),
+            "val_acc": float(last["val_acc"])}
+
+
+def real_eval(data: Path, work: Path, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
+    """eval.py decoding every image (no cache): what a first evaluation of new images costs, start-up included."""
+    n = sum(1 for _ in (data / "val").rglob("*.jpg"))
+    seconds, out = run([sys.executable, "eval.py", str(data / "val"), "--checkpoint", str(work / "train-run"),
+                        "--device", device.type, "--batch-size", str(p["batch"]), "--no-image-cache",
+                        "--out", str(work / "eval")])
+    if out.returncode:
+        return {"ok": False, "output": out.stderr[-3000:]}
+    return {"ok": True, "images": n, "wall_s": seconds, "img_s_incl_startup": n / seconds}
+
+
+def torchrun_one(data: Path, work: Path, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
+    seconds, out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        "train.py", *train_args(data, work / "ddp-run", device, {**p, "epochs": 1})])
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    return {"ok": out.returncode == 0, "backend": backend, "wall_s": seconds,
+            **({} if out.returncode == 0 else {"output": out.stderr[-3000:]})}
+
+
+def step(results: dict[str, Any], name: str, work: Callable[[], Any]) -> None:
+    """One step of the check; a failure is recorded and the next step runs."""
+    t0 = time.perf_counter()
+    try:
+        results[name] = work()
+    except Exception as e:  # recorded, not raised: the other steps still run
+        results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+    print(f"[{time.perf_counter() - t0:6.1f} s] {name}: " + ("failed" if isinstance(results[name], dict) and
+                                                              results[name].get("ok") is False else "done"),
+          flush=True)
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"machine: {m.get('gpu') or m.get('cpu')} (torch {m['torch']}" +
+             (f", CUDA {m['cuda']}, bf16 {m['bf16']})" if m.get("gpu") else ")"),
+             f"CUDA tests: {results['cuda_tests'].get('summary', results['cuda_tests'].get('error'))}",
+             "", "| model | img px | batch | ours (img/s) | plain fp32 (img/s) | speed-up | timm fp32 (img/s) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in results.get("throughput", []):
+        if "ours_img_s" in row:
+            timm = f"{row['timm_fp32_img_s']:.0f}" if "timm_fp32_img_s" in row else "–"
+            lines.append(f"| {row['model']} | {row['img_size']} | {row['batch']} | {row['ours_img_s']:.0f} | "
+                         f"{row['plain_fp32_img_s']:.0f} | {row['speedup_vs_plain']:.2f}x | {timm} |")
+        else:
+            lines.append(f"| {row.get('model')} | failed: {row.get('error', '')[:80]} |")
+    t, e, d = results.get("train", {}), results.get("eval", {}), results.get("torchrun", {})
+    if t.get("ok"):
+        lines.append(f"\ntrain.py on generated JPEGs, cached: {t['last_epoch_img_s']:.0f} img/s (last epoch), "
+                     f"{t['wall_s']:.0f} s in all")
+    if e.get("ok"):
+        lines.append(f"eval.py, decoding every image: {e['img_s_incl_startup']:.0f} img/s "
+                     f"({e['images']} images, start-up included)")
+    lines.append(f"torchrun, 1 process ({d.get('backend')}): {'ok' if d.get('ok') else 'FAILED'}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at toy sizes")
+    parser.add_argument("--out", type=Path, help="JSON file (default: bench/results-gpu.json, or "
+                        "bench/results-gpu-dry-run.json with --dry-run)")
+    parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA tests (step 2)")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA GPU visible; python bench/gpu_check.py --dry-run checks the script on the CPU",
+              file=sys.stderr)
+        return 2
+    p = DRY if args.dry_run else FULL
+    out = args.out or ROOT / "bench" / f"results-gpu{'-dry-run' if args.dry_run else ''}.json"
+    results: dict[str, Any] = {"dry_run": args.dry_run, "settings": {k: v for k, v in p.items() if k != "photo"}}
+    step(results, "machine", lambda: machine(device))
+    if args.skip_tests:
+        results["cuda_tests"] = {"ok": None, "summary": "skipped (--skip-tests)"}
+    else:
+        step(results, "cuda_tests", lambda: cuda_tests(args.dry_run, p["test_timeout"]))
+    results["throughput"] = []
+    for name in MODELS:
+        box: dict[str, Any] = {}
+        step(box, f"throughput {name}", lambda name=name: throughput(name, device, p))
+        results["throughput"].append({"model": name, **next(iter(box.values()))})
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        os.environ.setdefault("IMGCLS_CACHE", str(work / "cache"))
+        data = make_photos(work / "photos", p["images"], p["photo"])
+        step(results, "train", lambda: real_training(data, work, device, p))
+        step(results, "eval", lambda: real_eval(data, work, device, p))
+        step(results, "torchrun", lambda: torchrun_one(data, work, device, p))
+    out.write_text(json.dumps(results, indent=1))
+    print("\n" + table(results) + f"\n\nwrote {out}")
+    failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("ok") is False]
+    failed += [r["model"] for r in results["throughput"] if "ours_img_s" not in r]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
