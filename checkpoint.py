@@ -122,6 +122,11 @@ def checked_thresholds(value: Any, n: int, source: str | Path) -> list[float]:
     return out
 
 
+def label_sep(ckpt: dict[str, Any]) -> str:
+    """What separated the labels of the run's label file (a space unless --label-sep said otherwise)."""
+    return str(ckpt.get("config", {}).get("label_sep") or " ")
+
+
 def trained_with_flips(ckpt: dict[str, Any]) -> bool:
     """Whether the model saw mirror images in training (then test-time augmentation may flip): not with
     --hflip 0, --augment none, or transfer mode's feature cache (no augmentation at all)."""
@@ -139,7 +144,8 @@ def export_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
     return {"classes": json.dumps(ckpt["classes"]), "arch": ckpt["arch"],
             **Preprocess.from_dict(ckpt["preprocess"]).metadata(),
             **({"temperature": repr(t)} if t is not None else {}), "hflip": json.dumps(trained_with_flips(ckpt)),
-            **({"multilabel": "true", "thresholds": json.dumps(cuts)} if cuts is not None else {})}
+            **({"multilabel": "true", "thresholds": json.dumps(cuts), "label_sep": label_sep(ckpt)}
+               if cuts is not None else {})}
 
 
 def for_inference(state: dict[str, Any]) -> dict[str, Any]:

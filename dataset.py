@@ -15,11 +15,10 @@ import hashlib
 import io
 import json
 import os
-import random
 import sys
 import threading
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -36,8 +35,10 @@ import files
 import folders
 import labels
 import multilabel
+import splits
 from config import Parser, TrainConfig, UsageError, add_shared, cache_root, cli
 from folders import shown
+from splits import class_counts, derived_seed, fold_split, stratified_split
 
 IMAGE_EXTENSIONS = folders.IMAGE_EXTENSIONS
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "digits"
@@ -276,11 +277,6 @@ def read_checks(store: Path) -> dict[str, list]:
     return known if isinstance(known, dict) else {}
 
 
-def derived_seed(*parts: int) -> int:
-    """A seed for one (seed, epoch, position...) combination, independent of every other one."""
-    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1)[0])
-
-
 # ----------------------------------------------------------------------------- folders and splits
 
 def list_files(folder: Path) -> list[str]:
@@ -348,58 +344,6 @@ def labelled(walk: folders.Walk, folder: Path, classes: list[str]) -> list[tuple
     return [(p, i) for i, c in enumerate(classes) for p in walk.image_files(folder / c)]
 
 
-def label_set(y: Any) -> tuple[int, ...]:
-    """An item's labels: its class, or a multi-label item's labels."""
-    return tuple(y) if isinstance(y, (tuple, list)) else (y,)
-
-
-def class_counts(items: list[tuple[str, Any]], num_classes: int) -> list[int]:
-    c = Counter(label for _, y in items for label in label_set(y))
-    return [c[i] for i in range(num_classes)]
-
-
-def strata(items: list[tuple[str, Any]]) -> dict[int, list]:
-    """The items grouped for stratifying: by class; a multi-label item by its rarest label (so every
-    label is spread over the splits as evenly as its rarest images allow), an item of no label apart."""
-    counts = Counter(label for _, y in items for label in label_set(y))
-    groups: dict[int, list] = defaultdict(list)
-    for item in items:
-        labels_ = label_set(item[1])
-        groups[min(labels_, key=lambda c: (counts[c], c)) if labels_ else -1].append(item)
-    return groups
-
-
-def stratified_split(items: list[tuple[str, Any]], val_split: float, seed: int
-                     ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
-    """Hold out the same share of every class (at least one image when a class has two or more)."""
-    by_class = strata(items)
-    rng = random.Random(seed)
-    train, val = [], []
-    for label in sorted(by_class):
-        group = sorted(by_class[label])
-        rng.shuffle(group)
-        n_val = min(len(group) - 1, max(1, round(len(group) * val_split)))
-        val += group[:n_val]
-        train += group[n_val:]
-    return sorted(train), sorted(val)
-
-
-def fold_split(items: list[tuple[str, int]], folds: int, fold: int, seed: int
-               ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Stratified k-fold: each class shuffled (seeded) and dealt round the folds; fold `fold` (1..K)
-    validates, the others train. The K runs of one seed validate on every image exactly once."""
-    by_class = strata(items)
-    rng = random.Random(derived_seed(seed, 2))
-    train, val, dealt = [], [], 0
-    for label in sorted(by_class):
-        group = sorted(by_class[label])
-        rng.shuffle(group)
-        for item in group:  # dealing goes on where the last class stopped: folds differ by one image at most
-            (val if dealt % folds == fold - 1 else train).append(item)
-            dealt += 1
-    return sorted(train), sorted(val)
-
-
 def check_folds(items: list[tuple[str, int]], classes: list[str], folds: int) -> None:
     """Every fold validates on something; a class smaller than the folds is said (some folds will not
     validate on it, and a class of one image is missing from one fold's training)."""
@@ -454,13 +398,17 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
         train, val = fold_split(train + val, folds, fold, seed)
     elif not sets["val"]:
         train, val = stratified_split(train, val_split / (1 - test_split), seed)
+    if not val:
+        raise UsageError(f"no validation images from {shown(root)}: " + (
+            "its validation images cannot be read (see python dataset.py check)" if sets["val"] else
+            "too few readable images to hold any out; add images"))
     looks = {p: "sha1:" + checked[p][1] if checked[p][2] == "plain" else checked[p][2] for p in checked
              if checked[p][2]}
     held = val + test + outside
     leaks = (lookalikes([p for p, _ in train], [p for p, _ in held], looks) +
              lookalikes([p for p, _ in val], [p for p, _ in test + outside], looks) +
              linked_across(walk.aliases, [p for p, _ in train], [p for p, _ in held]))
-    many = multilabel.is_multilabel(sets["train"])
+    many = splits.is_multilabel(sets["train"])
     within = [[p for p, _ in items] for items in (train, val)] if many else \
         [[p for p, y in items if y == c] for items in (train, val) for c in range(len(classes))]
     repeats = [pair for group in within for pair in lookalikes(group, None, looks)]
@@ -497,17 +445,17 @@ def folder_sets(root: Path, walk: folders.Walk) -> tuple[list[str], dict[str, li
 def label_file_sets(data: str, sep: str = labels.DEFAULT_SEP
                     ) -> tuple[Path, list[str], dict[str, list[tuple[str, Any]]], str]:
     """(the label file, its classes, its train/val/test rows, "a split column" or "")."""
-    lf = labels.read(data, sep)
+    lf = labels.check_trainable(labels.read(data, sep))
     if not lf.split:
         return lf.source, lf.classes, {"train": lf.items, "val": [], "test": []}, ""
     return lf.source, lf.classes, {name: lf.rows(name) for name in labels.SPLITS}, "a split column"
 
 
-def claim_structure(walk: folders.Walk, root: Path, splits: list[tuple[Path, list[str]]]) -> None:
+def claim_structure(walk: folders.Walk, root: Path, parts: list[tuple[Path, list[str]]]) -> None:
     """The root, split and class folders are the data set's own: claimed before any is walked, so a
     link to one of them from elsewhere adds nothing; two class folders that are one folder are refused."""
     walk.claim(root)
-    for split_dir, names in splits:
+    for split_dir, names in parts:
         walk.claim(split_dir)
         for name in names:
             first = walk.claim(split_dir / name)
@@ -799,7 +747,7 @@ class ImageDataset(Dataset):
 
 def targets(items: list[tuple[str, Any]], num_classes: int | None) -> list:
     """What the loss compares with, per item: its class index, or a multi-label item's multi-hot vector."""
-    if not multilabel.is_multilabel(items):
+    if not splits.is_multilabel(items):
         return [y for _, y in items]
     if num_classes is None:
         raise ValueError("multi-label items need num_classes")  # a bug

@@ -155,7 +155,7 @@ def data_items(data: Path, classes: list[str], held_out: bool) -> list[tuple[str
     """(path, the model's class index or -1) of a labelled folder, a folder of images, or a label file:
     its training part, or with `held_out` its test (else val) part."""
     if labels.is_label_file(data):
-        lf = labels.read(data)
+        lf = labels.read(data, warn=False)
         part = next((lf.rows(n) for n in (("test", "val") if held_out else ("train",)) if lf.rows(n)), lf.items)
         if lf.multilabel:  # images only: accuracy is for one class per image (the parity check covers the labels)
             return [(p, -1) for p, _ in part]

@@ -32,6 +32,7 @@ from tqdm import tqdm
 import dataset
 import models
 import multilabel
+import splits
 from checkpoint import Preprocess
 from config import TrainingError, UsageError
 
@@ -342,7 +343,7 @@ def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, pe
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
         progress.lr = opt.param_groups[0]["lr"]
-        torch.manual_seed(dataset.derived_seed(seed, progress.epoch, progress.seen, rank))
+        torch.manual_seed(splits.derived_seed(seed, progress.epoch, progress.seen, rank))
         if x is not None and not (needs_two and len(y) == 1):  # else nothing (trainable) in this batch
             batch = progress.seen // max(1, loader.batch_size or 1) + 1
             loss, correct = train_step(learner, x, y, f"epoch {progress.epoch + 1}, batch {batch}")

@@ -56,7 +56,7 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     given = args.data or args.data_option
     args.data = Path(given) if given else None  # None: the run's own held-out test split
     if args.data is not None and labels.is_label_file(args.data):
-        labels.read(args.data, args.label_sep or labels.DEFAULT_SEP)  # every row checked before torch loads
+        labels.read(args.data, args.label_sep or labels.DEFAULT_SEP, warn=False)  # every row, before torch loads
     elif args.data is not None and not args.data.is_dir():
         raise UsageError(f"{args.data} is not a folder: give a folder with one sub-folder per class, or a label "
                          "file (.csv)")

@@ -62,7 +62,7 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--out {args.out}: a {args.format} export is a {suffix} file (or give a folder, ending in /)")
     for option, folder in (("--data", args.data), ("--check-data", args.check_data)):
         if folder and labels.is_label_file(folder):
-            labels.read(folder)  # every row checked before torch loads
+            labels.read(folder, warn=False)  # every row checked before torch loads
         elif folder and not Path(folder).is_dir():
             raise UsageError(f"{option} {folder} is not a folder or a label file (.csv)")
     return args

@@ -64,8 +64,10 @@ def is_multilabel(source: str | os.PathLike) -> bool:
     return "labels" in [h.strip().lower() for h in header]
 
 
-def read(source: str | os.PathLike, sep: str = DEFAULT_SEP) -> LabelFile:
-    """The label file at `source`, checked row by row; `sep` separates the labels of a `labels` cell."""
+def read(source: str | os.PathLike, sep: str = DEFAULT_SEP, warn: bool = True) -> LabelFile:
+    """The label file at `source`, checked row by row; `sep` separates the labels of a `labels` cell.
+    `warn`: say when labels differ only by case (a first check before torch loads says nothing: the
+    read that follows does)."""
     if not sep:
         raise UsageError("--label-sep cannot be empty: give the character between an image's labels, e.g. ';'")
     source = Path(os.path.abspath(os.path.expanduser(source)))
@@ -86,7 +88,7 @@ def read(source: str | os.PathLike, sep: str = DEFAULT_SEP) -> LabelFile:
         if not any(f.strip() for f in fields):
             continue  # a blank line
         rows.append(check_row(source, number, fields, header, base, sep))
-    return collect(source, rows, "labels" in header)
+    return collect(source, rows, "labels" in header, warn)
 
 
 def check_header(source: Path, header: list[str]) -> dict[str, int]:
@@ -138,8 +140,8 @@ def check_row(source: Path, number: int, fields: list[str], header: dict[str, in
     return number, full, names, split
 
 
-def collect(source: Path, rows: list[Row], multilabel: bool = False) -> LabelFile:
-    """Every path once, every path there; at least two classes (labels)."""
+def collect(source: Path, rows: list[Row], multilabel: bool = False, warn: bool = True) -> LabelFile:
+    """Every path once, every path there; a warning (unless not `warn`) for labels that differ by case."""
     first: dict[str, int] = {}
     for number, path, _, _ in rows:
         if path in first:
@@ -156,17 +158,23 @@ def collect(source: Path, rows: list[Row], multilabel: bool = False) -> LabelFil
     for c in classes:
         folded.setdefault(c.casefold(), []).append(c)
     alike = [" and ".join(names) for names in folded.values() if len(names) > 1]
-    if alike:
+    if alike and warn:
         print(f"warning: labels that differ only by case are different classes: {'; '.join(alike[:3])}"
               + (" ..." if len(alike) > 3 else ""), file=sys.stderr)
-    if len(classes) < 2:
-        what = "label(s)" if multilabel else "class(es)"
-        raise UsageError(f"label file {shown(source)} names {len(classes)} {what} "
-                         f"({', '.join(classes) or 'none'}): a classifier needs at least two")
     index = {c: i for i, c in enumerate(classes)}
     items = [(path, tuple(sorted(index[n] for n in names)) if multilabel else index[names[0]])
              for _, path, names, _ in rows]
     split = {path: s for _, path, _, s in rows if s is not None}
-    if split and not any(s == "train" for s in split.values()):
-        raise UsageError(f"label file {shown(source)} has a split column with no train rows")
     return LabelFile(source, classes, items, split, multilabel)
+
+
+def check_trainable(lf: LabelFile) -> LabelFile:
+    """What training needs of a label file beyond what evaluating needs: two classes (labels) or more,
+    and train rows when it has a split column."""
+    if len(lf.classes) < 2:
+        what = "label(s)" if lf.multilabel else "class(es)"
+        raise UsageError(f"label file {shown(lf.source)} names {len(lf.classes)} {what} "
+                         f"({', '.join(lf.classes) or 'none'}): a classifier needs at least two")
+    if lf.split and not any(s == "train" for s in lf.split.values()):
+        raise UsageError(f"label file {shown(lf.source)} has a split column with no train rows")
+    return lf

@@ -18,11 +18,6 @@ from torch import nn
 DEFAULT_THRESHOLD = 0.5  # a label never seen in validation keeps it
 
 
-def is_multilabel(items: Sequence[tuple[str, Any]]) -> bool:
-    """Whether (path, label) items carry label tuples (multi-label) rather than class indices."""
-    return bool(items) and isinstance(items[0][1], (tuple, list))
-
-
 def multi_hot(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     """A float target vector with 1 at each of the image's labels."""
     target = torch.zeros(num_classes)
@@ -92,7 +87,7 @@ def tune_thresholds(y: np.ndarray, probs: np.ndarray) -> list[float]:
         f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
         cut = float(cuts[int(np.argmax(f1))])
         below = probs[:, c][probs[:, c] < cut]
-        out.append(round((cut + float(below.max())) / 2 if len(below) else cut / 2, 6))
+        out.append((cut + float(below.max())) / 2 if len(below) else cut / 2)  # unrounded: between the two
     return out
 
 
@@ -130,7 +125,7 @@ def metrics(y: np.ndarray, probs: np.ndarray, thresholds: Sequence[float], class
 
 
 def print_metrics(m: dict[str, Any]) -> None:
-    print(f"mAP (mean average precision over labels) on the {m['images']} test images: {m['map']:.2f}%")
+    print(f"mAP (mean average precision over labels) on the {m['images']} images evaluated: {m['map']:.2f}%")
     print(f"F1 at the tuned thresholds: micro {m['micro_f1']:.2f}%, macro {m['macro_f1']:.2f}%; images with "
           f"exactly their labels: {m['exact_match']:.2f}%")
     width = max(len(c) for c in m["classes"])

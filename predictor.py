@@ -66,14 +66,15 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
     if checkpoint.is_onnx(path):
         onnx = OnnxModel(path)
         return Loaded(onnx, lambda x: x, contextlib.nullcontext, onnx.classes, onnx.preprocess,
-                      path, torch.device("cpu"), onnx.arch, onnx.temperature, onnx.flips, onnx.thresholds)
+                      path, torch.device("cpu"), onnx.arch, onnx.temperature, onnx.flips, onnx.thresholds,
+                      onnx.label_sep)
     ckpt = checkpoint.load(path)
     model = models.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     return Loaded(model, to_model_input(pre, device), autocast, list(ckpt["classes"]), pre, path, device,
                   ckpt["arch"], checkpoint.temperature(ckpt, path), checkpoint.trained_with_flips(ckpt),
-                  checkpoint.thresholds(ckpt, path), str(ckpt.get("config", {}).get("label_sep") or " "))
+                  checkpoint.thresholds(ckpt, path), checkpoint.label_sep(ckpt))
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
@@ -177,6 +178,7 @@ class OnnxModel:
         self.flips = json.loads(meta.get("hflip", "true"))
         self.thresholds = checkpoint.checked_thresholds(json.loads(meta["thresholds"]), len(self.classes), path) \
             if meta.get("multilabel") == "true" else None
+        self.label_sep = meta.get("label_sep") or " "
         self.arch = meta.get("arch", Path(path).stem)
         self.input = self.session.get_inputs()[0].name
 

@@ -24,6 +24,7 @@ import html_report
 import labels
 import multilabel
 import plots
+import splits
 from config import UsageError
 from predictor import Explainer, Loaded, input_images, load_model, run_model, thumbnail
 
@@ -33,7 +34,7 @@ def match_classes(folder_classes: list[str], model_classes: list[str]) -> list[i
     unknown = [c for c in folder_classes if c not in model_classes]
     if unknown:
         raise UsageError(f"the model does not know class(es) {', '.join(unknown)}; it knows: "
-                         f"{', '.join(model_classes)}. Remove or rename those folders")
+                         f"{', '.join(model_classes)}. Remove or rename them")
     missing = [c for c in model_classes if c not in folder_classes]
     if missing:
         dataset.warn(f"no images of class(es) {', '.join(missing)}: the report covers the other classes")
@@ -83,7 +84,7 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     split = run_split(ckpt_path.parent)
     data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, split, cache_dir, size, max_bytes,
                                                                label_sep or loaded.label_sep)
-    check_kind(multilabel.is_multilabel(items), loaded, what)
+    check_kind(splits.is_multilabel(items), loaded, what)
     mapping = match_classes(data_classes, loaded.classes)
     items = [(p, tuple(sorted(mapping[c] for c in y)) if loaded.multilabel else mapping[y]) for p, y in items]
     print(f"evaluating {len(items)} images: {what}")
@@ -184,7 +185,7 @@ def run_split(run_dir: Path) -> dataset.DataSplit | None:
     try:
         split = dataset.DataSplit.load(run_dir / "split.json")
         n = len(split.classes)
-        if all(isinstance(p, str) and all(0 <= int(c) < n for c in dataset.label_set(y))
+        if all(isinstance(p, str) and all(0 <= int(c) < n for c in splits.label_set(y))
                for p, y in split.train + split.val + split.test):
             return split
     except Exception:  # a damaged or foreign file, whatever it holds: as if there were none
@@ -201,7 +202,7 @@ def warn_if_seen(items: list[tuple[str, int]], split: dataset.DataSplit, split_f
         seen = len(paths & {os.path.realpath(p) for p, _ in used})
         if seen:
             dataset.warn(f"{seen} of the {len(paths)} images evaluated are the {name} images {why} "
-                         f"({split_file}): the accuracy is optimistic; evaluate images the run never used "
+                         f"({split_file}): its scores are optimistic; evaluate images the run never used "
                          "(train with --test-split F to keep some aside)")
 
 

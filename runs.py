@@ -6,7 +6,7 @@
 Reads each run's config.json and summary.json (a run still going, or interrupted, shows its last
 finished epoch from metrics.csv); a cross-validation job (train.py --folds K) is one line, the mean
 of its folds' best val accuracy with their spread (cv_summary.json). The time is the training time of
-all its sessions (resumes added). A multi-label run's column holds its best val mAP.
+all its sessions (resumes added). A multi-label run's column holds its best val mAP, marked "mAP".
 For curves side by side: tensorboard --logdir runs (HParams tab).
 """
 
@@ -43,10 +43,12 @@ def describe(run: Path) -> dict | None:
         s = json.loads((run / "summary.json").read_text())
         acc, epochs, minutes = s.get("best_val_acc", s.get("best_val_map")), f"{s['epochs']}", \
             s.get("train_time_s", 0) / 60
+        multi = "best_val_map" in s
     elif (run / "metrics.csv").exists():
         with open(run / "metrics.csv") as f:
             history = list(csv.DictReader(f))
-        key = "val_acc" if not history or "val_acc" in history[0] else "val_map"  # a multi-label run's: mAP
+        multi = bool(history) and "val_map" in history[0]
+        key = "val_map" if multi else "val_acc"
         acc = max((max(float(h[key]), float(h.get(f"ema_{key}") or -1)) for h in history), default=float("nan"))
         epochs = f"{len(history)}/{cfg['epochs']} (unfinished)"
         minutes = sum(float(h["time_s"]) for h in history) / 60
@@ -55,7 +57,7 @@ def describe(run: Path) -> dict | None:
     return {"run": run.name, "data": Path(cfg.get("data", "-")).name, "model": cfg["model"], "mode": cfg["mode"],
             "size": str(cfg.get("img_size") or "default"), "recipe": cfg.get("recipe", "seed"),
             "optimizer": cfg["optimizer"], "lr": f"{cfg['lr']:g}", "epochs": epochs, "best val acc": acc,
-            "time (min)": minutes}
+            "time (min)": minutes, "mAP": multi}
 
 
 def describe_cv(job: Path) -> dict | None:
@@ -67,10 +69,10 @@ def describe_cv(job: Path) -> dict | None:
     done = [json.loads(s.read_text()) for s in summaries if s.exists()]
     if (job / "cv_summary.json").exists():
         cv = json.loads((job / "cv_summary.json").read_text())
-        acc = cv.get("best_val_acc", cv.get("best_val_map"))
+        acc, multi = cv.get("best_val_acc", cv.get("best_val_map")), "best_val_map" in cv
         epochs, best = f"{folds} folds (+-{acc['std'] or 0:.2f})", acc["mean"]
     elif done:
-        scores = [d.get("best_val_acc", d.get("best_val_map", 0.0)) for d in done]
+        scores, multi = [d.get("best_val_acc", d.get("best_val_map", 0.0)) for d in done], "best_val_map" in done[0]
         epochs, best = f"{len(done)}/{folds} folds (unfinished)", sum(scores) / len(scores)
     else:
         return None
@@ -78,7 +80,7 @@ def describe_cv(job: Path) -> dict | None:
             "mode": cfg.get("mode", "finetune"), "size": str(cfg.get("img_size") or "default"),
             "recipe": cfg.get("recipe", "auto"), "optimizer": cfg.get("optimizer", "recipe"),
             "lr": f"{cfg['lr']:g}" if "lr" in cfg else "recipe", "epochs": epochs, "best val acc": best,
-            "time (min)": sum(d.get("train_time_s", 0) for d in done) / 60}
+            "time (min)": sum(d.get("train_time_s", 0) for d in done) / 60, "mAP": multi}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect(parent) if parent.is_dir() else []
     if not rows:
         raise UsageError(f"no runs in {parent}/: train one first (python train.py ...)")
-    cells = [[*(r[c] for c in COLUMNS[:-2]), f"{r['best val acc']:.2f}", f"{r['time (min)']:.1f}"] for r in rows]
+    cells = [[*(r[c] for c in COLUMNS[:-2]), f"{r['best val acc']:.2f}" + (" mAP" if r["mAP"] else ""),
+              f"{r['time (min)']:.1f}"] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
     print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
     for row in cells:

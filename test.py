@@ -9,7 +9,8 @@ Writes predictions.csv (path, label, probability, top-k, status) and predictions
 images with the predicted label and confidence under each) to --out (default: a new folder
 predictions-<data>-<checkpoint> beside the checkpoint); with --explain, explanations/ (a heatmap per
 image) and explanations.png. Probabilities are calibrated (the temperature fitted when training). An
-unreadable file is reported as such; the others still run.
+unreadable file is reported as such; the others still run. A multi-label model lists every label at or
+above its threshold (tuned when training), with its probability (the sigmoid of its output).
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
         return given
     data = given.get("data", TrainConfig.data)
     if labels.is_label_file(data):
-        labels.read(data)  # every row checked before torch loads
+        # every row checked before torch loads (the case warning comes with the second reading)
+        labels.check_trainable(labels.read(data, given.get("label_sep", TrainConfig.label_sep), warn=False))
     elif data != "demo" and not Path(data).is_dir():
         raise UsageError(f"data folder {data} {'is not a folder' if Path(data).exists() else 'does not exist'}: "
                          "give --data DIR with one sub-folder per class, a label file (.csv), or --data demo")

@@ -457,12 +457,17 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
 def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
     left = f" and left out {len(split.left_out)} other file(s)" if split.left_out else ""
     test = f" / {len(split.test)} test (held out; python eval.py --checkpoint {run_dir})" if split.test else ""
-    print(f"data: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val{test} images from "
+    print(f"data: {len(split.classes)} {'labels' if split.multilabel else 'classes'}, {len(split.train)} train / {len(split.val)} val{test} images from "
           f"{dataset.shown(split.root)}" + (f"; skipped {len(split.skipped)} unreadable file(s){left}, see "
                                             f"{run_dir / 'skipped.txt'}" if split.not_used() else ""))
     if split.ignored:
         print(f"ignored folder(s) by name: {', '.join(dataset.shown(p) for p in split.ignored[:5])}"
               + (" ..." if len(split.ignored) > 5 else ""))
+    unseen = [c for c, n in zip(split.classes, split.counts(split.val)) if not n] if split.multilabel else []
+    if unseen:
+        dataset.warn(f"label(s) with no validation image: {', '.join(map(dataset.shown, unseen[:10]))}"
+                     + (" ..." if len(unseen) > 10 else "") + ": their thresholds stay 0.5, and the mAP that picks "
+                     "best.pt leaves them out")
     if split.leaks:
         b, a, d = split.leaks[0][1], split.leaks[0][0], split.leaks[0][2]
         dataset.warn(f"{len(split.leaks)} val/test image(s) look like train images (leakage), e.g. "
@@ -962,7 +967,7 @@ class Loop:
         barrier()
         if stopping:
             if self.lead:
-                print(f"early stop: no better val accuracy for {cfg.patience} epochs")
+                print(f"early stop: no better val {metric_name(self.multi)} for {cfg.patience} epochs")
 
     def history_row(self, epoch: int, stats: dict[str, float], val: dict[str, Any], ema_val: dict[str, Any] | None
                     ) -> dict[str, Any]:

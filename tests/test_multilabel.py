@@ -7,9 +7,11 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ from PIL import Image
 import crossval
 import eval as evaluate
 import export
+import multilabel
+import splits
 import test as label_images
 import train
 
@@ -228,3 +232,83 @@ def test_runs_py_shows_a_multilabel_runs_best_map(ml_run):
 def test_the_lr_range_test_runs_on_multi_hot_targets(objects, tmp_path):
     assert train.main(train_args(objects, tmp_path / "find", "--mode", "scratch", "--lr-find")) == 0
     assert (tmp_path / "find" / "lr_find.png").is_file()
+
+
+def long_tail(n: int = 60, tags: int = 150, per_image: int = 3, seed: int = 0) -> list[tuple[str, tuple[int, ...]]]:
+    rng = random.Random(seed)
+    return [(f"{i:03d}.png", tuple(sorted(rng.sample(range(tags), per_image)))) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_split_of_long_tailed_labels_holds_out_its_share(seed):
+    items = long_tail(seed=seed)
+    train, val = splits.stratified_split(items, 0.2, seed)
+    assert 10 <= len(val) <= 14 and len(train) + len(val) == 60
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_label_of_two_images_or_more_keeps_one_for_training(seed):
+    rare = [("a.png", (0, 1)), ("b.png", (1,)), ("c.png", (0, 2)), ("d.png", (2,)), ("e.png", (1, 2))]
+    items = rare + long_tail(20, tags=6, per_image=2, seed=seed)
+    for share in (0.2, 0.4, 0.6):
+        train, _ = splits.stratified_split(items, share, seed)
+        counts = Counter(c for _, y in items for c in y)
+        assert {c for _, y in train for c in y} == {c for c, n in counts.items() if n >= 2}
+
+
+def test_the_folds_of_multilabel_data_validate_on_every_image_once():
+    items = long_tail(40, tags=10, per_image=2)
+    vals = [splits.fold_split(items, 4, k, 0)[1] for k in (1, 2, 3, 4)]
+    assert sorted(x for v in vals for x in v) == sorted(items) and all(9 <= len(v) <= 11 for v in vals)
+
+
+def test_no_readable_validation_image_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    data = make_labelled_set(tmp_path / "data", 20, seed=5, split=True)
+    for k in range(3, 20, 5):  # the val rows' images, damaged
+        (tmp_path / "data" / "img" / f"{k:03d}.png").write_bytes(b"not an image")
+    assert call(train.main, train_args(data, tmp_path / "run", "--mode", "scratch")) == 2
+    err = capsys.readouterr().err
+    assert "no validation images" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("truth, probs", [
+    ([1, 0, 0, 0], [4e-7, 1e-7, 2e-7, 5e-8]),
+    ([1, 1, 0], [0.9999999, 0.99999994, 0.9999997]),
+])
+def test_a_tuned_threshold_keeps_the_f1_it_was_tuned_for_at_extreme_probabilities(truth, probs):
+    from sklearn.metrics import f1_score
+
+    y, p = np.array(truth)[:, None], np.array(probs, dtype=np.float32)[:, None]
+    t = multilabel.tune_thresholds(y, p)
+    assert f1_score(y[:, 0], multilabel.decide(p, t)[:, 0]) == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="onnxruntime is not installed (requirements-export.txt)")
+def test_the_label_separator_travels_with_the_model_into_its_export(tmp_path, capsys):
+    data = make_labelled_set(tmp_path / "data", 30, seed=6, split=True, sep=";")
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch", "--label-sep", ";")) == 0
+    onnx_path = tmp_path / "m.onnx"
+    assert export.main(["--checkpoint", str(run), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    assert evaluate.main([str(data), "--checkpoint", str(onnx_path), "--out", str(tmp_path / "ev")]) == 0
+    image = str(data.parent / "img" / "000.png")
+    assert label_images.main([image, "--checkpoint", str(onnx_path), "--topk", "4", "--out", str(tmp_path / "te")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "te" / "predictions.csv")))
+    assert " " not in row["labels"]
+
+
+def test_a_label_file_is_first_checked_with_the_separator_given(tmp_path):
+    Path(tmp_path / "img").mkdir()
+    for i in range(12):
+        Image.new("RGB", (32, 32), (40 * i % 255, 90, 200)).save(tmp_path / "img" / f"{i}.png")
+    data = write_labels_csv(tmp_path / "l.csv", ["path", "labels"], [[f"img/{i}.png", "a;b" if i % 2 else "a"]
+                                                                     for i in range(12)])
+    assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch", "--label-sep", ";")) == 0
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["classes"] == ["a", "b"]
+
+
+def test_eval_takes_a_label_file_of_one_class(trained_run, colours, tmp_path):
+    reds = sorted((colours / "red").glob("*.png"))[:4]
+    data = write_labels_csv(tmp_path / "reds.csv", ["path", "label"], [[str(p), "red"] for p in reds])
+    assert evaluate.main([str(data), "--checkpoint", str(trained_run), "--out", str(tmp_path / "ev")]) == 0
