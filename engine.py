@@ -120,8 +120,16 @@ def auto_workers(device: torch.device, cached: bool) -> int:
     return min(8, max(1, cpus - 1))
 
 
+# Training steps wait on each other for at most STEP_TIMEOUT (a rank that hangs is found in minutes);
+# preparing the data (checking every file, building the caches: hours for a million images) goes
+# through its own group, on the CPU (gloo), which waits up to PREPARATION_TIMEOUT
+STEP_TIMEOUT = datetime.timedelta(minutes=30)
+PREPARATION_TIMEOUT = datetime.timedelta(days=2)
+PREPARATION: dict[str, Any] = {}  # "group": the preparation's process group, once started
+
+
 def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); starts the process group when launched by torchrun."""
+    """(rank, world size, local rank); starts the process groups when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
@@ -131,21 +139,23 @@ def init_distributed() -> tuple[int, int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend, timeout=STEP_TIMEOUT)
+    PREPARATION["group"] = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
     return dist.get_rank(), world, local_rank
 
 
-def barrier() -> None:
+def barrier(preparation: bool = False) -> None:
+    """Every rank waits for the others; while the data is prepared, as long as that takes."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=PREPARATION.get("group") if preparation else None)
 
 
 def broadcast(obj: Any) -> Any:
-    """Rank 0's value of `obj` on every rank."""
+    """Rank 0's value of `obj` on every rank (sent while the data is prepared: no step timeout)."""
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=PREPARATION.get("group"))
     return box[0]
 
 

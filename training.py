@@ -457,7 +457,8 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
 def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
     left = f" and left out {len(split.left_out)} other file(s)" if split.left_out else ""
     test = f" / {len(split.test)} test (held out; python eval.py --checkpoint {run_dir})" if split.test else ""
-    print(f"data: {len(split.classes)} {'labels' if split.multilabel else 'classes'}, {len(split.train)} train / {len(split.val)} val{test} images from "
+    kind = "labels" if split.multilabel else "classes"
+    print(f"data: {len(split.classes)} {kind}, {len(split.train)} train / {len(split.val)} val{test} images from "
           f"{dataset.shown(split.root)}" + (f"; skipped {len(split.skipped)} unreadable file(s){left}, see "
                                             f"{run_dir / 'skipped.txt'}" if split.not_used() else ""))
     if split.ignored:
@@ -592,7 +593,7 @@ def train(given: dict[str, Any]) -> int:
                 made.undo()
             raise
         try:
-            return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world), model)
+            return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world, local_rank), model)
         except KeyboardInterrupt:
             return interrupted_early(run_dir, lead, not cfg.lr_find)
 
@@ -626,10 +627,16 @@ class Run:
     device: torch.device
     rank: int
     world: int
+    local_rank: int = 0
 
     @property
     def lead(self) -> bool:
         return self.rank == 0
+
+    @property
+    def local_lead(self) -> bool:
+        """The first process of its machine: it builds the machine's caches."""
+        return self.local_rank == 0
 
     notes: list[str] = dataclasses.field(default_factory=list)  # about class imbalance, for TensorBoard too
 
@@ -734,16 +741,17 @@ def place(model: nn.Module, cfg: TrainConfig, preprocess: Preprocess, device: to
 
 
 def image_datasets(run: Run, model: nn.Module, image_input: Callable) -> Inputs:
-    """Train and val images, through the decoded-image cache: built once by rank 0 (on a resume it may
-    have been deleted), shared with the other ranks through the file system."""
+    """Train and val images, through the decoded-image cache: built once per machine by its first process
+    (on a resume it may have been deleted), shared with its other processes through the file system. A
+    cache folder shared by the machines is built by the first to get there."""
     cfg, split, pre = run.cfg, run.split, run.preprocess
     max_bytes = int(cfg.max_file_mb * 2**20)
     cache = None
     if cfg.image_cache:
         cache = dataset.ImageCache(split.files(), pre.resize_size, cfg.cache_dir, max_bytes)
-        if run.lead:
-            cache.build(skip={p for p, _ in split.skipped})
-        barrier()
+        if run.local_lead:  # one per machine: the cache folder is on each machine's own disk (or shared)
+            cache.build(progress=run.lead, skip={p for p, _ in split.skipped})
+        barrier(preparation=True)
     augment = dataset.train_transform(pre.img_size, cfg.augment, cfg.min_scale, cfg.hflip)
     n = len(split.classes)
     train_ds = dataset.ImageDataset(split.train, pre.resize_size, augment, cache, cfg.seed, max_bytes, n)
@@ -760,14 +768,14 @@ def feature_inputs(run: Run, model: nn.Module, images: Inputs, image_input: Call
     key = feature_key(cfg, run.weights_id, run.preprocess, split, device)
     path = dataset.cache_root(cfg.cache_dir) / "features" / f"{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if run.lead:
+    if run.local_lead:  # one per machine, as the image cache
         plain_train = copy.copy(images.train)  # the same images without augmentation
         plain_train.transform = images.val.transform
         plain = {"train": plain_train, "val": images.val}
         loaders = {k: make_loader(v, 2 * cfg.batch_size, workers, device) for k, v in plain.items()}
         feats = backbone_features(model, loaders, image_input, autocast, path, run.lead)
-    barrier()
-    if not run.lead:
+    barrier(preparation=True)
+    if not run.local_lead:
         feats = torch.load(path, map_location="cpu", weights_only=True)
     run.say(f"transfer: training the head on cached backbone features ({path.name}); augmentation off")
     n = len(split.classes)

@@ -122,3 +122,30 @@ def test_a_multilabel_run_validates_and_tunes_thresholds_on_every_processs_image
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_val_map"] == pytest.approx(multilabel.mean_ap(multilabel.average_precision(truth, probs)))
     assert loaded.thresholds == pytest.approx(multilabel.tune_thresholds(truth, probs), abs=1e-5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["scratch", "transfer"])
+def test_each_machine_builds_its_caches_on_its_own_disk(mode, split_data, with_weights, tmp_path):
+    """Two machines simulated on this one: two torchrun launchers, one process each, each with its own
+    cache folder (a machine's local disk). Both caches are built; the run trains."""
+    port, launchers = free_port(), []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "train.py",
+               *train_args(split_data, tmp_path / "run", "--mode", mode)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "IMGCLS_CACHE": str(tmp_path / f"cache-{node}")}
+        launchers.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    outputs = [p.communicate(timeout=600) for p in launchers]
+    assert all(p.returncode == 0 for p in launchers), outputs[1][1][-3000:] + outputs[0][1][-3000:]
+    kind = "features/*.pt" if mode == "transfer" else "images/*px.npy"
+    for node in (0, 1):
+        assert list((tmp_path / f"cache-{node}").glob(kind)), f"machine {node} has no cache"
