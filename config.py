@@ -167,7 +167,8 @@ class TrainConfig:
                     "path,label[,split] columns; path,labels[,split] for several labels per image: multi-label), or "
                     "'demo' for scikit-learn's digits exported as PNGs (the demo trains from scratch at 32 px for 10 "
                     "epochs without flips, unless told otherwise)")
-    label_sep: str = opt(" ", "what separates the labels in a label file's labels column (multi-label)")
+    label_sep: str = opt(" ", "what separates the labels in a label file's labels column (multi-label; default: "
+                         "a space)")
     val_split: float = opt(0.2, "share of each class held out for validation when DATA has no val/ folder (or "
                            "split column)")
     test_split: float = opt(0.0, "share of each class set aside as the run's test set, never trained on nor used "

@@ -354,7 +354,7 @@ def check_folds(items: list[tuple[str, int]], classes: list[str], folds: int) ->
     small = [f"{shown(c)} ({counts[i]})" for i, c in enumerate(classes) if counts[i] < folds]
     if small:
         warn(f"class(es) with fewer images than the {folds} folds: {', '.join(small)}; some folds validate "
-             "without them, and their per-class accuracy covers only the folds that had them")
+             "without them, and their per-class scores cover only the folds that had them")
 
 
 def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
@@ -827,7 +827,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                        "out for validation when DATA has no val/ folder")
     check.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed of the split")
     check.add_argument("--label-sep", default=TrainConfig.label_sep, help="what separates the labels in a label "
-                       "file's labels column (multi-label)")
+                       "file's labels column (multi-label; default: a space)")
     add_shared(check, "cache_dir", "max_file_mb")
     sub.add_parser("demo", help=f"export the digits demo data to {DEMO_DIR}")
     args = parser.parse_args(argv)

@@ -67,7 +67,7 @@ def write_html(path: Path, m: dict[str, Any], cells: dict[tuple[int, int], Cell]
     title = f"Evaluation: {m.get('data', '')}"
     if "accuracy" in m:
         title += f" ({m['accuracy']:.2f}%)"
-    elif "map" in m:
+    elif m.get("map") is not None:
         title += f" (mAP {m['map']:.2f}%)"
     body = "\n".join([_summary(m), _per_class(m), _matrix(m, classes, cells), _figures(figures)])
     page = f"""<!DOCTYPE html>

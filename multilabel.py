@@ -97,41 +97,52 @@ def decide(probs: torch.Tensor | np.ndarray, thresholds: Sequence[float]) -> np.
 
 
 def micro_f1(y: np.ndarray, probs: np.ndarray, thresholds: Sequence[float]) -> float:
-    """F1 in percent over every (image, label) decision at the thresholds."""
+    """F1 in percent over every (image, label) decision at the thresholds (0 when nothing is positive)."""
     from sklearn.metrics import f1_score
 
     return 100 * float(f1_score(y, decide(probs, thresholds).astype(np.int64), average="micro", zero_division=0))
 
 
+def undefined_as_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
 def metrics(y: np.ndarray, probs: np.ndarray, thresholds: Sequence[float], classes: list[str]) -> dict[str, Any]:
     """mAP; micro and macro F1 at the thresholds; per label precision, recall, F1, AP, support and
-    threshold; scikit-learn's classification report; the share of images with exactly their labels."""
+    threshold; scikit-learn's classification report; the share of images with exactly their labels.
+    Scikit-learn's definitions throughout, a 0/0 left undefined (None) and out of the averages: a label
+    neither present nor predicted has no F1; one predicted but absent has F1 0."""
     from sklearn.metrics import classification_report, f1_score, precision_recall_fscore_support
 
     pred = decide(probs, thresholds).astype(np.int64)
     ap = average_precision(y, probs)
-    p, r, f1, support = precision_recall_fscore_support(y, pred, zero_division=0)
-    present = [c for c in range(len(classes)) if y[:, c].any()]
-    per_label = {classes[c]: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f1[c]),
-                              "ap": None if np.isnan(ap[c]) else float(ap[c]), "support": int(support[c]),
-                              "threshold": float(thresholds[c])} for c in range(len(classes))}
-    return {"map": mean_ap(ap), "images": len(y), "classes": classes,
-            "micro_f1": micro_f1(y, probs, thresholds),
-            "macro_f1": 100 * float(f1_score(y[:, present], pred[:, present], average="macro", zero_division=0))
-            if present else 0.0,
+    p, r, f1, support = precision_recall_fscore_support(y, pred, zero_division=np.nan)
+    per_label = {classes[c]: {"precision": undefined_as_none(p[c]), "recall": undefined_as_none(r[c]),
+                              "f1": undefined_as_none(f1[c]), "ap": undefined_as_none(ap[c]),
+                              "support": int(support[c]), "threshold": float(thresholds[c])}
+                 for c in range(len(classes))}
+    score = {k: undefined_as_none(f1_score(y, pred, average=k, zero_division=np.nan)) for k in ("micro", "macro")}
+    return {"map": mean_ap(ap) if not np.isnan(ap).all() else None, "images": len(y), "classes": classes,
+            "micro_f1": None if score["micro"] is None else 100 * score["micro"],
+            "macro_f1": None if score["macro"] is None else 100 * score["macro"],
             "exact_match": 100 * float((pred == y).all(1).mean()) if len(y) else 0.0,
             "per_label": per_label,
-            "report": classification_report(y, pred, target_names=classes, digits=4, zero_division=0)}
+            "report": classification_report(y, pred, target_names=classes, digits=4, zero_division=np.nan)}
+
+
+def shown(value: float | None, spec: str = ".2f", suffix: str = "%") -> str:
+    """A metric for people: 'n/a' where it is undefined (no image has the label, say)."""
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
 def print_metrics(m: dict[str, Any]) -> None:
-    print(f"mAP (mean average precision over labels) on the {m['images']} images evaluated: {m['map']:.2f}%")
-    print(f"F1 at the tuned thresholds: micro {m['micro_f1']:.2f}%, macro {m['macro_f1']:.2f}%; images with "
+    print(f"mAP (mean average precision over labels) on the {m['images']} images evaluated: {shown(m['map'])}"
+          + (" (no image evaluated has any of the labels)" if m["map"] is None else ""))
+    print(f"F1 at the tuned thresholds: micro {shown(m['micro_f1'])}, macro {shown(m['macro_f1'])}; images with "
           f"exactly their labels: {m['exact_match']:.2f}%")
     width = max(len(c) for c in m["classes"])
     print(f"\n{'label':>{width}}  support  threshold  precision  recall     F1      AP")
     for name, r in m["per_label"].items():
-        ap = "     -" if r["ap"] is None else f"{r['ap']:.4f}"
-        print(f"{name:>{width}}  {r['support']:7d}  {r['threshold']:9.3f}  {r['precision']:9.4f}  {r['recall']:.4f}  "
-              f"{r['f1']:.4f}  {ap}")
+        print(f"{name:>{width}}  {r['support']:7d}  {r['threshold']:9.3f}  {shown(r['precision'], '9.4f', '')}  "
+              f"{shown(r['recall'], '.4f', '')}  {shown(r['f1'], '.4f', '')}  {shown(r['ap'], '.4f', '')}")
     print("\n" + m["report"])

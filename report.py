@@ -131,11 +131,13 @@ def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]],
     m = multilabel.metrics(truth, p, loaded.thresholds, loaded.classes)
     if logits.dim() == 3:  # --tta: the plain images too
         plain = torch.sigmoid(logits[:, 0]).numpy()
-        m["map_without_tta"] = multilabel.mean_ap(multilabel.average_precision(truth, plain))
+        ap = multilabel.average_precision(truth, plain)
+        m["map_without_tta"] = None if np.isnan(ap).all() else multilabel.mean_ap(ap)
     m |= {"checkpoint": str(loaded.source), **about, "skipped": [list(s) for s in skipped]}
     multilabel.print_metrics(m)
     if "map_without_tta" in m:
-        print(f"With test-time augmentation: mAP {m['map']:.2f}% (without: {m['map_without_tta']:.2f}%)")
+        print(f"With test-time augmentation: mAP {multilabel.shown(m['map'])} (without: "
+              f"{multilabel.shown(m['map_without_tta'])})")
     files.atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
     files.atomic_write_text(out / "classification_report.txt", m["report"])
     files.atomic_write_text(out / "skipped.txt", folders.skipped_lines(skipped))

@@ -312,3 +312,33 @@ def test_eval_takes_a_label_file_of_one_class(trained_run, colours, tmp_path):
     reds = sorted((colours / "red").glob("*.png"))[:4]
     data = write_labels_csv(tmp_path / "reds.csv", ["path", "label"], [[str(p), "red"] for p in reds])
     assert evaluate.main([str(data), "--checkpoint", str(trained_run), "--out", str(tmp_path / "ev")]) == 0
+
+
+@pytest.mark.parametrize("header", [["path", "labels"], ["path", "label"]])
+def test_a_quote_left_open_in_the_last_column_is_refused_in_one_line(header, tmp_path, capsys):
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    rows = [f"{i}.png,{'a' if i % 2 else 'b'}" for i in range(6)]
+    rows[3] = '3.png,"a'
+    (tmp_path / "l.csv").write_text(",".join(header) + "\n" + "\n".join(rows) + "\n")
+    assert call(train.main, train_args(tmp_path / "l.csv", tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "line 5" in err and "quote" in err and len(err.strip().splitlines()) == 1
+
+
+def test_macro_f1_is_the_classification_reports_and_leaves_out_only_labels_neither_present_nor_said():
+    y = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
+    probs = np.array([[0.9, 0.1, 0.8, 0.1], [0.2, 0.3, 0.1, 0.1], [0.7, 0.2, 0.2, 0.1]])
+    m = multilabel.metrics(y, probs, [0.5] * 4, ["a", "b", "c", "d"])
+    # a: F1 1; b: present, missed: 0; c: absent, said once: 0; d: absent, never said: undefined, left out
+    assert m["macro_f1"] == pytest.approx(100 / 3) and m["per_label"]["d"]["f1"] is None
+    macro_line = next(line for line in m["report"].splitlines() if "macro avg" in line)
+    assert float(macro_line.split()[4]) == pytest.approx(m["macro_f1"] / 100, abs=1e-4)
+
+
+def test_without_any_positive_label_the_map_is_undefined_not_zero(ml_run, objects, tmp_path, capsys):
+    rows = [[f"img/{i:03d}.png", ""] for i in range(6)]
+    data = write_labels_csv(objects.parent / "none.csv", ["path", "labels"], rows)
+    assert evaluate.main([str(data), "--checkpoint", str(ml_run), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["map"] is None
+    assert "mAP (mean average precision over labels) on the 6 images evaluated: n/a" in capsys.readouterr().out
