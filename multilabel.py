@@ -25,14 +25,6 @@ def multi_hot(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     return target
 
 
-def matrix(items: Sequence[tuple[str, Sequence[int]]], num_classes: int) -> np.ndarray:
-    """The items' labels as an images x labels 0/1 matrix."""
-    y = np.zeros((len(items), num_classes), dtype=np.int64)
-    for row, (_, labels) in enumerate(items):
-        y[row, list(labels)] = 1
-    return y
-
-
 class BCELoss(nn.Module):
     """Binary cross-entropy on logits, with each label's positives weighted by `pos_weight`
     (--class-weights auto) and label smoothing as timm's BinaryCrossEntropy does it: targets moved to
