@@ -11,6 +11,7 @@ from that square; evaluation takes its centre: the standard Resize + CenterCrop 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import folders
 import labels
 import multilabel
 import splits
+from compact_cache import CompactCache
 from config import Parser, TrainConfig, UsageError, add_shared, cache_root, cli
 from folders import shown
 from splits import class_counts, derived_seed, fold_split, stratified_split
@@ -217,7 +219,8 @@ def inspect_file(path: str, size: int | None = None, max_bytes: int = MAX_BYTES
 
 
 def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True,
-                fill: ImageCache | None = None, max_bytes: int = MAX_BYTES) -> dict[str, tuple[str | None, str, str]]:
+                fill: ImageCache | CompactCache | None = None, max_bytes: int = MAX_BYTES
+                ) -> dict[str, tuple[str | None, str, str]]:
     """(reason to skip or None, sha1, perceptual hash) per file, inspected in parallel; results are
     cached by files.identity() so re-checks are quick.
     With `fill` (a cache of these paths), each image decoded by the check is also written to that
@@ -360,7 +363,8 @@ def check_folds(items: list[tuple[str, int]], classes: list[str], folds: int) ->
 def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
                  progress: bool = True, cache_size: int | None = None,
                  max_file_mb: float = folders.DEFAULT_MAX_FILE_MB, test_split: float = 0.0,
-                 folds: int = 0, fold: int = 0, label_sep: str = labels.DEFAULT_SEP) -> DataSplit:
+                 folds: int = 0, fold: int = 0, label_sep: str = labels.DEFAULT_SEP, image_cache: str = "raw"
+                 ) -> DataSplit:
     """Find classes and files (a folder, or a label file), check them all, split, look for look-alikes
     across the splits; every problem a person can fix is a UsageError. With `test_split`, a stratified
     share is set aside as the run's own test set (DataSplit.test). With `folds`, the rest is cut into
@@ -376,7 +380,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
         raise UsageError(f"--test-split sets aside part of a flat folder or of a label file without a split column; "
                          f"{shown(root)} has its own split ({own_split}): drop --test-split")
     paths = sorted(p for name in ("train", "val") for p, _ in sets[name])
-    cache = ImageCache(paths, cache_size, cache_dir, walk.max_bytes) if cache_size else None
+    cache = make_cache(image_cache, paths, cache_size, cache_dir, walk.max_bytes) if cache_size else None
     checked = check_files(paths, cache_dir, progress, fill=cache, max_bytes=walk.max_bytes)
     checked.update(check_files([p for p, _ in sets["test"]], cache_dir, progress, max_bytes=walk.max_bytes)
                    if sets["test"] else {})
@@ -698,6 +702,40 @@ class ImageCache:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pixels": None, "_ok": None, "_done": None, "_temp": None}
+
+
+CACHE_KINDS = ("auto", "raw", "compact", "none")
+RAW_SHARE_OF_FREE_DISK = 0.5  # auto: the raw cache while it takes at most this share of the free space
+
+
+def cache_kind(kind: str, images: int, size: int, cache_dir: str | None = None) -> str:
+    """raw, compact or none: auto is raw while the raw cache fits in half the free space of the cache's
+    disk, else compact."""
+    if kind != "auto":
+        return kind
+    import shutil
+
+    free = shutil.disk_usage(cache_root(cache_dir)).free
+    return "raw" if images * size * size * 3 <= RAW_SHARE_OF_FREE_DISK * free else "compact"
+
+
+def make_cache(kind: str, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES
+               ) -> ImageCache | CompactCache | None:
+    """The decoded-image cache of `paths` of the kind asked for (auto resolved by cache_kind)."""
+    kind = cache_kind(kind, len(paths), size, cache_dir)
+    if kind == "compact":
+        return CompactCache(paths, size, functools.partial(load_or_none, size=size, max_bytes=max_bytes),
+                            CACHE_VERSION, cache_dir)
+    return ImageCache(paths, size, cache_dir, max_bytes) if kind == "raw" else None
+
+
+def load_or_none(path: str, size: int, max_bytes: int) -> np.ndarray | None:
+    """load_image, or None (with a warning) for a file that cannot be read now."""
+    try:
+        return load_image(path, size, max_bytes)
+    except (BadImage, OSError) as e:
+        warn(f"skipped {path}: {e}")
+        return None
 
 
 def warn(message: str) -> None:

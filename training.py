@@ -448,9 +448,9 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
             raise UsageError(f"{start.run_dir / 'split.json'} cannot be read ({e.__class__.__name__}): a resume "
                              "needs the run's split; restore the file, or start a new run") from None
     split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
-                                 cache_size=size if cfg.image_cache else None,
+                                 cache_size=size if cfg.image_cache != "none" else None,
                                  max_file_mb=cfg.max_file_mb, test_split=cfg.test_split, folds=cfg.folds,
-                                 fold=cfg.fold, label_sep=cfg.label_sep) if lead else None
+                                 fold=cfg.fold, label_sep=cfg.label_sep, image_cache=cfg.image_cache) if lead else None
     return dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
 
 
@@ -664,9 +664,10 @@ def fit(run: Run, model: nn.Module) -> int:
     cfg, device = run.cfg, run.device
     describe(run, model)
     # sized for this machine; left unresolved in the config so a resume elsewhere sizes it again
-    workers = auto_workers(device, cfg.image_cache) if cfg.workers is None else cfg.workers
+    kind = dataset.cache_kind(cfg.image_cache, len(run.split.files()), run.preprocess.resize_size, cfg.cache_dir)
+    workers = auto_workers(device, kind == "raw") if cfg.workers is None else cfg.workers  # JPEGs need decoding
     image_input, autocast, scaler = place(model, cfg, run.preprocess, device)
-    inputs = image_datasets(run, model, image_input)
+    inputs = image_datasets(run, model, image_input, kind)
     if cfg.mode == "transfer" and cfg.feature_cache and isinstance(models.head_of(model)[1], nn.Linear):
         inputs = feature_inputs(run, model, inputs, image_input, autocast, workers)
 
@@ -740,15 +741,16 @@ def place(model: nn.Module, cfg: TrainConfig, preprocess: Preprocess, device: to
     return (to_model_input(preprocess, device, memory_format), *precision(device, cfg.amp))
 
 
-def image_datasets(run: Run, model: nn.Module, image_input: Callable) -> Inputs:
+def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str) -> Inputs:
     """Train and val images, through the decoded-image cache: built once per machine by its first process
     (on a resume it may have been deleted), shared with its other processes through the file system. A
     cache folder shared by the machines is built by the first to get there."""
     cfg, split, pre = run.cfg, run.split, run.preprocess
     max_bytes = int(cfg.max_file_mb * 2**20)
-    cache = None
-    if cfg.image_cache:
-        cache = dataset.ImageCache(split.files(), pre.resize_size, cfg.cache_dir, max_bytes)
+    cache = dataset.make_cache(kind, split.files(), pre.resize_size, cfg.cache_dir, max_bytes)
+    if cache is not None:
+        run.say(f"image cache: {kind}" + (" (auto: the raw cache would not fit in half the free disk)"
+                                          if cfg.image_cache == "auto" and kind == "compact" else ""))
         if run.local_lead:  # one per machine: the cache folder is on each machine's own disk (or shared)
             cache.build(progress=run.lead, skip={p for p, _ in split.skipped})
         barrier(preparation=True)

@@ -1,0 +1,88 @@
+"""The compact image cache (--image-cache compact): JPEGs of the raw cache's pictures in one data file,
+a tenth of the size, rebuilt when damaged, chosen by auto when the raw cache would not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import train_args
+from PIL import Image, ImageDraw
+
+import config
+import dataset
+import train
+
+
+def make_photos(root: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[str]:
+    """Photo-like pictures: shaded backgrounds with shapes and a little noise, saved as JPEGs."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = Image.new("RGB", size, tuple(int(v) for v in rng.integers(40, 220, 3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(8):
+            x, y, r = rng.integers(0, size[0]), rng.integers(0, size[1]), rng.integers(20, 150)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        pixels = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, (size[1], size[0], 3))
+        paths.append(str(root / f"{i:03d}.jpg"))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(paths[-1], quality=92)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[str]:
+    return make_photos(tmp_path_factory.mktemp("photos"), 12)
+
+
+def built(kind: str, paths: list[str], size: int = 256):
+    cache = dataset.make_cache(kind, paths, size)
+    cache.build(progress=False)
+    return cache
+
+
+def test_the_compact_cache_holds_the_raw_caches_pictures_within_jpeg_error(photos):
+    raw, compact = built("raw", photos), built("compact", photos)
+    for p in photos:
+        a, b = raw.get(p).astype(float), compact.get(p).astype(float)
+        assert b.shape == (256, 256, 3)
+        assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 32  # PSNR in dB
+
+
+def test_the_compact_cache_takes_at_most_40_kb_per_image_at_256_px(photos):
+    compact = built("compact", photos)
+    assert compact.path.stat().st_size / len(photos) < 40_000
+
+
+def test_an_unreadable_image_is_none_in_the_compact_cache(photos, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a picture")
+    compact = built("compact", [*photos[:2], str(bad)])
+    assert compact.get(str(bad)) is None and compact.get(photos[0]) is not None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "index"])
+def test_a_damaged_compact_cache_is_rebuilt_not_trusted(damage, photos, capsys):
+    compact = built("compact", photos[:3])
+    if damage == "truncate":
+        compact.path.write_bytes(compact.path.read_bytes()[:100])
+    else:
+        np.save(compact.index_path, np.zeros((2, 2), dtype=np.int64))
+    again = dataset.make_cache("compact", photos[:3], 256)
+    assert not again.ready and "rebuilding a damaged image cache" in capsys.readouterr().err
+    again.build(progress=False)
+    assert again.ready and again.get(photos[1]) is not None
+
+
+def test_auto_chooses_the_compact_cache_when_the_raw_one_would_not_fit(colours, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dataset, "RAW_SHARE_OF_FREE_DISK", 0.0)
+    assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch")) == 0
+    assert "image cache: compact (auto: the raw cache would not fit" in capsys.readouterr().out
+    assert list((Path(config.cache_root()) / "images").glob("*.jpgs"))
+
+
+def test_settings_saved_with_the_cache_on_or_off_still_read():
+    assert config.TrainConfig(image_cache=True).image_cache == "auto"
+    assert config.TrainConfig(image_cache=False).image_cache == "none"
