@@ -28,12 +28,33 @@ import files
 from config import cache_root
 
 QUALITY = 90  # JPEG quality: at 256 px, ~1 dB of PSNR from the raw pixels costs no accuracy (bench_cache.py)
-VERSION = 1
+VERSION = 2  # 2: the index inside the data file
+MAGIC = b"IMGCJPG2"  # the file ends with the index's offset (8 bytes, little-endian) and this
+
+
+def read_index(fd: int, rows: int) -> np.ndarray | None:
+    """The index at the end of an open data file, or None when the file is not a sound one of `rows`
+    images: the JPEGs, then the index (rows x (offset, length)), its offset and MAGIC."""
+    try:
+        size = os.fstat(fd).st_size
+        tail = os.pread(fd, 16, size - 16) if size >= 16 else b""
+        if len(tail) != 16 or tail[8:] != MAGIC:
+            return None
+        start = int.from_bytes(tail[:8], "little")
+        index = np.load(io.BytesIO(os.pread(fd, size - 16 - start, start)))
+        ends = index[:, 0] + index[:, 1] if index.ndim == 2 else None
+        sound = (index.shape == (rows, 2) and index.dtype == np.int64 and (index >= 0).all()
+                 and int(ends.max(initial=0)) <= start)
+        return index if sound else None
+    except (OSError, ValueError, EOFError):
+        return None
 
 
 class CompactCache:
     """`load(path)`: the image as a size x size x 3 uint8 array, or None when it cannot be read (it says
-    why); `decoder`: the version of the decoding behind it, part of the key."""
+    why); `decoder`: the version of the decoding behind it, part of the key. One file holds the JPEGs
+    and their index, so it is published (and replaced) whole: a reader never pairs an index with
+    another build's data."""
 
     def __init__(self, paths: list[str], size: int, load: Callable[[str], np.ndarray | None], decoder: int,
                  cache_dir: str | None = None):
@@ -43,7 +64,6 @@ class CompactCache:
         folder = cache_root(cache_dir) / "images"
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{key}-{size}px-q{QUALITY}.jpgs"
-        self.index_path = folder / f"{key}-{size}px-q{QUALITY}.index.npy"
         self.row = {p: i for i, p in enumerate(paths)}
         self._index: np.ndarray | None = None  # rows x (offset, length); length 0: unreadable
         self._fd: int | None = None
@@ -52,19 +72,20 @@ class CompactCache:
 
     @property
     def ready(self) -> bool:
-        """Both files published and consistent; a damaged or foreign pair is removed so it is rebuilt."""
-        if not (files.is_regular(self.path) and files.is_regular(self.index_path)):
+        """The file published and sound; a damaged or foreign one is removed so it is rebuilt."""
+        if not files.is_regular(self.path):
             return False
         try:
-            index = np.load(self.index_path)
-            sound = (index.shape == (len(self.paths), 2) and index.dtype == np.int64 and (index >= 0).all()
-                     and int((index[:, 0] + index[:, 1]).max(initial=0)) <= self.path.stat().st_size)
-        except (OSError, ValueError, EOFError):
-            sound = False
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return False
+        try:
+            sound = read_index(fd, len(self.paths)) is not None
+        finally:
+            os.close(fd)
         if not sound:
             print(f"warning: rebuilding a damaged image cache ({self.path.name})", file=sys.stderr, flush=True)
             self.path.unlink(missing_ok=True)
-            self.index_path.unlink(missing_ok=True)
         return sound
 
     def begin(self) -> None:
@@ -103,8 +124,10 @@ class CompactCache:
                 desc = f"caching images ({self.size}px, compact)"
                 list(tqdm(pool.map(lambda p: self.put(p, self.load(p)), todo), total=len(todo), desc=desc,
                           disable=None if progress and todo else True, leave=False))
-            index = self._index
-            files.atomic_write(self.index_path, lambda f: np.save(f, index))
+            f = self._temp[0]
+            f.seek(self._end)
+            np.save(f, self._index)
+            f.write(self._end.to_bytes(8, "little") + MAGIC)
             files.publish(*self._temp, self.path)
             self._temp = None
         finally:
@@ -117,9 +140,11 @@ class CompactCache:
         self._index = None
 
     def get(self, path: str) -> np.ndarray | None:
-        if self._index is None or self._fd is None:  # opened lazily: each DataLoader worker opens its own
-            self._index = np.load(self.index_path)
+        if self._fd is None:  # opened lazily: each DataLoader worker opens its own
             self._fd = os.open(self.path, os.O_RDONLY)
+            self._index = read_index(self._fd, len(self.paths))
+            if self._index is None:
+                raise OSError(f"the image cache {self.path} was damaged while in use")
         offset, length = self._index[self.row[path]]
         if not length:
             return None

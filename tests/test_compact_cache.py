@@ -63,13 +63,16 @@ def test_an_unreadable_image_is_none_in_the_compact_cache(photos, tmp_path):
     assert compact.get(str(bad)) is None and compact.get(photos[0]) is not None
 
 
-@pytest.mark.parametrize("damage", ["truncate", "index"])
+@pytest.mark.parametrize("damage", ["truncate", "tail", "foreign"])
 def test_a_damaged_compact_cache_is_rebuilt_not_trusted(damage, photos, capsys):
     compact = built("compact", photos[:3])
+    data = compact.path.read_bytes()
     if damage == "truncate":
-        compact.path.write_bytes(compact.path.read_bytes()[:100])
-    else:
-        np.save(compact.index_path, np.zeros((2, 2), dtype=np.int64))
+        compact.path.write_bytes(data[:100])
+    elif damage == "tail":
+        compact.path.write_bytes(data[:-3])
+    else:  # another cache's file (of 2 images) under this one's name
+        compact.path.write_bytes(built("compact", photos[3:5]).path.read_bytes())
     again = dataset.make_cache("compact", photos[:3], 256)
     assert not again.ready and "rebuilding a damaged image cache" in capsys.readouterr().err
     again.build(progress=False)
@@ -86,3 +89,9 @@ def test_auto_chooses_the_compact_cache_when_the_raw_one_would_not_fit(colours, 
 def test_settings_saved_with_the_cache_on_or_off_still_read():
     assert config.TrainConfig(image_cache=True).image_cache == "auto"
     assert config.TrainConfig(image_cache=False).image_cache == "none"
+
+
+def test_the_index_and_the_images_are_one_file_published_whole(photos):
+    compact = built("compact", photos[:3])
+    assert [p.name for p in compact.path.parent.iterdir() if p.name.startswith(compact.path.name[:20])] == \
+        [compact.path.name]
