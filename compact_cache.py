@@ -10,6 +10,7 @@ found damaged or foreign is rebuilt, never trusted.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,11 +27,21 @@ from PIL import Image
 from tqdm import tqdm
 
 import files
-from config import cache_root
+from config import UsageError, cache_root
 
 QUALITY = 90  # JPEG quality: at 256 px, ~1 dB of PSNR from the raw pixels costs no accuracy (bench_cache.py)
 VERSION = 2  # 2: the index inside the data file
 MAGIC = b"IMGCJPG2"  # the file ends with the index's offset (8 bytes, little-endian) and this
+
+
+def no_space(path: Path, error: OSError, needed: int | None = None) -> Exception:
+    """A full disk under an image cache, as a UsageError (what to do); other errors as they are."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    return UsageError(f"no space left for the image cache in {path.parent}" +
+                      (f" (it needs {needed / 2**30:.1f} GB)" if needed else "") + ": free space there, give another "
+                      "--cache-dir, or use " + ("--image-cache compact (or --no-image-cache)" if needed else
+                                                "--no-image-cache"))
 
 
 def read_index(fd: int, rows: int) -> np.ndarray | None:
@@ -91,6 +103,7 @@ class CompactCache:
     def begin(self) -> None:
         if self._temp is not None:
             return
+        files.remove_stale_temps(self.path.parent)
         self._temp = files.open_temp(self.path)
         self._index = np.zeros((len(self.paths), 2), dtype=np.int64)
         self._done = np.zeros(len(self.paths), dtype=bool)
@@ -107,7 +120,10 @@ class CompactCache:
         with self._lock:
             f = self._temp[0]
             f.seek(self._end)
-            f.write(data)
+            try:
+                f.write(data)
+            except OSError as e:
+                raise no_space(self.path, e) from None
             self._index[i] = (self._end, len(data))
             self._end += len(data)
             self._done[i] = True
@@ -148,8 +164,13 @@ class CompactCache:
         offset, length = self._index[self.row[path]]
         if not length:
             return None
-        data = os.pread(self._fd, int(length), int(offset))
-        return np.array(Image.open(io.BytesIO(data), formats=("JPEG",)).convert("RGB"), dtype=np.uint8)
+        try:
+            data = os.pread(self._fd, int(length), int(offset))
+            return np.array(Image.open(io.BytesIO(data), formats=("JPEG",)).convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:  # damaged on disk since it was built: that image is skipped
+            print(f"warning: skipped {path}: its entry in the image cache {self.path.name} is damaged ({e}); delete "
+                  "the file to rebuild it", file=sys.stderr, flush=True)
+            return None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_index": None, "_fd": None, "_temp": None, "_lock": None}

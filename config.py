@@ -378,6 +378,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.ema_decay < 1, "--ema-decay must be between 0 and 1"),
         (cfg.mixup >= 0 and cfg.cutmix >= 0, "--mixup and --cutmix cannot be negative"),
         (cfg.label_sep != "", "--label-sep cannot be empty: give the character between an image's labels, e.g. ';'"),
+        (cfg.image_cache in ("auto", "raw", "compact", "none"), f"--image-cache {cfg.image_cache!r} is not one of "
+         "auto, raw, compact, none"),
     ]
     for ok, message in checks:
         if not ok:

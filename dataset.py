@@ -32,6 +32,7 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import compact_cache
 import files
 import folders
 import labels
@@ -639,12 +640,21 @@ class ImageCache:
         """Open the temporary files that put() and build() fill (before any threads use it)."""
         if self._done is not None:
             return
+        files.remove_stale_temps(self.path.parent)
         f, _ = self._temp = files.open_temp(self.path)
         # the .npy header, then the pixels memory-mapped through our own descriptor: nothing is
         # opened by name, so a link planted in the cache folder is never written through
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": self.shape})
         offset = f.tell()
         f.truncate(offset + int(np.prod(self.shape)))
+        try:  # the space reserved now: a full disk is an error here, not a SIGBUS while writing the map
+            os.posix_fallocate(f.fileno(), 0, offset + int(np.prod(self.shape)))
+        except OSError as e:
+            error = compact_cache.no_space(self.path, e, int(np.prod(self.shape)))
+            if isinstance(error, UsageError):
+                files.discard(*self._temp)
+                self._temp = None
+                raise error from None  # (a file system that cannot reserve space: written as it goes)
         self._pixels = np.memmap(f, dtype=np.uint8, mode="r+", offset=offset, shape=self.shape)
         self._ok = np.zeros(len(self.paths), dtype=bool)
         self._done = np.zeros(len(self.paths), dtype=bool)
@@ -708,21 +718,25 @@ CACHE_KINDS = ("auto", "raw", "compact", "none")
 RAW_SHARE_OF_FREE_DISK = 0.5  # auto: the raw cache while it takes at most this share of the free space
 
 
-def cache_kind(kind: str, images: int, size: int, cache_dir: str | None = None) -> str:
-    """raw, compact or none: auto is raw while the raw cache fits in half the free space of the cache's
-    disk, else compact."""
+def cache_kind(kind: str, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES
+               ) -> str:
+    """raw, compact or none: auto is the cache of these files already built, else raw while it fits in
+    half the free space of the cache's disk, else compact."""
     if kind != "auto":
         return kind
     import shutil
 
+    for built in ("raw", "compact"):
+        if make_cache(built, paths, size, cache_dir, max_bytes).ready:
+            return built
     free = shutil.disk_usage(cache_root(cache_dir)).free
-    return "raw" if images * size * size * 3 <= RAW_SHARE_OF_FREE_DISK * free else "compact"
+    return "raw" if len(paths) * size * size * 3 <= RAW_SHARE_OF_FREE_DISK * free else "compact"
 
 
 def make_cache(kind: str, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES
                ) -> ImageCache | CompactCache | None:
     """The decoded-image cache of `paths` of the kind asked for (auto resolved by cache_kind)."""
-    kind = cache_kind(kind, len(paths), size, cache_dir)
+    kind = cache_kind(kind, paths, size, cache_dir, max_bytes)
     if kind == "compact":
         return CompactCache(paths, size, functools.partial(load_or_none, size=size, max_bytes=max_bytes),
                             CACHE_VERSION, cache_dir)

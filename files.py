@@ -33,6 +33,9 @@ def open_temp(path: Path) -> tuple[IO[bytes], Path]:
     fd, name = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=TEMP_SUFFIX)
     with contextlib.suppress(OSError):
         os.fchmod(fd, 0o666 & ~umask())
+    if fcntl is not None:  # held while it is written: remove_stale_temps leaves it alone
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return os.fdopen(fd, "w+b"), Path(name)
 
 
@@ -49,8 +52,12 @@ def publish(f: IO[bytes], tmp: Path, path: Path) -> None:
     """fsync and close the temp file, and rename it over `path`."""
     f.flush()
     os.fsync(f.fileno())
-    f.close()
-    os.replace(tmp, path)
+    if fcntl is not None:  # renamed while still open and locked: never taken for a stale temp file
+        os.replace(tmp, path)
+        f.close()
+    else:  # (Windows renames only closed files)
+        f.close()
+        os.replace(tmp, path)
     fsync_dir(Path(path).parent)
 
 
@@ -108,6 +115,30 @@ def remove_temp_files(folder: Path) -> None:
     for tmp in folder.glob(f".*{TEMP_SUFFIX}"):
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def remove_stale_temps(folder: Path, min_age_s: float = 60.0) -> None:
+    """Temp files in a shared folder (the caches) that no process is writing: left by a killed build.
+    A writer holds a lock on its temp file (open_temp); one a minute old that can be locked is stale."""
+    import time
+
+    if fcntl is None:
+        return
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime > min_age_s:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its writer is alive
+                if os.path.exists(tmp) and os.stat(tmp).st_ino == st.st_ino:
+                    os.unlink(tmp)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 class FolderLock:

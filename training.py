@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import calibration
 import checkpoint
+import compact_cache
 import dataset
 import files
 import folders
@@ -539,12 +540,14 @@ def features_dataset(x: torch.Tensor, items: list[tuple[str, Any]], num_classes:
 
 
 def feature_key(cfg: TrainConfig, weights_id: list, preprocess: Preprocess, split: dataset.DataSplit,
-                device: torch.device) -> str:
+                device: torch.device, cache: str = "raw") -> str:
     """Everything that changes the features: each file's identity, the model and its weights, the
-    preprocessing, the precision and memory format they are computed in."""
+    preprocessing, the precision and memory format they are computed in, and the pixels they come
+    from (the compact cache's are JPEG-encoded; raw and uncached ones are the same)."""
     dtype = autocast_dtype(device, cfg.amp)
+    pixels = [f"jpeg-q{compact_cache.QUALITY}"] if cache == "compact" else []  # (older keys stay valid)
     blob = json.dumps([FEATURE_VERSION, cfg.model, weights_id, preprocess.to_dict(), str(dtype), cfg.channels_last,
-                       [files.identity(p) for p, _ in split.train + split.val]])
+                       [files.identity(p) for p, _ in split.train + split.val], *pixels])
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
@@ -664,12 +667,14 @@ def fit(run: Run, model: nn.Module) -> int:
     cfg, device = run.cfg, run.device
     describe(run, model)
     # sized for this machine; left unresolved in the config so a resume elsewhere sizes it again
-    kind = dataset.cache_kind(cfg.image_cache, len(run.split.files()), run.preprocess.resize_size, cfg.cache_dir)
+    # decided once, by rank 0, for every process (auto looks at the free disk, which the caches change)
+    kind = broadcast(dataset.cache_kind(cfg.image_cache, run.split.files(), run.preprocess.resize_size, cfg.cache_dir,
+                                        int(cfg.max_file_mb * 2**20)) if run.lead else None)
     workers = auto_workers(device, kind == "raw") if cfg.workers is None else cfg.workers  # JPEGs need decoding
     image_input, autocast, scaler = place(model, cfg, run.preprocess, device)
     inputs = image_datasets(run, model, image_input, kind)
     if cfg.mode == "transfer" and cfg.feature_cache and isinstance(models.head_of(model)[1], nn.Linear):
-        inputs = feature_inputs(run, model, inputs, image_input, autocast, workers)
+        inputs = feature_inputs(run, model, inputs, image_input, autocast, workers, kind)
 
     train_counts = run.split.counts(run.split.train)
     sampler = make_sampler(run, inputs.train, train_counts)
@@ -762,12 +767,12 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
 
 
 def feature_inputs(run: Run, model: nn.Module, images: Inputs, image_input: Callable, autocast: Callable,
-                   workers: int) -> Inputs:
+                   workers: int, kind: str) -> Inputs:
     """Transfer mode's fast path: the backbone is a fixed function (see models.py), so its output per
     image never changes. It is computed once (rank 0, kept on disk) and the head alone trains on it.
     Augmentation is off on this path."""
     cfg, split, device = run.cfg, run.split, run.device
-    key = feature_key(cfg, run.weights_id, run.preprocess, split, device)
+    key = feature_key(cfg, run.weights_id, run.preprocess, split, device, kind)
     path = dataset.cache_root(cfg.cache_dir) / "features" / f"{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     if run.local_lead:  # one per machine, as the image cache

@@ -213,12 +213,13 @@ def table(results: dict[str, Any]) -> str:
         else:
             lines.append(f"| {row.get('model')} | failed: {row.get('error', '')[:80]} |")
     t, e, d = results.get("train", {}), results.get("eval", {}), results.get("torchrun", {})
-    if t.get("ok"):
-        lines.append(f"\ntrain.py on generated JPEGs, cached: {t['last_epoch_img_s']:.0f} img/s (last epoch), "
-                     f"{t['wall_s']:.0f} s in all")
-    if e.get("ok"):
-        lines.append(f"eval.py, decoding every image: {e['img_s_incl_startup']:.0f} img/s "
-                     f"({e['images']} images, start-up included)")
+    timm = next((r["timm"] for r in results.get("throughput", []) if "timm" in r), None)
+    if timm:
+        lines.append(f"(timm: {timm})")
+    lines.append(f"\ntrain.py on generated JPEGs, cached: {t['last_epoch_img_s']:.0f} img/s (last epoch), "
+                 f"{t['wall_s']:.0f} s in all" if t.get("ok") else "\ntrain.py: FAILED (its output is in the JSON)")
+    lines.append(f"eval.py, decoding every image: {e['img_s_incl_startup']:.0f} img/s ({e['images']} images, "
+                 "start-up included)" if e.get("ok") else "eval.py: FAILED (its output is in the JSON)")
     lines.append(f"torchrun, 1 process ({d.get('backend')}): {'ok' if d.get('ok') else 'FAILED'}")
     return "\n".join(lines)
 
@@ -237,6 +238,9 @@ def main() -> int:
         return 2
     p = DRY if args.dry_run else FULL
     out = args.out or ROOT / "bench" / f"results-gpu{'-dry-run' if args.dry_run else ''}.json"
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before the (scarce) GPU minutes
+        print(f"error: cannot write --out {out}: its folder does not exist or is not writable", file=sys.stderr)
+        return 2
     results: dict[str, Any] = {"dry_run": args.dry_run, "settings": {k: v for k, v in p.items() if k != "photo"}}
     step(results, "machine", lambda: machine(device))
     if args.skip_tests:

@@ -3,6 +3,9 @@ a tenth of the size, rebuilt when damaged, chosen by auto when the raw cache wou
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 from conftest import train_args
 from PIL import Image, ImageDraw
 
+import compact_cache
 import config
 import dataset
 import train
@@ -35,6 +39,13 @@ def make_photos(root: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[str]:
     return make_photos(tmp_path_factory.mktemp("photos"), 12)
+
+
+def call(entry, args: list[str]) -> int:
+    try:
+        return config.cli(entry, args)
+    except SystemExit as e:
+        return int(e.code)
 
 
 def built(kind: str, paths: list[str], size: int = 256):
@@ -95,3 +106,58 @@ def test_the_index_and_the_images_are_one_file_published_whole(photos):
     compact = built("compact", photos[:3])
     assert [p.name for p in compact.path.parent.iterdir() if p.name.startswith(compact.path.name[:20])] == \
         [compact.path.name]
+
+
+def test_a_damaged_image_inside_the_compact_cache_is_skipped_with_a_warning(photos, capsys):
+    compact = built("compact", photos[:3])
+    fd = os.open(compact.path, os.O_RDONLY)
+    offset, length = (int(v) for v in compact_cache.read_index(fd, 3)[1])
+    os.close(fd)
+    data = bytearray(compact.path.read_bytes())
+    data[offset + 2:offset + length] = bytes(length - 2)  # the second image's JPEG, zeroed after its marker
+    compact.path.write_bytes(bytes(data))
+    again = dataset.make_cache("compact", photos[:3], 256)
+    assert again.ready and again.get(photos[1]) is None and again.get(photos[0]) is not None
+    assert "is damaged" in capsys.readouterr().err
+
+
+def test_auto_keeps_the_cache_already_built(photos, monkeypatch):
+    built("raw", photos[:4])
+    monkeypatch.setattr(dataset, "RAW_SHARE_OF_FREE_DISK", 0.0)  # a raw cache would no longer fit
+    assert dataset.cache_kind("auto", photos[:4], 256) == "raw"
+    assert dataset.cache_kind("auto", photos[4:8], 256) == "compact"
+
+
+def test_the_feature_cache_of_compact_pixels_is_not_the_exact_ones(colours, tmp_path, with_weights, capsys):
+    for kind in ("compact", "raw"):
+        assert train.main(train_args(colours, tmp_path / kind, "--mode", "transfer", "--image-cache", kind)) == 0
+    names = re.findall(r"cached backbone features \((\w+)\.pt\)", capsys.readouterr().out)
+    assert len(names) == 2 and names[0] != names[1]
+
+
+def test_a_full_disk_under_the_raw_cache_is_one_line_and_leaves_nothing(colours, tmp_path, monkeypatch, capsys):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))  # no cache of these images built yet
+    assert call(train.main, train_args(colours, tmp_path / "run", "--image-cache", "raw")) == 2
+    err = capsys.readouterr().err
+    assert "no space left for the image cache" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    assert not list((Path(config.cache_root()) / "images").glob("*.tmp"))
+
+
+def test_temp_files_of_a_killed_cache_build_are_removed_by_the_next_build(photos, tmp_path):
+    import files
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    left, _ = files.open_temp(folder / "x.jpgs")  # a killed build's file: closed, its lock gone
+    left.close()
+    alive, alive_path = files.open_temp(folder / "y.jpgs")  # a build still going: open and locked
+    for p in folder.iterdir():
+        os.utime(p, (1, 1))  # both old
+    files.remove_stale_temps(folder)
+    assert [p.name for p in folder.iterdir()] == [alive_path.name]
+    alive.close()
