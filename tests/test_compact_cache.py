@@ -92,6 +92,7 @@ def test_a_damaged_compact_cache_is_rebuilt_not_trusted(damage, photos, capsys):
 
 def test_auto_chooses_the_compact_cache_when_the_raw_one_would_not_fit(colours, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dataset, "RAW_SHARE_OF_FREE_DISK", 0.0)
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))  # no cache of these images built yet
     assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch")) == 0
     assert "image cache: compact (auto: the raw cache would not fit" in capsys.readouterr().out
     assert list((Path(config.cache_root()) / "images").glob("*.jpgs"))
