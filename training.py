@@ -666,11 +666,13 @@ class Inputs:
 def fit(run: Run, model: nn.Module) -> int:
     cfg, device = run.cfg, run.device
     describe(run, model)
-    # sized for this machine; left unresolved in the config so a resume elsewhere sizes it again
-    # decided once, by rank 0, for every process (auto looks at the free disk, which the caches change)
+    # the cache's kind, decided once, by rank 0, for every process (auto looks at the free disk, which
+    # the caches change)
     kind = broadcast(dataset.cache_kind(cfg.image_cache, run.split.files(), run.preprocess.resize_size, cfg.cache_dir,
                                         int(cfg.max_file_mb * 2**20)) if run.lead else None)
-    workers = auto_workers(device, kind == "raw") if cfg.workers is None else cfg.workers  # JPEGs need decoding
+    # workers sized for this machine (compact JPEGs need decoding); left unresolved in the config so a
+    # resume elsewhere sizes them again
+    workers = auto_workers(device, kind == "raw") if cfg.workers is None else cfg.workers
     image_input, autocast, scaler = place(model, cfg, run.preprocess, device)
     inputs = image_datasets(run, model, image_input, kind)
     if cfg.mode == "transfer" and cfg.feature_cache and isinstance(models.head_of(model)[1], nn.Linear):
@@ -754,7 +756,8 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
     max_bytes = int(cfg.max_file_mb * 2**20)
     cache = dataset.make_cache(kind, split.files(), pre.resize_size, cfg.cache_dir, max_bytes)
     if cache is not None:
-        run.say(f"image cache: {kind}" + (" (auto: the raw cache would not fit in half the free disk)"
+        run.say(f"image cache: {kind}" + (" (auto: the raw cache would not fit in half the free disk, or a compact "
+                                          "one of these images was already built)"
                                           if cfg.image_cache == "auto" and kind == "compact" else ""))
         if run.local_lead:  # one per machine: the cache folder is on each machine's own disk (or shared)
             cache.build(progress=run.lead, skip={p for p, _ in split.skipped})
