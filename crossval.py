@@ -33,11 +33,11 @@ def main(given: dict[str, Any]) -> int:
     """Every fold, then the summary; the process group (torchrun) is shared by the folds and closed at the end."""
     import torch.distributed as dist  # torch loads only here: train.py checks its command line first
 
-    from engine import broadcast, init_distributed
+    from engine import from_lead, init_distributed
 
     try:
         rank, _, _ = init_distributed()
-        parent, settings, overrides, created = broadcast(prepare(given) if rank == 0 else None)
+        parent, settings, overrides, created = from_lead(lambda: prepare(given), rank == 0)
         parent = Path(parent)
         for k in range(1, settings["folds"] + 1):
             try:

@@ -159,6 +159,28 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+FAILED = "__rank-0-failed__"  # sent in place of a result: rank 0 stopped, with its own message
+
+
+def from_lead(work: Callable[[], Any], lead: bool) -> Any:
+    """work() done by rank 0 (checking the data, making the run folder), its result on every rank. When
+    it fails, rank 0 raises as usual (one line for bad input) and the other ranks stop quietly with the
+    same exit status, instead of each printing a broken connection's traceback."""
+    if not dist.is_initialized():
+        return work()
+    if lead:
+        try:
+            value = work()
+        except BaseException as e:
+            broadcast((FAILED, 2 if isinstance(e, UsageError) else 130 if isinstance(e, KeyboardInterrupt) else 1))
+            raise
+        return broadcast(value)
+    value = broadcast(None)
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == FAILED:
+        raise SystemExit(value[1])
+    return value
+
+
 def same_buffers(*modules: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank. DDP sends them at the start of each training
     forward, so after an epoch's last step each rank holds its own; validation must see the saved model."""

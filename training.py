@@ -68,6 +68,7 @@ from engine import (
     broadcast,
     deferred_interrupts,
     evaluate,
+    from_lead,
     init_distributed,
     make_loader,
     pick_device,
@@ -448,11 +449,13 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
         except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
             raise UsageError(f"{start.run_dir / 'split.json'} cannot be read ({e.__class__.__name__}): a resume "
                              "needs the run's split; restore the file, or start a new run") from None
-    split = dataset.prepare_data(cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
-                                 cache_size=size if cfg.image_cache != "none" else None,
-                                 max_file_mb=cfg.max_file_mb, test_split=cfg.test_split, folds=cfg.folds,
-                                 fold=cfg.fold, label_sep=cfg.label_sep, image_cache=cfg.image_cache) if lead else None
-    return dataset.DataSplit(**broadcast(dataclasses.asdict(split) if lead else None))
+    def check() -> dict[str, Any]:
+        return dataclasses.asdict(dataset.prepare_data(
+            cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir, cache_size=size if cfg.image_cache != "none" else None,
+            max_file_mb=cfg.max_file_mb, test_split=cfg.test_split, folds=cfg.folds, fold=cfg.fold,
+            label_sep=cfg.label_sep, image_cache=cfg.image_cache))
+
+    return dataset.DataSplit(**from_lead(check, lead))
 
 
 def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
@@ -580,8 +583,14 @@ def train(given: dict[str, Any]) -> int:
         held.enter_context(sigterm_as_ctrl_c())  # so temp files are removed on the way out
         # the run folder is made (or taken) and locked first, so a run stopped in any way from here on
         # is resumable by its folder; a start that fails on bad input removes what it made
-        made = claim_run_dir(start, cfg, held) if lead else None
-        run_dir = Path(broadcast(str(made.path) if made else None))
+        claimed: list[RunFolder] = []
+
+        def claim() -> str:
+            claimed.append(claim_run_dir(start, cfg, held))
+            return str(claimed[0].path)
+
+        run_dir = Path(from_lead(claim, lead))
+        made = claimed[0] if claimed else None
         try:
             preprocess = models.preprocessing(cfg.model, cfg.img_size)
             split = load_split(cfg, start, preprocess.resize_size, lead)

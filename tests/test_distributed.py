@@ -149,3 +149,21 @@ def test_each_machine_builds_its_caches_on_its_own_disk(mode, split_data, with_w
     kind = "features/*.pt" if mode == "transfer" else "images/*px.npy"
     for node in (0, 1):
         assert list((tmp_path / f"cache-{node}").glob(kind)), f"machine {node} has no cache"
+
+
+def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_quiet_on_the_other_machine(tmp_path):
+    """Two simulated machines: the second one's process is not stopped by the first one's launcher, so
+    it must learn from rank 0 that the run is off (before: a broken connection's traceback)."""
+    make_folder(tmp_path / "one", per_class=4, classes={"only": (10, 20, 30)})
+    port, launchers = free_port(), []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "train.py",
+               *train_args(tmp_path / "one", tmp_path / "run", "--mode", "scratch")]
+        launchers.append(subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    (_, first), (_, second) = (p.communicate(timeout=600) for p in launchers)
+    assert first.count("error: only one class") == 1 and "error:" not in second
+    # (torchrun itself reports a child that exited with an error; the child says nothing of its own)
+    assert "RuntimeError" not in second and "broadcast_object_list" not in second, second[-3000:]
+    assert launchers[1].returncode != 0 and not (tmp_path / "run").exists()
