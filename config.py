@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 MODES = ("scratch", "finetune", "transfer")
+CACHE_KINDS = ("auto", "raw", "compact", "none")  # --image-cache (dataset.make_cache)
 
 
 class UsageError(Exception):
@@ -228,9 +229,9 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model (a minute or more to start, faster steps: for long runs)")
     sync_bn: bool = opt(False, "SyncBatchNorm across processes under torchrun")
     image_cache: str = opt("auto", "decode each image once into an on-disk cache: raw (uint8 pixels, fastest to "
-                           "read, ~196 KB per image at 256 px), compact (JPEG, ~a tenth of that), auto (raw while it "
+                           "read, ~196 KB per image at 256 px), compact (JPEG, ~13 KB per photo), auto (raw while it "
                            "fits in half the free disk, else compact); --no-image-cache: none",
-                           choices=("auto", "raw", "compact", "none"))
+                           choices=CACHE_KINDS)
     feature_cache: bool = opt(True, "transfer mode: compute the frozen backbone's features once "
                               "(turns augmentation off)")
     cache_dir: str | None = opt(None, HELP["cache_dir"], type=str)
@@ -378,8 +379,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.ema_decay < 1, "--ema-decay must be between 0 and 1"),
         (cfg.mixup >= 0 and cfg.cutmix >= 0, "--mixup and --cutmix cannot be negative"),
         (cfg.label_sep != "", "--label-sep cannot be empty: give the character between an image's labels, e.g. ';'"),
-        (cfg.image_cache in ("auto", "raw", "compact", "none"), f"--image-cache {cfg.image_cache!r} is not one of "
-         "auto, raw, compact, none"),
+        (cfg.image_cache in CACHE_KINDS, f"--image-cache {cfg.image_cache!r} is not one of {', '.join(CACHE_KINDS)}"),
     ]
     for ok, message in checks:
         if not ok:

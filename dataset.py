@@ -714,7 +714,6 @@ class ImageCache:
         return {**self.__dict__, "_pixels": None, "_ok": None, "_done": None, "_temp": None}
 
 
-CACHE_KINDS = ("auto", "raw", "compact", "none")
 RAW_SHARE_OF_FREE_DISK = 0.5  # auto: the raw cache while it takes at most this share of the free space
 
 

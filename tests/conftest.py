@@ -125,6 +125,16 @@ def cached_weights(torch_home: Path, name: str) -> dict[str, torch.Tensor]:
     return torch.load(torch_home / "hub" / "checkpoints" / os.path.basename(url), weights_only=True)
 
 
+def call(entry, args: list[str]) -> int:
+    """An entry point run as its script runs it (config.cli): the exit status, errors as one line."""
+    import config
+
+    try:
+        return config.cli(entry, args)
+    except SystemExit as e:
+        return int(e.code)
+
+
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     """The smallest real run: 32 px, one epoch, no summary table."""
     return ["--data", str(data), "--out", str(out), "--img-size", "32", "--epochs", "1", "--batch-size", "8",

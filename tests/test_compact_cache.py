@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import train_args
+from conftest import call, train_args
 from PIL import Image, ImageDraw
 
 import compact_cache
@@ -40,12 +40,6 @@ def make_photos(root: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[
 def photos(tmp_path_factory) -> list[str]:
     return make_photos(tmp_path_factory.mktemp("photos"), 12)
 
-
-def call(entry, args: list[str]) -> int:
-    try:
-        return config.cli(entry, args)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def built(kind: str, paths: list[str], size: int = 256):

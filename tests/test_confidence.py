@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import call
 
 import calibration
 import checkpoint
@@ -21,12 +22,6 @@ import test as predict
 
 needs_onnx = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
 
-
-def call(entry, args: list[str]) -> int:
-    try:
-        return evaluate.cli(entry, args)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_folder
+from conftest import call, make_folder
 
 import eval as evaluate
 import report
 import test as predict
-
-
-def call(entry, args: list[str]) -> int:
-    try:
-        return evaluate.cli(entry, args)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def run_eval(trained_run: Path, data: Path, out: Path) -> dict:

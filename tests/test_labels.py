@@ -8,20 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import make_folder, train_args
+from conftest import call, make_folder, train_args
 from conftest import write_labels_csv as write_csv
 
 import eval as evaluate
 import train
-
-
-def call(entry, args: list[str]) -> int:
-    try:
-        return evaluate.cli(entry, args)
-    except SystemExit as e:
-        return int(e.code)
-
-
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SQUARES, make_labelled_set, train_args, write_labels_csv
+from conftest import ROOT, SQUARES, call, make_labelled_set, train_args, write_labels_csv
 from PIL import Image
 
 import crossval
@@ -27,13 +27,6 @@ import multilabel
 import splits
 import test as label_images
 import train
-
-
-def call(entry, args: list[str]) -> int:
-    try:
-        return train.cli(entry, args)
-    except SystemExit as e:
-        return int(e.code)
 
 
 @pytest.fixture(scope="module")
