@@ -104,3 +104,20 @@ def test_a_dataset_root_calibrates_on_train_and_checks_on_test(trained_run, tmp_
     assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", "onnx", "--int8", "--data", root,
                  "--check-data", root, "--out", str(out)]) == 0
     assert json.loads(Path(str(out) + ".json").read_text())["images"] == 6  # the test/ images
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_a_float_export_of_a_model_with_huge_logits_passes_on_float32_rounding(checkpoints, tmp_path):
+    """Logits in the millions differ between two correct float32 runs by far more than 1e-3 (7 digits):
+    the check is relative to their size, so a correct export is not refused."""
+    import torch
+
+    ckpt = checkpoint.load(checkpoints["resnet18"])
+    ckpt["model"]["fc.weight"] *= 1e6
+    torch.save(ckpt, tmp_path / "huge.pt")
+    out = tmp_path / "m.onnx"
+    assert call(["--checkpoint", str(tmp_path / "huge.pt"), "--format", "onnx", "--out", str(out),
+                 "--images", "8"]) == 0
+    report = json.loads(Path(str(out) + ".json").read_text())
+    assert report["max_abs_logit"] > 1e4 and report["max_abs_logit_diff"] > 1e-3
+    assert report["max_abs_logit_diff"] <= report["allowed_diff"] == pytest.approx(1e-3 * report["max_abs_logit"])
