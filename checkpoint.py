@@ -4,9 +4,12 @@ and the preprocessing that travels with them (into ONNX and ExecuTorch metadata 
 A checkpoint is a dict of tensors and plain data, loaded with weights_only=True (never runs code):
 
     kind, version        KIND and VERSION: what the file is, and which layout
-    arch, mode, classes  the torchvision model name, the training mode, the class names in output order
+    arch, mode, classes  the model's name (torchvision's, or timm/NAME), the training mode, the class names in
+                         output order
     preprocess           Preprocess.to_dict(): how images are resized, cropped and normalised
     model                the network's state_dict (head included)
+    net_options          constructor settings the network was built with (models.network: a ViT's
+                         image_size, GoogLeNet's transform_input; absent in older runs: the defaults)
     config               the run's settings (config.TrainConfig as a dict)
     epoch, history, best_acc, best_epoch, finished, train_time_s, weights_id, world
     optimizer, scaler, progress, ema   last.pt only (RESUME_ONLY): what a resume needs to continue exactly

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import os
+import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from torch import nn
 
 import checkpoint
 import files
+import timm_models
 from checkpoint import Preprocess
 from config import UsageError
 
@@ -31,14 +35,30 @@ def classifier_names() -> list[str]:
 
 
 def check_name(name: str) -> None:
+    if timm_models.is_timm(name):
+        return timm_models.check_name(name)
     if name not in classifier_names():
         close = difflib.get_close_matches(name, classifier_names(), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise UsageError(f"unknown model '{name}': {hint}choose one of: {', '.join(classifier_names())}")
+        raise UsageError(f"unknown model '{name}': {hint}choose one of: {', '.join(classifier_names())} "
+                         "(or timm/NAME with timm installed)")
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """What --model takes, matching a shell-style `pattern`: torchvision's classifiers, then timm's
+    architectures when timm is installed."""
+    found = [n for n in classifier_names() if fnmatch.fnmatch(n, pattern)]
+    try:
+        found += [n for n in timm_models.names() if fnmatch.fnmatch(n, pattern)]
+    except UsageError:  # timm not installed
+        pass
+    return found
 
 
 def default_weights(name: str) -> Any:
     """The torchvision weights enum entry used for 'finetune' and 'transfer' (None if it has none)."""
+    if timm_models.is_timm(name):
+        return None
     try:
         return torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, AttributeError):
@@ -49,7 +69,9 @@ def preprocessing(name: str, img_size: int | None = None) -> Preprocess:
     """Resize, crop and mean/std from the weights' own metadata; `img_size` keeps their crop ratio."""
     pre = DEFAULT_PREPROCESS
     weights = default_weights(name)
-    if weights is not None:
+    if timm_models.is_timm(name):
+        pre = timm_models.preprocessing(name)
+    elif weights is not None:
         t = weights.transforms()
         pre = Preprocess(int(t.crop_size[0]), int(t.resize_size[0]), tuple(map(float, t.mean)),
                          tuple(map(float, t.std)))
@@ -57,6 +79,41 @@ def preprocessing(name: str, img_size: int | None = None) -> Preprocess:
         ratio = pre.resize_size / pre.img_size
         pre = dataclasses.replace(pre, img_size=img_size, resize_size=max(img_size, round(img_size * ratio)))
     return pre
+
+
+def size_options(arch: str, img_size: int | None) -> dict[str, Any]:
+    """Constructor settings for the input size, for networks built for one size: torchvision's ViTs
+    (position embeddings; weights made for another size are interpolated) and MaxViT (its window grid)."""
+    if timm_models.is_timm(arch):
+        return timm_models.size_options(arch, img_size)
+    if img_size is None:
+        return {}
+    if arch.startswith("vit_"):
+        return {"image_size": img_size}
+    if arch.startswith("maxvit_"):
+        return {"input_size": [img_size, img_size]}
+    return {}
+
+
+def published_options(arch: str) -> dict[str, Any]:
+    """What torchvision's builder sets when it loads its published weights and we must set too, as we
+    build without weights and load them after: GoogLeNet and Inception v3 were trained on inputs
+    normalised to [-1, 1], and `transform_input` converts ImageNet-normalised ones."""
+    return {"transform_input": True} if arch in AUX_HEADS else {}
+
+
+def check_input_size(arch: str, img_size: int) -> None:
+    """Refuse, before any slow work, an input size the network cannot take (too small for its pooling,
+    not a multiple of its window grid): a forward pass on the meta device, which computes shapes only."""
+    try:
+        with torch.device("meta"):
+            net = network(arch, 2, options=size_options(arch, img_size)).eval()
+            net(torch.empty(1, 3, img_size, img_size))
+    except NotImplementedError:  # an operation without a meta kernel: the first batch will tell
+        return
+    except (RuntimeError, ValueError, AssertionError, UsageError) as e:
+        raise UsageError(f"{arch} cannot take {img_size}-pixel images ({timm_models.first_line(e)}): "
+                         f"use a larger --img-size, e.g. its weights' {preprocessing(arch).img_size}") from None
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:
@@ -80,17 +137,17 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """The ImageNet head (find_head) replaced by one for `num_classes`; its name is kept on the model,
     so head_of() finds it again by the same rule."""
     name, old = find_head(model)
-    if isinstance(old, nn.Linear):
-        new = nn.Linear(old.in_features, num_classes)
+    if isinstance(old, nn.Linear):  # with a bias where the published head has one (MaxViT's has none)
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     else:
-        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1, bias=old.bias is not None)
     set_module(model, name, new)
     model.head_name = name
     return new
 
 
 def head_of(model: nn.Module) -> tuple[str, nn.Module]:
-    """Name and module of the head that replace_head() put in (one rule: find_head's 1000-class layer)."""
+    """Name and module of the head that replace_head() (or timm's reset_classifier) put in."""
     return model.head_name, model.get_submodule(model.head_name)
 
 
@@ -116,11 +173,27 @@ def weights_identity(arch: str, weights_file: str | None) -> list:
     needs neither file."""
     if weights_file:
         return ["file", *files.identity(Path(weights_file).absolute())]
+    if timm_models.is_timm(arch):
+        return timm_models.weights_identity(arch)
     weights = default_weights(arch)
     if weights is None:
         return ["none"]
     return ["torchvision", weights.url, *files.identity(Path(torch.hub.get_dir()) / "checkpoints" /
                                                          os.path.basename(weights.url))[1:]]
+
+
+def read_weights(path: str | Path) -> Any:
+    """A weights file as saved by torch (never running code from it) or as .safetensors (timm's hub files)."""
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UsageError(f"{path} is a .safetensors file: pip install safetensors") from None
+        try:
+            return load_file(str(path))
+        except Exception as e:  # damaged or not safetensors
+            raise UsageError(f"{path} is not a readable .safetensors file ({timm_models.first_line(e)})") from None
+    return checkpoint.read(path)
 
 
 def state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -132,58 +205,132 @@ def state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
-    """Load everything but the 1000-class head; any other mismatch means the file is for another model."""
-    head_name, _ = head_of(model)
-    prefix = head_name + "."
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+def with_metadata(state: dict[str, torch.Tensor], like: dict | None) -> OrderedDict:
+    """`state` keeping the module versions a saved state_dict carries (`_metadata`), which custom
+    loaders read (MNASNet's stem, ViT's legacy key names): from `like` when `state` has none."""
+    out = OrderedDict(state)
+    meta = getattr(state, "_metadata", None)
+    if meta is None:
+        meta = getattr(like, "_metadata", None)
+    if meta is not None:
+        out._metadata = meta
+    return out
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A whole state_dict saved from this network; one saved without versions is taken as this code's."""
+    model.load_state_dict(with_metadata(state, model.state_dict()))
+
+
+DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\."
+                             r"(?:weight|bias|running_mean|running_var))$")
+
+
+def renamed_legacy_keys(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """DenseNet's published weights name layers 'norm.1' where the module is 'norm1': renamed the way
+    torchvision's own loader does (densenet._load_state_dict). Other families' old names are renamed
+    by their modules' own _load_from_state_dict while loading."""
+    if not arch.startswith("densenet"):
+        return state
+    out = OrderedDict((DENSENET_LEGACY.sub(r"\1\2", k), v) for k, v in state.items())
+    return with_metadata(out, state)
+
+
+def resized_embeddings(model: nn.Module, state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """A torchvision ViT's position embeddings interpolated to the network's input size (torchvision's
+    interpolate_embeddings) when the weights were made for another size."""
+    key = "encoder.pos_embedding"
+    if not arch.startswith("vit_") or key not in state or state[key].shape == model.state_dict()[key].shape:
+        return state
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    return with_metadata(interpolate_embeddings(model.image_size, model.patch_size, state), state)
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str, ours: bool = False
+                  ) -> None:
+    """Load everything but the classifier head; any other mismatch means the file is for another model.
+    Loading goes through the modules' own loaders, so old layouts they know are converted as torchvision
+    converts them: a file without module versions is an old one to them (BatchNorm's batch count added,
+    as in DenseNet's published file), except one of our checkpoints (`ours`), always in today's layout."""
+    prefix = model.head_name + "."
+    if ours:
+        state = with_metadata(state, model.state_dict())
+    state = with_metadata({k.removeprefix("module."): v for k, v in state.items()
+                           if not k.removeprefix("module.").startswith(prefix)}, state)
     if arch in AUX_HEADS:
-        state = {k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        state = with_metadata({k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))},
+                              state)
+    state = resized_embeddings(model, renamed_legacy_keys(state, arch), arch)
+    wrong: list[str] = []
+    try:
+        result = model.load_state_dict(state, strict=False)
+        missing = sorted(k for k in result.missing_keys if not k.startswith(prefix))
+        unexpected = sorted(result.unexpected_keys)
+    except RuntimeError as e:  # shapes that differ: torch names each "size mismatch for KEY: ..."
+        missing, unexpected = [], []
+        wrong = re.findall(r"size mismatch for ([^:\s]+):", str(e)) or [timm_models.first_line(e)]
     if missing or unexpected or wrong:
         detail = "; ".join(f"{what}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}"
                            for what, keys in (("missing", missing), ("unexpected", unexpected),
                                               ("wrong shape", wrong)) if keys)
         raise UsageError(f"weights in {source} don't fit {arch} ({detail}): use weights saved from {arch}")
-    model.load_state_dict(state, strict=False)
 
 
-def network(arch: str, num_classes: int, init: bool = False) -> nn.Module:
+def network(arch: str, num_classes: int, init: bool = False, options: dict[str, Any] | None = None) -> nn.Module:
     """The architecture with a `num_classes` head, for a state dict to be loaded into (`init`: a
-    network to train from torchvision's random initialisation)."""
+    network to train from torchvision's random initialisation). `options`: constructor settings
+    (size_options, published_options), kept on the model as `net_options` for its checkpoints."""
     check_name(arch)
-    kwargs = {"aux_logits": False, "init_weights": init} if arch in AUX_HEADS else {}
-    model = torchvision.models.get_model(arch, weights=None, **kwargs)
-    replace_head(model, num_classes)
+    options = dict(options or {})
+    if timm_models.is_timm(arch):
+        model = timm_models.create(arch, num_classes, options)
+    else:
+        kwargs = {"aux_logits": False, "init_weights": init} if arch in AUX_HEADS else {}
+        if "input_size" in options:
+            options["input_size"] = tuple(options["input_size"])
+        model = torchvision.models.get_model(arch, weights=None, **kwargs, **options)
+        replace_head(model, num_classes)
+    model.net_options = dict(options)
     return model
 
 
-def build_model(arch: str, num_classes: int, mode: str = "scratch", weights_file: str | None = None
-                ) -> nn.Module:
-    """The network a run starts from. scratch: random initialisation (or --weights FILE's backbone);
-    finetune and transfer: ImageNet's backbone (or FILE's) and a fresh head; transfer freezes the
-    backbone."""
-    model = network(arch, num_classes, init=mode == "scratch")
-    if mode != "scratch" or weights_file:
+def build_model(arch: str, num_classes: int, mode: str = "scratch", weights_file: str | None = None,
+                img_size: int | None = None) -> nn.Module:
+    """The network a run starts from, for `img_size` inputs. scratch: random initialisation (or --weights
+    FILE's backbone); finetune and transfer: ImageNet's backbone (or FILE's) and a fresh head; transfer
+    freezes the backbone. A network that starts from published weights (torchvision's or timm's, or a
+    bare state_dict FILE, taken to be in the published format) is built with the settings its
+    publisher's builder uses; from one of our checkpoints, with that checkpoint's settings."""
+    options = size_options(arch, img_size)
+    if mode == "scratch" and not weights_file:
+        model = network(arch, num_classes, init=True, options=options)
+    else:
+        state, source, saved = None, "the ImageNet weights", None
         if weights_file:
-            state, source = state_dict_from(checkpoint.read(weights_file), Path(weights_file)), weights_file
+            obj, source = read_weights(weights_file), weights_file
+            if isinstance(obj, dict) and obj.get("kind") == checkpoint.KIND:
+                saved = {**obj.get("net_options", {}), **options}
+            state = state_dict_from(obj, Path(weights_file))
+        if timm_models.is_timm(arch) and saved is None:
+            model = timm_models.create(arch, num_classes, options, state, pretrained=True, source=source)
+            model.net_options = options
         else:
-            state, source = imagenet_state_dict(arch), "the ImageNet weights"
-        load_backbone(model, state, source, arch)
+            options = saved if saved is not None else {**options, **published_options(arch)}
+            model = network(arch, num_classes, options=options)
+            load_backbone(model, state if state is not None else imagenet_state_dict(arch), source, arch,
+                          ours=saved is not None)
     if mode == "transfer":
         freeze_backbone(model)
     return model
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(model: nn.Module) -> OrderedDict:
     """The model's state_dict as it is now, on the CPU; frozen parameters never change, so they are
     shared instead of copied (a transfer-mode snapshot costs the head only)."""
-    return {k: v.detach() if isinstance(v, nn.Parameter) and not v.requires_grad else v.detach().to("cpu", copy=True)
-            for k, v in model.state_dict(keep_vars=True).items()}
+    state = model.state_dict(keep_vars=True)
+    return with_metadata({k: v.detach() if isinstance(v, nn.Parameter) and not v.requires_grad
+                          else v.detach().to("cpu", copy=True) for k, v in state.items()}, state)
 
 
 def freeze_backbone(model: nn.Module) -> None:
@@ -223,6 +370,6 @@ class Normalize(nn.Module):
 
 def from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the trained network from the checkpoint alone; returned in eval mode."""
-    model = network(ckpt["arch"], len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
+    model = network(ckpt["arch"], len(ckpt["classes"]), options=ckpt.get("net_options"))
+    load_weights(model, ckpt["model"])
     return model.eval()

@@ -262,11 +262,12 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
         cfg = TrainConfig(**with_recipe(given, world))
         validate(cfg)
         models.check_name(cfg.model)
+        models.check_input_size(cfg.model, models.preprocessing(cfg.model, cfg.img_size).img_size)
         if cfg.out:
             return cfg, Start(Path(cfg.out))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         kind = "lr-find" if cfg.lr_find else cfg.mode
-        return cfg, Start(Path("runs") / f"{cfg.model}-{kind}-{stamp}", named=False)
+        return cfg, Start(Path("runs") / f"{cfg.model.replace('/', '-')}-{kind}-{stamp}", named=False)
     run_dir, last = checkpoint.resume_target(given["resume"], given.get("out"))
     if given.get("out") and given["resume"] != "auto" and Path(given["out"]).absolute() != run_dir.absolute():
         raise UsageError(f"--out cannot change on resume: the run stays in {run_dir} (copy the folder to "
@@ -479,16 +480,16 @@ def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
                      f"{dataset.shown(b)} ~ {dataset.shown(a)} ({d} bits apart); see `python dataset.py check`")
 
 
-def build(cfg: TrainConfig, start: Start, num_classes: int) -> tuple[nn.Module, list]:
+def build(cfg: TrainConfig, start: Start, num_classes: int, img_size: int) -> tuple[nn.Module, list]:
     """The network and the identity of its starting weights. A resume loads last.pt and needs neither
     the weights file nor the network: they mattered only at the start."""
     seed_everything(cfg.seed)  # same seed, same initial weights
     if start.ckpt is None:
-        model = models.build_model(cfg.model, num_classes, cfg.mode, cfg.weights)
+        model = models.build_model(cfg.model, num_classes, cfg.mode, cfg.weights, img_size)
         used = cfg.mode != "scratch" or cfg.weights
         return model, models.weights_identity(cfg.model, cfg.weights) if used else ["none"]
-    model = models.build_model(cfg.model, num_classes, "scratch")
-    model.load_state_dict(start.ckpt["model"])
+    model = models.network(cfg.model, num_classes, options=start.ckpt.get("net_options"))
+    models.load_weights(model, start.ckpt["model"])
     if cfg.mode == "transfer":
         models.freeze_backbone(model)
     return model, start.ckpt.get("weights_id", ["unknown", cfg.weights])
@@ -594,7 +595,7 @@ def train(given: dict[str, Any]) -> int:
         try:
             preprocess = models.preprocessing(cfg.model, cfg.img_size)
             split = load_split(cfg, start, preprocess.resize_size, lead)
-            model, weights_id = build(cfg, start, len(split.classes))
+            model, weights_id = build(cfg, start, len(split.classes), preprocess.img_size)
             if lead:
                 write_run_files(run_dir, cfg, start, split)
                 report_split(split, run_dir)
@@ -897,8 +898,9 @@ class Loop:
         cfg, p = self.cfg, self.progress
         return checkpoint.of_model(
             cfg.model, self.classes, self.model.state_dict(), self.preprocess, cfg.mode,
-            config=dataclasses.asdict(cfg), epoch=p.epoch, progress=dataclasses.asdict(p), best_acc=self.best_acc,
-            best_epoch=self.best_epoch, history=self.history, finished=self.finished, train_time_s=self.train_time(),
+            net_options=self.model.net_options, config=dataclasses.asdict(cfg), epoch=p.epoch,
+            progress=dataclasses.asdict(p), best_acc=self.best_acc, best_epoch=self.best_epoch, history=self.history,
+            finished=self.finished, train_time_s=self.train_time(),
             weights_id=self.weights_id, optimizer=self.learner.optimizer.state_dict(),
             scaler=self.learner.scaler.state_dict(), world=self.world,
             **({"calibration": self.calibration} if self.calibration else {}),

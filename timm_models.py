@@ -1,0 +1,126 @@
+"""timm's models as an option: `--model timm/NAME` (or `timm/NAME.TAG` for one of its weights).
+
+timm is not a requirement (`pip install -r requirements-timm.txt`); it is imported only for a timm/
+name. What differs from a torchvision model: the network is built by `timm.create_model`, its head is
+the module `get_classifier()` names and is replaced by `reset_classifier` (timm's own API), ImageNet
+weights come through timm's loader (the Hugging Face hub, or a file given with --weights passed as
+the loader's state_dict, so timm's own conversions apply), and the preprocessing is timm's data
+config for those weights. Everything after building (freezing, the feature cache, checkpoints,
+eval, test, export) treats it like any other network.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from checkpoint import Preprocess
+from config import UsageError
+
+PREFIX = "timm/"
+
+
+def is_timm(arch: str) -> bool:
+    return arch.startswith(PREFIX)
+
+
+def timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise UsageError("timm models need the timm package: pip install timm "
+                         "(or pip install -r requirements-timm.txt)") from None
+    return timm
+
+
+def names(pattern: str = "*") -> list[str]:
+    """timm's architectures matching `pattern`, as --model takes them."""
+    return [PREFIX + n for n in timm().list_models(pattern)]
+
+
+def check_name(arch: str) -> None:
+    """A timm architecture, with an existing weights tag when one is named; else the closest names."""
+    t, name = timm(), arch[len(PREFIX):]
+    base, tag = t.models.split_model_name_tag(name)
+    if not t.is_model(base):
+        close = difflib.get_close_matches(base, t.list_models(), n=3, cutoff=0.6)
+        hint = f": did you mean {' or '.join(PREFIX + c for c in close)}?" if close else ""
+        raise UsageError(f"unknown timm model '{base}'{hint} (python train.py --list-models 'timm/*' lists them)")
+    if tag:
+        try:
+            t.models.get_pretrained_cfg(name)
+        except RuntimeError:
+            tags = [p.partition(".")[2] for p in t.list_pretrained(base + ".*")]
+            raise UsageError(f"timm has no weights '{tag}' for {base}: "
+                             f"{'choose one of ' + ', '.join(tags) if tags else 'it has no pretrained weights'}"
+                             ) from None
+
+
+def pretrained_cfg(arch: str) -> dict[str, Any]:
+    cfg = timm().models.get_pretrained_cfg(arch[len(PREFIX):])
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def preprocessing(arch: str) -> Preprocess:
+    """Size, crop and mean/std from timm's data config for the weights (resize = crop / crop_pct)."""
+    from timm.data import resolve_data_config
+
+    data = resolve_data_config(pretrained_cfg=pretrained_cfg(arch))
+    size = int(data["input_size"][-1])
+    return Preprocess(size, int(size / data["crop_pct"]), tuple(map(float, data["mean"])),
+                      tuple(map(float, data["std"])))
+
+
+def size_options(arch: str, img_size: int | None) -> dict[str, Any]:
+    """A network whose input size is fixed when built (a ViT's position embeddings) is built for the run's
+    size; timm's loader resamples the embeddings of weights made for another size."""
+    cfg = pretrained_cfg(arch)
+    default = (cfg.get("input_size") or (3, 224, 224))[-1]
+    if img_size is None or img_size == default or not cfg.get("fixed_input_size"):
+        return {}
+    return {"img_size": img_size}
+
+
+def create(arch: str, num_classes: int, options: dict[str, Any], state: dict | None = None,
+           pretrained: bool = False, source: str = "") -> Any:
+    """The network with a fresh `num_classes` head; `pretrained`: timm's ImageNet weights, from `state`
+    (a timm state_dict) when given, else downloaded by timm."""
+    t, name = timm(), arch[len(PREFIX):]
+    kwargs: dict[str, Any] = dict(options)
+    if pretrained and state is not None:
+        kwargs["pretrained_cfg_overlay"] = {"state_dict": state}
+    try:
+        model = t.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # a size option the architecture does not take
+        raise UsageError(f"{arch} cannot be built for this input size ({e}): leave out --img-size") from None
+    except RuntimeError as e:  # the loader's strict load: missing, unexpected or wrongly shaped tensors
+        if state is None:
+            raise
+        raise UsageError(f"weights in {source} don't fit {arch} ({first_line(e)}): use a timm state_dict "
+                         f"saved from {name}") from None
+    except Exception as e:  # no network, unknown repository, proxy: all end in the same advice
+        if not pretrained or state is not None:
+            raise
+        raise UsageError(f"timm's ImageNet weights for {name} could not be downloaded ({first_line(e)}): "
+                         "pass --weights FILE (a timm state_dict, e.g. its model.safetensors from "
+                         "huggingface.co), or use --mode scratch") from None
+    model.reset_classifier(num_classes)
+    model.head_name = classifier_name(model)
+    return model
+
+
+def classifier_name(model: Any) -> str:
+    head = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    raise UsageError(f"{type(model).__name__} has more than one classifier head: not supported")
+
+
+def weights_identity(arch: str) -> list:
+    cfg = pretrained_cfg(arch)
+    return ["timm", cfg.get("hf_hub_id") or cfg.get("url") or arch, timm().__version__]
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
