@@ -24,7 +24,7 @@ import labels
 import models
 import multilabel
 from checkpoint import Preprocess
-from config import UsageError
+from config import TrainingError, UsageError
 from predictor import OnnxModel
 
 
@@ -44,6 +44,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[s
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=4096)
+    # traced with two images: a batch of one is specialised by torch.export (0/1 specialisation), and
+    # networks that look at the batch size (timm's) then fail the dynamic batch
+    example = example[:1].expand(2, *example.shape[1:])
     torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=["logits"],
                       dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
     proto = onnx.load(str(out))
@@ -258,6 +261,13 @@ def write(fmt: str, model: nn.Module, images: torch.Tensor, out: Path, meta: dic
     except ImportError as e:
         raise UsageError(f"--format {fmt} needs packages that are not installed ({e.name}): "
                          "pip install -r requirements-export.txt") from None
+    except Exception as e:  # the network uses what the exporter cannot trace: said in a line (the whole
+        if os.environ.get("IMGCLS_DEBUG"):  # trace with IMGCLS_DEBUG=1)
+            raise
+        message = next((line.strip() for line in str(e).splitlines() if "Error" in line or "error" in line),
+                       str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise TrainingError(f"this network could not be exported to {fmt} ({message[:200]}); another --format "
+                            "may work (IMGCLS_DEBUG=1 shows the exporter's whole report)") from None
 
 
 def print_proof(report: dict[str, Any]) -> None:

@@ -46,10 +46,11 @@ def check_name(name: str) -> None:
 
 def list_models(pattern: str = "*") -> list[str]:
     """What --model takes, matching a shell-style `pattern`: torchvision's classifiers, then timm's
-    architectures when timm is installed."""
+    architectures when timm is installed (matched with and without their timm/ prefix)."""
     found = [n for n in classifier_names() if fnmatch.fnmatch(n, pattern)]
     try:
-        found += [n for n in timm_models.names() if fnmatch.fnmatch(n, pattern)]
+        found += [n for n in timm_models.names() if fnmatch.fnmatch(n, pattern) or
+                  fnmatch.fnmatch(n.removeprefix(timm_models.PREFIX), pattern)]
     except UsageError:  # timm not installed
         pass
     return found

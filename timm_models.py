@@ -24,6 +24,12 @@ def is_timm(arch: str) -> bool:
     return arch.startswith(PREFIX)
 
 
+def installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("timm") is not None
+
+
 def timm() -> Any:
     try:
         import timm
@@ -93,14 +99,13 @@ def create(arch: str, num_classes: int, options: dict[str, Any], state: dict | N
         model = t.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # a size option the architecture does not take
         raise UsageError(f"{arch} cannot be built for this input size ({e}): leave out --img-size") from None
-    except RuntimeError as e:  # the loader's strict load: missing, unexpected or wrongly shaped tensors
-        if state is None:
+    except Exception as e:
+        if not pretrained:
             raise
-        raise UsageError(f"weights in {source} don't fit {arch} ({first_line(e)}): use a timm state_dict "
-                         f"saved from {name}") from None
-    except Exception as e:  # no network, unknown repository, proxy: all end in the same advice
-        if not pretrained or state is not None:
-            raise
+        if state is not None:  # timm's strict load, or its converter meeting keys of another model
+            raise UsageError(f"weights in {source} don't fit {arch} ({type(e).__name__}: {first_line(e)}): use "
+                             f"a timm state_dict saved from {name}") from None
+        # no network, unknown repository, proxy: all end in the same advice
         raise UsageError(f"timm's ImageNet weights for {name} could not be downloaded ({first_line(e)}): "
                          "pass --weights FILE (a timm state_dict, e.g. its model.safetensors from "
                          "huggingface.co), or use --mode scratch") from None

@@ -5,6 +5,8 @@
     python train.py --data ~/photos --model mobilenet_v2 --mode transfer --epochs 10
     torchrun --nproc_per_node=4 train.py --data ~/photos --mode finetune   # many GPUs (DDP)
     python train.py --resume runs/resnet18-finetune-20261128-130000 --epochs 20   # continue, train longer
+    python train.py --data ~/photos --model timm/convnext_nano --mode finetune   # timm's models (pip install timm)
+    python train.py --list-models 'efficientnet*'                                # what --model takes
 
 Everything a run makes goes to one run folder (--out, default runs/<model>-<mode>-<time>):
 last.pt, best.pt, config.json, split.json, skipped.txt, metrics.csv, summary.json, curves.png,
@@ -16,6 +18,7 @@ Resuming: the settings that define the run (--data --model --mode --weights --im
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,12 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     the run to resume). The model name is checked once torchvision is loaded."""
     parser = Parser(__doc__, prog="train.py")
     add_options(parser)
+    parser.add_argument("--list-models", nargs="?", const="*", default=argparse.SUPPRESS, metavar="PATTERN",
+                        help="list what --model takes (torchvision's classifiers, and timm's as timm/NAME when "
+                        "timm is installed), or those matching a shell-style PATTERN such as 'convnext*'")
     given = absolute_paths(vars(parser.parse_args(argv)))
+    if "list_models" in given:
+        return given
     validate(TrainConfig(**{k: v for k, v in given.items() if k not in ("resume", "data")}))
     if given.get("folds") and given.get("lr_find"):
         raise UsageError("--lr-find runs one range test and starts no run: use it without --folds")
@@ -56,8 +64,22 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     return given
 
 
+def list_models(pattern: str) -> int:
+    import models
+
+    found = models.list_models(pattern)
+    if not found:
+        raise UsageError(f"no model matches {pattern!r}: python train.py --list-models lists them all")
+    print("\n".join(found))
+    timm = "" if models.timm_models.installed() else "; timm's models (timm/NAME) need: pip install timm"
+    print(f"{len(found)} models match {pattern!r}{timm}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     given = read_command_line(argv)
+    if "list_models" in given:
+        return list_models(given["list_models"])
     resume = given.get("resume")
     if crossval.is_cv_folder(resume) if resume else given.get("folds"):
         return crossval.main(given)

@@ -1,0 +1,155 @@
+"""--model timm/NAME: timm's models in the three modes, with timm's weights files, preprocessing and head,
+through eval, test and export like a torchvision model (timm's tiny test_* models, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import call, train_args
+
+import checkpoint
+import eval as evaluate
+import export
+import models
+import test as predict
+import train
+from checkpoint import Preprocess
+
+timm = pytest.importorskip("timm", reason="timm is not installed (requirements-timm.txt)")
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "timm/test_convnext"  # a 1.1 MB ConvNeXt; its weights' data config: 160 px, crop 0.95, mean/std 0.5
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory) -> Path:
+    """A stand-in for timm's published weights of test_convnext: its state_dict as a .safetensors file."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("timm-weights") / "model.safetensors"
+    save_file(timm.create_model("test_convnext").state_dict(), str(path))
+    return path
+
+
+def weights_of(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("mode", ["scratch", "finetune", "transfer"])
+def test_a_timm_model_trains_in_each_mode_and_its_checkpoint_rebuilds(mode, timm_weights, colours, tmp_path):
+    out = tmp_path / "run"
+    extra = [] if mode == "scratch" else ["--weights", str(timm_weights)]
+    assert call(train.main, train_args(colours, out, "--model", NAME, "--mode", mode, *extra)) == 0
+    ckpt = checkpoint.load(out / "best.pt")
+    assert (ckpt["arch"], ckpt["mode"]) == (NAME, mode)
+    assert Preprocess.from_dict(ckpt["preprocess"]) == Preprocess(32, 34, (0.5,) * 3, (0.5,) * 3)  # timm's, at 32
+    model = models.from_checkpoint(ckpt)
+    assert model.get_classifier().out_features == 3
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+    if mode == "transfer":  # the backbone came from the file and stayed as it was
+        assert torch.equal(model.stem[0].weight, weights_of(timm_weights)["stem.0.weight"])
+
+
+def test_a_timm_run_evaluates_predicts_explains_and_exports_with_the_same_commands(timm_weights, colours,
+                                                                                    colours_eval, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert call(train.main, train_args(colours, run, "--model", NAME, "--mode", "finetune", "--weights",
+                                       str(timm_weights))) == 0
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(run), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["images"] == 18
+    assert call(predict.main, [str(colours_eval / "red"), "--checkpoint", str(run), "--explain",
+                               "--out", str(tmp_path / "pr")]) == 0
+    assert (tmp_path / "pr" / "predictions.csv").read_text().count("\n") == 7
+    assert len(list((tmp_path / "pr" / "explanations").glob("*.png"))) == 6
+    assert "Grad-CAM on timm/test_convnext" in capsys.readouterr().out
+    onnx = tmp_path / "m.onnx"
+    assert call(export.main, ["--checkpoint", str(run), "--format", "onnx", "--data", str(colours),
+                              "--out", str(onnx), "--images", "8"]) == 0
+    report = json.loads(Path(str(onnx) + ".json").read_text())
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= report["allowed_diff"]
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(onnx), "--out", str(tmp_path / "ev2")]) == 0
+
+
+def test_preprocessing_comes_from_timms_data_config():
+    assert models.preprocessing(NAME) == Preprocess(160, 168, (0.5,) * 3, (0.5,) * 3)  # 160 / 0.95
+    pre = models.preprocessing("timm/efficientnet_b0")
+    assert (pre.img_size, pre.resize_size, pre.mean) == (224, 256, (0.485, 0.456, 0.406))
+
+
+def test_timm_weights_file_goes_through_timms_loader_whole_and_the_head_is_new(timm_weights, tmp_path):
+    state = weights_of(timm_weights)
+    model = models.build_model(NAME, 4, "finetune", str(timm_weights))
+    mine = model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in state.items() if not k.startswith("head.fc."))
+    assert model.head_name == "head.fc" and mine["head.fc.weight"].shape[0] == 4
+    torch.save(state, tmp_path / "w.pth")  # the same as a torch file
+    assert torch.equal(models.build_model(NAME, 4, "transfer", str(tmp_path / "w.pth")).stem[0].weight,
+                       state["stem.0.weight"])
+
+
+def test_transfer_mode_trains_only_timms_classifier(timm_weights):
+    model = models.build_model(NAME, 3, "transfer", str(timm_weights))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.fc.weight", "head.fc.bias"]
+
+
+def test_a_vit_made_for_another_size_is_built_for_the_runs_size_its_embeddings_resampled(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    save_file(timm.create_model("test_vit").state_dict(), str(tmp_path / "vit.safetensors"))  # 160 px
+    model = models.build_model("timm/test_vit", 3, "finetune", str(tmp_path / "vit.safetensors"), img_size=32)
+    assert model.net_options == {"img_size": 32}
+    assert model.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_weights_of_another_timm_model_are_refused_in_one_line(colours, tmp_path, capsys):
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "resnet.pth")
+    args = train_args(colours, tmp_path / "r", "--model", NAME, "--mode", "finetune", "--weights",
+                      str(tmp_path / "resnet.pth"))
+    assert call(train.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"don't fit {NAME}" in err and len(err.splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_an_unknown_timm_name_gets_the_closest_names(colours, tmp_path, capsys):
+    assert call(train.main, train_args(colours, tmp_path / "r", "--model", "timm/convnext_nanoo")) == 2
+    err = capsys.readouterr().err
+    assert "unknown timm model 'convnext_nanoo'" in err and "timm/convnext_nano" in err
+
+
+def test_an_unknown_weights_tag_names_the_tags_there_are(colours, tmp_path, capsys):
+    assert call(train.main, train_args(colours, tmp_path / "r", "--model", "timm/test_convnext.nope")) == 2
+    assert "r160_in1k" in capsys.readouterr().err
+
+
+def test_without_timm_a_timm_model_is_a_one_line_error_saying_how_to_install_it(colours, tmp_path, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    assert call(train.main, train_args(colours, tmp_path / "r", "--model", NAME)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install timm" in err and len(err.splitlines()) == 1
+
+
+def test_timms_imagenet_weights_out_of_reach_are_a_one_line_error(colours, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = train_args(colours, tmp_path / "r", "--model", NAME, "--mode", "finetune")
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "could not be downloaded" in err[0] and "--weights FILE" in err[0]
+
+
+def test_list_models_shows_torchvisions_and_timms_names(capsys):
+    assert call(train.main, ["--list-models", "convnext_t*"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "convnext_tiny" in out and "timm/convnext_tiny" in out
+    assert call(train.main, ["--list-models", "nothing*"]) == 2
