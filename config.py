@@ -188,7 +188,8 @@ class TrainConfig:
     mixup: float = opt(0.0, "mixup alpha (0 = off)")
     cutmix: float = opt(0.0, "cutmix alpha (0 = off)")
     # model
-    model: str = opt("resnet18", "any torchvision classification model, e.g. vgg11, resnet18, mobilenet_v2")
+    model: str = opt("resnet18", "any torchvision classification model, e.g. vgg11, resnet18, mobilenet_v2, or "
+                     "timm/NAME with timm installed (--list-models lists them)")
     mode: str = opt("finetune", "scratch: random init; finetune: ImageNet weights, all layers train; "
                     "transfer: ImageNet weights, frozen backbone, only the new head trains",
                     choices=MODES)
