@@ -40,24 +40,31 @@ KIND = "imgcls-checkpoint"
 VERSION = 2  # 2: position in samples and epoch statistics ("progress"); the schedule is derived
 RESUME_ONLY = ("optimizer", "scaler", "progress", "ema")
 EXPORT_SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "torchscript": ".ptl"}  # export.py --format
-INPUT_CONTRACT = ("float32 RGB in [0,1], N x 3 x img_size x img_size, shorter side resized to resize_size then "
+INPUT_CONTRACT = ("float32 RGB in [0,1], N x 3 x img_size x img_size, shorter side resized to resize_size "
+                  "(antialiased, with the interpolation named) then "
                   "centre-cropped; normalisation is inside the model; output: logits, probabilities are "
                   "softmax(logits / temperature), or for a multilabel model sigmoid(logits), each label present "
                   "when its probability reaches its threshold")
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # PIL's filters
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes the network's input: its shorter side resized to `resize_size` and the centre
-    `img_size` square cropped (evaluation; training crops at random), then normalised by mean/std."""
+    """How an image becomes the network's input: its shorter side resized to `resize_size` (with
+    `interpolation`, antialiased) and the centre `img_size` square cropped (evaluation; training crops
+    at random), then normalised by mean/std."""
     img_size: int
     resize_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bilinear"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        return cls(int(d["img_size"]), int(d["resize_size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+        return cls(int(d["img_size"]), int(d["resize_size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])),
+                   interpolation(d.get("interpolation")))
 
     def to_dict(self) -> dict[str, Any]:
         """As stored in checkpoints and written to JSON (lists, not tuples)."""
@@ -66,18 +73,24 @@ class Preprocess:
     def metadata(self) -> dict[str, str]:
         """String key/values for an exported model (ONNX metadata_props, the .pte/.ptl JSON)."""
         return {"mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std)),
-                "img_size": str(self.img_size), "resize_size": str(self.resize_size), "input": INPUT_CONTRACT}
+                "img_size": str(self.img_size), "resize_size": str(self.resize_size),
+                "interpolation": self.interpolation, "input": INPUT_CONTRACT}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> Preprocess:
         return cls(int(meta["img_size"]), int(meta["resize_size"]), tuple(json.loads(meta["mean"])),
-                   tuple(json.loads(meta["std"])))
+                   tuple(json.loads(meta["std"])), interpolation(meta.get("interpolation")))
 
     def crop(self) -> Any:
         """The evaluation crop, applied to the uint8 `resize_size` square every dataset yields."""
         from dataset import eval_transform
 
         return eval_transform(self.img_size)
+
+
+def interpolation(name: Any) -> str:
+    """A saved interpolation name; bilinear for files from before it was saved (and for a name not known)."""
+    return name if name in INTERPOLATIONS else "bilinear"
 
 
 def of_model(arch: str, classes: list[str], model: dict[str, Any], preprocess: Preprocess, mode: str = "scratch",

@@ -68,9 +68,9 @@ class CompactCache:
     and their index, so it is published (and replaced) whole: a reader never pairs an index with
     another build's data."""
 
-    def __init__(self, paths: list[str], size: int, load: Callable[[str], np.ndarray | None], decoder: int,
-                 cache_dir: str | None = None):
-        self.paths, self.size, self.load = paths, size, load
+    def __init__(self, paths: list[str], size: int, load: Callable[[str], np.ndarray | None], decoder: Any,
+                 cache_dir: str | None = None, interpolation: str = "bilinear"):
+        self.paths, self.size, self.load, self.interpolation = paths, size, load, interpolation
         stats = [files.identity(p) for p in paths]
         key = hashlib.sha1(json.dumps([decoder, VERSION, QUALITY, size, stats]).encode()).hexdigest()[:20]
         folder = cache_root(cache_dir) / "images"

@@ -174,16 +174,21 @@ def decode(path: str | os.PathLike, draft: int | None = None, max_bytes: int = M
     return to_rgb(open_image(read_file(path, max_bytes), draft))
 
 
-def load_image(path: str | os.PathLike, size: int, max_bytes: int = MAX_BYTES) -> np.ndarray:
+def load_image(path: str | os.PathLike, size: int, max_bytes: int = MAX_BYTES, interpolation: str = "bilinear"
+               ) -> np.ndarray:
     """Decode to a size x size x 3 uint8 array: shorter side resized to `size`, centre crop."""
-    return square(decode(path, size, max_bytes), size)
+    return square(decode(path, size, max_bytes), size, interpolation)
 
 
-def square(img: Image.Image, size: int) -> np.ndarray:
+FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}  # (antialiased when shrinking)
+
+
+def square(img: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
     w, h = img.size
     s = min(w, h)
     box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-    img = img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
+    img = img.resize((size, size), FILTERS[interpolation], box=box, reducing_gap=3.0)
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
@@ -200,7 +205,7 @@ def look_hash(img: Image.Image) -> str:
     return np.packbits(np.append(low > np.median(low), False)).tobytes().hex()
 
 
-def inspect_file(path: str, size: int | None = None, max_bytes: int = MAX_BYTES
+def inspect_file(path: str, size: int | None = None, max_bytes: int = MAX_BYTES, interpolation: str = "bilinear"
                  ) -> tuple[str | None, str, str, np.ndarray | None]:
     """(reason to skip or None, sha1 of the bytes, perceptual hash, the image as load_image(path, size)
     gives it when a size is asked for) for one file. The check has to decode the image anyway: for a
@@ -216,7 +221,7 @@ def inspect_file(path: str, size: int | None = None, max_bytes: int = MAX_BYTES
         img = to_rgb(open_image(data, draft=size or 64))
     except BadImage as e:
         return str(e), digest, "", None
-    return None, digest, look_hash(img), square(img, size) if size else None
+    return None, digest, look_hash(img), square(img, size, interpolation) if size else None
 
 
 def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True,
@@ -243,7 +248,8 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
             todo.append((p, stamp))
     if todo:
         def inspect(path: str) -> tuple[str | None, str, str]:
-            reason, digest, look, pixels = inspect_file(path, fill and fill.size, max_bytes)
+            reason, digest, look, pixels = inspect_file(path, fill and fill.size, max_bytes,
+                                                        fill.interpolation if fill else "bilinear")
             if fill is not None:
                 fill.put(path, pixels)
             return reason, digest, look
@@ -364,13 +370,13 @@ def check_folds(items: list[tuple[str, int]], classes: list[str], folds: int) ->
 def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: str | None = None,
                  progress: bool = True, cache_size: int | None = None,
                  max_file_mb: float = folders.DEFAULT_MAX_FILE_MB, test_split: float = 0.0,
-                 folds: int = 0, fold: int = 0, label_sep: str = labels.DEFAULT_SEP, image_cache: str = "raw"
-                 ) -> DataSplit:
+                 folds: int = 0, fold: int = 0, label_sep: str = labels.DEFAULT_SEP, image_cache: str = "raw",
+                 interpolation: str = "bilinear") -> DataSplit:
     """Find classes and files (a folder, or a label file), check them all, split, look for look-alikes
     across the splits; every problem a person can fix is a UsageError. With `test_split`, a stratified
     share is set aside as the run's own test set (DataSplit.test). With `folds`, the rest is cut into
     that many stratified folds and fold number `fold` validates. With `cache_size`, also fill the
-    decoded-image cache of DataSplit.files() at that size."""
+    decoded-image cache of DataSplit.files() at that size (resized with `interpolation`)."""
     walk = folders.Walk(max_bytes=int(max_file_mb * 2**20))
     if labels.is_label_file(data):
         root, classes, sets, own_split = label_file_sets(data, label_sep)
@@ -381,7 +387,8 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
         raise UsageError(f"--test-split sets aside part of a flat folder or of a label file without a split column; "
                          f"{shown(root)} has its own split ({own_split}): drop --test-split")
     paths = sorted(p for name in ("train", "val") for p, _ in sets[name])
-    cache = make_cache(image_cache, paths, cache_size, cache_dir, walk.max_bytes) if cache_size else None
+    cache = make_cache(image_cache, paths, cache_size, cache_dir, walk.max_bytes, interpolation) if cache_size \
+        else None
     checked = check_files(paths, cache_dir, progress, fill=cache, max_bytes=walk.max_bytes)
     checked.update(check_files([p for p, _ in sets["test"]], cache_dir, progress, max_bytes=walk.max_bytes)
                    if sets["test"] else {})
@@ -519,7 +526,7 @@ Scanned = tuple[list[str], list[tuple[str, int]], list[tuple[str, str]], "ImageC
 
 
 def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None,
-                max_bytes: int = MAX_BYTES) -> Scanned:
+                max_bytes: int = MAX_BYTES, interpolation: str = "bilinear") -> Scanned:
     """An evaluation folder: (classes, good (path, label) items, skipped (path, reason), with `cache_size`
     the decoded-image cache the check filled, and which images they are). A data set root gives its
     test/ (else val/)."""
@@ -536,26 +543,30 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
     classes = [d.name for d in walk.subfolders(folder)]
     claim_structure(walk, root, [(folder, classes)])
     items = labelled(walk, folder, classes)
-    good, skipped, cache = check_items(items, f"{shown(folder)}/<class>/", cache_dir, progress, cache_size, max_bytes)
+    good, skipped, cache = check_items(items, f"{shown(folder)}/<class>/", cache_dir, progress, cache_size, max_bytes,
+                                       interpolation)
     return classes, good, walk.skipped + skipped, cache, f"the images in {shown(folder)}"
 
 
 def scan_labels(source: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None,
-                max_bytes: int = MAX_BYTES, sep: str = labels.DEFAULT_SEP) -> Scanned:
+                max_bytes: int = MAX_BYTES, sep: str = labels.DEFAULT_SEP, interpolation: str = "bilinear"
+                ) -> Scanned:
     """A label file to evaluate: its test rows, else its val rows (with a split column), else every row."""
     lf = labels.read(source, sep)
     part = next((name for name in ("test", "val") if lf.rows(name)), None)
     items = lf.rows(part) if part else lf.items
-    good, skipped, cache = check_items(items, shown(lf.source), cache_dir, progress, cache_size, max_bytes)
+    good, skipped, cache = check_items(items, shown(lf.source), cache_dir, progress, cache_size, max_bytes,
+                                       interpolation)
     what = f"the {part} rows of {shown(lf.source)}" if part else f"the images listed in {shown(lf.source)}"
     return lf.classes, good, skipped, cache, what
 
 
 def check_items(items: list[tuple[str, int]], where: str, cache_dir: str | None, progress: bool,
-                cache_size: int | None, max_bytes: int
+                cache_size: int | None, max_bytes: int, interpolation: str = "bilinear"
                 ) -> tuple[list[tuple[str, int]], list[tuple[str, str]], ImageCache | None]:
     """(readable items, skipped (path, reason), the cache the check filled): every file checked once."""
-    cache = ImageCache(sorted(p for p, _ in items), cache_size, cache_dir, max_bytes) if cache_size else None
+    cache = ImageCache(sorted(p for p, _ in items), cache_size, cache_dir, max_bytes, interpolation) \
+        if cache_size else None
     checked = check_files([p for p, _ in items], cache_dir, progress, fill=cache, max_bytes=max_bytes)
     good = [(p, y) for p, y in items if not checked[p][0]]
     if not good:
@@ -599,10 +610,12 @@ class ImageCache:
     a bad one is rebuilt, never trusted.
     """
 
-    def __init__(self, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES):
-        self.max_bytes = max_bytes
+    def __init__(self, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES,
+                 interpolation: str = "bilinear"):
+        self.max_bytes, self.interpolation = max_bytes, interpolation
         stats = [files.identity(p) for p in paths]
-        key = hashlib.sha1(json.dumps([CACHE_VERSION, size, stats]).encode()).hexdigest()[:20]
+        key = hashlib.sha1(json.dumps([CACHE_VERSION, size, stats, *resized_with(interpolation)]).encode()
+                           ).hexdigest()[:20]
         folder = cache_root(cache_dir) / "images"
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{key}-{size}px.npy"
@@ -676,7 +689,7 @@ class ImageCache:
 
         def decode(i: int) -> None:
             try:
-                self._pixels[i] = load_image(self.paths[i], self.size, self.max_bytes)
+                self._pixels[i] = load_image(self.paths[i], self.size, self.max_bytes, self.interpolation)
                 self._ok[i] = True
             except (BadImage, OSError) as e:
                 warn(f"skipped {self.paths[i]}: {e}")
@@ -717,8 +730,13 @@ class ImageCache:
 RAW_SHARE_OF_FREE_DISK = 0.5  # auto: the raw cache while it takes at most this share of the free space
 
 
-def cache_kind(kind: str, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES
-               ) -> str:
+def resized_with(interpolation: str) -> list[str]:
+    """The interpolation, for cache keys: said only when not bilinear, so caches built before stay valid."""
+    return [] if interpolation == "bilinear" else [interpolation]
+
+
+def cache_kind(kind: str, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES,
+               interpolation: str = "bilinear") -> str:
     """raw, compact or none: auto is the cache of these files already built, else raw while it fits in
     half the free space of the cache's disk, else compact."""
     if kind != "auto":
@@ -726,26 +744,27 @@ def cache_kind(kind: str, paths: list[str], size: int, cache_dir: str | None = N
     import shutil
 
     for built in ("raw", "compact"):
-        if make_cache(built, paths, size, cache_dir, max_bytes).ready:
+        if make_cache(built, paths, size, cache_dir, max_bytes, interpolation).ready:
             return built
     free = shutil.disk_usage(cache_root(cache_dir)).free
     return "raw" if len(paths) * size * size * 3 <= RAW_SHARE_OF_FREE_DISK * free else "compact"
 
 
-def make_cache(kind: str, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES
-               ) -> ImageCache | CompactCache | None:
+def make_cache(kind: str, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES,
+               interpolation: str = "bilinear") -> ImageCache | CompactCache | None:
     """The decoded-image cache of `paths` of the kind asked for (auto resolved by cache_kind)."""
-    kind = cache_kind(kind, paths, size, cache_dir, max_bytes)
+    kind = cache_kind(kind, paths, size, cache_dir, max_bytes, interpolation)
     if kind == "compact":
-        return CompactCache(paths, size, functools.partial(load_or_none, size=size, max_bytes=max_bytes),
-                            CACHE_VERSION, cache_dir)
-    return ImageCache(paths, size, cache_dir, max_bytes) if kind == "raw" else None
+        load = functools.partial(load_or_none, size=size, max_bytes=max_bytes, interpolation=interpolation)
+        return CompactCache(paths, size, load, [CACHE_VERSION, *resized_with(interpolation)], cache_dir,
+                            interpolation)
+    return ImageCache(paths, size, cache_dir, max_bytes, interpolation) if kind == "raw" else None
 
 
-def load_or_none(path: str, size: int, max_bytes: int) -> np.ndarray | None:
+def load_or_none(path: str, size: int, max_bytes: int, interpolation: str = "bilinear") -> np.ndarray | None:
     """load_image, or None (with a warning) for a file that cannot be read now."""
     try:
-        return load_image(path, size, max_bytes)
+        return load_image(path, size, max_bytes, interpolation)
     except (BadImage, OSError) as e:
         warn(f"skipped {path}: {e}")
         return None
@@ -765,10 +784,11 @@ class ImageDataset(Dataset):
 
     def __init__(self, items: list[tuple[str, Any]], size: int, transform: Callable | None = None,
                  cache: ImageCache | None = None, seed: int = 0, max_bytes: int = MAX_BYTES,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, interpolation: str = "bilinear"):
         self.paths = [p for p, _ in items]
         self.labels = targets(items, num_classes)
         self.size, self.transform, self.cache, self.seed, self.max_bytes = size, transform, cache, seed, max_bytes
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -781,7 +801,7 @@ class ImageDataset(Dataset):
                 return None
         else:
             try:
-                arr = load_image(self.paths[i], self.size, self.max_bytes)
+                arr = load_image(self.paths[i], self.size, self.max_bytes, self.interpolation)
             except (BadImage, OSError) as e:  # changed or deleted since the check: skip, go on
                 warn(f"skipped {self.paths[i]}: {e}")
                 return None

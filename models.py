@@ -67,7 +67,8 @@ def default_weights(name: str) -> Any:
 
 
 def preprocessing(name: str, img_size: int | None = None) -> Preprocess:
-    """Resize, crop and mean/std from the weights' own metadata; `img_size` keeps their crop ratio."""
+    """Resize (size and interpolation), crop and mean/std from the weights' own metadata; `img_size`
+    keeps their crop ratio."""
     pre = DEFAULT_PREPROCESS
     weights = default_weights(name)
     if timm_models.is_timm(name):
@@ -75,7 +76,7 @@ def preprocessing(name: str, img_size: int | None = None) -> Preprocess:
     elif weights is not None:
         t = weights.transforms()
         pre = Preprocess(int(t.crop_size[0]), int(t.resize_size[0]), tuple(map(float, t.mean)),
-                         tuple(map(float, t.std)))
+                         tuple(map(float, t.std)), checkpoint.interpolation(t.interpolation.value))
     if img_size is not None and img_size != pre.img_size:
         ratio = pre.resize_size / pre.img_size
         pre = dataclasses.replace(pre, img_size=img_size, resize_size=max(img_size, round(img_size * ratio)))

@@ -84,7 +84,7 @@ def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, wor
     the logits are N x views x classes, the plain image being view 0."""
     pre = loaded.preprocess
     ds = dataset.ImageDataset(items, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes,
-                              num_classes=len(loaded.classes))
+                              num_classes=len(loaded.classes), interpolation=pre.interpolation)
     n_workers = auto_workers(loaded.device, cached=cache is not None) if workers is None else workers
     loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
     if not tta:
@@ -122,7 +122,8 @@ def input_images(loaded: Loaded, paths: list[str], max_bytes: int = dataset.MAX_
     pre, crop = loaded.preprocess, loaded.preprocess.crop()
     for path in paths:
         try:
-            yield crop(torch.from_numpy(dataset.load_image(path, pre.resize_size, max_bytes)).permute(2, 0, 1))
+            arr = dataset.load_image(path, pre.resize_size, max_bytes, pre.interpolation)
+            yield crop(torch.from_numpy(arr).permute(2, 0, 1))
         except (dataset.BadImage, OSError):
             yield None
 

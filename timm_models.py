@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from checkpoint import Preprocess
+from checkpoint import Preprocess, interpolation
 from config import UsageError
 
 PREFIX = "timm/"
@@ -68,13 +68,14 @@ def pretrained_cfg(arch: str) -> dict[str, Any]:
 
 
 def preprocessing(arch: str) -> Preprocess:
-    """Size, crop and mean/std from timm's data config for the weights (resize = crop / crop_pct)."""
+    """Size, interpolation, crop and mean/std from timm's data config for the weights (resize = crop /
+    crop_pct)."""
     from timm.data import resolve_data_config
 
     data = resolve_data_config(pretrained_cfg=pretrained_cfg(arch))
     size = int(data["input_size"][-1])
     return Preprocess(size, int(size / data["crop_pct"]), tuple(map(float, data["mean"])),
-                      tuple(map(float, data["std"])))
+                      tuple(map(float, data["std"])), interpolation(data.get("interpolation")))
 
 
 def size_options(arch: str, img_size: int | None) -> dict[str, Any]:

@@ -441,9 +441,9 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = T
 
 # ----------------------------------------------------------------------------- data and model
 
-def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset.DataSplit:
+def load_split(cfg: TrainConfig, start: Start, pre: Preprocess, lead: bool) -> dataset.DataSplit:
     """The run's split: a resumed run's own (split.json), else checked and made by rank 0 and shared.
-    The check fills the decoded-image cache at `size` as it goes."""
+    The check fills the decoded-image cache at the resize size as it goes."""
     if start.ckpt is not None:
         try:
             return dataset.DataSplit.load(start.run_dir / "split.json")
@@ -452,9 +452,10 @@ def load_split(cfg: TrainConfig, start: Start, size: int, lead: bool) -> dataset
                              "needs the run's split; restore the file, or start a new run") from None
     def check() -> dict[str, Any]:
         return dataclasses.asdict(dataset.prepare_data(
-            cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir, cache_size=size if cfg.image_cache != "none" else None,
-            max_file_mb=cfg.max_file_mb, test_split=cfg.test_split, folds=cfg.folds, fold=cfg.fold,
-            label_sep=cfg.label_sep, image_cache=cfg.image_cache))
+            cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
+            cache_size=pre.resize_size if cfg.image_cache != "none" else None, max_file_mb=cfg.max_file_mb,
+            test_split=cfg.test_split, folds=cfg.folds, fold=cfg.fold, label_sep=cfg.label_sep,
+            image_cache=cfg.image_cache, interpolation=pre.interpolation))
 
     return dataset.DataSplit(**from_lead(check, lead))
 
@@ -593,8 +594,10 @@ def train(given: dict[str, Any]) -> int:
         run_dir = Path(from_lead(claim, lead))
         made = claimed[0] if claimed else None
         try:
-            preprocess = models.preprocessing(cfg.model, cfg.img_size)
-            split = load_split(cfg, start, preprocess.resize_size, lead)
+            # a resume keeps the preprocessing it was trained with (a newer torchvision or timm may say otherwise)
+            preprocess = Preprocess.from_dict(start.ckpt["preprocess"]) if start.ckpt is not None \
+                else models.preprocessing(cfg.model, cfg.img_size)
+            split = load_split(cfg, start, preprocess, lead)
             model, weights_id = build(cfg, start, len(split.classes), preprocess.img_size)
             if lead:
                 write_run_files(run_dir, cfg, start, split)
@@ -679,7 +682,8 @@ def fit(run: Run, model: nn.Module) -> int:
     # the cache's kind, decided once, by rank 0, for every process (auto looks at the free disk, which
     # the caches change)
     kind = broadcast(dataset.cache_kind(cfg.image_cache, run.split.files(), run.preprocess.resize_size, cfg.cache_dir,
-                                        int(cfg.max_file_mb * 2**20)) if run.lead else None)
+                                        int(cfg.max_file_mb * 2**20), run.preprocess.interpolation)
+                     if run.lead else None)
     # workers sized for this machine (compact JPEGs need decoding); left unresolved in the config so a
     # resume elsewhere sizes them again
     workers = auto_workers(device, kind == "raw") if cfg.workers is None else cfg.workers
@@ -764,7 +768,7 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
     cache folder shared by the machines is built by the first to get there."""
     cfg, split, pre = run.cfg, run.split, run.preprocess
     max_bytes = int(cfg.max_file_mb * 2**20)
-    cache = dataset.make_cache(kind, split.files(), pre.resize_size, cfg.cache_dir, max_bytes)
+    cache = dataset.make_cache(kind, split.files(), pre.resize_size, cfg.cache_dir, max_bytes, pre.interpolation)
     if cache is not None:
         run.say(f"image cache: {kind}" + (" (auto: the raw cache would not fit in half the free disk, or a compact "
                                           "one of these images was already built)"
@@ -774,8 +778,10 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
         barrier(preparation=True)
     augment = dataset.train_transform(pre.img_size, cfg.augment, cfg.min_scale, cfg.hflip)
     n = len(split.classes)
-    train_ds = dataset.ImageDataset(split.train, pre.resize_size, augment, cache, cfg.seed, max_bytes, n)
-    val_ds = dataset.ImageDataset(split.val, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes, num_classes=n)
+    train_ds = dataset.ImageDataset(split.train, pre.resize_size, augment, cache, cfg.seed, max_bytes, n,
+                                    pre.interpolation)
+    val_ds = dataset.ImageDataset(split.val, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes, num_classes=n,
+                                  interpolation=pre.interpolation)
     return Inputs(train_ds, val_ds, model, image_input)
 
 

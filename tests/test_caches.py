@@ -174,3 +174,27 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, colours, ca
         holder.communicate("")
     assert [p.name for p in run.iterdir()] == [files.FolderLock.NAME]
     assert train.main(train_args(colours, run, "--mode", "scratch")) == 0  # free again once it ended
+
+
+def test_images_are_resized_with_the_interpolation_asked_for_and_cached_apart(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(path)
+    cubic = dataset.load_image(path, 20, interpolation="bicubic")
+    linear = dataset.load_image(path, 20)
+    expected = Image.open(path).convert("RGB").resize((20, 20), Image.BICUBIC, box=(10, 0, 60, 50), reducing_gap=3.0)
+    assert np.array_equal(cubic, np.asarray(expected)) and not np.array_equal(cubic, linear)
+    caches = [dataset.ImageCache([str(path)], 20, str(tmp_path / "c"), interpolation=i)
+              for i in ("bilinear", "bicubic")]
+    assert caches[0].path != caches[1].path
+    for cache in caches:
+        cache.build(progress=False)
+    assert np.array_equal(caches[1].get(str(path)), cubic) and np.array_equal(caches[0].get(str(path)), linear)
+
+
+def test_a_checkpoint_from_before_interpolation_was_saved_resizes_bilinearly():
+    old = {"img_size": 32, "resize_size": 36, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert Preprocess.from_dict(old).interpolation == "bilinear"
+    assert Preprocess.from_dict({**old, "interpolation": "bicubic"}).interpolation == "bicubic"

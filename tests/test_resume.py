@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import ROOT, Killed, kill_after_saving, make_folder, train_args
 
+import checkpoint
 import dataset
 import train
 import training
@@ -380,3 +381,15 @@ def test_run_files_are_readable_by_others_as_the_umask_allows(data, tmp_path):
         os.umask(old)
     for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "split.json"):
         assert (run / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_resume_keeps_the_preprocessing_the_run_was_trained_with(colours, tmp_path):
+    """A newer torchvision or timm may describe the weights' preprocessing otherwise: the run goes on
+    with what its checkpoint says."""
+    out = tmp_path / "run"
+    assert train.main(train_args(colours, out, "--mode", "scratch", "--epochs", "1")) == 0
+    ckpt = checkpoint.load_for_resume(out / "last.pt")
+    ckpt["preprocess"]["interpolation"] = "nearest"
+    torch.save(ckpt, out / "last.pt")
+    assert train.main(["--resume", str(out), "--epochs", "2"]) == 0
+    assert checkpoint.load(out / "last.pt")["preprocess"]["interpolation"] == "nearest"

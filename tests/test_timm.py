@@ -50,7 +50,7 @@ def test_a_timm_model_trains_in_each_mode_and_its_checkpoint_rebuilds(mode, timm
     assert call(train.main, train_args(colours, out, "--model", NAME, "--mode", mode, *extra)) == 0
     ckpt = checkpoint.load(out / "best.pt")
     assert (ckpt["arch"], ckpt["mode"]) == (NAME, mode)
-    assert Preprocess.from_dict(ckpt["preprocess"]) == Preprocess(32, 34, (0.5,) * 3, (0.5,) * 3)  # timm's, at 32
+    assert Preprocess.from_dict(ckpt["preprocess"]) == Preprocess(32, 34, (0.5,) * 3, (0.5,) * 3, "bicubic")  # at 32
     model = models.from_checkpoint(ckpt)
     assert model.get_classifier().out_features == 3
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
@@ -79,7 +79,7 @@ def test_a_timm_run_evaluates_predicts_explains_and_exports_with_the_same_comman
 
 
 def test_preprocessing_comes_from_timms_data_config():
-    assert models.preprocessing(NAME) == Preprocess(160, 168, (0.5,) * 3, (0.5,) * 3)  # 160 / 0.95
+    assert models.preprocessing(NAME) == Preprocess(160, 168, (0.5,) * 3, (0.5,) * 3, "bicubic")  # 160 / 0.95
     pre = models.preprocessing("timm/efficientnet_b0")
     assert (pre.img_size, pre.resize_size, pre.mean) == (224, 256, (0.485, 0.456, 0.406))
 
@@ -153,3 +153,16 @@ def test_list_models_shows_torchvisions_and_timms_names(capsys):
     out = capsys.readouterr().out.split()
     assert "convnext_tiny" in out and "timm/convnext_tiny" in out
     assert call(train.main, ["--list-models", "nothing*"]) == 2
+
+
+def test_images_are_resized_with_the_interpolation_of_the_weights_and_it_travels_with_the_model(
+        timm_weights, colours, tmp_path):
+    run = tmp_path / "run"
+    assert call(train.main, train_args(colours, run, "--model", NAME, "--mode", "transfer", "--weights",
+                                       str(timm_weights))) == 0
+    assert checkpoint.load(run / "best.pt")["preprocess"]["interpolation"] == "bicubic"
+    onnx = tmp_path / "m.onnx"
+    assert call(export.main, ["--checkpoint", str(run), "--format", "onnx", "--out", str(onnx), "--images", "2"]) == 0
+    from predictor import OnnxModel
+
+    assert OnnxModel(onnx).preprocess.interpolation == "bicubic"
