@@ -88,6 +88,28 @@ class Preprocess:
         return eval_transform(self.img_size)
 
 
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+def mismatch(e: BaseException) -> str:
+    """What a failed load_state_dict names (missing, unexpected and wrongly shaped keys, three of each),
+    or the error's first line."""
+    import re
+
+    text = str(e)
+    found = {what: re.findall(r'"([^"]+)"', m.group(1)) for what in ("missing", "unexpected")
+             if (m := re.search(what.capitalize() + r" key\(s\) in state_dict: (.*)", text))}
+    found["wrong shape"] = re.findall(r"size mismatch for ([^:\s]+):", text)
+    return keys_named(found) or f"{type(e).__name__}: {first_line(e)}"
+
+
+def keys_named(found: dict[str, list[str]]) -> str:
+    """'missing: a, b; unexpected: c...': the first three keys of each kind of mismatch."""
+    return "; ".join(f"{what}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}"
+                     for what, keys in found.items() if keys)
+
+
 def interpolation(name: Any) -> str:
     """A saved interpolation name; bilinear for files from before it was saved (and for a name not known)."""
     return name if name in INTERPOLATIONS else "bilinear"

@@ -271,6 +271,11 @@ RECIPE_BATCH = 64  # modern's lr is for this many images per step; others scale 
 DEMO = {"mode": "scratch", "img_size": 32, "epochs": 10, "hflip": 0.0}
 
 
+def file_name(model: str) -> str:
+    """A model's name as it begins run folders and export files: timm/NAME as timm-NAME."""
+    return model.replace("/", "-")
+
+
 def recipe_name(mode: str, recipe: str) -> str:
     return recipe if recipe != "auto" else "modern" if mode == "scratch" else "seed"
 

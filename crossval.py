@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import files
-from config import TrainConfig, UsageError, identity_changes
+from config import TrainConfig, UsageError, file_name, identity_changes
 
 SETTINGS = "cv.json"
 SUMMARY = "cv_summary.json"
@@ -88,7 +88,7 @@ def prepare(given: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any],
         parent.mkdir(parents=True, exist_ok=True)
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        parent, created = files.claim_folder(Path("runs") / f"{given.get('model', TrainConfig.model)}-cv"
+        parent, created = files.claim_folder(Path("runs") / f"{file_name(given.get('model', TrainConfig.model))}-cv"
                                              f"{given['folds']}-{stamp}"), True
     files.atomic_write_text(parent / SETTINGS, json.dumps(settings, indent=1))
     print(f"cross-validation: {settings['folds']} folds in {parent}")

@@ -24,7 +24,7 @@ import labels
 import models
 import multilabel
 from checkpoint import Preprocess
-from config import TrainingError, UsageError
+from config import TrainingError, UsageError, file_name
 from predictor import OnnxModel
 
 
@@ -212,7 +212,7 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
     ckpt = checkpoint.load(ckpt_path)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     model = Deployable(models.from_checkpoint(ckpt), pre).eval()
-    out = out or folder / f"{ckpt['arch'].replace('/', '-')}{'-int8' if int8 else ''}{checkpoint.EXPORT_SUFFIX[fmt]}"
+    out = out or folder / f"{file_name(ckpt['arch'])}{'-int8' if int8 else ''}{checkpoint.EXPORT_SUFFIX[fmt]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     images, labels = sample_images(data, pre, n_images, ckpt["classes"], max_bytes=max_bytes)
     check, check_labels = sample_images(check_data, pre, n_images, ckpt["classes"], True, max_bytes) \

@@ -46,13 +46,12 @@ def check_name(name: str) -> None:
 
 def list_models(pattern: str = "*") -> list[str]:
     """What --model takes, matching a shell-style `pattern`: torchvision's classifiers, then timm's
-    architectures when timm is installed (matched with and without their timm/ prefix)."""
+    architectures when timm is installed (matched with and without their timm/ prefix; a pattern with
+    a dot lists their named weights, NAME.TAG)."""
     found = [n for n in classifier_names() if fnmatch.fnmatch(n, pattern)]
-    try:
-        found += [n for n in timm_models.names() if fnmatch.fnmatch(n, pattern) or
+    if pattern.startswith(timm_models.PREFIX) or timm_models.installed():
+        found += [n for n in timm_models.names(tags="." in pattern) if fnmatch.fnmatch(n, pattern) or
                   fnmatch.fnmatch(n.removeprefix(timm_models.PREFIX), pattern)]
-    except UsageError:  # timm not installed
-        pass
     return found
 
 
@@ -113,9 +112,9 @@ def check_input_size(arch: str, img_size: int) -> None:
             net(torch.empty(1, 3, img_size, img_size))
     except NotImplementedError:  # an operation without a meta kernel: the first batch will tell
         return
-    except (RuntimeError, ValueError, AssertionError, UsageError) as e:
-        raise UsageError(f"{arch} cannot take {img_size}-pixel images ({timm_models.first_line(e)}): "
-                         f"use a larger --img-size, e.g. its weights' {preprocessing(arch).img_size}") from None
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise UsageError(f"{arch} cannot take {img_size}-pixel images ({checkpoint.first_line(e)}): "
+                         f"use another --img-size, e.g. its weights' {preprocessing(arch).img_size}") from None
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:
@@ -194,7 +193,7 @@ def read_weights(path: str | Path) -> Any:
         try:
             return load_file(str(path))
         except Exception as e:  # damaged or not safetensors
-            raise UsageError(f"{path} is not a readable .safetensors file ({timm_models.first_line(e)})") from None
+            raise UsageError(f"{path} is not a readable .safetensors file ({checkpoint.first_line(e)})") from None
     return checkpoint.read(path)
 
 
@@ -264,18 +263,14 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str,
         state = with_metadata({k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))},
                               state)
     state = resized_embeddings(model, renamed_legacy_keys(state, arch), arch)
-    wrong: list[str] = []
     try:
         result = model.load_state_dict(state, strict=False)
-        missing = sorted(k for k in result.missing_keys if not k.startswith(prefix))
-        unexpected = sorted(result.unexpected_keys)
-    except RuntimeError as e:  # shapes that differ: torch names each "size mismatch for KEY: ..."
-        missing, unexpected = [], []
-        wrong = re.findall(r"size mismatch for ([^:\s]+):", str(e)) or [timm_models.first_line(e)]
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}"
-                           for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                              ("wrong shape", wrong)) if keys)
+    except RuntimeError as e:  # shapes that differ
+        raise UsageError(f"weights in {source} don't fit {arch} ({checkpoint.mismatch(e)}): use weights saved "
+                         f"from {arch}") from None
+    missing = sorted(k for k in result.missing_keys if not k.startswith(prefix))
+    if missing or result.unexpected_keys:
+        detail = checkpoint.keys_named({"missing": missing, "unexpected": sorted(result.unexpected_keys)})
         raise UsageError(f"weights in {source} don't fit {arch} ({detail}): use weights saved from {arch}")
 
 
@@ -314,7 +309,7 @@ def build_model(arch: str, num_classes: int, mode: str = "scratch", weights_file
             if isinstance(obj, dict) and obj.get("kind") == checkpoint.KIND:
                 saved = {**obj.get("net_options", {}), **options}
             state = state_dict_from(obj, Path(weights_file))
-        if timm_models.is_timm(arch) and saved is None:
+        if timm_models.is_timm(arch):  # (timm's networks have no settings but their size to keep)
             model = timm_models.create(arch, num_classes, options, state, pretrained=True, source=source)
             model.net_options = options
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from checkpoint import Preprocess, interpolation
+from checkpoint import Preprocess, first_line, interpolation, mismatch
 from config import UsageError
 
 PREFIX = "timm/"
@@ -25,9 +25,11 @@ def is_timm(arch: str) -> bool:
 
 
 def installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("timm") is not None
+    try:
+        timm()
+    except UsageError:
+        return False
+    return True
 
 
 def timm() -> Any:
@@ -39,9 +41,10 @@ def timm() -> Any:
     return timm
 
 
-def names(pattern: str = "*") -> list[str]:
-    """timm's architectures matching `pattern`, as --model takes them."""
-    return [PREFIX + n for n in timm().list_models(pattern)]
+def names(tags: bool = False) -> list[str]:
+    """timm's architectures as --model takes them; with `tags`, also each of their named weights."""
+    t = timm()
+    return [PREFIX + n for n in t.list_models()] + ([PREFIX + n for n in t.list_pretrained()] if tags else [])
 
 
 def check_name(arch: str) -> None:
@@ -81,22 +84,36 @@ def preprocessing(arch: str) -> Preprocess:
 def size_options(arch: str, img_size: int | None) -> dict[str, Any]:
     """A network whose input size is fixed when built (a ViT's position embeddings) is built for the run's
     size; timm's loader resamples the embeddings of weights made for another size."""
-    cfg = pretrained_cfg(arch)
-    default = (cfg.get("input_size") or (3, 224, 224))[-1]
-    if img_size is None or img_size == default or not cfg.get("fixed_input_size"):
-        return {}
-    return {"img_size": img_size}
+    return {"img_size": img_size} if img_size is not None and pretrained_cfg(arch).get("fixed_input_size") else {}
+
+
+def with_any_head(arch: str, state: dict, options: dict[str, Any]) -> dict:
+    """`state` with the classifier tensors timm's strict loader expects for the weights' class count
+    (placeholders where the file's head is for other classes, as one of our checkpoints is, or absent):
+    the head is replaced after loading anyway, and everything else is still checked key by key."""
+    import torch
+
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # (saved from DistributedDataParallel)
+    heads = pretrained_cfg(arch).get("classifier") or ()
+    with torch.device("meta"):
+        expected = timm().create_model(arch[len(PREFIX):], **options).state_dict()
+    for key, value in expected.items():
+        if key.startswith(tuple(h + "." for h in ([heads] if isinstance(heads, str) else heads))) and (
+                key not in state or state[key].shape != value.shape):
+            state[key] = torch.zeros(value.shape, dtype=value.dtype)
+    return state
 
 
 def create(arch: str, num_classes: int, options: dict[str, Any], state: dict | None = None,
            pretrained: bool = False, source: str = "") -> Any:
     """The network with a fresh `num_classes` head; `pretrained`: timm's ImageNet weights, from `state`
-    (a timm state_dict) when given, else downloaded by timm."""
+    (a timm state_dict, or one of our checkpoints' models) when given, else downloaded by timm. Both go
+    through timm's loader, which converts what it knows (another input size's position embeddings)."""
     t, name = timm(), arch[len(PREFIX):]
     kwargs: dict[str, Any] = dict(options)
-    if pretrained and state is not None:
-        kwargs["pretrained_cfg_overlay"] = {"state_dict": state}
     try:
+        if pretrained and state is not None:
+            kwargs["pretrained_cfg_overlay"] = {"state_dict": with_any_head(arch, state, options)}
         model = t.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # a size option the architecture does not take
         raise UsageError(f"{arch} cannot be built for this input size ({e}): leave out --img-size") from None
@@ -104,29 +121,26 @@ def create(arch: str, num_classes: int, options: dict[str, Any], state: dict | N
         if not pretrained:
             raise
         if state is not None:  # timm's strict load, or its converter meeting keys of another model
-            raise UsageError(f"weights in {source} don't fit {arch} ({type(e).__name__}: {first_line(e)}): use "
-                             f"a timm state_dict saved from {name}") from None
+            raise UsageError(f"weights in {source} don't fit {arch} ({mismatch(e)}): use weights saved from "
+                             f"{name}") from None
         # no network, unknown repository, proxy: all end in the same advice
         raise UsageError(f"timm's ImageNet weights for {name} could not be downloaded ({first_line(e)}): "
                          "pass --weights FILE (a timm state_dict, e.g. its model.safetensors from "
                          "huggingface.co), or use --mode scratch") from None
     model.reset_classifier(num_classes)
-    model.head_name = classifier_name(model)
+    model.head_name = classifier_name(model, arch)
     return model
 
 
-def classifier_name(model: Any) -> str:
+def classifier_name(model: Any, arch: str) -> str:
     head = model.get_classifier()
     for name, module in model.named_modules():
         if module is head:
             return name
-    raise UsageError(f"{type(model).__name__} has more than one classifier head: not supported")
+    raise UsageError(f"{arch} has more than one classifier head (a distilled model): not supported; use one "
+                     "with a single head (e.g. deit_tiny_patch16_224 for deit_tiny_distilled_patch16_224)")
 
 
 def weights_identity(arch: str) -> list:
     cfg = pretrained_cfg(arch)
     return ["timm", cfg.get("hf_hub_id") or cfg.get("url") or arch, timm().__version__]
-
-
-def first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

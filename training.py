@@ -49,6 +49,7 @@ from config import (
     UsageError,
     absolute_paths,
     describe_recipe,
+    file_name,
     identity_changes,
     recipe_settings,
     validate,
@@ -267,7 +268,7 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
             return cfg, Start(Path(cfg.out))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         kind = "lr-find" if cfg.lr_find else cfg.mode
-        return cfg, Start(Path("runs") / f"{cfg.model.replace('/', '-')}-{kind}-{stamp}", named=False)
+        return cfg, Start(Path("runs") / f"{file_name(cfg.model)}-{kind}-{stamp}", named=False)
     run_dir, last = checkpoint.resume_target(given["resume"], given.get("out"))
     if given.get("out") and given["resume"] != "auto" and Path(given["out"]).absolute() != run_dir.absolute():
         raise UsageError(f"--out cannot change on resume: the run stays in {run_dir} (copy the folder to "
@@ -738,15 +739,31 @@ def describe(run: Run, model: nn.Module) -> None:
     trainable, frozen = models.count_parameters(model)
     pre = run.preprocess
     if run.lead and run.cfg.summary:
-        from torchsummary import summary
-
-        model.eval()  # a summary forward pass must not move BatchNorm statistics
-        table = io.StringIO()
-        with contextlib.redirect_stdout(table):
-            summary(model, (3, pre.img_size, pre.img_size), device="cpu")
-        files.atomic_write_text(run.run_dir / "model_summary.txt", table.getvalue())
+        write_summary(model, pre.img_size, run.run_dir / "model_summary.txt", run.cfg.model)
     run.say(f"model: {run.cfg.model}, mode {run.cfg.mode}: {trainable:,} trainable and {frozen:,} frozen parameters; "
             f"{pre.img_size} px crops of {pre.resize_size} px images")
+
+
+def write_summary(model: nn.Module, img_size: int, path: Path, arch: str) -> None:
+    """torchsummary's layer table; a network it cannot trace (layers returning lists or tuples: DenseNet,
+    torchvision's ViTs, many of timm's) trains without one, with a warning."""
+    from torchsummary import summary
+
+    model.eval()  # a summary forward pass must not move BatchNorm statistics
+    hooks = {id(m): set(m._forward_hooks) for m in model.modules()}
+    table = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(table):
+            summary(model, (3, img_size, img_size), device="cpu")
+    except Exception as e:  # torchsummary's own failure: the table is optional
+        dataset.warn(f"no model_summary.txt: torchsummary cannot trace {arch} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:100] if str(e) else ''}); --no-summary skips it")
+        return
+    finally:  # hooks it left behind when it failed half-way
+        for m in model.modules():
+            for key in set(m._forward_hooks) - hooks.get(id(m), set()):
+                del m._forward_hooks[key]
+    files.atomic_write_text(path, table.getvalue())
 
 
 def place(model: nn.Module, cfg: TrainConfig, preprocess: Preprocess, device: torch.device

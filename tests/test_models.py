@@ -185,3 +185,12 @@ def test_input_size_check_passes_what_the_networks_take():
 def test_a_head_without_bias_is_replaced_by_one_without():
     model = models.build_model("maxvit_t", 3, "scratch", img_size=224)
     assert model.classifier[-1].bias is None and model.classifier[-1].out_features == 3  # as published
+
+
+def test_a_network_torchsummary_cannot_trace_trains_without_the_table(colours, tmp_path, capsys):
+    """torchsummary fails on layers that return lists (DenseNet) or None (ViTs): the run goes on."""
+    out = tmp_path / "run"
+    args = [a for a in train_args(colours, out, "--model", "densenet121", "--mode", "scratch") if a != "--no-summary"]
+    assert call(train.main, args) == 0
+    assert "no model_summary.txt: torchsummary cannot trace densenet121" in capsys.readouterr().err
+    assert (out / "best.pt").is_file() and not (out / "model_summary.txt").exists()  # (its hooks were removed)

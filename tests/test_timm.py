@@ -20,6 +20,7 @@ import models
 import test as predict
 import train
 from checkpoint import Preprocess
+from config import UsageError
 
 timm = pytest.importorskip("timm", reason="timm is not installed (requirements-timm.txt)")
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,3 +167,58 @@ def test_images_are_resized_with_the_interpolation_of_the_weights_and_it_travels
     from predictor import OnnxModel
 
     assert OnnxModel(onnx).preprocess.interpolation == "bicubic"
+
+
+def test_our_checkpoint_of_a_fixed_size_model_starts_a_run_at_another_size(colours, tmp_path):
+    """Its position embeddings made for 32 px are resampled by timm's loader for the new run's size."""
+    run = tmp_path / "vit32"
+    assert call(train.main, train_args(colours, run, "--model", "timm/test_vit", "--mode", "scratch")) == 0
+    for size in (64, 160):
+        model = models.build_model("timm/test_vit", 3, "finetune", str(run / "best.pt"), img_size=size)
+        assert model.net_options == {"img_size": size}
+        assert model.eval()(torch.rand(1, 3, size, size)).shape == (1, 3)
+
+
+def test_a_timm_state_dict_with_another_head_loads_its_backbone(tmp_path):
+    torch.manual_seed(2)
+    state = timm.create_model("test_convnext", num_classes=10).state_dict()
+    torch.save({"module." + k: v for k, v in state.items()}, tmp_path / "ten.pth")  # as saved from DDP
+    model = models.build_model(NAME, 3, "finetune", str(tmp_path / "ten.pth"))
+    assert torch.equal(model.stem[0].weight, state["stem.0.weight"]) and model.get_classifier().out_features == 3
+
+
+def test_a_timm_file_that_does_not_fit_names_the_mismatching_keys(tmp_path):
+    state = timm.create_model("test_convnext").state_dict()
+    del state["stem.0.weight"]
+    torch.save(state, tmp_path / "less.pth")
+    with pytest.raises(UsageError, match=r"don't fit timm/test_convnext \(missing: stem\.0\.weight\)"):
+        models.build_model(NAME, 3, "finetune", str(tmp_path / "less.pth"))
+
+
+def test_a_model_with_two_classifier_heads_is_refused_for_what_it_is(colours, tmp_path, capsys):
+    model = "timm/deit_tiny_distilled_patch16_224"
+    assert call(train.main, train_args(colours, tmp_path / "r", "--model", model, "--img-size", "32")) == 2
+    err = capsys.readouterr().err
+    assert "more than one classifier head" in err and "cannot take" not in err
+
+
+def test_a_timm_cross_validation_job_gets_a_folder_runs_py_lists(colours, tmp_path, monkeypatch, capsys):
+    import runs
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", str(colours), "--model", NAME, "--mode", "scratch", "--folds", "2", "--epochs", "1",
+            "--img-size", "32", "--batch-size", "8", "--workers", "0"]
+    assert call(train.main, args) == 0
+    assert [p.name.startswith("timm-test_convnext-cv2-") for p in (tmp_path / "runs").iterdir()] == [True]
+    assert call(runs.main, []) == 0 and "timm-test_convnext-cv2-" in capsys.readouterr().out
+
+
+def test_list_models_lists_timms_named_weights_for_a_pattern_with_a_dot(capsys):
+    assert call(train.main, ["--list-models", "timm/test_convnext.*"]) == 0
+    assert "timm/test_convnext.r160_in1k" in capsys.readouterr().out.split()
+
+
+def test_without_timm_listing_timms_models_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    assert call(train.main, ["--list-models", "timm/*"]) == 2
+    assert "pip install timm" in capsys.readouterr().err
