@@ -1,4 +1,8 @@
-"""Networks: build any torchvision classifier, load its weights safely, fit its head, freeze it.
+"""Networks: build any torchvision classifier as torchvision builds it for its weights (or a timm model,
+timm_models.py), load its weights safely, fit its head, freeze it.
+
+Settings a network is built with beyond its name (GoogLeNet's transform_input, a ViT's input size)
+are kept on it as `net_options` and in its checkpoints, so it is rebuilt the same.
 
 Freezing rule (transfer mode): every parameter outside the new head has requires_grad=False AND the
 backbone stays in eval mode while training, so BatchNorm running statistics and dropout are frozen
