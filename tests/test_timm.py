@@ -3,6 +3,7 @@ through eval, test and export like a torchvision model (timm's tiny test_* model
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -77,6 +78,11 @@ def test_a_timm_run_evaluates_predicts_explains_and_exports_with_the_same_comman
     report = json.loads(Path(str(onnx) + ".json").read_text())
     assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= report["allowed_diff"]
     assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(onnx), "--out", str(tmp_path / "ev2")]) == 0
+    if importlib.util.find_spec("executorch"):  # (requirements-export.txt)
+        pte = tmp_path / "m.pte"
+        assert call(export.main, ["--checkpoint", str(run), "--format", "executorch", "--data", str(colours),
+                                  "--out", str(pte), "--images", "4"]) == 0
+        assert json.loads(Path(str(pte) + ".json").read_text())["top1_agreement"] == 1.0
 
 
 def test_preprocessing_comes_from_timms_data_config():
