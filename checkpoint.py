@@ -92,16 +92,19 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
-def mismatch(e: BaseException) -> str:
-    """What a failed load_state_dict names (missing, unexpected and wrongly shaped keys, three of each),
-    or the error's first line."""
+def mismatched_keys(e: BaseException) -> dict[str, list[str]]:
+    """The keys a failed load_state_dict names: missing, unexpected, of the wrong shape."""
     import re
 
     text = str(e)
     found = {what: re.findall(r'"([^"]+)"', m.group(1)) for what in ("missing", "unexpected")
              if (m := re.search(what.capitalize() + r" key\(s\) in state_dict: (.*)", text))}
-    found["wrong shape"] = re.findall(r"size mismatch for ([^:\s]+):", text)
-    return keys_named(found) or f"{type(e).__name__}: {first_line(e)}"
+    return {**found, "wrong shape": re.findall(r"size mismatch for ([^:\s]+):", text)}
+
+
+def mismatch(e: BaseException) -> str:
+    """What a failed load_state_dict names (three keys of each kind), or the error's first line."""
+    return keys_named(mismatched_keys(e)) or f"{type(e).__name__}: {first_line(e)}"
 
 
 def keys_named(found: dict[str, list[str]]) -> str:

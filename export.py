@@ -12,7 +12,7 @@ normalisation is inside. Class names and preprocessing travel with it (ONNX meta
 .pte/.ptl files). After exporting, N images (from --data, else generated) go through both models:
 top-1 agreement and the largest logit difference are printed and written to <out>.json with the
 file size and CPU latency. A float export that disagrees on any top-1, or differs by more than
---tolerance (times the largest |logit| when that is above 1), fails with exit status 1.
+--tolerance (times the image's largest |logit| when that is above 1), fails with exit status 1.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
                         "existing one, or ending in /) to write <model>.<format> in (default: beside the checkpoint)")
     parser.add_argument("--images", type=int, default=64, help="images for the parity check and calibration")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference a float export "
-                        "may have, relative to the largest |logit| when that is above 1 (float32 keeps ~7 digits)")
+                        "may have, relative to the image's largest |logit| when that is above 1 (float32 keeps ~7 "
+                        "digits)")
     args = parser.parse_args(argv)
     check_shared(args)
     if args.int8 and args.format == "torchscript":

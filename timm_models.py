@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from checkpoint import Preprocess, first_line, interpolation, mismatch
+from checkpoint import Preprocess, first_line, interpolation, keys_named, mismatched_keys
 from config import UsageError
 
 PREFIX = "timm/"
@@ -87,16 +87,22 @@ def size_options(arch: str, img_size: int | None) -> dict[str, Any]:
     return {"img_size": img_size} if img_size is not None and pretrained_cfg(arch).get("fixed_input_size") else {}
 
 
-def with_any_head(arch: str, state: dict, options: dict[str, Any]) -> dict:
+def expected_state(arch: str, options: dict[str, Any]) -> dict:
+    """The tensors (shapes only) of the network as built for its weights."""
+    import torch
+
+    with torch.device("meta"):
+        return timm().create_model(arch[len(PREFIX):], **options).state_dict()
+
+
+def with_any_head(arch: str, state: dict, expected: dict) -> dict:
     """`state` with the classifier tensors timm's strict loader expects for the weights' class count
     (placeholders where the file's head is for other classes, as one of our checkpoints is, or absent):
     the head is replaced after loading anyway, and everything else is still checked key by key."""
     import torch
 
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # (saved from DistributedDataParallel)
+    state = dict(state)
     heads = pretrained_cfg(arch).get("classifier") or ()
-    with torch.device("meta"):
-        expected = timm().create_model(arch[len(PREFIX):], **options).state_dict()
     for key, value in expected.items():
         if key.startswith(tuple(h + "." for h in ([heads] if isinstance(heads, str) else heads))) and (
                 key not in state or state[key].shape != value.shape):
@@ -111,9 +117,12 @@ def create(arch: str, num_classes: int, options: dict[str, Any], state: dict | N
     through timm's loader, which converts what it knows (another input size's position embeddings)."""
     t, name = timm(), arch[len(PREFIX):]
     kwargs: dict[str, Any] = dict(options)
+    expected: dict = {}
     try:
         if pretrained and state is not None:
-            kwargs["pretrained_cfg_overlay"] = {"state_dict": with_any_head(arch, state, options)}
+            state = {k.removeprefix("module."): v for k, v in state.items()}  # (saved from DDP)
+            expected = expected_state(arch, options)
+            kwargs["pretrained_cfg_overlay"] = {"state_dict": with_any_head(arch, state, expected)}
         model = t.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # a size option the architecture does not take
         raise UsageError(f"{arch} cannot be built for this input size ({e}): leave out --img-size") from None
@@ -121,24 +130,46 @@ def create(arch: str, num_classes: int, options: dict[str, Any], state: dict | N
         if not pretrained:
             raise
         if state is not None:  # timm's strict load, or its converter meeting keys of another model
-            raise UsageError(f"weights in {source} don't fit {arch} ({mismatch(e)}): use weights saved from "
-                             f"{name}") from None
+            raise UsageError(not_fitting(arch, source, e, state, expected, options)) from None
         # no network, unknown repository, proxy: all end in the same advice
         raise UsageError(f"timm's ImageNet weights for {name} could not be downloaded ({first_line(e)}): "
                          "pass --weights FILE (a timm state_dict, e.g. its model.safetensors from "
                          "huggingface.co), or use --mode scratch") from None
-    model.reset_classifier(num_classes)
-    model.head_name = classifier_name(model, arch)
+    model.head_name = new_head(model, num_classes, arch)
     return model
 
 
-def classifier_name(model: Any, arch: str) -> str:
+def not_fitting(arch: str, source: str, e: Exception, state: dict, expected: dict, options: dict[str, Any]) -> str:
+    """Why a weights file was refused: the keys that differ (from the loader's error, else compared with
+    the network's own), and for weights made for another input size that timm cannot convert, the size."""
+    found = mismatched_keys(e)
+    if not any(found.values()):  # a converter's KeyError: the keys compared here
+        found = {"missing": sorted(set(expected) - set(state)), "unexpected": sorted(set(state) - set(expected))}
+    detail = keys_named(found) or f"{type(e).__name__}: {first_line(e)}"
+    default = (pretrained_cfg(arch).get("input_size") or (3, 224, 224))[-1]
+    if options.get("img_size", default) != default:
+        return (f"weights in {source} don't fit {arch} at {options['img_size']} px ({detail}): timm does not convert "
+                f"them for another size; use --img-size {default}")
+    return f"weights in {source} don't fit {arch} ({detail}): use weights saved from {arch[len(PREFIX):]}"
+
+
+def new_head(model: Any, num_classes: int, arch: str) -> str:
+    """reset_classifier's new head for `num_classes`, by name; a network whose classes come out of more
+    than one head (distilled models, VOLO's auxiliary head) is refused: heads are trained, frozen and
+    cached as one module here."""
+    import torch
+
+    before = dict(model.named_modules())
+    model.reset_classifier(num_classes)
     head = model.get_classifier()
-    for name, module in model.named_modules():
-        if module is head:
-            return name
-    raise UsageError(f"{arch} has more than one classifier head (a distilled model): not supported; use one "
-                     "with a single head (e.g. deit_tiny_patch16_224 for deit_tiny_distilled_patch16_224)")
+    names = {module: name for name, module in model.named_modules()}
+    inside = set(head.modules()) if isinstance(head, torch.nn.Module) else set()
+    others = [name for name, m in model.named_modules() if before.get(name) is not m and m not in inside
+              and next(m.parameters(recurse=False), None) is not None]
+    if head not in names or others:
+        raise UsageError(f"{arch} has more than one classifier head ({', '.join(others) or 'distilled'}): not "
+                         "supported; choose a model with one")
+    return names[head]
 
 
 def weights_identity(arch: str) -> list:

@@ -85,6 +85,7 @@ def isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # timm's hub: no retries against the dead proxy
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "empty-torch-home"))
 
 

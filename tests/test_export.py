@@ -120,4 +120,33 @@ def test_a_float_export_of_a_model_with_huge_logits_passes_on_float32_rounding(c
                  "--images", "8"]) == 0
     report = json.loads(Path(str(out) + ".json").read_text())
     assert report["max_abs_logit"] > 1e4 and report["max_abs_logit_diff"] > 1e-3
-    assert report["max_abs_logit_diff"] <= report["allowed_diff"] == pytest.approx(1e-3 * report["max_abs_logit"])
+    assert report["max_scaled_diff"] <= 1e-3
+
+
+def test_parity_scales_each_images_difference_by_its_own_logits():
+    """One image with huge logits must not widen the tolerance of the others."""
+    import torch
+
+    import deploy
+
+    reference = torch.tensor([[1e5, 0.0], [0.5, 0.2]])
+    exported = reference + torch.tensor([[0.01, 0.0], [0.0, 0.01]])  # 1e-7 of the first image, 1e-2 of the second
+    report = deploy.parity(reference, exported)
+    assert report["max_abs_logit"] == 1e5 and report["max_scaled_diff"] == pytest.approx(0.01)
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_a_network_the_exporter_cannot_trace_is_one_line_naming_the_first_cause(tmp_path):
+    """Exporters wrap the cause in pages of their own advice: the line names the cause."""
+    import torch
+    from torch import nn
+
+    import deploy
+    from config import TrainingError
+
+    class Untraceable(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise LookupError("the cause, deep down")
+
+    with pytest.raises(TrainingError, match=r"could not be exported to onnx \(LookupError: the cause, deep down\)"):
+        deploy.write("onnx", Untraceable(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx", {}, False)

@@ -76,7 +76,7 @@ def test_a_timm_run_evaluates_predicts_explains_and_exports_with_the_same_comman
     assert call(export.main, ["--checkpoint", str(run), "--format", "onnx", "--data", str(colours),
                               "--out", str(onnx), "--images", "8"]) == 0
     report = json.loads(Path(str(onnx) + ".json").read_text())
-    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= report["allowed_diff"]
+    assert report["top1_agreement"] == 1.0 and report["max_scaled_diff"] <= 1e-3
     assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(onnx), "--out", str(tmp_path / "ev2")]) == 0
     if importlib.util.find_spec("executorch"):  # (requirements-export.txt)
         pte = tmp_path / "m.pte"
@@ -201,11 +201,27 @@ def test_a_timm_file_that_does_not_fit_names_the_mismatching_keys(tmp_path):
         models.build_model(NAME, 3, "finetune", str(tmp_path / "less.pth"))
 
 
-def test_a_model_with_two_classifier_heads_is_refused_for_what_it_is(colours, tmp_path, capsys):
-    model = "timm/deit_tiny_distilled_patch16_224"
+@pytest.mark.parametrize("model", ["timm/deit_tiny_distilled_patch16_224", "timm/volo_d1_224"])
+def test_a_model_with_two_classifier_heads_is_refused_for_what_it_is(model, colours, tmp_path, capsys):
+    """A distilled model's second head, VOLO's auxiliary one: reset by timm, but trained, frozen and
+    cached as one module here (VOLO's was left frozen and random in transfer mode)."""
     assert call(train.main, train_args(colours, tmp_path / "r", "--model", model, "--img-size", "32")) == 2
     err = capsys.readouterr().err
-    assert "more than one classifier head" in err and "cannot take" not in err
+    assert "more than one classifier head" in err and "cannot take" not in err and not (tmp_path / "r").exists()
+
+
+def test_another_models_weights_are_refused_naming_the_keys_a_converter_tripped_on(tmp_path):
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(UsageError, match=r"don't fit timm/test_convnext \(missing: .*; unexpected: .*\)"):
+        models.build_model(NAME, 3, "finetune", str(tmp_path / "vit.pth"))
+
+
+def test_weights_timm_cannot_convert_for_another_size_are_refused_naming_their_size():
+    import timm_models
+
+    error = RuntimeError('Error(s) in loading state_dict:\n\tsize mismatch for pos_embed: copying a param ...')
+    message = timm_models.not_fitting("timm/test_vit", "w.pth", error, {}, {}, {"img_size": 64})
+    assert "at 64 px (wrong shape: pos_embed)" in message and "use --img-size 160" in message
 
 
 def test_a_timm_cross_validation_job_gets_a_folder_runs_py_lists(colours, tmp_path, monkeypatch, capsys):
