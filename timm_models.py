@@ -83,7 +83,8 @@ def preprocessing(arch: str) -> Preprocess:
 
 def size_options(arch: str, img_size: int | None) -> dict[str, Any]:
     """A network whose input size is fixed when built (a ViT's position embeddings) is built for the run's
-    size; timm's loader resamples the embeddings of weights made for another size."""
+    size; timm's loader resamples the embeddings of weights made for another size where it knows how
+    (its ViTs), else they are refused naming the size they take (not_fitting)."""
     return {"img_size": img_size} if img_size is not None and pretrained_cfg(arch).get("fixed_input_size") else {}
 
 
