@@ -155,22 +155,23 @@ def not_fitting(arch: str, source: str, e: Exception, state: dict, expected: dic
 
 
 def new_head(model: Any, num_classes: int, arch: str) -> str:
-    """reset_classifier's new head for `num_classes`, by name; a network whose classes come out of more
-    than one head (distilled models, VOLO's auxiliary head) is refused: heads are trained, frozen and
+    """reset_classifier's new head for `num_classes`, by name: the module holding every layer it made
+    (timm's classifier, with the norm some put before it); a network whose classes come out of more
+    than one head (distilled models, VOLO's auxiliary head) is refused: a head is trained, frozen and
     cached as one module here."""
-    import torch
-
     before = dict(model.named_modules())
     model.reset_classifier(num_classes)
-    head = model.get_classifier()
-    names = {module: name for name, module in model.named_modules()}
-    inside = set(head.modules()) if isinstance(head, torch.nn.Module) else set()
-    others = [name for name, m in model.named_modules() if before.get(name) is not m and m not in inside
-              and next(m.parameters(recurse=False), None) is not None]
-    if head not in names or others:
-        raise UsageError(f"{arch} has more than one classifier head ({', '.join(others) or 'distilled'}): not "
+    made = [name for name, m in model.named_modules()
+            if before.get(name) is not m and next(m.parameters(recurse=False), None) is not None]
+    common: list[str] = []
+    for names in zip(*(name.split(".") for name in made)) if made else ():
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    if not common:
+        raise UsageError(f"{arch} has more than one classifier head ({', '.join(made) or 'none found'}): not "
                          "supported; choose a model with one")
-    return names[head]
+    return ".".join(common)
 
 
 def weights_identity(arch: str) -> list:

@@ -244,3 +244,11 @@ def test_without_timm_listing_timms_models_says_how_to_install_it(capsys, monkey
     monkeypatch.setitem(sys.modules, "timm", None)
     assert call(train.main, ["--list-models", "timm/*"]) == 2
     assert "pip install timm" in capsys.readouterr().err
+
+
+def test_a_head_timm_makes_with_a_norm_before_its_classifier_is_one_head():
+    model = models.build_model("timm/shvit_s1", 3, "scratch")  # reset_classifier makes head.bn and head.l
+    assert model.head_name == "head"
+    models.freeze_backbone(model)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"head"}
+    assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 3)
