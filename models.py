@@ -152,7 +152,7 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def head_of(model: nn.Module) -> tuple[str, nn.Module]:
-    """Name and module of the head that replace_head() (or timm's reset_classifier) put in."""
+    """Name and module of the head that replace_head() put in (for timm: timm_models.head_name)."""
     return model.head_name, model.get_submodule(model.head_name)
 
 

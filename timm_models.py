@@ -1,10 +1,11 @@
 """timm's models as an option: `--model timm/NAME` (or `timm/NAME.TAG` for one of its weights).
 
 timm is not a requirement (`pip install -r requirements-timm.txt`); it is imported only for a timm/
-name. What differs from a torchvision model: the network is built by `timm.create_model`, its head is
-the module `get_classifier()` names and is replaced by `reset_classifier` (timm's own API), ImageNet
-weights come through timm's loader (the Hugging Face hub, or a file given with --weights passed as
-the loader's state_dict, so timm's own conversions apply), and the preprocessing is timm's data
+name. What differs from a torchvision model: the network is built by `timm.create_model` with the
+run's number of classes, as timm's own train script builds it; its head is the module holding the
+classifier timm names for the weights; ImageNet weights come through timm's loader (the Hugging Face
+hub, or a file given with --weights passed as the loader's state_dict, so timm's own conversions
+apply) and everything but the classifier is taken from them; the preprocessing is timm's data
 config for those weights. Everything after building (freezing, the feature cache, checkpoints,
 eval, test, export) treats it like any other network.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from checkpoint import Preprocess, first_line, interpolation, keys_named, mismatched_keys
+from checkpoint import Preprocess, first_line, interpolation, keys_named, mismatch, mismatched_keys
 from config import UsageError
 
 PREFIX = "timm/"
@@ -96,48 +97,80 @@ def expected_state(arch: str, options: dict[str, Any]) -> dict:
         return timm().create_model(arch[len(PREFIX):], **options).state_dict()
 
 
+def classifiers(arch: str, model: Any = None) -> tuple[str, ...]:
+    """The modules timm names as the weights' classifier (a distilled model has two); else the one
+    get_classifier() returns."""
+    heads = pretrained_cfg(arch).get("classifier")
+    if heads:
+        return (heads,) if isinstance(heads, str) else tuple(heads)
+    head = model.get_classifier() if model is not None else None
+    return tuple(name for name, m in (model.named_modules() if model is not None else ()) if m is head)
+
+
+def under(key: str, modules: tuple[str, ...]) -> bool:
+    return key.startswith(tuple(m + "." for m in modules))
+
+
 def with_any_head(arch: str, state: dict, expected: dict) -> dict:
     """`state` with the classifier tensors timm's strict loader expects for the weights' class count
-    (placeholders where the file's head is for other classes, as one of our checkpoints is, or absent):
-    the head is replaced after loading anyway, and everything else is still checked key by key."""
+    (placeholders where the file's classifier is for other classes, as one of our checkpoints is, or
+    absent; dropped where the weights have none): the classifier is not taken from the weights anyway,
+    and everything else is still checked key by key."""
     import torch
 
-    state = dict(state)
-    heads = pretrained_cfg(arch).get("classifier") or ()
+    heads = classifiers(arch)
+    state = {k: v for k, v in state.items() if not under(k, heads) or (k in expected and v.shape == expected[k].shape)}
     for key, value in expected.items():
-        if key.startswith(tuple(h + "." for h in ([heads] if isinstance(heads, str) else heads))) and (
-                key not in state or state[key].shape != value.shape):
+        if under(key, heads) and key not in state:
             state[key] = torch.zeros(value.shape, dtype=value.dtype)
     return state
 
 
 def create(arch: str, num_classes: int, options: dict[str, Any], state: dict | None = None,
            pretrained: bool = False, source: str = "") -> Any:
-    """The network with a fresh `num_classes` head; `pretrained`: timm's ImageNet weights, from `state`
-    (a timm state_dict, or one of our checkpoints' models) when given, else downloaded by timm. Both go
-    through timm's loader, which converts what it knows (another input size's position embeddings)."""
+    """The network with a new `num_classes` classifier, built by timm as its train script builds one
+    (`create_model(num_classes=N)`); `pretrained`: everything but the classifier from timm's ImageNet
+    weights (pretrained layers inside a head, such as MetaFormer's MLP or a norm before the classifier,
+    kept as timm keeps them), read strictly through timm's loader: from `state` (a timm state_dict, or
+    one of our checkpoints' models) when given, else downloaded by timm."""
+    try:
+        model = timm().create_model(arch[len(PREFIX):], num_classes=num_classes, **options)
+    except TypeError as e:  # a size option the architecture does not take
+        raise UsageError(f"{arch} cannot be built for this input size ({e}): leave out --img-size") from None
+    model.head_name = head_name(arch, model)
+    if pretrained:
+        heads = classifiers(arch, model)
+        weights = {k: v for k, v in published(arch, options, state, source).state_dict().items() if not under(k, heads)}
+        try:
+            result = model.load_state_dict(weights, strict=False)
+            wrong = [k for k in result.missing_keys if not under(k, heads)] + result.unexpected_keys
+        except RuntimeError as e:
+            wrong = [mismatch(e)]
+        if wrong:
+            raise UsageError(f"{arch} with {num_classes} classes differs from its weights' network beyond the "
+                             f"classifier ({', '.join(wrong[:3])}): not supported")
+    return model
+
+
+def published(arch: str, options: dict[str, Any], state: dict | None, source: str) -> Any:
+    """The network as its weights were published, loaded strictly by timm's loader, which converts what
+    it knows (another input size's position embeddings, original layouts)."""
     t, name = timm(), arch[len(PREFIX):]
     kwargs: dict[str, Any] = dict(options)
     expected: dict = {}
     try:
-        if pretrained and state is not None:
+        if state is not None:
             state = {k.removeprefix("module."): v for k, v in state.items()}  # (saved from DDP)
             expected = expected_state(arch, options)
             kwargs["pretrained_cfg_overlay"] = {"state_dict": with_any_head(arch, state, expected)}
-        model = t.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:  # a size option the architecture does not take
-        raise UsageError(f"{arch} cannot be built for this input size ({e}): leave out --img-size") from None
+        return t.create_model(name, pretrained=True, **kwargs)
     except Exception as e:
-        if not pretrained:
-            raise
         if state is not None:  # timm's strict load, or its converter meeting keys of another model
             raise UsageError(not_fitting(arch, source, e, state, expected, options)) from None
         # no network, unknown repository, proxy: all end in the same advice
         raise UsageError(f"timm's ImageNet weights for {name} could not be downloaded ({first_line(e)}): "
                          "pass --weights FILE (a timm state_dict, e.g. its model.safetensors from "
                          "huggingface.co), or use --mode scratch") from None
-    model.head_name = new_head(model, num_classes, arch)
-    return model
 
 
 def not_fitting(arch: str, source: str, e: Exception, state: dict, expected: dict, options: dict[str, Any]) -> str:
@@ -154,22 +187,18 @@ def not_fitting(arch: str, source: str, e: Exception, state: dict, expected: dic
     return f"weights in {source} don't fit {arch} ({detail}): use weights saved from {arch[len(PREFIX):]}"
 
 
-def new_head(model: Any, num_classes: int, arch: str) -> str:
-    """reset_classifier's new head for `num_classes`, by name: the module holding every layer it made
-    (timm's classifier, with the norm some put before it); a network whose classes come out of more
-    than one head (distilled models, VOLO's auxiliary head) is refused: a head is trained, frozen and
-    cached as one module here."""
-    before = dict(model.named_modules())
-    model.reset_classifier(num_classes)
-    made = [name for name, m in model.named_modules()
-            if before.get(name) is not m and next(m.parameters(recurse=False), None) is not None]
+def head_name(arch: str, model: Any) -> str:
+    """The module holding the classifier(s): what trains in transfer mode and is cached around. A network
+    whose classes come out of heads with no module in common (distilled DeiT and LeViT, VOLO's
+    auxiliary head) is refused: a head is trained, frozen and cached as one module here."""
+    heads = classifiers(arch, model)
     common: list[str] = []
-    for names in zip(*(name.split(".") for name in made)) if made else ():
+    for names in zip(*(h.split(".") for h in heads)) if heads else ():
         if len(set(names)) > 1:
             break
         common.append(names[0])
     if not common:
-        raise UsageError(f"{arch} has more than one classifier head ({', '.join(made) or 'none found'}): not "
+        raise UsageError(f"{arch} has more than one classifier head ({', '.join(heads) or 'none found'}): not "
                          "supported; choose a model with one")
     return ".".join(common)
 

@@ -246,9 +246,32 @@ def test_without_timm_listing_timms_models_says_how_to_install_it(capsys, monkey
     assert "pip install timm" in capsys.readouterr().err
 
 
-def test_a_head_timm_makes_with_a_norm_before_its_classifier_is_one_head():
-    model = models.build_model("timm/shvit_s1", 3, "scratch")  # reset_classifier makes head.bn and head.l
-    assert model.head_name == "head"
-    models.freeze_backbone(model)
-    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"head"}
-    assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 3)
+def test_pretrained_layers_inside_a_head_are_kept_and_only_the_classifier_is_new(tmp_path):
+    """SHViT's head is a norm then the classifier timm names (head.l): the norm keeps its weights, as in
+    timm's own fine-tuning, and is frozen in transfer mode."""
+    torch.manual_seed(3)
+    net = timm.create_model("shvit_s1")
+    with torch.no_grad():
+        net.head.bn.running_var.uniform_(0.5, 1.5)
+    torch.save(net.state_dict(), tmp_path / "shvit.pth")
+    model = models.build_model("timm/shvit_s1", 3, "transfer", str(tmp_path / "shvit.pth"))
+    assert model.head_name == "head.l" and model.head.l.out_features == 3
+    assert torch.equal(model.head.bn.running_var, net.head.bn.running_var)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.l.weight", "head.l.bias"]
+
+
+@pytest.mark.parametrize("name", ["convnextv2_atto.fcmae", "eva02_tiny_patch14_224"])
+def test_weights_published_without_a_classifier_and_our_checkpoints_of_them_both_start_a_run(name, tmp_path):
+    """timm publishes some weights with no classifier at all (pre-training: FCMAE, MIM); one of our
+    checkpoints of that model has one (it was refused: 'unexpected: head.weight')."""
+    arch = "timm/" + name
+    torch.manual_seed(4)
+    published = timm.create_model(name).state_dict()
+    torch.save(published, tmp_path / "published.pth")
+    model = models.build_model(arch, 2, "finetune", str(tmp_path / "published.pth"), img_size=56)
+    first = next(iter(published))
+    assert torch.equal(model.state_dict()[first], published[first])
+    ckpt = checkpoint.of_model(arch, ["a", "b"], model.state_dict(), models.preprocessing(arch, 56))
+    torch.save(ckpt, tmp_path / "ours.pt")
+    again = models.build_model(arch, 3, "transfer", str(tmp_path / "ours.pt"), img_size=56)
+    assert torch.equal(again.state_dict()[first], published[first]) and again.get_classifier().out_features == 3
