@@ -756,8 +756,8 @@ def make_cache(kind: str, paths: list[str], size: int, cache_dir: str | None = N
     kind = cache_kind(kind, paths, size, cache_dir, max_bytes, interpolation)
     if kind == "compact":
         load = functools.partial(load_or_none, size=size, max_bytes=max_bytes, interpolation=interpolation)
-        return CompactCache(paths, size, load, [CACHE_VERSION, *resized_with(interpolation)], cache_dir,
-                            interpolation)
+        decoder = [CACHE_VERSION, interpolation] if resized_with(interpolation) else CACHE_VERSION  # (keys as before)
+        return CompactCache(paths, size, load, decoder, cache_dir, interpolation)
     return ImageCache(paths, size, cache_dir, max_bytes, interpolation) if kind == "raw" else None
 
 

@@ -198,3 +198,15 @@ def test_a_checkpoint_from_before_interpolation_was_saved_resizes_bilinearly():
     old = {"img_size": 32, "resize_size": 36, "mean": [0.5] * 3, "std": [0.5] * 3}
     assert Preprocess.from_dict(old).interpolation == "bilinear"
     assert Preprocess.from_dict({**old, "interpolation": "bicubic"}).interpolation == "bicubic"
+
+
+def test_bilinear_caches_keep_the_keys_they_had_before_interpolation_was_keyed(tmp_path):
+    """Caches built before stay valid: only another interpolation changes a key."""
+    import compact_cache
+
+    path = make_folder(tmp_path / "d", per_class=1) / "red" / "red_000.png"
+    cache = dataset.make_cache("compact", [str(path)], 20, str(tmp_path / "c"))
+    before = compact_cache.CompactCache([str(path)], 20, None, dataset.CACHE_VERSION, str(tmp_path / "c"))
+    assert cache.path == before.path
+    cubic = dataset.make_cache("compact", [str(path)], 20, str(tmp_path / "c"), interpolation="bicubic")
+    assert cubic.path != before.path
