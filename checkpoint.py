@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,6 @@ def first_line(e: BaseException) -> str:
 
 def mismatched_keys(e: BaseException) -> dict[str, list[str]]:
     """The keys a failed load_state_dict names: missing, unexpected, of the wrong shape."""
-    import re
-
     text = str(e)
     found = {what: re.findall(r'"([^"]+)"', m.group(1)) for what in ("missing", "unexpected")
              if (m := re.search(what.capitalize() + r" key\(s\) in state_dict: (.*)", text))}

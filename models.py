@@ -96,7 +96,7 @@ def size_options(arch: str, img_size: int | None) -> dict[str, Any]:
     if arch.startswith("vit_"):
         return {"image_size": img_size}
     if arch.startswith("maxvit_"):
-        return {"input_size": [img_size, img_size]}
+        return {"input_size": (img_size, img_size)}
     return {}
 
 
@@ -261,11 +261,9 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str,
     prefix = model.head_name + "."
     if ours:
         state = with_metadata(state, model.state_dict())
+    dropped = (prefix, "AuxLogits.", "aux1.", "aux2.") if arch in AUX_HEADS else (prefix,)
     state = with_metadata({k.removeprefix("module."): v for k, v in state.items()
-                           if not k.removeprefix("module.").startswith(prefix)}, state)
-    if arch in AUX_HEADS:
-        state = with_metadata({k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))},
-                              state)
+                           if not k.removeprefix("module.").startswith(dropped)}, state)
     state = resized_embeddings(model, renamed_legacy_keys(state, arch), arch)
     try:
         result = model.load_state_dict(state, strict=False)
@@ -288,8 +286,6 @@ def network(arch: str, num_classes: int, init: bool = False, options: dict[str, 
         model = timm_models.create(arch, num_classes, options)
     else:
         kwargs = {"aux_logits": False, "init_weights": init} if arch in AUX_HEADS else {}
-        if "input_size" in options:
-            options["input_size"] = tuple(options["input_size"])
         model = torchvision.models.get_model(arch, weights=None, **kwargs, **options)
         replace_head(model, num_classes)
     model.net_options = dict(options)
