@@ -9,10 +9,13 @@ Steps (each recorded as ok / failed / skipped with its reason, so one failure do
   2. the CUDA tests (pytest -m cuda; the dry run runs them on the CPU, torch.compile left out)
   3. training img/s on synthetic in-memory batches at 224 px, batch 256, for ResNet18, MobileNetV2 and
      VGG11: our training step (AMP, channels_last, fused AdamW) against a plain fp32 loop on the same
-     model (the seed project's way), and against timm's model of the same name when timm is installed
+     model (the seed project's way), and against timm's model of the same architecture trained the way
+     timm's train.py trains it, on the same settings (AMP of the same dtype with timm's NativeScaler,
+     channels_last, timm's optimizer factory), when timm is installed
   4. train.py end to end on generated JPEGs through the decoded-image cache (img/s of its last epoch)
   5. eval.py img/s on the same images
   6. train.py under torchrun with one process (NCCL on a GPU)
+The JSON is rewritten after every step, so a check stopped at a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -44,15 +48,17 @@ import engine  # noqa: E402
 import models  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "vgg11")
+TIMM_NAMES = {"mobilenet_v2": "mobilenetv2_100"}  # timm's name for the same architecture
 FULL = {"img_size": 224, "batch": 256, "steps": 20, "warmup": 5, "images": 2560, "photo": (640, 480),
-        "epochs": 2, "test_timeout": 420}
+        "epochs": 2, "test_timeout": 300, "run_timeout": 240}
 DRY = {"img_size": 32, "batch": 8, "steps": 3, "warmup": 1, "images": 60, "photo": (64, 48), "epochs": 1,
-       "test_timeout": 240}
+       "test_timeout": 240, "run_timeout": 240}
 
 
 def machine(device: torch.device) -> dict[str, Any]:
     info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "torchvision": importlib.metadata.version("torchvision"),
+            "timm": importlib.metadata.version("timm") if importlib.util.find_spec("timm") else None}
     if device.type == "cuda":
         info |= {"gpu": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability()),
                  "bf16": torch.cuda.is_bf16_supported(), "cuda": torch.version.cuda,
@@ -120,6 +126,34 @@ def plain(net: torch.nn.Module, device: torch.device, size: int, batch: int) -> 
     return step
 
 
+def timm_recipe(name: str, device: torch.device, size: int, batch: int) -> Callable[[], None]:
+    """timm's model trained as timm's train.py's loop trains it: autocast (the dtype ours uses, so the
+    comparison is of the toolkits, not of number formats), NativeScaler, channels_last, create_optimizer_v2."""
+    import timm
+    from timm.optim import create_optimizer_v2
+    from timm.utils import NativeScaler
+
+    net = timm.create_model(TIMM_NAMES.get(name, name), num_classes=10).to(device, memory_format=torch.channels_last)
+    net.train()
+    optimizer = create_optimizer_v2(net, opt="adamw", lr=1e-3)
+    dtype = engine.autocast_dtype(device, amp=True)
+    scaler = NativeScaler() if dtype == torch.float16 else None
+    criterion = torch.nn.CrossEntropyLoss().to(device)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = criterion(net(x), y)
+        optimizer.zero_grad()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler(loss, optimizer, parameters=net.parameters())
+    return step
+
+
 def throughput(name: str, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
     size, batch = p["img_size"], p["batch"]
     row: dict[str, Any] = {"model": name, "img_size": size, "batch": batch}
@@ -127,15 +161,9 @@ def throughput(name: str, device: torch.device, p: dict[str, Any]) -> dict[str, 
     row["plain_fp32_img_s"] = images_per_s(plain(models.build_model(name, 10, "scratch"), device, size, batch), device,
                                            batch, p["steps"], p["warmup"])
     if importlib.util.find_spec("timm") is not None:
-        import timm
-
-        try:
-            net = timm.create_model(name, num_classes=10)
-        except RuntimeError as e:  # timm names some models differently
-            row["timm"] = f"not compared: {e}"
-        else:
-            row["timm_fp32_img_s"] = images_per_s(plain(net, device, size, batch), device, batch, p["steps"],
-                                                  p["warmup"])
+        row["timm_img_s"] = images_per_s(timm_recipe(name, device, size, batch), device, batch, p["steps"],
+                                         p["warmup"])
+        row["ours_vs_timm"] = row["ours_img_s"] / row["timm_img_s"]
     else:
         row["timm"] = "not installed (pip install timm to compare)"
     row["speedup_vs_plain"] = row["ours_img_s"] / row["plain_fp32_img_s"]
@@ -144,7 +172,7 @@ def throughput(name: str, device: torch.device, p: dict[str, Any]) -> dict[str, 
     return row
 
 
-def run(cmd: list[str], timeout: int = 600) -> tuple[float, subprocess.CompletedProcess]:
+def run(cmd: list[str], timeout: int) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return time.perf_counter() - t0, out
@@ -158,7 +186,8 @@ def train_args(data: Path, out: Path, device: torch.device, p: dict[str, Any], m
 
 def real_training(data: Path, work: Path, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
     """train.py end to end: image check, cache, epochs; the last epoch's img/s (the cache is warm then)."""
-    seconds, out = run([sys.executable, "train.py", *train_args(data, work / "train-run", device, p)])
+    seconds, out = run([sys.executable, "train.py", *train_args(data, work / "train-run", device, p)],
+                       p["run_timeout"])
     if out.returncode:
         return {"ok": False, "output": out.stderr[-3000:]}
     with open(work / "train-run" / "metrics.csv") as f:
@@ -172,7 +201,7 @@ def real_eval(data: Path, work: Path, device: torch.device, p: dict[str, Any]) -
     n = sum(1 for _ in (data / "val").rglob("*.jpg"))
     seconds, out = run([sys.executable, "eval.py", str(data / "val"), "--checkpoint", str(work / "train-run"),
                         "--device", device.type, "--batch-size", str(p["batch"]), "--no-image-cache",
-                        "--out", str(work / "eval")])
+                        "--out", str(work / "eval")], p["run_timeout"])
     if out.returncode:
         return {"ok": False, "output": out.stderr[-3000:]}
     return {"ok": True, "images": n, "wall_s": seconds, "img_s_incl_startup": n / seconds}
@@ -180,14 +209,15 @@ def real_eval(data: Path, work: Path, device: torch.device, p: dict[str, Any]) -
 
 def torchrun_one(data: Path, work: Path, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
     seconds, out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                        "train.py", *train_args(data, work / "ddp-run", device, {**p, "epochs": 1})])
+                        "train.py", *train_args(data, work / "ddp-run", device, {**p, "epochs": 1})],
+                       p["run_timeout"])
     backend = "nccl" if device.type == "cuda" else "gloo"
     return {"ok": out.returncode == 0, "backend": backend, "wall_s": seconds,
             **({} if out.returncode == 0 else {"output": out.stderr[-3000:]})}
 
 
-def step(results: dict[str, Any], name: str, work: Callable[[], Any]) -> None:
-    """One step of the check; a failure is recorded and the next step runs."""
+def step(results: dict[str, Any], name: str, work: Callable[[], Any], save: Callable[[], None]) -> None:
+    """One step of the check; a failure is recorded and the next step runs; the JSON is saved after each."""
     t0 = time.perf_counter()
     try:
         results[name] = work()
@@ -196,6 +226,7 @@ def step(results: dict[str, Any], name: str, work: Callable[[], Any]) -> None:
     print(f"[{time.perf_counter() - t0:6.1f} s] {name}: " + ("failed" if isinstance(results[name], dict) and
                                                               results[name].get("ok") is False else "done"),
           flush=True)
+    save()
 
 
 def table(results: dict[str, Any]) -> str:
@@ -203,11 +234,11 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"machine: {m.get('gpu') or m.get('cpu')} (torch {m['torch']}" +
              (f", CUDA {m['cuda']}, bf16 {m['bf16']})" if m.get("gpu") else ")"),
              f"CUDA tests: {results['cuda_tests'].get('summary', results['cuda_tests'].get('error'))}",
-             "", "| model | img px | batch | ours (img/s) | plain fp32 (img/s) | speed-up | timm fp32 (img/s) |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| model | img px | batch | ours (img/s) | plain fp32 (img/s) | ours / plain | timm's recipe (img/s) "
+             "| ours / timm |", "|---|---|---|---|---|---|---|---|"]
     for row in results.get("throughput", []):
         if "ours_img_s" in row:
-            timm = f"{row['timm_fp32_img_s']:.0f}" if "timm_fp32_img_s" in row else "–"
+            timm = (f"{row['timm_img_s']:.0f} | {row['ours_vs_timm']:.2f}x" if "timm_img_s" in row else "– | –")
             lines.append(f"| {row['model']} | {row['img_size']} | {row['batch']} | {row['ours_img_s']:.0f} | "
                          f"{row['plain_fp32_img_s']:.0f} | {row['speedup_vs_plain']:.2f}x | {timm} |")
         else:
@@ -241,25 +272,31 @@ def main() -> int:
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before the (scarce) GPU minutes
         print(f"error: cannot write --out {out}: its folder does not exist or is not writable", file=sys.stderr)
         return 2
-    results: dict[str, Any] = {"dry_run": args.dry_run, "settings": {k: v for k, v in p.items() if k != "photo"}}
-    step(results, "machine", lambda: machine(device))
+    results: dict[str, Any] = {"dry_run": args.dry_run, "settings": {k: v for k, v in p.items() if k != "photo"},
+                               "throughput": []}
+
+    def save() -> None:
+        out.write_text(json.dumps(results, indent=1))
+
+    step(results, "machine", lambda: machine(device), save)
     if args.skip_tests:
         results["cuda_tests"] = {"ok": None, "summary": "skipped (--skip-tests)"}
     else:
-        step(results, "cuda_tests", lambda: cuda_tests(args.dry_run, p["test_timeout"]))
-    results["throughput"] = []
+        step(results, "cuda_tests", lambda: cuda_tests(args.dry_run, p["test_timeout"]), save)
     for name in MODELS:
         box: dict[str, Any] = {}
-        step(box, f"throughput {name}", lambda name=name: throughput(name, device, p))
-        results["throughput"].append({"model": name, **next(iter(box.values()))})
+        step(box, f"throughput {name}", lambda name=name: throughput(name, device, p), lambda: None)
+        row = {"model": name, **next(iter(box.values()))}
+        results["throughput"].append(row)
+        save()
+        print(f"  {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items() if k.endswith("img_s")), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ.setdefault("IMGCLS_CACHE", str(work / "cache"))
         data = make_photos(work / "photos", p["images"], p["photo"])
-        step(results, "train", lambda: real_training(data, work, device, p))
-        step(results, "eval", lambda: real_eval(data, work, device, p))
-        step(results, "torchrun", lambda: torchrun_one(data, work, device, p))
-    out.write_text(json.dumps(results, indent=1))
+        step(results, "train", lambda: real_training(data, work, device, p), save)
+        step(results, "eval", lambda: real_eval(data, work, device, p), save)
+        step(results, "torchrun", lambda: torchrun_one(data, work, device, p), save)
     print("\n" + table(results) + f"\n\nwrote {out}")
     failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("ok") is False]
     failed += [r["model"] for r in results["throughput"] if "ours_img_s" not in r]

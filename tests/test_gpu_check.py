@@ -18,5 +18,6 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_in_its_dry_run(tmp_path):
     assert results["cuda_tests"]["ok"] and "passed" in results["cuda_tests"]["summary"]
     assert [r["model"] for r in results["throughput"]] == ["resnet18", "mobilenet_v2", "vgg11"]
     assert all(r["ours_img_s"] > 0 and r["plain_fp32_img_s"] > 0 for r in results["throughput"])
+    assert all(r["timm_img_s"] > 0 for r in results["throughput"])  # timm's names and recipe (timm is in dev)
     assert results["train"]["ok"] and results["eval"]["ok"] and results["torchrun"]["ok"]
     assert "| resnet18 | 32 | 8 |" in result.stdout
