@@ -241,6 +241,10 @@ class Features(Dataset):
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device,
                 sampler: Sampler | None = None) -> DataLoader:
+    """No more worker processes than batches in an epoch: each is a fork of the whole process (with a
+    CUDA context, on a GPU), and a small validation set has work for one or two."""
+    n = sampler.per_rank if isinstance(sampler, ResumableSampler) else len(sampler if sampler is not None else ds)
+    workers = min(workers, math.ceil(n / batch_size))
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=dataset.collate, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
@@ -399,7 +403,12 @@ def trains_batchnorm(net: nn.Module) -> bool:
 
 
 def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, where: str) -> tuple[float, int]:
-    """One optimizer step; (loss, correct predictions)."""
+    """One optimizer step; (loss, correct predictions).
+
+    One host sync per step, taken after the backward pass is queued: the GPU works through the backward
+    while the host waits for the loss, so it is never left idle (a sync right after the forward pass, or
+    one after the optimizer step, drains its queue every step). A non-finite loss is caught before the
+    optimizer step, so the weights and the optimizer's state stay as they were."""
     x, y = learner.to_input(x), y.to(learner.device, non_blocking=True)
     target = y
     if learner.mix is not None:
@@ -407,18 +416,21 @@ def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, where: str) -
     with learner.autocast():
         logits = learner.net(x)
         loss = learner.criterion(logits, target)
-    value = loss.item()  # the one host sync per step: the check and the running mean share it
+    correct = torch.zeros((), device=logits.device) if learner.multilabel else (logits.argmax(1) == y).sum()
+    stats = torch.stack([loss.detach().float(), correct.float()])
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.scaler.scale(loss).backward()
+    value, right = stats.tolist()
     if not math.isfinite(value):
+        learner.optimizer.zero_grad(set_to_none=True)
         lr = learner.optimizer.param_groups[0]["lr"]
         raise TrainingError(f"loss became {value} at {where} (lr {lr:.3g}): try a lower --lr; the checkpoints "
                             "written so far are kept")
-    learner.optimizer.zero_grad(set_to_none=True)
-    learner.scaler.scale(loss).backward()
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
     if learner.ema is not None:
         learner.ema.update()
-    return value, 0 if learner.multilabel else int((logits.argmax(1) == y).sum())
+    return value, int(right)
 
 
 # ----------------------------------------------------------------------------- stopping cleanly

@@ -6,15 +6,17 @@ one-GPU torchrun (NCCL) run; everything in one JSON file and a table. Under 8 mi
 
 Steps (each recorded as ok / failed / skipped with its reason, so one failure does not hide the rest):
   1. the machine: GPU name, capability, bf16, torch and CUDA versions
-  2. the CUDA tests (pytest -m cuda; the dry run runs them on the CPU, torch.compile left out)
-  3. training img/s on synthetic in-memory batches at 224 px, batch 256, for ResNet18, MobileNetV2 and
+  2. training img/s on synthetic in-memory batches at 224 px, batch 256, for ResNet18, MobileNetV2 and
      VGG11: our training step (AMP, channels_last, fused AdamW) against a plain fp32 loop on the same
      model (the seed project's way), and against timm's model of the same architecture trained the way
      timm's train.py trains it, on the same settings (AMP of the same dtype with timm's NativeScaler,
-     channels_last, timm's optimizer factory), when timm is installed
-  4. train.py end to end on generated JPEGs through the decoded-image cache (img/s of its last epoch)
-  5. eval.py img/s on the same images
-  6. train.py under torchrun with one process (NCCL on a GPU)
+     channels_last, timm's optimizer factory), when timm is installed (timm's vgg11 is another network:
+     its classifier is a 7x7-convolution MLP, so it is not compared)
+  3. train.py end to end on generated JPEGs through the decoded-image cache (img/s of its last epoch)
+  4. eval.py img/s on the same images
+  5. train.py under torchrun with one process (NCCL on a GPU)
+  6. the CUDA tests (pytest -m cuda; the dry run runs them on the CPU, torch.compile left out), last, in
+     what is left of --budget: each test's outcome and duration are recorded, also when time runs out
 The JSON is rewritten after every step, so a check stopped at a time limit keeps what it measured.
 """
 
@@ -28,6 +30,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,11 +51,15 @@ import engine  # noqa: E402
 import models  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "vgg11")
-TIMM_NAMES = {"mobilenet_v2": "mobilenetv2_100"}  # timm's name for the same architecture
+# timm's name for the same architecture; None: timm has none (its vgg11 ends in a 7x7-convolution MLP)
+TIMM_NAMES = {"mobilenet_v2": "mobilenetv2_100", "vgg11": None}
 FULL = {"img_size": 224, "batch": 256, "steps": 20, "warmup": 5, "images": 2560, "photo": (640, 480),
-        "epochs": 2, "test_timeout": 300, "run_timeout": 240}
+        "epochs": 2, "budget": 460, "run_timeout": 180}
 DRY = {"img_size": 32, "batch": 8, "steps": 3, "warmup": 1, "images": 60, "photo": (64, 48), "epochs": 1,
-       "test_timeout": 240, "run_timeout": 240}
+       "budget": 400, "run_timeout": 180}
+RESULT = re.compile(r"^tests/\S+::(\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
+STARTED = re.compile(r"^tests/\S+::(\S+)\s*$")  # a test under way: its outcome not yet on its line
+DURATION = re.compile(r"^([\d.]+)s (call|setup|teardown)\s+tests/\S+::(\S+)")
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -68,13 +75,33 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def cuda_tests(dry: bool, timeout: int) -> dict[str, Any]:
+def cuda_tests(dry: bool, timeout: float) -> dict[str, Any]:
+    """pytest -m cuda in `timeout` seconds; each test's outcome and seconds, read from pytest's verbose
+    output, also when time ran out (then the test under way is named)."""
     env = {**os.environ, **({"IMGCLS_TEST_DEVICE": "cpu"} if dry else {})}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
-    last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-300:]
-    return {"ok": out.returncode == 0, "summary": last, **({} if out.returncode == 0 else
-                                                           {"output": out.stdout[-4000:] + out.stderr[-2000:]})}
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "--durations=0",
+           "--durations-min=0.5", "tests/test_cuda.py"]
+    if timeout < 30:
+        return {"ok": None, "summary": f"skipped: {timeout:.0f} s of the budget left (--budget)"}
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+        stdout, stderr, code = out.stdout, out.stderr, out.returncode
+    except subprocess.TimeoutExpired as e:
+        stdout, stderr, code = (e.stdout or b""), (e.stderr or b""), None
+        stdout, stderr = (v.decode(errors="replace") if isinstance(v, bytes) else v for v in (stdout, stderr))
+    lines = stdout.splitlines()
+    tests = {m[1]: m[2] for m in map(RESULT.match, lines) if m}
+    seconds: dict[str, float] = {}
+    for m in filter(None, map(DURATION.match, lines)):
+        seconds[m[3]] = round(seconds.get(m[3], 0) + float(m[1]), 1)
+    if code is None:
+        started = [m[1] for m in map(STARTED.match, lines) if m]
+        summary = (f"stopped after {timeout:.0f} s (--budget): " + ", ".join(f"{v.lower()} {k}" for k, v in
+                   tests.items()) + (f"; running: {started[-1]}" if started else ""))
+    else:
+        summary = lines[-1].strip("= ") if lines else stderr[-300:]
+    return {"ok": code == 0, "summary": summary, "tests": tests, "seconds": seconds,
+            **({} if code == 0 else {"output": stdout[-4000:] + stderr[-2000:]})}
 
 
 def synchronize(device: torch.device) -> None:
@@ -160,7 +187,9 @@ def throughput(name: str, device: torch.device, p: dict[str, Any]) -> dict[str, 
     row["ours_img_s"] = images_per_s(ours(name, device, size, batch), device, batch, p["steps"], p["warmup"])
     row["plain_fp32_img_s"] = images_per_s(plain(models.build_model(name, 10, "scratch"), device, size, batch), device,
                                            batch, p["steps"], p["warmup"])
-    if importlib.util.find_spec("timm") is not None:
+    if importlib.util.find_spec("timm") is not None and TIMM_NAMES.get(name, name) is None:
+        row["timm"] = f"not compared: timm's {name} is another network"
+    elif importlib.util.find_spec("timm") is not None:
         row["timm_img_s"] = images_per_s(timm_recipe(name, device, size, batch), device, batch, p["steps"],
                                          p["warmup"])
         row["ours_vs_timm"] = row["ours_img_s"] / row["timm_img_s"]
@@ -199,12 +228,13 @@ def real_training(data: Path, work: Path, device: torch.device, p: dict[str, Any
 def real_eval(data: Path, work: Path, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
     """eval.py decoding every image (no cache): what a first evaluation of new images costs, start-up included."""
     n = sum(1 for _ in (data / "val").rglob("*.jpg"))
+    startup, _ = run([sys.executable, "eval.py", "--help"], p["run_timeout"])
     seconds, out = run([sys.executable, "eval.py", str(data / "val"), "--checkpoint", str(work / "train-run"),
                         "--device", device.type, "--batch-size", str(p["batch"]), "--no-image-cache",
                         "--out", str(work / "eval")], p["run_timeout"])
     if out.returncode:
         return {"ok": False, "output": out.stderr[-3000:]}
-    return {"ok": True, "images": n, "wall_s": seconds, "img_s_incl_startup": n / seconds}
+    return {"ok": True, "images": n, "wall_s": seconds, "img_s_incl_startup": n / seconds, "help_s": startup}
 
 
 def torchrun_one(data: Path, work: Path, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +263,6 @@ def table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [f"machine: {m.get('gpu') or m.get('cpu')} (torch {m['torch']}" +
              (f", CUDA {m['cuda']}, bf16 {m['bf16']})" if m.get("gpu") else ")"),
-             f"CUDA tests: {results['cuda_tests'].get('summary', results['cuda_tests'].get('error'))}",
              "", "| model | img px | batch | ours (img/s) | plain fp32 (img/s) | ours / plain | timm's recipe (img/s) "
              "| ours / timm |", "|---|---|---|---|---|---|---|---|"]
     for row in results.get("throughput", []):
@@ -250,8 +279,15 @@ def table(results: dict[str, Any]) -> str:
     lines.append(f"\ntrain.py on generated JPEGs, cached: {t['last_epoch_img_s']:.0f} img/s (last epoch), "
                  f"{t['wall_s']:.0f} s in all" if t.get("ok") else "\ntrain.py: FAILED (its output is in the JSON)")
     lines.append(f"eval.py, decoding every image: {e['img_s_incl_startup']:.0f} img/s ({e['images']} images, "
-                 "start-up included)" if e.get("ok") else "eval.py: FAILED (its output is in the JSON)")
-    lines.append(f"torchrun, 1 process ({d.get('backend')}): {'ok' if d.get('ok') else 'FAILED'}")
+                 f"{e['wall_s']:.0f} s with start-up and the report; eval.py --help {e['help_s']:.1f} s)"
+                 if e.get("ok") else "eval.py: FAILED (its output is in the JSON)")
+    lines.append(f"torchrun, 1 process ({d.get('backend')}): " + (f"ok, {d['wall_s']:.0f} s" if d.get("ok") else
+                                                                  "FAILED"))
+    slow = sorted(results.get("cuda_tests", {}).get("seconds", {}).items(), key=lambda kv: -kv[1])[:3]
+    if slow:
+        lines.append("slowest CUDA tests: " + ", ".join(f"{k} {v:.0f} s" for k, v in slow))
+    tests = results.get("cuda_tests", {})
+    lines.append(f"CUDA tests: {tests.get('summary', tests.get('error'))}")
     return "\n".join(lines)
 
 
@@ -260,7 +296,9 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at toy sizes")
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results-gpu.json, or "
                         "bench/results-gpu-dry-run.json with --dry-run)")
-    parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA tests (step 2)")
+    parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA tests (step 6)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole check; the CUDA tests, last, get what "
+                        "is left (default: 460, or 400 with --dry-run)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -268,6 +306,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     p = DRY if args.dry_run else FULL
+    args.budget = p["budget"] if args.budget is None else args.budget
     out = args.out or ROOT / "bench" / f"results-gpu{'-dry-run' if args.dry_run else ''}.json"
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before the (scarce) GPU minutes
         print(f"error: cannot write --out {out}: its folder does not exist or is not writable", file=sys.stderr)
@@ -278,11 +317,8 @@ def main() -> int:
     def save() -> None:
         out.write_text(json.dumps(results, indent=1))
 
+    started = time.perf_counter()
     step(results, "machine", lambda: machine(device), save)
-    if args.skip_tests:
-        results["cuda_tests"] = {"ok": None, "summary": "skipped (--skip-tests)"}
-    else:
-        step(results, "cuda_tests", lambda: cuda_tests(args.dry_run, p["test_timeout"]), save)
     for name in MODELS:
         box: dict[str, Any] = {}
         step(box, f"throughput {name}", lambda name=name: throughput(name, device, p), lambda: None)
@@ -297,6 +333,11 @@ def main() -> int:
         step(results, "train", lambda: real_training(data, work, device, p), save)
         step(results, "eval", lambda: real_eval(data, work, device, p), save)
         step(results, "torchrun", lambda: torchrun_one(data, work, device, p), save)
+    if args.skip_tests:
+        results["cuda_tests"] = {"ok": None, "summary": "skipped (--skip-tests)"}
+    else:
+        left = args.budget - (time.perf_counter() - started)
+        step(results, "cuda_tests", lambda: cuda_tests(args.dry_run, left), save)
     print("\n" + table(results) + f"\n\nwrote {out}")
     failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("ok") is False]
     failed += [r["model"] for r in results["throughput"] if "ours_img_s" not in r]

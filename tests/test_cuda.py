@@ -9,12 +9,13 @@ GPU is at hand.
 
 from __future__ import annotations
 
-import csv
+import copy
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from conftest import ROOT, Killed, kill_after_saving, make_folder, train_args
 import engine
 import eval as evaluate
 import export
+import models
 import train
 
 DEVICE = os.environ.get("IMGCLS_TEST_DEVICE", "cuda")
@@ -62,11 +64,52 @@ def test_mixed_precision_learns_like_full_precision(dtype, data, full_precision,
         assert scaler and scaler["scale"] > 0  # the scaler was on, and never saw an overflow it could not undo
 
 
-def test_channels_last_gives_the_same_results_within_tolerance(data, tmp_path):
-    runs = [run_on_device(data, tmp_path / f"run-{flag}", f"--{flag}", "--no-amp") for flag in
-            ("channels-last", "no-channels-last")]
-    losses = [float(next(csv.DictReader(open(Path(r["run_dir"], "metrics.csv"))))["val_loss"]) for r in runs]
-    assert losses[0] == pytest.approx(losses[1], rel=0.05)
+def test_channels_last_gives_the_same_results_within_tolerance():
+    """The same weights and batch in either memory format: the same logits and gradients within tolerance.
+    (Compared a step at a time: on a GPU the formats pick other kernels, TF32 convolutions round
+    differently, and whole training runs drift apart from such differences.)"""
+    torch.manual_seed(0)
+    base = models.build_model("resnet18", 3, "scratch")
+    x, y = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    results = []
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        net = copy.deepcopy(base).to(DEVICE, memory_format=fmt).train()
+        logits = net(x.to(DEVICE).contiguous(memory_format=fmt))
+        torch.nn.functional.cross_entropy(logits, y.to(DEVICE)).backward()
+        results.append((logits.detach().float().cpu(), torch.cat([p.grad.float().flatten().cpu()
+                                                                  for p in net.parameters()])))
+    (logits_cl, grad_cl), (logits, grad) = results
+    torch.testing.assert_close(logits_cl, logits, rtol=1e-2, atol=1e-2)
+    assert torch.nn.functional.cosine_similarity(grad_cl, grad, dim=0) > 0.999
+
+
+@pytest.mark.skipif(not ON_GPU, reason="waiting for the GPU is a CUDA matter (the CPU runs in step)")
+def test_a_training_step_waits_for_the_gpu_once():
+    """One host sync per step (the loss, read once the backward pass is queued): a sync after the forward
+    pass or after the optimizer step would leave the GPU idle every step."""
+    device = torch.device(DEVICE)
+    net = models.build_model("resnet18", 3, "scratch").to(device, memory_format=torch.channels_last).train()
+    autocast, scaler = engine.precision(device, amp=True)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    learner = engine.Learner(net, optimizer, scaler, torch.nn.CrossEntropyLoss(),
+                             engine.to_model_input(models.preprocessing("resnet18", 32), device), autocast, device,
+                             lambda start, end: 1.0)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 3, (8,), device=device)
+    engine.train_step(learner, x, y, "warm-up")
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for step in range(3):
+                engine.train_step(learner, x, y, f"step {step}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 3, [str(w.message)[:200] for w in syncs]
 
 
 @pytest.mark.skipif(not ON_GPU and not os.environ.get("IMGCLS_TEST_COMPILE"),

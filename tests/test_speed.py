@@ -5,15 +5,19 @@ Speed itself is measured by bench/bench_train.py (ratios against a baseline in o
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import train_args
 from PIL import Image
 
 import dataset
+import engine
 import train
+from config import TrainingError
 
 
 def history(run: Path) -> list[float]:
@@ -87,3 +91,33 @@ def test_mixed_precision_learns_as_well_as_full_precision(colours, tmp_path):
     amp, fp32 = history(tmp_path / "amp"), history(tmp_path / "fp32")
     assert max(amp[3::4]) >= 66.6 and max(fp32[3::4]) >= 66.6
     assert abs(max(amp[3::4]) - max(fp32[3::4])) <= 100 / 6 + 1e-6  # at most one of six val images
+
+
+def test_a_non_finite_loss_is_caught_before_the_step_changes_the_weights():
+    """The loss is read after the backward pass is queued (one host sync per step, the GPU kept busy),
+    but before the optimizer step: a NaN batch stops the run with the weights and the optimizer as they were."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    learner = engine.Learner(net, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
+                             lambda x: x.float(), contextlib.nullcontext, torch.device("cpu"), lambda a, b: 1.0)
+    x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    loss, correct = engine.train_step(learner, x, y, "batch 1")
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(net(x), y).item(), abs=1.0) and 0 <= correct <= 4
+    before = [p.detach().clone() for p in net.parameters()]
+    state = {k: v.clone() for k, v in optimizer.state[net[1].weight].items()}
+    with pytest.raises(TrainingError, match="loss became nan at batch 2"):
+        engine.train_step(learner, torch.full_like(x, float("nan")), y, "batch 2")
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all(torch.equal(v, optimizer.state[net[1].weight][k]) for k, v in state.items())
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_a_loader_starts_no_more_workers_than_an_epoch_has_batches():
+    device = torch.device("cpu")
+    assert engine.make_loader(engine.Features(torch.zeros(12, 2), [0] * 12), 8, 8, device).num_workers == 2
+    sampler = engine.ResumableSampler(40, seed=0)
+    sampler.set_epoch(0, start=39)  # a resume near the end of an epoch: later epochs are whole again
+    assert engine.make_loader(engine.Features(torch.zeros(40, 2), [0] * 40), 8, 8, device, sampler).num_workers == 5
