@@ -224,13 +224,20 @@ def inspect_file(path: str, size: int | None = None, max_bytes: int = MAX_BYTES,
     return None, digest, look_hash(img), square(img, size, interpolation) if size else None
 
 
+Inspect = Callable[[list[str]], dict[str, tuple[str | None, str, str]]]
+# Under torchrun, rank 0 hands its check to a sharer (engine.share_check): the paths to inspect, what
+# the other machines need to fill their own caches on the way (fill_spec), and how rank 0 inspects its share
+Share = Callable[[list[str], dict[str, Any], Inspect], dict[str, tuple[str | None, str, str]]]
+
+
 def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True,
-                fill: ImageCache | CompactCache | None = None, max_bytes: int = MAX_BYTES
-                ) -> dict[str, tuple[str | None, str, str]]:
+                fill: ImageCache | CompactCache | None = None, max_bytes: int = MAX_BYTES,
+                share: Share | None = None) -> dict[str, tuple[str | None, str, str]]:
     """(reason to skip or None, sha1, perceptual hash) per file, inspected in parallel; results are
     cached by files.identity() so re-checks are quick.
     With `fill` (a cache of these paths), each image decoded by the check is also written to that
-    cache, so a first run decodes every file once, not twice; the cache is complete on return."""
+    cache, so a first run decodes every file once, not twice; the cache is complete on return.
+    With `share`, each machine of a torchrun job inspects a share of the files (filling its own cache)."""
     if fill is not None and fill.ready:
         fill = None
     known = read_checks(cache_root(cache_dir) / "checks.json")
@@ -247,32 +254,78 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
         else:
             todo.append((p, stamp))
     if todo:
-        def inspect(path: str) -> tuple[str | None, str, str]:
-            reason, digest, look, pixels = inspect_file(path, fill and fill.size, max_bytes,
-                                                        fill.interpolation if fill else "bilinear")
-            if fill is not None:
-                fill.put(path, pixels)
-            return reason, digest, look
-
-        desc = f"checking and caching images ({fill.size}px)" if fill else "checking images"
         if fill is not None:
             fill.begin()
         try:
-            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL decodes without the GIL
-                found = pool.map(lambda t: inspect(t[0]), todo)
-                for (p, stamp), result in tqdm(zip(todo, found), total=len(todo), desc=desc,
-                                               disable=None if progress else True, leave=False):
-                    results[p] = result
-                    known[p] = [*stamp, *result]
+            here = functools.partial(inspect_all, fill=fill, max_bytes=max_bytes, progress=progress)
+            todo_paths = [p for p, _ in todo]
+            found = here(todo_paths) if share is None else share(todo_paths, fill_spec(
+                fill, cache_dir, max_bytes, skip=[p for p, r in results.items() if r[0]]), here)
         except BaseException:
             if fill is not None:
                 fill.discard()
             raise
+        for p, stamp in todo:
+            results[p] = found[p]
+            known[p] = [*stamp, *found[p]]
         files.atomic_write_text(cache_root(cache_dir) / "checks.json",
                                 json.dumps({"version": CHECK_VERSION, "files": known}))
     if fill is not None:  # images whose check was remembered from an earlier run are decoded now
         fill.build(progress, skip={p for p, result in results.items() if result[0]})
     return results
+
+
+def inspect_all(paths: list[str], fill: ImageCache | CompactCache | None, max_bytes: int, progress: bool = True
+                ) -> dict[str, tuple[str | None, str, str]]:
+    """inspect_file for each path, on every core (PIL decodes without the GIL); with `fill` (begun), each
+    decoded image is also put into that cache."""
+    def inspect(path: str) -> tuple[str | None, str, str]:
+        reason, digest, look, pixels = inspect_file(path, fill and fill.size, max_bytes,
+                                                    fill.interpolation if fill else "bilinear")
+        if fill is not None:
+            fill.put(path, pixels)
+        return reason, digest, look
+
+    desc = f"checking and caching images ({fill.size}px)" if fill else "checking images"
+    found = {}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for path, result in tqdm(zip(paths, pool.map(inspect, paths)), total=len(paths), desc=desc,
+                                 disable=None if progress and paths else True, leave=False):
+            found[path] = result
+    return found
+
+
+def fill_spec(fill: ImageCache | CompactCache | None, cache_dir: str | None, max_bytes: int, skip: list[str]
+              ) -> dict[str, Any]:
+    """What another machine needs to check a share of the files as this one does, filling its own cache of
+    the same files (in its own cache folder: its local disk, unless --cache-dir is shared)."""
+    cache = None if fill is None else {"kind": "compact" if isinstance(fill, CompactCache) else "raw",
+                                       "paths": fill.paths, "size": fill.size, "interpolation": fill.interpolation}
+    return {"cache": cache, "cache_dir": cache_dir, "max_bytes": max_bytes, "skip": skip}
+
+
+def check_share(paths: list[str], spec: dict[str, Any]) -> tuple[dict[str, tuple], ImageCache | CompactCache | None]:
+    """This machine's share of another process's check (fill_spec): the results, and this machine's cache
+    of the files, begun and holding the share's images (finish_cache completes it)."""
+    c = spec["cache"]
+    fill = None if c is None else make_cache(c["kind"], c["paths"], c["size"], spec["cache_dir"], spec["max_bytes"],
+                                             c["interpolation"])
+    if fill is not None and fill.ready:
+        fill = None
+    if fill is not None:
+        fill.begin()
+    try:
+        return inspect_all(paths, fill, spec["max_bytes"], progress=False), fill
+    except BaseException:
+        if fill is not None:
+            fill.discard()
+        raise
+
+
+def finish_cache(fill: ImageCache | CompactCache | None, results: dict[str, tuple], spec: dict[str, Any]) -> None:
+    """Decode the images the other machines checked into this machine's cache, and publish it."""
+    if fill is not None:
+        fill.build(False, skip={p for p, r in results.items() if r[0]} | set(spec["skip"]))
 
 
 def read_checks(store: Path) -> dict[str, list]:
@@ -371,12 +424,13 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
                  progress: bool = True, cache_size: int | None = None,
                  max_file_mb: float = folders.DEFAULT_MAX_FILE_MB, test_split: float = 0.0,
                  folds: int = 0, fold: int = 0, label_sep: str = labels.DEFAULT_SEP, image_cache: str = "raw",
-                 interpolation: str = "bilinear") -> DataSplit:
+                 interpolation: str = "bilinear", share: Share | None = None) -> DataSplit:
     """Find classes and files (a folder, or a label file), check them all, split, look for look-alikes
     across the splits; every problem a person can fix is a UsageError. With `test_split`, a stratified
     share is set aside as the run's own test set (DataSplit.test). With `folds`, the rest is cut into
     that many stratified folds and fold number `fold` validates. With `cache_size`, also fill the
-    decoded-image cache of DataSplit.files() at that size (resized with `interpolation`)."""
+    decoded-image cache of DataSplit.files() at that size (resized with `interpolation`). With `share`
+    (under torchrun), the machines check a share of the files each (check_files)."""
     walk = folders.Walk(max_bytes=int(max_file_mb * 2**20))
     if labels.is_label_file(data):
         root, classes, sets, own_split = label_file_sets(data, label_sep)
@@ -389,8 +443,9 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     paths = sorted(p for name in ("train", "val") for p, _ in sets[name])
     cache = make_cache(image_cache, paths, cache_size, cache_dir, walk.max_bytes, interpolation) if cache_size \
         else None
-    checked = check_files(paths, cache_dir, progress, fill=cache, max_bytes=walk.max_bytes)
-    checked.update(check_files([p for p, _ in sets["test"]], cache_dir, progress, max_bytes=walk.max_bytes)
+    checked = check_files(paths, cache_dir, progress, fill=cache, max_bytes=walk.max_bytes, share=share)
+    checked.update(check_files([p for p, _ in sets["test"]], cache_dir, progress, max_bytes=walk.max_bytes,
+                               share=share)
                    if sets["test"] else {})
     skipped = [(p, checked[p][0]) for name in ("train", "val") for p, _ in sets[name] if checked[p][0]]
     good = {name: [(p, y) for p, y in items if not checked[p][0]] for name, items in sets.items()}

@@ -160,25 +160,86 @@ def broadcast(obj: Any) -> Any:
 
 
 FAILED = "__rank-0-failed__"  # sent in place of a result: rank 0 stopped, with its own message
+JOB = "__check-a-share__"  # sent while rank 0 prepares the data: every machine checks a share of the files
+
+
+class Stopped(SystemExit):
+    """Every rank already knows the run is off (a failure was shared inside a job): nothing more to send."""
 
 
 def from_lead(work: Callable[[], Any], lead: bool) -> Any:
     """work() done by rank 0 (checking the data, making the run folder), its result on every rank. When
     it fails, rank 0 raises as usual (one line for bad input) and the other ranks stop quietly with the
-    same exit status, instead of each printing a broken connection's traceback."""
+    same exit status, instead of each printing a broken connection's traceback. While rank 0 works, the
+    others take the jobs it sends (share_check)."""
     if not dist.is_initialized():
         return work()
     if lead:
         try:
             value = work()
         except BaseException as e:
-            broadcast((FAILED, 2 if isinstance(e, UsageError) else 130 if isinstance(e, KeyboardInterrupt) else 1))
+            if not isinstance(e, Stopped) and not getattr(e, "shared", False):
+                broadcast((FAILED, exit_code(e)))
             raise
         return broadcast(value)
     value = broadcast(None)
+    while isinstance(value, tuple) and len(value) == 3 and value[0] == JOB:
+        run_check(value[1], value[2])
+        value = broadcast(None)
     if isinstance(value, tuple) and len(value) == 2 and value[0] == FAILED:
         raise SystemExit(value[1])
     return value
+
+
+def exit_code(e: BaseException) -> int:
+    return 2 if isinstance(e, UsageError) else 130 if isinstance(e, KeyboardInterrupt) else \
+        e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+
+
+def share_check(paths: list[str], spec: dict[str, Any], inspect_here: Callable[[list[str]], dict]) -> dict:
+    """Rank 0's file check, shared: the first process of each machine inspects every n-th file (decoding
+    it into its own machine's cache on the way), the results are gathered; each machine then completes
+    its cache with the others' images. A check on one machine of n takes 1/n of the time, and the other
+    machines no longer wait for the whole check before building their caches."""
+    broadcast((JOB, paths, spec))
+    return run_check(paths, spec, inspect_here)
+
+
+def run_check(paths: list[str], spec: dict[str, Any], inspect_here: Callable[[list[str]], dict] | None = None
+              ) -> dict:
+    """Every rank's part of share_check; rank 0 passes its own inspect (filling the cache it has begun).
+    A failure anywhere is shared with the results, so every rank stops instead of waiting on the others."""
+    group = PREPARATION.get("group")
+    machine_leads = [None] * dist.get_world_size()
+    dist.all_gather_object(machine_leads, int(os.environ.get("LOCAL_RANK", "0")) == 0, group=group)
+    leads = [r for r, first in enumerate(machine_leads) if first]
+    rank = dist.get_rank()
+    mine: Any = {}
+    fill = None
+    error: BaseException | None = None
+    if rank in leads:
+        share = paths[leads.index(rank)::len(leads)]
+        try:
+            if inspect_here is not None:
+                mine = inspect_here(share)
+            else:
+                mine, fill = dataset.check_share(share, spec)
+        except BaseException as e:
+            error, mine = e, (FAILED, exit_code(e))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine, group=group)
+    failed = next((g for g in gathered if isinstance(g, tuple)), None)
+    if failed is not None:
+        if fill is not None:
+            fill.discard()
+        if error is not None:
+            error.shared = True  # (every rank knows: from_lead sends nothing more)
+            raise error  # its own message, on the rank that met it
+        raise Stopped(failed[1])
+    results = {k: v for g in gathered for k, v in g.items()}
+    if inspect_here is None:
+        dataset.finish_cache(fill, results, spec)
+    return results
 
 
 def same_buffers(*modules: nn.Module) -> None:

@@ -62,6 +62,7 @@ from engine import (
     Learner,
     Progress,
     ResumableSampler,
+    Stopped,
     all_reduce_sum,
     auto_workers,
     autocast_dtype,
@@ -78,6 +79,7 @@ from engine import (
     same_buffers,
     seed_everything,
     shard,
+    share_check,
     sigterm_as_ctrl_c,
     stop_requested,
     to_model_input,
@@ -456,7 +458,8 @@ def load_split(cfg: TrainConfig, start: Start, pre: Preprocess, lead: bool) -> d
             cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
             cache_size=pre.resize_size if cfg.image_cache != "none" else None, max_file_mb=cfg.max_file_mb,
             test_split=cfg.test_split, folds=cfg.folds, fold=cfg.fold, label_sep=cfg.label_sep,
-            image_cache=cfg.image_cache, interpolation=pre.interpolation))
+            image_cache=cfg.image_cache, interpolation=pre.interpolation,
+            share=share_check if dist.is_initialized() else None))
 
     return dataset.DataSplit(**from_lead(check, lead))
 
@@ -605,8 +608,8 @@ def train(given: dict[str, Any]) -> int:
                 report_split(split, run_dir)
         except KeyboardInterrupt:  # stopped while checking the data: resumable from its folder (config.json)
             return interrupted_early(run_dir, lead, not cfg.lr_find)
-        except Exception:
-            if made is not None:
+        except (Exception, Stopped) as e:  # (Stopped: another machine met bad input or a failure)
+            if made is not None and not (isinstance(e, Stopped) and e.code == 130):
                 made.undo()
             raise
         try:

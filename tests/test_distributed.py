@@ -167,3 +167,80 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_quiet_on_the_other
     # (torchrun itself reports a child that exited with an error; the child says nothing of its own)
     assert "RuntimeError" not in second and "broadcast_object_list" not in second, second[-3000:]
     assert launchers[1].returncode != 0 and not (tmp_path / "run").exists()
+
+
+def check_as_a_machine(node: int, data: str, out: str, port: int, fail: bool = False) -> None:
+    """Rank `node` of a two-machine job (gloo), the first process of its machine, with its own cache folder:
+    rank 0 checks the data as training does (its sharer hands the other machine a share); what each
+    machine inspected, the result and its cache are written to out/node-N.json."""
+    os.environ.update(RANK=str(node), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      IMGCLS_CACHE=os.path.join(out, f"cache-{node}"), OMP_NUM_THREADS="1")
+    import dataclasses
+
+    import dataset
+    import engine
+    from config import UsageError
+
+    inspected: list[str] = []
+    real = dataset.inspect_file
+
+    def inspect_file(path, *args, **kwargs):
+        if fail and node == 1:
+            raise UsageError("planted: machine 1 cannot read its share")
+        inspected.append(path)
+        return real(path, *args, **kwargs)
+
+    dataset.inspect_file = inspect_file
+    rank, _, _ = engine.init_distributed()
+    report: dict = {"node": node}
+    try:
+        split = dataset.DataSplit(**engine.from_lead(lambda: dataclasses.asdict(dataset.prepare_data(
+            data, cache_size=32, progress=False, share=engine.share_check)), rank == 0))
+        report |= {"train": split.train, "val": split.val, "skipped": split.skipped,
+                   "cache_ready": dataset.ImageCache(split.files(), 32).ready}
+    except BaseException as e:  # reported to the test
+        report["error"] = f"{type(e).__name__}: {e}"
+    report["inspected"] = inspected
+    Path(out, f"node-{node}.json").write_text(json.dumps(report))
+    torch_dist().destroy_process_group()
+
+
+def torch_dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def two_machines(data: Path, out: Path, fail: bool = False) -> list[dict]:
+    import multiprocessing
+
+    port, ctx = free_port(), multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=check_as_a_machine, args=(node, str(data), str(out), port, fail)) for node in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [json.loads((out / f"node-{node}.json").read_text()) for node in (0, 1)]
+
+
+def test_the_file_check_is_shared_by_the_machines_and_each_fills_its_own_cache(tmp_path):
+    make_folder(tmp_path / "data" / "train", per_class=6)
+    make_folder(tmp_path / "data" / "val", per_class=2, offset=300)
+    (tmp_path / "data" / "train" / "red" / "broken.jpg").write_bytes(b"not a picture")
+    first, second = two_machines(tmp_path / "data", tmp_path)
+    everything = sorted(str(p) for p in (tmp_path / "data").rglob("*.*"))
+    assert not set(first["inspected"]) & set(second["inspected"])  # each file checked once, on one machine
+    assert sorted(first["inspected"] + second["inspected"]) == everything
+    assert abs(len(first["inspected"]) - len(second["inspected"])) <= 1
+    assert first["train"] == second["train"] and first["val"] == second["val"] and len(first["val"]) == 6
+    assert [Path(p).name for p, _ in first["skipped"]] == ["broken.jpg"]  # found by whichever machine checked it
+    assert first["cache_ready"] and second["cache_ready"]  # each machine's own cache folder, complete
+
+
+def test_a_machine_failing_its_share_stops_every_machine_with_one_message(tmp_path):
+    make_folder(tmp_path / "data" / "train", per_class=4)
+    make_folder(tmp_path / "data" / "val", per_class=2, offset=300)
+    first, second = two_machines(tmp_path / "data", tmp_path, fail=True)
+    assert second["error"] == "UsageError: planted: machine 1 cannot read its share"
+    assert first["error"] == "Stopped: 2"  # quiet: the message is the failing machine's
