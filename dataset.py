@@ -10,6 +10,40 @@ from that square; evaluation takes its centre: the standard Resize + CenterCrop 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the command line, answered before torch is imported (--help, typos, a missing folder)
+    import os
+    import sys
+
+    from config import Parser, TrainConfig, UsageError, add_shared, cli
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = Parser("Check an image folder, or export the demo digits.", prog="dataset.py")
+        sub = parser.add_subparsers(dest="command", required=True)
+        check = sub.add_parser("check", help="scan a dataset folder and report what training will use")
+        check.add_argument("data", help="dataset folder, label file (.csv) or 'demo'")
+        check.add_argument("--val-split", type=float, default=TrainConfig.val_split, help="share of each class held "
+                           "out for validation when DATA has no val/ folder")
+        check.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed of the split")
+        check.add_argument("--label-sep", default=TrainConfig.label_sep, help="what separates the labels in a label "
+                           "file's labels column (multi-label; default: a space)")
+        add_shared(check, "cache_dir", "max_file_mb")
+        sub.add_parser("demo", help="export the digits demo data to data/digits/ beside this script")
+        args = parser.parse_args(argv)
+        if args.command == "check" and args.data != "demo" and not args.data.lower().endswith(".csv") \
+                and not os.path.isdir(os.path.expanduser(args.data)):
+            raise UsageError(f"data folder {args.data} does not exist: give a folder with one sub-folder per class, "
+                             "a label file (.csv) or demo")
+        import dataset  # the library: torch and all, only now
+
+        if args.command == "demo":
+            print(dataset.export_demo())
+            return 0
+        dataset.report(dataset.prepare_data(args.data, args.val_split, args.seed, args.cache_dir,
+                                            max_file_mb=args.max_file_mb, label_sep=args.label_sep))
+        return 0
+
+    sys.exit(cli(main))
+
 import contextlib
 import functools
 import hashlib
@@ -20,7 +54,7 @@ import sys
 import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -942,28 +976,3 @@ def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
         out(f"hint: {len(split.repeats)} pair(s) of images within a class look alike (duplicates weigh twice):")
         for a, b, d in split.repeats[:10]:
             out(f"  {shown(b)} ~ {shown(a)} ({d})")
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    parser = Parser("Check an image folder, or export the demo digits.", prog="dataset.py")
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="scan a dataset folder and report what training will use")
-    check.add_argument("data", help="dataset folder (or 'demo')")
-    check.add_argument("--val-split", type=float, default=TrainConfig.val_split, help="share of each class held "
-                       "out for validation when DATA has no val/ folder")
-    check.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed of the split")
-    check.add_argument("--label-sep", default=TrainConfig.label_sep, help="what separates the labels in a label "
-                       "file's labels column (multi-label; default: a space)")
-    add_shared(check, "cache_dir", "max_file_mb")
-    sub.add_parser("demo", help=f"export the digits demo data to {DEMO_DIR}")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        print(export_demo())
-        return 0
-    report(prepare_data(args.data, args.val_split, args.seed, args.cache_dir, max_file_mb=args.max_file_mb,
-                        label_sep=args.label_sep))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli(main))

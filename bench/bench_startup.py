@@ -28,6 +28,7 @@ COMMANDS = {
     "export.py --help": ["export.py", "--help"],
     "runs.py --help": ["runs.py", "--help"],
     "dataset.py --help": ["dataset.py", "--help"],
+    "dataset.py check missing/": ["dataset.py", "check", "missing/"],
 }
 IMPORTS = {"import torch": "import torch", "import torch, torchvision": "import torch, torchvision",
            "import training (a run's modules)": "import training",

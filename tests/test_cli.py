@@ -43,6 +43,8 @@ def run_script_in_process(script: str, *args: str) -> subprocess.CompletedProces
     ("test.py", ["README.md", "--top-k", "3"], "did you mean --topk?"),
     ("export.py", ["--format", "onnx", "--checkpoint", "/no/such.pt"], "does not exist"),
     ("export.py", ["--format", "onnx", "--int8"], "needs --data"),
+    ("dataset.py", ["check", "/no/such/folder"], "does not exist"),
+    ("dataset.py", ["chek", "photos"], "invalid choice: 'chek'"),
 ])
 def test_a_bad_command_line_is_answered_in_one_line_before_torch_is_imported(script, args, hint):
     result = run_script_in_process(script, *args)
@@ -236,3 +238,8 @@ def test_runs_table_skips_a_run_whose_settings_cannot_be_read(tmp_path, capsys):
     with pytest.raises(UsageError, match="no runs"):
         runs.main([str(tmp_path)])
     assert "broken/config.json" in capsys.readouterr().err
+
+
+def test_the_check_command_answers_help_before_torch_is_imported():
+    result = run_script_in_process("dataset.py", "check", "--help")
+    assert result.stdout.split()[-3:] == ["no", "torch", "0"] and "--val-split" in result.stdout
