@@ -615,7 +615,7 @@ Scanned = tuple[list[str], list[tuple[str, int]], list[tuple[str, str]], "ImageC
 
 
 def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None,
-                max_bytes: int = MAX_BYTES, interpolation: str = "bilinear") -> Scanned:
+                max_bytes: int = MAX_BYTES, interpolation: str = "bilinear", image_cache: str = "raw") -> Scanned:
     """An evaluation folder: (classes, good (path, label) items, skipped (path, reason), with `cache_size`
     the decoded-image cache the check filled, and which images they are). A data set root gives its
     test/ (else val/)."""
@@ -633,29 +633,33 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
     claim_structure(walk, root, [(folder, classes)])
     items = labelled(walk, folder, classes)
     good, skipped, cache = check_items(items, f"{shown(folder)}/<class>/", cache_dir, progress, cache_size, max_bytes,
-                                       interpolation)
+                                       interpolation, image_cache)
     return classes, good, walk.skipped + skipped, cache, f"the images in {shown(folder)}"
 
 
 def scan_labels(source: Path, cache_dir: str | None = None, progress: bool = True, cache_size: int | None = None,
-                max_bytes: int = MAX_BYTES, sep: str = labels.DEFAULT_SEP, interpolation: str = "bilinear"
-                ) -> Scanned:
+                max_bytes: int = MAX_BYTES, sep: str = labels.DEFAULT_SEP, interpolation: str = "bilinear",
+                image_cache: str = "raw") -> Scanned:
     """A label file to evaluate: its test rows, else its val rows (with a split column), else every row."""
     lf = labels.read(source, sep)
     part = next((name for name in ("test", "val") if lf.rows(name)), None)
     items = lf.rows(part) if part else lf.items
     good, skipped, cache = check_items(items, shown(lf.source), cache_dir, progress, cache_size, max_bytes,
-                                       interpolation)
+                                       interpolation, image_cache)
     what = f"the {part} rows of {shown(lf.source)}" if part else f"the images listed in {shown(lf.source)}"
     return lf.classes, good, skipped, cache, what
 
 
 def check_items(items: list[tuple[str, int]], where: str, cache_dir: str | None, progress: bool,
-                cache_size: int | None, max_bytes: int, interpolation: str = "bilinear"
-                ) -> tuple[list[tuple[str, int]], list[tuple[str, str]], ImageCache | None]:
-    """(readable items, skipped (path, reason), the cache the check filled): every file checked once."""
-    cache = ImageCache(sorted(p for p, _ in items), cache_size, cache_dir, max_bytes, interpolation) \
-        if cache_size else None
+                cache_size: int | None, max_bytes: int, interpolation: str = "bilinear", image_cache: str = "raw"
+                ) -> tuple[list[tuple[str, int]], list[tuple[str, str]], ImageCache | CompactCache | None]:
+    """(readable items, skipped (path, reason), the cache the check filled, of the kind `image_cache` says:
+    raw, compact, auto or none): every file checked once."""
+    paths = sorted(p for p, _ in items)
+    cache = make_cache(image_cache, paths, cache_size, cache_dir, max_bytes, interpolation) if cache_size else None
+    if image_cache == "auto" and isinstance(cache, CompactCache):
+        print("image cache: compact (auto: the raw cache would not fit in half the free disk, or a compact one of "
+              "these images was already built)")
     checked = check_files([p for p, _ in items], cache_dir, progress, fill=cache, max_bytes=max_bytes)
     good = [(p, y) for p, y in items if not checked[p][0]]
     if not good:

@@ -29,7 +29,7 @@ from pathlib import Path
 import checkpoint
 import files
 import labels
-from config import Parser, UsageError, add_shared, check_shared, cli
+from config import CACHE_KINDS, Parser, UsageError, add_shared, check_shared, cli
 
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:
@@ -43,9 +43,12 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     add_shared(parser, "checkpoint", "device", "amp", "batch_size", "workers", "cache_dir", "max_file_mb", "label_sep")
     parser.add_argument("--out", help="report folder, new or empty (default: eval-<data>-<checkpoint> beside the "
                         "checkpoint; -2, -3, ... when that exists, so a report never replaces another)")
-    parser.add_argument("--image-cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep the decoded images in the on-disk cache, so evaluating the same files again "
-                        "(another checkpoint, say) decodes nothing")
+    parser.add_argument("--image-cache", nargs="?", const="auto", default="auto", choices=CACHE_KINDS,
+                        help="keep the decoded images in an on-disk cache, so evaluating the same files again "
+                        "(another checkpoint, say) decodes nothing: raw (uint8 pixels), compact (JPEG, for a large "
+                        "set), auto (raw while it fits in half the free disk, else compact), none (default: auto)")
+    parser.add_argument("--no-image-cache", dest="image_cache", action="store_const", const="none",
+                        help="no image cache (--image-cache none)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: average the calibrated "
                         "probabilities of the image, zoomed crops and (for models trained with flips) mirror images; "
                         "prints the accuracy with and without")

@@ -75,16 +75,16 @@ def print_report(m: dict[str, Any], present: list[int]) -> None:
 
 
 def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bool, batch_size: int,
-             workers: int | None, cache_dir: str | None, max_bytes: int, image_cache: bool, tta: bool = False,
+             workers: int | None, cache_dir: str | None, max_bytes: int, image_cache: str, tta: bool = False,
              label_sep: str | None = None) -> int:
     """eval.py's work: the model over every image of a labelled folder or label file (or, without one, the
     run's own held-out test split), the report printed and written."""
     loaded = load_model(ckpt_path, device, amp)
-    size = loaded.preprocess.resize_size if image_cache else None
+    size = loaded.preprocess.resize_size if image_cache != "none" else None
     split = run_split(ckpt_path.parent)
     data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, split, cache_dir, size, max_bytes,
                                                                loaded.preprocess.interpolation,
-                                                               label_sep or loaded.label_sep)
+                                                               label_sep or loaded.label_sep, image_cache)
     check_kind(splits.is_multilabel(items), loaded, what)
     mapping = match_classes(data_classes, loaded.classes)
     items = [(p, tuple(sorted(mapping[c] for c in y)) if loaded.multilabel else mapping[y]) for p, y in items]
@@ -162,15 +162,16 @@ def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]],
 
 
 def evaluation_set(data: Path | None, ckpt_path: Path, split: dataset.DataSplit | None, cache_dir: str | None,
-                   size: int | None, max_bytes: int, interpolation: str, sep: str = labels.DEFAULT_SEP
-                   ) -> dataset.Scanned:
+                   size: int | None, max_bytes: int, interpolation: str, sep: str = labels.DEFAULT_SEP,
+                   image_cache: str = "raw") -> dataset.Scanned:
     """The labelled images to evaluate: a folder, a label file, or the test split of the checkpoint's run
-    (`split`, its split.json when readable)."""
+    (`split`, its split.json when readable); checked, and decoded into the cache of kind `image_cache`."""
     if data is not None and labels.is_label_file(data):
         return dataset.scan_labels(data, cache_dir, cache_size=size, max_bytes=max_bytes, sep=sep,
-                                   interpolation=interpolation)
+                                   interpolation=interpolation, image_cache=image_cache)
     if data is not None:
-        return dataset.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation)
+        return dataset.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation,
+                                   image_cache=image_cache)
     if split is None and (ckpt_path.parent / "split.json").exists():
         raise UsageError(f"{ckpt_path.parent / 'split.json'} cannot be read: give the images to evaluate, "
                          "python eval.py DATA")
@@ -180,9 +181,10 @@ def evaluation_set(data: Path | None, ckpt_path: Path, split: dataset.DataSplit 
         raise UsageError(f"{ckpt_path.parent} has no held-out test split (train with --test-split F, or give a "
                          "folder with a test/ folder): give the images to evaluate, python eval.py DATA")
     if not split.test:  # a data set root with its own test/ folder
-        return dataset.scan_folder(root, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation)
+        return dataset.scan_folder(root, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation,
+                                   image_cache=image_cache)
     good, skipped, cache = dataset.check_items(split.test, "the run's test split", cache_dir, True, size, max_bytes,
-                                               interpolation)
+                                               interpolation, image_cache)
     return split.classes, good, skipped, cache, f"the run's held-out test split ({ckpt_path.parent / 'split.json'})"
 
 

@@ -156,3 +156,32 @@ def test_temp_files_of_a_killed_cache_build_are_removed_by_the_next_build(photos
     files.remove_stale_temps(folder)
     assert [p.name for p in folder.iterdir()] == [alive_path.name]
     alive.close()
+
+
+def test_eval_evaluates_through_a_compact_cache_as_through_none(trained_run, colours_eval, tmp_path, monkeypatch):
+    """eval.py takes --image-cache KIND as train.py does: a large evaluation set need not fit raw on disk."""
+    import json
+
+    import eval as evaluate
+
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
+    accuracy = {}
+    for kind in ("compact", "none"):
+        out = tmp_path / kind
+        assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run), "--image-cache", kind,
+                                    "--out", str(out)]) == 0
+        accuracy[kind] = json.loads((out / "metrics.json").read_text())["accuracy"]
+    assert list((tmp_path / "cache" / "images").glob("*.jpgs")) and not list((tmp_path / "cache" / "images").glob(
+        "*.npy"))
+    assert accuracy["compact"] == pytest.approx(accuracy["none"], abs=1e-9)
+
+
+def test_eval_chooses_the_compact_cache_when_the_raw_one_would_not_fit(trained_run, colours_eval, tmp_path,
+                                                                       monkeypatch, capsys):
+    import eval as evaluate
+
+    monkeypatch.setattr(dataset, "RAW_SHARE_OF_FREE_DISK", 0.0)
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "r")]) == 0
+    assert "image cache: compact (auto" in capsys.readouterr().out
+    assert list((tmp_path / "cache" / "images").glob("*.jpgs"))
