@@ -392,20 +392,27 @@ class Ema:
 
         self.source = source
         self.decay = min(decay, 1 - 10 / max(20, total_steps))
-        self.model = AveragedModel(source, multi_avg_fn=self.average, use_buffers=True).eval()
+        self.model = AveragedModel(source, use_buffers=True).eval()  # the container: its state dict as before
         self.steps = 0
 
     @torch.no_grad()
-    def average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _: torch.Tensor) -> None:
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        if torch.is_floating_point(averaged[0]):
-            torch._foreach_lerp_(averaged, current, 1 - decay)
-        else:  # counters (BatchNorm's num_batches_tracked): the current value
-            for a, c in zip(averaged, current):
-                a.copy_(c)
-
     def update(self) -> None:
-        self.model.update_parameters(self.source)
+        """AveragedModel.update_parameters' arithmetic without its host syncs: it moves its CPU step
+        counter to the GPU once per dtype each step, a blocking copy that drains the GPU's queue. The
+        first update copies; then floats move towards the source, counters (BatchNorm's
+        num_batches_tracked) take its value."""
+        averaged = [*self.model.module.parameters(), *self.model.module.buffers()]
+        current = [*self.source.parameters(), *self.source.buffers()]
+        floats = [(a, c) for a, c in zip(averaged, current) if torch.is_floating_point(a)]
+        others = [(a, c) for a, c in zip(averaged, current) if not torch.is_floating_point(a)]
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        if floats and self.steps == 0:
+            torch._foreach_copy_([a for a, _ in floats], [c for _, c in floats])
+        elif floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - decay)
+        for a, c in others:
+            a.copy_(c)
+        self.model.n_averaged += 1  # (a CPU tensor: kept for the state dict, as AveragedModel keeps it)
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -871,7 +871,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradSc
                       cfg: TrainConfig, say: Callable) -> None:
     """The saved optimizer state (momentum, Adam's moments), with the settings now given applied on
     top; another --optimizer starts its state afresh."""
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("scaler"):  # empty when it was off (no AMP, or bf16): an enabled one then starts afresh
+        scaler.load_state_dict(ckpt["scaler"])
     if ckpt["config"].get("optimizer") != cfg.optimizer:
         say(f"optimizer changed from {ckpt['config'].get('optimizer')} to {cfg.optimizer}: its state starts afresh")
         return
@@ -1043,7 +1044,7 @@ class Loop:
         """The trained weights' validation, and with --ema the average's."""
         learner, n = self.learner, len(self.classes)
         exact = contextlib.nullcontext  # full precision: the accuracy is the one eval.py computes for best.pt
-        same_buffers(self.inner, *([learner.ema.model] if learner.ema else []))
+        same_buffers(self.inner, *([learner.ema.model.module] if learner.ema else []))  # (not its CPU counter)
         val = evaluate(self.inner, val_loader, learner.to_input, exact, n, self.lead, self.multi)
         if learner.ema is None:
             return val, None

@@ -393,3 +393,16 @@ def test_a_resume_keeps_the_preprocessing_the_run_was_trained_with(colours, tmp_
     torch.save(ckpt, out / "last.pt")
     assert train.main(["--resume", str(out), "--epochs", "2"]) == 0
     assert checkpoint.load(out / "last.pt")["preprocess"]["interpolation"] == "nearest"
+
+
+def test_a_run_saved_without_a_grad_scaler_resumes_where_fp16_needs_one(colours, tmp_path, monkeypatch):
+    """A run trained on a CPU or a bf16 GPU (no scaler: its state is empty) resumed on a GPU whose mixed
+    precision is fp16 (T4, V100): the scaler starts afresh instead of refusing the empty state."""
+    import engine
+
+    run = tmp_path / "run"
+    assert train.main(train_args(colours, run, "--mode", "scratch", "--no-amp")) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["scaler"] == {}
+    monkeypatch.setattr(engine, "autocast_dtype", lambda device, amp: torch.float16 if amp else None)
+    assert train.main(["--resume", str(run), "--epochs", "2", "--amp"]) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["scaler"]["scale"] > 0

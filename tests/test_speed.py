@@ -121,3 +121,38 @@ def test_a_loader_starts_no_more_workers_than_an_epoch_has_batches():
     sampler = engine.ResumableSampler(40, seed=0)
     sampler.set_epoch(0, start=39)  # a resume near the end of an epoch: later epochs are whole again
     assert engine.make_loader(engine.Features(torch.zeros(40, 2), [0] * 40), 8, 8, device, sampler).num_workers == 5
+
+
+def test_the_ema_update_is_averaged_models_arithmetic_without_its_host_syncs():
+    """Our EMA update does what torch's AveragedModel.update_parameters did with our averaging function
+    (first update a copy, then a lerp; counters copied), with no CPU counter moved to the device each step."""
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(2))
+    net(torch.rand(2, 3, 6, 6))
+    ema = engine.Ema(net, 0.99, total_steps=1000)
+    steps = []
+
+    def average(averaged, current, _):
+        decay = min(ema.decay, (1 + len(steps)) / (10 + len(steps)))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        else:
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+    reference = AveragedModel(net, multi_avg_fn=average, use_buffers=True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(5):
+        net.train()
+        optimizer.zero_grad()
+        net(torch.rand(4, 3, 6, 6)).sum().backward()
+        optimizer.step()
+        ema.update()
+        reference.update_parameters(net)
+        steps.append(1)
+    ours, theirs = ema.model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and int(ours["n_averaged"]) == 5
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
