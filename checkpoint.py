@@ -194,10 +194,28 @@ def for_inference(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
-    """Atomic: a kill at any moment leaves the old file or the new one (see files.py)."""
+    """Atomic: a kill at any moment leaves the old file or the new one (see files.py). Every tensor is
+    written from the CPU, so a plain torch.load of a GPU run's checkpoint works on a machine without one."""
     import torch
 
-    files.atomic_write(Path(path), lambda f: torch.save(obj, f))
+    files.atomic_write(Path(path), lambda f: torch.save(on_cpu(obj), f))
+
+
+def on_cpu(obj: Any) -> Any:
+    """`obj` with its tensors on the CPU (those already there as they are); module versions (state dicts'
+    `_metadata`) kept."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, on_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
 
 
 def read(path: str | Path) -> Any:

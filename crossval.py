@@ -36,7 +36,7 @@ def main(given: dict[str, Any]) -> int:
     from engine import from_lead, init_distributed
 
     try:
-        rank, _, _ = init_distributed()
+        rank, _, _ = init_distributed(given.get("device", "auto"))
         parent, settings, overrides, created = from_lead(lambda: prepare(given), rank == 0)
         parent = Path(parent)
         for k in range(1, settings["folds"] + 1):

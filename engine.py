@@ -55,6 +55,8 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: no CUDA GPU is visible to this PyTorch build; use --device cpu")
         check_gpu_supported(device)
+        if device.index is not None:  # what autocast, the bf16 check and the pinning thread look at
+            torch.cuda.set_device(device)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: Apple MPS is not available here; use --device cpu")
     return device
@@ -128,18 +130,20 @@ PREPARATION_TIMEOUT = datetime.timedelta(days=2)
 PREPARATION: dict[str, Any] = {}  # "group": the preparation's process group, once started
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); starts the process groups when launched by torchrun."""
+def init_distributed(device: str = "auto") -> tuple[int, int, int]:
+    """(rank, world size, local rank); starts the process groups when launched by torchrun. With a GPU
+    (and `device` not cpu/mps), NCCL for CUDA tensors and gloo for CPU ones in the same group, so a CPU
+    tensor sent by any collective (an object, a counter) does not stop NCCL; each process on its GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():  # the folds of a cross-validation share one group
         return dist.get_rank(), world, local_rank
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    on_gpu = torch.cuda.is_available() and not device.startswith(("cpu", "mps"))
+    if on_gpu:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, timeout=STEP_TIMEOUT)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if on_gpu else "gloo", timeout=STEP_TIMEOUT)
     PREPARATION["group"] = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
     return dist.get_rank(), world, local_rank
 
@@ -485,15 +489,19 @@ def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, where: str) -
         logits = learner.net(x)
         loss = learner.criterion(logits, target)
     correct = torch.zeros((), device=logits.device) if learner.multilabel else (logits.argmax(1) == y).sum()
-    stats = torch.stack([loss.detach().float(), correct.float()])
+    diverged = (~torch.isfinite(loss.detach())).float().reshape(1)
     learner.optimizer.zero_grad(set_to_none=True)
     learner.scaler.scale(loss).backward()
-    value, right = stats.tolist()
-    if not math.isfinite(value):
+    if dist.is_initialized():  # DDP has averaged one rank's NaN gradients into every rank's: all stop here
+        dist.all_reduce(diverged)
+    value, right, anywhere = torch.cat([loss.detach().float().reshape(1), correct.float().reshape(1), diverged]
+                                       ).tolist()
+    if anywhere:
         learner.optimizer.zero_grad(set_to_none=True)
         lr = learner.optimizer.param_groups[0]["lr"]
-        raise TrainingError(f"loss became {value} at {where} (lr {lr:.3g}): try a lower --lr; the checkpoints "
-                            "written so far are kept")
+        said = f"loss became {value}" if not math.isfinite(value) else "loss became non-finite in another process"
+        raise TrainingError(f"{said} at {where} (lr {lr:.3g}): try a lower --lr; the checkpoints written so far "
+                            "are kept")
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
     if learner.ema is not None:

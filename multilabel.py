@@ -36,7 +36,9 @@ class BCELoss(nn.Module):
         self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = target.to(logits.dtype)
+        # in float32 whatever autocast gave the logits: smoothed targets (0.925) and mixed ones are not
+        # representable in bf16/fp16
+        logits, target = logits.float(), target.float()
         if self.smoothing:
             off = self.smoothing / target.shape[-1]
             target = target * (1 - self.smoothing) + off

@@ -574,7 +574,7 @@ def main(given: dict[str, Any]) -> int:
 def train(given: dict[str, Any]) -> int:
     """Settings -> run folder -> data and model -> fit. Under torchrun rank 0 makes the run folder and
     checks the data; the other ranks take what it decided."""
-    rank, world, local_rank = init_distributed()
+    rank, world, local_rank = init_distributed(given.get("device", "auto"))
     lead = rank == 0
     cfg, start = resolve_config(given, world)
     check_start(cfg, start, world)
@@ -1139,8 +1139,24 @@ def make_criterion(cfg: TrainConfig, train_counts: list[int], images: int = 0, m
     if multi:
         return multilabel.BCELoss(multilabel.pos_weight(train_counts, images) if auto else None,
                                   cfg.label_smoothing)
-    return nn.CrossEntropyLoss(weight=class_weights(train_counts) if auto else None,
-                               label_smoothing=cfg.label_smoothing)
+    return CrossEntropy(weight=class_weights(train_counts) if auto else None, label_smoothing=cfg.label_smoothing)
+
+
+class CrossEntropy(nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss; with class weights and label smoothing on class-index targets, computed here:
+    torch's version normalises by the targets' weights through a data-dependent masked_select (for
+    ignore_index, which we never use), a host sync every training step on a GPU."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or not self.label_smoothing or target.dim() != 1 or target.is_floating_point():
+            return super().forward(logits, target)
+        logp = nn.functional.log_softmax(logits.float(), dim=1)
+        weight = self.weight.float()
+        weight_of_target = weight[target]
+        nll = -logp.gather(1, target[:, None]).squeeze(1) * weight_of_target
+        smooth = -(logp * weight).sum(1) / logits.shape[1]
+        eps = self.label_smoothing
+        return ((1 - eps) * nll + eps * smooth).sum() / weight_of_target.sum()
 
 
 def make_mix(cfg: TrainConfig, num_classes: int) -> Callable | None:

@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,17 +79,22 @@ def machine(device: torch.device) -> dict[str, Any]:
 def cuda_tests(dry: bool, timeout: float) -> dict[str, Any]:
     """pytest -m cuda in `timeout` seconds; each test's outcome and seconds, read from pytest's verbose
     output, also when time ran out (then the test under way is named)."""
-    env = {**os.environ, **({"IMGCLS_TEST_DEVICE": "cpu"} if dry else {})}
     cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "--durations=0",
            "--durations-min=0.5", "tests/test_cuda.py"]
     if timeout < 30:
         return {"ok": None, "summary": f"skipped: {timeout:.0f} s of the budget left (--budget)"}
-    try:
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
-        stdout, stderr, code = out.stdout, out.stderr, out.returncode
-    except subprocess.TimeoutExpired as e:
-        stdout, stderr, code = (e.stdout or b""), (e.stderr or b""), None
-        stdout, stderr = (v.decode(errors="replace") if isinstance(v, bytes) else v for v in (stdout, stderr))
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "IMGCLS_CACHE": cache, **({"IMGCLS_TEST_DEVICE": "cpu"} if dry else {})}
+        # its own process group, so a test's torchrun and train.py children go too when time runs out
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            code = None
     lines = stdout.splitlines()
     tests = {m[1]: m[2] for m in map(RESULT.match, lines) if m}
     seconds: dict[str, float] = {}
@@ -184,6 +190,15 @@ def timm_recipe(name: str, device: torch.device, size: int, batch: int) -> Calla
 def throughput(name: str, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
     size, batch = p["img_size"], p["batch"]
     row: dict[str, Any] = {"model": name, "img_size": size, "batch": batch}
+    try:
+        return measure(row, name, device, p)
+    finally:  # also after an out-of-memory error: the next model starts with the memory free
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
+
+
+def measure(row: dict[str, Any], name: str, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
+    size, batch = p["img_size"], p["batch"]
     row["ours_img_s"] = images_per_s(ours(name, device, size, batch), device, batch, p["steps"], p["warmup"])
     row["plain_fp32_img_s"] = images_per_s(plain(models.build_model(name, 10, "scratch"), device, size, batch), device,
                                            batch, p["steps"], p["warmup"])
@@ -196,8 +211,6 @@ def throughput(name: str, device: torch.device, p: dict[str, Any]) -> dict[str, 
     else:
         row["timm"] = "not installed (pip install timm to compare)"
     row["speedup_vs_plain"] = row["ours_img_s"] / row["plain_fp32_img_s"]
-    with contextlib.suppress(Exception):
-        torch.cuda.empty_cache()
     return row
 
 
@@ -260,7 +273,7 @@ def step(results: dict[str, Any], name: str, work: Callable[[], Any], save: Call
 
 
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
+    m = results["machine"] if "torch" in results["machine"] else {"cpu": "unknown (the step failed)", "torch": "?"}
     lines = [f"machine: {m.get('gpu') or m.get('cpu')} (torch {m['torch']}" +
              (f", CUDA {m['cuda']}, bf16 {m['bf16']})" if m.get("gpu") else ")"),
              "", "| model | img px | batch | ours (img/s) | plain fp32 (img/s) | ours / plain | timm's recipe (img/s) "

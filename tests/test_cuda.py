@@ -43,8 +43,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def run_on_device(data: Path, out: Path, *extra: str) -> dict:
+    # (a cache folder of its own: module fixtures run before the per-test isolation of conftest)
     assert train.main(train_args(data, out, "--mode", "scratch", "--device", DEVICE, "--optimizer", "adam",
-                                 "--lr", "0.002", "--hflip", "0", *extra)) == 0
+                                 "--lr", "0.002", "--hflip", "0", "--cache-dir", str(out.parent / "cache"),
+                                 *extra)) == 0
     return json.loads((out / "summary.json").read_text())
 
 
@@ -84,21 +86,29 @@ def test_channels_last_gives_the_same_results_within_tolerance():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="waiting for the GPU is a CUDA matter (the CPU runs in step)")
-def test_a_training_step_waits_for_the_gpu_once():
+@pytest.mark.parametrize("variant", ["plain", "ema", "class weights with label smoothing"])
+def test_a_training_step_waits_for_the_gpu_once(variant):
     """One host sync per step (the loss, read once the backward pass is queued): a sync after the forward
-    pass or after the optimizer step would leave the GPU idle every step."""
+    pass or after the optimizer step would leave the GPU idle every step. Also with EMA (AveragedModel
+    moved its CPU counter to the GPU each step) and with weighted, smoothed cross-entropy (torch's uses
+    a data-dependent masked_select)."""
+    import training
+
     device = torch.device(DEVICE)
     net = models.build_model("resnet18", 3, "scratch").to(device, memory_format=torch.channels_last).train()
     autocast, scaler = engine.precision(device, amp=True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
-    learner = engine.Learner(net, optimizer, scaler, torch.nn.CrossEntropyLoss(),
+    criterion = training.CrossEntropy(weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.1).to(device) \
+        if variant.startswith("class weights") else torch.nn.CrossEntropyLoss()
+    learner = engine.Learner(net, optimizer, scaler, criterion,
                              engine.to_model_input(models.preprocessing("resnet18", 32), device), autocast, device,
-                             lambda start, end: 1.0)
+                             lambda start, end: 1.0, ema=engine.Ema(net, 0.999, 100) if variant == "ema" else None)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device=device)
     y = torch.randint(0, 3, (8,), device=device)
-    engine.train_step(learner, x, y, "warm-up")
+    for step in range(2):  # warm-up: cudnn's autotuning, the EMA's first (copying) update
+        engine.train_step(learner, x, y, f"warm-up {step}")
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -115,7 +125,7 @@ def test_a_training_step_waits_for_the_gpu_once():
 @pytest.mark.skipif(not ON_GPU and not os.environ.get("IMGCLS_TEST_COMPILE"),
                     reason="torch.compile takes a minute on a CPU: IMGCLS_TEST_COMPILE=1 to include it")
 def test_compile_gives_the_same_results_within_tolerance(data, tmp_path):
-    runs = [run_on_device(data, tmp_path / f"run-{flag}", f"--{flag}", "--no-amp") for flag in
+    runs = [run_on_device(data, tmp_path / f"run-{flag}", f"--{flag}", "--no-amp", "--epochs", "3") for flag in
             ("compile", "no-compile")]
     assert abs(runs[0]["best_val_acc"] - runs[1]["best_val_acc"]) <= 10
 
@@ -138,7 +148,18 @@ def device_run(data, tmp_path_factory) -> Path:
     return out
 
 
-def test_eval_on_the_device_equals_eval_on_the_cpu(device_run, data, tmp_path):
+def test_a_checkpoint_trained_on_the_device_holds_cpu_tensors(device_run):
+    """A plain torch.load (no map_location) of it works on a machine without a GPU."""
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(device_run / name, weights_only=True)
+        tensors = [v for part in (ckpt["model"], *ckpt.get("optimizer", {}).get("state", {}).values())
+                   for v in part.values() if isinstance(v, torch.Tensor)]
+        assert tensors and all(t.device.type == "cpu" for t in tensors), name
+
+
+def test_eval_on_the_device_equals_eval_on_the_cpu(device_run, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions could flip a near tie
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for device, out in ((DEVICE, "device"), ("cpu", "cpu")):
         assert evaluate.main([str(data / "val"), "--checkpoint", str(device_run), "--device", device,
                               "--out", str(tmp_path / out)]) == 0
@@ -147,7 +168,8 @@ def test_eval_on_the_device_equals_eval_on_the_cpu(device_run, data, tmp_path):
     assert on_device["ece"]["calibrated"] == pytest.approx(on_cpu["ece"]["calibrated"], abs=1e-3)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="onnx, onnxscript and onnxruntime are needed (pip install -r requirements-export.txt)")
 def test_a_checkpoint_trained_on_the_device_exports(device_run, data, tmp_path):
     assert export.main(["--checkpoint", str(device_run), "--format", "onnx", "--data", str(data / "val"),
                         "--out", str(tmp_path / "m.onnx")]) == 0

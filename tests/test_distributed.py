@@ -244,3 +244,52 @@ def test_a_machine_failing_its_share_stops_every_machine_with_one_message(tmp_pa
     first, second = two_machines(tmp_path / "data", tmp_path, fail=True)
     assert second["error"] == "UsageError: planted: machine 1 cannot read its share"
     assert first["error"] == "Stopped: 2"  # quiet: the message is the failing machine's
+
+
+def step_in_a_process(rank: int, out: str, port: int) -> None:
+    """Rank `rank` of two (gloo) taking one DDP training step; rank 1's batch makes its loss NaN."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import contextlib
+
+    import torch
+
+    import engine
+    from config import TrainingError
+
+    engine.init_distributed()
+    torch.manual_seed(0)
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    learner = engine.Learner(net, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
+                             lambda x: x, contextlib.nullcontext, torch.device("cpu"), lambda a, b: 1.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    x = torch.full((2, 4), float("nan")) if rank == 1 else torch.ones(2, 4)
+    try:
+        engine.train_step(learner, x, torch.tensor([0, 1]), "batch 7")
+        outcome = "stepped"
+    except TrainingError as e:
+        outcome = str(e)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    Path(out, f"rank-{rank}.json").write_text(json.dumps({"outcome": outcome, "unchanged": unchanged}))
+    torch_dist().destroy_process_group()
+
+
+def test_a_loss_diverging_in_one_process_stops_every_process_before_the_step():
+    """DDP averages the gradients: one rank's NaN would reach every rank's weights; every rank stops instead."""
+    import multiprocessing
+    import tempfile
+
+    port, ctx = free_port(), multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out:
+        procs = [ctx.Process(target=step_in_a_process, args=(rank, out, port)) for rank in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        first, second = (json.loads(Path(out, f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert second["outcome"].startswith("loss became nan at batch 7") and second["unchanged"]
+    assert first["outcome"].startswith("loss became non-finite in another process at batch 7"), first
+    assert first["unchanged"]

@@ -18,7 +18,7 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_in_its_dry_run(tmp_path):
     assert results["cuda_tests"]["ok"] and "passed" in results["cuda_tests"]["summary"]
     tests = results["cuda_tests"]["tests"]  # each test's outcome, read from pytest's verbose output
     assert tests["test_channels_last_gives_the_same_results_within_tolerance"] == "PASSED"
-    assert tests["test_a_training_step_waits_for_the_gpu_once"] == "SKIPPED"  # a CUDA matter
+    assert tests["test_a_training_step_waits_for_the_gpu_once[plain]"] == "SKIPPED"  # a CUDA matter
     assert [r["model"] for r in results["throughput"]] == ["resnet18", "mobilenet_v2", "vgg11"]
     assert all(r["ours_img_s"] > 0 and r["plain_fp32_img_s"] > 0 for r in results["throughput"])
     timm = [r.get("timm_img_s") for r in results["throughput"]]  # timm's names and recipe (timm is in dev)

@@ -335,3 +335,18 @@ def test_without_any_positive_label_the_map_is_undefined_not_zero(ml_run, object
     assert evaluate.main([str(data), "--checkpoint", str(ml_run), "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["map"] is None
     assert "mAP (mean average precision over labels) on the 6 images evaluated: n/a" in capsys.readouterr().out
+
+
+def test_the_multilabel_loss_keeps_smoothed_targets_in_full_precision_under_autocast():
+    """Under bf16 autocast the logits are bf16; targets like 0.925 (smoothing 0.15 over 2 labels) must not
+    be rounded to them (0.92578), nor the loss computed from rounded ones."""
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(8, 2), torch.randn(16, 8)
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(8, 1)
+    loss = multilabel.BCELoss(smoothing=0.15)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = linear(x)
+        mixed = loss(logits, target)
+    assert logits.dtype == torch.bfloat16
+    exact = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target * 0.85 + 0.075)
+    assert mixed.dtype == torch.float32 and float(mixed) == pytest.approx(float(exact), abs=1e-6)

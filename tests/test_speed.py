@@ -156,3 +156,20 @@ def test_the_ema_update_is_averaged_models_arithmetic_without_its_host_syncs():
     ours, theirs = ema.model.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys() and int(ours["n_averaged"]) == 5
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_training_loss_is_torchs_cross_entropy(smoothing, weighted):
+    """Class weights with label smoothing are computed without torch's masked_select (a host sync per
+    step on a GPU), to the same value; soft targets (mixup) go through torch's own."""
+    import training
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(16, 5), torch.randint(0, 5, (16,))
+    weight = torch.rand(5) + 0.5 if weighted else None
+    ours = training.CrossEntropy(weight=weight, label_smoothing=smoothing)
+    torchs = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)
+    assert float(ours(logits, target)) == pytest.approx(float(torchs(logits, target)), rel=1e-6)
+    soft = torch.softmax(torch.randn(16, 5), 1)
+    assert float(ours(logits, soft)) == pytest.approx(float(torchs(logits, soft)), rel=1e-6)
