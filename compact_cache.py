@@ -119,8 +119,8 @@ class CompactCache:
             data = out.getvalue()
         with self._lock:
             f = self._temp[0]
-            f.seek(self._end)
-            try:
+            try:  # (seek flushes what is buffered: a full disk can show there too)
+                f.seek(self._end)
                 f.write(data)
             except OSError as e:
                 raise no_space(self.path, e) from None
@@ -141,9 +141,13 @@ class CompactCache:
                 list(tqdm(pool.map(lambda p: self.put(p, self.load(p)), todo), total=len(todo), desc=desc,
                           disable=None if progress and todo else True, leave=False))
             f = self._temp[0]
-            f.seek(self._end)
-            np.save(f, self._index)
-            f.write(self._end.to_bytes(8, "little") + MAGIC)
+            try:
+                f.seek(self._end)
+                np.save(f, self._index)
+                f.write(self._end.to_bytes(8, "little") + MAGIC)
+                f.flush()
+            except OSError as e:
+                raise no_space(self.path, e) from None
             files.publish(*self._temp, self.path)
             self._temp = None
         finally:
@@ -167,10 +171,10 @@ class CompactCache:
         try:
             data = os.pread(self._fd, int(length), int(offset))
             return np.array(Image.open(io.BytesIO(data), formats=("JPEG",)).convert("RGB"), dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as e:  # damaged on disk since it was built: that image is skipped
-            print(f"warning: skipped {path}: its entry in the image cache {self.path.name} is damaged ({e}); delete "
-                  "the file to rebuild it", file=sys.stderr, flush=True)
-            return None
+        except (OSError, ValueError, SyntaxError) as e:  # damaged on disk since it was built: the file decoded instead
+            print(f"warning: {path}: its entry in the image cache {self.path.name} is damaged ({e}); decoded from "
+                  "the file instead (delete the cache file to rebuild it)", file=sys.stderr, flush=True)
+            return self.load(path)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_index": None, "_fd": None, "_temp": None, "_lock": None}

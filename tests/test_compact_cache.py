@@ -103,7 +103,8 @@ def test_the_index_and_the_images_are_one_file_published_whole(photos):
         [compact.path.name]
 
 
-def test_a_damaged_image_inside_the_compact_cache_is_skipped_with_a_warning(photos, capsys):
+def test_a_damaged_image_inside_the_compact_cache_is_decoded_from_its_file_with_a_warning(photos, capsys):
+    """The file itself is intact: the damaged entry must not change a result (an image left out)."""
     compact = built("compact", photos[:3])
     fd = os.open(compact.path, os.O_RDONLY)
     offset, length = (int(v) for v in compact_cache.read_index(fd, 3)[1])
@@ -112,7 +113,8 @@ def test_a_damaged_image_inside_the_compact_cache_is_skipped_with_a_warning(phot
     data[offset + 2:offset + length] = bytes(length - 2)  # the second image's JPEG, zeroed after its marker
     compact.path.write_bytes(bytes(data))
     again = dataset.make_cache("compact", photos[:3], 256)
-    assert again.ready and again.get(photos[1]) is None and again.get(photos[0]) is not None
+    assert again.ready and again.get(photos[0]) is not None
+    assert np.array_equal(again.get(photos[1]), dataset.load_image(photos[1], 256))
     assert "is damaged" in capsys.readouterr().err
 
 
@@ -141,6 +143,33 @@ def test_a_full_disk_under_the_raw_cache_is_one_line_and_leaves_nothing(colours,
     assert "no space left for the image cache" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
     assert not list((Path(config.cache_root()) / "images").glob("*.tmp"))
+
+
+def test_a_full_disk_under_the_compact_cache_is_one_line_and_leaves_nothing(colours, tmp_path, monkeypatch, capsys):
+    """A buffered write fails when it is flushed: by the seek before the next image's bytes, or at the end."""
+    real = compact_cache.files.open_temp
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def seek(self, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_temp(path):
+        f, temp = real(path)
+        return Full(f), temp
+
+    monkeypatch.setattr(compact_cache.files, "open_temp", open_temp)
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
+    assert call(train.main, train_args(colours, tmp_path / "run", "--image-cache", "compact")) == 2
+    err = capsys.readouterr().err
+    assert "no space left for the image cache" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in (Path(config.cache_root()) / "images").iterdir() if p.name.startswith(".")]
 
 
 def test_temp_files_of_a_killed_cache_build_are_removed_by_the_next_build(photos, tmp_path):
