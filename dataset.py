@@ -11,10 +11,11 @@ from that square; evaluation takes its centre: the standard Resize + CenterCrop 
 from __future__ import annotations
 
 if __name__ == "__main__":  # the command line, answered before torch is imported (--help, typos, a missing folder)
+    import argparse
     import os
     import sys
 
-    from config import Parser, TrainConfig, UsageError, add_shared, cli
+    from config import Parser, TrainConfig, UsageError, add_shared, check_shared, cli
 
     def main(argv: list[str] | None = None) -> int:
         parser = Parser("Check an image folder, or export the demo digits.", prog="dataset.py")
@@ -29,10 +30,8 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         add_shared(check, "cache_dir", "max_file_mb")
         sub.add_parser("demo", help="export the digits demo data to data/digits/ beside this script")
         args = parser.parse_args(argv)
-        if args.command == "check" and args.data != "demo" and not args.data.lower().endswith(".csv") \
-                and not os.path.isdir(os.path.expanduser(args.data)):
-            raise UsageError(f"data folder {args.data} does not exist: give a folder with one sub-folder per class, "
-                             "a label file (.csv) or demo")
+        if args.command == "check":
+            check_command_line(args)
         import dataset  # the library: torch and all, only now
 
         if args.command == "demo":
@@ -41,6 +40,22 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         dataset.report(dataset.prepare_data(args.data, args.val_split, args.seed, args.cache_dir,
                                             max_file_mb=args.max_file_mb, label_sep=args.label_sep))
         return 0
+
+    def check_command_line(args: argparse.Namespace) -> None:
+        """What train.py refuses up front, refused here the same way."""
+        check_shared(args)
+        if not 0 < args.val_split < 1:  # (NaN too)
+            raise UsageError(f"--val-split must be between 0 and 1 (exclusive), not {args.val_split}")
+        path = os.path.expanduser(args.data)
+        what = "a folder with one sub-folder per class, a label file (.csv) or demo"
+        if not args.data.strip():
+            raise UsageError(f"no data given: give {what}")
+        if args.data == "demo" or os.path.isdir(path) or (args.data.lower().endswith(".csv") and os.path.isfile(path)):
+            return
+        if os.path.exists(path):
+            raise UsageError(f"{args.data} is not a folder: give {what}")
+        kind = "label file" if args.data.lower().endswith(".csv") else "data folder"
+        raise UsageError(f"{kind} {args.data} does not exist: give {what}")
 
     sys.exit(cli(main))
 
@@ -258,10 +273,11 @@ def inspect_file(path: str, size: int | None = None, max_bytes: int = MAX_BYTES,
     return None, digest, look_hash(img), square(img, size, interpolation) if size else None
 
 
-Inspect = Callable[[list[str]], dict[str, tuple[str | None, str, str]]]
-# Under torchrun, rank 0 hands its check to a sharer (engine.share_check): the paths to inspect, what
-# the other machines need to fill their own caches on the way (fill_spec), and how rank 0 inspects its share
-Share = Callable[[list[str], dict[str, Any], Inspect], dict[str, tuple[str | None, str, str]]]
+Checked = dict[str, tuple[str | None, str, str]]
+# Under torchrun, rank 0 hands its check to a sharer (engine.share_check): the paths to inspect, what the
+# other machines need to fill their own caches on the way (fill_spec), how rank 0 inspects its share, and
+# how it completes its cache once every result is in
+Share = Callable[[list[str], dict[str, Any], Callable[[list[str]], Checked], Callable[[Checked], None]], Checked]
 
 
 def check_files(paths: list[str], cache_dir: str | None = None, progress: bool = True,
@@ -292,9 +308,10 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
             fill.begin()
         try:
             here = functools.partial(inspect_all, fill=fill, max_bytes=max_bytes, progress=progress)
-            todo_paths = [p for p, _ in todo]
-            found = here(todo_paths) if share is None else share(todo_paths, fill_spec(
-                fill, cache_dir, max_bytes, skip=[p for p, r in results.items() if r[0]]), here)
+            todo_paths, remembered_bad = [p for p, _ in todo], [p for p, r in results.items() if r[0]]
+            spec = fill_spec(fill, cache_dir, max_bytes, skip=remembered_bad)
+            found = here(todo_paths) if share is None else share(
+                todo_paths, spec, here, lambda found: finish_cache(fill, found, spec, progress))
         except BaseException:
             if fill is not None:
                 fill.discard()
@@ -310,7 +327,7 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
 
 
 def inspect_all(paths: list[str], fill: ImageCache | CompactCache | None, max_bytes: int, progress: bool = True
-                ) -> dict[str, tuple[str | None, str, str]]:
+                ) -> Checked:
     """inspect_file for each path, on every core (PIL decodes without the GIL); with `fill` (begun), each
     decoded image is also put into that cache."""
     def inspect(path: str) -> tuple[str | None, str, str]:
@@ -356,10 +373,11 @@ def check_share(paths: list[str], spec: dict[str, Any]) -> tuple[dict[str, tuple
         raise
 
 
-def finish_cache(fill: ImageCache | CompactCache | None, results: dict[str, tuple], spec: dict[str, Any]) -> None:
+def finish_cache(fill: ImageCache | CompactCache | None, results: Checked, spec: dict[str, Any],
+                 progress: bool = False) -> None:
     """Decode the images the other machines checked into this machine's cache, and publish it."""
     if fill is not None:
-        fill.build(False, skip={p for p, r in results.items() if r[0]} | set(spec["skip"]))
+        fill.build(progress, skip={p for p, r in results.items() if r[0]} | set(spec["skip"]))
 
 
 def read_checks(store: Path) -> dict[str, list]:

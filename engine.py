@@ -171,11 +171,12 @@ class Stopped(SystemExit):
     """Every rank already knows the run is off (a failure was shared inside a job): nothing more to send."""
 
 
-def from_lead(work: Callable[[], Any], lead: bool) -> Any:
+def from_lead(work: Callable[[], Any], lead: bool, mine: dict[str, Any] | None = None) -> Any:
     """work() done by rank 0 (checking the data, making the run folder), its result on every rank. When
     it fails, rank 0 raises as usual (one line for bad input) and the other ranks stop quietly with the
     same exit status, instead of each printing a broken connection's traceback. While rank 0 works, the
-    others take the jobs it sends (share_check)."""
+    others take the jobs it sends (share_check), with `mine`: this process's own settings for them (its
+    cache folder)."""
     if not dist.is_initialized():
         return work()
     if lead:
@@ -183,16 +184,28 @@ def from_lead(work: Callable[[], Any], lead: bool) -> Any:
             value = work()
         except BaseException as e:
             if not isinstance(e, Stopped) and not getattr(e, "shared", False):
-                broadcast((FAILED, exit_code(e)))
+                collective(broadcast, (FAILED, exit_code(e)))
             raise
-        return broadcast(value)
-    value = broadcast(None)
+        return collective(broadcast, value)
+    value = collective(broadcast, None)
     while isinstance(value, tuple) and len(value) == 3 and value[0] == JOB:
-        run_check(value[1], value[2])
-        value = broadcast(None)
+        run_check(value[1], {**value[2], **(mine or {})})
+        value = collective(broadcast, None)
     if isinstance(value, tuple) and len(value) == 2 and value[0] == FAILED:
         raise SystemExit(value[1])
     return value
+
+
+def collective(send: Callable, *args: Any) -> Any:
+    """A collective of the data preparation; another process gone (killed, its machine stopped) is a
+    one-line error here, not a broken connection's traceback."""
+    try:
+        return send(*args)
+    except RuntimeError as e:
+        error = TrainingError("another process of this torchrun job stopped while the data was being prepared (its "
+                              f"own output says why; {str(e).splitlines()[0][:100]})")
+        error.shared = True  # (nothing more can be sent)
+        raise error from None
 
 
 def exit_code(e: BaseException) -> int:
@@ -200,50 +213,74 @@ def exit_code(e: BaseException) -> int:
         e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
 
 
-def share_check(paths: list[str], spec: dict[str, Any], inspect_here: Callable[[list[str]], dict]) -> dict:
+def share_check(paths: list[str], spec: dict[str, Any], inspect_here: Callable[[list[str]], dict],
+                finish_here: Callable[[dict], None]) -> dict:
     """Rank 0's file check, shared: the first process of each machine inspects every n-th file (decoding
     it into its own machine's cache on the way), the results are gathered; each machine then completes
     its cache with the others' images. A check on one machine of n takes 1/n of the time, and the other
     machines no longer wait for the whole check before building their caches."""
-    broadcast((JOB, paths, spec))
-    return run_check(paths, spec, inspect_here)
+    collective(broadcast, (JOB, paths, spec))
+    return run_check(paths, spec, inspect_here, finish_here)
 
 
-def run_check(paths: list[str], spec: dict[str, Any], inspect_here: Callable[[list[str]], dict] | None = None
-              ) -> dict:
-    """Every rank's part of share_check; rank 0 passes its own inspect (filling the cache it has begun).
-    A failure anywhere is shared with the results, so every rank stops instead of waiting on the others."""
-    group = PREPARATION.get("group")
-    machine_leads = [None] * dist.get_world_size()
-    dist.all_gather_object(machine_leads, int(os.environ.get("LOCAL_RANK", "0")) == 0, group=group)
+def run_check(paths: list[str], spec: dict[str, Any], inspect_here: Callable[[list[str]], dict] | None = None,
+              finish_here: Callable[[dict], None] | None = None) -> dict:
+    """Every rank's part of share_check; rank 0 passes its own inspect and finish (for the cache it has
+    begun). A failure anywhere, while checking or while completing a cache, is shared, so every rank
+    stops (rank 0 saying why) instead of waiting on the others."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    machine_leads = [None] * world
+    collective(dist.all_gather_object, machine_leads, int(os.environ.get("LOCAL_RANK", "0")) == 0,
+               PREPARATION.get("group"))
     leads = [r for r, first in enumerate(machine_leads) if first]
-    rank = dist.get_rank()
-    mine: Any = {}
     fill = None
-    error: BaseException | None = None
-    if rank in leads:
-        share = paths[leads.index(rank)::len(leads)]
-        try:
-            if inspect_here is not None:
-                mine = inspect_here(share)
-            else:
-                mine, fill = dataset.check_share(share, spec)
-        except BaseException as e:
-            error, mine = e, (FAILED, exit_code(e))
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine, group=group)
-    failed = next((g for g in gathered if isinstance(g, tuple)), None)
-    if failed is not None:
+
+    def share() -> dict:
+        nonlocal fill
+        mine = paths[leads.index(rank)::len(leads)]
+        if inspect_here is not None:
+            return inspect_here(mine)
+        found, fill = dataset.check_share(mine, spec)
+        return found
+
+    try:
+        gathered = all_or_none(share if rank in leads else dict)
+    except BaseException:
         if fill is not None:
             fill.discard()
-        if error is not None:
-            error.shared = True  # (every rank knows: from_lead sends nothing more)
-            raise error  # its own message, on the rank that met it
-        raise Stopped(failed[1])
+        raise
     results = {k: v for g in gathered for k, v in g.items()}
-    if inspect_here is None:
-        dataset.finish_cache(fill, results, spec)
+    all_or_none(lambda: finish_here(results) if inspect_here is not None and finish_here is not None
+                else dataset.finish_cache(fill, results, spec))
     return results
+
+
+def all_or_none(work: Callable[[], Any]) -> list[Any]:
+    """work() on every rank, every rank's value gathered; when it fails anywhere, every rank stops: the
+    failing one with its own error, rank 0 saying which rank failed and why, the others quietly."""
+    error: BaseException | None = None
+    try:
+        mine = work()
+    except BaseException as e:
+        error, mine = e, (FAILED, exit_code(e), first_line(e), dist.get_rank())
+    gathered = [None] * dist.get_world_size()
+    collective(dist.all_gather_object, gathered, mine, PREPARATION.get("group"))
+    failed = next((g for g in gathered if isinstance(g, tuple) and g[:1] == (FAILED,)), None)
+    if failed is None:
+        return gathered
+    if error is not None:
+        error.shared = True  # (every rank knows: from_lead sends nothing more)
+        raise error
+    _, code, said, where = failed
+    if dist.get_rank() == 0:
+        print(f"error: process {where} stopped while the data was being prepared: {said}", file=sys.stderr)
+    raise Stopped(code)
+
+
+def first_line(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return (str(e).splitlines() or [type(e).__name__])[0][:300] if str(e) else type(e).__name__
 
 
 def same_buffers(*modules: nn.Module) -> None:

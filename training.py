@@ -461,7 +461,7 @@ def load_split(cfg: TrainConfig, start: Start, pre: Preprocess, lead: bool) -> d
             image_cache=cfg.image_cache, interpolation=pre.interpolation,
             share=share_check if dist.is_initialized() else None))
 
-    return dataset.DataSplit(**from_lead(check, lead))
+    return dataset.DataSplit(**from_lead(check, lead, mine={"cache_dir": cfg.cache_dir}))  # (each its own folder)
 
 
 def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
@@ -608,9 +608,9 @@ def train(given: dict[str, Any]) -> int:
                 report_split(split, run_dir)
         except KeyboardInterrupt:  # stopped while checking the data: resumable from its folder (config.json)
             return interrupted_early(run_dir, lead, not cfg.lr_find)
-        except (Exception, Stopped) as e:  # (Stopped: another machine met bad input or a failure)
-            if made is not None and not (isinstance(e, Stopped) and e.code == 130):
-                made.undo()
+        except (Exception, Stopped) as e:  # (Stopped: another process met bad input, or failed)
+            if made is not None and (isinstance(e, UsageError) or (isinstance(e, Stopped) and e.code == 2)):
+                made.undo()  # bad input: nothing was started; anything else leaves a folder to resume
             raise
         try:
             return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world, local_rank), model)

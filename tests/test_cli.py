@@ -45,6 +45,10 @@ def run_script_in_process(script: str, *args: str) -> subprocess.CompletedProces
     ("export.py", ["--format", "onnx", "--int8"], "needs --data"),
     ("dataset.py", ["check", "/no/such/folder"], "does not exist"),
     ("dataset.py", ["chek", "photos"], "invalid choice: 'chek'"),
+    ("dataset.py", ["check", "/no/such/labels.csv"], "label file /no/such/labels.csv does not exist"),
+    ("dataset.py", ["check", "README.md"], "is not a folder"),
+    ("dataset.py", ["check", ".", "--val-split", "nan"], "--val-split must be between 0 and 1"),
+    ("dataset.py", ["check", ".", "--max-file-mb", "-1"], "--max-file-mb must be positive"),
 ])
 def test_a_bad_command_line_is_answered_in_one_line_before_torch_is_imported(script, args, hint):
     result = run_script_in_process(script, *args)

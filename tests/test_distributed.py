@@ -169,40 +169,57 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_quiet_on_the_other
     assert launchers[1].returncode != 0 and not (tmp_path / "run").exists()
 
 
-def check_as_a_machine(node: int, data: str, out: str, port: int, fail: bool = False) -> None:
+def check_as_a_machine(node: int, data: str, out: str, port: int, fault: str = "", dirs: bool = False) -> None:
     """Rank `node` of a two-machine job (gloo), the first process of its machine, with its own cache folder:
     rank 0 checks the data as training does (its sharer hands the other machine a share); what each
-    machine inspected, the result and its cache are written to out/node-N.json."""
+    machine inspected, the result (or error and what it printed) and its cache go to out/node-N.json.
+    `fault`, planted on machine 1: "share" (bad input while checking its share), "finish" (while completing
+    its cache), "die" (the process gone while checking). With `dirs`, each machine's cache folder is a
+    --cache-dir of its own instead ($SLURM_TMPDIR, say)."""
     os.environ.update(RANK=str(node), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       IMGCLS_CACHE=os.path.join(out, f"cache-{node}"), OMP_NUM_THREADS="1")
+    import contextlib
     import dataclasses
+    import io
 
     import dataset
     import engine
     from config import UsageError
 
     inspected: list[str] = []
-    real = dataset.inspect_file
+    real_inspect, real_finish = dataset.inspect_file, dataset.finish_cache
 
     def inspect_file(path, *args, **kwargs):
-        if fail and node == 1:
+        if node == 1 and fault == "share":
             raise UsageError("planted: machine 1 cannot read its share")
+        if node == 1 and fault == "die":
+            os._exit(3)
         inspected.append(path)
-        return real(path, *args, **kwargs)
+        return real_inspect(path, *args, **kwargs)
 
-    dataset.inspect_file = inspect_file
+    def finish_cache(*args, **kwargs):
+        if node == 1 and fault == "finish":
+            raise UsageError("planted: no space left on machine 1")
+        return real_finish(*args, **kwargs)
+
+    dataset.inspect_file, dataset.finish_cache = inspect_file, finish_cache
     rank, _, _ = engine.init_distributed()
     report: dict = {"node": node}
+    said = io.StringIO()
+    own = os.path.join(out, f"cache-dir-{node}") if dirs else None
     try:
-        split = dataset.DataSplit(**engine.from_lead(lambda: dataclasses.asdict(dataset.prepare_data(
-            data, cache_size=32, progress=False, share=engine.share_check)), rank == 0))
+        with contextlib.redirect_stderr(said):
+            split = dataset.DataSplit(**engine.from_lead(lambda: dataclasses.asdict(dataset.prepare_data(
+                data, cache_dir=own, cache_size=32, progress=False, share=engine.share_check)), rank == 0,
+                mine={"cache_dir": own}))
         report |= {"train": split.train, "val": split.val, "skipped": split.skipped,
-                   "cache_ready": dataset.ImageCache(split.files(), 32).ready}
+                   "cache_ready": dataset.ImageCache(split.files(), 32, cache_dir=own).ready}
     except BaseException as e:  # reported to the test
         report["error"] = f"{type(e).__name__}: {e}"
-    report["inspected"] = inspected
+    report |= {"inspected": inspected, "stderr": said.getvalue()}
     Path(out, f"node-{node}.json").write_text(json.dumps(report))
-    torch_dist().destroy_process_group()
+    with contextlib.suppress(Exception):
+        torch_dist().destroy_process_group()
 
 
 def torch_dist():
@@ -211,17 +228,19 @@ def torch_dist():
     return dist
 
 
-def two_machines(data: Path, out: Path, fail: bool = False) -> list[dict]:
+def two_machines(data: Path, out: Path, fault: str = "", dirs: bool = False) -> list[dict]:
     import multiprocessing
 
     port, ctx = free_port(), multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=check_as_a_machine, args=(node, str(data), str(out), port, fail)) for node in (0, 1)]
+    procs = [ctx.Process(target=check_as_a_machine, args=(node, str(data), str(out), port, fault, dirs))
+             for node in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [json.loads((out / f"node-{node}.json").read_text()) for node in (0, 1)]
+    assert [p.exitcode for p in procs] == [0, 3 if fault == "die" else 0]
+    return [json.loads((out / f"node-{node}.json").read_text()) if (out / f"node-{node}.json").exists() else {}
+            for node in (0, 1)]
 
 
 def test_the_file_check_is_shared_by_the_machines_and_each_fills_its_own_cache(tmp_path):
@@ -229,6 +248,7 @@ def test_the_file_check_is_shared_by_the_machines_and_each_fills_its_own_cache(t
     make_folder(tmp_path / "data" / "val", per_class=2, offset=300)
     (tmp_path / "data" / "train" / "red" / "broken.jpg").write_bytes(b"not a picture")
     first, second = two_machines(tmp_path / "data", tmp_path)
+    assert "error" not in first and "error" not in second, (first, second)
     everything = sorted(str(p) for p in (tmp_path / "data").rglob("*.*"))
     assert not set(first["inspected"]) & set(second["inspected"])  # each file checked once, on one machine
     assert sorted(first["inspected"] + second["inspected"]) == everything
@@ -238,12 +258,35 @@ def test_the_file_check_is_shared_by_the_machines_and_each_fills_its_own_cache(t
     assert first["cache_ready"] and second["cache_ready"]  # each machine's own cache folder, complete
 
 
-def test_a_machine_failing_its_share_stops_every_machine_with_one_message(tmp_path):
+def test_each_machine_fills_the_cache_dir_it_was_given(tmp_path):
+    """--cache-dir differs per machine (a node-local $SLURM_TMPDIR): machine 1 fills its own, never a folder
+    named after machine 0's."""
     make_folder(tmp_path / "data" / "train", per_class=4)
     make_folder(tmp_path / "data" / "val", per_class=2, offset=300)
-    first, second = two_machines(tmp_path / "data", tmp_path, fail=True)
-    assert second["error"] == "UsageError: planted: machine 1 cannot read its share"
-    assert first["error"] == "Stopped: 2"  # quiet: the message is the failing machine's
+    first, second = two_machines(tmp_path / "data", tmp_path, dirs=True)
+    assert first["cache_ready"] and second["cache_ready"], (first, second)
+    assert len(list((tmp_path / "cache-dir-0" / "images").glob("*.npy"))) == 2  # the pixels and their flags
+
+
+@pytest.mark.parametrize("fault", ["share", "finish"])
+def test_a_machine_failing_its_share_stops_every_machine_with_one_message(fault, tmp_path):
+    """Bad input met by machine 1 while checking its share, or while completing its cache afterwards: its
+    own one-line error there; rank 0 stops with the same status, saying which process failed and why."""
+    make_folder(tmp_path / "data" / "train", per_class=4)
+    make_folder(tmp_path / "data" / "val", per_class=2, offset=300)
+    first, second = two_machines(tmp_path / "data", tmp_path, fault=fault)
+    assert second["error"].startswith("UsageError: planted")
+    assert first["error"] == "Stopped: 2"
+    assert first["stderr"].strip() == f"error: process 1 stopped while the data was being prepared: " \
+                                      f"{second['error'].removeprefix('UsageError: ')}"
+
+
+def test_a_machine_gone_during_the_check_is_one_line_on_the_other(tmp_path):
+    make_folder(tmp_path / "data" / "train", per_class=4)
+    make_folder(tmp_path / "data" / "val", per_class=2, offset=300)
+    first, _ = two_machines(tmp_path / "data", tmp_path, fault="die")
+    assert first["error"].startswith("TrainingError: another process of this torchrun job stopped"), first["error"]
+    assert "\n" not in first["error"]
 
 
 def step_in_a_process(rank: int, out: str, port: int) -> None:
