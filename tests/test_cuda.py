@@ -9,6 +9,7 @@ GPU is at hand.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -16,6 +17,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -157,12 +159,22 @@ def test_a_checkpoint_trained_on_the_device_holds_cpu_tensors(device_run):
         assert tensors and all(t.device.type == "cpu" for t in tensors), name
 
 
-def test_eval_on_the_device_equals_eval_on_the_cpu(device_run, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions could flip a near tie
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """Full fp32 convolutions and matrix products on the GPU (TF32 could flip a near tie)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_eval_on_the_device_equals_eval_on_the_cpu(device_run, data, tmp_path):
     for device, out in ((DEVICE, "device"), ("cpu", "cpu")):
-        assert evaluate.main([str(data / "val"), "--checkpoint", str(device_run), "--device", device,
-                              "--out", str(tmp_path / out)]) == 0
+        with no_tf32():
+            assert evaluate.main([str(data / "val"), "--checkpoint", str(device_run), "--device", device,
+                                  "--out", str(tmp_path / out)]) == 0
     on_device, on_cpu = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("device", "cpu"))
     assert on_device["accuracy"] == on_cpu["accuracy"]
     assert on_device["ece"]["calibrated"] == pytest.approx(on_cpu["ece"]["calibrated"], abs=1e-3)
