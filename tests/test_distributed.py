@@ -182,6 +182,8 @@ def check_as_a_machine(node: int, data: str, out: str, port: int, fault: str = "
     import dataclasses
     import io
 
+    import torch.distributed
+
     import dataset
     import engine
     from config import UsageError
@@ -219,13 +221,7 @@ def check_as_a_machine(node: int, data: str, out: str, port: int, fault: str = "
     report |= {"inspected": inspected, "stderr": said.getvalue()}
     Path(out, f"node-{node}.json").write_text(json.dumps(report))
     with contextlib.suppress(Exception):
-        torch_dist().destroy_process_group()
-
-
-def torch_dist():
-    import torch.distributed as dist
-
-    return dist
+        torch.distributed.destroy_process_group()
 
 
 def two_machines(data: Path, out: Path, fault: str = "", dirs: bool = False) -> list[dict]:
@@ -317,7 +313,7 @@ def step_in_a_process(rank: int, out: str, port: int) -> None:
         outcome = str(e)
     unchanged = all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     Path(out, f"rank-{rank}.json").write_text(json.dumps({"outcome": outcome, "unchanged": unchanged}))
-    torch_dist().destroy_process_group()
+    torch.distributed.destroy_process_group()
 
 
 def test_a_loss_diverging_in_one_process_stops_every_process_before_the_step():
