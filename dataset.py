@@ -676,8 +676,7 @@ def check_items(items: list[tuple[str, int]], where: str, cache_dir: str | None,
     paths = sorted(p for p, _ in items)
     cache = make_cache(image_cache, paths, cache_size, cache_dir, max_bytes, interpolation) if cache_size else None
     if image_cache == "auto" and isinstance(cache, CompactCache):
-        print("image cache: compact (auto: the raw cache would not fit in half the free disk, or a compact one of "
-              "these images was already built)")
+        print(cache_chosen("compact", image_cache))
     checked = check_files([p for p, _ in items], cache_dir, progress, fill=cache, max_bytes=max_bytes)
     good = [(p, y) for p, y in items if not checked[p][0]]
     if not good:
@@ -859,6 +858,13 @@ def cache_kind(kind: str, paths: list[str], size: int, cache_dir: str | None = N
             return built
     free = shutil.disk_usage(cache_root(cache_dir)).free
     return "raw" if len(paths) * size * size * 3 <= RAW_SHARE_OF_FREE_DISK * free else "compact"
+
+
+def cache_chosen(kind: str, asked: str) -> str:
+    """The cache a run or an evaluation uses, said once (and why, when auto chose the compact one)."""
+    return f"image cache: {kind}" + (" (auto: the raw cache would not fit in half the free disk, or a compact one "
+                                     "of these images was already built)" if asked == "auto" and kind == "compact"
+                                     else "")
 
 
 def make_cache(kind: str, paths: list[str], size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES,

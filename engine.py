@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
+import checkpoint
 import dataset
 import models
 import multilabel
@@ -203,7 +204,7 @@ def collective(send: Callable, *args: Any) -> Any:
         return send(*args)
     except RuntimeError as e:
         error = TrainingError("another process of this torchrun job stopped while the data was being prepared (its "
-                              f"own output says why; {str(e).splitlines()[0][:100]})")
+                              f"own output says why; {checkpoint.first_line(e)[:100]})")
         error.shared = True  # (nothing more can be sent)
         raise error from None
 
@@ -262,7 +263,8 @@ def all_or_none(work: Callable[[], Any]) -> list[Any]:
     try:
         mine = work()
     except BaseException as e:
-        error, mine = e, (FAILED, exit_code(e), first_line(e), dist.get_rank())
+        said = "interrupted" if isinstance(e, KeyboardInterrupt) else checkpoint.first_line(e)
+        error, mine = e, (FAILED, exit_code(e), said, dist.get_rank())
     gathered = [None] * dist.get_world_size()
     collective(dist.all_gather_object, gathered, mine, PREPARATION.get("group"))
     failed = next((g for g in gathered if isinstance(g, tuple) and g[:1] == (FAILED,)), None)
@@ -275,12 +277,6 @@ def all_or_none(work: Callable[[], Any]) -> list[Any]:
     if dist.get_rank() == 0:
         print(f"error: process {where} stopped while the data was being prepared: {said}", file=sys.stderr)
     raise Stopped(code)
-
-
-def first_line(e: BaseException) -> str:
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
-    return (str(e).splitlines() or [type(e).__name__])[0][:300] if str(e) else type(e).__name__
 
 
 def same_buffers(*modules: nn.Module) -> None:
@@ -434,6 +430,11 @@ class Ema:
         self.source = source
         self.decay = min(decay, 1 - 10 / max(20, total_steps))
         self.model = AveragedModel(source, use_buffers=True).eval()  # the container: its state dict as before
+        pairs = list(zip([*self.model.module.parameters(), *self.model.module.buffers()],
+                         [*source.parameters(), *source.buffers()]))
+        floats = [(a, c) for a, c in pairs if torch.is_floating_point(a)]
+        self.averaged, self.current = [a for a, _ in floats], [c for _, c in floats]
+        self.counters = [(a, c) for a, c in pairs if not torch.is_floating_point(a)]
         self.steps = 0
 
     @torch.no_grad()
@@ -442,16 +443,12 @@ class Ema:
         counter to the GPU once per dtype each step, a blocking copy that drains the GPU's queue. The
         first update copies; then floats move towards the source, counters (BatchNorm's
         num_batches_tracked) take its value."""
-        averaged = [*self.model.module.parameters(), *self.model.module.buffers()]
-        current = [*self.source.parameters(), *self.source.buffers()]
-        floats = [(a, c) for a, c in zip(averaged, current) if torch.is_floating_point(a)]
-        others = [(a, c) for a, c in zip(averaged, current) if not torch.is_floating_point(a)]
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        if floats and self.steps == 0:
-            torch._foreach_copy_([a for a, _ in floats], [c for _, c in floats])
-        elif floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - decay)
-        for a, c in others:
+        if self.averaged and self.steps == 0:
+            torch._foreach_copy_(self.averaged, self.current)
+        elif self.averaged:
+            torch._foreach_lerp_(self.averaged, self.current, 1 - decay)
+        for a, c in self.counters:
             a.copy_(c)
         self.model.n_averaged += 1  # (a CPU tensor: kept for the state dict, as AveragedModel keeps it)
         self.steps += 1

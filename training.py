@@ -790,9 +790,7 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
     max_bytes = int(cfg.max_file_mb * 2**20)
     cache = dataset.make_cache(kind, split.files(), pre.resize_size, cfg.cache_dir, max_bytes, pre.interpolation)
     if cache is not None:
-        run.say(f"image cache: {kind}" + (" (auto: the raw cache would not fit in half the free disk, or a compact "
-                                          "one of these images was already built)"
-                                          if cfg.image_cache == "auto" and kind == "compact" else ""))
+        run.say(dataset.cache_chosen(kind, cfg.image_cache))
         if run.local_lead:  # one per machine: the cache folder is on each machine's own disk (or shared)
             cache.build(progress=run.lead, skip={p for p, _ in split.skipped})
         barrier(preparation=True)

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT, make_folder, make_labelled_set, train_args
@@ -169,15 +171,14 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_quiet_on_the_other
     assert launchers[1].returncode != 0 and not (tmp_path / "run").exists()
 
 
-def check_as_a_machine(node: int, data: str, out: str, port: int, fault: str = "", dirs: bool = False) -> None:
+def check_as_a_machine(node: int, data: str, out: str, fault: str, dirs: bool) -> None:
     """Rank `node` of a two-machine job (gloo), the first process of its machine, with its own cache folder:
     rank 0 checks the data as training does (its sharer hands the other machine a share); what each
     machine inspected, the result (or error and what it printed) and its cache go to out/node-N.json.
     `fault`, planted on machine 1: "share" (bad input while checking its share), "finish" (while completing
     its cache), "die" (the process gone while checking). With `dirs`, each machine's cache folder is a
     --cache-dir of its own instead ($SLURM_TMPDIR, say)."""
-    os.environ.update(RANK=str(node), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      IMGCLS_CACHE=os.path.join(out, f"cache-{node}"), OMP_NUM_THREADS="1")
+    os.environ["IMGCLS_CACHE"] = os.path.join(out, f"cache-{node}")
     import contextlib
     import dataclasses
     import io
@@ -224,17 +225,30 @@ def check_as_a_machine(node: int, data: str, out: str, port: int, fault: str = "
         torch.distributed.destroy_process_group()
 
 
-def two_machines(data: Path, out: Path, fault: str = "", dirs: bool = False) -> list[dict]:
+def as_rank(target: Callable, rank: int, machines: bool, port: int, *args: Any) -> None:
+    """target(rank, *args) in a process set up as torchrun sets up rank `rank` of two (gloo on this
+    machine's loopback); with `machines`, each the first process of its own machine."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0" if machines else str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    target(rank, *args)
+
+
+def two_processes(target: Callable, *args: Any, machines: bool = False) -> list[int | None]:
+    """target(rank, *args) in two fresh processes, as torchrun's two ranks; their exit codes."""
     import multiprocessing
 
     port, ctx = free_port(), multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=check_as_a_machine, args=(node, str(data), str(out), port, fault, dirs))
-             for node in (0, 1)]
+    procs = [ctx.Process(target=as_rank, args=(target, rank, machines, port, *args)) for rank in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 3 if fault == "die" else 0]
+    return [p.exitcode for p in procs]
+
+
+def two_machines(data: Path, out: Path, fault: str = "", dirs: bool = False) -> list[dict]:
+    assert two_processes(check_as_a_machine, str(data), str(out), fault, dirs, machines=True) == \
+        [0, 3 if fault == "die" else 0]
     return [json.loads((out / f"node-{node}.json").read_text()) if (out / f"node-{node}.json").exists() else {}
             for node in (0, 1)]
 
@@ -285,10 +299,8 @@ def test_a_machine_gone_during_the_check_is_one_line_on_the_other(tmp_path):
     assert "\n" not in first["error"]
 
 
-def step_in_a_process(rank: int, out: str, port: int) -> None:
+def step_in_a_process(rank: int, out: str) -> None:
     """Rank `rank` of two (gloo) taking one DDP training step; rank 1's batch makes its loss NaN."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import contextlib
 
     import torch
@@ -318,16 +330,10 @@ def step_in_a_process(rank: int, out: str, port: int) -> None:
 
 def test_a_loss_diverging_in_one_process_stops_every_process_before_the_step():
     """DDP averages the gradients: one rank's NaN would reach every rank's weights; every rank stops instead."""
-    import multiprocessing
     import tempfile
 
-    port, ctx = free_port(), multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out:
-        procs = [ctx.Process(target=step_in_a_process, args=(rank, out, port)) for rank in (0, 1)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
+        two_processes(step_in_a_process, out)
         first, second = (json.loads(Path(out, f"rank-{r}.json").read_text()) for r in (0, 1))
     assert second["outcome"].startswith("loss became nan at batch 7") and second["unchanged"]
     assert first["outcome"].startswith("loss became non-finite in another process at batch 7"), first
