@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import files
-from config import TrainConfig, UsageError, file_name, identity_changes
+from config import TrainConfig, UsageError, file_name, identity_changes, imports_done
 
 SETTINGS = "cv.json"
 SUMMARY = "cv_summary.json"
@@ -109,6 +109,7 @@ def read_settings(parent: Path) -> dict[str, Any]:
 def run_fold(parent: Path, k: int, settings: dict[str, Any], overrides: dict[str, Any]) -> int:
     """One fold: started, or resumed from its folder (a finished one says so and returns at once)."""
     import training
+    imports_done()
 
     folder = parent / f"fold-{k}"
     if (folder / "config.json").is_file():

@@ -15,7 +15,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
     import os
     import sys
 
-    from config import Parser, TrainConfig, UsageError, add_shared, check_shared, cli
+    from config import Parser, TrainConfig, UsageError, add_shared, check_shared, imports_done, script
 
     def main(argv: list[str] | None = None) -> int:
         parser = Parser("Check an image folder, or export the demo digits.", prog="dataset.py")
@@ -33,6 +33,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         if args.command == "check":
             check_command_line(args)
         import dataset  # the library: torch and all, only now
+        imports_done()
 
         if args.command == "demo":
             print(dataset.export_demo())
@@ -57,7 +58,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         kind = "label file" if args.data.lower().endswith(".csv") else "data folder"
         raise UsageError(f"{kind} {args.data} does not exist: give {what}")
 
-    sys.exit(cli(main))
+    script(main)
 
 import contextlib
 import functools
@@ -88,7 +89,7 @@ import labels
 import multilabel
 import splits
 from compact_cache import CompactCache
-from config import Parser, TrainConfig, UsageError, add_shared, cache_root, cli
+from config import Parser, TrainConfig, UsageError, add_shared, cache_root
 from folders import shown
 from splits import class_counts, derived_seed, fold_split, stratified_split
 

@@ -23,13 +23,12 @@ never by position.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import checkpoint
 import files
 import labels
-from config import CACHE_KINDS, Parser, UsageError, add_shared, check_shared, cli
+from config import CACHE_KINDS, Parser, UsageError, add_shared, check_shared, imports_done, script
 
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:
@@ -76,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     name = Path(args.data).resolve().stem if args.data else "test-split"
     with files.report_folder(args.out, ckpt.parent / f"eval-{name}-{ckpt.stem}") as out:
         import report  # torch loads only for a command line that is good
+        imports_done()
 
         return report.evaluate(ckpt, args.data, out, args.device, args.amp, args.batch_size, args.workers,
                                args.cache_dir, int(args.max_file_mb * 2**20), args.image_cache, args.tta,
@@ -83,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    script(main)

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
 import checkpoint
 import labels
-from config import Parser, UsageError, add_shared, check_shared, cli
+from config import Parser, UsageError, add_shared, check_shared, imports_done, script
 
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:
@@ -81,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.out) if args.out and is_folder(args.out) else None
     out = Path(args.out) if args.out and folder is None else None
     import deploy  # torch loads only for a command line that is good
+    imports_done()
 
     return deploy.export(ckpt, args.format, args.int8, folder or ckpt.parent, out, args.data, args.check_data,
                          args.images, args.tolerance, int(args.max_file_mb * 2**20))
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    script(main)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import sys
 from pathlib import Path
 
 import checkpoint
 import files
 import folders
-from config import Parser, UsageError, add_shared, check_shared, cli
+from config import Parser, UsageError, add_shared, check_shared, imports_done, script
 
 
 def expand(patterns: list[str], max_bytes: int = folders.DEFAULT_MAX_BYTES) -> list[str]:
@@ -88,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         else "images"
     with files.report_folder(args.out, ckpt.parent / f"predictions-{name}-{ckpt.stem}") as out:
         import report  # torch loads only for a command line that is good
+        imports_done()
 
         return report.label(ckpt, paths, out, args.device, args.amp, args.batch_size, args.workers, max_bytes,
                             args.topk, args.grid, args.reject_below, args.tta, args.explain)
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    script(main)

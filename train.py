@@ -27,7 +27,7 @@ import checkpoint
 import crossval
 import files
 import labels
-from config import Parser, TrainConfig, UsageError, absolute_paths, add_options, cli, validate
+from config import Parser, TrainConfig, UsageError, absolute_paths, add_options, cli, imports_done, script, validate
 
 
 def read_command_line(argv: list[str] | None) -> dict[str, Any]:
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if crossval.is_cv_folder(resume) if resume else given.get("folds"):
         return crossval.main(given)
     import training  # torch loads only for a command line that is good
+    imports_done()
 
     return training.main(given)
 
@@ -93,4 +94,4 @@ def run(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    script(main)

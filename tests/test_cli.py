@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, train_args
 
 import checkpoint
 import eval as evaluate
@@ -248,3 +248,35 @@ def test_runs_table_skips_a_run_whose_settings_cannot_be_read(tmp_path, capsys):
 def test_the_check_command_answers_help_before_torch_is_imported():
     result = run_script_in_process("dataset.py", "check", "--help")
     assert result.stdout.split()[-3:] == ["no", "torch", "0"] and "--val-split" in result.stdout
+
+
+def frozen_at_exit(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python script.py args`, reporting at exit whether objects were frozen for the garbage collector."""
+    code = ("import atexit, gc, runpy, sys\n"
+            "atexit.register(lambda: print('frozen' if gc.get_freeze_count() else 'not frozen'))\n"
+            f"sys.argv = [{script!r}, *{list(args)!r}]\nrunpy.run_path({script!r}, run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_a_command_takes_its_imports_out_of_the_garbage_collectors_rounds(trained_run, colours, colours_eval,
+                                                                          tmp_path):
+    import os
+
+    env = {**os.environ, "IMGCLS_CACHE": str(tmp_path / "cache")}
+    commands = [("train.py", *train_args(colours, tmp_path / "run", "--mode", "scratch")),
+                ("eval.py", str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")),
+                ("test.py", str(next(colours_eval.rglob("*.png"))), "--checkpoint", str(trained_run),
+                 "--out", str(tmp_path / "t")),
+                ("export.py", "--checkpoint", str(trained_run), "--format", "torchscript", "--out", str(tmp_path)),
+                ("dataset.py", "check", str(colours))]
+    for script, *args in commands:
+        result = frozen_at_exit(script, *args, env=env)
+        assert result.returncode == 0 and result.stdout.splitlines()[-1] == "frozen", (script, result.stderr)
+
+
+def test_a_command_called_in_process_freezes_nothing(trained_run, colours_eval, tmp_path):
+    import gc
+
+    assert cli(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")]) == 0
+    assert gc.get_freeze_count() == 0  # a test's or another program's garbage would never be collected
