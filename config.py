@@ -49,6 +49,7 @@ def printable_output() -> None:
 
 
 _own_process = False  # set by script(): this process is a command's own, not a test's or another program's
+_frozen = False  # imports_done has frozen the imports once
 
 
 def script(entry: Callable[[list[str] | None], int]) -> NoReturn:
@@ -62,9 +63,12 @@ def imports_done() -> None:
     """Torch and the modules a command needs are loaded. In a command's own process their ~400,000
     objects are taken out of the garbage collector's rounds (gc.freeze): a full round walks them all
     (0.2 s here), and a 15-second training run made seven, plus one at exit. Not in a test or another
-    program calling us: what is frozen is never collected, and later garbage would be kept."""
-    if _own_process:
+    program calling us: what is frozen is never collected, and later garbage would be kept. Once per
+    process: a k-fold job calls it for each fold, and a later call would freeze the last fold's garbage."""
+    global _frozen
+    if _own_process and not _frozen:
         gc.freeze()
+        _frozen = True
 
 
 def cli(entry: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -280,3 +280,29 @@ def test_a_command_called_in_process_freezes_nothing(trained_run, colours_eval, 
 
     assert cli(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")]) == 0
     assert gc.get_freeze_count() == 0  # a test's or another program's garbage would never be collected
+
+
+def test_garbage_made_after_the_first_freeze_is_still_collected(monkeypatch):
+    """A k-fold job calls imports_done once per fold: a fold's garbage (its model, in reference cycles)
+    must not be frozen by the next fold's call, or each fold would keep the last one's memory."""
+    import gc
+    import weakref
+
+    import config
+
+    class Cycle:
+        pass
+
+    monkeypatch.setattr(config, "_own_process", True)
+    monkeypatch.setattr(config, "_frozen", False)
+    try:
+        config.imports_done()  # the first fold
+        garbage = Cycle()
+        garbage.me = garbage
+        alive = weakref.ref(garbage)
+        del garbage
+        config.imports_done()  # the next fold
+        gc.collect()
+        assert alive() is None
+    finally:
+        gc.unfreeze()
