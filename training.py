@@ -189,13 +189,15 @@ def class_weights(counts: list[int]) -> torch.Tensor:
 
 
 def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-            to_input: Callable, autocast: Callable, device: torch.device, start: float = 1e-7, end: float = 10.0
-            ) -> tuple[list[float], list[float]]:
+            to_input: Callable, autocast: Callable, device: torch.device, scaler: torch.amp.GradScaler,
+            start: float = 1e-7, end: float = 10.0) -> tuple[list[float], list[float]]:
     """LR range test: raise the lr exponentially each step (one pass over the data, 30 to 100 steps),
-    record the smoothed loss, stop when it explodes. Weights and optimizer are restored after."""
+    record the smoothed loss, stop when it explodes. Each step goes through the GradScaler as in
+    training (under fp16 the small gradients would otherwise round to zero, and the curve would not be
+    the training's). Weights, optimizer and scaler are restored after."""
     steps = min(100, max(30, len(loader)))
     saved = {k: v.clone() for k, v in net.state_dict().items()}
-    saved_opt = optimizer.state_dict()
+    saved_opt, saved_scaler = optimizer.state_dict(), scaler.state_dict()
     mults = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
     factor = (end / start) ** (1 / max(1, steps - 1))
     lrs, losses, smooth, best = [], [], 0.0, math.inf
@@ -214,8 +216,9 @@ def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
         with autocast():
             loss = criterion(net(to_input(x)), y.to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         smooth = 0.9 * smooth + 0.1 * loss.item()
         value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected moving average
         if not math.isfinite(value) or value > 4 * best:
@@ -225,6 +228,8 @@ def find_lr(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
         losses.append(value)
     net.load_state_dict(saved)
     optimizer.load_state_dict(saved_opt)
+    if saved_scaler:  # (a disabled scaler has no state)
+        scaler.load_state_dict(saved_scaler)
     if len(lrs) < 3:
         raise TrainingError("the lr range test diverged at once: check the data, or lower the start lr")
     return lrs, losses
@@ -714,7 +719,7 @@ def fit(run: Run, model: nn.Module) -> int:
     inner = net  # unwrapped: evaluated on each rank's shard, saved in checkpoints
     net = parallel(net, run)
     if cfg.lr_find:
-        return lr_find(run, model, net, train_loader, optimizer, criterion, inputs.to_input, autocast)
+        return lr_find(run, model, net, train_loader, optimizer, criterion, inputs.to_input, autocast, scaler)
 
     schedule = Schedule(cfg, run.start.ckpt["history"] if run.start.ckpt else [])
     learner = Learner(net, optimizer, scaler, criterion, inputs.to_input, autocast, device, schedule,
@@ -851,11 +856,11 @@ def parallel(net: nn.Module, run: Run) -> nn.Module:
 
 
 def lr_find(run: Run, model: nn.Module, net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-            criterion: nn.Module, to_input: Callable, autocast: Callable) -> int:
+            criterion: nn.Module, to_input: Callable, autocast: Callable, scaler: torch.amp.GradScaler) -> int:
     """--lr-find: the range test instead of a run, in a folder named for it; its plot, numbers and
     suggestion."""
     models.set_train_mode(model, True, run.cfg.mode)
-    lrs, losses = find_lr(net, loader, optimizer, criterion, to_input, autocast, run.device)
+    lrs, losses = find_lr(net, loader, optimizer, criterion, to_input, autocast, run.device, scaler)
     found = suggest_lr(lrs, losses)
     if run.lead:
         plots.save(plots.lr_figure(lrs, losses, found), run.run_dir / "lr_find.png")

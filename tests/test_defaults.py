@@ -130,6 +130,24 @@ def test_the_lr_suggestion_is_inside_the_stable_region():
     assert found["minimum"] == minimum and found["lr"] <= minimum / 10 and found["lr"] <= found["steepest"]
 
 
+def test_the_lr_range_test_scales_fp16_losses_so_small_gradients_still_train():
+    """Under fp16 (GPUs without bf16) gradients below ~6e-8 round to zero unless the loss is scaled, as
+    training scales it: here every gradient is that small, so an unscaled range test sees a flat curve."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2)
+    batch = (torch.ones(8, 4), torch.tensor([0, 1] * 4), None, None)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    scaler = torch.amp.GradScaler("cpu")
+    _, losses = training.find_lr(net, [batch] * 40, optimizer,
+                                 lambda logits, y: 1e-7 * nn.functional.cross_entropy(logits, y), lambda x: x,
+                                 lambda: torch.autocast("cpu", dtype=torch.float16), torch.device("cpu"), scaler,
+                                 start=1e2, end=1e9)
+    assert max(losses) - min(losses) > 0.1 * min(losses)  # the weights moved: the loss fell, then blew up
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # and were put back
+    assert scaler.get_scale() == 2.0 ** 16  # as was the scaler
+
+
 def test_lr_find_without_out_gets_a_folder_named_for_it_with_its_numbers(data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["--data", str(data), "--img-size", "32", "--batch-size", "8", "--no-summary", "--mode", "scratch"]
