@@ -24,6 +24,8 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         check.add_argument("data", help="dataset folder, label file (.csv) or 'demo'")
         check.add_argument("--val-split", type=float, default=TrainConfig.val_split, help="share of each class held "
                            "out for validation when DATA has no val/ folder")
+        check.add_argument("--test-split", type=float, default=TrainConfig.test_split, help="share of each class set "
+                           "aside as the run's test set, as train.py --test-split sets it aside")
         check.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed of the split")
         check.add_argument("--label-sep", default=TrainConfig.label_sep, help="what separates the labels in a label "
                            "file's labels column (multi-label; default: a space)")
@@ -39,7 +41,8 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
             print(dataset.export_demo())
             return 0
         dataset.report(dataset.prepare_data(args.data, args.val_split, args.seed, args.cache_dir,
-                                            max_file_mb=args.max_file_mb, label_sep=args.label_sep))
+                                            max_file_mb=args.max_file_mb, test_split=args.test_split,
+                                            label_sep=args.label_sep))
         return 0
 
     def check_command_line(args: argparse.Namespace) -> None:
@@ -47,6 +50,9 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         check_shared(args)
         if not 0 < args.val_split < 1:  # (NaN too)
             raise UsageError(f"--val-split must be between 0 and 1 (exclusive), not {args.val_split}")
+        if not (0 <= args.test_split < 1 and args.val_split + args.test_split < 1):
+            raise UsageError(f"--test-split must be 0 or more, and --val-split plus --test-split less than 1, not "
+                             f"{args.test_split}")
         path = os.path.expanduser(args.data)
         what = "a folder with one sub-folder per class, a label file (.csv) or demo"
         if not args.data.strip():
@@ -980,13 +986,14 @@ def eval_transform(img_size: int) -> Callable:
 
 def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
     """Per-class counts, imbalance, what is ignored and skipped and why, and look-alikes, for people."""
-    train_counts, val_counts = split.counts(split.train), split.counts(split.val)
+    train_counts, val_counts, test_counts = split.counts(split.train), split.counts(split.val), split.counts(split.test)
     names = [shown(c) for c in split.classes]
     width = max(len(c) for c in names)
-    out(f"{len(names)} classes, {len(split.train)} train + {len(split.val)} val images in {shown(split.root)}")
-    for name, nt, nv in zip(names, train_counts, val_counts):
-        out(f"  {name:>{width}}  train {nt:6d}  val {nv:6d}")
-    totals = [a + b for a, b in zip(train_counts, val_counts)]
+    test = f" + {len(split.test)} test (held out)" if split.test else ""
+    out(f"{len(names)} classes, {len(split.train)} train + {len(split.val)} val{test} images in {shown(split.root)}")
+    for name, nt, nv, ne in zip(names, train_counts, val_counts, test_counts):
+        out(f"  {name:>{width}}  train {nt:6d}  val {nv:6d}" + (f"  test {ne:6d}" if split.test else ""))
+    totals = [a + b + c for a, b, c in zip(train_counts, val_counts, test_counts)]
     out(f"imbalance (largest/smallest class): {max(totals) / max(1, min(totals)):.1f}x")
     if split.ignored:
         out(f"ignored {len(split.ignored)} folder(s) by name (system clutter, see README):")

@@ -103,6 +103,16 @@ def test_check_command_reports_counts_skips_and_imbalance(hostile):
         assert f"{name}: {reason}" in result.stdout
 
 
+def test_check_command_shows_the_test_set_train_would_hold_out(colours):
+    result = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "check", str(colours), "--test-split", "0.25"],
+                            capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    split = dataset.prepare_data(str(colours), test_split=0.25, progress=False)  # what train.py gets
+    assert f"{len(split.train)} train + {len(split.val)} val + {len(split.test)} test (held out)" in result.stdout
+    counts = split.counts(split.test)
+    assert counts[0] > 0 and f"test {counts[0]:6d}" in result.stdout
+
+
 def test_a_second_check_reads_the_cache_instead_of_the_files(hostile, monkeypatch):
     paths = dataset.list_files(hostile / "red")
     first = dataset.check_files(paths)
