@@ -15,7 +15,8 @@ Steps (each recorded as ok / failed / skipped with its reason, so one failure do
   3. train.py end to end on generated JPEGs through the decoded-image cache (img/s of its last epoch)
   4. eval.py img/s on the same images
   5. train.py under torchrun with one process (NCCL on a GPU)
-  6. the CUDA tests (pytest -m cuda; the dry run runs them on the CPU, torch.compile left out), last, in
+  6. train.py on 48 small images with the DataLoader workers it picks, and with none (start-up costs)
+  7. the CUDA tests (pytest -m cuda; the dry run runs them on the CPU, torch.compile left out), last, in
      what is left of --budget: each test's outcome and duration are recorded, also when time runs out
 The JSON is rewritten after every step, so a check stopped at a time limit keeps what it measured.
 """
@@ -259,6 +260,23 @@ def torchrun_one(data: Path, work: Path, device: torch.device, p: dict[str, Any]
             **({} if out.returncode == 0 else {"output": out.stderr[-3000:]})}
 
 
+def small_runs(work: Path, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
+    """train.py on 48 small images (the CUDA tests' size: 32 px, batch 8, 2 epochs) with the DataLoader
+    workers it picks for the machine, and with none: what a worker pool costs a short run (each worker is
+    a fork of a process holding a CUDA context), and so how much of a CUDA test's time is start-up."""
+    data = make_photos(work / "small", 48, (64, 48))
+    small = {**p, "img_size": 32, "batch": 8, "epochs": 2}
+    out: dict[str, Any] = {"ok": True}
+    for name, extra in (("auto_workers", []), ("no_workers", ["--workers", "0"])):
+        seconds, done = run([sys.executable, "train.py", *train_args(data, work / f"small-{name}", device, small),
+                             *extra], p["run_timeout"])
+        out[f"{name}_s"] = seconds
+        if done.returncode:
+            out |= {"ok": False, "output": done.stderr[-3000:]}
+            break
+    return out
+
+
 def step(results: dict[str, Any], name: str, work: Callable[[], Any], save: Callable[[], None]) -> None:
     """One step of the check; a failure is recorded and the next step runs; the JSON is saved after each."""
     t0 = time.perf_counter()
@@ -296,6 +314,9 @@ def table(results: dict[str, Any]) -> str:
                  if e.get("ok") else "eval.py: FAILED (its output is in the JSON)")
     lines.append(f"torchrun, 1 process ({d.get('backend')}): " + (f"ok, {d['wall_s']:.0f} s" if d.get("ok") else
                                                                   "FAILED"))
+    r = results.get("small_runs", {})
+    lines.append(f"train.py on 48 small images, 2 epochs: {r['auto_workers_s']:.1f} s with the workers it picks, "
+                 f"{r['no_workers_s']:.1f} s with --workers 0" if r.get("ok") else "small runs: FAILED")
     slow = sorted(results.get("cuda_tests", {}).get("seconds", {}).items(), key=lambda kv: -kv[1])[:3]
     if slow:
         lines.append("slowest CUDA tests: " + ", ".join(f"{k} {v:.0f} s" for k, v in slow))
@@ -309,7 +330,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at toy sizes")
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results-gpu.json, or "
                         "bench/results-gpu-dry-run.json with --dry-run)")
-    parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA tests (step 6)")
+    parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA tests (step 7)")
     parser.add_argument("--budget", type=float, help="seconds for the whole check; the CUDA tests, last, get what "
                         "is left (default: 460, or 400 with --dry-run)")
     args = parser.parse_args()
@@ -346,6 +367,7 @@ def main() -> int:
         step(results, "train", lambda: real_training(data, work, device, p), save)
         step(results, "eval", lambda: real_eval(data, work, device, p), save)
         step(results, "torchrun", lambda: torchrun_one(data, work, device, p), save)
+        step(results, "small_runs", lambda: small_runs(work, device, p), save)
     if args.skip_tests:
         results["cuda_tests"] = {"ok": None, "summary": "skipped (--skip-tests)"}
     else:

@@ -24,4 +24,5 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_in_its_dry_run(tmp_path):
     timm = [r.get("timm_img_s") for r in results["throughput"]]  # timm's names and recipe (timm is in dev)
     assert timm[0] > 0 and timm[1] > 0 and timm[2] is None  # timm's vgg11 is another network
     assert results["train"]["ok"] and results["eval"]["ok"] and results["torchrun"]["ok"]
+    assert results["small_runs"]["auto_workers_s"] > 0 and results["small_runs"]["no_workers_s"] > 0
     assert "| resnet18 | 32 | 8 |" in result.stdout
