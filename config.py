@@ -52,11 +52,31 @@ _own_process = False  # set by script(): this process is a command's own, not a 
 _frozen = False  # imports_done has frozen the imports once
 
 
-def script(entry: Callable[[list[str] | None], int]) -> NoReturn:
-    """What an entry script runs as a program: cli(entry), in a process of its own (see imports_done)."""
+def script(entry: Callable[[list[str] | None], int], file: str) -> NoReturn:
+    """What an entry script (`file`) runs as a program: cli(entry). Whether the process is the command's
+    own (see imports_done) is read from the interpreter's command line: `python train.py`, `python -m
+    train` and torchrun's workers are; a notebook's `%run train.py`, runpy and exec run the script as
+    `__main__` inside another program, whose objects are not ours to freeze."""
     global _own_process
-    _own_process = True
+    _own_process = started_as(file, sys.orig_argv[1:])
     sys.exit(cli(entry))
+
+
+def started_as(file: str, interpreter_args: list[str]) -> bool:
+    """Whether the interpreter was started to run `file` (its arguments after the interpreter's name)."""
+    takes_value = ("-X", "-W", "--check-hash-based-pycs")
+    i = 0
+    while i < len(interpreter_args):
+        arg = interpreter_args[i]
+        if arg == "-m":
+            return interpreter_args[i + 1:i + 2] == [Path(file).stem]
+        if arg == "-c" or arg == "-":
+            return False
+        if arg.startswith("-"):
+            i += 2 if arg in takes_value else 1
+            continue
+        return os.path.realpath(arg) == os.path.realpath(file)
+    return False
 
 
 def imports_done() -> None:

@@ -64,7 +64,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         kind = "label file" if args.data.lower().endswith(".csv") else "data folder"
         raise UsageError(f"{kind} {args.data} does not exist: give {what}")
 
-    script(main)
+    script(main, __file__)
 
 import contextlib
 import functools

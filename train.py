@@ -94,4 +94,4 @@ def run(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    script(main)
+    script(main, __file__)

@@ -251,29 +251,44 @@ def test_the_check_command_answers_help_before_torch_is_imported():
     assert result.stdout.split()[-3:] == ["no", "torch", "0"] and "--val-split" in result.stdout
 
 
-def frozen_at_exit(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python script.py args`, reporting at exit whether objects were frozen for the garbage collector."""
-    code = ("import atexit, gc, runpy, sys\n"
-            "atexit.register(lambda: print('frozen' if gc.get_freeze_count() else 'not frozen'))\n"
-            f"sys.argv = [{script!r}, *{list(args)!r}]\nrunpy.run_path({script!r}, run_name='__main__')\n")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=env)
+REPORT_FREEZE = ("import atexit, gc\n"
+                 "atexit.register(lambda: print('frozen' if gc.get_freeze_count() else 'not frozen'))\n")
+
+
+def frozen_at_exit(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python cmd`, reporting at exit whether objects were frozen for the garbage collector (through a
+    sitecustomize module, which Python imports at start-up, so the command line stays the user's)."""
+    import os
+
+    (tmp_path / "site").mkdir(exist_ok=True)
+    (tmp_path / "site" / "sitecustomize.py").write_text(REPORT_FREEZE)
+    env = {**os.environ, "IMGCLS_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path / "site")}
+    return subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_a_command_takes_its_imports_out_of_the_garbage_collectors_rounds(trained_run, colours, colours_eval,
                                                                           tmp_path):
-    import os
+    commands = [["train.py", *train_args(colours, tmp_path / "run", "--mode", "scratch")],
+                ["eval.py", str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")],
+                ["-m", "test", str(next(colours_eval.rglob("*.png"))), "--checkpoint", str(trained_run),
+                 "--out", str(tmp_path / "t")],
+                ["-X", "faulthandler", str(ROOT / "export.py"), "--checkpoint", str(trained_run), "--format",
+                 "torchscript", "--out", str(tmp_path)],
+                ["dataset.py", "check", str(colours)]]
+    for cmd in commands:
+        result = frozen_at_exit(cmd, tmp_path)
+        assert result.returncode == 0 and result.stdout.splitlines()[-1] == "frozen", (cmd, result.stderr)
 
-    env = {**os.environ, "IMGCLS_CACHE": str(tmp_path / "cache")}
-    commands = [("train.py", *train_args(colours, tmp_path / "run", "--mode", "scratch")),
-                ("eval.py", str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")),
-                ("test.py", str(next(colours_eval.rglob("*.png"))), "--checkpoint", str(trained_run),
-                 "--out", str(tmp_path / "t")),
-                ("export.py", "--checkpoint", str(trained_run), "--format", "torchscript", "--out", str(tmp_path)),
-                ("dataset.py", "check", str(colours))]
-    for script, *args in commands:
-        result = frozen_at_exit(script, *args, env=env)
-        assert result.returncode == 0 and result.stdout.splitlines()[-1] == "frozen", (script, result.stderr)
+
+def test_a_script_run_inside_another_program_freezes_nothing(trained_run, colours_eval, tmp_path):
+    """A notebook's `%run eval.py ...`, runpy, exec: the host's objects are not ours to freeze (what is
+    frozen is never collected)."""
+    host = (f"import runpy, sys\nsys.argv = ['eval.py', {str(colours_eval)!r}, '--checkpoint', "
+            f"{str(trained_run)!r}, '--out', {str(tmp_path / 'e')!r}]\n"
+            "try:\n    runpy.run_path('eval.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0\n")
+    result = frozen_at_exit(["-c", host], tmp_path)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "not frozen", result.stderr
 
 
 def test_a_command_called_in_process_freezes_nothing(trained_run, colours_eval, tmp_path):
@@ -281,6 +296,16 @@ def test_a_command_called_in_process_freezes_nothing(trained_run, colours_eval, 
 
     assert cli(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")]) == 0
     assert gc.get_freeze_count() == 0  # a test's or another program's garbage would never be collected
+
+
+@pytest.mark.parametrize("args, own", [
+    (["train.py", "--epochs", "3"], True), (["-u", "-X", "importtime", "-W", "ignore", "./train.py"], True),
+    (["-m", "train"], True), (["-m", "ipykernel_launcher", "-f", "k.json"], False), (["host.py", "train.py"], False),
+    (["-c", "import runpy"], False), ([], False)])
+def test_a_process_is_the_commands_own_when_the_interpreter_was_started_for_it(args, own):
+    import config
+
+    assert config.started_as(str(ROOT / "train.py"), args) is own
 
 
 def test_garbage_made_after_the_first_freeze_is_still_collected(monkeypatch):
