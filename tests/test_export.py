@@ -10,6 +10,7 @@ import pytest
 from conftest import THREE, train_args
 
 import checkpoint
+import config
 import eval as evaluate
 import export
 import train
@@ -35,7 +36,7 @@ def checkpoints(tmp_path_factory, colours) -> dict[str, Path]:
 
 def call(args: list[str]) -> int:
     try:
-        return export.cli(export.main, args)
+        return config.cli(export.main, args)
     except SystemExit as e:
         return int(e.code)
 

@@ -212,7 +212,8 @@ def test_reject_below_is_refused_for_a_multilabel_model(ml_run, objects, tmp_pat
 def test_dataset_check_counts_the_images_of_each_label(objects):
     out = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "check", str(objects)], capture_output=True,
                          text=True, check=True).stdout
-    assert re.search(r"4 classes, 60 train \+ 20 val images", out) and re.search(r"yellow +train +\d+", out)
+    assert re.search(r"4 classes, 60 train \+ 20 val \+ 20 test \(held out\) images", out)  # its own test split
+    assert re.search(r"yellow +train +\d+ +val +\d+ +test +\d+", out)
 
 
 def test_runs_py_shows_a_multilabel_runs_best_map(ml_run):

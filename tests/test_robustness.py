@@ -24,7 +24,7 @@ import eval as evaluate
 import models
 import train
 import training
-from config import TrainConfig
+from config import TrainConfig, cli
 
 HOSTILE_SKIPS = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "notes.png": "not an image",
                  "bomb.png": "decompression bomb", "lab.tif": "unsupported mode LAB"}
@@ -207,7 +207,7 @@ def test_a_malicious_checkpoint_is_refused_and_its_code_never_runs(colours_eval,
     evil = tmp_path / "evil.pt"
     torch.save({"kind": checkpoint.KIND, "model": Payload(marker)}, evil)
     with pytest.raises(SystemExit) as e:
-        evaluate.cli(evaluate.main, [str(colours_eval), "--checkpoint", str(evil)])
+        cli(evaluate.main, [str(colours_eval), "--checkpoint", str(evil)])
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         train.run(train_args(colours, tmp_path / "r", "--mode", "transfer", "--weights", str(evil)))
