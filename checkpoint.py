@@ -261,6 +261,8 @@ def find(given: str | None, name: str = "best.pt") -> Path:
     if given:
         path = Path(given)
         path = path / name if path.is_dir() else path
+        if is_cv_folder(given):
+            raise UsageError(k_fold_job(Path(given), name))
         if not path.is_file():
             raise UsageError(f"{missing(Path(given), name)}: give a run folder, a .pt from one, or an exported .onnx")
         return path
@@ -268,6 +270,22 @@ def find(given: str | None, name: str = "best.pt") -> Path:
     if found is None:
         raise UsageError(f"no runs/*/{name} found: train a model first (python train.py) or pass --checkpoint")
     return found
+
+
+CV_SETTINGS = "cv.json"  # in a k-fold job's folder (crossval.py): what marks it as one
+
+
+def is_cv_folder(path: str | Path) -> bool:
+    return (Path(path) / CV_SETTINGS).is_file()
+
+
+def k_fold_job(job: Path, name: str) -> str:
+    """A k-fold job holds a model per fold, each trained on other data: one is to be chosen."""
+    folds = sorted(job.glob(f"fold-*/{name}"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    if not folds:
+        return f"{job} is a k-fold job with no {name} yet: its folds have not finished an epoch"
+    return (f"{job} is a k-fold job ({len(folds)} folds), a model per fold: give one fold's folder, e.g. "
+            f"{folds[0].parent} (cv_summary.json compares them), or train on all the data without --folds")
 
 
 def missing(given: Path, name: str) -> str:

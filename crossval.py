@@ -19,14 +19,10 @@ from typing import Any
 import numpy as np
 
 import files
+from checkpoint import CV_SETTINGS as SETTINGS
 from config import TrainConfig, UsageError, file_name, identity_changes, imports_done
 
-SETTINGS = "cv.json"
 SUMMARY = "cv_summary.json"
-
-
-def is_cv_folder(path: str | Path) -> bool:
-    return (Path(path) / SETTINGS).is_file()
 
 
 def main(given: dict[str, Any]) -> int:

@@ -45,7 +45,7 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     validate(TrainConfig(**{k: v for k, v in given.items() if k not in ("resume", "data")}))
     if given.get("folds") and given.get("lr_find"):
         raise UsageError("--lr-find runs one range test and starts no run: use it without --folds")
-    if given.get("resume") and crossval.is_cv_folder(given["resume"]):
+    if given.get("resume") and checkpoint.is_cv_folder(given["resume"]):
         return given  # a cross-validation job: its folds are resumed one by one
     if given.get("resume"):
         checkpoint.resume_target(given["resume"], given.get("out"))
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if "list_models" in given:
         return list_models(given["list_models"])
     resume = given.get("resume")
-    if crossval.is_cv_folder(resume) if resume else given.get("folds"):
+    if checkpoint.is_cv_folder(resume) if resume else given.get("folds"):
         return crossval.main(given)
     import training  # torch loads only for a command line that is good
     imports_done()

@@ -151,3 +151,15 @@ def test_an_interrupted_fold_points_at_the_job_to_resume(flat, tmp_path, monkeyp
     monkeypatch.setattr(training, "train", lambda given: 130)  # what a fold returns after Ctrl-C
     assert train.main(train_args(flat, tmp_path / "job", "--folds", "2")) == 130
     assert f"python train.py --resume {tmp_path / 'job'}" in capsys.readouterr().err
+
+
+def test_a_k_fold_job_given_as_a_checkpoint_names_its_fold_folders(cv_job, flat, capsys):
+    """eval.py, test.py and export.py take one model; a k-fold job has one per fold."""
+    import config
+    import eval as evaluate
+
+    with pytest.raises(SystemExit) as stop:
+        config.cli(evaluate.main, [str(flat), "--checkpoint", str(cv_job)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "k-fold job (3 folds)" in err and str(cv_job / "fold-1") in err
