@@ -16,6 +16,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
     import sys
 
     from config import Parser, TrainConfig, UsageError, add_shared, check_shared, imports_done, script
+    from labels import check_sep_applies
 
     def main(argv: list[str] | None = None) -> int:
         parser = Parser("Check an image folder, or export the demo digits.", prog="dataset.py")
@@ -27,8 +28,8 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         check.add_argument("--test-split", type=float, default=TrainConfig.test_split, help="share of each class set "
                            "aside as the run's test set, as train.py --test-split sets it aside")
         check.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed of the split")
-        check.add_argument("--label-sep", default=TrainConfig.label_sep, help="what separates the labels in a label "
-                           "file's labels column (multi-label; default: a space)")
+        check.add_argument("--label-sep", help="what separates the labels in a label file's labels column "
+                           "(multi-label; default: a space)")
         add_shared(check, "cache_dir", "max_file_mb")
         sub.add_parser("demo", help="export the digits demo data to data/digits/ beside this script")
         args = parser.parse_args(argv)
@@ -42,7 +43,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
             return 0
         dataset.report(dataset.prepare_data(args.data, args.val_split, args.seed, args.cache_dir,
                                             max_file_mb=args.max_file_mb, test_split=args.test_split,
-                                            label_sep=args.label_sep))
+                                            label_sep=args.label_sep or TrainConfig.label_sep))
         return 0
 
     def check_command_line(args: argparse.Namespace) -> None:
@@ -58,6 +59,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         if not args.data.strip():
             raise UsageError(f"no data given: give {what}")
         if args.data == "demo" or os.path.isdir(path) or (args.data.lower().endswith(".csv") and os.path.isfile(path)):
+            check_sep_applies(args.data, args.label_sep)
             return
         if os.path.exists(path):
             raise UsageError(f"{args.data} is not a folder: give {what}")

@@ -57,6 +57,8 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("give the data to evaluate once: python eval.py DATA (or --data DATA)")
     given = args.data or args.data_option
     args.data = Path(given) if given else None  # None: the run's own held-out test split
+    if args.data is not None:
+        labels.check_sep_applies(args.data, args.label_sep)
     if args.data is not None and labels.is_label_file(args.data):
         labels.read(args.data, args.label_sep or labels.DEFAULT_SEP, warn=False)  # every row, before torch loads
     elif args.data is not None and not args.data.is_dir():

@@ -38,6 +38,13 @@ def is_label_file(data: str | os.PathLike) -> bool:
     return str(data).lower().endswith(".csv")
 
 
+def check_sep_applies(data: str | os.PathLike, sep: str | None) -> None:
+    """--label-sep splits a label file's labels column: given with a folder, it would silently do nothing."""
+    if sep is not None and not is_label_file(data):
+        raise UsageError(f"--label-sep is for a label file (.csv) with a labels column; {shown(data)} is not one: "
+                         "drop --label-sep")
+
+
 @dataclass
 class LabelFile:
     """A read label file: absolute paths with class indices (classes sorted by name), in file order; in a

@@ -51,6 +51,7 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
         checkpoint.resume_target(given["resume"], given.get("out"))
         return given
     data = given.get("data", TrainConfig.data)
+    labels.check_sep_applies(data, given.get("label_sep"))
     if labels.is_label_file(data):
         # every row checked before torch loads (the case warning comes with the second reading)
         labels.check_trainable(labels.read(data, given.get("label_sep", TrainConfig.label_sep), warn=False))

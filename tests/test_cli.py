@@ -50,6 +50,10 @@ def run_script_in_process(script: str, *args: str) -> subprocess.CompletedProces
     ("dataset.py", ["check", ".", "--val-split", "nan"], "--val-split must be between 0 and 1"),
     ("dataset.py", ["check", ".", "--max-file-mb", "-1"], "--max-file-mb must be positive"),
     ("dataset.py", ["check", ".", "--test-split", "0.8"], "--val-split plus --test-split less than 1"),
+    ("dataset.py", ["check", ".", "--label-sep", ";"], "--label-sep is for a label file"),
+    ("train.py", ["--data", ".", "--label-sep", ";"], "--label-sep is for a label file"),
+    ("train.py", ["--data", "demo", "--label-sep", ";"], "--label-sep is for a label file"),
+    ("eval.py", [".", "--label-sep", ";"], "--label-sep is for a label file"),
 ])
 def test_a_bad_command_line_is_answered_in_one_line_before_torch_is_imported(script, args, hint):
     result = run_script_in_process(script, *args)
