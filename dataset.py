@@ -468,15 +468,16 @@ def labelled(walk: folders.Walk, folder: Path, classes: list[str]) -> list[tuple
     return [(p, i) for i, c in enumerate(classes) for p in walk.image_files(folder / c)]
 
 
-def check_folds(items: list[tuple[str, int]], classes: list[str], folds: int) -> None:
+def check_folds(items: list[tuple[str, int]], classes: list[str], folds: int, say: bool = True) -> None:
     """Every fold validates on something; a class smaller than the folds is said (some folds will not
-    validate on it, and a class of one image is missing from one fold's training)."""
+    validate on it, and a class of one image is missing from one fold's training), with `say`: by the
+    job's first fold, not again by each."""
     counts = class_counts(items, len(classes))
     if len(items) < folds:
         raise UsageError(f"--folds {folds}: only {len(items)} images to share out (after the test split): use "
                          f"--folds {max(2, len(items))} or fewer")
     small = [f"{shown(c)} ({counts[i]})" for i, c in enumerate(classes) if counts[i] < folds]
-    if small:
+    if small and say:
         warn(f"class(es) with fewer images than the {folds} folds: {', '.join(small)}; some folds validate "
              "without them, and their per-class scores cover only the folds that had them")
 
@@ -522,7 +523,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     if test_split:
         train, test = stratified_split(train, test_split, derived_seed(seed, 1))
     if folds:
-        check_folds(train + val, classes, folds)
+        check_folds(train + val, classes, folds, say=fold == 1)
         train, val = fold_split(train + val, folds, fold, seed)
     elif not sets["val"]:
         train, val = stratified_split(train, val_split / (1 - test_split), seed)
