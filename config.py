@@ -58,25 +58,40 @@ def script(entry: Callable[[list[str] | None], int], file: str) -> NoReturn:
     train` and torchrun's workers are; a notebook's `%run train.py`, runpy and exec run the script as
     `__main__` inside another program, whose objects are not ours to freeze."""
     global _own_process
-    _own_process = started_as(file, sys.orig_argv[1:])
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    _own_process = started_as(file, sys.orig_argv[1:], getattr(spec, "origin", None))
     sys.exit(cli(entry))
 
 
-def started_as(file: str, interpreter_args: list[str]) -> bool:
-    """Whether the interpreter was started to run `file` (its arguments after the interpreter's name)."""
-    takes_value = ("-X", "-W", "--check-hash-based-pycs")
-    i = 0
-    while i < len(interpreter_args):
-        arg = interpreter_args[i]
-        if arg == "-m":
-            return interpreter_args[i + 1:i + 2] == [Path(file).stem]
-        if arg == "-c" or arg == "-":
-            return False
-        if arg.startswith("-"):
-            i += 2 if arg in takes_value else 1
+def started_as(file: str, interpreter_args: list[str], main_origin: str | None = None) -> bool:
+    """Whether the interpreter was started to run `file`, read from its arguments (after its own name) as
+    Python reads them: flags may be grouped (-uB), and -c, -m, -W and -X take a value, attached (-Werror)
+    or next. For -m, the running __main__ module must also come from `file` (`main_origin`), not from a
+    module of the same name elsewhere."""
+    args, i = interpreter_args, 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            script = args[i + 1] if arg == "--" and i + 1 < len(args) else arg
+            return script not in ("-", "--") and same_file(script, file)
+        if arg.startswith("--"):  # a long option; only this one takes a value
+            i += 2 if arg == "--check-hash-based-pycs" else 1
             continue
-        return os.path.realpath(arg) == os.path.realpath(file)
+        i += 1
+        for j, flag in enumerate(arg[1:], start=2):
+            if flag in "cmWX":
+                value = arg[j:] or (args[i] if i < len(args) else "")
+                i += 0 if arg[j:] else 1
+                if flag == "c":
+                    return False
+                if flag == "m":
+                    return value == Path(file).stem and main_origin is not None and same_file(main_origin, file)
+                break
     return False
+
+
+def same_file(a: str, b: str) -> bool:
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 def imports_done() -> None:
@@ -403,6 +418,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> Non
             parser.add_argument(flag, help=help_text, default=argparse.SUPPRESS, **meta)
 
 
+SEED_LIMIT = 2**62  # torch's generators take 64 bits, and the seed is offset by the epoch
+SEED_RULE = "--seed must be a whole number between -2^62 and 2^62 (e.g. 42)"
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that cannot work before anything is loaded or written."""
     checks = [
@@ -410,6 +429,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.test_split < 1 and cfg.val_split + cfg.test_split < 1,
          "--test-split must be 0 or more, and --val-split plus --test-split less than 1"),
         (cfg.folds == 0 or cfg.folds >= 2, "--folds must be 2 or more (or 0: no cross-validation)"),
+        (abs(cfg.seed) < SEED_LIMIT, SEED_RULE),
         (cfg.epochs >= 1, "--epochs must be at least 1"),
         (cfg.batch_size >= 1, "--batch-size must be at least 1"),
         (cfg.lr > 0, "--lr must be positive"),

@@ -15,7 +15,17 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
     import os
     import sys
 
-    from config import Parser, TrainConfig, UsageError, add_shared, check_shared, imports_done, script
+    from config import (
+        SEED_LIMIT,
+        SEED_RULE,
+        Parser,
+        TrainConfig,
+        UsageError,
+        add_shared,
+        check_shared,
+        imports_done,
+        script,
+    )
     from labels import check_sep_applies
 
     def main(argv: list[str] | None = None) -> int:
@@ -51,6 +61,8 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         check_shared(args)
         if not 0 < args.val_split < 1:  # (NaN too)
             raise UsageError(f"--val-split must be between 0 and 1 (exclusive), not {args.val_split}")
+        if abs(args.seed) >= SEED_LIMIT:
+            raise UsageError(SEED_RULE)
         if not (0 <= args.test_split < 1 and args.val_split + args.test_split < 1):
             raise UsageError(f"--test-split must be 0 or more, and --val-split plus --test-split less than 1, not "
                              f"{args.test_split}")

@@ -51,6 +51,8 @@ def run_script_in_process(script: str, *args: str) -> subprocess.CompletedProces
     ("dataset.py", ["check", ".", "--max-file-mb", "-1"], "--max-file-mb must be positive"),
     ("dataset.py", ["check", ".", "--test-split", "0.8"], "--val-split plus --test-split less than 1"),
     ("dataset.py", ["check", ".", "--label-sep", ";"], "--label-sep is for a label file"),
+    ("dataset.py", ["check", ".", "--seed", str(2**64)], "--seed must be"),
+    ("train.py", ["--seed", str(2**64)], "--seed must be"),
     ("train.py", ["--data", ".", "--label-sep", ";"], "--label-sep is for a label file"),
     ("train.py", ["--data", "demo", "--label-sep", ";"], "--label-sep is for a label file"),
     ("eval.py", [".", "--label-sep", ";"], "--label-sep is for a label file"),
@@ -304,12 +306,25 @@ def test_a_command_called_in_process_freezes_nothing(trained_run, colours_eval, 
 
 @pytest.mark.parametrize("args, own", [
     (["train.py", "--epochs", "3"], True), (["-u", "-X", "importtime", "-W", "ignore", "./train.py"], True),
-    (["-m", "train"], True), (["-m", "ipykernel_launcher", "-f", "k.json"], False), (["host.py", "train.py"], False),
-    (["-c", "import runpy"], False), ([], False)])
+    (["-uW", "ignore", "train.py"], True), (["-uX", "dev", "train.py"], True), (["-Werror", "-uB", "train.py"], True),
+    (["--check-hash-based-pycs", "always", "train.py"], True), (["--", "train.py"], True),
+    (["-m", "train"], True), (["-um", "train"], True), (["-mtrain"], True),
+    (["-m", "ipykernel_launcher", "-f", "k.json"], False), (["host.py", "train.py"], False),
+    (["-c", "import runpy"], False), (["-uc", "import runpy"], False), (["-m", "runpy", "train"], False), ([], False)])
 def test_a_process_is_the_commands_own_when_the_interpreter_was_started_for_it(args, own):
     import config
 
-    assert config.started_as(str(ROOT / "train.py"), args) is own
+    script = str(ROOT / "train.py")
+    assert config.started_as(script, args, main_origin=script) is own
+
+
+def test_a_module_of_the_same_name_run_with_dash_m_is_not_the_command():
+    """`python -m train` running a user's own train.py, which runs ours through runpy: the user's
+    process, whose objects are not ours to freeze; its __main__ module comes from elsewhere."""
+    import config
+
+    assert not config.started_as(str(ROOT / "train.py"), ["-m", "train"], main_origin="/home/me/train.py")
+    assert not config.started_as(str(ROOT / "train.py"), ["-m", "train"], main_origin=None)
 
 
 def test_garbage_made_after_the_first_freeze_is_still_collected(monkeypatch):
