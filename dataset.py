@@ -15,17 +15,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
     import os
     import sys
 
-    from config import (
-        SEED_LIMIT,
-        SEED_RULE,
-        Parser,
-        TrainConfig,
-        UsageError,
-        add_shared,
-        check_shared,
-        imports_done,
-        script,
-    )
+    from config import Parser, TrainConfig, UsageError, add_shared, check_shared, imports_done, script, validate
     from labels import check_sep_applies
 
     def main(argv: list[str] | None = None) -> int:
@@ -57,15 +47,9 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         return 0
 
     def check_command_line(args: argparse.Namespace) -> None:
-        """What train.py refuses up front, refused here the same way."""
+        """What train.py refuses up front, refused here by the same rules (config.validate)."""
         check_shared(args)
-        if not 0 < args.val_split < 1:  # (NaN too)
-            raise UsageError(f"--val-split must be between 0 and 1 (exclusive), not {args.val_split}")
-        if abs(args.seed) >= SEED_LIMIT:
-            raise UsageError(SEED_RULE)
-        if not (0 <= args.test_split < 1 and args.val_split + args.test_split < 1):
-            raise UsageError(f"--test-split must be 0 or more, and --val-split plus --test-split less than 1, not "
-                             f"{args.test_split}")
+        validate(TrainConfig(val_split=args.val_split, test_split=args.test_split, seed=args.seed))
         path = os.path.expanduser(args.data)
         what = "a folder with one sub-folder per class, a label file (.csv) or demo"
         if not args.data.strip():
