@@ -1,6 +1,7 @@
 """Image folders: find classes and files, check every file once, split, decode, cache and augment.
 
     python dataset.py check DIR          # counts, imbalance, skipped files and why, train/val leaks
+    python dataset.py check DIR --folds 5   # what each fold of train.py --folds 5 validates on
     python dataset.py demo               # export scikit-learn's digits as PNGs (data/digits/{train,test})
 
 Every image, whatever its mode (L, LA, P, RGBA, CMYK, 16-bit, float), becomes 3-channel uint8 RGB,
@@ -28,6 +29,8 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         check.add_argument("--test-split", type=float, default=TrainConfig.test_split, help="share of each class set "
                            "aside as the run's test set, as train.py --test-split sets it aside")
         check.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed of the split")
+        check.add_argument("--folds", type=int, default=0, help="show the K folds train.py --folds K would "
+                           "validate on (per class), and look-alikes that fall in two folds")
         check.add_argument("--label-sep", help="what separates the labels in a label file's labels column "
                            "(multi-label; default: a space)")
         add_shared(check, "cache_dir", "max_file_mb")
@@ -41,15 +44,17 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
         if args.command == "demo":
             print(dataset.export_demo())
             return 0
-        dataset.report(dataset.prepare_data(args.data, args.val_split, args.seed, args.cache_dir,
-                                            max_file_mb=args.max_file_mb, test_split=args.test_split,
-                                            label_sep=args.label_sep or TrainConfig.label_sep))
+        splits = [dataset.prepare_data(args.data, args.val_split, args.seed, args.cache_dir, progress=fold <= 1,
+                                       max_file_mb=args.max_file_mb, test_split=args.test_split, folds=args.folds,
+                                       fold=fold, label_sep=args.label_sep or TrainConfig.label_sep)
+                  for fold in range(1 if args.folds else 0, args.folds + 1)]  # each fold as its run gets it
+        dataset.report_folds(splits) if args.folds else dataset.report(splits[0])
         return 0
 
     def check_command_line(args: argparse.Namespace) -> None:
         """What train.py refuses up front, refused here by the same rules (config.validate)."""
         check_shared(args)
-        validate(TrainConfig(val_split=args.val_split, test_split=args.test_split, seed=args.seed))
+        validate(TrainConfig(val_split=args.val_split, test_split=args.test_split, seed=args.seed, folds=args.folds))
         path = os.path.expanduser(args.data)
         what = "a folder with one sub-folder per class, a label file (.csv) or demo"
         if not args.data.strip():
@@ -992,7 +997,38 @@ def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
     out(f"{len(names)} classes, {len(split.train)} train + {len(split.val)} val{test} images in {shown(split.root)}")
     for name, nt, nv, ne in zip(names, train_counts, val_counts, test_counts):
         out(f"  {name:>{width}}  train {nt:6d}  val {nv:6d}" + (f"  test {ne:6d}" if split.test else ""))
-    totals = [a + b + c for a, b, c in zip(train_counts, val_counts, test_counts)]
+    report_findings(split, [a + b + c for a, b, c in zip(train_counts, val_counts, test_counts)], split.leaks,
+                    "in val/test look like train images", split.repeats, out)
+
+
+def report_folds(splits: list[DataSplit], out: Callable[[str], None] = print) -> None:
+    """report() for k-fold cross-validation, from each fold's DataSplit as its run gets it: the images
+    each fold validates on per class, and look-alikes that fall in two folds (or one in the test set),
+    since the run of either fold trains on one and validates on the other."""
+    first, k = splits[0], len(splits)
+    names = [shown(c) for c in first.classes]
+    width = max(len(c) for c in [*names, "class"])
+    per_fold = [split.counts(split.val) for split in splits]
+    test_counts = first.counts(first.test)
+    test = f" + {len(first.test)} test (held out)" if first.test else ""
+    out(f"{len(names)} classes, {len(first.train) + len(first.val)} images in {k} folds{test} in {shown(first.root)}; "
+        "each fold's run validates on its fold and trains on the others")
+    out(f"  {'class':>{width}}" + "".join(f"  {f'fold {f}':>7}" for f in range(1, k + 1)) +
+        (f"  {'test':>7}" if first.test else ""))
+    for c, name in enumerate(names):
+        out(f"  {name:>{width}}" + "".join(f"  {counts[c]:7d}" for counts in per_fold) +
+            (f"  {test_counts[c]:7d}" if first.test else ""))
+    leaks: dict[frozenset, tuple[str, str, int]] = {}
+    for split in splits:
+        for leak in split.leaks:
+            leaks.setdefault(frozenset(leak[:2]), leak)
+    repeats = [pair for pair in first.repeats if frozenset(pair[:2]) not in leaks]  # within a fold
+    report_findings(first, [sum(col) + t for col, t in zip(zip(*per_fold), test_counts)], list(leaks.values()),
+                    "look like an image of another fold or of the test set", repeats, out)
+
+
+def report_findings(split: DataSplit, totals: list[int], leaks: list[tuple[str, str, int]], leaked: str,
+                    repeats: list[tuple[str, str, int]], out: Callable[[str], None]) -> None:
     out(f"imbalance (largest/smallest class): {max(totals) / max(1, min(totals)):.1f}x")
     if split.ignored:
         out(f"ignored {len(split.ignored)} folder(s) by name (system clutter, see README):")
@@ -1002,12 +1038,12 @@ def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
         out(f"skipping {len(split.not_used())} file(s):")
         for path, reason in split.not_used():
             out(f"  {folders.listed(path)}: {reason}")
-    if split.leaks:
-        out(f"warning: {len(split.leaks)} image(s) in val/test look like train images (leakage; perceptual hash "
-            "distance in bits of 256, 0 = the same picture):")
-        for a, b, d in split.leaks[:20]:
+    if leaks:
+        out(f"warning: {len(leaks)} image(s) {leaked} (leakage; perceptual hash distance in bits of 256, 0 = the "
+            "same picture):")
+        for a, b, d in leaks[:20]:
             out(f"  {shown(b)} ~ {shown(a)} ({d})")
-    if split.repeats:
-        out(f"hint: {len(split.repeats)} pair(s) of images within a class look alike (duplicates weigh twice):")
-        for a, b, d in split.repeats[:10]:
+    if repeats:
+        out(f"hint: {len(repeats)} pair(s) of images within a class look alike (duplicates weigh twice):")
+        for a, b, d in repeats[:10]:
             out(f"  {shown(b)} ~ {shown(a)} ({d})")

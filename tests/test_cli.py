@@ -52,6 +52,7 @@ def run_script_in_process(script: str, *args: str) -> subprocess.CompletedProces
     ("dataset.py", ["check", ".", "--test-split", "0.8"], "--val-split plus --test-split less than 1"),
     ("dataset.py", ["check", ".", "--label-sep", ";"], "--label-sep is for a label file"),
     ("dataset.py", ["check", ".", "--seed", str(2**64)], "--seed must be"),
+    ("dataset.py", ["check", ".", "--folds", "1"], "--folds must be 2 or more"),
     ("train.py", ["--seed", str(2**64)], "--seed must be"),
     ("train.py", ["--data", ".", "--label-sep", ";"], "--label-sep is for a label file"),
     ("train.py", ["--data", "demo", "--label-sep", ";"], "--label-sep is for a label file"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,6 +113,25 @@ def test_check_command_shows_the_test_set_train_would_hold_out(colours):
     assert f"{len(split.train)} train + {len(split.val)} val + {len(split.test)} test (held out)" in result.stdout
     counts = split.counts(split.test)
     assert counts[0] > 0 and f"test {counts[0]:6d}" in result.stdout
+
+
+def test_check_command_shows_what_each_fold_validates_on_and_the_look_alikes_across_folds(colours, tmp_path):
+    data = tmp_path / "photos"
+    shutil.copytree(colours, data)
+    for name in ("red", "green"):  # a copy of an image beside it: a leak when the two fall in two folds
+        first = sorted((data / name).iterdir())[0]
+        shutil.copy(first, data / name / f"copy-{first.name}")
+    result = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "check", str(data), "--folds", "3",
+                             "--test-split", "0.2"], capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    folds = [dataset.prepare_data(str(data), test_split=0.2, folds=3, fold=f, progress=False) for f in (1, 2, 3)]
+    pool = len(folds[0].train) + len(folds[0].val)  # what each fold's run gets
+    assert f"{pool} images in 3 folds + {len(folds[0].test)} test (held out)" in result.stdout
+    for c, name in enumerate(folds[0].classes):
+        row = [split.counts(split.val)[c] for split in folds] + [folds[0].counts(folds[0].test)[c]]
+        assert re.search(rf"{name} +" + " +".join(map(str, row)) + r"\n", result.stdout), (name, row)
+    leaks = {frozenset(leak[:2]) for split in folds for leak in split.leaks}
+    assert leaks and f"warning: {len(leaks)} image(s) look like an image of another fold" in result.stdout
 
 
 def test_a_second_check_reads_the_cache_instead_of_the_files(hostile, monkeypatch):
