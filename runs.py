@@ -54,17 +54,21 @@ def describe(run: Path) -> dict | None:
         minutes = sum(float(h["time_s"]) for h in history) / 60
     else:
         return None
-    return {"run": run.name, "data": Path(cfg.get("data", "-")).name, "model": cfg["model"], "mode": cfg["mode"],
+    return {"run": run.name, **settings(cfg), "epochs": epochs, "best val acc": acc, "time (min)": minutes,
+            "mAP": multi}
+
+
+def settings(cfg: dict) -> dict:
+    """A run's settings columns, from its config.json (what the recipe chose, not only what was given)."""
+    return {"data": Path(cfg.get("data", "-")).name, "model": cfg["model"], "mode": cfg["mode"],
             "size": str(cfg.get("img_size") or "default"), "recipe": cfg.get("recipe", "seed"),
-            "optimizer": cfg["optimizer"], "lr": f"{cfg['lr']:g}", "epochs": epochs, "best val acc": acc,
-            "time (min)": minutes, "mAP": multi}
+            "optimizer": cfg["optimizer"], "lr": f"{cfg['lr']:g}"}
 
 
 def describe_cv(job: Path) -> dict | None:
     """A cross-validation job's line: the mean best val accuracy of its folds (and their spread), from
     cv_summary.json; before that, how many folds have finished."""
-    cfg = json.loads((job / "cv.json").read_text())
-    folds = cfg["folds"]
+    folds = json.loads((job / "cv.json").read_text())["folds"]
     summaries = [job / f"fold-{k}" / "summary.json" for k in range(1, folds + 1)]
     done = [json.loads(s.read_text()) for s in summaries if s.exists()]
     if (job / "cv_summary.json").exists():
@@ -76,11 +80,9 @@ def describe_cv(job: Path) -> dict | None:
         epochs, best = f"{len(done)}/{folds} folds (unfinished)", sum(scores) / len(scores)
     else:
         return None
-    return {"run": job.name, "data": Path(cfg.get("data", "demo")).name, "model": cfg.get("model", "resnet18"),
-            "mode": cfg.get("mode", "finetune"), "size": str(cfg.get("img_size") or "default"),
-            "recipe": cfg.get("recipe", "auto"), "optimizer": cfg.get("optimizer", "recipe"),
-            "lr": f"{cfg['lr']:g}" if "lr" in cfg else "recipe", "epochs": epochs, "best val acc": best,
-            "time (min)": sum(d.get("train_time_s", 0) for d in done) / 60, "mAP": multi}
+    # the folds' settings: the first fold's config.json, written once its run has started, holds them all
+    return {"run": job.name, **settings(json.loads((job / "fold-1" / "config.json").read_text())), "epochs": epochs,
+            "best val acc": best, "time (min)": sum(d.get("train_time_s", 0) for d in done) / 60, "mAP": multi}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,14 @@ def test_runs_py_shows_the_job_as_one_line_with_its_spread(cv_job, capsys):
     assert len(lines) == 2 and lines[1].startswith("job") and "3 folds (+-" in lines[1]
 
 
+def test_runs_py_shows_the_settings_the_jobs_folds_trained_with(cv_job):
+    """Not placeholders for what the recipe chose (the job's cv.json holds only what was given)."""
+    fold = runs.describe(cv_job / "fold-1")
+    job = runs.describe_cv(cv_job)
+    for column in ("data", "model", "mode", "size", "recipe", "optimizer", "lr"):
+        assert job[column] == fold[column], column
+
+
 def test_a_killed_job_resumes_its_unfinished_fold_and_keeps_the_finished_ones(flat, tmp_path, monkeypatch):
     job = tmp_path / "job"
     kill_after_saving(monkeypatch, lambda state, path: path.name == "last.pt" and path.parent.name == "fold-2")
