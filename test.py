@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 from pathlib import Path
 
 import checkpoint
@@ -26,17 +27,18 @@ from config import Parser, UsageError, add_shared, check_shared, imports_done, s
 
 
 def expand(patterns: list[str], max_bytes: int = folders.DEFAULT_MAX_BYTES) -> list[str]:
-    """Files as given, folders searched recursively for images, glob patterns expanded."""
+    """Files as given, folders searched recursively as eval.py reads them (every file: one that is not
+    an image is reported as such), glob patterns expanded; a name that exists is never a pattern
+    (`photo [1].jpg`)."""
     paths: list[str] = []
     for pattern in patterns:
-        if glob.has_magic(pattern):  # special files too: each is reported as unreadable, with the reason
-            paths += [m for m in sorted(glob.glob(pattern, recursive=True)) if not Path(m).is_dir()]
-        elif Path(pattern).is_dir():
+        if Path(pattern).is_dir():
             walk = folders.Walk(max_bytes=max_bytes)
-            found = walk.image_files(Path(pattern)) + [p for p, _ in walk.skipped if not Path(p).is_dir()]
-            paths += sorted(p for p in found if Path(p).suffix.lower() in folders.IMAGE_EXTENSIONS)
-        elif Path(pattern).exists():
+            paths += sorted(walk.image_files(Path(pattern)) + [p for p, _ in walk.skipped if not Path(p).is_dir()])
+        elif os.path.lexists(pattern):
             paths.append(pattern)
+        elif glob.has_magic(pattern):  # special files too: each is reported as unreadable, with the reason
+            paths += [m for m in sorted(glob.glob(pattern, recursive=True)) if not Path(m).is_dir()]
         else:
             raise UsageError(f"no such file or folder: {pattern}")
     if not paths:

@@ -111,6 +111,24 @@ def test_test_py_expands_glob_patterns(trained_run, colours_eval, tmp_path):
     assert len(list(csv.DictReader(open(tmp_path / "t" / "predictions.csv")))) == 6
 
 
+def test_a_file_whose_name_looks_like_a_pattern_is_that_file(tmp_path):
+    """Browsers and file managers name copies `photo [1].jpg`: the file named, not what a pattern matches."""
+    for name in ("img[1].png", "img1.png", "photo [1].png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert predict.expand([str(tmp_path / "img[1].png")]) == [str(tmp_path / "img[1].png")]
+    assert predict.expand([str(tmp_path / "photo [1].png")]) == [str(tmp_path / "photo [1].png")]
+    assert predict.expand([str(tmp_path / "img[0-9].png")]) == [str(tmp_path / "img1.png")]  # still a pattern
+
+
+def test_a_folder_gives_test_py_every_file_that_eval_py_reads(colours_eval, tmp_path):
+    """An image without an extension is predicted, and a file that is not an image reported, as eval.py does."""
+    folder = tmp_path / "samples"
+    shutil.copytree(colours_eval / "red", folder)
+    shutil.copy(sorted(folder.iterdir())[0], folder / "IMG_0001")
+    (folder / "notes.txt").write_text("not an image")
+    assert predict.expand([str(folder)]) == sorted(str(p) for p in folder.iterdir())
+
+
 @pytest.mark.parametrize("problem", ["missing", "not ours", "empty folder"])
 def test_bad_checkpoint_or_folder_is_one_line_and_exit_2(problem, trained_run, colours_eval, tmp_path, capsys):
     ckpt, data = trained_run / "best.pt", colours_eval
