@@ -5,9 +5,11 @@ the same images to prove it gives the same answers; the proof is written beside 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from torch import nn
 
 import checkpoint
 import dataset
+import files
 import folders
 import labels
 import models
@@ -210,6 +213,9 @@ def accuracy(logits: torch.Tensor, labels: list[int]) -> float | None:
 
 
 
+CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # said as such, not as the network's fault
+
+
 def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None, data: str | None,
            check_data: str | None, n_images: int, tolerance: float, max_bytes: int = folders.DEFAULT_MAX_BYTES) -> int:
     """export.py's work: write the export (to `out`, else into `folder` named after the model), then prove
@@ -222,24 +228,43 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
     images, labels = sample_images(data, pre, n_images, ckpt["classes"], max_bytes=max_bytes)
     check, check_labels = sample_images(check_data, pre, n_images, ckpt["classes"], True, max_bytes) \
         if check_data else (images, labels)
-    run = write(fmt, model, images, out, checkpoint.export_metadata(ckpt), int8)
-    with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        reference, exported = model(check), run(check)
-    if not reference.dtype == exported.dtype == torch.float32:
-        raise RuntimeError(f"parity compares {reference.dtype} with {exported.dtype}: both must be float32")
-    report = {"format": fmt, "int8": int8, "file": str(out), "checkpoint": str(ckpt_path),
-              "size_mb": os.path.getsize(out) / 1e6, **parity(reference, exported, checkpoint.thresholds(ckpt)),
-              "latency_ms_batch1_cpu": latency_ms(run, images[:1]),
-              "pytorch_latency_ms_batch1_cpu": latency_ms(lambda x: model(x), images[:1]),
-              "accuracy_pytorch": accuracy(reference, check_labels),
-              "accuracy_export": accuracy(exported, check_labels),
-              "classes": ckpt["classes"], "preprocess": pre.to_dict(), "tolerance": tolerance}
-    Path(str(out) + ".json").write_text(json.dumps(report, indent=1))
+    # made and proven in a folder of its own beside `out` (intermediate files too), moved to `out` only once it
+    # passed: a kill, a full disk or a failed check never leaves a broken file under the name that is loaded
+    try:
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+            staged = Path(work) / out.name
+            run = write(fmt, model, images, staged, checkpoint.export_metadata(ckpt), int8)
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                reference, exported = model(check), run(check)
+            if not reference.dtype == exported.dtype == torch.float32:
+                raise RuntimeError(f"parity compares {reference.dtype} with {exported.dtype}: both must be float32")
+            report = {"format": fmt, "int8": int8, "file": str(out), "checkpoint": str(ckpt_path),
+                      "size_mb": os.path.getsize(staged) / 1e6,
+                      **parity(reference, exported, checkpoint.thresholds(ckpt)),
+                      "latency_ms_batch1_cpu": latency_ms(run, images[:1]),
+                      "pytorch_latency_ms_batch1_cpu": latency_ms(lambda x: model(x), images[:1]),
+                      "accuracy_pytorch": accuracy(reference, check_labels),
+                      "accuracy_export": accuracy(exported, check_labels),
+                      "classes": ckpt["classes"], "preprocess": pre.to_dict(), "tolerance": tolerance}
+            failed = not int8 and (report["top1_agreement"] < 1 or report.get("label_agreement", 1) < 1
+                                   or report["max_scaled_diff"] > tolerance)
+            if failed:
+                files.atomic_write_text(Path(f"{out}.failed.json"), json.dumps(report, indent=1))
+            else:
+                for made in (Path(f"{staged}.meta.json"), staged):  # (a .pte's metadata beside it; the model last)
+                    if made.exists():
+                        os.replace(made, out.parent / made.name)
+                files.atomic_write_text(Path(f"{out}.json"), json.dumps(report, indent=1))
+                Path(f"{out}.failed.json").unlink(missing_ok=True)  # an earlier attempt's
+    except OSError as e:
+        if e.errno not in CANNOT_WRITE:
+            raise
+        raise TrainingError(f"could not write the export in {out.parent} ({e.strerror}): make room or give another "
+                            "--out") from None
     print_proof(report)
-    if not int8 and (report["top1_agreement"] < 1 or report.get("label_agreement", 1) < 1
-                     or report["max_scaled_diff"] > tolerance):
+    if failed:
         print(f"error: the export does not match the PyTorch model (tolerance {tolerance}, times an image's largest "
-              f"|logit| when above 1); see {out}.json", file=sys.stderr)
+              f"|logit| when above 1), so it was not written to {out}; see {out}.failed.json", file=sys.stderr)
         return 1
     return 0
 
@@ -268,6 +293,8 @@ def write(fmt: str, model: nn.Module, images: torch.Tensor, out: Path, meta: dic
         if os.environ.get("IMGCLS_DEBUG"):  # trace with IMGCLS_DEBUG=1)
             raise
         cause = root_cause(e)
+        if isinstance(cause, OSError) and cause.errno in CANNOT_WRITE:  # the disk, not the network: export() says
+            raise cause from None
         raise TrainingError(f"this network could not be exported to {fmt} ({type(cause).__name__}: "
                             f"{checkpoint.first_line(cause)[:200]}); another --format may work (IMGCLS_DEBUG=1 shows "
                             "the exporter's whole report)") from None

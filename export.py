@@ -9,10 +9,11 @@ and prove the export gives the same answers as the PyTorch model before calling 
 The exported model takes float32 RGB images in [0, 1], N x 3 x S x S (S = the checkpoint's crop
 size, after resizing the shorter side to the resize size and centre-cropping), and returns logits;
 normalisation is inside. Class names and preprocessing travel with it (ONNX metadata; a JSON beside
-.pte/.ptl files). After exporting, N images (from --data, else generated) go through both models:
+a .pte; inside a .ptl). After exporting, N images (from --data, else generated) go through both models:
 top-1 agreement and the largest logit difference are printed and written to <out>.json with the
 file size and CPU latency. A float export that disagrees on any top-1, or differs by more than
---tolerance (times the image's largest |logit| when that is above 1), fails with exit status 1.
+--tolerance (times the image's largest |logit| when that is above 1), fails with exit status 1 and
+is not written to <out> (its figures: <out>.failed.json).
 """
 
 from __future__ import annotations
@@ -60,12 +61,23 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     suffix = checkpoint.EXPORT_SUFFIX[args.format]
     if args.out and not is_folder(args.out) and Path(args.out).suffix.lower() != suffix:
         raise UsageError(f"--out {args.out}: a {args.format} export is a {suffix} file (or give a folder, ending in /)")
+    if args.out:  # (a folder given as `name/` must not be a file either)
+        check_writable_below(Path(args.out) / "model" if args.out.endswith(("/", os.sep)) else Path(args.out))
     for option, folder in (("--data", args.data), ("--check-data", args.check_data)):
         if folder and labels.is_label_file(folder):
             labels.read(folder, warn=False)  # every row checked before torch loads
         elif folder and not Path(folder).is_dir():
             raise UsageError(f"{option} {folder} is not a folder or a label file (.csv)")
     return args
+
+
+def check_writable_below(out: Path) -> None:
+    """The folders --out needs can be made: none of them is a file."""
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out}: {parent} is a file, not a folder")
+            return
 
 
 def is_folder(out: str) -> bool:

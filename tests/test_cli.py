@@ -43,6 +43,8 @@ def run_script_in_process(script: str, *args: str) -> subprocess.CompletedProces
     ("test.py", ["README.md", "--top-k", "3"], "did you mean --topk?"),
     ("export.py", ["--format", "onnx", "--checkpoint", "/no/such.pt"], "does not exist"),
     ("export.py", ["--format", "onnx", "--int8"], "needs --data"),
+    ("export.py", ["--format", "onnx", "--out", "README.md/m.onnx"], "README.md is a file"),
+    ("export.py", ["--format", "onnx", "--out", "README.md/"], "README.md is a file"),
     ("dataset.py", ["check", "/no/such/folder"], "does not exist"),
     ("dataset.py", ["chek", "photos"], "invalid choice: 'chek'"),
     ("dataset.py", ["check", "/no/such/labels.csv"], "label file /no/such/labels.csv does not exist"),

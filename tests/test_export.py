@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 from pathlib import Path
@@ -56,11 +57,44 @@ def test_each_model_exports_to_each_format_and_passes_the_parity_check(name, fmt
 
 
 @pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
-def test_a_float_export_that_differs_beyond_the_tolerance_fails(checkpoints, tmp_path, capsys):
+def test_a_float_export_that_differs_beyond_the_tolerance_fails_and_replaces_nothing(checkpoints, tmp_path, capsys):
+    """The export that failed its proof is not left under the name a server or an app loads."""
     out = tmp_path / "m.onnx"
+    out.write_text("the export that passed before")
+    Path(str(out) + ".json").write_text("its report")
     assert call(["--checkpoint", str(checkpoints["resnet18"]), "--format", "onnx", "--out", str(out),
                  "--images", "4", "--tolerance", "0"]) == 1
     assert "does not match the PyTorch model" in capsys.readouterr().err
+    assert out.read_text() == "the export that passed before" and Path(str(out) + ".json").read_text() == "its report"
+    assert json.loads(Path(str(out) + ".failed.json").read_text())["max_scaled_diff"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.failed.json", "m.onnx.json"]
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_a_full_disk_is_said_as_such_and_leaves_no_file_under_the_exports_name(checkpoints, tmp_path, monkeypatch,
+                                                                               capsys):
+    import onnx
+
+    def full(proto, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", full)
+    assert call(["--checkpoint", str(checkpoints["resnet18"]), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                 "--images", "2"]) == 1
+    assert "could not write the export in" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_an_int8_export_leaves_the_files_beside_it_alone(trained_run, colours, tmp_path):
+    """Its intermediate float and prepared models are its own, not `m.float.onnx` of the user's."""
+    mine = {name: f"the user's {name}" for name in ("m.float.onnx", "m.prep.onnx")}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    assert call(["--checkpoint", str(trained_run / "best.pt"), "--format", "onnx", "--int8", "--data", str(colours),
+                 "--out", str(tmp_path / "m.onnx"), "--images", "8"]) == 0
+    assert {name: (tmp_path / name).read_text() for name in mine} == mine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.float.onnx", "m.onnx", "m.onnx.json", "m.prep.onnx"]
 
 
 @pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
