@@ -197,14 +197,17 @@ def add_shared(parser: argparse.ArgumentParser, *names: str, batch_size: int = 2
         parser.add_argument("--" + name.replace("_", "-"), help=HELP[name], **kinds[name])
 
 
+MAX_FILE_MB_RULE = "--max-file-mb must be a positive number (MB), not inf or nan"
+
+
 def check_shared(args: argparse.Namespace) -> None:
     """The shared numbers, refused before anything loads."""
     if getattr(args, "batch_size", 1) < 1:
         raise UsageError("--batch-size must be at least 1")
     if (getattr(args, "workers", None) or 0) < 0:
         raise UsageError("--workers cannot be negative")
-    if getattr(args, "max_file_mb", 1) <= 0:
-        raise UsageError("--max-file-mb must be positive")
+    if not 0 < getattr(args, "max_file_mb", 1) < math.inf:
+        raise UsageError(MAX_FILE_MB_RULE)
     if getattr(args, "label_sep", None) == "":
         raise UsageError("--label-sep cannot be empty: give the character between an image's labels, e.g. ';'")
     check_device(getattr(args, "device", "auto"))
@@ -437,7 +440,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.min_scale <= 1, "--min-scale must be in (0, 1]"),
         (0 <= cfg.hflip <= 1, "--hflip must be a probability"),
         (0 <= cfg.max_bad_fraction <= 1, "--max-bad-fraction must be between 0 and 1"),
-        (cfg.max_file_mb > 0, "--max-file-mb must be positive"),
+        (0 < cfg.max_file_mb < math.inf, MAX_FILE_MB_RULE),
         (cfg.workers is None or cfg.workers >= 0, "--workers cannot be negative"),
         (cfg.save_interval >= 0, "--save-interval cannot be negative"),
         (cfg.patience >= 0 and cfg.warmup_epochs >= 0, "--patience and --warmup-epochs cannot be negative"),
