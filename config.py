@@ -469,10 +469,15 @@ def absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def cache_path(cfg_dir: str | None = None) -> Path:
+    """Where the caches live (--cache-dir, else $IMGCLS_CACHE, else ~/.cache/imgcls), not made yet."""
+    return Path(cfg_dir or os.environ.get("IMGCLS_CACHE") or Path.home() / ".cache" / "imgcls")
+
+
 def cache_root(cfg_dir: str | None = None) -> Path:
-    """Caches (dataset checks, decoded images, features) survive runs; never inside the data folder."""
-    root = cfg_dir or os.environ.get("IMGCLS_CACHE") or Path.home() / ".cache" / "imgcls"
-    path = Path(root)
+    """Caches (dataset checks, decoded images, features) survive runs; never inside the data folder
+    (folders.check_outside)."""
+    path = cache_path(cfg_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -17,6 +17,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
     import sys
 
     from config import Parser, TrainConfig, UsageError, add_shared, check_shared, imports_done, script, validate
+    from folders import check_cache_outside
     from labels import check_sep_applies
 
     def main(argv: list[str] | None = None) -> int:
@@ -61,6 +62,7 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
             raise UsageError(f"no data given: give {what}")
         if args.data == "demo" or os.path.isdir(path) or (args.data.lower().endswith(".csv") and os.path.isfile(path)):
             check_sep_applies(args.data, args.label_sep)
+            check_cache_outside(None if args.data == "demo" else path, args.cache_dir)
             return
         if os.path.exists(path):
             raise UsageError(f"{args.data} is not a folder: give {what}")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import checkpoint
 import files
+import folders
 import labels
 from config import CACHE_KINDS, Parser, UsageError, add_shared, check_shared, imports_done, script
 
@@ -66,6 +67,8 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
                          "file (.csv)")
     if args.out:
         files.check_new_folder(Path(args.out))
+        folders.check_outside(args.data, args.out, "the report folder")
+    folders.check_cache_outside(args.data, args.cache_dir)
     return args
 
 

@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config import TrainConfig, UsageError
+from config import TrainConfig, UsageError, cache_path
 
 IGNORED = {"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "$RECYCLE.BIN", "System Volume Information",
            "lost+found", "__pycache__"}
@@ -220,3 +220,18 @@ def listed(path: str | os.PathLike) -> str:
     """A path for a line of a list (skipped.txt, the check's report): shown(), with tabs and line
     breaks in names written as \\t and \\n so that one file stays one line."""
     return shown(path).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def check_outside(data: str | os.PathLike | None, path: str | os.PathLike, what: str) -> None:
+    """A folder we write (a run, a report, the caches) inside a data folder would be read from then on as
+    part of the data: its files as images, its folders as classes. Refused, before anything is written."""
+    if data is None or not os.path.isdir(data):
+        return  # a label file lists its images: nothing else beside it is read
+    inside, home = os.path.realpath(path), os.path.realpath(data)
+    if inside == home or inside.startswith(home.rstrip(os.sep) + os.sep):
+        raise UsageError(f"{what} {shown(path)} is inside the data folder {shown(data)}, where it would be read as "
+                         f"images and classes: put it outside {shown(data)}")
+
+
+def check_cache_outside(data: str | os.PathLike | None, cache_dir: str | None) -> None:
+    check_outside(data, cache_path(cache_dir), "the cache folder (--cache-dir, else $IMGCLS_CACHE)")

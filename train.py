@@ -26,6 +26,7 @@ from typing import Any
 import checkpoint
 import crossval
 import files
+import folders
 import labels
 from config import Parser, TrainConfig, UsageError, absolute_paths, add_options, cli, imports_done, script, validate
 
@@ -62,6 +63,10 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
         raise UsageError(f"--weights {given['weights']} does not exist: give a state_dict file")
     if given.get("out"):
         files.check_run_dir(Path(given["out"]), in_place=False, overwrite=given.get("overwrite", False))
+    if data != "demo":
+        folders.check_outside(data, given.get("out") or "runs", "the run folder" if given.get("out") else
+                              "runs/, the default parent of run folders,")
+        folders.check_cache_outside(data, given.get("cache_dir"))
     return given
 
 
