@@ -108,8 +108,8 @@ IMAGE_EXTENSIONS = folders.IMAGE_EXTENSIONS
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "digits"
 ACCEPTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                   "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-CHECK_VERSION = 4  # 2: keyed by ctime too; 3: perceptual hashes, EXIF orientation; 4: pHash
-CACHE_VERSION = 3  # of the decoded pixels: a change in decoding makes new caches (3: EXIF orientation)
+CHECK_VERSION = 5  # 2: keyed by ctime too; 3: perceptual hashes, EXIF orientation; 4: pHash; 5: 16-bit mode I
+CACHE_VERSION = 4  # of the decoded pixels: a change in decoding makes new caches (3: EXIF orientation; 4: mode I)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a half-downloaded file is an error, never grey pixels
 
@@ -121,13 +121,15 @@ class BadImage(Exception):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any accepted mode to RGB: alpha over white, 16-bit scaled to 8-bit (not clipped)."""
+    """Any accepted mode to RGB: alpha over white, 16-bit scaled to 8-bit (not clipped). Integer modes
+    are scaled by their depth, never by their content: Pillow opens 16-bit PGM/PPM (scaled to 0..65535)
+    and 32-bit TIFF as I, read as 16-bit, so a dark exposure stays dark."""
     mode = img.mode
     if mode not in ACCEPTED_MODES:
         raise BadImage(f"unsupported mode {mode}")
     if mode.startswith("I") or mode == "F":
         a = np.asarray(img, dtype=np.float32)
-        if mode.startswith("I;16") or (mode == "I" and a.max() > 255):
+        if mode.startswith("I"):
             a = a / 257.0  # 0..65535 -> 0..255
         elif mode == "F" and a.max() <= 1.0:
             a = a * 255.0

@@ -507,7 +507,7 @@ def build(cfg: TrainConfig, start: Start, num_classes: int, img_size: int) -> tu
 
 # ----------------------------------------------------------------------------- feature cache
 
-FEATURE_VERSION = 2  # 2: keyed by file identities, weights identity, precision and memory format
+FEATURE_VERSION = 3  # 2: keyed by file identities, weights identity, precision and memory format; 3: and decoding
 
 
 def backbone_features(model: nn.Module, loaders: dict[str, DataLoader], to_input: Callable, autocast: Callable,
@@ -557,11 +557,12 @@ def feature_key(cfg: TrainConfig, weights_id: list, preprocess: Preprocess, spli
                 device: torch.device, cache: str = "raw") -> str:
     """Everything that changes the features: each file's identity, the model and its weights, the
     preprocessing, the precision and memory format they are computed in, and the pixels they come
-    from (the compact cache's are JPEG-encoded; raw and uncached ones are the same)."""
+    from: how they were decoded (dataset.CACHE_VERSION) and the compact cache's JPEG encoding (raw and
+    uncached ones are the same)."""
     dtype = autocast_dtype(device, cfg.amp)
     pixels = [f"jpeg-q{compact_cache.QUALITY}"] if cache == "compact" else []  # (older keys stay valid)
-    blob = json.dumps([FEATURE_VERSION, cfg.model, weights_id, preprocess.to_dict(), str(dtype), cfg.channels_last,
-                       [files.identity(p) for p, _ in split.train + split.val], *pixels])
+    blob = json.dumps([FEATURE_VERSION, dataset.CACHE_VERSION, cfg.model, weights_id, preprocess.to_dict(), str(dtype),
+                       cfg.channels_last, [files.identity(p) for p, _ in split.train + split.val], *pixels])
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 

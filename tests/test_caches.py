@@ -84,6 +84,17 @@ def test_the_feature_cache_key_covers_the_precision(tmp_path, monkeypatch, colou
     assert len(keys) == 2
 
 
+def test_the_feature_cache_key_covers_the_decoding_of_the_pixels(monkeypatch, colours):
+    """Features of images decoded another way (EXIF orientation, 16-bit scaling) are not served again."""
+    split = dataset.prepare_data(str(colours))
+    pre = Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3)
+    keys = set()
+    for version in (dataset.CACHE_VERSION, dataset.CACHE_VERSION + 1):
+        monkeypatch.setattr(dataset, "CACHE_VERSION", version)
+        keys.add(training.feature_key(training.TrainConfig(mode="transfer"), ["w"], pre, split, torch.device("cpu")))
+    assert len(keys) == 2
+
+
 def test_a_planted_link_at_a_temp_name_is_never_written_through(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious")

@@ -74,6 +74,20 @@ def test_every_accepted_mode_becomes_rgb_and_16_bit_is_scaled_not_clipped(hostil
     assert dataset.load_image(hostile / "red" / "float.tif", 8)[0, 0, 0] == round(0.8 * 255)
 
 
+def test_a_16_bit_image_is_scaled_by_its_depth_not_by_its_brightest_pixel(tmp_path):
+    """A dark 16-bit exposure (every value below 256) is dark, not read as 8-bit and 257 times brighter,
+    and one pixel more does not turn the picture black."""
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16)).astype(np.uint16)
+    loaded = []
+    for brightest in (255, 256):
+        pixels[0, 0] = brightest
+        path = tmp_path / f"dark-{brightest}.pgm"  # 16-bit PGM: Pillow's mode I
+        path.write_bytes(b"P5\n16 16\n65535\n" + pixels.astype(">u2").tobytes())
+        assert Image.open(path).mode == "I"
+        loaded.append(dataset.load_image(path, 16).astype(float))
+    assert loaded[0].max() <= 1 and abs(loaded[0].mean() - loaded[1].mean()) < 0.1
+
+
 def test_transparent_pixels_become_white():
     img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     assert tuple(dataset.to_rgb(img).getpixel((0, 0))) == (255, 255, 255)
