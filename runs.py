@@ -28,19 +28,36 @@ def collect(parent: Path) -> list[dict]:
     for cfg_path in sorted([*parent.glob("*/config.json"), *parent.glob("*/cv.json")]):
         try:
             row = describe(cfg_path.parent) if cfg_path.name == "config.json" else describe_cv(cfg_path.parent)
+        except Unreadable as e:
+            print(f"warning: skipping {e}", file=sys.stderr)
+            continue
         except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign file: that run is left out
-            print(f"warning: skipping {cfg_path} ({e.__class__.__name__}: cannot be read)", file=sys.stderr)
+            print(f"warning: skipping {cfg_path.parent} ({e.__class__.__name__}: cannot be read)", file=sys.stderr)
             continue
         if row is not None:
             rows.append(row)
     return sorted(rows, key=lambda r: -r["best val acc"] if r["best val acc"] == r["best val acc"] else 1e9)
 
 
+class Unreadable(ValueError):
+    """A run's JSON file that is damaged or not what we wrote: named, and the run left out."""
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"{path} ({e.__class__.__name__}: cannot be read)") from None
+    if not isinstance(value, dict):
+        raise Unreadable(f"{path} (not a JSON object)")
+    return value
+
+
 def describe(run: Path) -> dict | None:
     """A run's line: from summary.json when it finished, else from metrics.csv; None before its first epoch."""
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = read_json(run / "config.json")
     if (run / "summary.json").exists():
-        s = json.loads((run / "summary.json").read_text())
+        s = read_json(run / "summary.json")
         acc, epochs, minutes = s.get("best_val_acc", s.get("best_val_map")), f"{s['epochs']}", \
             s.get("train_time_s", 0) / 60
         multi = "best_val_map" in s
@@ -68,11 +85,11 @@ def settings(cfg: dict) -> dict:
 def describe_cv(job: Path) -> dict | None:
     """A cross-validation job's line: the mean best val accuracy of its folds (and their spread), from
     cv_summary.json; before that, how many folds have finished."""
-    folds = json.loads((job / "cv.json").read_text())["folds"]
+    folds = read_json(job / "cv.json")["folds"]
     summaries = [job / f"fold-{k}" / "summary.json" for k in range(1, folds + 1)]
-    done = [json.loads(s.read_text()) for s in summaries if s.exists()]
+    done = [read_json(s) for s in summaries if s.exists()]
     if (job / "cv_summary.json").exists():
-        cv = json.loads((job / "cv_summary.json").read_text())
+        cv = read_json(job / "cv_summary.json")
         acc, multi = cv.get("best_val_acc", cv.get("best_val_map")), "best_val_map" in cv
         epochs, best = f"{folds} folds (+-{acc['std'] or 0:.2f})", acc["mean"]
     elif done:
@@ -81,7 +98,7 @@ def describe_cv(job: Path) -> dict | None:
     else:
         return None
     # the folds' settings: the first fold's config.json, written once its run has started, holds them all
-    return {"run": job.name, **settings(json.loads((job / "fold-1" / "config.json").read_text())), "epochs": epochs,
+    return {"run": job.name, **settings(read_json(job / "fold-1" / "config.json")), "epochs": epochs,
             "best val acc": best, "time (min)": sum(d.get("train_time_s", 0) for d in done) / 60, "mAP": multi}
 
 

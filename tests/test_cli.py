@@ -5,6 +5,7 @@ imports another, no import cycle, no function too long to read."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -263,6 +264,21 @@ def test_runs_table_skips_a_run_whose_settings_cannot_be_read(tmp_path, capsys):
     with pytest.raises(UsageError, match="no runs"):
         runs.main([str(tmp_path)])
     assert "broken/config.json" in capsys.readouterr().err
+
+
+def test_runs_table_skips_a_run_whose_files_hold_other_json_and_names_that_file(trained_run, tmp_path, capsys):
+    import runs
+
+    shutil.copytree(trained_run, tmp_path / "good")
+    for name, config, summary in (("listed", "[1]", None), ("summed", '{"model": "x"}', "[1, 2]")):
+        shutil.copytree(trained_run, tmp_path / name)
+        (tmp_path / name / "config.json").write_text(config)
+        if summary:
+            (tmp_path / name / "summary.json").write_text(summary)
+    assert runs.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].startswith("good") and len(out.splitlines()) == 2
+    assert "listed/config.json" in err and "summed/summary.json" in err and "summed/config.json" not in err
 
 
 def test_the_check_command_answers_help_before_torch_is_imported():
