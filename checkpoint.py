@@ -131,6 +131,18 @@ def temperature(ckpt: dict[str, Any], source: str | Path = "the checkpoint") -> 
     return checked_temperature(ckpt["calibration"].get("temperature"), source)
 
 
+def fitted_elsewhere(ckpt: dict[str, Any], source: str | Path) -> str | None:
+    """A note when the temperature (a multi-label model's thresholds) a checkpoint carries was fitted for
+    another epoch's weights: last.pt keeps the best epoch's, which its resume goes on with."""
+    epoch, best = ckpt.get("epoch"), ckpt.get("best_epoch")
+    what = ("thresholds were", "they fit") if ckpt.get("multilabel") else \
+        ("temperature was", "it fits") if ckpt.get("calibration") else None
+    if what is None or epoch is None or best is None or epoch == best:
+        return None
+    return (f"note: {Path(source).name} holds epoch {epoch}; its {what[0]} fitted for the best epoch ({best}), "
+            f"for other weights (best.pt holds the model {what[1]})")
+
+
 def checked_temperature(value: Any, source: str | Path) -> float:
     """A temperature read from a file: a finite number above 0, or the file is refused in one line."""
     try:

@@ -69,6 +69,8 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
                       path, torch.device("cpu"), onnx.arch, onnx.temperature, onnx.flips, onnx.thresholds,
                       onnx.label_sep)
     ckpt = checkpoint.load(path)
+    if note := checkpoint.fitted_elsewhere(ckpt, path):
+        print(note)
     model = models.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp)
     pre = Preprocess.from_dict(ckpt["preprocess"])

@@ -234,6 +234,20 @@ def test_a_phone_export_given_to_eval_or_test_is_refused_by_name(colours_eval, t
         assert "executorch export for phones" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_another_epoch_than_the_best_says_its_temperature_was_fitted_for_the_best(
+        trained_run, colours_eval, tmp_path, capsys):
+    """last.pt carries the best epoch's temperature (a resume needs it), fitted for other weights."""
+    later = checkpoint.load(trained_run / "last.pt")
+    later["epoch"], later["best_epoch"] = 3, 2
+    checkpoint.save(later, tmp_path / "last.pt")
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(tmp_path / "last.pt"), "--out",
+                                str(tmp_path / "e")]) == 0
+    assert "fitted for the best epoch (2)" in capsys.readouterr().out
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run / "best.pt"), "--out",
+                                str(tmp_path / "e2")]) == 0  # the best epoch's own model: nothing to say
+    assert "fitted for the best epoch" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), "warm"])
 def test_an_invalid_temperature_in_a_checkpoint_is_refused_in_one_line(value, trained_run, colours_eval, tmp_path,
                                                                        capsys):
