@@ -240,8 +240,11 @@ def read(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UsageError(f"{path} needs pickled code to load and was refused (weights_only=True); "
-                         f"only tensors and plain data are accepted ({str(e).splitlines()[0][:120]})") from None
+        code = re.search(r"(?i)unsupported GLOBAL:? (?:GLOBAL )?(\S+)", str(e))  # (torch's wordings vary)
+        if code is None:  # bytes the unpickler has no operand for: not a PyTorch file at all
+            raise UsageError(f"{path} is not a PyTorch file (.pt): give a checkpoint saved by train.py") from None
+        raise UsageError(f"{path} needs pickled code to load ({code[1]}) and was refused (weights_only=True): only "
+                         "tensors and plain data are accepted") from None
     except Exception as e:  # the weights-only unpickler fails in many ways on files that are not ours
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise UsageError(f"{path} is not a readable PyTorch file ({reason})") from None

@@ -191,6 +191,16 @@ def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(content, tmp_path):
         checkpoint.load(path)
 
 
+@pytest.mark.parametrize("content", [b'{"epoch": 3}', bytes(range(256)) * 8, b"\x89PNG\r\n\x1a\n" + b"\0" * 64])
+def test_a_file_that_is_no_pytorch_file_is_not_said_to_need_code(content, tmp_path):
+    """JSON, noise or a picture given as a checkpoint: named for what it is, not as a security refusal."""
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="is not a PyTorch file") as e:
+        checkpoint.load(path)
+    assert "pickled code" not in str(e.value)
+
+
 def test_a_folder_that_is_no_run_is_named_as_such(tmp_path):
     with pytest.raises(UsageError, match="is not a run folder"):
         checkpoint.find(str(tmp_path))
