@@ -330,6 +330,10 @@ def newest_in_runs(name: str) -> Path | None:
     return found[-1] if found else None
 
 
+CHECKPOINTED = ".checkpointed"  # a run folder's marker once last.pt was written: a folder without last.pt
+# is then not a run stopped before its first checkpoint (which --resume starts again), but one that lost it
+
+
 def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
     """(run folder, its last.pt) for --resume PATH (a run folder or a checkpoint in it) or 'auto'
     (--out's, else the newest run's). A folder with neither last.pt nor config.json is refused."""
@@ -341,6 +345,11 @@ def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
         last = Path(out if resume == "auto" else resume) / "last.pt"
     else:
         last = Path(resume)
-    if not last.is_file() and not (last.parent / "config.json").is_file():
+    folder = last.parent
+    if not last.is_file() and (last.name != "last.pt" or not (folder / "config.json").is_file()):
         raise UsageError(f"nothing to resume: {last} does not exist")
-    return last.parent, last
+    if not last.is_file() and (folder / CHECKPOINTED).exists():  # not a run stopped before its first checkpoint
+        raise UsageError(f"{last}, the run's training state, is gone, so it cannot be resumed: start a new run "
+                         f"(--weights {folder / 'best.pt'} starts from its best model), or train it again from the "
+                         f"start with its options and --out {folder} --overwrite")
+    return folder, last

@@ -89,7 +89,8 @@ from engine import (
 )
 
 RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
-             "curves.png", "lr_find.png", "lr_find.json", "resumes.jsonl", "model_summary.txt", "events.out.tfevents.*")
+             "curves.png", "lr_find.png", "lr_find.json", "resumes.jsonl", "model_summary.txt", "events.out.tfevents.*",
+             checkpoint.CHECKPOINTED)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -584,6 +585,8 @@ def train(given: dict[str, Any]) -> int:
     lead = rank == 0
     cfg, start = resolve_config(given, world)
     check_start(cfg, start, world)
+    if lead and start.ckpt is None and start.in_place:
+        print(f"{start.run_dir} was stopped before its first checkpoint: starting it again there")
     if lead and start.ckpt is None and not cfg.lr_find:
         print(describe_recipe(cfg, given))
     if finished(start, cfg):
@@ -948,6 +951,8 @@ class Loop:
             checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
             self.best_ckpt = None
         checkpoint.save(state, self.run_dir / "last.pt")
+        if not (self.run_dir / checkpoint.CHECKPOINTED).exists():
+            files.atomic_write_text(self.run_dir / checkpoint.CHECKPOINTED, "")
         self.last_saved = time.perf_counter()
 
     def run(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,

@@ -358,6 +358,21 @@ def test_a_resume_with_a_missing_split_is_one_line_and_exit_2(data, tmp_path, ca
     assert "split.json" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("given", ["last.pt.bak", "best.pt.old", "deleted last.pt"])
+def test_a_resume_without_the_runs_training_state_is_refused_and_the_run_kept(given, data, tmp_path, capsys):
+    """A mistyped checkpoint name, or a last.pt deleted to save space, is not a run stopped before its
+    first checkpoint: starting it again there would delete its model and history."""
+    run = tmp_path / "run"
+    assert train.main(train_args(data, run, "--mode", "scratch", "--save-interval", "0")) == 0
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"}
+    if given == "deleted last.pt":
+        (run / "last.pt").unlink()
+    assert run_cli(["--resume", str(run if given == "deleted last.pt" else run / given), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert ("is gone" if given == "deleted last.pt" else "does not exist") in err, err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"} == kept
+
+
 def test_another_out_on_resume_is_refused(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert train.main(train_args(data, run, "--mode", "scratch")) == 0
