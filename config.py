@@ -197,6 +197,7 @@ def add_shared(parser: argparse.ArgumentParser, *names: str, batch_size: int = 2
         parser.add_argument("--" + name.replace("_", "-"), help=HELP[name], **kinds[name])
 
 
+MAX_IMG_SIZE = 4096  # beyond it one decoded image, its cache row and a batch outgrow a machine's memory
 MAX_FILE_MB_RULE = "--max-file-mb must be a positive number (MB), not inf or nan"
 
 
@@ -435,8 +436,9 @@ def validate(cfg: TrainConfig) -> None:
         (abs(cfg.seed) < SEED_LIMIT, SEED_RULE),
         (cfg.epochs >= 1, "--epochs must be at least 1"),
         (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-        (cfg.lr > 0, "--lr must be positive"),
-        (cfg.img_size is None or cfg.img_size >= 16, "--img-size must be at least 16"),
+        (0 < cfg.lr < math.inf, "--lr must be a positive number (not inf or nan)"),
+        (cfg.img_size is None or 16 <= cfg.img_size <= MAX_IMG_SIZE,
+         f"--img-size must be between 16 and {MAX_IMG_SIZE} (one {MAX_IMG_SIZE} px image is 50 MB decoded)"),
         (0 < cfg.min_scale <= 1, "--min-scale must be in (0, 1]"),
         (0 <= cfg.hflip <= 1, "--hflip must be a probability"),
         (0 <= cfg.max_bad_fraction <= 1, "--max-bad-fraction must be between 0 and 1"),

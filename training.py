@@ -1009,6 +1009,10 @@ class Loop:
                                 cfg.max_bad_fraction, f"epoch {epoch + 1}/{cfg.epochs}", self.lead, self.rank)
         models.set_train_mode(self.model, False, cfg.mode)
         val, ema_val = self.validate(val_loader)
+        if not math.isfinite(val["loss"]):  # the last steps diverged: the model's outputs are NaN, never "best"
+            raise TrainingError(f"validation loss became {val['loss']} after epoch {epoch + 1} (lr "
+                                f"{self.learner.optimizer.param_groups[0]['lr']:.3g}): the model diverged; try a lower "
+                                "--lr; the checkpoints written so far are kept")
         self.schedule.end_epoch(val["score"])
         progress.next_epoch()
         row = self.history_row(epoch + 1, stats, val, ema_val)

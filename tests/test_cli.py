@@ -164,7 +164,9 @@ def test_no_function_is_longer_than_80_lines():
 
 
 @pytest.mark.parametrize("script, args, hint", [
-    ("train.py", ["--resume", "/tmp", "--lr", "-1"], "--lr must be positive"),
+    ("train.py", ["--resume", "/tmp", "--lr", "-1"], "--lr must be a positive number"),
+    ("train.py", ["--lr", "inf"], "--lr must be a positive number"),
+    ("train.py", ["--img-size", "100000"], "--img-size must be between 16 and 4096"),
     ("train.py", ["--weights", "/no/such.pt", "--mode", "scratch"], "/no/such.pt does not exist"),
     ("train.py", ["--device", "bogus"], "--device bogus"),
     ("train.py", ["--data", "README.md"], "is not a folder"),

@@ -251,6 +251,18 @@ def test_a_malicious_checkpoint_is_refused_and_its_code_never_runs(colours_eval,
     assert not marker.exists()
 
 
+def test_a_model_that_diverged_in_its_last_step_is_stopped_by_validation_not_kept_as_best(colours, tmp_path,
+                                                                                          capsys):
+    """One step an epoch at a huge lr: the training loss of that step is finite, the weights after it
+    are not; validation sees NaN outputs, whose accuracy (argmax of NaN) must not make a best model."""
+    with pytest.raises(SystemExit) as e:
+        train.run(train_args(colours, tmp_path / "r", "--mode", "scratch", "--recipe", "seed", "--lr", "1e4",
+                             "--batch-size", "64", "--epochs", "2", "--no-amp"))
+    assert e.value.code == 1
+    assert "validation loss became nan after epoch 1" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "best.pt").exists() and not (tmp_path / "r" / "summary.json").exists()
+
+
 def test_a_diverging_loss_stops_naming_the_batch_and_learning_rate(colours, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.run(train_args(colours, tmp_path / "r", "--mode", "scratch", "--recipe", "seed", "--lr", "1e30",
