@@ -471,9 +471,7 @@ def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, pe
     # BatchNorm cannot train on a batch of one (a last partial batch, or one left by unreadable files):
     # that image waits for the next epoch's shuffle. Every rank has the same batch sizes, so all skip.
     needs_two = trains_batchnorm(learner.net)
-    if needs_two and loader.batch_size == 1:
-        raise UsageError("--batch-size 1 cannot train a network with BatchNorm layers (each needs two images or "
-                         "more): use --batch-size 2 or more")
+    check_batch_size(learner.net, loader.batch_size or 1)
     bar = tqdm(loader, desc=desc, disable=not show or None, leave=False, dynamic_ncols=True)
     for x, y, _, n_bad in bar:
         n = len(y) + n_bad
@@ -501,6 +499,13 @@ def train_one_epoch(learner: Learner, loader: DataLoader, progress: Progress, pe
                         img_s=f"{stats['img_per_s']:.0f}")
         check_stop()  # a consistent point: this step is complete and counted
     return progress.stats()
+
+
+def check_batch_size(net: nn.Module, batch_size: int) -> None:
+    """A network in training mode that trains BatchNorm cannot learn from batches of one."""
+    if batch_size == 1 and trains_batchnorm(net):
+        raise UsageError("--batch-size 1 cannot train a network with BatchNorm layers (each needs two images or "
+                         "more): use --batch-size 2 or more")
 
 
 def trains_batchnorm(net: nn.Module) -> bool:

@@ -68,6 +68,7 @@ from engine import (
     autocast_dtype,
     barrier,
     broadcast,
+    check_batch_size,
     deferred_interrupts,
     evaluate,
     from_lead,
@@ -612,6 +613,8 @@ def train(given: dict[str, Any]) -> int:
                 else models.preprocessing(cfg.model, cfg.img_size)
             split = load_split(cfg, start, preprocess, lead)
             model, weights_id = build(cfg, start, len(split.classes), preprocess.img_size)
+            models.set_train_mode(model, True, cfg.mode)  # as it trains: is BatchNorm trained (batches of one)?
+            check_batch_size(model, cfg.batch_size)
             if lead:
                 write_run_files(run_dir, cfg, start, split)
                 report_split(split, run_dir)

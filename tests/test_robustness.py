@@ -263,6 +263,15 @@ def test_a_model_that_diverged_in_its_last_step_is_stopped_by_validation_not_kep
     assert not (tmp_path / "r" / "best.pt").exists() and not (tmp_path / "r" / "summary.json").exists()
 
 
+def test_a_batch_size_of_one_for_batchnorm_is_refused_and_leaves_no_folder(colours, tmp_path, capsys):
+    """Bad input: so the same command with the batch size fixed can simply be run again."""
+    args = train_args(colours, tmp_path / "r", "--mode", "scratch")
+    with pytest.raises(SystemExit) as e:
+        train.run([*args, "--batch-size", "1"])
+    assert e.value.code == 2 and "--batch-size 1 cannot train" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_diverging_loss_stops_naming_the_batch_and_learning_rate(colours, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.run(train_args(colours, tmp_path / "r", "--mode", "scratch", "--recipe", "seed", "--lr", "1e30",
