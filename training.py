@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -456,10 +457,13 @@ def load_split(cfg: TrainConfig, start: Start, pre: Preprocess, lead: bool) -> d
     The check fills the decoded-image cache at the resize size as it goes."""
     if start.ckpt is not None:
         try:
-            return dataset.DataSplit.load(start.run_dir / "split.json")
+            split = dataset.DataSplit.load(start.run_dir / "split.json")
         except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
             raise UsageError(f"{start.run_dir / 'split.json'} cannot be read ({e.__class__.__name__}): a resume "
                              "needs the run's split; restore the file, or start a new run") from None
+        check_still_there(split, lead)
+        return split
+
     def check() -> dict[str, Any]:
         return dataclasses.asdict(dataset.prepare_data(
             cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
@@ -469,6 +473,21 @@ def load_split(cfg: TrainConfig, start: Start, pre: Preprocess, lead: bool) -> d
             share=share_check if dist.is_initialized() else None))
 
     return dataset.DataSplit(**from_lead(check, lead, mine={"cache_dir": cfg.cache_dir}))  # (each its own folder)
+
+
+def check_still_there(split: dataset.DataSplit, lead: bool) -> None:
+    """A resume's images gone since the run started: all of them (the data moved) is one line before anything
+    is written; some (validation on fewer images, whose accuracy is not comparable) is said."""
+    gone = {name: sum(not os.path.lexists(p) for p, _ in items) for name, items in (("train", split.train),
+                                                                                   ("val", split.val))}
+    if gone["train"] + gone["val"] == len(split.train) + len(split.val):
+        raise UsageError(f"none of the run's images are where it found them ({dataset.shown(split.root)}): put the "
+                         "data back there, or a link to it, to resume (a run keeps its --data)")
+    if lead and (gone["train"] or gone["val"]):
+        dataset.warn(f"{gone['val']} of its {len(split.val)} validation images and {gone['train']} of its "
+                     f"{len(split.train)} training images are gone since the run started: they are skipped"
+                     + (", so validation from here on is on fewer images than before (its accuracy is not comparable "
+                        "with the earlier epochs')" if gone["val"] else ""))
 
 
 def report_split(split: dataset.DataSplit, run_dir: Path) -> None:

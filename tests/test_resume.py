@@ -373,6 +373,26 @@ def test_a_resume_without_the_runs_training_state_is_refused_and_the_run_kept(gi
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"} == kept
 
 
+def test_a_resume_says_how_many_of_its_images_are_gone_and_refuses_when_all_are(data, tmp_path, capsys):
+    """Validation on fewer images is said (its accuracy is not comparable); data moved away is one line, and
+    the finished run's files stay as they were."""
+    photos = tmp_path / "photos"
+    shutil.copytree(data, photos)
+    run = tmp_path / "run"
+    assert train.main(train_args(photos, run, "--mode", "scratch")) == 0
+    val = [p for p, _ in json.loads((run / "split.json").read_text())["val"]]
+    for path in val[:2]:
+        os.remove(path)
+    capsys.readouterr()
+    assert train.main(["--resume", str(run), "--epochs", "2"]) == 0
+    assert f"2 of its {len(val)} validation images" in capsys.readouterr().err
+    photos.rename(tmp_path / "moved")
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert run_cli(["--resume", str(run), "--epochs", "3"]) == 2
+    assert "none of the run's images" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+
+
 def test_another_out_on_resume_is_refused(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert train.main(train_args(data, run, "--mode", "scratch")) == 0
