@@ -25,6 +25,7 @@ import checkpoint
 import dataset
 import train
 import training
+from config import UsageError
 
 RANDOM = random.Random(int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000)))
 
@@ -391,6 +392,18 @@ def test_a_resume_says_how_many_of_its_images_are_gone_and_refuses_when_all_are(
     assert run_cli(["--resume", str(run), "--epochs", "3"]) == 2
     assert "none of the run's images" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+
+
+def test_the_size_a_run_was_trained_at_given_again_on_resume_is_no_change(data, tmp_path):
+    """A run at the weights' own size (224 for resnet18, saved as no --img-size) resumed by a script that
+    always passes its settings."""
+    run = tmp_path / "run"
+    run.mkdir()
+    training.write_config(run, training.TrainConfig(data=str(data), model="resnet18", mode="scratch"))
+    cfg, _ = training.resolve_config({"resume": str(run), "img_size": 224})  # (stopped before its first checkpoint)
+    assert cfg.img_size is None
+    with pytest.raises(UsageError, match="cannot change --img-size"):
+        training.resolve_config({"resume": str(run), "img_size": 160})
 
 
 def test_another_out_on_resume_is_refused(data, tmp_path, capsys):
