@@ -1002,7 +1002,8 @@ def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
     for name, nt, nv, ne in zip(names, train_counts, val_counts, test_counts):
         out(f"  {name:>{width}}  train {nt:6d}  val {nv:6d}" + (f"  test {ne:6d}" if split.test else ""))
     report_findings(split, [a + b + c for a, b, c in zip(train_counts, val_counts, test_counts)], split.leaks,
-                    "in val/test look like train images", split.repeats, out)
+                    f"{len({b for _, b, _ in split.leaks})} image(s) in val/test look like train images", split.repeats,
+                    out)
 
 
 def report_folds(splits: list[DataSplit], out: Callable[[str], None] = print) -> None:
@@ -1028,7 +1029,8 @@ def report_folds(splits: list[DataSplit], out: Callable[[str], None] = print) ->
             leaks.setdefault(frozenset(leak[:2]), leak)
     repeats = [pair for pair in first.repeats if frozenset(pair[:2]) not in leaks]  # within a fold
     report_findings(first, [sum(col) + t for col, t in zip(zip(*per_fold), test_counts)], list(leaks.values()),
-                    "look like an image of another fold or of the test set", repeats, out)
+                    f"{len({p for pair in leaks for p in pair})} image(s) look like an image of another fold or of the "
+                    "test set", repeats, out)
 
 
 def report_findings(split: DataSplit, totals: list[int], leaks: list[tuple[str, str, int]], leaked: str,
@@ -1043,7 +1045,7 @@ def report_findings(split: DataSplit, totals: list[int], leaks: list[tuple[str, 
         for path, reason in split.not_used():
             out(f"  {folders.listed(path)}: {reason}")
     if leaks:
-        out(f"warning: {len(leaks)} image(s) {leaked} (leakage; perceptual hash distance in bits of 256, 0 = the "
+        out(f"warning: {leaked} (leakage; {len(leaks)} pair(s), perceptual hash distance in bits of 256, 0 = the "
             "same picture):")
         for a, b, d in leaks[:20]:
             out(f"  {shown(b)} ~ {shown(a)} ({d})")

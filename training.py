@@ -511,7 +511,8 @@ def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
                      "best.pt leaves them out")
     if split.leaks:
         b, a, d = split.leaks[0][1], split.leaks[0][0], split.leaks[0][2]
-        dataset.warn(f"{len(split.leaks)} val/test image(s) look like train images (leakage), e.g. "
+        dataset.warn(f"{len({held for _, held, _ in split.leaks})} val/test image(s) look like train images "
+                     f"(leakage), e.g. "
                      f"{dataset.shown(b)} ~ {dataset.shown(a)} ({d} bits apart); see `python dataset.py check`")
 
 

@@ -145,7 +145,27 @@ def test_check_command_shows_what_each_fold_validates_on_and_the_look_alikes_acr
         row = [split.counts(split.val)[c] for split in folds] + [folds[0].counts(folds[0].test)[c]]
         assert re.search(rf"{name} +" + " +".join(map(str, row)) + r"\n", result.stdout), (name, row)
     leaks = {frozenset(leak[:2]) for split in folds for leak in split.leaks}
-    assert leaks and f"warning: {len(leaks)} image(s) look like an image of another fold" in result.stdout
+    images = {p for pair in leaks for p in pair}
+    assert leaks and f"warning: {len(images)} image(s) look like an image of another fold" in result.stdout
+
+
+def test_the_leakage_warning_counts_images_not_pairs(colours, tmp_path, capsys):
+    """Copies of one picture: each validation copy looks like three training copies, and is one image."""
+    data = tmp_path / "photos"
+    shutil.copytree(colours, data / "train")
+    make_folder(data / "val", per_class=2, offset=500)
+    first = sorted((data / "train" / "red").iterdir())[0]
+    for i in range(2):
+        shutil.copy(first, data / "train" / "red" / f"copy-{i}.png")
+        shutil.copy(first, data / "val" / "red" / f"copy-{i}.png")
+    split = dataset.prepare_data(str(data), progress=False)
+    held = {b for _, b, _ in split.leaks}
+    assert len(split.leaks) > len(held)  # pairs
+    lines: list[str] = []
+    dataset.report(split, lines.append)
+    assert f"warning: {len(held)} image(s) in val/test look like train images" in "\n".join(lines)
+    assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch")) == 0
+    assert f"{len(held)} val/test image(s) look like train images" in capsys.readouterr().err
 
 
 def test_a_second_check_reads_the_cache_instead_of_the_files(hostile, monkeypatch):
