@@ -49,7 +49,10 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     if given.get("resume") and checkpoint.is_cv_folder(given["resume"]):
         return given  # a cross-validation job: its folds are resumed one by one
     if given.get("resume"):
-        checkpoint.resume_target(given["resume"], given.get("out"))
+        run_dir, _ = checkpoint.resume_target(given["resume"], given.get("out"))
+        if checkpoint.is_cv_folder(run_dir.parent) and run_dir.name.startswith("fold-"):
+            raise UsageError(f"{run_dir} is a fold of a k-fold job, whose summary covers all its folds: resume the "
+                             f"job: python train.py --resume {run_dir.parent} (it resumes each fold)")
         return given
     data = given.get("data", TrainConfig.data)
     labels.check_sep_applies(data, given.get("label_sep"))

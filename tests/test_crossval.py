@@ -89,6 +89,13 @@ def test_a_killed_job_resumes_its_unfinished_fold_and_keeps_the_finished_ones(fl
     assert json.loads((job / "cv_summary.json").read_text())["folds"] == 3
 
 
+def test_one_fold_resumed_on_its_own_is_refused_so_the_jobs_summary_stays_true(cv_job, capsys):
+    summary = (cv_job / "cv_summary.json").read_text()
+    assert run(["--resume", str(cv_job / "fold-2"), "--epochs", "3"]) == 2
+    assert f"resume the job: python train.py --resume {cv_job}" in capsys.readouterr().err
+    assert (cv_job / "cv_summary.json").read_text() == summary
+
+
 def test_folds_of_one_are_refused(flat, tmp_path, capsys):
     assert run(train_args(flat, tmp_path / "job", "--folds", "1")) == 2
     assert "--folds must be 2 or more" in capsys.readouterr().err
