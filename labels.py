@@ -134,8 +134,8 @@ def check_row(source: Path, number: int, fields: list[str], header: dict[str, in
     path = fields[header["path"]].strip()
     column = "labels" if "labels" in header else "label"
     if "\n" in path or "\n" in fields[header[column]].strip():  # the rest of the file, swallowed
-        raise UsageError(f"{where} holds a value over several lines: a quote (\") opened there and not closed takes "
-                         "in the lines after it; close it, or remove it")
+        raise UsageError(f"{where} holds a path or label over several lines (a line break inside quotes, or a quote "
+                         "(\") opened there and not closed, which takes in the lines after it): put each on one line")
     if "labels" in header:  # several per image, or none
         cell = fields[header["labels"]]
         names = tuple(dict.fromkeys(n.strip() for n in (cell.split() if sep == " " else cell.split(sep))

@@ -164,6 +164,12 @@ def test_an_unclosed_quote_is_named_as_such(images, tmp_path, capsys):
     assert "line 2 opens a quote" in capsys.readouterr().err
 
 
+def test_a_quoted_label_with_a_line_break_inside_is_not_called_an_unclosed_quote(images, tmp_path, capsys):
+    (images / "broken.csv").write_text('path,label\nblue/blue_000.png,"bl\nue"\nblue/blue_001.png,blue\n')
+    assert call(train.main, train_args(images / "broken.csv", tmp_path / "run")) == 2
+    assert "line 2 holds a path or label over several lines (a line break inside quotes" in capsys.readouterr().err
+
+
 def test_labels_that_differ_only_by_case_are_warned_about(images, tmp_path, capsys):
     rows = rows_of(images)
     rows[0][1] = "Blue"
