@@ -665,6 +665,8 @@ def scan_folder(folder: Path, cache_dir: str | None = None, progress: bool = Tru
     classes = [d.name for d in walk.subfolders(folder)]
     claim_structure(walk, root, [(folder, classes)])
     items = labelled(walk, folder, classes)
+    if walk.ignored:
+        print(folders.ignored_line(walk.ignored))
     good, skipped, cache = check_items(items, f"{shown(folder)}/<class>/", cache_dir, progress, cache_size, max_bytes,
                                        interpolation, image_cache)
     return classes, good, walk.skipped + skipped, cache, f"the images in {shown(folder)}"

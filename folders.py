@@ -222,6 +222,12 @@ def listed(path: str | os.PathLike) -> str:
     return shown(path).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
+def ignored_line(ignored: list[str]) -> str:
+    """The folders left out by name, said by whatever reads a folder (training, evaluation)."""
+    return f"ignored folder(s) by name: {', '.join(shown(p) for p in ignored[:5])}" + (" ..." if len(ignored) > 5
+                                                                                        else "")
+
+
 def check_outside(data: str | os.PathLike | None, path: str | os.PathLike, what: str) -> None:
     """A folder we write (a run, a report, the caches) inside a data folder would be read from then on as
     part of the data: its files as images, its folders as classes. Refused, before anything is written."""

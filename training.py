@@ -502,8 +502,7 @@ def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
           f"{dataset.shown(split.root)}" + (f"; skipped {len(split.skipped)} unreadable file(s){left}, see "
                                             f"{run_dir / 'skipped.txt'}" if split.not_used() else ""))
     if split.ignored:
-        print(f"ignored folder(s) by name: {', '.join(dataset.shown(p) for p in split.ignored[:5])}"
-              + (" ..." if len(split.ignored) > 5 else ""))
+        print(folders.ignored_line(split.ignored))
     unseen = [c for c, n in zip(split.classes, split.counts(split.val)) if not n] if split.multilabel else []
     if unseen:
         dataset.warn(f"label(s) with no validation image: {', '.join(map(dataset.shown, unseen[:10]))}"

@@ -111,6 +111,15 @@ def test_test_py_expands_glob_patterns(trained_run, colours_eval, tmp_path):
     assert len(list(csv.DictReader(open(tmp_path / "t" / "predictions.csv")))) == 6
 
 
+def test_eval_names_the_folders_it_ignores_by_name(trained_run, colours_eval, tmp_path, capsys):
+    data = tmp_path / "photos"
+    shutil.copytree(colours_eval, data)
+    (data / "__MACOSX").mkdir()
+    shutil.copy(sorted((data / "red").iterdir())[0], data / "__MACOSX" / "x.png")
+    run_eval(trained_run, data, tmp_path / "e")
+    assert f"ignored folder(s) by name: {data / '__MACOSX'}" in capsys.readouterr().out
+
+
 def test_a_file_whose_name_looks_like_a_pattern_is_that_file(tmp_path):
     """Browsers and file managers name copies `photo [1].jpg`: the file named, not what a pattern matches."""
     for name in ("img[1].png", "img1.png", "photo [1].png"):
