@@ -429,7 +429,7 @@ SEED_RULE = "--seed must be a whole number between -2^62 and 2^62 (e.g. 42)"
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that cannot work before anything is loaded or written."""
     checks = [
-        (0 < cfg.val_split < 1, "--val-split must be between 0 and 1"),
+        (0 < cfg.val_split < 1, "--val-split must be between 0 and 1, both excluded (a run needs validation images)"),
         (0 <= cfg.test_split < 1 and cfg.val_split + cfg.test_split < 1,
          "--test-split must be 0 or more, and --val-split plus --test-split less than 1"),
         (cfg.folds == 0 or cfg.folds >= 2, "--folds must be 2 or more (or 0: no cross-validation)"),

@@ -259,11 +259,12 @@ def print_confidence(m: dict[str, Any]) -> None:
     if "tta" in ece:  # the temperature was fitted on single views: an average of views is less sure
         print(f"  with test-time augmentation (averaged calibrated probabilities): {100 * ece['tta']:.2f}%")
     tta = " --tta" if "tta_accuracy" in m else ""
-    print(f"Keeping only predictions with probability >= P (test.py{tta} --reject-below P):")
-    for r in m["risk_coverage"]:
-        if r["threshold"] in (0.5, 0.8, 0.9, 0.95) and r["accuracy"] is not None:
-            print(f"  P={r['threshold']:.2f}: keeps {100 * r['coverage']:.1f}% of the images, "
-                  f"accuracy on them {r['accuracy']:.2f}%")
+    kept = [r for r in m["risk_coverage"] if r["threshold"] in (0.5, 0.8, 0.9, 0.95) and r["accuracy"] is not None]
+    print(f"Keeping only predictions with probability >= P (test.py{tta} --reject-below P):" +
+          ("" if kept else " no P of 0.5 or more keeps any image"))
+    for r in kept:
+        print(f"  P={r['threshold']:.2f}: keeps {100 * r['coverage']:.1f}% of the images, "
+              f"accuracy on them {r['accuracy']:.2f}%")
 
 
 def write_eval(out: Path, m: dict[str, Any], results: list[Result], skipped: list[tuple[str, str]],

@@ -248,6 +248,15 @@ def test_a_checkpoint_of_another_epoch_than_the_best_says_its_temperature_was_fi
     assert "fitted for the best epoch" not in capsys.readouterr().out
 
 
+def test_the_risk_coverage_lines_say_when_no_threshold_keeps_an_image(capsys):
+    import report
+
+    rows = [{"threshold": t, "coverage": 0.0, "accuracy": None} for t in (0.5, 0.8, 0.9, 0.95)]
+    report.print_confidence({"ece": {"raw": 0.1, "calibrated": 0.1}, "calibrated": True, "temperature": 1.0,
+                             "risk_coverage": rows})
+    assert capsys.readouterr().out.splitlines()[-1].endswith("no P of 0.5 or more keeps any image")
+
+
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), "warm"])
 def test_an_invalid_temperature_in_a_checkpoint_is_refused_in_one_line(value, trained_run, colours_eval, tmp_path,
                                                                        capsys):
