@@ -488,7 +488,7 @@ def check_still_there(split: dataset.DataSplit, lead: bool) -> None:
         raise UsageError(f"none of the run's images are where it found them ({dataset.shown(split.root)}): put the "
                          "data back there, or a link to it, to resume (a run keeps its --data)")
     if lead and (gone["train"] or gone["val"]):
-        dataset.warn(f"{gone['val']} of its {len(split.val)} validation images and {gone['train']} of its "
+        dataset.warn(f"{gone['val']} of the run's {len(split.val)} validation images and {gone['train']} of its "
                      f"{len(split.train)} training images are gone since the run started: they are skipped"
                      + (", so validation from here on is on fewer images than before (its accuracy is not comparable "
                         "with the earlier epochs')" if gone["val"] else ""))
