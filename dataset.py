@@ -499,11 +499,12 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     decoded-image cache of DataSplit.files() at that size (resized with `interpolation`). With `share`
     (under torchrun), the machines check a share of the files each (check_files)."""
     walk = folders.Walk(max_bytes=int(max_file_mb * 2**20))
+    train_dir = None  # a folder's training folder: another path to a training image in it is no leak
     if labels.is_label_file(data):
         root, classes, sets, own_split = label_file_sets(data, label_sep)
     else:
         root = resolve_data_dir(data)
-        classes, sets, own_split = folder_sets(root, walk)
+        classes, sets, own_split, train_dir = folder_sets(root, walk)
     if test_split and own_split:
         raise UsageError(f"--test-split sets aside part of a flat folder or of a label file without a split column; "
                          f"{shown(root)} has its own split ({own_split}): drop --test-split")
@@ -541,7 +542,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
     held = val + test + outside
     leaks = (lookalikes([p for p, _ in train], [p for p, _ in held], looks) +
              lookalikes([p for p, _ in val], [p for p, _ in test + outside], looks) +
-             linked_across(walk.aliases, [p for p, _ in train], [p for p, _ in held]))
+             linked_across(walk.aliases, [p for p, _ in train], [p for p, _ in held], train_dir))
     many = splits.is_multilabel(sets["train"])
     within = [[p for p, _ in items] for items in (train, val)] if many else \
         [[p for p, y in items if y == c] for items in (train, val) for c in range(len(classes))]
@@ -550,8 +551,9 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
                      many)
 
 
-def folder_sets(root: Path, walk: folders.Walk) -> tuple[list[str], dict[str, list[tuple[str, int]]], str]:
-    """(classes, the train/val/test items of a folder, and its own split folders or "")."""
+def folder_sets(root: Path, walk: folders.Walk) -> tuple[list[str], dict[str, list[tuple[str, int]]], str, Path]:
+    """(classes, the train/val/test items of a folder, its own split folders or "", and its training folder:
+    the data set's root when it is split by --val-split)."""
     train_dir, val_dir, test_dir = folders.find_layout(root, walk)
     classes = [d.name for d in walk.subfolders(train_dir)]
     if not classes:
@@ -573,7 +575,7 @@ def folder_sets(root: Path, walk: folders.Walk) -> tuple[list[str], dict[str, li
             "val": labelled(walk, val_dir, classes) if val_dir else [],
             "test": labelled(walk, test_dir, test_classes) if test_dir else []}
     own = " and ".join(f"{d.name}/" for d in (val_dir, test_dir) if d is not None)
-    return classes, sets, own
+    return classes, sets, own, train_dir
 
 
 def label_file_sets(data: str, sep: str = labels.DEFAULT_SEP
@@ -598,12 +600,15 @@ def claim_structure(walk: folders.Walk, root: Path, parts: list[tuple[Path, list
                                  "(one is a link to the other): remove one")
 
 
-def linked_across(aliases: list[tuple[str, str]], train: list[str], held_out: list[str]) -> list[tuple[str, str, int]]:
-    """Links and hard links between a training image and a held-out path: the same picture (leakage)."""
+def linked_across(aliases: list[tuple[str, str]], train: list[str], held_out: list[str],
+                  train_dir: Path | None = None) -> list[tuple[str, str, int]]:
+    """Links and hard links between a training image and a held-out path (one in val/ or test/, skipped as
+    the same file): the same picture (leakage). Another path to it inside the training folder is not."""
     train_set, held = set(train), set(held_out)
+    inside = str(train_dir).rstrip(os.sep) + os.sep if train_dir is not None else None
     out = []
     for a, b in aliases:
-        if a in train_set and b not in train_set:
+        if a in train_set and b not in train_set and (inside is None or not b.startswith(inside)):
             out.append((a, b, 0))
         elif b in train_set and a in held:
             out.append((b, a, 0))

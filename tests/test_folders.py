@@ -226,6 +226,19 @@ def test_a_hard_link_of_a_training_image_in_test_is_reported_as_leakage(tmp_path
     assert (str(root / "train" / "a" / "a_000.png"), str(root / "test" / "a" / "copy.png"), 0) in split.leaks
 
 
+def test_another_path_to_a_training_image_beside_it_is_no_leak(tmp_path):
+    """Skipped as the same file, it is neither trained nor validated on: nothing leaks."""
+    root = make_folder(tmp_path / "d", per_class=6)
+    (root / "blue" / "link.png").symlink_to(root / "blue" / "blue_000.png")
+    os.link(root / "red" / "red_000.png", root / "red" / "hard.png")
+    split = dataset.prepare_data(str(root))
+    pairs = [{str(root / "blue" / "link.png"), str(root / "blue" / "blue_000.png")},
+             {str(root / "red" / "hard.png"), str(root / "red" / "red_000.png")}]
+    skipped = {p for p, _ in split.left_out}
+    assert all(len(pair & skipped) == 1 for pair in pairs)  # one path of each is used, the other skipped
+    assert not [leak for leak in split.leaks if set(leak[:2]) in pairs]
+
+
 def test_names_with_tabs_and_line_breaks_stay_one_line_in_skipped_txt(tmp_path):
     make_folder(tmp_path / "d", per_class=3)
     (tmp_path / "d" / "red" / "bad\tname\n.png").write_text("not an image")
