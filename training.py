@@ -916,6 +916,12 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradSc
 FEW_TO_CALIBRATE = 100  # validation images below which the fitted temperature is said to be rough
 
 
+def unreadable(train: int, val: int) -> str:
+    """The epoch line's note of images that could not be read, training's and validation's."""
+    said = ", ".join(f"{n} {what}" for n, what in ((train, "train"), (val, "val")) if n)
+    return f"  (unreadable: {said})" if said else ""
+
+
 class Loop:
     """The epochs of a run, from wherever it is, with its checkpoints, logs and interrupts."""
 
@@ -932,7 +938,7 @@ class Loop:
         self.calibration: dict[str, float] | None = ckpt.get("calibration")  # the best model's (calibration.py)
         self.best_confusion: list[list[int]] | None = ckpt.get("best_confusion")  # its validation confusion
         # multi-label: best_acc is the best mAP; the best model's per-label thresholds and average precisions
-        self.multi = run.split.multilabel
+        self.multi, self.val_images = run.split.multilabel, len(run.split.val)
         self.thresholds: list[float] | None = ckpt.get("thresholds")
         self.best_ap: list[float | None] | None = ckpt.get("best_ap")
         self.time_before = ckpt.get("train_time_s", sum(h["time_s"] for h in self.history))
@@ -1058,7 +1064,7 @@ class Loop:
         stopping = cfg.patience > 0 and epoch + 1 - self.best_epoch >= cfg.patience
         self.finished = epoch + 1 == cfg.epochs or stopping
         if self.lead:
-            self.end_epoch(row, shown.get("confusion"), improved, stats["bad"])
+            self.end_epoch(row, shown.get("confusion"), improved, stats["bad"], self.val_images - val["images"])
         barrier()
         if stopping:
             if self.lead:
@@ -1110,7 +1116,8 @@ class Loop:
         prefix = "" if ema.source is self.model else models.head_of(self.model)[0] + "."
         return weights | {prefix + k: v.detach().to("cpu", copy=True) for k, v in ema.model.module.state_dict().items()}
 
-    def end_epoch(self, row: dict[str, Any], confusion: list[list[int]] | None, improved: bool, bad: int) -> None:
+    def end_epoch(self, row: dict[str, Any], confusion: list[list[int]] | None, improved: bool, bad: int,
+                  val_bad: int = 0) -> None:
         """Metrics, pictures and checkpoints after an epoch (rank 0). The files a person reads are
         written before last.pt: a kill between them replays the epoch, which writes them again."""
         # short epochs (cached features, small data) would spend their time writing checkpoints:
@@ -1138,7 +1145,7 @@ class Loop:
                    f"acc {row['val_acc']:.2f}%  ") +
                   (f"EMA {row[f'ema_val_{key}']:.2f}%  " if f"ema_val_{key}" in row else ""))
         print(f"epoch {row['epoch']}/{self.cfg.epochs}  {scores}{row['img_per_s']:.0f} img/s"
-              + ("  *best*" if improved else "") + (f"  ({bad} unreadable)" if bad else ""))
+              + ("  *best*" if improved else "") + unreadable(bad, val_bad))
 
     def write_summary(self, train_time_s: float) -> None:
         cfg = self.cfg

@@ -386,7 +386,8 @@ def test_a_resume_says_how_many_of_its_images_are_gone_and_refuses_when_all_are(
         os.remove(path)
     capsys.readouterr()
     assert train.main(["--resume", str(run), "--epochs", "2"]) == 0
-    assert f"2 of the run's {len(val)} validation images" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"2 of the run's {len(val)} validation images" in err and "(unreadable: 2 val)" in out
     photos.rename(tmp_path / "moved")
     kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert run_cli(["--resume", str(run), "--epochs", "3"]) == 2
