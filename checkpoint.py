@@ -330,8 +330,21 @@ def newest_in_runs(name: str) -> Path | None:
     return found[-1] if found else None
 
 
-CHECKPOINTED = ".checkpointed"  # a run folder's marker once last.pt was written: a folder without last.pt
-# is then not a run stopped before its first checkpoint (which --resume starts again), but one that lost it
+# A run folder's marker of its first checkpoint: "saving" while best.pt and last.pt are first written,
+# "saved" once last.pt is. A folder without last.pt whose marker says saved (or, made before the marker
+# or copied without dot-files, that holds a finished run's best.pt and summary.json) lost its last.pt;
+# any other was stopped before its first checkpoint, and --resume starts it again.
+CHECKPOINTED = ".checkpointed"
+
+
+def lost_its_last_pt(folder: Path) -> bool:
+    try:
+        marker = (folder / CHECKPOINTED).read_text().strip()
+    except OSError:
+        marker = None
+    if marker is not None:
+        return marker != "saving"
+    return (folder / "best.pt").is_file() and (folder / "summary.json").is_file()
 
 
 def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
@@ -348,7 +361,7 @@ def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
     folder = last.parent
     if not last.is_file() and (last.name != "last.pt" or not (folder / "config.json").is_file()):
         raise UsageError(f"nothing to resume: {last} does not exist")
-    if not last.is_file() and (folder / CHECKPOINTED).exists():  # not a run stopped before its first checkpoint
+    if not last.is_file() and lost_its_last_pt(folder):  # not a run stopped before its first checkpoint
         raise UsageError(f"{last}, the run's training state, is gone, so it cannot be resumed: start a new run "
                          f"(--weights {folder / 'best.pt'} starts from its best model), or train it again from the "
                          f"start with its options and --out {folder} --overwrite")

@@ -978,13 +978,18 @@ class Loop:
         return self.time_before + time.perf_counter() - self.started
 
     def save(self, state: dict[str, Any]) -> None:
-        """best.pt before last.pt: a kill in between re-runs this epoch on resume, which rewrites best.pt."""
+        """best.pt before last.pt: a kill in between re-runs this epoch on resume, which rewrites best.pt.
+        The first time, the run folder's marker says so (checkpoint.CHECKPOINTED)."""
+        marker = self.run_dir / checkpoint.CHECKPOINTED
+        first = not (self.run_dir / "last.pt").exists()
+        if first:
+            files.atomic_write_text(marker, "saving")
         if self.best_ckpt is not None:
             checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
             self.best_ckpt = None
         checkpoint.save(state, self.run_dir / "last.pt")
-        if not (self.run_dir / checkpoint.CHECKPOINTED).exists():
-            files.atomic_write_text(self.run_dir / checkpoint.CHECKPOINTED, "")
+        if first:
+            files.atomic_write_text(marker, "saved")
         self.last_saved = time.perf_counter()
 
     def run(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,

@@ -359,18 +359,36 @@ def test_a_resume_with_a_missing_split_is_one_line_and_exit_2(data, tmp_path, ca
     assert "split.json" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("given", ["last.pt.bak", "best.pt.old", "deleted last.pt"])
+def test_a_kill_between_the_first_best_pt_and_last_pt_is_started_again(data, tmp_path, monkeypatch):
+    """A short run saves once, at its end: summary.json and best.pt, then last.pt. Killed in between, it
+    had no checkpoint yet, however finished it looks."""
+    args = ("--mode", "scratch", "--epochs", "2")
+    assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
+    kill_after_saving(monkeypatch, lambda state, path: path.name == "best.pt")
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train.main(train_args(data, run, *args))
+    monkeypatch.undo()
+    assert (run / "summary.json").exists() and (run / "best.pt").exists() and not (run / "last.pt").exists()
+    assert train.main(["--resume", str(run)]) == 0
+    assert metrics(run) == metrics(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("given", ["last.pt.bak", "best.pt.old", "deleted last.pt", "copied without its dot-files"])
 def test_a_resume_without_the_runs_training_state_is_refused_and_the_run_kept(given, data, tmp_path, capsys):
     """A mistyped checkpoint name, or a last.pt deleted to save space, is not a run stopped before its
     first checkpoint: starting it again there would delete its model and history."""
     run = tmp_path / "run"
     assert train.main(train_args(data, run, "--mode", "scratch", "--save-interval", "0")) == 0
-    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"}
-    if given == "deleted last.pt":
+    gone = given in ("deleted last.pt", "copied without its dot-files")
+    if gone:
         (run / "last.pt").unlink()
-    assert run_cli(["--resume", str(run if given == "deleted last.pt" else run / given), "--epochs", "2"]) == 2
+    if given == "copied without its dot-files":  # or made before the marker was: `cp -r run/* copy/`
+        (run / checkpoint.CHECKPOINTED).unlink()
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"}
+    assert run_cli(["--resume", str(run if gone else run / given), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert ("is gone" if given == "deleted last.pt" else "does not exist") in err, err
+    assert ("is gone" if gone else "does not exist") in err, err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"} == kept
 
 
