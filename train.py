@@ -49,7 +49,7 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     if given.get("resume") and checkpoint.is_cv_folder(given["resume"]):
         return given  # a cross-validation job: its folds are resumed one by one
     if given.get("resume"):
-        run_dir, _ = checkpoint.resume_target(given["resume"], given.get("out"))
+        run_dir = checkpoint.resume_target(given["resume"], given.get("out"))[0].resolve()  # (a link to a fold too)
         if checkpoint.is_cv_folder(run_dir.parent) and run_dir.name.startswith("fold-"):
             raise UsageError(f"{run_dir} is a fold of a k-fold job, whose summary covers all its folds: resume the "
                              f"job: python train.py --resume {run_dir.parent} (it resumes each fold)")

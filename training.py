@@ -307,6 +307,8 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
     cfg = TrainConfig(**{**saved, **overrides, "resume": str(last), "out": str(run_dir)})
     validate(cfg)
     models.check_name(cfg.model)
+    if cfg.data != "demo":
+        folders.check_cache_outside(cfg.data, cfg.cache_dir)
     changes = {k: [saved.get(k), v] for k, v in overrides.items() if saved.get(k) != v}
     return cfg, Start(run_dir, ckpt, in_place=True, changes=changes, epochs_given="epochs" in given)
 
@@ -484,9 +486,10 @@ def check_still_there(split: dataset.DataSplit, lead: bool) -> None:
     is written; some (validation on fewer images, whose accuracy is not comparable) is said."""
     gone = {name: sum(not os.path.lexists(p) for p, _ in items) for name, items in (("train", split.train),
                                                                                    ("val", split.val))}
-    if gone["train"] + gone["val"] == len(split.train) + len(split.val):
-        raise UsageError(f"none of the run's images are where it found them ({dataset.shown(split.root)}): put the "
-                         "data back there, or a link to it, to resume (a run keeps its --data)")
+    for name, items, what in (("train", split.train, "training"), ("val", split.val, "validation")):
+        if gone[name] == len(items):  # (validation on none would be recorded as 0%)
+            raise UsageError(f"none of the run's {what} images are where it found them ({dataset.shown(split.root)}):"
+                             " put the data back there, or a link to it, to resume (a run keeps its --data)")
     if lead and (gone["train"] or gone["val"]):
         dataset.warn(f"{gone['val']} of the run's {len(split.val)} validation images and {gone['train']} of its "
                      f"{len(split.train)} training images are gone since the run started: they are skipped"

@@ -89,10 +89,12 @@ def test_a_killed_job_resumes_its_unfinished_fold_and_keeps_the_finished_ones(fl
     assert json.loads((job / "cv_summary.json").read_text())["folds"] == 3
 
 
-def test_one_fold_resumed_on_its_own_is_refused_so_the_jobs_summary_stays_true(cv_job, capsys):
+def test_one_fold_resumed_on_its_own_is_refused_so_the_jobs_summary_stays_true(cv_job, tmp_path, capsys):
     summary = (cv_job / "cv_summary.json").read_text()
-    assert run(["--resume", str(cv_job / "fold-2"), "--epochs", "3"]) == 2
-    assert f"resume the job: python train.py --resume {cv_job}" in capsys.readouterr().err
+    (tmp_path / "link").symlink_to(cv_job / "fold-2")
+    for given in (cv_job / "fold-2", tmp_path / "link"):
+        assert run(["--resume", str(given), "--epochs", "3"]) == 2
+        assert f"resume the job: python train.py --resume {cv_job}" in capsys.readouterr().err
     assert (cv_job / "cv_summary.json").read_text() == summary
 
 

@@ -413,6 +413,34 @@ def test_a_resume_says_how_many_of_its_images_are_gone_and_refuses_when_all_are(
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
 
 
+@pytest.mark.parametrize("part", ["val", "train"])
+def test_a_resume_with_all_its_validation_or_training_images_gone_is_refused(part, data, tmp_path, capsys):
+    """Validation on no image would be recorded as 0%, training on none stops in its first batch."""
+    photos = tmp_path / "photos"
+    shutil.copytree(data, photos)
+    run = tmp_path / "run"
+    assert train.main(train_args(photos, run, "--mode", "scratch")) == 0
+    for path, _ in json.loads((run / "split.json").read_text())[part]:
+        os.remove(path)
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert run_cli(["--resume", str(run), "--epochs", "2"]) == 2
+    assert f"none of the run's {'validation' if part == 'val' else 'training'} images" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+
+
+def test_a_cache_folder_inside_the_data_is_refused_on_resume_too(data, tmp_path, monkeypatch, capsys):
+    photos = tmp_path / "photos"
+    shutil.copytree(data, photos)
+    run = tmp_path / "run"
+    assert train.main(train_args(photos, run, "--mode", "scratch")) == 0
+    assert run_cli(["--resume", str(run), "--epochs", "2", "--cache-dir", str(photos / "cache")]) == 2
+    monkeypatch.setenv("IMGCLS_CACHE", str(photos / "env-cache"))
+    assert run_cli(["--resume", str(run), "--epochs", "2"]) == 2
+    assert capsys.readouterr().err.count("is inside the data folder") == 2
+    assert sorted(p.name for p in photos.iterdir()) == sorted(p.name for p in data.iterdir())
+
+
 def test_the_size_a_run_was_trained_at_given_again_on_resume_is_no_change(data, tmp_path):
     """A run at the weights' own size (224 for resnet18, saved as no --img-size) resumed by a script that
     always passes its settings."""
