@@ -16,6 +16,7 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from config import Parser, UsageError, cli
 
@@ -37,6 +38,9 @@ def collect(parent: Path) -> list[dict]:
         if row is not None:
             rows.append(row)
     return sorted(rows, key=lambda r: -r["best val acc"] if r["best val acc"] == r["best val acc"] else 1e9)
+
+
+MAX_FOLDS = 100_000  # a cv.json asking for more is not ours (its fold folders are looked up one by one)
 
 
 class Unreadable(ValueError):
@@ -71,8 +75,15 @@ def describe(run: Path) -> dict | None:
         minutes = sum(float(h["time_s"]) for h in history) / 60
     else:
         return None
-    return {"run": run.name, **settings(cfg), "epochs": epochs, "best val acc": acc, "time (min)": minutes,
-            "mAP": multi}
+    return {"run": run.name, **settings(cfg), "epochs": epochs, "best val acc": score(acc, run / "summary.json"),
+            "time (min)": minutes, "mAP": multi}
+
+
+def score(value: Any, source: Path) -> float:
+    """A best accuracy (or mAP) read from a file: a number, or the run is left out with the file named."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Unreadable(f"{source} (no best accuracy in it)")
+    return float(value)
 
 
 def settings(cfg: dict) -> dict:
@@ -85,15 +96,21 @@ def settings(cfg: dict) -> dict:
 def describe_cv(job: Path) -> dict | None:
     """A cross-validation job's line: the mean best val accuracy of its folds (and their spread), from
     cv_summary.json; before that, how many folds have finished."""
-    folds = read_json(job / "cv.json")["folds"]
+    folds = read_json(job / "cv.json").get("folds")
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= MAX_FOLDS:
+        raise Unreadable(f"{job / 'cv.json'} (no number of folds in it)")
     summaries = [job / f"fold-{k}" / "summary.json" for k in range(1, folds + 1)]
     done = [read_json(s) for s in summaries if s.exists()]
     if (job / "cv_summary.json").exists():
         cv = read_json(job / "cv_summary.json")
         acc, multi = cv.get("best_val_acc", cv.get("best_val_map")), "best_val_map" in cv
-        epochs, best = f"{folds} folds (+-{acc['std'] or 0:.2f})", acc["mean"]
+        if not isinstance(acc, dict):
+            raise Unreadable(f"{job / 'cv_summary.json'} (no best accuracy in it)")
+        epochs = f"{folds} folds (+-{score(acc.get('std') or 0, job / 'cv_summary.json'):.2f})"
+        best = score(acc.get("mean"), job / "cv_summary.json")
     elif done:
-        scores, multi = [d.get("best_val_acc", d.get("best_val_map", 0.0)) for d in done], "best_val_map" in done[0]
+        scores = [score(d.get("best_val_acc", d.get("best_val_map")), job / "fold-*" / "summary.json") for d in done]
+        multi = "best_val_map" in done[0]
         epochs, best = f"{len(done)}/{folds} folds (unfinished)", sum(scores) / len(scores)
     else:
         return None

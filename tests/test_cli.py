@@ -282,15 +282,21 @@ def test_runs_table_skips_a_run_whose_files_hold_other_json_and_names_that_file(
     import runs
 
     shutil.copytree(trained_run, tmp_path / "good")
-    for name, config, summary in (("listed", "[1]", None), ("summed", '{"model": "x"}', "[1, 2]")):
+    for name, config, summary in (("listed", "[1]", None), ("summed", '{"model": "x"}', "[1, 2]"),
+                                  ("nulled", None, '{"best_val_acc": null, "epochs": 2}'),
+                                  ("worded", None, '{"best_val_acc": "95", "epochs": 2}')):
         shutil.copytree(trained_run, tmp_path / name)
-        (tmp_path / name / "config.json").write_text(config)
+        if config:
+            (tmp_path / name / "config.json").write_text(config)
         if summary:
             (tmp_path / name / "summary.json").write_text(summary)
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "cv.json").write_text('{"folds": 100000000}')  # (was looked up fold by fold: a hang)
     assert runs.main([str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[1].startswith("good") and len(out.splitlines()) == 2
     assert "listed/config.json" in err and "summed/summary.json" in err and "summed/config.json" not in err
+    assert "nulled/summary.json" in err and "worded/summary.json" in err and "job/cv.json" in err
 
 
 def test_the_check_command_answers_help_before_torch_is_imported():
