@@ -135,12 +135,14 @@ def fitted_elsewhere(ckpt: dict[str, Any], source: str | Path) -> str | None:
     """A note when the temperature (a multi-label model's thresholds) a checkpoint carries was fitted for
     another epoch's weights: last.pt keeps the best epoch's, which its resume goes on with."""
     epoch, best = ckpt.get("epoch"), ckpt.get("best_epoch")
+    seen = (ckpt.get("progress") or {}).get("seen") or 0  # saved mid-epoch: steps past the epoch's end
     what = ("thresholds were", "they fit") if ckpt.get("multilabel") else \
         ("temperature was", "it fits") if ckpt.get("calibration") else None
-    if what is None or epoch is None or best is None or epoch == best:
+    if what is None or epoch is None or best is None or (epoch == best and not seen):
         return None
-    return (f"note: {Path(source).name} holds epoch {epoch}; its {what[0]} fitted for the best epoch ({best}), "
-            f"for other weights (best.pt holds the model {what[1]})")
+    held = f"epoch {epoch}" + (f" and {seen} images of epoch {epoch + 1}" if seen else "")
+    return (f"note: {Path(source).name} holds {held}; its {what[0]} fitted for the best epoch ({best}), for "
+            f"other weights (best.pt holds the model {what[1]})")
 
 
 def checked_temperature(value: Any, source: str | Path) -> float:

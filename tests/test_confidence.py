@@ -243,6 +243,11 @@ def test_a_checkpoint_of_another_epoch_than_the_best_says_its_temperature_was_fi
     assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(tmp_path / "last.pt"), "--out",
                                 str(tmp_path / "e")]) == 0
     assert "fitted for the best epoch (2)" in capsys.readouterr().out
+    later["epoch"], later["progress"]["seen"] = 2, 4  # saved mid-epoch, four images after the best epoch
+    checkpoint.save(later, tmp_path / "last.pt")
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(tmp_path / "last.pt"), "--out",
+                                str(tmp_path / "e3")]) == 0
+    assert "holds epoch 2 and 4 images of epoch 3; its temperature was fitted" in capsys.readouterr().out
     assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run / "best.pt"), "--out",
                                 str(tmp_path / "e2")]) == 0  # the best epoch's own model: nothing to say
     assert "fitted for the best epoch" not in capsys.readouterr().out
