@@ -23,6 +23,7 @@ never by position.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import checkpoint
@@ -72,11 +73,22 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_data(ckpt: Path) -> str | None:
+    """The data folder of the run a checkpoint is from (its split.json), when it can be read."""
+    try:
+        root = json.loads((ckpt.parent / "split.json").read_text()).get("root")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return root if isinstance(root, str) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
     ckpt = checkpoint.runnable(checkpoint.find(args.checkpoint))
     if not args.checkpoint:
         print(f"using checkpoint {ckpt}")
+    if args.data is None and args.out:  # the run's own test split: its data folder is in split.json
+        folders.check_outside(run_data(ckpt), args.out, "the report folder")
     name = Path(args.data).resolve().stem if args.data else "test-split"
     with files.report_folder(args.out, ckpt.parent / f"eval-{name}-{ckpt.stem}") as out:
         import report  # torch loads only for a command line that is good

@@ -234,6 +234,9 @@ def check_outside(data: str | os.PathLike | None, path: str | os.PathLike, what:
     if data is None or not os.path.isdir(data):
         return  # a label file lists its images: nothing else beside it is read
     inside, home = os.path.realpath(path), os.path.realpath(data)
+    root = os.path.dirname(home)  # a data set's train/, val/ or test/: beside it would break the data set's layout
+    if os.path.basename(home).lower() in SPLIT_NAMES and os.path.isdir(os.path.join(root, "train")):
+        home, data = root, root
     if inside == home or inside.startswith(home.rstrip(os.sep) + os.sep):
         raise UsageError(f"{what} {shown(path)} is inside the data folder {shown(data)}, where it would be read as "
                          f"images and classes: put it outside {shown(data)}")

@@ -120,6 +120,20 @@ def test_eval_names_the_folders_it_ignores_by_name(trained_run, colours_eval, tm
     assert f"ignored folder(s) by name: {data / '__MACOSX'}" in capsys.readouterr().out
 
 
+def test_a_report_folder_in_the_runs_data_or_beside_a_data_sets_test_folder_is_refused(trained_run, colours,
+                                                                                         tmp_path, capsys):
+    """Both would be read from then on as a class, or break the train/ val/ test/ layout."""
+    root = tmp_path / "photos"
+    for part in ("train", "val", "test"):
+        make_folder(root / part, per_class=2)
+    before = sorted(p.name for p in colours.iterdir())
+    assert call(evaluate.main, ["--checkpoint", str(trained_run), "--out", str(colours / "report")]) == 2
+    assert call(evaluate.main, [str(root / "test"), "--checkpoint", str(trained_run), "--out",
+                                str(root / "report")]) == 2
+    assert capsys.readouterr().err.count("is inside the data folder") == 2
+    assert sorted(p.name for p in colours.iterdir()) == before and not (root / "report").exists()
+
+
 def test_a_file_whose_name_looks_like_a_pattern_is_that_file(tmp_path):
     """Browsers and file managers name copies `photo [1].jpg`: the file named, not what a pattern matches."""
     for name in ("img[1].png", "img1.png", "photo [1].png"):
