@@ -222,6 +222,11 @@ def listed(path: str | os.PathLike) -> str:
     return shown(path).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
+def is_another_path(reason: str) -> bool:
+    """Whether a file was skipped as another path to an image that is read (Walk's reasons)."""
+    return reason.startswith(("the same file as ", "a link into "))
+
+
 def ignored_line(ignored: list[str]) -> str:
     """The folders left out by name, said by whatever reads a folder (training, evaluation)."""
     return f"ignored folder(s) by name: {', '.join(shown(p) for p in ignored[:5])}" + (" ..." if len(ignored) > 5

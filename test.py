@@ -33,8 +33,9 @@ def expand(patterns: list[str], max_bytes: int = folders.DEFAULT_MAX_BYTES) -> l
     paths: list[str] = []
     for pattern in patterns:
         if Path(pattern).is_dir():
-            walk = folders.Walk(max_bytes=max_bytes)
-            paths += sorted(walk.image_files(Path(pattern)) + [p for p, _ in walk.skipped if not Path(p).is_dir()])
+            walk = folders.Walk(max_bytes=max_bytes)  # (each file once: another path to one is not another image)
+            paths += sorted(walk.image_files(Path(pattern)) + [p for p, why in walk.skipped if not Path(p).is_dir()
+                                                               and not folders.is_another_path(why)])
         elif os.path.lexists(pattern):
             paths.append(pattern)
         elif glob.has_magic(pattern):  # special files too: each is reported as unreadable, with the reason
@@ -43,7 +44,19 @@ def expand(patterns: list[str], max_bytes: int = folders.DEFAULT_MAX_BYTES) -> l
             raise UsageError(f"no such file or folder: {pattern}")
     if not paths:
         raise UsageError(f"no images found in {' '.join(patterns)}")
-    return list(dict.fromkeys(paths))
+    first: dict[tuple | str, str] = {}  # each file once, as first named
+    for path in paths:
+        first.setdefault(identity(path), path)
+    return list(first.values())
+
+
+def identity(path: str) -> tuple | str:
+    """What makes two names one file: its device and inode (a link, a hard link, `./a.png` and `a.png`)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return st.st_dev, st.st_ino
 
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:

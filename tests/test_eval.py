@@ -152,6 +152,21 @@ def test_a_folder_gives_test_py_every_file_that_eval_py_reads(colours_eval, tmp_
     assert predict.expand([str(folder)]) == sorted(str(p) for p in folder.iterdir())
 
 
+def test_test_py_takes_each_file_once_however_it_is_reached(colours_eval, tmp_path):
+    """As eval.py reads a folder: a link to an image beside it, or into another class, is the same image;
+    and one file given under several spellings is one file."""
+    folder = tmp_path / "samples"
+    shutil.copytree(colours_eval, folder)
+    (folder / "red" / "again.png").symlink_to("red_000.png")
+    (folder / "red" / "cross.png").symlink_to("../blue/blue_000.png")
+    expected = sorted(str(p) for p in folder.rglob("*.png") if not p.is_symlink())
+    assert sorted(predict.expand([str(folder)])) == expected
+    one = folder / "red" / "red_000.png"
+    two = folder / "blue" / "blue_001.png"
+    assert predict.expand([str(one), str(two), str(folder / "red" / "." / "red_000.png"),
+                           str(folder / "red" / "again.png")]) == [str(one), str(two)]
+
+
 @pytest.mark.parametrize("problem", ["missing", "not ours", "empty folder"])
 def test_bad_checkpoint_or_folder_is_one_line_and_exit_2(problem, trained_run, colours_eval, tmp_path, capsys):
     ckpt, data = trained_run / "best.pt", colours_eval
