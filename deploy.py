@@ -5,13 +5,16 @@ the same images to prove it gives the same answers; the proof is written beside 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +99,8 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, meta:
     except RuntimeError:  # builds without XNNPACK (e.g. CUDA wheels) cannot run the mobile passes
         print("note: this PyTorch build has no XNNPACK; saving the TorchScript Lite model without mobile "
               "optimisation")
-    traced._save_for_lite_interpreter(str(out), _extra_files={"meta.json": json.dumps(meta)})
+    # written from Python: torch's own writer aborts the process on a full disk
+    out.write_bytes(traced._save_to_buffer_for_lite_interpreter(_extra_files={"meta.json": json.dumps(meta)}))
     from torch.jit.mobile import _load_for_lite_interpreter
 
     lite = _load_for_lite_interpreter(str(out))
@@ -232,8 +236,9 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
         if check_data else (images, labels)
     # made and proven in a folder of its own beside `out` (intermediate files too), moved to `out` only once it
     # passed: a kill, a full disk or a failed check never leaves a broken file under the name that is loaded
+    remove_stale_staging(out)
     try:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work, locked(Path(work)):
             staged = Path(work) / out.name
             run = write(fmt, model, images, staged, checkpoint.export_metadata(ckpt), int8)
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -250,14 +255,7 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
                       "classes": ckpt["classes"], "preprocess": pre.to_dict(), "tolerance": tolerance}
             failed = not int8 and (report["top1_agreement"] < 1 or report.get("label_agreement", 1) < 1
                                    or report["max_scaled_diff"] > tolerance)
-            if failed:
-                files.atomic_write_text(Path(f"{out}.failed.json"), json.dumps(report, indent=1))
-            else:
-                for made in (Path(f"{staged}.meta.json"), staged):  # (a .pte's metadata beside it; the model last)
-                    if made.exists():
-                        os.replace(made, out.parent / made.name)
-                files.atomic_write_text(Path(f"{out}.json"), json.dumps(report, indent=1))
-                Path(f"{out}.failed.json").unlink(missing_ok=True)  # an earlier attempt's
+            publish(staged, out, report, failed)
     except OSError as e:
         if e.errno not in CANNOT_WRITE:
             raise
@@ -269,6 +267,42 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
               f"|logit| when above 1), so it was not written to {out}; see {out}.failed.json", file=sys.stderr)
         return 1
     return 0
+
+
+def publish(staged: Path, out: Path, report: dict[str, Any], failed: bool) -> None:
+    """A proven export moved to its name with its report (a .pte's metadata beside it, the model last); a
+    failed one only leaves its report, as <out>.failed.json."""
+    if failed:
+        files.atomic_write_text(Path(f"{out}.failed.json"), json.dumps(report, indent=1))
+        return
+    for made in (Path(f"{staged}.meta.json"), staged):
+        if made.exists():
+            os.replace(made, out.parent / made.name)
+    files.atomic_write_text(Path(f"{out}.json"), json.dumps(report, indent=1))
+    Path(f"{out}.failed.json").unlink(missing_ok=True)  # an earlier attempt's
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """An export's own folder, locked while it runs: not stale (remove_stale_staging)."""
+    lock = files.FolderLock(folder)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def remove_stale_staging(out: Path, min_age_s: float = 60.0) -> None:
+    """The folders of exports to `out` killed half-way: a minute old, and no export holds their lock."""
+    for folder in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        if folder.is_symlink() or not folder.is_dir() or time.time() - folder.stat().st_mtime < min_age_s:
+            continue
+        try:
+            lock = files.FolderLock(folder)
+        except OSError:  # its export is alive
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        lock.release()
 
 
 def write(fmt: str, model: nn.Module, images: torch.Tensor, out: Path, meta: dict[str, str], int8: bool) -> Callable:

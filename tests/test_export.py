@@ -5,6 +5,10 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,19 +74,49 @@ def test_a_float_export_that_differs_beyond_the_tolerance_fails_and_replaces_not
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.failed.json", "m.onnx.json"]
 
 
-@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
-def test_a_full_disk_is_said_as_such_and_leaves_no_file_under_the_exports_name(checkpoints, tmp_path, monkeypatch,
-                                                                               capsys):
-    import onnx
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_full_disk_is_said_as_such_and_leaves_no_file_under_the_exports_name(fmt, checkpoints, tmp_path,
+                                                                               monkeypatch, capsys):
+    if not installed(fmt):
+        pytest.skip(f"{FORMATS[fmt]} is not installed")
+    real = Path.write_bytes
 
-    def full(proto, path, *args, **kwargs):
-        Path(path).write_bytes(b"half a model")
+    def full(path, data, *args, **kwargs):  # the disk fills up half-way through the model
+        real(Path(path), data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save", full)
-    assert call(["--checkpoint", str(checkpoints["resnet18"]), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+    if fmt == "onnx":
+        import onnx
+
+        monkeypatch.setattr(onnx, "save", lambda proto, path, *a, **k: full(path, proto.SerializeToString()))
+    else:  # torch's own writer aborted the whole process (C++ terminate) on a full disk
+        monkeypatch.setattr(Path, "write_bytes", lambda path, data: full(path, data) if path.suffix == ".ptl"
+                            else real(path, data))
+    out = tmp_path / f"m{checkpoint.EXPORT_SUFFIX[fmt]}"
+    assert call(["--checkpoint", str(checkpoints["resnet18"]), "--format", fmt, "--out", str(out),
                  "--images", "2"]) == 1
     assert "could not write the export in" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_the_folders_of_exports_killed_half_way_are_removed_by_the_next_one(checkpoints, tmp_path):
+    stale, live = tmp_path / ".m.onnx.killed", tmp_path / ".m.onnx.running"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "m.onnx").write_bytes(b"half a model")
+        os.utime(folder, (time.time() - 3600,) * 2)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.lockf(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(120)", str(live / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # an export still running there
+        assert call(["--checkpoint", str(checkpoints["resnet18"]), "--format", "onnx", "--out",
+                     str(tmp_path / "m.onnx"), "--images", "2"]) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not stale.exists() and live.exists()
 
 
 @pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
