@@ -213,7 +213,9 @@ def check_run_dir(run_dir: Path, in_place: bool, overwrite: bool) -> None:
     """Never reuse another run's folder by accident (checked first, and again under the folder's lock)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file: give a folder for the run")
-    held = run_dir.exists() and any(p.name != FolderLock.NAME for p in run_dir.iterdir())
+    held = run_dir.exists() and any(p.name != FolderLock.NAME and not (p.name.startswith(".") and
+                                                                      p.name.endswith(TEMP_SUFFIX))
+                                    for p in run_dir.iterdir())  # (a run killed writing its first file holds none)
     if held and not in_place and not overwrite:
         raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                          "--overwrite to replace it, or another --out")

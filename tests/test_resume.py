@@ -183,6 +183,20 @@ def test_a_folder_stopped_before_its_first_checkpoint_is_resumable(data, tmp_pat
     assert metrics(run) == metrics(tmp_path / "whole")
 
 
+def test_a_folder_left_by_a_kill_during_its_first_write_is_no_run(tmp_path):
+    """Only the lock and a temp file: the same command can start the run there again."""
+    import files
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / files.FolderLock.NAME).touch()
+    (run / f".config.json.x1y2{files.TEMP_SUFFIX}").write_text("{")
+    files.check_run_dir(run, in_place=False, overwrite=False)
+    (run / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match="already holds a run"):
+        files.check_run_dir(run, in_place=False, overwrite=False)
+
+
 def test_lr_find_under_torchrun_is_refused_on_every_rank(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            *train_args(data, tmp_path / "run", "--lr-find")]
