@@ -332,21 +332,26 @@ def newest_in_runs(name: str) -> Path | None:
     return found[-1] if found else None
 
 
-# A run folder's marker of its first checkpoint: "saving" while best.pt and last.pt are first written,
-# "saved" once last.pt is. A folder without last.pt whose marker says saved (or, made before the marker
-# or copied without dot-files, that holds a finished run's best.pt and summary.json) lost its last.pt;
-# any other was stopped before its first checkpoint, and --resume starts it again.
+# A run folder's marker of its first checkpoint: "saving" from its first best.pt until last.pt is written,
+# "saved" from then on. A folder without last.pt whose marker says saved (or, made before the marker or
+# copied without dot-files, that holds a best.pt) lost its last.pt; any other was stopped before its
+# first checkpoint, and --resume starts it again.
 CHECKPOINTED = ".checkpointed"
 
 
-def lost_its_last_pt(folder: Path) -> bool:
+def marked(folder: Path) -> str | None:
+    """The run folder's CHECKPOINTED marker: "saving", "saved", or None when there is none."""
     try:
-        marker = (folder / CHECKPOINTED).read_text().strip()
+        return (folder / CHECKPOINTED).read_text().strip()
     except OSError:
-        marker = None
+        return None
+
+
+def lost_its_last_pt(folder: Path) -> bool:
+    marker = marked(folder)
     if marker is not None:
         return marker != "saving"
-    return (folder / "best.pt").is_file() and (folder / "summary.json").is_file()
+    return (folder / "best.pt").is_file()  # (an older run, or a copy without its dot-files, that trained)
 
 
 def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:

@@ -32,7 +32,7 @@ def collect(parent: Path) -> list[dict]:
         except Unreadable as e:
             print(f"warning: skipping {e}", file=sys.stderr)
             continue
-        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign file: that run is left out
+        except Exception as e:  # a damaged or foreign file of any shape: that run is left out, the table goes on
             print(f"warning: skipping {cfg_path.parent} ({e.__class__.__name__}: cannot be read)", file=sys.stderr)
             continue
         if row is not None:
@@ -48,6 +48,8 @@ class Unreadable(ValueError):
 
 
 def read_json(path: Path) -> dict:
+    if not path.is_file():  # (a named pipe would be waited on for ever)
+        raise Unreadable(f"{path} (not a regular file)")
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -66,6 +68,8 @@ def describe(run: Path) -> dict | None:
             s.get("train_time_s", 0) / 60
         multi = "best_val_map" in s
     elif (run / "metrics.csv").exists():
+        if not (run / "metrics.csv").is_file():
+            raise Unreadable(f"{run / 'metrics.csv'} (not a regular file)")
         with open(run / "metrics.csv") as f:
             history = list(csv.DictReader(f))
         multi = bool(history) and "val_map" in history[0]
@@ -88,9 +92,12 @@ def score(value: Any, source: Path) -> float:
 
 def settings(cfg: dict) -> dict:
     """A run's settings columns, from its config.json (what the recipe chose, not only what was given)."""
-    return {"data": Path(cfg.get("data", "-")).name, "model": cfg["model"], "mode": cfg["mode"],
-            "size": str(cfg.get("img_size") or "default"), "recipe": cfg.get("recipe", "seed"),
-            "optimizer": cfg["optimizer"], "lr": f"{cfg['lr']:g}"}
+    words = {"model": cfg.get("model"), "mode": cfg.get("mode"), "recipe": cfg.get("recipe", "seed"),
+             "optimizer": cfg.get("optimizer")}
+    if not all(isinstance(v, str) for v in words.values()):
+        raise ValueError("settings of another kind")
+    return {"data": Path(cfg.get("data", "-")).name, **words, "size": str(cfg.get("img_size") or "default"),
+            "lr": f"{cfg['lr']:g}"}
 
 
 def describe_cv(job: Path) -> dict | None:

@@ -982,18 +982,22 @@ class Loop:
 
     def save(self, state: dict[str, Any]) -> None:
         """best.pt before last.pt: a kill in between re-runs this epoch on resume, which rewrites best.pt.
-        The first time, the run folder's marker says so (checkpoint.CHECKPOINTED)."""
-        marker = self.run_dir / checkpoint.CHECKPOINTED
-        first = not (self.run_dir / "last.pt").exists()
-        if first:
-            files.atomic_write_text(marker, "saving")
-        if self.best_ckpt is not None:
-            checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
-            self.best_ckpt = None
+        Until last.pt is first written, the run folder's marker says so (checkpoint.CHECKPOINTED)."""
+        self.save_best()
         checkpoint.save(state, self.run_dir / "last.pt")
-        if first:
-            files.atomic_write_text(marker, "saved")
+        if checkpoint.marked(self.run_dir) != "saved":
+            files.atomic_write_text(self.run_dir / checkpoint.CHECKPOINTED, "saved")
         self.last_saved = time.perf_counter()
+
+    def save_best(self) -> None:
+        """best.pt, of the best model held in memory; before the run's first last.pt, marked as such (a
+        folder with a best.pt and no last.pt is then one that a resume starts again, not one that lost it)."""
+        if self.best_ckpt is None:
+            return
+        if checkpoint.marked(self.run_dir) != "saved":
+            files.atomic_write_text(self.run_dir / checkpoint.CHECKPOINTED, "saving")
+        checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
+        self.best_ckpt = None
 
     def run(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
             use_features: bool) -> int:
@@ -1010,8 +1014,8 @@ class Loop:
                 if stop_requested():  # a DataLoader worker ended by the same Ctrl-C or SIGTERM
                     return self.interrupted(sampler.per_rank)
                 # a NaN, out of memory, a bug: the best model found so far is kept all the same
-                if self.lead and self.best_ckpt is not None:
-                    checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
+                if self.lead:
+                    self.save_best()
                 raise
             if self.lead:
                 self.finish()
@@ -1020,8 +1024,7 @@ class Loop:
     def stopped_at_once(self) -> int:
         """A second Ctrl-C: the step under way may be half done, so nothing is saved from it."""
         if self.lead:
-            if self.best_ckpt is not None:  # a finished epoch's best model, held in memory: consistent
-                checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
+            self.save_best()  # a finished epoch's best model, held in memory: consistent
             print(f"\nstopped at once: {self.run_dir / 'last.pt'} keeps the last point it saved; continue with: "
                   f"python train.py --resume {self.run_dir}", file=sys.stderr)
         return 130
@@ -1049,6 +1052,9 @@ class Loop:
                                 cfg.max_bad_fraction, f"epoch {epoch + 1}/{cfg.epochs}", self.lead, self.rank)
         models.set_train_mode(self.model, False, cfg.mode)
         val, ema_val = self.validate(val_loader)
+        if not val["images"]:  # (its 0% would be recorded as the epoch's accuracy)
+            raise TrainingError(f"no validation image could be read after epoch {epoch + 1}: check the data folder "
+                                "(python dataset.py check)")
         if not math.isfinite(val["loss"]):  # the last steps diverged: the model's outputs are NaN, never "best"
             raise TrainingError(f"validation loss became {val['loss']} after epoch {epoch + 1} (lr "
                                 f"{self.learner.optimizer.param_groups[0]['lr']:.3g}): the model diverged; try a lower "

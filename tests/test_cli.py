@@ -5,6 +5,7 @@ imports another, no import cycle, no function too long to read."""
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -292,11 +293,23 @@ def test_runs_table_skips_a_run_whose_files_hold_other_json_and_names_that_file(
             (tmp_path / name / "summary.json").write_text(summary)
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "cv.json").write_text('{"folds": 100000000}')  # (was looked up fold by fold: a hang)
+    odd = {"typed": '{"model": 5, "mode": null, "optimizer": [], "lr": 0.1, "epochs": 1}',
+           "nested": "[" * 100_000 + "]" * 100_000}
+    for name, config in odd.items():
+        shutil.copytree(trained_run, tmp_path / name)
+        (tmp_path / name / "config.json").write_text(config)
+    shutil.copytree(trained_run, tmp_path / "wide")
+    (tmp_path / "wide" / "summary.json").unlink()
+    (tmp_path / "wide" / "metrics.csv").write_text("epoch,val_acc\n1," + "9" * 200_000 + "\n")
+    shutil.copytree(trained_run, tmp_path / "piped")
+    (tmp_path / "piped" / "summary.json").unlink()
+    os.mkfifo(tmp_path / "piped" / "summary.json")  # (reading it waited for ever)
     assert runs.main([str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[1].startswith("good") and len(out.splitlines()) == 2
     assert "listed/config.json" in err and "summed/summary.json" in err and "summed/config.json" not in err
     assert "nulled/summary.json" in err and "worded/summary.json" in err and "job/cv.json" in err
+    assert all(f"skipping {tmp_path / name}" in err for name in ("typed", "nested", "wide", "piped")), err
 
 
 def test_the_check_command_answers_help_before_torch_is_imported():

@@ -388,17 +388,20 @@ def test_a_kill_between_the_first_best_pt_and_last_pt_is_started_again(data, tmp
     assert metrics(run) == metrics(tmp_path / "whole")
 
 
-@pytest.mark.parametrize("given", ["last.pt.bak", "best.pt.old", "deleted last.pt", "copied without its dot-files"])
+@pytest.mark.parametrize("given", ["last.pt.bak", "best.pt.old", "deleted last.pt", "copied without its dot-files",
+                                   "unfinished, copied without its dot-files"])
 def test_a_resume_without_the_runs_training_state_is_refused_and_the_run_kept(given, data, tmp_path, capsys):
     """A mistyped checkpoint name, or a last.pt deleted to save space, is not a run stopped before its
     first checkpoint: starting it again there would delete its model and history."""
     run = tmp_path / "run"
     assert train.main(train_args(data, run, "--mode", "scratch", "--save-interval", "0")) == 0
-    gone = given in ("deleted last.pt", "copied without its dot-files")
+    gone = given not in ("last.pt.bak", "best.pt.old")
     if gone:
         (run / "last.pt").unlink()
-    if given == "copied without its dot-files":  # or made before the marker was: `cp -r run/* copy/`
+    if "dot-files" in given:  # or made before the marker was: `cp -r run/* copy/`
         (run / checkpoint.CHECKPOINTED).unlink()
+    if given.startswith("unfinished"):
+        (run / "summary.json").unlink()
     kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"}
     assert run_cli(["--resume", str(run if gone else run / given), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
@@ -441,6 +444,18 @@ def test_a_resume_with_all_its_validation_or_training_images_gone_is_refused(par
     assert run_cli(["--resume", str(run), "--epochs", "2"]) == 2
     assert f"none of the run's {'validation' if part == 'val' else 'training'} images" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+
+
+def test_validation_that_could_read_no_image_stops_the_run_instead_of_recording_0(data, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    shutil.copytree(data, photos)
+    run = tmp_path / "run"
+    assert train.main(train_args(photos, run, "--mode", "scratch")) == 0
+    for path, _ in json.loads((run / "split.json").read_text())["val"]:
+        Path(path).write_bytes(b"")  # there, and unreadable
+    assert run_cli(["--resume", str(run), "--epochs", "2"]) == 1
+    assert "no validation image could be read" in capsys.readouterr().err
+    assert len(metrics(run)) == 1
 
 
 def test_a_cache_folder_inside_the_data_is_refused_on_resume_too(data, tmp_path, monkeypatch, capsys):
