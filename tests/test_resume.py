@@ -426,7 +426,7 @@ def test_a_resume_says_how_many_of_its_images_are_gone_and_refuses_when_all_are(
     photos.rename(tmp_path / "moved")
     kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert run_cli(["--resume", str(run), "--epochs", "3"]) == 2
-    assert "none of the run's images" in capsys.readouterr().err
+    assert "none of the run's training images are where it found them" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
 
 
