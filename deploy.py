@@ -5,7 +5,6 @@ the same images to prove it gives the same answers; the proof is written beside 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import glob
 import json
@@ -14,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +237,8 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
     # passed: a kill, a full disk or a failed check never leaves a broken file under the name that is loaded
     remove_stale_staging(out)
     try:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work, locked(Path(work)):
+        # (its folder locked while it runs: not stale to remove_stale_staging)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work, files.FolderLock(Path(work)):
             staged = Path(work) / out.name
             run = write(fmt, model, images, staged, checkpoint.export_metadata(ckpt), int8)
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -282,27 +282,16 @@ def publish(staged: Path, out: Path, report: dict[str, Any], failed: bool) -> No
     Path(f"{out}.failed.json").unlink(missing_ok=True)  # an earlier attempt's
 
 
-@contextlib.contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """An export's own folder, locked while it runs: not stale (remove_stale_staging)."""
-    lock = files.FolderLock(folder)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def remove_stale_staging(out: Path, min_age_s: float = 60.0) -> None:
     """The folders of exports to `out` killed half-way: a minute old, and no export holds their lock."""
     for folder in out.parent.glob(f".{glob.escape(out.name)}.*"):
         if folder.is_symlink() or not folder.is_dir() or time.time() - folder.stat().st_mtime < min_age_s:
             continue
         try:
-            lock = files.FolderLock(folder)
+            with files.FolderLock(folder):
+                shutil.rmtree(folder, ignore_errors=True)
         except OSError:  # its export is alive
             continue
-        shutil.rmtree(folder, ignore_errors=True)
-        lock.release()
 
 
 def write(fmt: str, model: nn.Module, images: torch.Tensor, out: Path, meta: dict[str, str], int8: bool) -> Callable:

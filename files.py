@@ -166,6 +166,12 @@ class FolderLock:
             os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = -1
 
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
 
 def claim_folder(path: Path) -> Path:
     """Create `path`, or path-2, path-3, ...: the first that does not exist yet, atomically (mkdir), so

@@ -296,7 +296,7 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
         batch = overrides.get("batch_size", saved.get("batch_size", TrainConfig.batch_size))
         overrides = recipe_settings(overrides, saved["mode"], batch, world)
     if saved.get("img_size") is None and overrides.get("img_size") is not None:  # trained at the weights' own size
-        trained = (ckpt["preprocess"] if ckpt else models.preprocessing(saved["model"]).to_dict())["img_size"]
+        trained = ckpt["preprocess"]["img_size"] if ckpt else models.preprocessing(saved["model"]).img_size
         if overrides["img_size"] == trained:
             del overrides["img_size"]  # that very size given: no change
     changed = identity_changes(saved, overrides)
