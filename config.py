@@ -242,7 +242,7 @@ class TrainConfig:
                      "on one stratified fold of the data (the test split, if any, outside all folds), then report "
                      "the mean and spread (cv_summary.json); 0: one run")
     fold: int = opt(0, "which fold this run validates on (1..K; set by --folds)", cli=False)
-    img_size: int | None = opt(None, "training/eval crop size in pixels (default: the weights' own, 224)",
+    img_size: int | None = opt(None, "training/eval crop size in pixels, 16 to 4096 (default: the weights' own, 224)",
                                type=int)
     augment: str = opt("basic", "training augmentation preset",
                        choices=("none", "basic", "randaugment", "trivialaugment"))
