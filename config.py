@@ -280,6 +280,8 @@ class TrainConfig:
                              choices=("none", "auto"))
     balanced_sampler: bool = opt(False, "draw training images so each class is seen equally often")
     patience: int = opt(0, "stop after this many epochs without a better val accuracy (0 = never)")
+    precise_bn: bool = opt(True, "recompute BatchNorm's statistics from up to 256 training images before each "
+                           "validation (precise BN): the running averages trail the weights, by far in short runs")
     ema: bool = opt(False, "also keep an exponential moving average of the weights, validate it each epoch and "
                     "keep it as the model when it is better")
     ema_decay: float = opt(0.9998, "EMA decay per step; a short run uses less, so that the average spans about "

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import calibration
 import checkpoint
@@ -76,8 +76,10 @@ from engine import (
     init_distributed,
     make_loader,
     pick_device,
+    precise_bn_images,
     precision,
     predict,
+    recompute_batchnorm,
     same_buffers,
     seed_everything,
     shard,
@@ -86,6 +88,7 @@ from engine import (
     stop_requested,
     to_model_input,
     train_one_epoch,
+    trained_batchnorms,
     trains_batchnorm,
     tune_cpu_allocator,
 )
@@ -759,9 +762,29 @@ def fit(run: Run, model: nn.Module) -> int:
                       make_mix(cfg, len(run.split.classes)), make_ema(cfg, inner, len(train_loader), run.start),
                       run.split.multilabel)
     loop = Loop(run, model, inner, learner, schedule)
+    loop.batchnorms, loop.statistics = statistics_images(run, model, inputs, workers)
     if run.lead:
         loop.open_log(sampler.per_rank)
     return loop.run(train_loader, val_loader, sampler, inputs.use_features)
+
+
+def statistics_images(run: Run, model: nn.Module, inputs: Inputs, workers: int) -> tuple[list[str], DataLoader | None]:
+    """Precise BN: the BatchNorm layers that train, and a fixed sample of the training images seen as
+    validation sees them (centre crops), each process its share; none where no BatchNorm trains
+    (transfer mode, a VGG) or it is off."""
+    models.set_train_mode(model, True, run.cfg.mode)
+    layers = trained_batchnorms(inputs.net)
+    if not run.cfg.precise_bn or inputs.use_features or not layers:
+        return [], None
+    plain = copy.copy(inputs.train)
+    plain.transform = inputs.val.transform
+    count = precise_bn_images(len(plain))
+    count -= count % run.world  # the same number of batches in every process (SyncBatchNorm waits on them)
+    order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(run.cfg.seed))[:count]
+    run.say(f"BatchNorm statistics: recomputed from {count} training images before each validation (precise BN; "
+            "--no-precise-bn keeps the running averages)")
+    return layers, make_loader(Subset(plain, order[run.rank::run.world].tolist()), run.cfg.batch_size, workers,
+                               run.device)
 
 
 def make_ema(cfg: TrainConfig, inner: nn.Module, steps_per_epoch: int, start: Start) -> Ema | None:
@@ -947,6 +970,8 @@ class Loop:
         self.time_before = ckpt.get("train_time_s", sum(h["time_s"] for h in self.history))
         self.writer: Any = None
         self.best_ckpt: dict[str, Any] | None = None  # the best epoch's checkpoint while it is not yet written
+        self.batchnorms: list[str] = []  # precise BN: the layers, and the images (statistics_images)
+        self.statistics: DataLoader | None = None
         self.finished = False
 
     def open_log(self, per_epoch: int) -> None:
@@ -1102,6 +1127,9 @@ class Loop:
     def validate(self, val_loader: DataLoader) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The trained weights' validation, and with --ema the average's."""
         learner, n = self.learner, len(self.classes)
+        if self.statistics is not None:  # what is validated (and saved) has statistics of its own weights
+            for net in [self.inner] + ([learner.ema.model.module] if learner.ema else []):
+                recompute_batchnorm(net, self.batchnorms, self.statistics, learner.to_input, learner.autocast)
         exact = contextlib.nullcontext  # full precision: the accuracy is the one eval.py computes for best.pt
         same_buffers(self.inner, *([learner.ema.model.module] if learner.ema else []))  # (not its CPU counter)
         val = evaluate(self.inner, val_loader, learner.to_input, exact, n, self.lead, self.multi)
