@@ -34,6 +34,10 @@ class TrainingError(Exception):
     """A run cannot go on (NaN loss, out of memory, unreadable data): one line, exit status 1."""
 
 
+class Diverged(TrainingError):
+    """A loss became NaN or infinite: the run stops at once, its last good checkpoints kept."""
+
+
 def fail(message: str, status: int = 2) -> NoReturn:
     """Print a one-line error for a person (no traceback) and exit."""
     print(f"error: {message}", file=sys.stderr)
@@ -313,6 +317,8 @@ class TrainConfig:
     overwrite: bool = opt(False, "allow --out to be an existing non-empty folder")
     summary: bool = opt(True, "write the torchsummary layer table to model_summary.txt in the run folder")
     lr_find: bool = opt(False, "run a learning-rate range test, plot it, suggest an lr and exit")
+    given: list[str] = field(default_factory=list, metadata={  # so that a resume re-derives the others alike
+        "help": "the optimisation settings given (the others are the recipe's)", "cli": False})
 
     def __post_init__(self) -> None:
         if isinstance(self.image_cache, bool):  # settings saved when the cache was on or off
@@ -331,6 +337,12 @@ RECIPES = {
 }
 RECIPE_FIELDS = tuple(RECIPES["seed"])
 RECIPE_BATCH = 64  # modern's lr is for this many images per step; others scale it by sqrt(batch / 64)
+# The family of a network, read from its layers (models.family): the modern recipe's lr differs by family,
+# measured with bench/bench_recipes.py. Networks without normalisation layers (VGG, SqueezeNet) diverge or
+# stall at the lr that suits BatchNorm networks; LayerNorm networks (ConvNeXt, ViT, Swin) want a lower one.
+FAMILIES = {"batchnorm": "BatchNorm networks", "layernorm": "LayerNorm networks",
+            "plain": "networks without normalisation layers"}
+MODERN_LR = {"batchnorm": 2e-3, "layernorm": 1e-3, "plain": 5e-4}
 # the built-in demo (8x8 digits, upscaled) chooses its own size, length, mode and no flips, unless given:
 # about a minute on 2 CPU cores, offline (no ImageNet weights needed)
 DEMO = {"mode": "scratch", "img_size": 32, "epochs": 10, "hflip": 0.0}
@@ -345,39 +357,71 @@ def recipe_name(mode: str, recipe: str) -> str:
     return recipe if recipe != "auto" else "modern" if mode == "scratch" else "seed"
 
 
-def recipe_values(name: str, images_per_step: int, optimizer: str | None = None) -> dict[str, Any]:
-    """The recipe's settings; the modern lr scaled to the images per step. Its weight decay is AdamW's
-    (decoupled): with another optimizer given it would be an L2 penalty 0.05 strong, so it is left out."""
+def recipe_values(name: str, images_per_step: int, optimizer: str | None = None, family: str = "batchnorm"
+                  ) -> dict[str, Any]:
+    """The recipe's settings; the modern lr the family's, scaled to the images per step. Its weight decay is
+    AdamW's (decoupled): with another optimizer given it would be an L2 penalty 0.05 strong, so it is left out."""
     values = dict(RECIPES[name])
     if name == "modern":
-        values["lr"] = round(values["lr"] * math.sqrt(images_per_step / RECIPE_BATCH), 6)
+        values["lr"] = round(MODERN_LR[family] * math.sqrt(images_per_step / RECIPE_BATCH), 6)
         if optimizer not in (None, "adamw"):
             values["weight_decay"] = 0.0
     return values
 
 
-def with_recipe(given: dict[str, Any], world: int = 1) -> dict[str, Any]:
+def with_recipe(given: dict[str, Any], world: int = 1, family: str = "batchnorm") -> dict[str, Any]:
     """A new run's settings: those given, then the demo's own defaults (for the demo), then the recipe's
-    for the optimisation settings not given. `recipe` holds the recipe's name (modern or seed)."""
+    for the optimisation settings not given. `recipe` holds the recipe's name (modern or seed), `given`
+    the optimisation settings that were given."""
     settings = dict(given)
     if settings.get("data", TrainConfig.data) == "demo":
         settings = {**DEMO, **settings}
+    settings["given"] = sorted(k for k in RECIPE_FIELDS if k in given)
     return recipe_settings(settings, settings.get("mode", TrainConfig.mode),
-                           settings.get("batch_size", TrainConfig.batch_size), world)
+                           settings.get("batch_size", TrainConfig.batch_size), world, family)
 
 
-def recipe_settings(given: dict[str, Any], mode: str, batch_size: int, world: int = 1) -> dict[str, Any]:
+def recipe_settings(given: dict[str, Any], mode: str, batch_size: int, world: int = 1, family: str = "batchnorm"
+                    ) -> dict[str, Any]:
     """`given` with the recipe's values for the optimisation settings it lacks (the recipe: given['recipe'],
     else auto); `recipe` holds its name. Only an optimizer *given* changes what the recipe sets."""
     name = recipe_name(mode, given.get("recipe", TrainConfig.recipe))
-    return {**recipe_values(name, batch_size * world, given.get("optimizer")), **given, "recipe": name}
+    return {**recipe_values(name, batch_size * world, given.get("optimizer"), family), **given, "recipe": name}
 
 
-def describe_recipe(cfg: TrainConfig, given: dict[str, Any]) -> str:
+def resumed_recipe(saved: dict[str, Any], overrides: dict[str, Any], world: int = 1, family: str = "batchnorm"
+                   ) -> dict[str, Any]:
+    """A resume's settings from the recipe, as a new run given the run's options and these together would have
+    them: when the recipe, the optimizer or the batch size is given now, the recipe's settings given neither
+    then nor now are derived again (another optimizer drops the modern recipe's AdamW weight decay, a larger
+    batch scales its lr). A --recipe given now takes all its settings not given now. Returns the overrides."""
+    if not {"recipe", "optimizer", "batch_size"} & overrides.keys():
+        return overrides
+    before = set() if "recipe" in overrides else set(saved.get("given", inferred_given(saved, world, family)))
+    given = before | (overrides.keys() & set(RECIPE_FIELDS))
+    name = recipe_name(saved["mode"], overrides.get("recipe", saved["recipe"]))
+    optimizer = overrides.get("optimizer", saved["optimizer"] if "optimizer" in before else None)
+    batch = overrides.get("batch_size", saved.get("batch_size", TrainConfig.batch_size))
+    values = recipe_values(name, batch * world, optimizer, family)
+    derived = {k: v for k, v in values.items() if k not in given and saved.get(k) != v}
+    return {**derived, **overrides, "recipe": name, "given": sorted(given)}
+
+
+def inferred_given(saved: dict[str, Any], world: int, family: str) -> list[str]:
+    """The settings a run saved before `given` was recorded was given: those that differ from its recipe's."""
+    optimizer = saved.get("optimizer")
+    values = recipe_values(saved["recipe"], saved.get("batch_size", TrainConfig.batch_size) * world,
+                           optimizer if optimizer != RECIPES[saved["recipe"]]["optimizer"] else None, family)
+    return [k for k in RECIPE_FIELDS if k in saved and saved[k] != values[k]]
+
+
+def describe_recipe(cfg: TrainConfig, given: dict[str, Any], family: str = "batchnorm") -> str:
     """One line for the start of a run: the recipe, and which of its settings the command line changed."""
     own = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in RECIPE_FIELDS if k in given]
     other = "optimizer" in given and "lr" not in given and cfg.optimizer != RECIPES[cfg.recipe]["optimizer"]
-    return (f"recipe {cfg.recipe}: {cfg.optimizer} lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, {cfg.scheduler} "
+    kind = f" (for {FAMILIES[family]})" if cfg.recipe == "modern" and "lr" not in given else ""
+    return (f"recipe {cfg.recipe}: {cfg.optimizer} lr {cfg.lr:g}{kind}, weight decay {cfg.weight_decay:g}, "
+            f"{cfg.scheduler} "
             f"schedule" + (f" after {cfg.warmup_epochs} warm-up epoch(s)" if cfg.warmup_epochs else "") +
             (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "") +
             (f" (given: {', '.join(own)})" if own else "") + "; --recipe seed or modern to choose another" +

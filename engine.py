@@ -35,7 +35,7 @@ import models
 import multilabel
 import splits
 from checkpoint import Preprocess
-from config import TrainingError, UsageError
+from config import Diverged, TrainingError, UsageError
 
 # ----------------------------------------------------------------------------- machine
 
@@ -417,6 +417,20 @@ class Learner:
     mix: Callable | None = None
     ema: Ema | None = None
     multilabel: bool = False  # targets are multi-hot: no training accuracy to count
+    precision: str = "fp32"  # what the forward pass runs in: fp32, bf16 or fp16 (for the advice on a NaN)
+
+    def diverged(self, said: str) -> Diverged:
+        """A NaN or infinite loss, said with what to change: the lr (a third of the run's), and fp16's range."""
+        lr, base = self.optimizer.param_groups[0]["lr"], self.optimizer.param_groups[0]["base_lr"]
+        return Diverged(f"{said} (lr {lr:.3g}, {self.precision}): the training diverged; try --lr {base / 3:.2g} (a "
+                        "third of this run's) or find one with --lr-find" +
+                        (", or --no-amp (fp16's range is narrow: large activations overflow)"
+                         if self.precision == "fp16" else "") + "; the checkpoints written so far are kept")
+
+
+def precision_name(device: torch.device, amp: bool) -> str:
+    dtype = autocast_dtype(device, amp)
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 class Ema:
@@ -613,10 +627,8 @@ def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor, where: str) -
                                        ).tolist()
     if anywhere:
         learner.optimizer.zero_grad(set_to_none=True)
-        lr = learner.optimizer.param_groups[0]["lr"]
         said = f"loss became {value}" if not math.isfinite(value) else "loss became non-finite in another process"
-        raise TrainingError(f"{said} at {where} (lr {lr:.3g}): try a lower --lr; the checkpoints written so far "
-                            "are kept")
+        raise learner.diverged(f"{said} at {where}")
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
     if learner.ema is not None:

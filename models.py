@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import os
 import re
 from collections import OrderedDict
@@ -119,6 +120,23 @@ def check_input_size(arch: str, img_size: int) -> None:
     except (RuntimeError, ValueError, AssertionError) as e:
         raise UsageError(f"{arch} cannot take {img_size}-pixel images ({checkpoint.first_line(e)}): "
                          f"use another --img-size, e.g. its weights' {preprocessing(arch).img_size}") from None
+
+
+@functools.cache
+def family(arch: str) -> str:
+    """What the recipe's lr depends on (config.MODERN_LR), read from the network's layers (built on the meta
+    device: no memory, no weights): 'layernorm' with LayerNorm (transformers, ConvNeXt; MaxViT has BatchNorm
+    too), else 'batchnorm' with BatchNorm, else 'plain' (no normalisation: VGG, AlexNet, SqueezeNet)."""
+    try:
+        with torch.device("meta"):
+            layers = [type(m) for m in network(arch, 2).modules()]
+    except NotImplementedError:  # a builder that computes with tensors (RegNet's widths): built for real
+        layers = [type(m) for m in network(arch, 2).modules()]
+    if any(issubclass(t, (nn.LayerNorm, nn.GroupNorm)) for t in layers):
+        return "layernorm"
+    if any(issubclass(t, nn.modules.batchnorm._NormBase) for t in layers):
+        return "batchnorm"
+    return "plain"
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:

@@ -45,6 +45,7 @@ import multilabel
 import plots
 from checkpoint import Preprocess
 from config import (
+    Diverged,
     TrainConfig,
     TrainingError,
     UsageError,
@@ -52,7 +53,7 @@ from config import (
     describe_recipe,
     file_name,
     identity_changes,
-    recipe_settings,
+    resumed_recipe,
     validate,
     with_recipe,
 )
@@ -78,6 +79,7 @@ from engine import (
     pick_device,
     precise_bn_images,
     precision,
+    precision_name,
     predict,
     recompute_batchnorm,
     same_buffers,
@@ -92,6 +94,7 @@ from engine import (
     trains_batchnorm,
     tune_cpu_allocator,
 )
+from health import Health, largest_share
 
 RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
              "curves.png", "lr_find.png", "lr_find.json", "resumes.jsonl", "model_summary.txt", "events.out.tfevents.*",
@@ -273,9 +276,9 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
     the settings of it not given). What defines the run (IDENTITY) cannot change; everything else
     takes effect."""
     if not given.get("resume"):
-        cfg = TrainConfig(**with_recipe(given, world))
+        models.check_name(given.get("model", TrainConfig.model))
+        cfg = TrainConfig(**with_recipe(given, world, models.family(given.get("model", TrainConfig.model))))
         validate(cfg)
-        models.check_name(cfg.model)
         models.check_input_size(cfg.model, models.preprocessing(cfg.model, cfg.img_size).img_size)
         if cfg.out:
             return cfg, Start(Path(cfg.out))
@@ -295,9 +298,8 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
                          "one and --overwrite)")
     saved.setdefault("recipe", "seed")  # a run from before recipes had the seed's settings as defaults
     overrides = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite")}
-    if "recipe" in overrides:
-        batch = overrides.get("batch_size", saved.get("batch_size", TrainConfig.batch_size))
-        overrides = recipe_settings(overrides, saved["mode"], batch, world)
+    models.check_name(saved["model"])
+    overrides = resumed_recipe(saved, overrides, world, models.family(saved["model"]))
     if saved.get("img_size") is None and overrides.get("img_size") is not None:  # trained at the weights' own size
         trained = ckpt["preprocess"]["img_size"] if ckpt else models.preprocessing(saved["model"]).img_size
         if overrides["img_size"] == trained:
@@ -309,10 +311,9 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
         raise UsageError("--lr-find starts no run: use it without --resume")
     cfg = TrainConfig(**{**saved, **overrides, "resume": str(last), "out": str(run_dir)})
     validate(cfg)
-    models.check_name(cfg.model)
     if cfg.data != "demo":
         folders.check_cache_outside(cfg.data, cfg.cache_dir)
-    changes = {k: [saved.get(k), v] for k, v in overrides.items() if saved.get(k) != v}
+    changes = {k: [saved.get(k), v] for k, v in overrides.items() if saved.get(k) != v and k != "given"}
     return cfg, Start(run_dir, ckpt, in_place=True, changes=changes, epochs_given="epochs" in given)
 
 
@@ -618,7 +619,7 @@ def train(given: dict[str, Any]) -> int:
     if lead and start.ckpt is None and start.in_place:
         print(f"{start.run_dir} was stopped before its first checkpoint: starting it again there")
     if lead and start.ckpt is None and not cfg.lr_find:
-        print(describe_recipe(cfg, given))
+        print(describe_recipe(cfg, given, models.family(cfg.model)))
     if finished(start, cfg):
         if lead:
             print(nothing_to_do(start))
@@ -760,9 +761,10 @@ def fit(run: Run, model: nn.Module) -> int:
     schedule = Schedule(cfg, run.start.ckpt["history"] if run.start.ckpt else [])
     learner = Learner(net, optimizer, scaler, criterion, inputs.to_input, autocast, device, schedule,
                       make_mix(cfg, len(run.split.classes)), make_ema(cfg, inner, len(train_loader), run.start),
-                      run.split.multilabel)
+                      run.split.multilabel, precision_name(device, cfg.amp))
     loop = Loop(run, model, inner, learner, schedule)
     loop.batchnorms, loop.statistics = statistics_images(run, model, inputs, workers)
+    loop.val_loader = val_loader
     if run.lead:
         loop.open_log(sampler.per_rank)
     return loop.run(train_loader, val_loader, sampler, inputs.use_features)
@@ -775,7 +777,7 @@ def statistics_images(run: Run, model: nn.Module, inputs: Inputs, workers: int) 
     models.set_train_mode(model, True, run.cfg.mode)
     layers = trained_batchnorms(inputs.net)
     if not run.cfg.precise_bn or inputs.use_features or not layers:
-        return [], None
+        return layers, None
     plain = copy.copy(inputs.train)
     plain.transform = inputs.val.transform
     count = precise_bn_images(len(plain))
@@ -970,8 +972,12 @@ class Loop:
         self.time_before = ckpt.get("train_time_s", sum(h["time_s"] for h in self.history))
         self.writer: Any = None
         self.best_ckpt: dict[str, Any] | None = None  # the best epoch's checkpoint while it is not yet written
-        self.batchnorms: list[str] = []  # precise BN: the layers, and the images (statistics_images)
+        self.batchnorms: list[str] = []  # the BatchNorm layers that train; precise BN's images (statistics_images)
         self.statistics: DataLoader | None = None
+        self.val_loader: DataLoader | None = None
+        split = run.split
+        self.health = Health(largest_share(split.counts(split.val)), largest_share(split.counts(split.train)),
+                             len(split.classes), self.multi, run.cfg.precise_bn, dict(ckpt.get("warnings", {})))
         self.finished = False
 
     def open_log(self, per_epoch: int) -> None:
@@ -1000,7 +1006,8 @@ class Loop:
             **({"calibration": self.calibration} if self.calibration else {}),
             **({"best_confusion": self.best_confusion} if self.best_confusion else {}),
             **({"multilabel": True, "thresholds": self.thresholds, "best_ap": self.best_ap} if self.multi else {}),
-            **({"ema": self.learner.ema.state_dict()} if self.learner.ema else {}))
+            **({"ema": self.learner.ema.state_dict()} if self.learner.ema else {}),
+            **({"warnings": dict(self.health.said)} if self.health.said else {}))
 
     def train_time(self) -> float:
         return self.time_before + time.perf_counter() - self.started
@@ -1035,12 +1042,17 @@ class Loop:
                 return self.stopped_at_once()
             except KeyboardInterrupt:
                 return self.interrupted(sampler.per_rank)
-            except Exception:
+            except Exception as e:
                 if stop_requested():  # a DataLoader worker ended by the same Ctrl-C or SIGTERM
                     return self.interrupted(sampler.per_rank)
                 # a NaN, out of memory, a bug: the best model found so far is kept all the same
                 if self.lead:
                     self.save_best()
+                if isinstance(e, Diverged):
+                    self.health.add("diverged", str(e))
+                    if self.lead:
+                        self.writer.add_text("warnings", str(e), self.progress.epoch + 1)
+                        self.write_summary(self.train_time(), stopped="diverged")
                 raise
             if self.lead:
                 self.finish()
@@ -1081,9 +1093,7 @@ class Loop:
             raise TrainingError(f"no validation image could be read after epoch {epoch + 1}: check the data folder "
                                 "(python dataset.py check)")
         if not math.isfinite(val["loss"]):  # the last steps diverged: the model's outputs are NaN, never "best"
-            raise TrainingError(f"validation loss became {val['loss']} after epoch {epoch + 1} (lr "
-                                f"{self.learner.optimizer.param_groups[0]['lr']:.3g}): the model diverged; try a lower "
-                                "--lr; the checkpoints written so far are kept")
+            raise self.learner.diverged(f"validation loss became {val['loss']} after epoch {epoch + 1}")
         self.schedule.end_epoch(val["score"])
         progress.next_epoch()
         row = self.history_row(epoch + 1, stats, val, ema_val)
@@ -1100,6 +1110,8 @@ class Loop:
             else:
                 self.best_confusion = shown["confusion"]
                 self.calibration = self.calibrate(shown)
+        for line in self.health.check(self.history, self.batch_statistics):
+            self.warn(line, epoch + 1)
         stopping = cfg.patience > 0 and epoch + 1 - self.best_epoch >= cfg.patience
         self.finished = epoch + 1 == cfg.epochs or stopping
         if self.lead:
@@ -1108,6 +1120,27 @@ class Loop:
         if stopping:
             if self.lead:
                 print(f"early stop: no better val {metric_name(self.multi)} for {cfg.patience} epochs")
+
+    def warn(self, line: str, epoch: int) -> None:
+        """A run-health warning: on the screen, and in TensorBoard's text tab (summary.json has them all)."""
+        if self.lead:
+            dataset.warn(line)
+            self.writer.add_text("warnings", dataset.shown(line), epoch)
+
+    def batch_statistics(self) -> float | None:
+        """Validation accuracy of a copy of the network whose BatchNorm layers use each batch's own statistics;
+        None without BatchNorm, or where a batch is too small for them."""
+        if not self.batchnorms or self.val_loader is None:
+            return None
+        net = copy.deepcopy(self.inner).eval()
+        for name in self.batchnorms:
+            net.get_submodule(name).train()
+        try:
+            val = evaluate(net, self.val_loader, self.learner.to_input, contextlib.nullcontext, len(self.classes),
+                           False)
+        except (RuntimeError, ValueError):  # one image left with a 1x1 map in the last batch, say
+            return None
+        return val["acc"]
 
     def history_row(self, epoch: int, stats: dict[str, float], val: dict[str, Any], ema_val: dict[str, Any] | None
                     ) -> dict[str, Any]:
@@ -1127,7 +1160,7 @@ class Loop:
     def validate(self, val_loader: DataLoader) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The trained weights' validation, and with --ema the average's."""
         learner, n = self.learner, len(self.classes)
-        if self.statistics is not None:  # what is validated (and saved) has statistics of its own weights
+        if self.statistics is not None:  # what is validated (and saved) has the statistics of its own weights
             for net in [self.inner] + ([learner.ema.model.module] if learner.ema else []):
                 recompute_batchnorm(net, self.batchnorms, self.statistics, learner.to_input, learner.autocast)
         exact = contextlib.nullcontext  # full precision: the accuracy is the one eval.py computes for best.pt
@@ -1189,7 +1222,8 @@ class Loop:
         print(f"epoch {row['epoch']}/{self.cfg.epochs}  {scores}{row['img_per_s']:.0f} img/s"
               + ("  *best*" if improved else "") + unreadable(bad, val_bad))
 
-    def write_summary(self, train_time_s: float) -> None:
+    def write_summary(self, train_time_s: float, stopped: str | None = None) -> None:
+        """summary.json: the run as it ended (`stopped`: why, when it did not end by itself)."""
         cfg = self.cfg
         scores = ({"best_val_map": self.best_acc, "thresholds": self.thresholds, "val_ap": self.best_ap}
                   if self.multi else
@@ -1198,7 +1232,8 @@ class Loop:
         summary = {**scores, "best_epoch": self.best_epoch, "epochs": self.progress.epoch,
                    "train_img_per_s": float(np.mean([h["img_per_s"] for h in self.history])) if self.history else 0.0,
                    "train_time_s": train_time_s, "classes": self.classes, "multilabel": self.multi,
-                   "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir)}
+                   "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir),
+                   "warnings": self.health.lines(), **({"stopped": stopped} if stopped else {})}
         files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
 
     def finish(self) -> None:

@@ -41,7 +41,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
 from synthetic import make, make_scenes, make_shapes  # noqa: F401  (bench_confidence imports them from here)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,11 +13,12 @@ from torch import nn
 
 import checkpoint
 import engine
+import models
 import plots
 import runs
 import train
 import training
-from config import RECIPES, with_recipe
+from config import MODERN_LR, RECIPES, with_recipe
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +255,31 @@ def test_resuming_a_seed_run_with_the_modern_recipe_takes_all_of_it(data, tmp_pa
     assert train.main(["--resume", str(run), "--epochs", "2", "--recipe", "modern"]) == 0
     saved = json.loads((run / "config.json").read_text())
     assert (saved["optimizer"], saved["weight_decay"], saved["lr"]) == ("adamw", 0.05, 0.000707)  # batch 8
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["settings-given-recorded", "run-from-before-the-record"])
+def test_a_resume_with_another_optimizer_has_the_settings_a_new_run_with_those_flags_has(data, tmp_path, recorded):
+    run, new = tmp_path / "run", tmp_path / "new"
+    assert train.main(train_args(data, run, "--mode", "scratch", "--lr", "0.003")) == 0
+    if not recorded:  # as saved before the given settings were recorded: inferred from what differs
+        state = checkpoint.load(run / "last.pt")
+        del state["config"]["given"]
+        checkpoint.save(state, run / "last.pt")
+    assert train.main(["--resume", str(run), "--epochs", "2", "--optimizer", "sgd"]) == 0
+    assert train.main(train_args(data, new, "--mode", "scratch", "--lr", "0.003", "--optimizer", "sgd")) == 0
+    resumed, fresh = (json.loads((p / "config.json").read_text()) for p in (run, new))
+    assert resumed["weight_decay"] == fresh["weight_decay"] == 0.0  # not the modern recipe's AdamW 0.05
+    assert resumed["lr"] == fresh["lr"] == 0.003  # given at the start: kept
+
+
+def test_the_modern_recipe_takes_the_lr_of_the_networks_family():
+    for family, lr in MODERN_LR.items():
+        assert with_recipe({"data": "x", "mode": "scratch", "model": "m"}, family=family)["lr"] == lr
+    assert (models.family("vgg11"), models.family("resnet18"), models.family("convnext_tiny")) == \
+        ("plain", "batchnorm", "layernorm")
+
+
+def test_the_lr_the_recipe_chose_for_the_family_is_said_at_the_start(data, tmp_path, capsys):
+    assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch", "--model", "squeezenet1_1")) == 0
+    lr = round(MODERN_LR["plain"] * math.sqrt(8 / 64), 6)  # (batch 8)
+    assert f"recipe modern: adamw lr {lr:g} (for networks without normalisation layers)" in capsys.readouterr().out
