@@ -248,6 +248,9 @@ class TrainConfig:
     fold: int = opt(0, "which fold this run validates on (1..K; set by --folds)", cli=False)
     img_size: int | None = opt(None, "training/eval crop size in pixels, 16 to 4096 (default: the weights' own, 224)",
                                type=int)
+    progressive: float = opt(0.0, "progressive resizing: the first epochs train on crops this share of --img-size "
+                             "(e.g. 0.75), growing to --img-size from 40%% to 80%% of the epochs; cheaper early epochs "
+                             "(0: off)")
     augment: str = opt("basic", "training augmentation preset",
                        choices=("none", "basic", "randaugment", "trivialaugment"))
     min_scale: float = opt(0.35, "smallest area share kept by the random resized crop")
@@ -346,6 +349,15 @@ MODERN_LR = {"batchnorm": 2e-3, "layernorm": 1e-3, "plain": 5e-4}
 # the built-in demo (8x8 digits, upscaled) chooses its own size, length, mode and no flips, unless given:
 # about a minute on 2 CPU cores, offline (no ImageNet weights needed)
 DEMO = {"mode": "scratch", "img_size": 32, "epochs": 10, "hflip": 0.0}
+
+
+def progressive_size(epoch: int, epochs: int, img_size: int, start: float) -> int:
+    """The training crop size of an epoch (0-based) under --progressive `start`: start x img_size for the first
+    40% of the epochs, growing linearly to img_size at 80%, img_size after; a multiple of 8, at least 16."""
+    t = min(1.0, max(0.0, (epoch / max(1, epochs) - 0.4) / 0.4))
+    if not start or t >= 1:
+        return img_size
+    return min(img_size, max(16, int(img_size * (start + (1 - start) * t)) // 8 * 8))
 
 
 def file_name(model: str) -> str:
@@ -486,6 +498,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.img_size is None or 16 <= cfg.img_size <= MAX_IMG_SIZE,
          f"--img-size must be between 16 and {MAX_IMG_SIZE} (one {MAX_IMG_SIZE} px image is 50 MB decoded)"),
         (0 < cfg.min_scale <= 1, "--min-scale must be in (0, 1]"),
+        (cfg.progressive == 0 or 0.25 <= cfg.progressive <= 1, "--progressive must be 0 (off) or a share of "
+         "--img-size between 0.25 and 1 (e.g. 0.75)"),
         (0 <= cfg.hflip <= 1, "--hflip must be a probability"),
         (0 <= cfg.max_bad_fraction <= 1, "--max-bad-fraction must be between 0 and 1"),
         (0 < cfg.max_file_mb < math.inf, MAX_FILE_MB_RULE),

@@ -949,9 +949,10 @@ class ImageDataset(Dataset):
             if epoch is None:
                 x = self.transform(x)
             else:
+                transform = self.transform.at(epoch) if isinstance(self.transform, BySize) else self.transform
                 with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
                     torch.manual_seed(derived_seed(self.seed, epoch, i))
-                    x = self.transform(x)
+                    x = transform(x)
         return x, self.labels[i], i
 
 
@@ -989,6 +990,24 @@ def train_transform(img_size: int, augment: str = "basic", min_scale: float = 0.
     elif augment == "trivialaugment":
         steps.append(v2.TrivialAugmentWide())
     return v2.Compose(steps)
+
+
+class BySize:
+    """Training crops whose size depends on the epoch (progressive resizing: small crops first, cheaper,
+    then --img-size): the dataset asks for the epoch's transform, so every worker process and every resume
+    takes the same size for an epoch."""
+
+    def __init__(self, size_of: Callable[[int], int], make: Callable[[int], Callable]):
+        self.size_of, self.make, self.made = size_of, make, {}
+
+    def at(self, epoch: int) -> Callable:
+        size = self.size_of(epoch)
+        if size not in self.made:
+            self.made[size] = self.make(size)
+        return self.made[size]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # without an epoch: the final size
+        return self.at(sys.maxsize)(x)
 
 
 def eval_transform(img_size: int) -> Callable:

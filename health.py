@@ -13,7 +13,8 @@ prints every warning of its runs, seed recipe and defaults, on every model and d
 - rising: a training loss that rises over the first epochs (lr too high).
 - overfit: training accuracy far above validation's (above chance) while the validation loss climbs.
 - diverged: a loss that became NaN or infinite (the run stops at once; said by the loop, kept here).
-Multi-label runs have no accuracies: there only the loss-based kinds apply.
+Multi-label runs have no accuracies: there only the loss-based kinds apply. With --progressive the checks
+read the epochs at the final crop size only (a smaller crop changes the loss and the accuracy by itself).
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ from config import (
     describe_recipe,
     file_name,
     identity_changes,
+    progressive_size,
     resumed_recipe,
     validate,
     with_recipe,
@@ -279,7 +280,9 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
         models.check_name(given.get("model", TrainConfig.model))
         cfg = TrainConfig(**with_recipe(given, world, models.family(given.get("model", TrainConfig.model))))
         validate(cfg)
-        models.check_input_size(cfg.model, models.preprocessing(cfg.model, cfg.img_size).img_size)
+        size = models.preprocessing(cfg.model, cfg.img_size).img_size
+        models.check_input_size(cfg.model, progressive_size(0, cfg.epochs, size, cfg.progressive))
+        models.check_input_size(cfg.model, size)
         if cfg.out:
             return cfg, Start(Path(cfg.out))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -858,6 +861,9 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
             cache.build(progress=run.lead, skip={p for p, _ in split.skipped})
         barrier(preparation=True)
     augment = dataset.train_transform(pre.img_size, cfg.augment, cfg.min_scale, cfg.hflip)
+    if cfg.progressive:
+        augment = dataset.BySize(lambda epoch: progressive_size(epoch, cfg.epochs, pre.img_size, cfg.progressive),
+                                 lambda size: dataset.train_transform(size, cfg.augment, cfg.min_scale, cfg.hflip))
     n = len(split.classes)
     train_ds = dataset.ImageDataset(split.train, pre.resize_size, augment, cache, cfg.seed, max_bytes, n,
                                     pre.interpolation)
@@ -1110,7 +1116,9 @@ class Loop:
             else:
                 self.best_confusion = shown["confusion"]
                 self.calibration = self.calibrate(shown)
-        for line in self.health.check(self.history, self.batch_statistics):
+        settled = [h for h in self.history if progressive_size(h["epoch"] - 1, cfg.epochs, self.preprocess.img_size,
+                                                              cfg.progressive) == self.preprocess.img_size]
+        for line in self.health.check(settled, self.batch_statistics) if settled else []:  # (epochs of one size)
             self.warn(line, epoch + 1)
         stopping = cfg.patience > 0 and epoch + 1 - self.best_epoch >= cfg.patience
         self.finished = epoch + 1 == cfg.epochs or stopping
@@ -1219,7 +1227,9 @@ class Loop:
                   (f"mAP {row['val_map']:.2f}% F1@0.5 {row['val_f1']:.2f}%  " if self.multi else
                    f"acc {row['val_acc']:.2f}%  ") +
                   (f"EMA {row[f'ema_val_{key}']:.2f}%  " if f"ema_val_{key}" in row else ""))
+        size = progressive_size(row["epoch"] - 1, self.cfg.epochs, self.preprocess.img_size, self.cfg.progressive)
         print(f"epoch {row['epoch']}/{self.cfg.epochs}  {scores}{row['img_per_s']:.0f} img/s"
+              + (f" at {size} px" if size != self.preprocess.img_size else "")
               + ("  *best*" if improved else "") + unreadable(bad, val_bad))
 
     def write_summary(self, train_time_s: float, stopped: str | None = None) -> None:
