@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import files
-from config import UsageError
+from config import UsageError, typed
 
 KIND = "imgcls-checkpoint"
 VERSION = 2  # 2: position in samples and epoch statistics ("progress"); the schedule is derived
@@ -268,7 +268,7 @@ def load_for_resume(path: Path) -> dict[str, Any]:
     ckpt = load(path)
     if "optimizer" not in ckpt:
         raise UsageError(f"{path} holds a model without its training state: resume with "
-                         f"--resume {path.parent} (its last.pt)")
+                         f"--resume {typed(path.parent)} (its last.pt)")
     return ckpt
 
 
@@ -370,6 +370,6 @@ def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
         raise UsageError(f"nothing to resume: {last} does not exist")
     if not last.is_file() and lost_its_last_pt(folder):  # not a run stopped before its first checkpoint
         raise UsageError(f"{last}, the run's training state, is gone, so it cannot be resumed: start a new run "
-                         f"(--weights {folder / 'best.pt'} starts from its best model), or train it again from the "
-                         f"start with its options and --out {folder} --overwrite")
+                         f"(--weights {typed(folder / 'best.pt')} starts from its best model), or train it again from "
+                         f"the start with its options and --out {typed(folder)} --overwrite")
     return folder, last

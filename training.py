@@ -53,6 +53,7 @@ from config import (
     file_name,
     identity_changes,
     recipe_settings,
+    typed,
     validate,
     with_recipe,
 )
@@ -499,7 +500,7 @@ def check_still_there(split: dataset.DataSplit, lead: bool) -> None:
 
 def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
     left = f" and left out {len(split.left_out)} other file(s)" if split.left_out else ""
-    test = f" / {len(split.test)} test (held out; python eval.py --checkpoint {run_dir})" if split.test else ""
+    test = f" / {len(split.test)} test (held out; python eval.py --checkpoint {typed(run_dir)})" if split.test else ""
     kind = "labels" if split.multilabel else "classes"
     print(f"data: {len(split.classes)} {kind}, {len(split.train)} train / {len(split.val)} val{test} images from "
           f"{dataset.shown(split.root)}" + (f"; skipped {len(split.skipped)} unreadable file(s){left}, see "
@@ -668,8 +669,8 @@ def interrupted_early(run_dir: Path, lead: bool, resumable: bool = True) -> int:
     """Stopped before training started: nothing to save; a folder without last.pt starts again on resume
     (an lr range test is not resumable: it is run again)."""
     if lead and resumable and not (run_dir / "last.pt").exists():
-        print(f"\ninterrupted before the first checkpoint; start it again with: python train.py --resume {run_dir}",
-              file=sys.stderr)
+        print("\ninterrupted before the first checkpoint; start it again with: python train.py --resume "
+              f"{typed(run_dir)}", file=sys.stderr)
     return 130
 
 
@@ -956,7 +957,7 @@ class Loop:
         start = self.start
         self.writer = SummaryWriter(self.run_dir, purge_step=self.progress.epoch + 1 if start.ckpt else None)
         for note in self.notes:
-            self.writer.add_text("imbalance", dataset.shown(note))
+            self.writer.add_text("imbalance", literal_markdown(note))
         if start.ckpt is not None:
             print(f"resuming {self.run_dir} at {self.progress.where(per_epoch)}" +
                   (" with " + ", ".join(f"--{k.replace('_', '-')} {v[1]}" for k, v in start.changes.items())
@@ -1026,7 +1027,7 @@ class Loop:
         if self.lead:
             self.save_best()  # a finished epoch's best model, held in memory: consistent
             print(f"\nstopped at once: {self.run_dir / 'last.pt'} keeps the last point it saved; continue with: "
-                  f"python train.py --resume {self.run_dir}", file=sys.stderr)
+                  f"python train.py --resume {typed(self.run_dir)}", file=sys.stderr)
         return 130
 
     def interrupted(self, per_epoch: int) -> int:
@@ -1036,7 +1037,7 @@ class Loop:
             if self.history:
                 write_metrics(self.run_dir, self.history)
             print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / 'last.pt'}; "
-                  f"continue with: python train.py --resume {self.run_dir}", file=sys.stderr)
+                  f"continue with: python train.py --resume {typed(self.run_dir)}", file=sys.stderr)
         return 130
 
     def one_epoch(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
@@ -1231,6 +1232,12 @@ def make_mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
     if not choices:
         return None
     return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def literal_markdown(text: str) -> str:
+    """Text that TensorBoard, which renders Markdown, shows as written: an indented code block (a class
+    `__background__` is no bold 'background', `[a](b)` no link)."""
+    return "\n".join("    " + line for line in dataset.shown(text).splitlines())
 
 
 SCALARS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc",

@@ -235,3 +235,18 @@ def test_the_head_is_found_by_one_rule_before_and_after_it_is_replaced():
         assert models.head_of(model)[0] == before
         assert models.head_of(models.from_checkpoint(
             {"arch": name, "classes": ["a", "b", "c"], "model": model.state_dict()}))[0] == before
+
+
+def test_class_names_in_tensorboard_notes_are_shown_as_written_not_as_markdown(tmp_path):
+    """TensorBoard renders text as Markdown: __background__ would be a bold 'background'."""
+    from tensorboard import plugin_util
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    names = {"__background__": (0, 0, 0), "*star*": (255, 255, 255), "[link](x)": (255, 0, 0)}
+    data = make_folder(tmp_path / "d", per_class=4, classes=names)
+    assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch", "--class-weights", "auto")) == 0
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("imbalance/text_summary")[0].tensor_proto.string_val[0].decode()
+    page = plugin_util.markdown_to_safe_html(text)
+    assert all(f"{name}=" in page for name in names), page
