@@ -298,7 +298,8 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
                 fill: ImageCache | CompactCache | None = None, max_bytes: int = MAX_BYTES,
                 share: Share | None = None) -> dict[str, tuple[str | None, str, str]]:
     """(reason to skip or None, sha1, perceptual hash) per file, inspected in parallel; results are
-    cached by files.identity() so re-checks are quick.
+    cached by files.identity() so re-checks are quick. "Too large" depends on `max_bytes`, not on the file:
+    it is decided from the size each time, never remembered (a remembered verdict would outlive the limit).
     With `fill` (a cache of these paths), each image decoded by the check is also written to that
     cache, so a first run decodes every file once, not twice; the cache is complete on return.
     With `share`, each machine of a torchrun job inspects a share of the files (filling its own cache)."""
@@ -312,8 +313,11 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
         if stamp[0] < 0:
             results[p] = ("missing", "", "")
             continue
+        if stamp[0] > max_bytes:
+            results[p] = (folders.too_large(stamp[0], max_bytes), "", "")
+            continue
         entry = known.get(p)
-        if isinstance(entry, list) and len(entry) == 6 and entry[:3] == stamp:
+        if isinstance(entry, list) and len(entry) == 6 and entry[:3] == stamp and not is_too_large(entry[3]):
             results[p] = tuple(entry[3:])
         else:
             todo.append((p, stamp))
@@ -332,12 +336,18 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
             raise
         for p, stamp in todo:
             results[p] = found[p]
-            known[p] = [*stamp, *found[p]]
+            if not is_too_large(found[p][0]):  # (grown since it was stat'ed)
+                known[p] = [*stamp, *found[p]]
         files.atomic_write_text(cache_root(cache_dir) / "checks.json",
                                 json.dumps({"version": CHECK_VERSION, "files": known}))
     if fill is not None:  # images whose check was remembered from an earlier run are decoded now
         fill.build(progress, skip={p for p, result in results.items() if result[0]})
     return results
+
+
+def is_too_large(reason: str | None) -> bool:
+    """A verdict of the size limit in force, not of the file (folders.too_large)."""
+    return bool(reason) and reason.startswith(folders.TOO_LARGE)
 
 
 def inspect_all(paths: list[str], fill: ImageCache | CompactCache | None, max_bytes: int, progress: bool = True
