@@ -441,6 +441,9 @@ class DataSplit:
     repeats: list[tuple[str, str, int]] = field(default_factory=list)  # look-alikes within a class
     test: list[tuple[str, int]] = field(default_factory=list)  # held out from training and model selection
     multilabel: bool = False  # a label file's `labels` column: each item's label is a tuple of label indices
+    # `test` was set aside from the checked files (--test-split), so the check put it into the image cache too
+    # (False in split.json files of older runs, whose cache left it out)
+    test_cached: bool = False
 
     def save(self, path: Path) -> None:
         files.atomic_write_text(path, json.dumps(asdict(self), indent=1))
@@ -456,8 +459,10 @@ class DataSplit:
         return cls(**d)
 
     def files(self) -> list[str]:
-        """Every file that was checked, in the order the image cache stores them."""
-        return sorted([p for p, _ in self.train + self.val] + [p for p, _ in self.skipped])
+        """Every file that was checked, in the order the image cache stores them: the cache the check
+        filled is the one training reads (one decode of each image, one cache)."""
+        return sorted([p for p, _ in self.train + self.val + (self.test if self.test_cached else [])] +
+                      [p for p, _ in self.skipped])
 
     def counts(self, items: list[tuple[str, Any]]) -> list[int]:
         """Images per class (per label: the images that have it)."""
@@ -558,7 +563,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
         [[p for p, y in items if y == c] for items in (train, val) for c in range(len(classes))]
     repeats = [pair for group in within for pair in lookalikes(group, None, looks)]
     return DataSplit(str(root), classes, train, val, skipped, leaks, walk.skipped, walk.ignored, repeats, test,
-                     many)
+                     many, test_cached=bool(test_split))
 
 
 def folder_sets(root: Path, walk: folders.Walk) -> tuple[list[str], dict[str, list[tuple[str, int]]], str, Path]:
