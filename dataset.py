@@ -931,9 +931,9 @@ def warn(message: str) -> None:
 class ImageDataset(Dataset):
     """(uint8 CHW tensor, label, index) per image; an unreadable image gives None, never an exception.
 
-    Keyed by an index, or by (index, epoch) as ResumableSampler yields: then the augmentation of that
-    image in that epoch is seeded from (seed, epoch, index), the same in any worker process and after
-    any resume.
+    Keyed by an index, or by (index, epoch[, draw]) as ResumableSampler yields: then the augmentation of
+    that draw of the image in that epoch is seeded from (seed, epoch, index[, draw]), the same in any worker
+    process and after any resume. An image's first draw keeps the seed it had before draws were counted.
     """
 
     def __init__(self, items: list[tuple[str, Any]], size: int, transform: Callable | None = None,
@@ -947,8 +947,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | None:
-        i, epoch = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, int, int] | None:
+        i, epoch, draw = (*key, 0)[:3] if isinstance(key, tuple) else (key, None, 0)
         if self.cache is not None:
             arr = self.cache.get(self.paths[i])
             if arr is None:
@@ -965,7 +965,8 @@ class ImageDataset(Dataset):
                 x = self.transform(x)
             else:
                 with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
-                    torch.manual_seed(derived_seed(self.seed, epoch, i))
+                    torch.manual_seed(derived_seed(self.seed, epoch, i, draw) if draw else
+                                      derived_seed(self.seed, epoch, i))  # a first draw: the seed it always had
                     x = self.transform(x)
         return x, self.labels[i], i
 
