@@ -507,6 +507,13 @@ def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
                                             f"{run_dir / 'skipped.txt'}" if split.not_used() else ""))
     if split.ignored:
         print(folders.ignored_line(split.ignored))
+    if split.multilabel:
+        untrained = [c for c, n, m in zip(split.classes, split.counts(split.train), split.counts(split.val))
+                     if not n and m >= 2]
+        if untrained:  # k folds: images whose labels pair them off cannot always be spread over the folds
+            dataset.warn(f"label(s) with no training image: {', '.join(map(dataset.shown, untrained[:10]))}"
+                         + (" ..." if len(untrained) > 10 else "") + ": every image of them is validated on, so "
+                         "the model cannot learn them (with --folds: their images could not be spread over the folds)")
     unseen = [c for c, n in zip(split.classes, split.counts(split.val)) if not n] if split.multilabel else []
     if unseen:
         dataset.warn(f"label(s) with no validation image: {', '.join(map(dataset.shown, unseen[:10]))}"
