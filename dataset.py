@@ -239,7 +239,8 @@ def decode(path: str | os.PathLike, draft: int | None = None, max_bytes: int = M
 
 def load_image(path: str | os.PathLike, size: int, max_bytes: int = MAX_BYTES, interpolation: str = "bilinear"
                ) -> np.ndarray:
-    """Decode to a size x size x 3 uint8 array: shorter side resized to `size`, centre crop."""
+    """Decode to a size x size x 3 uint8 array: shorter side resized to `size`, centre crop (or as the
+    crop mode in `interpolation` says: square)."""
     return square(decode(path, size, max_bytes), size, interpolation)
 
 
@@ -248,10 +249,22 @@ FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Imag
 
 
 def square(img: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """The size x size picture every dataset and cache holds, resized with `interpolation`: the shorter side
+    resized and the centre cropped; or, after a '/' (checkpoint.Preprocess.resample: timm's crop modes),
+    'squash' (the whole picture resized to the square) or 'border/R,G,B' (its longer side resized, centred
+    on a square of that colour)."""
+    name, _, mode = interpolation.partition("/")
     w, h = img.size
+    if mode.startswith("border/"):
+        inner = (max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h))))
+        fill = tuple(int(v) for v in mode.split("/")[1].split(","))
+        canvas = Image.new("RGB", (size, size), fill)
+        canvas.paste(img.resize(inner, FILTERS[name], reducing_gap=3.0), ((size - inner[0]) // 2,
+                                                                        (size - inner[1]) // 2))
+        return np.array(canvas, dtype=np.uint8)
     s = min(w, h)
-    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-    img = img.resize((size, size), FILTERS[interpolation], box=box, reducing_gap=3.0)
+    box = (0, 0, w, h) if mode == "squash" else ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+    img = img.resize((size, size), FILTERS[name], box=box, reducing_gap=3.0)
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 

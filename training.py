@@ -476,7 +476,7 @@ def load_split(cfg: TrainConfig, start: Start, pre: Preprocess, lead: bool) -> d
             cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
             cache_size=pre.resize_size if cfg.image_cache != "none" else None, max_file_mb=cfg.max_file_mb,
             test_split=cfg.test_split, folds=cfg.folds, fold=cfg.fold, label_sep=cfg.label_sep,
-            image_cache=cfg.image_cache, interpolation=pre.interpolation,
+            image_cache=cfg.image_cache, interpolation=pre.resample,
             share=share_check if dist.is_initialized() else None))
 
     return dataset.DataSplit(**from_lead(check, lead, mine={"cache_dir": cfg.cache_dir}))  # (each its own folder)
@@ -732,7 +732,7 @@ def fit(run: Run, model: nn.Module) -> int:
     # the cache's kind, decided once, by rank 0, for every process (auto looks at the free disk, which
     # the caches change)
     kind = broadcast(dataset.cache_kind(cfg.image_cache, run.split.files(), run.preprocess.resize_size, cfg.cache_dir,
-                                        int(cfg.max_file_mb * 2**20), run.preprocess.interpolation)
+                                        int(cfg.max_file_mb * 2**20), run.preprocess.resample)
                      if run.lead else None)
     # workers sized for this machine (compact JPEGs need decoding); left unresolved in the config so a
     # resume elsewhere sizes them again
@@ -834,7 +834,7 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
     cache folder shared by the machines is built by the first to get there."""
     cfg, split, pre = run.cfg, run.split, run.preprocess
     max_bytes = int(cfg.max_file_mb * 2**20)
-    cache = dataset.make_cache(kind, split.files(), pre.resize_size, cfg.cache_dir, max_bytes, pre.interpolation)
+    cache = dataset.make_cache(kind, split.files(), pre.resize_size, cfg.cache_dir, max_bytes, pre.resample)
     if cache is not None:
         run.say(dataset.cache_chosen(kind, cfg.image_cache))
         if run.local_lead:  # one per machine: the cache folder is on each machine's own disk (or shared)
@@ -843,9 +843,9 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
     augment = dataset.train_transform(pre.img_size, cfg.augment, cfg.min_scale, cfg.hflip)
     n = len(split.classes)
     train_ds = dataset.ImageDataset(split.train, pre.resize_size, augment, cache, cfg.seed, max_bytes, n,
-                                    pre.interpolation)
+                                    pre.resample)
     val_ds = dataset.ImageDataset(split.val, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes, num_classes=n,
-                                  interpolation=pre.interpolation)
+                                  interpolation=pre.resample)
     return Inputs(train_ds, val_ds, model, image_input)
 
 
