@@ -16,6 +16,7 @@ import gc
 import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,6 +93,12 @@ def started_as(file: str, interpreter_args: list[str], main_origin: str | None =
                     return value == Path(file).stem and main_origin is not None and same_file(main_origin, file)
                 break
     return False
+
+
+def typed(path: str | os.PathLike) -> str:
+    """A path as it must be typed in a command we print for the user to run: quoted where a shell would
+    split or expand it (`my $run`), names that are not UTF-8 with \\xNN."""
+    return shlex.quote(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 def same_file(a: str, b: str) -> bool:

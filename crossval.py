@@ -20,7 +20,7 @@ import numpy as np
 
 import files
 from checkpoint import CV_SETTINGS as SETTINGS
-from config import TrainConfig, UsageError, file_name, identity_changes, imports_done
+from config import TrainConfig, UsageError, file_name, identity_changes, imports_done, typed
 
 SUMMARY = "cv_summary.json"
 
@@ -44,7 +44,7 @@ def main(given: dict[str, Any]) -> int:
                 raise
             if code:
                 if code == 130 and rank == 0:
-                    print(f"the cross-validation job continues with: python train.py --resume {parent}",
+                    print(f"the cross-validation job continues with: python train.py --resume {typed(parent)}",
                           file=sys.stderr)
                 return code
         if rank == 0:
@@ -127,7 +127,7 @@ def summarise(parent: Path, folds: int) -> dict[str, Any]:
                                enumerate(r["val_confusion"])] for r in runs], dtype=float)
     except (OSError, ValueError, TypeError, KeyError, IndexError) as e:
         raise UsageError(f"a fold's summary.json in {parent} cannot be read ({e.__class__.__name__}): resume the "
-                         f"job to write it again, python train.py --resume {parent}") from None
+                         f"job to write it again, python train.py --resume {typed(parent)}") from None
 
     def spread(values: np.ndarray) -> dict[str, float | None]:
         values = values[~np.isnan(values)]

@@ -239,7 +239,8 @@ def decode(path: str | os.PathLike, draft: int | None = None, max_bytes: int = M
 
 def load_image(path: str | os.PathLike, size: int, max_bytes: int = MAX_BYTES, interpolation: str = "bilinear"
                ) -> np.ndarray:
-    """Decode to a size x size x 3 uint8 array: shorter side resized to `size`, centre crop."""
+    """Decode to a size x size x 3 uint8 array: shorter side resized to `size`, centre crop (or as the
+    crop mode in `interpolation` says: square)."""
     return square(decode(path, size, max_bytes), size, interpolation)
 
 
@@ -248,10 +249,22 @@ FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Imag
 
 
 def square(img: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """The size x size picture every dataset and cache holds, resized with `interpolation`: the shorter side
+    resized and the centre cropped; or, after a '/' (checkpoint.Preprocess.resample: timm's crop modes),
+    'squash' (the whole picture resized to the square) or 'border/R,G,B' (its longer side resized, centred
+    on a square of that colour)."""
+    name, _, mode = interpolation.partition("/")
     w, h = img.size
+    if mode.startswith("border/"):
+        inner = (max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h))))
+        fill = tuple(int(v) for v in mode.split("/")[1].split(","))
+        canvas = Image.new("RGB", (size, size), fill)
+        canvas.paste(img.resize(inner, FILTERS[name], reducing_gap=3.0), ((size - inner[0]) // 2,
+                                                                        (size - inner[1]) // 2))
+        return np.array(canvas, dtype=np.uint8)
     s = min(w, h)
-    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-    img = img.resize((size, size), FILTERS[interpolation], box=box, reducing_gap=3.0)
+    box = (0, 0, w, h) if mode == "squash" else ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+    img = img.resize((size, size), FILTERS[name], box=box, reducing_gap=3.0)
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
@@ -298,7 +311,8 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
                 fill: ImageCache | CompactCache | None = None, max_bytes: int = MAX_BYTES,
                 share: Share | None = None) -> dict[str, tuple[str | None, str, str]]:
     """(reason to skip or None, sha1, perceptual hash) per file, inspected in parallel; results are
-    cached by files.identity() so re-checks are quick.
+    cached by files.identity() so re-checks are quick. "Too large" depends on `max_bytes`, not on the file:
+    it is decided from the size each time, never remembered (a remembered verdict would outlive the limit).
     With `fill` (a cache of these paths), each image decoded by the check is also written to that
     cache, so a first run decodes every file once, not twice; the cache is complete on return.
     With `share`, each machine of a torchrun job inspects a share of the files (filling its own cache)."""
@@ -312,8 +326,11 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
         if stamp[0] < 0:
             results[p] = ("missing", "", "")
             continue
+        if stamp[0] > max_bytes:
+            results[p] = (folders.too_large(stamp[0], max_bytes), "", "")
+            continue
         entry = known.get(p)
-        if isinstance(entry, list) and len(entry) == 6 and entry[:3] == stamp:
+        if isinstance(entry, list) and len(entry) == 6 and entry[:3] == stamp and not is_too_large(entry[3]):
             results[p] = tuple(entry[3:])
         else:
             todo.append((p, stamp))
@@ -332,12 +349,18 @@ def check_files(paths: list[str], cache_dir: str | None = None, progress: bool =
             raise
         for p, stamp in todo:
             results[p] = found[p]
-            known[p] = [*stamp, *found[p]]
+            if not is_too_large(found[p][0]):  # (grown since it was stat'ed)
+                known[p] = [*stamp, *found[p]]
         files.atomic_write_text(cache_root(cache_dir) / "checks.json",
                                 json.dumps({"version": CHECK_VERSION, "files": known}))
     if fill is not None:  # images whose check was remembered from an earlier run are decoded now
         fill.build(progress, skip={p for p, result in results.items() if result[0]})
     return results
+
+
+def is_too_large(reason: str | None) -> bool:
+    """A verdict of the size limit in force, not of the file (folders.too_large)."""
+    return bool(reason) and reason.startswith(folders.TOO_LARGE)
 
 
 def inspect_all(paths: list[str], fill: ImageCache | CompactCache | None, max_bytes: int, progress: bool = True
@@ -431,6 +454,9 @@ class DataSplit:
     repeats: list[tuple[str, str, int]] = field(default_factory=list)  # look-alikes within a class
     test: list[tuple[str, int]] = field(default_factory=list)  # held out from training and model selection
     multilabel: bool = False  # a label file's `labels` column: each item's label is a tuple of label indices
+    # `test` was set aside from the checked files (--test-split), so the check put it into the image cache too
+    # (False in split.json files of older runs, whose cache left it out)
+    test_cached: bool = False
 
     def save(self, path: Path) -> None:
         files.atomic_write_text(path, json.dumps(asdict(self), indent=1))
@@ -446,8 +472,10 @@ class DataSplit:
         return cls(**d)
 
     def files(self) -> list[str]:
-        """Every file that was checked, in the order the image cache stores them."""
-        return sorted([p for p, _ in self.train + self.val] + [p for p, _ in self.skipped])
+        """Every file that was checked, in the order the image cache stores them: the cache the check
+        filled is the one training reads (one decode of each image, one cache)."""
+        return sorted([p for p, _ in self.train + self.val + (self.test if self.test_cached else [])] +
+                      [p for p, _ in self.skipped])
 
     def counts(self, items: list[tuple[str, Any]]) -> list[int]:
         """Images per class (per label: the images that have it)."""
@@ -548,7 +576,7 @@ def prepare_data(data: str, val_split: float = 0.2, seed: int = 42, cache_dir: s
         [[p for p, y in items if y == c] for items in (train, val) for c in range(len(classes))]
     repeats = [pair for group in within for pair in lookalikes(group, None, looks)]
     return DataSplit(str(root), classes, train, val, skipped, leaks, walk.skipped, walk.ignored, repeats, test,
-                     many)
+                     many, test_cached=bool(test_split))
 
 
 def folder_sets(root: Path, walk: folders.Walk) -> tuple[list[str], dict[str, list[tuple[str, int]]], str, Path]:
@@ -916,9 +944,9 @@ def warn(message: str) -> None:
 class ImageDataset(Dataset):
     """(uint8 CHW tensor, label, index) per image; an unreadable image gives None, never an exception.
 
-    Keyed by an index, or by (index, epoch) as ResumableSampler yields: then the augmentation of that
-    image in that epoch is seeded from (seed, epoch, index), the same in any worker process and after
-    any resume.
+    Keyed by an index, or by (index, epoch[, draw]) as ResumableSampler yields: then the augmentation of
+    that draw of the image in that epoch is seeded from (seed, epoch, index[, draw]), the same in any worker
+    process and after any resume. An image's first draw keeps the seed it had before draws were counted.
     """
 
     def __init__(self, items: list[tuple[str, Any]], size: int, transform: Callable | None = None,
@@ -932,8 +960,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | None:
-        i, epoch = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, int, int] | None:
+        i, epoch, draw = (*key, 0)[:3] if isinstance(key, tuple) else (key, None, 0)
         if self.cache is not None:
             arr = self.cache.get(self.paths[i])
             if arr is None:
@@ -951,7 +979,8 @@ class ImageDataset(Dataset):
             else:
                 transform = self.transform.at(epoch) if isinstance(self.transform, BySize) else self.transform
                 with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
-                    torch.manual_seed(derived_seed(self.seed, epoch, i))
+                    torch.manual_seed(derived_seed(self.seed, epoch, i, draw) if draw else
+                                      derived_seed(self.seed, epoch, i))  # a first draw: the seed it always had
                     x = transform(x)
         return x, self.labels[i], i
 

@@ -144,7 +144,7 @@ def sample_images(data: str | None, pre: Preprocess, n: int, classes: list[str],
         images, labels = [], []
         for k in picks:
             try:
-                arr = dataset.load_image(labelled[k][0], pre.resize_size, max_bytes, pre.interpolation)
+                arr = dataset.load_image(labelled[k][0], pre.resize_size, max_bytes, pre.resample)
             except (dataset.BadImage, OSError):
                 continue
             images.append(torch.from_numpy(arr).permute(2, 0, 1))

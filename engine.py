@@ -296,11 +296,13 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- data
 
-class ResumableSampler(Sampler[tuple[int, int]]):
+class ResumableSampler(Sampler[tuple[int, int, int]]):
     """Shuffled (or class-balanced) order fixed by (seed, epoch), split across ranks like
     DistributedSampler, and able to start mid-epoch so an interrupted epoch resumes where it stopped.
-    Yields (index, epoch): the dataset seeds each image's augmentation from them, so augmentation
-    depends neither on the worker count nor on where a run was interrupted."""
+    Yields (index, epoch, draw), draw counting the image's earlier draws in the epoch's whole order (the
+    balanced sampler draws a rare image many times; padding repeats some): the dataset seeds each image's
+    augmentation from them, so each draw is a view of its own, and augmentation depends neither on the
+    worker count nor on where a run was interrupted."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, weights: torch.Tensor | None = None):
         self.n, self.seed, self.rank, self.world, self.weights = n, seed, rank, world, weights
@@ -310,14 +312,19 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.weights is not None:
             order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
         else:
             order = torch.randperm(self.n, generator=g)
         order = torch.cat([order, order[: self.per_rank * self.world - self.n]])  # pad like DistributedSampler
-        return iter([(i, self.epoch) for i in order[self.rank::self.world][self.start:].tolist()])
+        drawn: dict[int, int] = {}
+        keys = []
+        for i in order.tolist():
+            keys.append((i, self.epoch, drawn.get(i, 0)))
+            drawn[i] = drawn.get(i, 0) + 1
+        return iter(keys[self.rank::self.world][self.start:])
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.start)
@@ -332,7 +339,7 @@ class Features(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, int, int]:
         i = key[0] if isinstance(key, tuple) else key
         return self.x[i], self.labels[i], i
 

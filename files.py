@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from config import UsageError
+from config import UsageError, typed
 
 try:
     import fcntl
@@ -223,7 +223,7 @@ def check_run_dir(run_dir: Path, in_place: bool, overwrite: bool) -> None:
                                                                       p.name.endswith(TEMP_SUFFIX))
                                     for p in run_dir.iterdir())  # (a run killed writing its first file holds none)
     if held and not in_place and not overwrite:
-        raise UsageError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+        raise UsageError(f"{run_dir} already holds a run: pass --resume {typed(run_dir)} to continue it, "
                          "--overwrite to replace it, or another --out")
 
 

@@ -171,10 +171,19 @@ class Walk:
         return None
 
 
+TOO_LARGE = "too large for an image"
+
+
+def megabytes(size: int) -> str:
+    """Whole MB, or two digits under 10 MB (a limit of 0.005 MB is not '0 MB')."""
+    mb = size / 2**20
+    return f"{mb:,.0f}" if mb >= 10 else f"{mb:.2g}"
+
+
 def too_large(size: int, max_bytes: int) -> str | None:
     if size <= max_bytes:
         return None
-    return (f"too large for an image ({size / 2**20:,.0f} MB; the limit is {max_bytes / 2**20:,.0f} MB, "
+    return (f"{TOO_LARGE} ({megabytes(size)} MB; the limit is {megabytes(max_bytes)} MB, "
             "see --max-file-mb)")
 
 

@@ -18,6 +18,14 @@ import files
 from folders import shown
 
 
+def plain(text: str) -> str:
+    """The user's text (a class, file or run name) as matplotlib must draw it: literally. Matplotlib reads
+    the text between two $ as a formula, and a broken one (`$100_$`) fails the whole figure, so each $ is
+    escaped; names that are not UTF-8 are drawn with \\xNN. Every text of ours that holds a name goes
+    through here."""
+    return shown(text).replace("$", r"\$")
+
+
 def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
     """Loss (log scale: one spike does not flatten the rest) and accuracy (a multi-label run's mAP) per
     epoch, train against val, the best epoch marked; and the learning rate of each epoch."""
@@ -45,7 +53,7 @@ def curves_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
     ax_lr.set_xlabel("epoch")
     ax_lr.set_ylabel("learning rate (at the epoch's end)")
     ax_lr.grid(alpha=0.3)
-    fig.suptitle(shown(title))
+    fig.suptitle(plain(title))
     fig.tight_layout()
     return fig
 
@@ -60,7 +68,7 @@ def per_label_figure(per_label: dict[str, dict[str, Any]], limit: int = 60) -> F
     for k, (key, label) in enumerate(keys):
         values = [per_label[n][key] or 0.0 for n in names]
         ax.barh(y + (k - 1.5) * 0.2, values, height=0.2, label=label)
-    ax.set_yticks(y, [f"{shown(n)} ({per_label[n]['support']})" for n in names])
+    ax.set_yticks(y, [f"{plain(n)} ({per_label[n]['support']})" for n in names])
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("score (label's support in brackets)")
@@ -94,7 +102,7 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str], shares: bool = True
         panels = [(m[np.ix_(keep, keep)], title) for m, title in panels]
         note = f"; the {len(keep)} most-confused of {len(classes)} classes"
         classes = [classes[i] for i in keep]
-    names = [shown(c) for c in classes]  # names that are not UTF-8 are drawn with \\xNN
+    names = [plain(c) for c in classes]
     n = len(names)
     size = max(4.0, 0.45 * n + 2)
     fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
@@ -148,7 +156,7 @@ def image_grid(images: Sequence[np.ndarray | None], captions: Sequence[str], col
             continue
         if images[k] is not None:
             ax.imshow(images[k])
-        ax.set_title(shown(captions[k]), fontsize=8, color=(colours[k] if colours else "black"))
+        ax.set_title(plain(captions[k]), fontsize=8, color=(colours[k] if colours else "black"))
     fig.tight_layout()
     return fig
 

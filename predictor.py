@@ -86,7 +86,7 @@ def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, wor
     the logits are N x views x classes, the plain image being view 0."""
     pre = loaded.preprocess
     ds = dataset.ImageDataset(items, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes,
-                              num_classes=len(loaded.classes), interpolation=pre.interpolation)
+                              num_classes=len(loaded.classes), interpolation=pre.resample)
     n_workers = auto_workers(loaded.device, cached=cache is not None) if workers is None else workers
     loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
     if not tta:
@@ -124,7 +124,7 @@ def input_images(loaded: Loaded, paths: list[str], max_bytes: int = dataset.MAX_
     pre, crop = loaded.preprocess, loaded.preprocess.crop()
     for path in paths:
         try:
-            arr = dataset.load_image(path, pre.resize_size, max_bytes, pre.interpolation)
+            arr = dataset.load_image(path, pre.resize_size, max_bytes, pre.resample)
             yield crop(torch.from_numpy(arr).permute(2, 0, 1))
         except (dataset.BadImage, OSError):
             yield None

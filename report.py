@@ -83,7 +83,7 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     size = loaded.preprocess.resize_size if image_cache != "none" else None
     split = run_split(ckpt_path.parent)
     data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, split, cache_dir, size, max_bytes,
-                                                               loaded.preprocess.interpolation,
+                                                               loaded.preprocess.resample,
                                                                label_sep or loaded.label_sep, image_cache)
     check_kind(splits.is_multilabel(items), loaded, what)
     mapping = match_classes(data_classes, loaded.classes)

@@ -43,7 +43,9 @@ def stratified_split(items: list[Item], share: float, seed: int) -> tuple[list[I
     trains. Multi-label items: iterative stratification, every label with two images or more keeping
     one for training."""
     if is_multilabel(items):
-        train, held = iterative_stratification(items, [1 - share, share], random.Random(seed))
+        parts = iterative_stratification(items, [1 - share, share], random.Random(seed))
+        keep_one_for_training(parts, Counter(c for _, y in items for c in label_set(y)))
+        train, held = parts
         return sorted(train), sorted(held)
     by_class: dict[int, list] = defaultdict(list)
     for item in items:
@@ -65,6 +67,7 @@ def fold_split(items: list[Item], folds: int, fold: int, seed: int) -> tuple[lis
     rng = random.Random(derived_seed(seed, 2))
     if is_multilabel(items):
         parts = iterative_stratification(items, [1 / folds] * folds, rng)
+        spread_labels(parts)
         return sorted(x for k, part in enumerate(parts) if k != fold - 1 for x in part), sorted(parts[fold - 1])
     by_class: dict[int, list] = defaultdict(list)
     for item in items:
@@ -83,8 +86,7 @@ def iterative_stratification(items: list[Item], shares: list[float], rng: random
     """Multi-label items dealt into len(shares) parts of about those shares of the images and of each
     label. The rarest label remaining first: each of its images goes to the part that lacks the label
     most (then the part that lacks images most; ties at random), among the parts not yet full, so each
-    part gets its share of the images. Images of no label fill the parts that lack images. For a
-    two-part split, a label of two images or more keeps one in the first part."""
+    part gets its share of the images. Images of no label fill the parts that lack images."""
     order = sorted(items)
     rng.shuffle(order)
     totals = Counter(c for _, y in order for c in label_set(y))
@@ -113,8 +115,6 @@ def iterative_stratification(items: list[Item], shares: list[float], rng: random
     for i in range(len(order)):
         if not placed[i]:
             place(i, lambda k: (room[k], rng.random()))
-    if len(parts) == 2:
-        keep_one_for_training(parts, totals)
     return parts
 
 
@@ -136,3 +136,53 @@ def keep_one_for_training(parts: list[list[Item]], totals: Counter) -> None:
             train.remove(spare)
             held.append(spare)
             in_train.subtract(label_set(spare[1]))
+
+
+def spread_labels(parts: list[list[Item]]) -> None:
+    """k folds: each fold trains on all the others, so no part may hold every image of a label of two images
+    or more. While one is found, a change that lowers the number of such labels is made: an image of such a
+    label exchanged with one of another part (the sizes stay), else moved alone (a part one image bigger).
+    Some cannot be spread at all (three images that pair off three labels, over two parts)."""
+    totals = Counter(c for part in parts for _, y in part for c in label_set(y))
+    counts = [Counter(c for _, y in part for c in label_set(y)) for part in parts]
+    where = {x: k for k, part in enumerate(parts) for x in part}
+    ranked = sorted(where, key=lambda x: (len(label_set(x[1])), x))  # the images of fewest labels first
+    images_of: dict[int, list[Item]] = defaultdict(list)
+    for x in ranked:
+        for c in label_set(x[1]):
+            images_of[c].append(x)
+
+    def alone(labels: set[int]) -> int:  # how many of these labels have every image in one part
+        return sum(totals[c] >= 2 and any(n[c] == totals[c] for n in counts) for c in labels)
+
+    def shift(moves: list[tuple[Item, int, int]]) -> None:
+        for x, a, b in moves:
+            counts[a].subtract(label_set(x[1]))
+            counts[b].update(label_set(x[1]))
+            where[x] = b
+
+    def gain(moves: list[tuple[Item, int, int]]) -> int:
+        touched = {c for x, _, _ in moves for c in label_set(x[1])}
+        before = alone(touched)
+        shift(moves)
+        after = alone(touched)
+        shift([(x, b, a) for x, a, b in reversed(moves)])
+        return before - after
+
+    def better() -> list[tuple[Item, int, int]] | None:
+        for c in sorted(c for c in totals if alone({c})):
+            for x in images_of[c]:
+                for j in sorted(set(range(len(parts))) - {where[x]}, key=lambda j: (len(parts[j]), j)):
+                    move = [(x, where[x], j)]
+                    least = max(1, gain(move))
+                    swap = next((m for y in ranked if where[y] == j
+                                 for m in [[*move, (y, j, where[x])]] if gain(m) >= least), None)
+                    if swap is not None or least == gain(move):
+                        return swap or move
+        return None
+
+    while (change := better()) is not None:
+        for x, a, b in change:
+            parts[a].remove(x)
+            parts[b].append(x)
+        shift(change)

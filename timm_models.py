@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from checkpoint import Preprocess, first_line, interpolation, keys_named, mismatch, mismatched_keys
+from checkpoint import Preprocess, crop_mode, first_line, interpolation, keys_named, mismatch, mismatched_keys
 from config import UsageError
 
 PREFIX = "timm/"
@@ -72,14 +72,15 @@ def pretrained_cfg(arch: str) -> dict[str, Any]:
 
 
 def preprocessing(arch: str) -> Preprocess:
-    """Size, interpolation, crop and mean/std from timm's data config for the weights (resize = crop /
-    crop_pct)."""
+    """Size, interpolation, crop (resize = crop / crop_pct, and crop_mode) and mean/std from timm's data
+    config for the weights: the model sees an image as timm's own eval transform makes it."""
     from timm.data import resolve_data_config
 
     data = resolve_data_config(pretrained_cfg=pretrained_cfg(arch))
     size = int(data["input_size"][-1])
     return Preprocess(size, int(size / data["crop_pct"]), tuple(map(float, data["mean"])),
-                      tuple(map(float, data["std"])), interpolation(data.get("interpolation")))
+                      tuple(map(float, data["std"])), interpolation(data.get("interpolation")),
+                      crop_mode(data.get("crop_mode")))
 
 
 def size_options(arch: str, img_size: int | None) -> dict[str, Any]:

@@ -28,7 +28,18 @@ import crossval
 import files
 import folders
 import labels
-from config import Parser, TrainConfig, UsageError, absolute_paths, add_options, cli, imports_done, script, validate
+from config import (
+    Parser,
+    TrainConfig,
+    UsageError,
+    absolute_paths,
+    add_options,
+    cli,
+    imports_done,
+    script,
+    typed,
+    validate,
+)
 
 
 def read_command_line(argv: list[str] | None) -> dict[str, Any]:
@@ -52,7 +63,7 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
         run_dir = checkpoint.resume_target(given["resume"], given.get("out"))[0].resolve()  # (a link to a fold too)
         if checkpoint.is_cv_folder(run_dir.parent) and run_dir.name.startswith("fold-"):
             raise UsageError(f"{run_dir} is a fold of a k-fold job, whose summary covers all its folds: resume the "
-                             f"job: python train.py --resume {run_dir.parent} (it resumes each fold)")
+                             f"job: python train.py --resume {typed(run_dir.parent)} (it resumes each fold)")
         return given
     data = given.get("data", TrainConfig.data)
     labels.check_sep_applies(data, given.get("label_sep"))

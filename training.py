@@ -55,6 +55,7 @@ from config import (
     identity_changes,
     progressive_size,
     resumed_recipe,
+    typed,
     validate,
     with_recipe,
 )
@@ -482,7 +483,7 @@ def load_split(cfg: TrainConfig, start: Start, pre: Preprocess, lead: bool) -> d
             cfg.data, cfg.val_split, cfg.seed, cfg.cache_dir,
             cache_size=pre.resize_size if cfg.image_cache != "none" else None, max_file_mb=cfg.max_file_mb,
             test_split=cfg.test_split, folds=cfg.folds, fold=cfg.fold, label_sep=cfg.label_sep,
-            image_cache=cfg.image_cache, interpolation=pre.interpolation,
+            image_cache=cfg.image_cache, interpolation=pre.resample,
             share=share_check if dist.is_initialized() else None))
 
     return dataset.DataSplit(**from_lead(check, lead, mine={"cache_dir": cfg.cache_dir}))  # (each its own folder)
@@ -506,13 +507,20 @@ def check_still_there(split: dataset.DataSplit, lead: bool) -> None:
 
 def report_split(split: dataset.DataSplit, run_dir: Path) -> None:
     left = f" and left out {len(split.left_out)} other file(s)" if split.left_out else ""
-    test = f" / {len(split.test)} test (held out; python eval.py --checkpoint {run_dir})" if split.test else ""
+    test = f" / {len(split.test)} test (held out; python eval.py --checkpoint {typed(run_dir)})" if split.test else ""
     kind = "labels" if split.multilabel else "classes"
     print(f"data: {len(split.classes)} {kind}, {len(split.train)} train / {len(split.val)} val{test} images from "
           f"{dataset.shown(split.root)}" + (f"; skipped {len(split.skipped)} unreadable file(s){left}, see "
                                             f"{run_dir / 'skipped.txt'}" if split.not_used() else ""))
     if split.ignored:
         print(folders.ignored_line(split.ignored))
+    if split.multilabel:
+        untrained = [c for c, n, m in zip(split.classes, split.counts(split.train), split.counts(split.val))
+                     if not n and m >= 2]
+        if untrained:  # k folds: images whose labels pair them off cannot always be spread over the folds
+            dataset.warn(f"label(s) with no training image: {', '.join(map(dataset.shown, untrained[:10]))}"
+                         + (" ..." if len(untrained) > 10 else "") + ": every image of them is validated on, so "
+                         "the model cannot learn them (with --folds: their images could not be spread over the folds)")
     unseen = [c for c, n in zip(split.classes, split.counts(split.val)) if not n] if split.multilabel else []
     if unseen:
         dataset.warn(f"label(s) with no validation image: {', '.join(map(dataset.shown, unseen[:10]))}"
@@ -675,8 +683,8 @@ def interrupted_early(run_dir: Path, lead: bool, resumable: bool = True) -> int:
     """Stopped before training started: nothing to save; a folder without last.pt starts again on resume
     (an lr range test is not resumable: it is run again)."""
     if lead and resumable and not (run_dir / "last.pt").exists():
-        print(f"\ninterrupted before the first checkpoint; start it again with: python train.py --resume {run_dir}",
-              file=sys.stderr)
+        print("\ninterrupted before the first checkpoint; start it again with: python train.py --resume "
+              f"{typed(run_dir)}", file=sys.stderr)
     return 130
 
 
@@ -731,7 +739,7 @@ def fit(run: Run, model: nn.Module) -> int:
     # the cache's kind, decided once, by rank 0, for every process (auto looks at the free disk, which
     # the caches change)
     kind = broadcast(dataset.cache_kind(cfg.image_cache, run.split.files(), run.preprocess.resize_size, cfg.cache_dir,
-                                        int(cfg.max_file_mb * 2**20), run.preprocess.interpolation)
+                                        int(cfg.max_file_mb * 2**20), run.preprocess.resample)
                      if run.lead else None)
     # workers sized for this machine (compact JPEGs need decoding); left unresolved in the config so a
     # resume elsewhere sizes them again
@@ -854,7 +862,7 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
     cache folder shared by the machines is built by the first to get there."""
     cfg, split, pre = run.cfg, run.split, run.preprocess
     max_bytes = int(cfg.max_file_mb * 2**20)
-    cache = dataset.make_cache(kind, split.files(), pre.resize_size, cfg.cache_dir, max_bytes, pre.interpolation)
+    cache = dataset.make_cache(kind, split.files(), pre.resize_size, cfg.cache_dir, max_bytes, pre.resample)
     if cache is not None:
         run.say(dataset.cache_chosen(kind, cfg.image_cache))
         if run.local_lead:  # one per machine: the cache folder is on each machine's own disk (or shared)
@@ -866,9 +874,9 @@ def image_datasets(run: Run, model: nn.Module, image_input: Callable, kind: str)
                                  lambda size: dataset.train_transform(size, cfg.augment, cfg.min_scale, cfg.hflip))
     n = len(split.classes)
     train_ds = dataset.ImageDataset(split.train, pre.resize_size, augment, cache, cfg.seed, max_bytes, n,
-                                    pre.interpolation)
+                                    pre.resample)
     val_ds = dataset.ImageDataset(split.val, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes, num_classes=n,
-                                  interpolation=pre.interpolation)
+                                  interpolation=pre.resample)
     return Inputs(train_ds, val_ds, model, image_input)
 
 
@@ -993,7 +1001,7 @@ class Loop:
         start = self.start
         self.writer = SummaryWriter(self.run_dir, purge_step=self.progress.epoch + 1 if start.ckpt else None)
         for note in self.notes:
-            self.writer.add_text("imbalance", dataset.shown(note))
+            self.writer.add_text("imbalance", literal_markdown(note))
         if start.ckpt is not None:
             print(f"resuming {self.run_dir} at {self.progress.where(per_epoch)}" +
                   (" with " + ", ".join(f"--{k.replace('_', '-')} {v[1]}" for k, v in start.changes.items())
@@ -1069,7 +1077,7 @@ class Loop:
         if self.lead:
             self.save_best()  # a finished epoch's best model, held in memory: consistent
             print(f"\nstopped at once: {self.run_dir / 'last.pt'} keeps the last point it saved; continue with: "
-                  f"python train.py --resume {self.run_dir}", file=sys.stderr)
+                  f"python train.py --resume {typed(self.run_dir)}", file=sys.stderr)
         return 130
 
     def interrupted(self, per_epoch: int) -> int:
@@ -1079,7 +1087,7 @@ class Loop:
             if self.history:
                 write_metrics(self.run_dir, self.history)
             print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / 'last.pt'}; "
-                  f"continue with: python train.py --resume {self.run_dir}", file=sys.stderr)
+                  f"continue with: python train.py --resume {typed(self.run_dir)}", file=sys.stderr)
         return 130
 
     def one_epoch(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
@@ -1304,6 +1312,12 @@ def make_mix(cfg: TrainConfig, num_classes: int) -> Callable | None:
     if not choices:
         return None
     return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def literal_markdown(text: str) -> str:
+    """Text that TensorBoard, which renders Markdown, shows as written: an indented code block (a class
+    `__background__` is no bold 'background', `[a](b)` no link)."""
+    return "\n".join("    " + line for line in dataset.shown(text).splitlines())
 
 
 SCALARS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc",

@@ -49,6 +49,25 @@ def test_the_file_check_notices_a_file_replaced_by_another_of_the_same_size_and_
     assert dataset.check_files([str(path)])[str(path)][0].startswith("not an image")
 
 
+@pytest.mark.parametrize("kind", ["folder", "label file"])
+def test_a_remembered_file_check_is_decided_again_under_another_max_file_mb(kind, tmp_path):
+    """"Too large" depends on --max-file-mb, not on the file: a remembered check must not outlive the limit."""
+    from conftest import write_labels_csv
+
+    root = make_folder(tmp_path / "d", per_class=4)  # 32 px noise PNGs: about 3 KB each
+    for name, colour in (("blue", (30, 60, 220)), ("red", (220, 40, 40)), ("green", (40, 200, 60))):
+        make_image(colour, 7, 64).save(root / name / "big.png")  # about 12 KB
+    data = str(root) if kind == "folder" else str(write_labels_csv(
+        tmp_path / "labels.csv", ["path", "label"], [[str(p), p.parent.name] for p in sorted(root.glob("*/*.png"))]))
+    def too_large(max_file_mb: float) -> list[str]:
+        split = dataset.prepare_data(data, cache_dir=str(tmp_path / "c"), max_file_mb=max_file_mb)
+        return sorted(Path(p).name for p, r in split.skipped + split.left_out if r.startswith("too large"))
+
+    assert too_large(0.006) == ["big.png"] * 3
+    assert too_large(256) == []
+    assert too_large(0.006) == ["big.png"] * 3  # and an image remembered as fine is too large for a smaller limit
+
+
 def test_the_image_cache_key_changes_when_a_file_is_replaced_by_one_of_the_same_size_and_mtime(tmp_path):
     data = bmp_folder(tmp_path / "d")
     paths = sorted(str(p) for p in data.rglob("*.bmp"))

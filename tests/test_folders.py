@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_folder, make_image
+from conftest import ROOT, call, make_folder, make_image, train_args
 from PIL import Image
 
 import dataset
@@ -300,3 +300,23 @@ def test_eval_and_test_py_take_the_same_file_size_limit(trained_run, tmp_path, c
     assert predict.main([str(big), "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path / "p"),
                          "--max-file-mb", "0.05"]) == 0
     assert "unreadable (too large for an image" in capsys.readouterr().out
+
+
+def test_dollar_signs_in_class_file_and_run_names_are_drawn_as_text_not_math(tmp_path, capsys):
+    """Matplotlib reads the text between two $ as a formula ($100_$ is a broken one): every name is the
+    user's text. Training to its last epoch (curves, confusion figure), eval.py, test.py and --explain."""
+    import test as predict
+    import train
+
+    data = make_folder(tmp_path / "d", per_class=8, classes={"$0-$100": (200, 30, 30), "$100_$200": (30, 200, 30),
+                                                              "cheap": (30, 30, 200)})
+    make_image((30, 200, 30), 99).save(data / "$100_$200" / "invoice_$100_$200.png")
+    run_dir = tmp_path / "run_$1_$2"
+    assert call(train.main, train_args(data, run_dir, "--mode", "scratch", "--epochs", "2")) == 0
+    assert (run_dir / "summary.json").exists() and (run_dir / "curves.png").exists()
+    assert call(evaluate.main, [str(data), "--checkpoint", str(run_dir), "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "confusion_matrix.png").exists()
+    assert call(predict.main, [str(data / "$100_$200"), "--checkpoint", str(run_dir), "--explain", "--out",
+                               str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "explanations.png").exists()
+    assert "Traceback" not in capsys.readouterr().err

@@ -91,8 +91,26 @@ def test_balanced_sampler_draws_each_class_about_equally():
     drawn = Counter()
     for epoch in range(20):
         sampler.set_epoch(epoch)
-        drawn.update(labels[i] for i, _ in sampler)
+        drawn.update(labels[i] for i, *_ in sampler)
     assert drawn[1] / sum(drawn.values()) == pytest.approx(0.5, abs=0.05)
+
+
+def test_each_draw_of_an_image_in_an_epoch_is_augmented_on_its_own_and_reproducibly(colours):
+    """A rare image drawn many times by the balanced sampler is as many views of it, not copies of one; the
+    same views on a second pass and when the epoch is resumed part-way."""
+    import dataset
+
+    items = [(str(p), 0) for p in sorted(colours.glob("*/*.png"))[:16]]
+    ds = dataset.ImageDataset(items, 32, dataset.train_transform(28), seed=5)
+    weights = torch.tensor([100.0] + [1.0] * 15, dtype=torch.double)  # image 0 drawn about 14 times of 16
+    sampler = engine.ResumableSampler(16, seed=0, weights=weights)
+    sampler.set_epoch(3)
+    keys = list(sampler)
+    views = [ds[key][0] for key in keys if key[0] == 0]
+    assert len(views) >= 8 and len({v.numpy().tobytes() for v in views}) == len(views)
+    assert all(torch.equal(v, ds[key][0]) for v, key in zip(views, [k for k in keys if k[0] == 0]))
+    sampler.set_epoch(3, start=10)
+    assert list(sampler) == keys[10:]
 
 
 def test_balanced_sampler_draws_only_the_cached_features_that_exist(colours, tmp_path, with_weights, monkeypatch):
@@ -116,7 +134,7 @@ def test_sampler_resumes_mid_epoch_with_the_rest_of_the_same_order():
     sampler.set_epoch(4)
     whole = list(sampler)
     sampler.set_epoch(4, start=8)
-    assert list(sampler) == whole[8:] and sorted(i for i, _ in whole) == list(range(20))
+    assert list(sampler) == whole[8:] and sorted(i for i, *_ in whole) == list(range(20))
 
 
 def test_sampler_splits_an_epoch_across_ranks_without_overlap():
@@ -124,7 +142,7 @@ def test_sampler_splits_an_epoch_across_ranks_without_overlap():
     for rank in range(3):
         s = engine.ResumableSampler(10, seed=1, rank=rank, world=3)
         s.set_epoch(0)
-        parts.append([i for i, _ in s])
+        parts.append([i for i, *_ in s])
     assert all(len(p) == 4 for p in parts)
     assert set().union(*parts) == set(range(10))
 
@@ -235,3 +253,18 @@ def test_the_head_is_found_by_one_rule_before_and_after_it_is_replaced():
         assert models.head_of(model)[0] == before
         assert models.head_of(models.from_checkpoint(
             {"arch": name, "classes": ["a", "b", "c"], "model": model.state_dict()}))[0] == before
+
+
+def test_class_names_in_tensorboard_notes_are_shown_as_written_not_as_markdown(tmp_path):
+    """TensorBoard renders text as Markdown: __background__ would be a bold 'background'."""
+    from tensorboard import plugin_util
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    names = {"__background__": (0, 0, 0), "*star*": (255, 255, 255), "[link](x)": (255, 0, 0)}
+    data = make_folder(tmp_path / "d", per_class=4, classes=names)
+    assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch", "--class-weights", "auto")) == 0
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("imbalance/text_summary")[0].tensor_proto.string_val[0].decode()
+    page = plugin_util.markdown_to_safe_html(text)
+    assert all(f"{name}=" in page for name in names), page

@@ -42,6 +42,17 @@ def test_a_first_run_decodes_each_image_once_for_the_check_and_the_cache(colours
     assert len(decoded) == 36  # 3 classes x 12 images, then every epoch reads the cache
 
 
+def test_a_run_with_a_test_split_decodes_each_image_once_into_one_cache(colours, tmp_path, monkeypatch):
+    """The check caches what it decodes, test images included (it must check them): training uses that cache."""
+    decoded = []
+    real = dataset.open_image
+    monkeypatch.setattr(dataset, "open_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    args = ("--mode", "scratch", "--cache-dir", str(tmp_path / "cache"), "--test-split", "0.25")
+    assert train.main(train_args(colours, tmp_path / "run", *args)) == 0
+    assert len(decoded) == 36
+    assert len(list((tmp_path / "cache" / "images").glob("*.npy"))) == 2  # pixels and readable flags
+
+
 def test_the_image_cache_deleted_before_a_resume_is_rebuilt(colours, tmp_path):
     args = ("--mode", "scratch", "--optimizer", "adam", "--cache-dir", str(tmp_path / "cache"))
     assert train.main(train_args(colours, tmp_path / "whole", *args, "--epochs", "2")) == 0

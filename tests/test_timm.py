@@ -91,6 +91,49 @@ def test_preprocessing_comes_from_timms_data_config():
     assert (pre.img_size, pre.resize_size, pre.mean) == (224, 256, (0.485, 0.456, 0.406))
 
 
+@pytest.mark.parametrize("arch, mode", [(NAME, "center"), ("timm/convnext_tiny.fb_in22k_ft_in1k_384", "squash"),
+                                        ("timm/deepseek_vit_412m.deepseek_v4_flash_vision_exp", "border")])
+def test_a_timm_model_sees_an_image_as_timms_own_eval_transform_makes_it(arch, mode, tmp_path):
+    """crop_mode: the shorter side resized and the centre cropped, the whole image squashed to a square, or
+    its longer side resized and the rest padded with the mean colour. A wide photo shows the difference."""
+    import types
+
+    from PIL import Image, ImageDraw
+    from timm.data import create_transform, resolve_data_config
+
+    import predictor
+    import timm_models
+
+    img = Image.new("RGB", (150, 75), (40, 90, 200))
+    ImageDraw.Draw(img).ellipse((10, 10, 60, 60), fill=(230, 200, 20))
+    ImageDraw.Draw(img).rectangle((100, 5, 140, 70), fill=(200, 30, 30))
+    img.save(tmp_path / "wide.png")
+    pre = models.preprocessing(arch, 64)
+    assert pre.crop_mode == mode
+    ours = next(predictor.input_images(types.SimpleNamespace(preprocess=pre), [str(tmp_path / "wide.png")]))
+    config = {**resolve_data_config(pretrained_cfg=timm_models.pretrained_cfg(arch)), "input_size": (3, 64, 64)}
+    theirs = create_transform(**config)(img)  # normalised
+    theirs = (theirs * torch.tensor(config["std"])[:, None, None] + torch.tensor(config["mean"])[:, None, None]) * 255
+    assert (ours.float() - theirs).abs().mean() < 3
+
+
+def test_the_crop_mode_travels_with_the_checkpoint_into_its_export_and_older_files_read_as_center(colours, tmp_path):
+    from predictor import OnnxModel
+
+    pre = Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3, "bicubic", "squash")
+    net = models.build_model(NAME, 3, "scratch", img_size=32)
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint.of_model(NAME, ["blue", "green", "red"], net.state_dict(), pre), tmp_path / "run" / "best.pt")
+    assert Preprocess.from_dict(checkpoint.load(tmp_path / "run" / "best.pt")["preprocess"]) == pre
+    onnx = tmp_path / "m.onnx"
+    assert call(export.main, ["--checkpoint", str(tmp_path / "run"), "--format", "onnx", "--data", str(colours),
+                              "--out", str(onnx), "--images", "8"]) == 0
+    assert OnnxModel(onnx).preprocess == pre
+    older = {k: v for k, v in pre.to_dict().items() if k != "crop_mode"}
+    assert Preprocess.from_dict(older).crop_mode == "center"
+    assert Preprocess.from_metadata({k: v for k, v in pre.metadata().items() if k != "crop_mode"}).crop_mode == "center"
+
+
 def test_timm_weights_file_goes_through_timms_loader_whole_and_the_head_is_new(timm_weights, tmp_path):
     state = weights_of(timm_weights)
     model = models.build_model(NAME, 4, "finetune", str(timm_weights))

@@ -194,6 +194,14 @@ def test_an_existing_run_folder_is_not_overwritten(colours, tmp_path, capsys):
     assert (out / "precious.txt").read_text() == "keep" and len(list(out.iterdir())) == 1
 
 
+def test_a_command_we_print_quotes_a_path_a_shell_would_split_or_expand(colours, tmp_path, capsys):
+    out = tmp_path / "my $run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    assert run_train(train_args(colours, out, "--mode", "scratch")) == 2
+    assert f"pass --resume '{out}' to continue it" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def bad_folders(root: Path) -> dict[str, tuple[str, str]]:
