@@ -1,0 +1,204 @@
+"""Time to accuracy: our train.py with its defaults against timm's own train.py, in one sitting.
+
+    python bench/bench_time_to_accuracy.py --timm-train ~/pytorch-image-models/train.py
+    python bench/bench_time_to_accuracy.py --timm-train T --sets digits --variants progressive-0.75 no-amp
+    python bench/bench_time_to_accuracy.py --precision        # bf16 against fp32 per model: synthetic steps
+
+timm's train.py is not in the timm package: clone https://github.com/huggingface/pytorch-image-models and give
+the path of its train.py (it runs with the timm installed here).
+
+Each data set (bench/synthetic.py, in train/ val/ folders both programs read) trains ResNet18 from scratch at
+64 px for 40 epochs, batch 64, first with ours (nothing but --model, --mode, --img-size, --epochs; plus each
+--variants' options), then with timm's, runs alternated. timm gets its best CPU settings, those of our
+modern recipe: AdamW lr 2e-3, weight decay 0.05, cosine after one warm-up epoch, label smoothing 0.1, bf16
+autocast and channels_last where the CPU has native bf16, a gentler crop (--scale 0.35 1, ours), one
+checkpoint kept, its data loader with one worker per core. The clock starts when the process starts (imports,
+file checks and caches included) and an epoch counts when its validation accuracy is written to disk (our
+metrics.csv, timm's summary.csv), polled every 0.2 s. Printed: the seconds to reach each --targets accuracy,
+and ours / timm's. Written to bench/results-time-to-accuracy.json.
+
+--precision: training img/s of each model (synthetic batches of 64 at 64 px, AdamW, channels_last) in bf16
+autocast and in fp32, a few timed steps after warm-up, alternated: what --amp auto's table is made from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from synthetic import make
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results-time-to-accuracy.json"
+VARIANTS = {"progressive-0.75": ["--progressive", "0.75"], "progressive-0.5": ["--progressive", "0.5"],
+            "no-amp": ["--no-amp"], "amp": ["--amp"], "no-precise-bn": ["--no-precise-bn"]}
+
+
+def folder_of(name: str, work: Path) -> Path:
+    """The data set as train/ and val/ folders (the digits: their train part split 80/20 as ours splits it)."""
+    if name != "digits":
+        return Path(make(name, work))
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = work / "digits-folders"
+    if not (root / "val").is_dir():
+        digits = load_digits()
+        for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+            if i % 5 == 4:
+                continue  # the demo's test images
+            img = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), "L").resize((32, 32), Image.BICUBIC)
+            folder = root / ("val" if (i // 5) % 5 == 0 else "train") / str(label)  # a fifth of the rest
+            folder.mkdir(parents=True, exist_ok=True)
+            img.convert("RGB").save(folder / f"{i:04d}.png")
+    return root
+
+
+def watch(cmd: list[str], env: dict, rows: Path, column: str, timeout: float) -> list[tuple[float, float]]:
+    """Run `cmd`; (seconds since start, val accuracy %) of each epoch row as it appears in `rows`."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[tuple[float, float]] = []
+    while proc.poll() is None and time.perf_counter() - start < timeout:
+        time.sleep(0.2)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with open(rows) as f:
+                values = [float(r[column]) for r in csv.DictReader(f)]
+            seen += [(time.perf_counter() - start, v) for v in values[len(seen):]]
+    if proc.poll() is None:
+        proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode:
+        print(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-1500:]}", flush=True)
+    return seen
+
+
+def ours(data: Path, out: Path, cache: Path, epochs: int, extra: list[str]) -> list[tuple[float, float]]:
+    cmd = [sys.executable, "train.py", "--data", str(data), "--model", "resnet18", "--mode", "scratch",
+           "--img-size", "64", "--epochs", str(epochs), "--out", str(out), "--overwrite", "--no-summary", *extra]
+    return watch(cmd, {**os.environ, "IMGCLS_CACHE": str(cache)}, out / "metrics.csv", "val_acc", 3600)
+
+
+def timms(script: Path, data: Path, out: Path, epochs: int, classes: int, bf16: bool) -> list[tuple[float, float]]:
+    cmd = [sys.executable, str(script), str(data), "--train-split", "train", "--val-split", "val", "--model",
+           "resnet18", "--num-classes", str(classes), "--img-size", "64", "--epochs", str(epochs), "-b", "64",
+           "--opt", "adamw", "--lr", "2e-3", "--weight-decay", "0.05", "--sched", "cosine", "--warmup-epochs", "1",
+           "--warmup-lr", "1e-5", "--smoothing", "0.1", "--scale", "0.35", "1", "--device", "cpu", "--workers",
+           str(os.cpu_count() or 1), "--channels-last", "--checkpoint-hist", "1", "--output", str(out.parent),
+           "--experiment", out.name, "--log-interval", "1000", *(["--amp", "--amp-dtype", "bfloat16"] if bf16 else [])]
+    return watch(cmd, dict(os.environ), out / "summary.csv", "eval_top1", 3600)
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, acc in curve if acc >= target), None)
+
+
+def shown(t: float | None) -> str:
+    return f"{t:.0f} s" if t is not None else "not reached"
+
+
+def compare(a: argparse.Namespace, work: Path) -> None:
+    import engine
+
+    bf16 = engine.cpu_has_bf16()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name in a.sets:
+        data = folder_of(name, work)
+        classes = len([p for p in (data / "train").iterdir() if p.is_dir()])
+        row: dict[str, list] = {}
+        for tag, extra in [("ours", [])] + [(f"ours {v}", VARIANTS[v]) for v in a.variants]:
+            row[tag] = ours(data, work / "runs" / f"{name}-{tag.replace(' ', '-')}", work / "cache", a.epochs, extra)
+            if tag == "ours" and a.timm_train:
+                row["timm"] = timms(Path(a.timm_train), data, work / "runs" / f"{name}-timm", a.epochs, classes, bf16)
+        results[name] = {tag: curve for tag, curve in row.items()} | {"epochs": a.epochs, "cpus": os.cpu_count()}
+        RESULTS.write_text(json.dumps(results, indent=1))
+        for target in a.targets:
+            base = time_to(row.get("timm", []), target)
+            cells = []
+            for tag, curve in row.items():
+                t = time_to(curve, target)
+                ratio = f" ({t / base:.2f}x)" if t is not None and base and tag != "timm" else ""
+                cells.append(f"{tag} {shown(t)}{ratio}")
+            print(f"{name}: {target:.0f}%: " + ", ".join(cells), flush=True)
+        for tag, curve in row.items():
+            best = max((acc for _, acc in curve), default=float("nan"))
+            print(f"{name}: {tag}: best {best:.2f}% in {curve[-1][0] if curve else float('nan'):.0f} s", flush=True)
+
+
+def timed_steps(model, optimizer, x, y, bf16: bool, steps: int) -> float:
+    """img/s of `steps` training steps after one warm-up step, in bf16 autocast or fp32."""
+    import torch
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up (kernels for this precision)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return len(y) * steps / (time.perf_counter() - t)
+
+
+def precision_table(a: argparse.Namespace) -> None:
+    """img/s per model in bf16 autocast and in fp32 (channels_last both), alternated, a median of rounds."""
+    import statistics
+
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    table = {}
+    for name in a.models:
+        model = torchvision.models.get_model(name, num_classes=10).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        x = torch.randn(64, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (64,))
+        rates: dict[str, list[float]] = {"bf16": [], "fp32": []}
+        for _ in range(a.rounds):
+            for kind in rates:
+                rates[kind].append(timed_steps(model, optimizer, x, y, kind == "bf16", a.steps))
+        bf16, fp32 = statistics.median(rates["bf16"]), statistics.median(rates["fp32"])
+        table[name] = {"bf16": bf16, "fp32": fp32}
+        print(f"| {name} | {bf16:.0f} | {fp32:.0f} | {bf16 / fp32:.2f}x |", flush=True)
+    path = ROOT / "bench" / "results-precision.json"
+    path.write_text(json.dumps({"models": table, "cpus": os.cpu_count(), "steps": a.steps, "rounds": a.rounds},
+                               indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--timm-train", help="timm's train.py (from a clone of pytorch-image-models)")
+    p.add_argument("--sets", nargs="+", default=["digits", "textures", "scenes"])
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--targets", nargs="+", type=float, default=[80, 85, 90])
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS))
+    p.add_argument("--precision", action="store_true", help="the bf16 / fp32 table instead")
+    p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "vgg11", "efficientnet_b0",
+                                                    "regnet_y_400mf", "convnext_tiny", "squeezenet1_1"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--work", help="folder for the data, runs and caches (default: a new temporary one)")
+    a = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if a.precision:
+        return precision_table(a)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="imgcls-tta-"))
+    compare(a, work)
+    print(f"figures written to {RESULTS.relative_to(ROOT)} (runs in {work})")
+
+
+if __name__ == "__main__":
+    main()
