@@ -84,15 +84,31 @@ def ece(probs: torch.Tensor, targets: torch.Tensor, bins: int = BINS) -> float:
     return ece_of(bin_sums(probs, targets, bins))
 
 
+SHOWN_DIGITS = 4  # a probability as predictions.csv writes it (0.8163), and as --reject-below compares it
+
+
+def shown(p: float) -> str:
+    """A probability as it is written for people and files."""
+    return f"{p:.{SHOWN_DIGITS}f}"
+
+
+def kept(p: float, threshold: float) -> bool:
+    """Whether `test.py --reject-below threshold` keeps an image whose top probability is `p`: compared as
+    shown, so an image written as 0.8163 is never "unknown, 0.8163" at --reject-below 0.8163."""
+    return float(shown(p)) >= threshold
+
+
 def risk_coverage(probs: torch.Tensor, targets: torch.Tensor,
                   thresholds: list[float] = THRESHOLDS) -> list[dict[str, float]]:
     """For each threshold P: the share of images whose top probability is at least P (coverage) and
-    the accuracy on those (what `test.py --reject-below P` keeps; the rest become "unknown")."""
+    the accuracy on those (what `test.py --reject-below P` keeps, by the same rule, `kept`; the rest
+    become "unknown")."""
     conf, pred = probs.max(1)
     correct = (pred == targets).float()
+    as_shown = torch.tensor([float(shown(c)) for c in conf.tolist()], dtype=torch.float64)
     rows = []
     for p in thresholds:
-        kept = conf >= p
+        kept = as_shown >= p
         n = int(kept.sum())
         rows.append({"threshold": p, "coverage": n / max(1, len(conf)),
                      "accuracy": 100 * float(correct[kept].mean()) if n else None})

@@ -404,14 +404,15 @@ def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple
             colours.append("black" if found else "darkorange")
         elif i in results:
             top = results[i]
-            rejected = reject_below is not None and top[0][1] < reject_below
+            rejected = reject_below is not None and not calibration.kept(top[0][1], reject_below)
             name = UNKNOWN if rejected else top[0][0]
-            guesses = ", ".join(f"{lb} ({100 * p:.1f}%)" for lb, p in top)
+            digits = 1 if reject_below is None else calibration.SHOWN_DIGITS - 2  # as decided: 81.63% for 0.8163
+            guesses = ", ".join(f"{lb} ({100 * p:.{digits}f}%)" for lb, p in top)
             print(f"{folders.shown(path)}: " +
                   (f"{UNKNOWN} (below {reject_below:g}; best guesses: {guesses})" if rejected else guesses))
-            rows.append([path, name, f"{top[0][1]:.4f}", ";".join(f"{lb}:{p:.4f}" for lb, p in top), "ok"])
-            captions.append(f"{UNKNOWN} ({top[0][0]}? {100 * top[0][1]:.1f}%)" if rejected
-                            else f"{top[0][0]} ({100 * top[0][1]:.1f}%)")
+            rows.append([path, name, calibration.shown(top[0][1]), ";".join(f"{lb}:{p:.4f}" for lb, p in top), "ok"])
+            captions.append(f"{UNKNOWN} ({top[0][0]}? {100 * top[0][1]:.{digits}f}%)" if rejected
+                            else f"{top[0][0]} ({100 * top[0][1]:.{digits}f}%)")
             colours.append("darkorange" if rejected else "black")
         else:
             reason = dataset.inspect_file(path, max_bytes=max_bytes)[0] or "unreadable"

@@ -330,3 +330,25 @@ def test_a_report_of_many_classes_shows_the_most_confused_ones_in_its_matrix(tmp
     html_report.write_html(tmp_path / "r.html", {"classes": classes, "confusion_matrix": cm}, {}, [])
     page = (tmp_path / "r.html").read_text()
     assert page.count("<tr><th title=") == 100 and "100 of 150 classes most involved in mistakes" in page
+
+
+def test_reject_below_decides_on_the_probability_as_shown(colours_eval, tmp_path, capsys):
+    """An image shown at 0.8163 is kept at --reject-below 0.8163, whatever the digits beyond the shown four;
+    one shown at 0.8162 is not: the file, the screen and the decision say the same."""
+    import report
+
+    paths = sorted(str(p) for p in (colours_eval / "red").iterdir())[:3]
+    results = {0: [("red", 0.81629997), ("blue", 0.1)], 1: [("red", 0.81624), ("blue", 0.1)],
+               2: [("red", 0.8164), ("blue", 0.1)]}
+    report.write_predictions(tmp_path, paths, results, 2, 4, 2**20, reject_below=0.8163)
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert [(r["label"], r["probability"]) for r in rows] == [("red", "0.8163"), ("unknown", "0.8162"),
+                                                             ("red", "0.8164")]
+    out = capsys.readouterr().out
+    assert "red (81.63%)" in out and "unknown (below 0.8163; best guesses: red (81.62%)" in out
+
+
+def test_risk_coverage_counts_an_image_as_test_py_decides_it():
+    probs = torch.tensor([[0.79999, 0.20001], [0.7, 0.3]])
+    rows = {r["threshold"]: r for r in calibration.risk_coverage(probs, torch.tensor([0, 0]), [0.8])}
+    assert rows[0.8]["coverage"] == 0.5  # shown as 0.8000: kept by test.py --reject-below 0.8

@@ -93,7 +93,8 @@ def test_test_py_lists_every_label_at_or_above_its_threshold(ml_run, objects, tm
     for r in csv.DictReader(open(tmp_path / "te" / "predictions.csv")):
         probs = {k: float(v) for k, v in (kv.split(":") for kv in r["top4"].split(";"))}
         expected = {k for k, p in probs.items() if p >= thresholds[k]}
-        assert set(r["labels"].split()) == expected and r["status"] == "ok"
+        near = {k for k, p in probs.items() if abs(p - thresholds[k]) <= 5e-5}  # a tie at the four digits shown
+        assert set(r["labels"].split()) - near == expected - near and r["status"] == "ok"
     assert re.search(r"img/000\.png: \w+ \(\d+\.\d%\)", capsys.readouterr().out)
 
 
