@@ -1182,8 +1182,8 @@ class Loop:
         print(f"best val {metric_name(self.multi)} {self.best_acc:.2f}% (epoch {self.best_epoch}); run folder "
               f"{self.run_dir}")
         if self.multi and self.thresholds:
-            print("per-label thresholds (tuned on val for the best F1): " + ", ".join(
-                f"{c}={t:.2f}" for c, t in zip(self.classes, self.thresholds)))
+            print(f"per-label thresholds (tuned on val for the best F1, never below {multilabel.MIN_THRESHOLD:g}): "
+                  + ", ".join(f"{c}={t:.2f}" for c, t in zip(self.classes, self.thresholds)))
         if self.calibration:
             c = self.calibration
             print(f"calibrated: temperature {c['temperature']:.3f}; expected calibration error on val "

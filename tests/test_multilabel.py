@@ -274,8 +274,19 @@ def test_a_tuned_threshold_keeps_the_f1_it_was_tuned_for_at_extreme_probabilitie
     from sklearn.metrics import f1_score
 
     y, p = np.array(truth)[:, None], np.array(probs, dtype=np.float32)[:, None]
-    t = multilabel.tune_thresholds(y, p)
+    t = multilabel.tune_thresholds(y, p, floor=0.0)  # (the arithmetic; the floor is tested below)
     assert f1_score(y[:, 0], multilabel.decide(p, t)[:, 0]) == 1.0
+
+
+def test_a_threshold_never_goes_below_the_floor_where_a_label_is_said_at_0_percent():
+    """Validation positives the model scores at 0.03% would give a threshold of 0.0003: the label then said
+    present at "0.0%". The floor holds it, and the threshold is the best one at or above the floor."""
+    y = np.array([[1], [0], [0], [0]])
+    assert multilabel.tune_thresholds(y, np.array([[0.0003], [0.0001], [0.0002], [0.00005]])) == \
+        [multilabel.MIN_THRESHOLD]
+    y, p = np.array([[1], [1], [0], [0]]), np.array([[0.0003], [0.8], [0.05], [0.2]])
+    t = multilabel.tune_thresholds(y, p)[0]
+    assert 0.2 < t <= 0.8  # the best F1 above the floor: accept 0.8, not everything down to 0.0003
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
