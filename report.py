@@ -5,7 +5,6 @@ mistakes (eval); labels, confidences and a picture (test).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass
@@ -147,15 +146,15 @@ def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]],
     rows = sorted(((int(wrong[r].sum()), items[int(i)][0], r) for r, i in enumerate(idx.tolist()) if wrong[r].any()),
                   key=lambda t: -t[0])
     names, sep = loaded.classes, loaded.label_sep  # label lists as the label file writes them
-    with open(out / "mistakes.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
-        w = csv.writer(f)
-        w.writerow(["path", "labels", "predicted", "missed", "extra"])
-        for _, path, r in rows:
-            said = p[r] >= np.asarray(loaded.thresholds)
-            w.writerow([path, sep.join(names[c] for c in np.flatnonzero(truth[r])),
-                        ";".join(f"{names[c]}:{p[r, c]:.3f}" for c in np.flatnonzero(said)),
-                        sep.join(names[c] for c in np.flatnonzero(truth[r] & ~said)),
-                        sep.join(names[c] for c in np.flatnonzero(said & ~truth[r].astype(bool)))])
+    lines = []
+    for _, path, r in rows:
+        said = p[r] >= np.asarray(loaded.thresholds)
+        lines.append([path, sep.join(names[c] for c in np.flatnonzero(truth[r])),
+                      sep.join(names[c] for c in np.flatnonzero(said)),
+                      sep.join(names[c] for c in np.flatnonzero(truth[r] & ~said)),
+                      sep.join(names[c] for c in np.flatnonzero(said & ~truth[r].astype(bool))),
+                      probabilities_json([(names[c], float(p[r, c])) for c in np.flatnonzero(said)])])
+    files.write_csv(out / "mistakes.csv", ["path", "labels", "predicted", "missed", "extra", "probabilities"], lines)
     html_report.write_html(out / "report.html", m, {}, [("Per label", out / "per_label.png")])
     print(f"wrote {out}/report.html, metrics.json, per_label.png, classification_report.txt, mistakes.csv")
     return 0
@@ -280,10 +279,8 @@ def write_eval(out: Path, m: dict[str, Any], results: list[Result], skipped: lis
     plots.save(plots.risk_coverage_figure(m["risk_coverage"]), out / "risk_coverage.png")
     # the most confident mistakes first: the ones worth looking at
     wrong = sorted((r for r in results if r.predicted != r.true), key=lambda r: -r.confidence)
-    with open(out / "misclassified.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
-        w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", "confidence"])
-        w.writerows([r.path, classes[r.true], classes[r.predicted], f"{r.confidence:.4f}"] for r in wrong)
+    files.write_csv(out / "misclassified.csv", ["path", "true", "predicted", "confidence"],
+                    ([r.path, classes[r.true], classes[r.predicted], calibration.shown(r.confidence)] for r in wrong))
     if wrong:
         plots.save(worst_mistakes_figure(loaded, wrong[:WORST], classes), out / "worst_mistakes.png")
     figures = [("Reliability diagram", out / "reliability.png"), ("Risk-coverage", out / "risk_coverage.png"),
@@ -398,8 +395,8 @@ def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple
             best = results[i][0]
             print(f"{folders.shown(path)}: " + (guesses or f"no label above its threshold (most likely: {best[0]}, "
                                                           f"{100 * best[1]:.1f}%)"))
-            rows.append([path, sep.join(lb for lb, _ in found), ";".join(f"{lb}:{p:.4f}" for lb, p in found),
-                         ";".join(f"{lb}:{p:.4f}" for lb, p in results[i]), "ok"])
+            rows.append([path, sep.join(lb for lb, _ in found), probabilities_json(found), *top_cells(results[i], k),
+                         "ok"])
             captions.append(", ".join(lb for lb, _ in found) or "(none)")
             colours.append("black" if found else "darkorange")
         elif i in results:
@@ -410,7 +407,8 @@ def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple
             guesses = ", ".join(f"{lb} ({100 * p:.{digits}f}%)" for lb, p in top)
             print(f"{folders.shown(path)}: " +
                   (f"{UNKNOWN} (below {reject_below:g}; best guesses: {guesses})" if rejected else guesses))
-            rows.append([path, name, calibration.shown(top[0][1]), ";".join(f"{lb}:{p:.4f}" for lb, p in top), "ok"])
+            rows.append([path, name, calibration.shown(top[0][1]), *top_cells(top, k),
+                         f"{UNKNOWN}: below --reject-below {reject_below:g}" if rejected else "ok"])
             captions.append(f"{UNKNOWN} ({top[0][0]}? {100 * top[0][1]:.{digits}f}%)" if rejected
                             else f"{top[0][0]} ({100 * top[0][1]:.{digits}f}%)")
             colours.append("darkorange" if rejected else "black")
@@ -418,19 +416,29 @@ def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple
             reason = dataset.inspect_file(path, max_bytes=max_bytes)[0] or "unreadable"
             said = reason if reason.startswith("unreadable") else f"unreadable ({reason})"
             print(f"{folders.shown(path)}: {said}")
-            rows.append([path, "", "", "", f"unreadable: {reason}"])
+            rows.append([path, "", "", *top_cells([], k), f"unreadable: {reason}"])
             captions.append("unreadable")
             colours.append("red")
         if len(pictures) < grid:
             pictures.append(thumbnail(path) if i in results else None)
-    with open(out / "predictions.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
-        w = csv.writer(f)
-        w.writerow(["path", "labels", "probabilities", f"top{k}", "status"] if present is not None else
-                   ["path", "label", "probability", f"top{k}", "status"])
-        w.writerows(rows)
+    top = [f"{what}_{j}" for j in range(1, k + 1) for what in ("label", "probability")]
+    files.write_csv(out / "predictions.csv", ["path", "labels", "probabilities", *top, "status"] if present is not None
+                    else ["path", "label", "probability", *top, "status"], rows)
     plots.save(plots.image_grid(pictures, captions[: len(pictures)], colours[: len(pictures)]),
                out / "predictions.png")
     print(f"wrote {out / 'predictions.csv'} and {out / 'predictions.png'}")
+
+
+def top_cells(top: list[tuple[str, float]], k: int) -> list[str]:
+    """The top-k columns of predictions.csv: label_1, probability_1, ... (empty for an unreadable image)."""
+    cells = [cell for name, p in top for cell in (name, calibration.shown(p))]
+    return cells + [""] * (2 * k - len(cells))
+
+
+def probabilities_json(found: list[tuple[str, float]]) -> str:
+    """Labels and their probabilities as one JSON object ({"sea": 0.93, "sky": 0.81}): a parser reads it
+    whatever the labels hold (a `:` or `;` split the old `label:p;label:p`)."""
+    return json.dumps({name: round(p, calibration.SHOWN_DIGITS) for name, p in found}, ensure_ascii=False)
 
 
 def write_explanations(out: Path, loaded: Loaded, paths: list[str], results: dict[int, list[tuple[str, float]]],
