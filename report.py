@@ -57,9 +57,21 @@ def compute_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], present
                                             digits=4, zero_division=0)}
 
 
+def evaluated_images(m: dict[str, Any]) -> str:
+    """The images evaluated, as the accuracy line names them: test images, unless the run's split.json says
+    some are images it trained or was chosen on (then they are named, and the score called optimistic)."""
+    caveats, n = m.get("caveats") or [], m["images"]
+    if not caveats:
+        return f"the {n} test images"
+    if len(caveats) == 1 and caveats[0]["images"] >= n:
+        return f"the {n} {caveats[0]['kind']} images {caveats[0]['why']} (optimistic)"
+    parts = "; ".join(f"{c['images']} of them {c['kind']} images {c['why']}" for c in caveats)
+    return f"the {n} images evaluated ({parts}: optimistic)"
+
+
 def print_report(m: dict[str, Any], present: list[int]) -> None:
     classes = m["classes"]
-    print(f"Accuracy of the network on the {m['images']} test images: {m['accuracy']:.2f}%")
+    print(f"Accuracy of the network on {evaluated_images(m)}: {m['accuracy']:.2f}%")
     print("\nConfusion Matrix (rows: true, columns: predicted; order: " + ", ".join(classes) + ")")
     print(np.array(m["confusion_matrix"]))
     print("\nPer class accuracy")
@@ -88,8 +100,7 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     mapping = match_classes(data_classes, loaded.classes)
     items = [(p, tuple(sorted(mapping[c] for c in y)) if loaded.multilabel else mapping[y]) for p, y in items]
     print(f"evaluating {len(items)} images: {what}")
-    if split is not None:
-        warn_if_seen(items, split, ckpt_path.parent / "split.json")
+    caveats = warn_if_seen(items, split, ckpt_path.parent / "split.json") if split is not None else []
     if skipped:
         dataset.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
                      f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
@@ -99,13 +110,14 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     probs = loaded.probabilities(logits)  # calibrated; averaged over the views with --tta
     if loaded.multilabel:
         return evaluate_multilabel(loaded, out, items, probs, logits, y, idx, skipped,
-                                   {"data": str(data if data is not None else ckpt_path.parent), "evaluated": what})
+                                   {"data": str(data if data is not None else ckpt_path.parent), "evaluated": what,
+                                    "caveats": caveats})
     conf, pred = probs.max(1)
     present = sorted(set(mapping))
     m = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, present)
     m.update(confidence_metrics(loaded, logits[:, 0] if tta else logits, probs, y, tta))
     m.update({"checkpoint": str(loaded.source), "data": str(data if data is not None else ckpt_path.parent),
-              "evaluated": what, "skipped": [list(s) for s in skipped]})
+              "evaluated": what, "caveats": caveats, "skipped": [list(s) for s in skipped]})
     print_report(m, present)
     print_confidence(m)
     results = [Result(items[int(i)][0], int(t), int(q), float(c)) for i, t, q, c in zip(idx, y, pred, conf)]
@@ -200,17 +212,22 @@ def run_split(run_dir: Path) -> dataset.DataSplit | None:
     return None
 
 
-def warn_if_seen(items: list[tuple[str, int]], split: dataset.DataSplit, split_file: Path) -> None:
+def warn_if_seen(items: list[tuple[str, int]], split: dataset.DataSplit, split_file: Path) -> list[dict[str, Any]]:
     """A warning when the images evaluated are ones the model trained on or was chosen on: then the
-    accuracy is not that of new images."""
+    accuracy is not that of new images. Returned too (kind, why, images, text), for the accuracy line,
+    metrics.json and report.html, which must say the same."""
     paths = {os.path.realpath(p) for p, _ in items}  # however the folder was named: relative, a link
+    caveats = []
     for name, used, why in (("training", split.train, "it learned from"), ("validation", split.val,
                                                                         "best.pt was chosen on")):
         seen = len(paths & {os.path.realpath(p) for p, _ in used})
         if seen:
-            dataset.warn(f"{seen} of the {len(paths)} images evaluated are the {name} images {why} "
-                         f"({split_file}): its scores are optimistic; evaluate images the run never used "
-                         "(train with --test-split F to keep some aside)")
+            text = (f"{seen} of the {len(paths)} images evaluated are the {name} images {why} ({split_file}): its "
+                    "scores are optimistic; evaluate images the run never used (train with --test-split F to keep "
+                    "some aside)")
+            dataset.warn(text)
+            caveats.append({"kind": name, "why": why, "images": seen, "text": text})
+    return caveats
 
 
 @dataclass

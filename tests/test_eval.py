@@ -266,3 +266,19 @@ def test_misclassified_csv_is_safe_in_a_spreadsheet(trained_run, colours_eval, t
     wrong = {Path(r["path"]).name: r for r in read_cells(tmp_path / "e" / "misclassified.csv")}
     assert wrong["actually-red.png"]["true"] == FORMULA_NAMES["blue"]
     assert wrong["actually-red.png"]["predicted"] == FORMULA_NAMES["red"]
+
+
+def test_the_page_and_the_screen_say_the_images_evaluated_are_the_ones_best_pt_was_chosen_on(trained_run, tmp_path,
+                                                                                                capsys):
+    val = json.loads((trained_run / "split.json").read_text())["val"]
+    data = tmp_path / "val-again"
+    for path, _ in val:  # links to the run's own validation images
+        (data / Path(path).parent.name).mkdir(parents=True, exist_ok=True)
+        (data / Path(path).parent.name / Path(path).name).symlink_to(path)
+    m = run_eval(trained_run, data, tmp_path / "ev")
+    out = capsys.readouterr().out
+    assert f"on the {len(val)} validation images best.pt was chosen on (optimistic)" in out
+    assert "test images" not in out
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert "best.pt was chosen on" in page and "optimistic" in page and m["caveats"]
+    assert "the images in" in page  # what was evaluated, named
