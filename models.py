@@ -12,8 +12,6 @@ too. The backbone is then a fixed function, which is what lets train.py cache it
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import fnmatch
 import os
 import re
 from collections import OrderedDict
@@ -26,6 +24,7 @@ from torch import nn
 
 import checkpoint
 import files
+import model_names
 import timm_models
 from checkpoint import Preprocess
 from config import UsageError
@@ -39,24 +38,11 @@ def classifier_names() -> list[str]:
 
 
 def check_name(name: str) -> None:
+    """A name --model takes (from the installed packages themselves), or the three closest names."""
     if timm_models.is_timm(name):
         return timm_models.check_name(name)
     if name not in classifier_names():
-        close = difflib.get_close_matches(name, classifier_names(), n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise UsageError(f"unknown model '{name}': {hint}choose one of: {', '.join(classifier_names())} "
-                         "(or timm/NAME with timm installed)")
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    """What --model takes, matching a shell-style `pattern`: torchvision's classifiers, then timm's
-    architectures when timm is installed (matched with and without their timm/ prefix; a pattern with
-    a dot lists their named weights, NAME.TAG)."""
-    found = [n for n in classifier_names() if fnmatch.fnmatch(n, pattern)]
-    if pattern.startswith(timm_models.PREFIX) or timm_models.installed():
-        found += [n for n in timm_models.names(tags="." in pattern) if fnmatch.fnmatch(n, pattern) or
-                  fnmatch.fnmatch(n.removeprefix(timm_models.PREFIX), pattern)]
-    return found
+        raise UsageError(model_names.unknown_torchvision(name, classifier_names()))
 
 
 def default_weights(name: str) -> Any:

@@ -28,6 +28,7 @@ import crossval
 import files
 import folders
 import labels
+import model_names
 from config import Parser, TrainConfig, UsageError, absolute_paths, add_options, cli, imports_done, script, validate
 
 
@@ -44,6 +45,8 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     if "list_models" in given:
         return given
     validate(TrainConfig(**{k: v for k, v in given.items() if k not in ("resume", "data")}))
+    if "model" in given:  # from the names' cache: a typo answered before torch loads, with the closest names
+        model_names.check(given["model"], given.get("cache_dir"))
     if given.get("folds") and given.get("lr_find"):
         raise UsageError("--lr-find runs one range test and starts no run: use it without --folds")
     if given.get("resume") and checkpoint.is_cv_folder(given["resume"]):
@@ -73,14 +76,12 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     return given
 
 
-def list_models(pattern: str) -> int:
-    import models
-
-    found = models.list_models(pattern)
+def list_models(pattern: str, cache_dir: str | None = None) -> int:
+    found = model_names.matching(pattern, cache_dir)
     if not found:
         raise UsageError(f"no model matches {pattern!r}: python train.py --list-models lists them all")
     print("\n".join(found))
-    timm = "" if models.timm_models.installed() else "; timm's models (timm/NAME) need: pip install timm"
+    timm = "" if model_names.installed("timm") else "; timm's models (timm/NAME) need: pip install timm"
     print(f"{len(found)} models match {pattern!r}{timm}", file=sys.stderr)
     return 0
 
@@ -88,7 +89,7 @@ def list_models(pattern: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     given = read_command_line(argv)
     if "list_models" in given:
-        return list_models(given["list_models"])
+        return list_models(given["list_models"], given.get("cache_dir"))
     resume = given.get("resume")
     if checkpoint.is_cv_folder(resume) if resume else given.get("folds"):
         return crossval.main(given)

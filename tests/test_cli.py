@@ -418,3 +418,35 @@ def test_garbage_made_after_the_first_freeze_is_still_collected(monkeypatch):
         assert alive() is None
     finally:
         gc.unfreeze()
+
+
+def test_a_misspelled_model_is_answered_before_torch_loads_with_the_three_closest_names():
+    import model_names
+
+    model_names.torchvision_names()  # what a first listing (or any run) leaves in the cache folder
+    result = run_script_in_process("train.py", "--model", "resnt18")
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "did you mean resnet18, " in err and "mobilenet_v2" not in err
+
+
+def test_models_are_listed_from_the_cache_before_torch_loads():
+    import model_names
+
+    model_names.torchvision_names()
+    if model_names.installed("timm"):
+        model_names.timm_names()
+    result = run_script_in_process("train.py", "--list-models", "resnet1*")
+    assert result.stdout.split()[-3:] == ["no", "torch", "0"], result.stderr
+    assert {"resnet18", "resnet101", "resnet152"} <= set(result.stdout.split())
+
+
+def test_a_damaged_list_of_model_names_is_made_again(tmp_path, monkeypatch):
+    import model_names
+
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path))
+    first = model_names.torchvision_names()
+    (path,) = (tmp_path / "model-names").glob("torchvision-*.json")
+    path.write_text('{"models": ["only_this"')
+    assert model_names.torchvision_names() == first and "resnet18" in first
+    assert model_names.package_key("torchvision") in path.name  # keyed by the version installed

@@ -70,10 +70,11 @@ def test_any_torchvision_classifier_gets_a_head_for_the_dataset_classes(name):
     assert model.eval()(torch.rand(1, 3, size, size)).shape == (1, 5)
 
 
-def test_unknown_model_is_refused_with_the_choices(colours, tmp_path, capsys):
+def test_unknown_model_is_refused_with_the_closest_names(colours, tmp_path, capsys):
     assert run_train(train_args(colours, tmp_path / "r", "--model", "resnet19", "--mode", "scratch")) == 2
     err = capsys.readouterr().err
-    assert "unknown model 'resnet19'" in err and "mobilenet_v2" in err and len(err.strip().splitlines()) == 1
+    assert "unknown model 'resnet19': did you mean resnet18, " in err and len(err.strip().splitlines()) == 1
+    assert "mobilenet_v2" not in err  # the three closest names, not all 80
 
 
 def test_preprocessing_comes_from_the_weights_metadata():
