@@ -450,3 +450,17 @@ def test_a_damaged_list_of_model_names_is_made_again(tmp_path, monkeypatch):
     path.write_text('{"models": ["only_this"')
     assert model_names.torchvision_names() == first and "resnet18" in first
     assert model_names.package_key("torchvision") in path.name  # keyed by the version installed
+
+
+def test_runs_py_takes_several_folders_and_globs_and_finds_runs_written_deeper_with_out(trained_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    import runs
+
+    shutil.copytree(trained_run, tmp_path / "exp" / "cats" / "2026" / "r1")  # --out exp/cats/2026/r1
+    shutil.copytree(trained_run, tmp_path / "elsewhere" / "r2")
+    shutil.copytree(trained_run, tmp_path / "other-r3")
+    monkeypatch.chdir(tmp_path)
+    assert runs.main(["exp", "elsewhere/r2", "other-*"]) == 0
+    names = {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert names == {"exp/cats/2026/r1", "elsewhere/r2", "other-r3"}
+    assert runs.main(["exp"]) == 0 and capsys.readouterr().out.splitlines()[1].startswith("cats/2026/r1 ")

@@ -229,3 +229,10 @@ def evaluate_main():
     import eval as evaluate
 
     return evaluate.main
+
+
+def test_runs_py_shows_a_jobs_folds_below_it_and_takes_the_jobs_folder_itself(cv_job, capsys):
+    assert runs.main([str(cv_job), "--folds"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["job", "job/fold-1", "job/fold-2", "job/fold-3"]
+    assert "3 folds (+-" in lines[1]
