@@ -27,7 +27,7 @@ import files
 import model_names
 import timm_models
 from checkpoint import Preprocess
-from config import UsageError
+from config import UsageError, WeightsUnavailable
 
 AUX_HEADS = ("googlenet", "inception_v3")  # their auxiliary classifiers are disabled
 DEFAULT_PREPROCESS = Preprocess(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -153,9 +153,31 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=True, weights_only=True)
     except Exception as e:  # no network, proxy, DNS, HTTP error: all end in the same advice
-        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-        raise UsageError(f"ImageNet weights for {name} could not be downloaded ({reason}): put {weights.url} "
-                         f"at {cached}, or pass --weights FILE, or use --mode scratch") from None
+        raise unavailable(name, e) from None
+
+
+def unavailable(name: str, e: Exception) -> WeightsUnavailable:
+    weights = default_weights(name)
+    reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return WeightsUnavailable(f"ImageNet weights for {name} could not be downloaded ({reason})",
+                              f"put {weights.url} at {cached}, or pass --weights FILE")
+
+
+def fetch_weights(name: str) -> None:
+    """torchvision's ImageNet weights for `name` into the torch hub cache, unless they are there (timm's come
+    when the model is built): a run that cannot have them says so before its data is checked."""
+    weights = default_weights(name)
+    if weights is None or timm_models.is_timm(name):
+        return
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if cached.is_file():
+        return
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(weights.url, str(cached), progress=True)
+    except Exception as e:
+        raise unavailable(name, e) from None
 
 
 def weights_identity(arch: str, weights_file: str | None) -> list:

@@ -16,7 +16,7 @@ from typing import Any
 
 import model_names
 from checkpoint import Preprocess, first_line, interpolation, keys_named, mismatch, mismatched_keys
-from config import UsageError
+from config import UsageError, WeightsUnavailable
 
 PREFIX = model_names.PREFIX
 
@@ -148,9 +148,9 @@ def published(arch: str, options: dict[str, Any], state: dict | None, source: st
         if state is not None:  # timm's strict load, or its converter meeting keys of another model
             raise UsageError(not_fitting(arch, source, e, state, expected, options)) from None
         # no network, unknown repository, proxy: all end in the same advice
-        raise UsageError(f"timm's ImageNet weights for {name} could not be downloaded ({first_line(e)}): "
-                         "pass --weights FILE (a timm state_dict, e.g. its model.safetensors from "
-                         "huggingface.co), or use --mode scratch") from None
+        raise WeightsUnavailable(f"timm's ImageNet weights for {name} could not be downloaded ({first_line(e)})",
+                                 "pass --weights FILE (a timm state_dict, e.g. its model.safetensors from "
+                                 "huggingface.co)") from None
 
 
 def not_fitting(arch: str, source: str, e: Exception, state: dict, expected: dict, options: dict[str, Any]) -> str:

@@ -48,7 +48,9 @@ from config import (
     TrainConfig,
     TrainingError,
     UsageError,
+    WeightsUnavailable,
     absolute_paths,
+    command_line,
     describe_recipe,
     file_name,
     identity_changes,
@@ -637,6 +639,8 @@ def train(given: dict[str, Any]) -> int:
             # a resume keeps the preprocessing it was trained with (a newer torchvision or timm may say otherwise)
             preprocess = Preprocess.from_dict(start.ckpt["preprocess"]) if start.ckpt is not None \
                 else models.preprocessing(cfg.model, cfg.img_size)
+            if start.ckpt is None and cfg.mode != "scratch" and not cfg.weights:
+                models.fetch_weights(cfg.model)  # before the data check: offline, said at once
             split = load_split(cfg, start, preprocess, lead)
             model, weights_id = build(cfg, start, len(split.classes), preprocess.img_size)
             models.set_train_mode(model, True, cfg.mode)  # as it trains: is BatchNorm trained (batches of one)?
@@ -649,11 +653,20 @@ def train(given: dict[str, Any]) -> int:
         except (Exception, Stopped) as e:  # (Stopped: another process met bad input, or failed)
             if made is not None and (isinstance(e, UsageError) or (isinstance(e, Stopped) and e.code == 2)):
                 made.undo()  # bad input: nothing was started; anything else leaves a folder to resume
+            if isinstance(e, WeightsUnavailable) and not given.get("resume"):
+                raise UsageError(e.offline(offline_command(given))) from None
             raise
         try:
             return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world, local_rank), model)
         except KeyboardInterrupt:
             return interrupted_early(run_dir, lead, not cfg.lr_find)
+
+
+def offline_command(given: dict[str, Any]) -> str:
+    """The command given, from scratch: what trains without internet. A fold's own folder is left out (the
+    job's, given to the job, was removed with the fold's when the start failed)."""
+    fold = "fold" in given
+    return command_line({k: v for k, v in given.items() if not (fold and k == "out")}, mode="scratch")
 
 
 def nothing_to_do(start: Start) -> str:

@@ -124,6 +124,23 @@ def test_missing_imagenet_weights_stop_at_once_naming_the_file_to_download(colou
     assert "Traceback" not in err and not (tmp_path / "r").exists()
 
 
+def test_without_internet_the_error_gives_the_exact_command_that_trains_offline_before_the_data_is_checked(
+        colours, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    checked = []
+    monkeypatch.setattr(dataset, "prepare_data", lambda *a, **k: checked.append(a) or [][0])  # (not reached)
+    assert run_train(train_args(colours, tmp_path / "r", "--model", "mobilenet_v2")) == 2  # finetune: the default
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not checked and not (tmp_path / "r").exists()
+    command = err.split("Without internet, train from scratch: ")[1].split(";")[0]
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train.py"] and words[words.index("--mode") + 1] == "scratch"
+    assert words[words.index("--data") + 1] == str(colours) and "--model" in words
+    monkeypatch.undo()
+    assert run_train(words[2:]) == 0  # that very command trains, offline
+
+
 def test_weights_that_do_not_fit_the_model_are_refused(colours, tmp_path, capsys):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     args = train_args(colours, tmp_path / "r", "--model", "mobilenet_v2", "--weights", str(tmp_path / "r18.pth"))
