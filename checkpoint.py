@@ -14,8 +14,11 @@ A checkpoint is a dict of tensors and plain data, loaded with weights_only=True 
     epoch, history, best_acc, best_epoch, finished, train_time_s, weights_id, world
     optimizer, scaler, progress, ema   last.pt only (RESUME_ONLY): what a resume needs to continue exactly
     averaged             best.pt: True when its model is the weights' moving average (--ema)
-    calibration          {temperature, ece_raw, ece, images}: temperature scaling of the best model on
-                         the validation set (calibration.py); absent in runs trained before it (temperature 1)
+    calibration          {temperature, fitted, kept, ece_raw, ece, ece_in_sample, images}: temperature
+                         scaling of the best model on the validation set, its error measured on images it was not
+                         fitted on (calibration.calibrate; temperature 1 when the fit did not lower it); runs of
+                         before that hold {temperature, ece_raw, ece, images}; absent in runs trained before
+                         calibration (temperature 1)
     best_confusion       the best model's validation confusion matrix (cross-validation's per-class accuracy)
     multilabel           True for a multi-label model (sigmoid per label; best_acc is then the best val mAP)
     thresholds           multi-label: each label's threshold, tuned on validation (max F1); best_ap, its APs

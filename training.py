@@ -1122,16 +1122,15 @@ class Loop:
             return val, None
         return val, evaluate(learner.ema.model.module, val_loader, learner.to_input, exact, n, self.lead, self.multi)
 
-    def calibrate(self, val: dict[str, Any]) -> dict[str, float]:
-        """Temperature scaling of the new best model, on the validation images it was chosen on (every
-        rank takes part: each holds a shard of them)."""
+    def calibrate(self, val: dict[str, Any]) -> dict[str, Any]:
+        """Temperature scaling of the new best model, on the validation images it was chosen on, judged on
+        those it was not fitted on (calibration.calibrate; every rank takes part: each holds a shard of them)."""
         device = self.learner.device
 
         def total(t: torch.Tensor) -> torch.Tensor:
             return all_reduce_sum(t, device)
 
-        temperature = calibration.fit_temperature(val["logits"], val["targets"], total)
-        return calibration.summary(val["logits"], val["targets"], temperature, total)
+        return calibration.calibrate(val["logits"], val["targets"], total)
 
     def best_weights(self, state: dict[str, Any], due: bool) -> dict[str, Any]:
         """The model for best.pt: the trained weights, or their average when it validated better. A
@@ -1198,11 +1197,23 @@ class Loop:
             print(f"per-label thresholds (tuned on val for the best F1, never below {multilabel.MIN_THRESHOLD:g}): "
                   + ", ".join(f"{c}={t:.2f}" for c, t in zip(self.classes, self.thresholds)))
         if self.calibration:
-            c = self.calibration
-            print(f"calibrated: temperature {c['temperature']:.3f}; expected calibration error on val "
-                  f"{100 * c['ece_raw']:.2f}% -> {100 * c['ece']:.2f}%" +
-                  (f" (only {c['images']} validation images: a rough fit, kept near 1 by its prior)"
-                   if c.get("images", FEW_TO_CALIBRATE) < FEW_TO_CALIBRATE else ""))
+            print(calibration_line(self.calibration))
+
+
+def calibration_line(c: dict[str, Any]) -> str:
+    """The end of a run: the temperature and the calibration error on validation images it was not fitted on
+    (each half fitted on the other), or why no temperature was kept."""
+    errors = f"{100 * c['ece_raw']:.2f}% -> {100 * c['ece']:.2f}%"
+    few = (f" (only {c['images']} validation images: a rough fit, kept near 1 by its prior)"
+           if c.get("images", FEW_TO_CALIBRATE) < FEW_TO_CALIBRATE else "")
+    if "kept" not in c:  # a run from before the held-out check: its error is on the images it was fitted on
+        return f"calibrated: temperature {c['temperature']:.3f}; expected calibration error on val {errors}{few}"
+    if c["kept"]:
+        return (f"calibrated: temperature {c['temperature']:.3f}; expected calibration error {errors}, on validation "
+                f"images the temperature was not fitted on (each half fitted on the other){few}")
+    return (f"not calibrated: a temperature fitted on the validation images ({c['fitted']:.3f}) raised the expected "
+            f"calibration error on those it was not fitted on ({errors}, each half fitted on the other), so "
+            f"probabilities stay the raw softmax (temperature 1){few}")
 
 
 def make_criterion(cfg: TrainConfig, train_counts: list[int], images: int = 0, multi: bool = False) -> nn.Module:
