@@ -35,7 +35,7 @@ from config import Parser, TrainConfig, UsageError, absolute_paths, add_options,
 def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     """The options given (those not given stay absent, so a resume can tell them apart), checked as far
     as they can be without torch: the numbers, the data folder, the weights file, the run folder (or
-    the run to resume). The model name is checked once torchvision is loaded."""
+    the run to resume), the model's name (from the lists kept in the cache folder: model_names)."""
     parser = Parser(__doc__, prog="train.py")
     add_options(parser)
     parser.add_argument("--list-models", nargs="?", const="*", default=argparse.SUPPRESS, metavar="PATTERN",
@@ -45,8 +45,6 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     if "list_models" in given:
         return given
     validate(TrainConfig(**{k: v for k, v in given.items() if k not in ("resume", "data")}))
-    if "model" in given:  # from the names' cache: a typo answered before torch loads, with the closest names
-        model_names.check(given["model"], given.get("cache_dir"))
     if given.get("folds") and given.get("lr_find"):
         raise UsageError("--lr-find runs one range test and starts no run: use it without --folds")
     if given.get("resume") and checkpoint.is_cv_folder(given["resume"]):
@@ -73,6 +71,8 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
         folders.check_outside(data, given.get("out") or "runs", "the run folder" if given.get("out") else
                               "runs/, the default parent of run folders,")
         folders.check_cache_outside(data, given.get("cache_dir"))
+    if "model" in given:  # from the names' cache: a typo answered before torch loads, with the closest names
+        model_names.check(given["model"], given.get("cache_dir"))
     return given
 
 
