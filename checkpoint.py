@@ -134,6 +134,17 @@ def temperature(ckpt: dict[str, Any], source: str | Path = "the checkpoint") -> 
     return checked_temperature(ckpt["calibration"].get("temperature"), source)
 
 
+def temperature_not_kept(ckpt: dict[str, Any]) -> str | None:
+    """A note when training fitted a temperature and did not keep it (calibration.calibrate): temperature 1
+    is then no fit of 1, but the raw softmax, chosen."""
+    c = ckpt.get("calibration") or {}
+    if c.get("kept") is not False:
+        return None
+    return (f"note: the temperature fitted when training ({c.get('fitted', float('nan')):.3f}) was not kept: it "
+            "raised the calibration error on validation images it was not fitted on, so probabilities are the raw "
+            "softmax (temperature 1)")
+
+
 def fitted_elsewhere(ckpt: dict[str, Any], source: str | Path) -> str | None:
     """A note when the temperature (a multi-label model's thresholds) a checkpoint carries was fitted for
     another epoch's weights: last.pt keeps the best epoch's, which its resume goes on with."""

@@ -245,8 +245,9 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
     """export.py's work: write the export (to `out`, else into `folder` named after the model), then prove
     it on images (exit status 1 when a float export disagrees with the PyTorch model)."""
     ckpt = checkpoint.load(ckpt_path)
-    if note := checkpoint.fitted_elsewhere(ckpt, ckpt_path):
-        print(note)
+    for note in (checkpoint.fitted_elsewhere(ckpt, ckpt_path), checkpoint.temperature_not_kept(ckpt)):
+        if note:
+            print(note)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     model = Deployable(models.from_checkpoint(ckpt), pre).eval()
     out = out or folder / f"{file_name(ckpt['arch'])}{'-int8' if int8 else ''}{checkpoint.EXPORT_SUFFIX[fmt]}"

@@ -387,3 +387,12 @@ def test_risk_coverage_counts_an_image_as_test_py_decides_it():
     probs = torch.tensor([[0.79999, 0.20001], [0.7, 0.3]])
     rows = {r["threshold"]: r for r in calibration.risk_coverage(probs, torch.tensor([0, 0]), [0.8])}
     assert rows[0.8]["coverage"] == 0.5  # shown as 0.8000: kept by test.py --reject-below 0.8
+
+
+def test_eval_says_when_the_temperature_fitted_in_training_was_not_kept(trained_run, colours_eval, tmp_path, capsys):
+    ckpt = checkpoint.load(trained_run / "best.pt")
+    ckpt["calibration"] |= {"temperature": 1.0, "fitted": 0.256, "kept": False}
+    checkpoint.save(ckpt, tmp_path / "raw.pt")
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(tmp_path / "raw.pt"), "--out",
+                                str(tmp_path / "e")]) == 0
+    assert "temperature fitted when training (0.256) was not kept" in capsys.readouterr().out
