@@ -172,7 +172,7 @@ def test_scratch_run_learns_and_leaves_a_complete_run_folder(colours, trained_ru
     assert any(n.startswith("events.out.tfevents") for n in names)
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["classes"] == ["blue", "green", "red"]
-    assert summary["best_val_acc"] >= 66.7  # chance is 33%
+    assert summary["best_val_acc"] > 60  # chance is 33%; with 6 validation images, 4 right (66.67%) passes
     assert summary["train_img_per_s"] > 0
     assert len((trained_run / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
     config = json.loads((trained_run / "config.json").read_text())
