@@ -5,7 +5,9 @@ diagram's bins, risk-coverage and top-k accuracy).
 Temperature scaling (Guo et al., 2017) divides the logits by one scalar T before the softmax: the
 predicted class never changes, only how sure the model says it is. T minimises the validation
 negative log-likelihood, with a weak prior on log T (a standard normal) so that a validation set
-with no mistakes, or only a few images, cannot drive T to an extreme it has no evidence for.
+with no mistakes, or only a few images, cannot drive T to an extreme it has no evidence for. Its
+error is measured on validation images it was not fitted on (calibrate), and a T that raises it is
+not kept.
 """
 
 from __future__ import annotations
@@ -84,15 +86,31 @@ def ece(probs: torch.Tensor, targets: torch.Tensor, bins: int = BINS) -> float:
     return ece_of(bin_sums(probs, targets, bins))
 
 
+SHOWN_DIGITS = 4  # a probability as predictions.csv writes it (0.8163), and as --reject-below compares it
+
+
+def shown(p: float) -> str:
+    """A probability as it is written for people and files."""
+    return f"{p:.{SHOWN_DIGITS}f}"
+
+
+def kept(p: float, threshold: float) -> bool:
+    """Whether `test.py --reject-below threshold` keeps an image whose top probability is `p`: compared as
+    shown, so an image written as 0.8163 is never "unknown, 0.8163" at --reject-below 0.8163."""
+    return float(shown(p)) >= threshold
+
+
 def risk_coverage(probs: torch.Tensor, targets: torch.Tensor,
                   thresholds: list[float] = THRESHOLDS) -> list[dict[str, float]]:
     """For each threshold P: the share of images whose top probability is at least P (coverage) and
-    the accuracy on those (what `test.py --reject-below P` keeps; the rest become "unknown")."""
+    the accuracy on those (what `test.py --reject-below P` keeps, by the same rule, `kept`; the rest
+    become "unknown")."""
     conf, pred = probs.max(1)
     correct = (pred == targets).float()
+    as_shown = torch.tensor([float(shown(c)) for c in conf.tolist()], dtype=torch.float64)
     rows = []
     for p in thresholds:
-        kept = conf >= p
+        kept = as_shown >= p
         n = int(kept.sum())
         rows.append({"threshold": p, "coverage": n / max(1, len(conf)),
                      "accuracy": 100 * float(correct[kept].mean()) if n else None})
@@ -107,9 +125,35 @@ def topk_accuracy(probs: torch.Tensor, targets: torch.Tensor, k: int) -> float:
     return 100 * float((top == targets[:, None]).any(1).float().mean())
 
 
-def summary(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-            all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
-    """ECE before and after the temperature, and the images it was fitted on: as stored with a checkpoint."""
+def halves(targets: torch.Tensor) -> torch.Tensor:
+    """The first of two halves of a set of images (a mask): every other image of each class, in the order
+    given, so that both halves hold each class about equally."""
+    first = torch.zeros(len(targets), dtype=torch.bool)
+    for c in targets.unique():
+        first[(targets == c).nonzero()[::2, 0]] = True
+    return first
+
+
+def calibrate(logits: torch.Tensor, targets: torch.Tensor,
+              all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float | bool | int]:
+    """Temperature scaling judged on images it was not fitted on, as stored with a checkpoint.
+
+    The temperature is fitted on all the validation images (`fitted`), but its error on them (`ece_in_sample`)
+    flatters it: they are the images it was fitted on, and the images best.pt was chosen on. So each half of
+    them (halves()) is also calibrated by a temperature fitted on the other half alone, and the expected
+    calibration error of those probabilities (`ece`) is what a new image can expect, against the raw
+    softmax's (`ece_raw`, which nothing was fitted for). A temperature that raises that error (a likelihood
+    pulled by a few confident mistakes, too few images) is not kept: `temperature` is then 1, the raw softmax.
+    `all_reduce` sums over processes, each holding a shard of the images (and its own two halves of it)."""
+    first = halves(targets)
+    fitted = fit_temperature(logits, targets, all_reduce)
+    t_first, t_second = (fit_temperature(logits[m], targets[m], all_reduce) for m in (first, ~first))
+    held_out = torch.empty(logits.shape, dtype=torch.float32)
+    held_out[first] = probabilities(logits[first], t_second)
+    held_out[~first] = probabilities(logits[~first], t_first)
     raw = all_reduce(bin_sums(probabilities(logits), targets))
-    scaled = all_reduce(bin_sums(probabilities(logits, temperature), targets))
-    return {"temperature": temperature, "ece_raw": ece_of(raw), "ece": ece_of(scaled), "images": int(raw[0].sum())}
+    ece_raw, ece_held_out = ece_of(raw), ece_of(all_reduce(bin_sums(held_out, targets)))
+    kept = ece_held_out <= ece_raw
+    return {"temperature": fitted if kept else 1.0, "fitted": fitted, "kept": kept, "ece_raw": ece_raw,
+            "ece": ece_held_out, "ece_in_sample": ece_of(all_reduce(bin_sums(probabilities(logits, fitted), targets))),
+            "images": int(raw[0].sum())}

@@ -14,8 +14,11 @@ A checkpoint is a dict of tensors and plain data, loaded with weights_only=True 
     epoch, history, best_acc, best_epoch, finished, train_time_s, weights_id, world
     optimizer, scaler, progress, ema   last.pt only (RESUME_ONLY): what a resume needs to continue exactly
     averaged             best.pt: True when its model is the weights' moving average (--ema)
-    calibration          {temperature, ece_raw, ece, images}: temperature scaling of the best model on
-                         the validation set (calibration.py); absent in runs trained before it (temperature 1)
+    calibration          {temperature, fitted, kept, ece_raw, ece, ece_in_sample, images}: temperature
+                         scaling of the best model on the validation set, its error measured on images it was not
+                         fitted on (calibration.calibrate; temperature 1 when the fit did not lower it); runs of
+                         before that hold {temperature, ece_raw, ece, images}; absent in runs trained before
+                         calibration (temperature 1)
     best_confusion       the best model's validation confusion matrix (cross-validation's per-class accuracy)
     multilabel           True for a multi-label model (sigmoid per label; best_acc is then the best val mAP)
     thresholds           multi-label: each label's threshold, tuned on validation (max F1); best_ap, its APs
@@ -154,6 +157,17 @@ def temperature(ckpt: dict[str, Any], source: str | Path = "the checkpoint") -> 
     if not ckpt.get("calibration"):
         return None
     return checked_temperature(ckpt["calibration"].get("temperature"), source)
+
+
+def temperature_not_kept(ckpt: dict[str, Any]) -> str | None:
+    """A note when training fitted a temperature and did not keep it (calibration.calibrate): temperature 1
+    is then no fit of 1, but the raw softmax, chosen."""
+    c = ckpt.get("calibration") or {}
+    if c.get("kept") is not False:
+        return None
+    return (f"note: the temperature fitted when training ({c.get('fitted', float('nan')):.3f}) was not kept: it "
+            "raised the calibration error on validation images it was not fitted on, so probabilities are the raw "
+            "softmax (temperature 1)")
 
 
 def fitted_elsewhere(ckpt: dict[str, Any], source: str | Path) -> str | None:
@@ -306,11 +320,17 @@ def find(given: str | None, name: str = "best.pt") -> Path:
         if is_cv_folder(given):
             raise UsageError(k_fold_job(Path(given), name))
         if not path.is_file():
+            folder = Path(given) if Path(given).is_dir() else Path(given).parent  # job/best.pt: the job's
+            if fold_folders(folder, name):  # a job's folder without its cv.json (a copy, say)
+                raise UsageError(k_fold_job(folder, name))
             raise UsageError(f"{missing(Path(given), name)}: give a run folder, a .pt from one, or an exported .onnx")
         return path
-    found = newest_in_runs(name)
+    found = newest_in_runs(name, folds=True)
     if found is None:
         raise UsageError(f"no runs/*/{name} found: train a model first (python train.py) or pass --checkpoint")
+    if found.parent.parent != Path("runs"):  # a fold's: the newest in runs/ is a k-fold job, not one model
+        raise UsageError(f"the newest model in runs/ is a k-fold job's: {k_fold_job(found.parent.parent, name)}; "
+                         "or pass --checkpoint with another run")
     return found
 
 
@@ -321,9 +341,15 @@ def is_cv_folder(path: str | Path) -> bool:
     return (Path(path) / CV_SETTINGS).is_file()
 
 
+def fold_folders(job: Path, name: str = "best.pt") -> list[Path]:
+    """The `name` files of a k-fold job's folds (fold-1/, fold-2/, ...), in fold order."""
+    folds = [p for p in job.glob(f"fold-*/{name}") if re.fullmatch(r"fold-\d+", p.parent.name)]
+    return sorted(folds, key=lambda p: int(p.parent.name.split("-")[-1]))
+
+
 def k_fold_job(job: Path, name: str) -> str:
     """A k-fold job holds a model per fold, each trained on other data: one is to be chosen."""
-    folds = sorted(job.glob(f"fold-*/{name}"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    folds = fold_folders(job, name)
     if not folds:
         return f"{job} is a k-fold job with no {name} yet: its folds have not finished an epoch"
     return (f"{job} is a k-fold job ({len(folds)} folds), a model per fold: give one fold's folder, e.g. "
@@ -351,10 +377,12 @@ def runnable(path: Path) -> Path:
     return path
 
 
-def newest_in_runs(name: str) -> Path | None:
-    """The most recently written runs/*/<name>, if any."""
-    found = sorted(Path("runs").glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def newest_in_runs(name: str, folds: bool = False) -> Path | None:
+    """The most recently written runs/*/<name>, if any; with `folds`, k-fold jobs' folds (runs/*/fold-N/<name>)
+    too."""
+    found = [*Path("runs").glob(f"*/{name}"),
+             *(p for job in (Path("runs").glob("*") if folds else ()) for p in fold_folders(job, name))]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 # A run folder's marker of its first checkpoint: "saving" from its first best.pt until last.pt is written,

@@ -31,6 +31,18 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2, before anything is written."""
 
 
+class WeightsUnavailable(UsageError):
+    """Published weights that could not be downloaded (no internet, say): `what` happened and the
+    `alternatives` to a download; train.py adds the exact command that trains offline (offline())."""
+
+    def __init__(self, what: str, alternatives: str):
+        super().__init__(f"{what}: {alternatives}, or use --mode scratch")
+        self.what, self.alternatives = what, alternatives
+
+    def offline(self, command: str) -> str:
+        return f"{self.what}. Without internet, train from scratch: {command}; or {self.alternatives}"
+
+
 class TrainingError(Exception):
     """A run cannot go on (NaN loss, out of memory, unreadable data): one line, exit status 1."""
 
@@ -527,6 +539,25 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise UsageError(message)
     check_device(cfg.device)
+
+
+def command_line(settings: dict[str, Any], **changes: Any) -> str:
+    """`python train.py` with the options in `settings` (as train.py reads them) changed by `changes`, as a
+    user would type it: paths inside the working directory relative to it, every word quoted for a shell."""
+    options = {f.name: f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
+    words = ["python", "train.py"]
+    for key, value in {**settings, **changes}.items():
+        if key not in options or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+            continue
+        if key in ("data", "weights", "out", "cache_dir") and value != "demo" and os.path.isabs(str(value)):
+            relative = os.path.relpath(str(value))
+            value = value if relative.startswith("..") else relative
+        words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,8 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
                                        max_file_mb=args.max_file_mb, test_split=args.test_split, folds=args.folds,
                                        fold=fold, label_sep=args.label_sep or TrainConfig.label_sep)
                   for fold in range(1 if args.folds else 0, args.folds + 1)]  # each fold as its run gets it
-        dataset.report_folds(splits) if args.folds else dataset.report(splits[0])
+        listing = dataset.lookalikes_file(splits[0].root, args.cache_dir)  # all the pairs, when not all are shown
+        dataset.report_folds(splits, listing=listing) if args.folds else dataset.report(splits[0], listing=listing)
         return 0
 
     def check_command_line(args: argparse.Namespace) -> None:
@@ -1047,8 +1048,9 @@ def eval_transform(img_size: int) -> Callable:
 
 # ----------------------------------------------------------------------------- the check command
 
-def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
-    """Per-class counts, imbalance, what is ignored and skipped and why, and look-alikes, for people."""
+def report(split: DataSplit, out: Callable[[str], None] = print, listing: Path | None = None) -> None:
+    """Per-class counts, imbalance, what is ignored and skipped and why, and look-alikes, for people (all
+    the look-alike pairs in the CSV `listing` when there are more than the screen shows)."""
     train_counts, val_counts, test_counts = split.counts(split.train), split.counts(split.val), split.counts(split.test)
     names = [shown(c) for c in split.classes]
     width = max(len(c) for c in names)
@@ -1058,10 +1060,10 @@ def report(split: DataSplit, out: Callable[[str], None] = print) -> None:
         out(f"  {name:>{width}}  train {nt:6d}  val {nv:6d}" + (f"  test {ne:6d}" if split.test else ""))
     report_findings(split, [a + b + c for a, b, c in zip(train_counts, val_counts, test_counts)], split.leaks,
                     f"{len({b for _, b, _ in split.leaks})} image(s) in val/test look like train images", split.repeats,
-                    out)
+                    out, listing)
 
 
-def report_folds(splits: list[DataSplit], out: Callable[[str], None] = print) -> None:
+def report_folds(splits: list[DataSplit], out: Callable[[str], None] = print, listing: Path | None = None) -> None:
     """report() for k-fold cross-validation, from each fold's DataSplit as its run gets it: the images
     each fold validates on per class, and look-alikes that fall in two folds (or one in the test set),
     since the run of either fold trains on one and validates on the other."""
@@ -1085,11 +1087,31 @@ def report_folds(splits: list[DataSplit], out: Callable[[str], None] = print) ->
     repeats = [pair for pair in first.repeats if frozenset(pair[:2]) not in leaks]  # within a fold
     report_findings(first, [sum(col) + t for col, t in zip(zip(*per_fold), test_counts)], list(leaks.values()),
                     f"{len({p for pair in leaks for p in pair})} image(s) look like an image of another fold or of the "
-                    "test set", repeats, out)
+                    "test set", repeats, out, listing, "like an image of another fold or of the test set")
+
+
+SHOWN_LEAKS, SHOWN_REPEATS = 20, 10  # look-alike pairs on the screen; the rest in a file
+
+
+def lookalikes_file(root: str, cache_dir: str | None = None) -> Path:
+    """Where `dataset.py check` lists every look-alike pair of a data set: the cache folder (never the data)."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(root).name)[:40] or "data"
+    digest = hashlib.sha1(os.fsencode(root)).hexdigest()[:10]
+    return cache_root(cache_dir) / "checks" / f"look-alikes-{name}-{digest}.csv"
+
+
+def write_lookalikes(path: Path, leaks: list[tuple[str, str, int]], leak_kind: str,
+                     repeats: list[tuple[str, str, int]]) -> None:
+    """Every look-alike pair: kind, the image, the one it looks like, the hash distance (0: the same)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_csv(path, ["kind", "image", "looks_like", "distance"],
+                    [[kind, b, a, d] for pairs, kind in ((leaks, leak_kind), (repeats, "within a class"))
+                     for a, b, d in pairs])
 
 
 def report_findings(split: DataSplit, totals: list[int], leaks: list[tuple[str, str, int]], leaked: str,
-                    repeats: list[tuple[str, str, int]], out: Callable[[str], None]) -> None:
+                    repeats: list[tuple[str, str, int]], out: Callable[[str], None], listing: Path | None = None,
+                    leak_kind: str = "like a training image") -> None:
     out(f"imbalance (largest/smallest class): {max(totals) / max(1, min(totals)):.1f}x")
     if split.ignored:
         out(f"ignored {len(split.ignored)} folder(s) by name (system clutter, see README):")
@@ -1102,9 +1124,17 @@ def report_findings(split: DataSplit, totals: list[int], leaks: list[tuple[str, 
     if leaks:
         out(f"warning: {leaked} (leakage; {len(leaks)} pair(s), perceptual hash distance in bits of 256, 0 = the "
             "same picture):")
-        for a, b, d in leaks[:20]:
+        for a, b, d in leaks[:SHOWN_LEAKS]:
             out(f"  {shown(b)} ~ {shown(a)} ({d})")
+    truncated = len(leaks) > SHOWN_LEAKS or len(repeats) > SHOWN_REPEATS
+    if truncated and listing is not None:
+        write_lookalikes(listing, leaks, leak_kind, repeats)
+    where = f"; all {len(leaks) + len(repeats)} pairs in {shown(listing)}" if truncated and listing else ""
+    if len(leaks) > SHOWN_LEAKS:
+        out(f"  ... and {len(leaks) - SHOWN_LEAKS} more{where}")
     if repeats:
         out(f"hint: {len(repeats)} pair(s) of images within a class look alike (duplicates weigh twice):")
-        for a, b, d in repeats[:10]:
+        for a, b, d in repeats[:SHOWN_REPEATS]:
             out(f"  {shown(b)} ~ {shown(a)} ({d})")
+        if len(repeats) > SHOWN_REPEATS:
+            out(f"  ... and {len(repeats) - SHOWN_REPEATS} more{where}")

@@ -124,6 +124,8 @@ def _summary(m: dict[str, Any]) -> str:
                      _pct(m["tta_accuracy"]) + (f" (without: {_pct(without)})" if without is not None else "")))
     if "images" in m:
         rows.append(("Images", f"{int(m['images']):,}"))
+    if m.get("evaluated"):
+        rows.append(("Images evaluated", _esc(m["evaluated"])))
     ece = m.get("ece") or {}
     if m.get("calibrated") is False:
         note = ("this checkpoint has no fitted temperature (trained before calibration); probabilities are the raw "
@@ -152,7 +154,9 @@ def _summary(m: dict[str, Any]) -> str:
         items = "".join(f"<li>{_esc(e['true'])} → {_esc(e['predicted'])}: {int(e['count'])}</li>"
                         for e in m["most_confused"][:5])
         confused = f"<h3>Most confused (true → predicted: count)</h3>\n<ol>{items}</ol>"
-    return f"<header>\n<h1>Evaluation report</h1>\n<table class=\"summary\">\n{table}\n</table>\n{confused}\n</header>"
+    caveats = "".join(f'<p class="caveat">Optimistic: {_esc(c.get("text", ""))}</p>\n' for c in m.get("caveats") or [])
+    return (f"<header>\n<h1>Evaluation report</h1>\n{caveats}<table class=\"summary\">\n{table}\n</table>\n"
+            f"{confused}\n</header>")
 
 
 def _per_class(m: dict[str, Any]) -> str:
@@ -282,6 +286,7 @@ table{border-collapse:collapse}
 #cm td[data-cell]{cursor:pointer}
 #cm td[data-cell]:hover,#cm td.sel{outline:2px solid #111;outline-offset:-2px}
 .note{color:#555}
+.caveat{margin:0 0 .8em;padding:.4em .6em;border-left:4px solid #d08000;background:#fff6e0}
 #panel{margin-top:1em;padding:.6em;border:1px solid #ccc;background:#fafafa}
 #panel h3{margin:0 0 .5em;font-size:15px}
 #panel-thumbs{display:flex;flex-wrap:wrap;gap:6px}

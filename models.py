@@ -12,8 +12,6 @@ too. The backbone is then a fixed function, which is what lets train.py cache it
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import fnmatch
 import functools
 import os
 import re
@@ -27,9 +25,10 @@ from torch import nn
 
 import checkpoint
 import files
+import model_names
 import timm_models
 from checkpoint import Preprocess
-from config import UsageError
+from config import UsageError, WeightsUnavailable
 
 AUX_HEADS = ("googlenet", "inception_v3")  # their auxiliary classifiers are disabled
 DEFAULT_PREPROCESS = Preprocess(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -40,24 +39,11 @@ def classifier_names() -> list[str]:
 
 
 def check_name(name: str) -> None:
+    """A name --model takes (from the installed packages themselves), or the three closest names."""
     if timm_models.is_timm(name):
         return timm_models.check_name(name)
     if name not in classifier_names():
-        close = difflib.get_close_matches(name, classifier_names(), n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise UsageError(f"unknown model '{name}': {hint}choose one of: {', '.join(classifier_names())} "
-                         "(or timm/NAME with timm installed)")
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    """What --model takes, matching a shell-style `pattern`: torchvision's classifiers, then timm's
-    architectures when timm is installed (matched with and without their timm/ prefix; a pattern with
-    a dot lists their named weights, NAME.TAG)."""
-    found = [n for n in classifier_names() if fnmatch.fnmatch(n, pattern)]
-    if pattern.startswith(timm_models.PREFIX) or timm_models.installed():
-        found += [n for n in timm_models.names(tags="." in pattern) if fnmatch.fnmatch(n, pattern) or
-                  fnmatch.fnmatch(n.removeprefix(timm_models.PREFIX), pattern)]
-    return found
+        raise UsageError(model_names.unknown_torchvision(name, classifier_names()))
 
 
 def default_weights(name: str) -> Any:
@@ -185,9 +171,31 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=True, weights_only=True)
     except Exception as e:  # no network, proxy, DNS, HTTP error: all end in the same advice
-        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-        raise UsageError(f"ImageNet weights for {name} could not be downloaded ({reason}): put {weights.url} "
-                         f"at {cached}, or pass --weights FILE, or use --mode scratch") from None
+        raise unavailable(name, e) from None
+
+
+def unavailable(name: str, e: Exception) -> WeightsUnavailable:
+    weights = default_weights(name)
+    reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return WeightsUnavailable(f"ImageNet weights for {name} could not be downloaded ({reason})",
+                              f"put {weights.url} at {cached}, or pass --weights FILE")
+
+
+def fetch_weights(name: str) -> None:
+    """torchvision's ImageNet weights for `name` into the torch hub cache, unless they are there (timm's come
+    when the model is built): a run that cannot have them says so before its data is checked."""
+    weights = default_weights(name)
+    if weights is None or timm_models.is_timm(name):
+        return
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if cached.is_file():
+        return
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(weights.url, str(cached), progress=True)
+    except Exception as e:
+        raise unavailable(name, e) from None
 
 
 def weights_identity(arch: str, weights_file: str | None) -> list:

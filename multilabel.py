@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 DEFAULT_THRESHOLD = 0.5  # a label never seen in validation keeps it
+# No tuned threshold goes below this: on a handful of validation positives the best F1 can sit at a
+# probability of 0.0003, and a label said present "at 0.0%" is no answer a user can trust. The tuning then
+# takes the best F1 among the thresholds at or above the floor.
+MIN_THRESHOLD = 0.1
 
 
 def multi_hot(labels: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -66,10 +70,11 @@ def mean_ap(ap: np.ndarray) -> float:
     return 100 * float(known.mean()) if len(known) else 0.0
 
 
-def tune_thresholds(y: np.ndarray, probs: np.ndarray) -> list[float]:
-    """Per label, the threshold with the best F1 on these images: half-way between the lowest probability
-    it accepts and the next lower one, so that a new image scored between them is not decided by a hair.
-    A label without positives here keeps DEFAULT_THRESHOLD."""
+def tune_thresholds(y: np.ndarray, probs: np.ndarray, floor: float = MIN_THRESHOLD) -> list[float]:
+    """Per label, the threshold with the best F1 on these images among those at or above `floor`: half-way
+    between the lowest probability it accepts and the next lower one (never below the floor), so that a new
+    image scored between them is not decided by a hair. A label without positives here keeps
+    DEFAULT_THRESHOLD; one whose images all score under the floor gets the floor."""
     from sklearn.metrics import precision_recall_curve
 
     out = []
@@ -79,9 +84,14 @@ def tune_thresholds(y: np.ndarray, probs: np.ndarray) -> list[float]:
             continue
         precision, recall, cuts = precision_recall_curve(y[:, c], probs[:, c])
         f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-        cut = float(cuts[int(np.argmax(f1))])
+        allowed = np.flatnonzero(cuts >= floor)
+        if not len(allowed):
+            out.append(floor)
+            continue
+        cut = float(cuts[allowed[int(np.argmax(f1[allowed]))]])
         below = probs[:, c][probs[:, c] < cut]
-        out.append((cut + float(below.max())) / 2 if len(below) else cut / 2)  # unrounded: between the two
+        half_way = (cut + float(below.max())) / 2 if len(below) else cut / 2  # unrounded: between the two
+        out.append(max(floor, half_way))
     return out
 
 

@@ -69,8 +69,9 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
                       path, torch.device("cpu"), onnx.arch, onnx.temperature, onnx.flips, onnx.thresholds,
                       onnx.label_sep)
     ckpt = checkpoint.load(path)
-    if note := checkpoint.fitted_elsewhere(ckpt, path):
-        print(note)
+    for note in (checkpoint.fitted_elsewhere(ckpt, path), checkpoint.temperature_not_kept(ckpt)):
+        if note:
+            print(note)
     model = models.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp)
     pre = Preprocess.from_dict(ckpt["preprocess"])

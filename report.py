@@ -5,7 +5,6 @@ mistakes (eval); labels, confidences and a picture (test).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass
@@ -58,9 +57,21 @@ def compute_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], present
                                             digits=4, zero_division=0)}
 
 
+def evaluated_images(m: dict[str, Any]) -> str:
+    """The images evaluated, as the accuracy line names them: test images, unless the run's split.json says
+    some are images it trained or was chosen on (then they are named, and the score called optimistic)."""
+    caveats, n = m.get("caveats") or [], m["images"]
+    if not caveats:
+        return f"the {n} test images"
+    if len(caveats) == 1 and caveats[0]["images"] >= n:
+        return f"the {n} {caveats[0]['kind']} images {caveats[0]['why']} (optimistic)"
+    parts = "; ".join(f"{c['images']} of them {c['kind']} images {c['why']}" for c in caveats)
+    return f"the {n} images evaluated ({parts}: optimistic)"
+
+
 def print_report(m: dict[str, Any], present: list[int]) -> None:
     classes = m["classes"]
-    print(f"Accuracy of the network on the {m['images']} test images: {m['accuracy']:.2f}%")
+    print(f"Accuracy of the network on {evaluated_images(m)}: {m['accuracy']:.2f}%")
     print("\nConfusion Matrix (rows: true, columns: predicted; order: " + ", ".join(classes) + ")")
     print(np.array(m["confusion_matrix"]))
     print("\nPer class accuracy")
@@ -89,8 +100,7 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     mapping = match_classes(data_classes, loaded.classes)
     items = [(p, tuple(sorted(mapping[c] for c in y)) if loaded.multilabel else mapping[y]) for p, y in items]
     print(f"evaluating {len(items)} images: {what}")
-    if split is not None:
-        warn_if_seen(items, split, ckpt_path.parent / "split.json")
+    caveats = warn_if_seen(items, split, ckpt_path.parent / "split.json") if split is not None else []
     if skipped:
         dataset.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
                      f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
@@ -100,13 +110,14 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     probs = loaded.probabilities(logits)  # calibrated; averaged over the views with --tta
     if loaded.multilabel:
         return evaluate_multilabel(loaded, out, items, probs, logits, y, idx, skipped,
-                                   {"data": str(data if data is not None else ckpt_path.parent), "evaluated": what})
+                                   {"data": str(data if data is not None else ckpt_path.parent), "evaluated": what,
+                                    "caveats": caveats})
     conf, pred = probs.max(1)
     present = sorted(set(mapping))
     m = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, present)
     m.update(confidence_metrics(loaded, logits[:, 0] if tta else logits, probs, y, tta))
     m.update({"checkpoint": str(loaded.source), "data": str(data if data is not None else ckpt_path.parent),
-              "evaluated": what, "skipped": [list(s) for s in skipped]})
+              "evaluated": what, "caveats": caveats, "skipped": [list(s) for s in skipped]})
     print_report(m, present)
     print_confidence(m)
     results = [Result(items[int(i)][0], int(t), int(q), float(c)) for i, t, q, c in zip(idx, y, pred, conf)]
@@ -147,15 +158,15 @@ def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]],
     rows = sorted(((int(wrong[r].sum()), items[int(i)][0], r) for r, i in enumerate(idx.tolist()) if wrong[r].any()),
                   key=lambda t: -t[0])
     names, sep = loaded.classes, loaded.label_sep  # label lists as the label file writes them
-    with open(out / "mistakes.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
-        w = csv.writer(f)
-        w.writerow(["path", "labels", "predicted", "missed", "extra"])
-        for _, path, r in rows:
-            said = p[r] >= np.asarray(loaded.thresholds)
-            w.writerow([path, sep.join(names[c] for c in np.flatnonzero(truth[r])),
-                        ";".join(f"{names[c]}:{p[r, c]:.3f}" for c in np.flatnonzero(said)),
-                        sep.join(names[c] for c in np.flatnonzero(truth[r] & ~said)),
-                        sep.join(names[c] for c in np.flatnonzero(said & ~truth[r].astype(bool)))])
+    lines = []
+    for _, path, r in rows:
+        said = p[r] >= np.asarray(loaded.thresholds)
+        lines.append([path, sep.join(names[c] for c in np.flatnonzero(truth[r])),
+                      sep.join(names[c] for c in np.flatnonzero(said)),
+                      sep.join(names[c] for c in np.flatnonzero(truth[r] & ~said)),
+                      sep.join(names[c] for c in np.flatnonzero(said & ~truth[r].astype(bool))),
+                      probabilities_json([(names[c], float(p[r, c])) for c in np.flatnonzero(said)])])
+    files.write_csv(out / "mistakes.csv", ["path", "labels", "predicted", "missed", "extra", "probabilities"], lines)
     html_report.write_html(out / "report.html", m, {}, [("Per label", out / "per_label.png")])
     print(f"wrote {out}/report.html, metrics.json, per_label.png, classification_report.txt, mistakes.csv")
     return 0
@@ -201,17 +212,22 @@ def run_split(run_dir: Path) -> dataset.DataSplit | None:
     return None
 
 
-def warn_if_seen(items: list[tuple[str, int]], split: dataset.DataSplit, split_file: Path) -> None:
+def warn_if_seen(items: list[tuple[str, int]], split: dataset.DataSplit, split_file: Path) -> list[dict[str, Any]]:
     """A warning when the images evaluated are ones the model trained on or was chosen on: then the
-    accuracy is not that of new images."""
+    accuracy is not that of new images. Returned too (kind, why, images, text), for the accuracy line,
+    metrics.json and report.html, which must say the same."""
     paths = {os.path.realpath(p) for p, _ in items}  # however the folder was named: relative, a link
+    caveats = []
     for name, used, why in (("training", split.train, "it learned from"), ("validation", split.val,
                                                                         "best.pt was chosen on")):
         seen = len(paths & {os.path.realpath(p) for p, _ in used})
         if seen:
-            dataset.warn(f"{seen} of the {len(paths)} images evaluated are the {name} images {why} "
-                         f"({split_file}): its scores are optimistic; evaluate images the run never used "
-                         "(train with --test-split F to keep some aside)")
+            text = (f"{seen} of the {len(paths)} images evaluated are the {name} images {why} ({split_file}): its "
+                    "scores are optimistic; evaluate images the run never used (train with --test-split F to keep "
+                    "some aside)")
+            dataset.warn(text)
+            caveats.append({"kind": name, "why": why, "images": seen, "text": text})
+    return caveats
 
 
 @dataclass
@@ -280,10 +296,8 @@ def write_eval(out: Path, m: dict[str, Any], results: list[Result], skipped: lis
     plots.save(plots.risk_coverage_figure(m["risk_coverage"]), out / "risk_coverage.png")
     # the most confident mistakes first: the ones worth looking at
     wrong = sorted((r for r in results if r.predicted != r.true), key=lambda r: -r.confidence)
-    with open(out / "misclassified.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
-        w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", "confidence"])
-        w.writerows([r.path, classes[r.true], classes[r.predicted], f"{r.confidence:.4f}"] for r in wrong)
+    files.write_csv(out / "misclassified.csv", ["path", "true", "predicted", "confidence"],
+                    ([r.path, classes[r.true], classes[r.predicted], calibration.shown(r.confidence)] for r in wrong))
     if wrong:
         plots.save(worst_mistakes_figure(loaded, wrong[:WORST], classes), out / "worst_mistakes.png")
     figures = [("Reliability diagram", out / "reliability.png"), ("Risk-coverage", out / "risk_coverage.png"),
@@ -398,38 +412,50 @@ def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple
             best = results[i][0]
             print(f"{folders.shown(path)}: " + (guesses or f"no label above its threshold (most likely: {best[0]}, "
                                                           f"{100 * best[1]:.1f}%)"))
-            rows.append([path, sep.join(lb for lb, _ in found), ";".join(f"{lb}:{p:.4f}" for lb, p in found),
-                         ";".join(f"{lb}:{p:.4f}" for lb, p in results[i]), "ok"])
+            rows.append([path, sep.join(lb for lb, _ in found), probabilities_json(found), *top_cells(results[i], k),
+                         "ok"])
             captions.append(", ".join(lb for lb, _ in found) or "(none)")
             colours.append("black" if found else "darkorange")
         elif i in results:
             top = results[i]
-            rejected = reject_below is not None and top[0][1] < reject_below
+            rejected = reject_below is not None and not calibration.kept(top[0][1], reject_below)
             name = UNKNOWN if rejected else top[0][0]
-            guesses = ", ".join(f"{lb} ({100 * p:.1f}%)" for lb, p in top)
+            digits = 1 if reject_below is None else calibration.SHOWN_DIGITS - 2  # as decided: 81.63% for 0.8163
+            guesses = ", ".join(f"{lb} ({100 * p:.{digits}f}%)" for lb, p in top)
             print(f"{folders.shown(path)}: " +
                   (f"{UNKNOWN} (below {reject_below:g}; best guesses: {guesses})" if rejected else guesses))
-            rows.append([path, name, f"{top[0][1]:.4f}", ";".join(f"{lb}:{p:.4f}" for lb, p in top), "ok"])
-            captions.append(f"{UNKNOWN} ({top[0][0]}? {100 * top[0][1]:.1f}%)" if rejected
-                            else f"{top[0][0]} ({100 * top[0][1]:.1f}%)")
+            rows.append([path, name, calibration.shown(top[0][1]), *top_cells(top, k),
+                         f"{UNKNOWN}: below --reject-below {reject_below:g}" if rejected else "ok"])
+            captions.append(f"{UNKNOWN} ({top[0][0]}? {100 * top[0][1]:.{digits}f}%)" if rejected
+                            else f"{top[0][0]} ({100 * top[0][1]:.{digits}f}%)")
             colours.append("darkorange" if rejected else "black")
         else:
             reason = dataset.inspect_file(path, max_bytes=max_bytes)[0] or "unreadable"
             said = reason if reason.startswith("unreadable") else f"unreadable ({reason})"
             print(f"{folders.shown(path)}: {said}")
-            rows.append([path, "", "", "", f"unreadable: {reason}"])
+            rows.append([path, "", "", *top_cells([], k), f"unreadable: {reason}"])
             captions.append("unreadable")
             colours.append("red")
         if len(pictures) < grid:
             pictures.append(thumbnail(path) if i in results else None)
-    with open(out / "predictions.csv", "w", newline="", errors="surrogateescape") as f:  # paths as on disk
-        w = csv.writer(f)
-        w.writerow(["path", "labels", "probabilities", f"top{k}", "status"] if present is not None else
-                   ["path", "label", "probability", f"top{k}", "status"])
-        w.writerows(rows)
+    top = [f"{what}_{j}" for j in range(1, k + 1) for what in ("label", "probability")]
+    files.write_csv(out / "predictions.csv", ["path", "labels", "probabilities", *top, "status"] if present is not None
+                    else ["path", "label", "probability", *top, "status"], rows)
     plots.save(plots.image_grid(pictures, captions[: len(pictures)], colours[: len(pictures)]),
                out / "predictions.png")
     print(f"wrote {out / 'predictions.csv'} and {out / 'predictions.png'}")
+
+
+def top_cells(top: list[tuple[str, float]], k: int) -> list[str]:
+    """The top-k columns of predictions.csv: label_1, probability_1, ... (empty for an unreadable image)."""
+    cells = [cell for name, p in top for cell in (name, calibration.shown(p))]
+    return cells + [""] * (2 * k - len(cells))
+
+
+def probabilities_json(found: list[tuple[str, float]]) -> str:
+    """Labels and their probabilities as one JSON object ({"sea": 0.93, "sky": 0.81}): a parser reads it
+    whatever the labels hold (a `:` or `;` split the old `label:p;label:p`)."""
+    return json.dumps({name: round(p, calibration.SHOWN_DIGITS) for name, p in found}, ensure_ascii=False)
 
 
 def write_explanations(out: Path, loaded: Loaded, paths: list[str], results: dict[int, list[tuple[str, float]]],

@@ -1,43 +1,97 @@
 """Compare runs: one line per run folder, best validation accuracy first.
 
-    python runs.py                 # every run under runs/
-    python runs.py ~/experiments   # another parent folder
+    python runs.py                              # every run under runs/
+    python runs.py ~/experiments /data/runs/r50  # several folders: parents of runs, or runs themselves
+    python runs.py 'runs/*-cv*' --folds          # glob patterns; --folds: a line per fold of each k-fold job
 
-Reads each run's config.json and summary.json (a run still going, or interrupted, shows its last
-finished epoch from metrics.csv); a cross-validation job (train.py --folds K) is one line, the mean
-of its folds' best val accuracy with their spread (cv_summary.json). The time is the training time of
-all its sessions (resumes added). A multi-label run's column holds its best val mAP, marked "mAP".
-For curves side by side: tensorboard --logdir runs (HParams tab).
+Each folder given is a run folder, a k-fold job's folder, or a folder searched for them (up to 4 levels
+down, so runs written anywhere with --out are found from a folder above them). Reads each run's
+config.json and summary.json (a run still going, or interrupted, shows its last finished epoch from
+metrics.csv); a cross-validation job (train.py --folds K) is one line, the mean of its folds' best val
+accuracy with their spread (cv_summary.json), and with --folds each of its folds below it. The time is
+the training time of all its sessions (resumes added). A multi-label run's column holds its best val
+mAP, marked "mAP". For curves side by side: tensorboard --logdir runs (HParams tab).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from checkpoint import CV_SETTINGS as CV
 from config import Parser, UsageError, cli
 
 COLUMNS = ("run", "data", "model", "mode", "size", "recipe", "optimizer", "lr", "epochs", "best val acc",
            "time (min)")
 
 
-def collect(parent: Path) -> list[dict]:
-    rows = []
-    for cfg_path in sorted([*parent.glob("*/config.json"), *parent.glob("*/cv.json")]):
+MAX_DEPTH = 4  # how far below a folder given runs and jobs are looked for
+
+
+def find(folder: Path, depth: int = MAX_DEPTH) -> list[Path]:
+    """The run folders (config.json) and k-fold jobs' folders (cv.json) at or below `folder`, at most
+    `depth` levels down; never inside one (a job's folds are its own), in hidden folders, or twice (links)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+
+    def walk(d: Path, level: int) -> None:
+        real = os.path.realpath(d)
+        if real in seen:
+            return
+        seen.add(real)
+        if os.path.lexists(d / CV) or os.path.lexists(d / "config.json"):
+            found.append(d)
+            return
+        if level >= depth:
+            return
         try:
-            row = describe(cfg_path.parent) if cfg_path.name == "config.json" else describe_cv(cfg_path.parent)
-        except Unreadable as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
+            children = sorted(p for p in d.iterdir() if not p.name.startswith(".") and p.is_dir())
+        except OSError:
+            return
+        for child in children:
+            walk(child, level + 1)
+
+    walk(folder, 0)
+    return found
+
+
+def collect(parent: Path, folds: bool = False, prefix: str = "") -> list[dict]:
+    """A line per run and k-fold job at or below `parent`, the best first; a job's folds (with `folds`)
+    below it. A run is named by its path from `parent`, after `prefix`."""
+    rows = []
+    for run in find(parent):
+        row = line(run, os.path.lexists(run / CV))
+        if row is None:
             continue
-        except Exception as e:  # a damaged or foreign file of any shape: that run is left out, the table goes on
-            print(f"warning: skipping {cfg_path.parent} ({e.__class__.__name__}: cannot be read)", file=sys.stderr)
-            continue
-        if row is not None:
-            rows.append(row)
+        rel = run.relative_to(parent).as_posix()
+        row["run"] = (prefix.rstrip("/") or run.name) if rel == "." else prefix + rel
+        if folds and os.path.lexists(run / CV):
+            row["folds"] = [fold | {"run": f"{row['run']}/{fold_dir.name}"} for fold_dir in fold_folders(run)
+                            if (fold := line(fold_dir, False)) is not None]
+        rows.append(row)
     return sorted(rows, key=lambda r: -r["best val acc"] if r["best val acc"] == r["best val acc"] else 1e9)
+
+
+def line(run: Path, job: bool) -> dict | None:
+    """describe() or describe_cv(); a damaged or foreign file of any shape leaves that run out, named."""
+    try:
+        return describe_cv(run) if job else describe(run)
+    except Unreadable as e:
+        print(f"warning: skipping {e}", file=sys.stderr)
+    except Exception as e:  # the table goes on
+        print(f"warning: skipping {run} ({e.__class__.__name__}: cannot be read)", file=sys.stderr)
+    return None
+
+
+def fold_folders(job: Path) -> list[Path]:
+    folds = [p for p in job.glob("fold-*") if re.fullmatch(r"fold-\d+", p.name) and p.is_dir()]
+    return sorted(folds, key=lambda p: int(p.name.split("-")[1]))
 
 
 MAX_FOLDS = 100_000  # a cv.json asking for more is not ours (its fold folders are looked up one by one)
@@ -79,8 +133,8 @@ def describe(run: Path) -> dict | None:
         minutes = sum(float(h["time_s"]) for h in history) / 60
     else:
         return None
-    return {"run": run.name, **settings(cfg), "epochs": epochs, "best val acc": score(acc, run / "summary.json"),
-            "time (min)": minutes, "mAP": multi}
+    return {"run": run.name, "path": os.path.realpath(run), **settings(cfg), "epochs": epochs,
+            "best val acc": score(acc, run / "summary.json"), "time (min)": minutes, "mAP": multi}
 
 
 def score(value: Any, source: Path) -> float:
@@ -122,20 +176,48 @@ def describe_cv(job: Path) -> dict | None:
     else:
         return None
     # the folds' settings: the first fold's config.json, written once its run has started, holds them all
-    return {"run": job.name, **settings(read_json(job / "fold-1" / "config.json")), "epochs": epochs,
-            "best val acc": best, "time (min)": sum(d.get("train_time_s", 0) for d in done) / 60, "mAP": multi}
+    return {"run": job.name, "path": os.path.realpath(job), **settings(read_json(job / "fold-1" / "config.json")),
+            "epochs": epochs, "best val acc": best, "time (min)": sum(d.get("train_time_s", 0) for d in done) / 60,
+            "mAP": multi}
+
+
+def folders_given(patterns: list[str]) -> list[Path]:
+    """The folders as given, glob patterns expanded (a name that exists is never a pattern)."""
+    found: list[Path] = []
+    for pattern in patterns:
+        if os.path.lexists(pattern) or not glob.has_magic(pattern):
+            found.append(Path(pattern))
+            continue
+        matches = [Path(m) for m in sorted(glob.glob(pattern)) if Path(m).is_dir()]
+        if not matches:
+            raise UsageError(f"no folder matches {pattern!r}")
+        found += matches
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(__doc__, prog="runs.py")
-    parser.add_argument("parent", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    parser.add_argument("folders", nargs="*", default=["runs"], metavar="FOLDER", help="run folders, k-fold jobs' "
+                        f"folders, or folders holding them ({MAX_DEPTH} levels deep at most), or glob patterns of "
+                        "these (default: runs)")
+    parser.add_argument("--folds", action="store_true", help="also a line per fold of each k-fold job, below it")
     args = parser.parse_args(argv)
-    parent = Path(args.parent)
-    rows = collect(parent) if parent.is_dir() else []
+    parents = folders_given(args.folders)
+    rows, shown = [], set()
+    for parent in (p for p in parents if p.is_dir()):
+        prefix = f"{parent.as_posix().rstrip('/')}/" if len(parents) > 1 else ""
+        for row in collect(parent, args.folds, prefix):
+            if row["path"] not in shown:  # a run found from two folders given is one run
+                shown.add(row["path"])
+                rows.append(row)
+    rows.sort(key=lambda r: -r["best val acc"] if r["best val acc"] == r["best val acc"] else 1e9)
     if not rows:
-        raise UsageError(f"no runs in {parent}/: train one first (python train.py ...)")
+        where = " ".join(f"{p}/" for p in parents)
+        raise UsageError(f"no runs in {where}: train one first (python train.py ...), or name the folders to look in "
+                         "(python runs.py FOLDER ...)")
+    lines = [r for row in rows for r in (row, *row.get("folds", []))]
     cells = [[*(r[c] for c in COLUMNS[:-2]), f"{r['best val acc']:.2f}" + (" mAP" if r["mAP"] else ""),
-              f"{r['time (min)']:.1f}"] for r in rows]
+              f"{r['time (min)']:.1f}"] for r in lines]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
     print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
     for row in cells:

@@ -12,40 +12,25 @@ eval, test, export) treats it like any other network.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
+import model_names
 from checkpoint import Preprocess, crop_mode, first_line, interpolation, keys_named, mismatch, mismatched_keys
-from config import UsageError
+from config import UsageError, WeightsUnavailable
 
-PREFIX = "timm/"
+PREFIX = model_names.PREFIX
 
 
 def is_timm(arch: str) -> bool:
     return arch.startswith(PREFIX)
 
 
-def installed() -> bool:
-    try:
-        timm()
-    except UsageError:
-        return False
-    return True
-
-
 def timm() -> Any:
     try:
         import timm
     except ImportError:
-        raise UsageError("timm models need the timm package: pip install timm "
-                         "(or pip install -r requirements-timm.txt)") from None
+        raise UsageError(model_names.NO_TIMM) from None
     return timm
-
-
-def names(tags: bool = False) -> list[str]:
-    """timm's architectures as --model takes them; with `tags`, also each of their named weights."""
-    t = timm()
-    return [PREFIX + n for n in t.list_models()] + ([PREFIX + n for n in t.list_pretrained()] if tags else [])
 
 
 def check_name(arch: str) -> None:
@@ -53,17 +38,12 @@ def check_name(arch: str) -> None:
     t, name = timm(), arch[len(PREFIX):]
     base, tag = t.models.split_model_name_tag(name)
     if not t.is_model(base):
-        close = difflib.get_close_matches(base, t.list_models(), n=3, cutoff=0.6)
-        hint = f": did you mean {' or '.join(PREFIX + c for c in close)}?" if close else ""
-        raise UsageError(f"unknown timm model '{base}'{hint} (python train.py --list-models 'timm/*' lists them)")
+        raise UsageError(model_names.unknown_timm(base, t.list_models()))
     if tag:
         try:
             t.models.get_pretrained_cfg(name)
         except RuntimeError:
-            tags = [p.partition(".")[2] for p in t.list_pretrained(base + ".*")]
-            raise UsageError(f"timm has no weights '{tag}' for {base}: "
-                             f"{'choose one of ' + ', '.join(tags) if tags else 'it has no pretrained weights'}"
-                             ) from None
+            raise UsageError(model_names.unknown_tag(base, tag, t.list_pretrained(base + ".*"))) from None
 
 
 def pretrained_cfg(arch: str) -> dict[str, Any]:
@@ -169,9 +149,9 @@ def published(arch: str, options: dict[str, Any], state: dict | None, source: st
         if state is not None:  # timm's strict load, or its converter meeting keys of another model
             raise UsageError(not_fitting(arch, source, e, state, expected, options)) from None
         # no network, unknown repository, proxy: all end in the same advice
-        raise UsageError(f"timm's ImageNet weights for {name} could not be downloaded ({first_line(e)}): "
-                         "pass --weights FILE (a timm state_dict, e.g. its model.safetensors from "
-                         "huggingface.co), or use --mode scratch") from None
+        raise WeightsUnavailable(f"timm's ImageNet weights for {name} could not be downloaded ({first_line(e)})",
+                                 "pass --weights FILE (a timm state_dict, e.g. its model.safetensors from "
+                                 "huggingface.co)") from None
 
 
 def not_fitting(arch: str, source: str, e: Exception, state: dict, expected: dict, options: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ import crossval
 import files
 import folders
 import labels
+import model_names
 from config import (
     Parser,
     TrainConfig,
@@ -45,7 +46,7 @@ from config import (
 def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     """The options given (those not given stay absent, so a resume can tell them apart), checked as far
     as they can be without torch: the numbers, the data folder, the weights file, the run folder (or
-    the run to resume). The model name is checked once torchvision is loaded."""
+    the run to resume), the model's name (from the lists kept in the cache folder: model_names)."""
     parser = Parser(__doc__, prog="train.py")
     add_options(parser)
     parser.add_argument("--list-models", nargs="?", const="*", default=argparse.SUPPRESS, metavar="PATTERN",
@@ -81,17 +82,17 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
         folders.check_outside(data, given.get("out") or "runs", "the run folder" if given.get("out") else
                               "runs/, the default parent of run folders,")
         folders.check_cache_outside(data, given.get("cache_dir"))
+    if "model" in given:  # from the names' cache: a typo answered before torch loads, with the closest names
+        model_names.check(given["model"], given.get("cache_dir"))
     return given
 
 
-def list_models(pattern: str) -> int:
-    import models
-
-    found = models.list_models(pattern)
+def list_models(pattern: str, cache_dir: str | None = None) -> int:
+    found = model_names.matching(pattern, cache_dir)
     if not found:
         raise UsageError(f"no model matches {pattern!r}: python train.py --list-models lists them all")
     print("\n".join(found))
-    timm = "" if models.timm_models.installed() else "; timm's models (timm/NAME) need: pip install timm"
+    timm = "" if model_names.installed("timm") else "; timm's models (timm/NAME) need: pip install timm"
     print(f"{len(found)} models match {pattern!r}{timm}", file=sys.stderr)
     return 0
 
@@ -99,7 +100,7 @@ def list_models(pattern: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     given = read_command_line(argv)
     if "list_models" in given:
-        return list_models(given["list_models"])
+        return list_models(given["list_models"], given.get("cache_dir"))
     resume = given.get("resume")
     if checkpoint.is_cv_folder(resume) if resume else given.get("folds"):
         return crossval.main(given)

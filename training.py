@@ -49,7 +49,9 @@ from config import (
     TrainConfig,
     TrainingError,
     UsageError,
+    WeightsUnavailable,
     absolute_paths,
+    command_line,
     describe_recipe,
     file_name,
     identity_changes,
@@ -652,6 +654,8 @@ def train(given: dict[str, Any]) -> int:
             # a resume keeps the preprocessing it was trained with (a newer torchvision or timm may say otherwise)
             preprocess = Preprocess.from_dict(start.ckpt["preprocess"]) if start.ckpt is not None \
                 else models.preprocessing(cfg.model, cfg.img_size)
+            if start.ckpt is None and cfg.mode != "scratch" and not cfg.weights:
+                models.fetch_weights(cfg.model)  # before the data check: offline, said at once
             split = load_split(cfg, start, preprocess, lead)
             model, weights_id = build(cfg, start, len(split.classes), preprocess.img_size)
             models.set_train_mode(model, True, cfg.mode)  # as it trains: is BatchNorm trained (batches of one)?
@@ -664,11 +668,20 @@ def train(given: dict[str, Any]) -> int:
         except (Exception, Stopped) as e:  # (Stopped: another process met bad input, or failed)
             if made is not None and (isinstance(e, UsageError) or (isinstance(e, Stopped) and e.code == 2)):
                 made.undo()  # bad input: nothing was started; anything else leaves a folder to resume
+            if isinstance(e, WeightsUnavailable) and not given.get("resume"):
+                raise UsageError(e.offline(offline_command(given))) from None
             raise
         try:
             return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world, local_rank), model)
         except KeyboardInterrupt:
             return interrupted_early(run_dir, lead, not cfg.lr_find)
+
+
+def offline_command(given: dict[str, Any]) -> str:
+    """The command given, from scratch: what trains without internet. A fold's own folder is left out (the
+    job's, given to the job, was removed with the fold's when the start failed)."""
+    fold = "fold" in given
+    return command_line({k: v for k, v in given.items() if not (fold and k == "out")}, mode="scratch")
 
 
 def nothing_to_do(start: Start) -> str:
@@ -1186,16 +1199,15 @@ class Loop:
             return val, None
         return val, evaluate(learner.ema.model.module, val_loader, learner.to_input, exact, n, self.lead, self.multi)
 
-    def calibrate(self, val: dict[str, Any]) -> dict[str, float]:
-        """Temperature scaling of the new best model, on the validation images it was chosen on (every
-        rank takes part: each holds a shard of them)."""
+    def calibrate(self, val: dict[str, Any]) -> dict[str, Any]:
+        """Temperature scaling of the new best model, on the validation images it was chosen on, judged on
+        those it was not fitted on (calibration.calibrate; every rank takes part: each holds a shard of them)."""
         device = self.learner.device
 
         def total(t: torch.Tensor) -> torch.Tensor:
             return all_reduce_sum(t, device)
 
-        temperature = calibration.fit_temperature(val["logits"], val["targets"], total)
-        return calibration.summary(val["logits"], val["targets"], temperature, total)
+        return calibration.calibrate(val["logits"], val["targets"], total)
 
     def best_weights(self, state: dict[str, Any], due: bool) -> dict[str, Any]:
         """The model for best.pt: the trained weights, or their average when it validated better. A
@@ -1263,14 +1275,26 @@ class Loop:
         print(f"best val {metric_name(self.multi)} {self.best_acc:.2f}% (epoch {self.best_epoch}); run folder "
               f"{self.run_dir}")
         if self.multi and self.thresholds:
-            print("per-label thresholds (tuned on val for the best F1): " + ", ".join(
-                f"{c}={t:.2f}" for c, t in zip(self.classes, self.thresholds)))
+            print(f"per-label thresholds (tuned on val for the best F1, never below {multilabel.MIN_THRESHOLD:g}): "
+                  + ", ".join(f"{c}={t:.2f}" for c, t in zip(self.classes, self.thresholds)))
         if self.calibration:
-            c = self.calibration
-            print(f"calibrated: temperature {c['temperature']:.3f}; expected calibration error on val "
-                  f"{100 * c['ece_raw']:.2f}% -> {100 * c['ece']:.2f}%" +
-                  (f" (only {c['images']} validation images: a rough fit, kept near 1 by its prior)"
-                   if c.get("images", FEW_TO_CALIBRATE) < FEW_TO_CALIBRATE else ""))
+            print(calibration_line(self.calibration))
+
+
+def calibration_line(c: dict[str, Any]) -> str:
+    """The end of a run: the temperature and the calibration error on validation images it was not fitted on
+    (each half fitted on the other), or why no temperature was kept."""
+    errors = f"{100 * c['ece_raw']:.2f}% -> {100 * c['ece']:.2f}%"
+    few = (f" (only {c['images']} validation images: a rough fit, kept near 1 by its prior)"
+           if c.get("images", FEW_TO_CALIBRATE) < FEW_TO_CALIBRATE else "")
+    if "kept" not in c:  # a run from before the held-out check: its error is on the images it was fitted on
+        return f"calibrated: temperature {c['temperature']:.3f}; expected calibration error on val {errors}{few}"
+    if c["kept"]:
+        return (f"calibrated: temperature {c['temperature']:.3f}; expected calibration error {errors}, on validation "
+                f"images the temperature was not fitted on (each half fitted on the other){few}")
+    return (f"not calibrated: a temperature fitted on the validation images ({c['fitted']:.3f}) raised the expected "
+            f"calibration error on those it was not fitted on ({errors}, each half fitted on the other), so "
+            f"probabilities stay the raw softmax (temperature 1){few}")
 
 
 def make_criterion(cfg: TrainConfig, train_counts: list[int], images: int = 0, multi: bool = False) -> nn.Module:

@@ -5,6 +5,7 @@ imports another, no import cycle, no function too long to read."""
 from __future__ import annotations
 
 import ast
+import csv
 import os
 import shutil
 import subprocess
@@ -233,8 +234,14 @@ def test_an_exported_onnx_gives_the_same_probabilities_as_its_pt(colours, colour
     rows = {}
     for kind, ckpt in (("pt", run / "best.pt"), ("onnx", tmp_path / "m.onnx")):
         assert cli(predict.main, [str(colours_eval), "--checkpoint", str(ckpt), "--out", str(tmp_path / kind)]) == 0
-        rows[kind] = (tmp_path / kind / "predictions.csv").read_text()
-    assert rows["pt"] == rows["onnx"]
+        with open(tmp_path / kind / "predictions.csv", newline="") as f:
+            rows[kind] = list(csv.DictReader(f))
+    assert [r["path"] for r in rows["pt"]] == [r["path"] for r in rows["onnx"]]
+    for pt, onnx in zip(rows["pt"], rows["onnx"]):  # the same to the digits shown, give or take the last one
+        a, b = ({r[f"label_{k}"]: float(r[f"probability_{k}"]) for k in (1, 2, 3)} for r in (pt, onnx))
+        assert a.keys() == b.keys() and all(a[c] == pytest.approx(b[c], abs=1.5e-4) for c in a)
+        tie = float(pt["probability_1"]) - float(pt["probability_2"]) <= 2e-4  # either may come first
+        assert pt["label"] == onnx["label"] or tie
 
 
 def test_a_train_start_that_fails_leaves_no_folder_behind(colours, tmp_path, monkeypatch, capsys):
@@ -411,3 +418,49 @@ def test_garbage_made_after_the_first_freeze_is_still_collected(monkeypatch):
         assert alive() is None
     finally:
         gc.unfreeze()
+
+
+def test_a_misspelled_model_is_answered_before_torch_loads_with_the_three_closest_names():
+    import model_names
+
+    model_names.torchvision_names()  # what a first listing (or any run) leaves in the cache folder
+    result = run_script_in_process("train.py", "--model", "resnt18")
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "did you mean resnet18, " in err and "mobilenet_v2" not in err
+
+
+def test_models_are_listed_from_the_cache_before_torch_loads():
+    import model_names
+
+    model_names.torchvision_names()
+    if model_names.installed("timm"):
+        model_names.timm_names()
+    result = run_script_in_process("train.py", "--list-models", "resnet1*")
+    assert result.stdout.split()[-3:] == ["no", "torch", "0"], result.stderr
+    assert {"resnet18", "resnet101", "resnet152"} <= set(result.stdout.split())
+
+
+def test_a_damaged_list_of_model_names_is_made_again(tmp_path, monkeypatch):
+    import model_names
+
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path))
+    first = model_names.torchvision_names()
+    (path,) = (tmp_path / "model-names").glob("torchvision-*.json")
+    path.write_text('{"models": ["only_this"')
+    assert model_names.torchvision_names() == first and "resnet18" in first
+    assert model_names.package_key("torchvision") in path.name  # keyed by the version installed
+
+
+def test_runs_py_takes_several_folders_and_globs_and_finds_runs_written_deeper_with_out(trained_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    import runs
+
+    shutil.copytree(trained_run, tmp_path / "exp" / "cats" / "2026" / "r1")  # --out exp/cats/2026/r1
+    shutil.copytree(trained_run, tmp_path / "elsewhere" / "r2")
+    shutil.copytree(trained_run, tmp_path / "other-r3")
+    monkeypatch.chdir(tmp_path)
+    assert runs.main(["exp", "elsewhere/r2", "other-*"]) == 0
+    names = {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert names == {"exp/cats/2026/r1", "elsewhere/r2", "other-r3"}
+    assert runs.main(["exp"]) == 0 and capsys.readouterr().out.splitlines()[1].startswith("cats/2026/r1 ")

@@ -138,7 +138,7 @@ def test_a_full_disk_under_the_raw_cache_is_one_line_and_leaves_nothing(colours,
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))  # no cache of these images built yet
-    assert call(train.main, train_args(colours, tmp_path / "run", "--image-cache", "raw")) == 2
+    assert call(train.main, train_args(colours, tmp_path / "run", "--mode", "scratch", "--image-cache", "raw")) == 2
     err = capsys.readouterr().err
     assert "no space left for the image cache" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
@@ -165,7 +165,7 @@ def test_a_full_disk_under_the_compact_cache_is_one_line_and_leaves_nothing(colo
 
     monkeypatch.setattr(compact_cache.files, "open_temp", open_temp)
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
-    assert call(train.main, train_args(colours, tmp_path / "run", "--image-cache", "compact")) == 2
+    assert call(train.main, train_args(colours, tmp_path / "run", "--mode", "scratch", "--image-cache", "compact")) == 2
     err = capsys.readouterr().err
     assert "no space left for the image cache" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()

@@ -31,8 +31,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def models_of_both_kinds(trained_run, tmp_path_factory) -> dict[str, Path]:
-    """The trained run's best.pt, and (when onnxruntime is installed) its ONNX export."""
-    kinds = {"pt": trained_run / "best.pt"}
+    """The trained run's best.pt with a temperature of 0.6 (what a few validation images made of it on this
+    machine does not matter here), and (when onnxruntime is installed) its ONNX export."""
+    ckpt = checkpoint.load(trained_run / "best.pt")
+    ckpt["calibration"] |= {"temperature": 0.6, "fitted": 0.6, "kept": True}
+    kinds = {"pt": tmp_path_factory.mktemp("calibrated") / "best.pt"}
+    checkpoint.save(ckpt, kinds["pt"])
     if importlib.util.find_spec("onnxruntime") is not None:
         import export
 
@@ -85,6 +89,35 @@ def test_processes_holding_shards_of_the_validation_set_fit_the_same_temperature
     assert found[0] == found[1] == pytest.approx(calibration.fit_temperature(logits, labels), rel=1e-6)
 
 
+def test_the_calibration_error_is_measured_on_validation_images_the_temperature_was_not_fitted_on():
+    """Each half of the validation images (every other image of each class) calibrated by the temperature
+    fitted on the other half: the error a new image can expect, not the fit's own."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(400, 5, generator=g)
+    labels = torch.multinomial((logits / 2).softmax(1), 1, generator=g)[:, 0]
+    c = calibration.calibrate(logits, labels)
+    first = calibration.halves(labels)
+    assert first.sum() in (200, 201) and all(abs(2 * int(first[labels == k].sum()) - int((labels == k).sum())) <= 1
+                                             for k in range(5))  # every other image of each class
+    t_first, t_second = (calibration.fit_temperature(logits[m], labels[m]) for m in (first, ~first))
+    held = torch.cat([calibration.probabilities(logits[first], t_second),
+                      calibration.probabilities(logits[~first], t_first)])
+    assert c["ece"] == pytest.approx(calibration.ece(held, torch.cat([labels[first], labels[~first]])))
+    assert c["ece_raw"] == pytest.approx(calibration.ece(calibration.probabilities(logits), labels))
+    assert c["fitted"] == pytest.approx(calibration.fit_temperature(logits, labels))
+    assert c["kept"] and c["temperature"] == c["fitted"] and c["ece"] < 0.5 * c["ece_raw"] and c["images"] == 400
+
+
+def test_a_temperature_that_raises_the_held_out_calibration_error_is_not_kept():
+    """Mostly right at 88%, and two mistakes at 98%: the likelihood wants a softer model (T 1.4), which makes
+    the right answers less sure than they are; on the images it was not fitted on the error rises."""
+    logits, labels = torch.zeros(20, 2), torch.zeros(20, dtype=torch.long)
+    logits[:18, 0], logits[18:, 1] = 2.0, 4.0
+    c = calibration.calibrate(logits, labels)
+    assert c["fitted"] > 1.2 and c["ece"] > c["ece_raw"]
+    assert not c["kept"] and c["temperature"] == 1.0
+
+
 def test_ece_is_the_gap_between_confidence_and_accuracy():
     probs = torch.tensor([[0.9, 0.1]] * 10)
     labels = torch.tensor([0] * 6 + [1] * 4)  # 90% sure, right 60% of the time
@@ -118,14 +151,16 @@ def test_tta_mirrors_only_models_trained_with_flips():
 
 # ----------------------------------------------------------------------------- training and the scripts
 
-def test_training_stores_the_temperature_that_minimises_the_validation_loss(trained_run):
+def test_training_stores_the_temperature_that_minimises_the_validation_loss_when_it_carries(trained_run, capsys):
     ckpt = checkpoint.load(trained_run / "best.pt")
-    assert set(ckpt["calibration"]) == {"temperature", "ece_raw", "ece", "images"}
+    c = ckpt["calibration"]
+    assert set(c) == {"temperature", "fitted", "kept", "ece_raw", "ece", "ece_in_sample", "images"}
     loaded = predictor.load_model(trained_run / "best.pt", "cpu")
     val = json.loads((trained_run / "split.json").read_text())["val"]
     logits, labels, _ = predictor.run_model(loaded, [(p, y) for p, y in val], 8, 0, show=False)
-    assert ckpt["calibration"]["temperature"] == pytest.approx(calibration.fit_temperature(logits, labels), rel=1e-4)
-    assert ckpt["calibration"]["ece"] <= ckpt["calibration"]["ece_raw"]
+    assert c["fitted"] == pytest.approx(calibration.fit_temperature(logits, labels), rel=1e-4)
+    assert c["kept"] == (c["ece"] <= c["ece_raw"]) and c["temperature"] == (c["fitted"] if c["kept"] else 1.0)
+    assert json.loads((trained_run / "summary.json").read_text())["calibration"] == c
 
 
 @pytest.mark.parametrize("kind", kind_param())
@@ -330,3 +365,34 @@ def test_a_report_of_many_classes_shows_the_most_confused_ones_in_its_matrix(tmp
     html_report.write_html(tmp_path / "r.html", {"classes": classes, "confusion_matrix": cm}, {}, [])
     page = (tmp_path / "r.html").read_text()
     assert page.count("<tr><th title=") == 100 and "100 of 150 classes most involved in mistakes" in page
+
+
+def test_reject_below_decides_on_the_probability_as_shown(colours_eval, tmp_path, capsys):
+    """An image shown at 0.8163 is kept at --reject-below 0.8163, whatever the digits beyond the shown four;
+    one shown at 0.8162 is not: the file, the screen and the decision say the same."""
+    import report
+
+    paths = sorted(str(p) for p in (colours_eval / "red").iterdir())[:3]
+    results = {0: [("red", 0.81629997), ("blue", 0.1)], 1: [("red", 0.81624), ("blue", 0.1)],
+               2: [("red", 0.8164), ("blue", 0.1)]}
+    report.write_predictions(tmp_path, paths, results, 2, 4, 2**20, reject_below=0.8163)
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert [(r["label"], r["probability"]) for r in rows] == [("red", "0.8163"), ("unknown", "0.8162"),
+                                                             ("red", "0.8164")]
+    out = capsys.readouterr().out
+    assert "red (81.63%)" in out and "unknown (below 0.8163; best guesses: red (81.62%)" in out
+
+
+def test_risk_coverage_counts_an_image_as_test_py_decides_it():
+    probs = torch.tensor([[0.79999, 0.20001], [0.7, 0.3]])
+    rows = {r["threshold"]: r for r in calibration.risk_coverage(probs, torch.tensor([0, 0]), [0.8])}
+    assert rows[0.8]["coverage"] == 0.5  # shown as 0.8000: kept by test.py --reject-below 0.8
+
+
+def test_eval_says_when_the_temperature_fitted_in_training_was_not_kept(trained_run, colours_eval, tmp_path, capsys):
+    ckpt = checkpoint.load(trained_run / "best.pt")
+    ckpt["calibration"] |= {"temperature": 1.0, "fitted": 0.256, "kept": False}
+    checkpoint.save(ckpt, tmp_path / "raw.pt")
+    assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(tmp_path / "raw.pt"), "--out",
+                                str(tmp_path / "e")]) == 0
+    assert "temperature fitted when training (0.256) was not kept" in capsys.readouterr().out

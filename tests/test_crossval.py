@@ -180,3 +180,59 @@ def test_a_k_fold_job_given_as_a_checkpoint_names_its_fold_folders(cv_job, flat,
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "k-fold job (3 folds)" in err and str(cv_job / "fold-1") in err
+
+
+@pytest.mark.parametrize("given", ["best.pt", "last.pt", "no cv.json"])
+def test_a_k_fold_jobs_model_file_or_a_copy_without_its_settings_names_its_fold_folders(given, cv_job, flat, tmp_path,
+                                                                                           capsys):
+    import shutil
+
+    import config
+    import export
+    import test as predict
+
+    job = cv_job
+    if given == "no cv.json":  # copied without its settings file, say
+        job = tmp_path / "copy"
+        for k in (1, 2, 3):
+            (job / f"fold-{k}").mkdir(parents=True)
+            shutil.copy(cv_job / f"fold-{k}" / "best.pt", job / f"fold-{k}" / "best.pt")
+    checkpoint = str(job if given == "no cv.json" else job / given)
+    scripts = ((evaluate_main(), [str(flat)]), (predict.main, [str(flat)]), (export.main, ["--format", "onnx"]))
+    for entry, args in scripts:
+        with pytest.raises(SystemExit) as stop:
+            config.cli(entry, [*args, "--checkpoint", checkpoint])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
+        assert str(job / "fold-1") in err and "not a run folder" not in err, err
+
+
+def test_without_a_checkpoint_the_newest_model_in_runs_is_not_an_older_run_when_the_newest_is_a_k_fold_job(
+        cv_job, flat, tmp_path, monkeypatch, capsys):
+    import os
+    import shutil
+
+    import config
+
+    (tmp_path / "runs" / "older").mkdir(parents=True)
+    shutil.copy(cv_job / "fold-1" / "best.pt", tmp_path / "runs" / "older" / "best.pt")
+    os.utime(tmp_path / "runs" / "older" / "best.pt", (1, 1))
+    (tmp_path / "runs" / "job").symlink_to(cv_job)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        config.cli(evaluate_main(), [str(flat)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "k-fold job" in err and "fold-1" in err
+
+
+def evaluate_main():
+    import eval as evaluate
+
+    return evaluate.main
+
+
+def test_runs_py_shows_a_jobs_folds_below_it_and_takes_the_jobs_folder_itself(cv_job, capsys):
+    assert runs.main([str(cv_job), "--folds"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["job", "job/fold-1", "job/fold-2", "job/fold-3"]
+    assert "3 folds (+-" in lines[1]

@@ -71,7 +71,9 @@ def test_the_temperature_is_fitted_on_the_validation_images_of_every_process(ddp
     items = [(str(p), loaded.classes.index(p.parent.name)) for p in sorted((split_data / "val").rglob("*.png"))]
     logits, labels, _ = predictor.run_model(loaded, items, 4, 0, show=False)
     assert len(labels) == 9
-    assert loaded.temperature == pytest.approx(calibration.fit_temperature(logits, labels), rel=1e-4)
+    c = checkpoint.load(out / "best.pt")["calibration"]
+    assert c["fitted"] == pytest.approx(calibration.fit_temperature(logits, labels), rel=1e-4) and c["images"] == 9
+    assert loaded.temperature == (c["fitted"] if c["kept"] else 1.0)
 
 
 def test_resuming_under_torchrun_continues_at_the_next_epoch(ddp_run):

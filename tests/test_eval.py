@@ -101,7 +101,9 @@ def test_test_py_reports_an_unreadable_file_and_predicts_the_rest(trained_run, c
     assert call(predict.main, args) == 0
     rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "t" / "predictions.csv"))}
     assert rows[str(bad)]["status"].startswith("unreadable")
-    assert all(rows[str(p)]["status"] == "ok" and rows[str(p)]["top2"].count(":") == 2 for p in good)
+    assert all(rows[str(p)]["status"] == "ok" and rows[str(p)]["label_2"] and rows[str(p)]["probability_2"]
+               for p in good)
+    assert rows[str(bad)]["label_1"] == rows[str(bad)]["probability_1"] == ""
     assert "unreadable" in capsys.readouterr().out
 
 
@@ -211,3 +213,72 @@ def test_the_data_folder_is_given_the_same_way_as_in_train_and_export(trained_ru
     assert predict.main(["--data", str(colours_eval / "red"), "--checkpoint", ckpt, "--out", str(tmp_path / "p")]) == 0
     with pytest.raises(UsageError, match="once"):
         evaluate.main([str(colours_eval), "--data", str(colours_eval), "--checkpoint", ckpt])
+
+
+FORMULA_NAMES = {"blue": "=HYPERLINK(\"x\")", "green": "a:b;c", "red": "-1"}  # a formula, the old separators, a minus
+
+
+def renamed_model(trained_run: Path, folder: Path) -> Path:
+    """The trained model with classes a spreadsheet would run as formulas or a parser would split."""
+    import checkpoint
+
+    ckpt = checkpoint.load(trained_run / "best.pt")
+    ckpt["classes"] = [FORMULA_NAMES[c] for c in ckpt["classes"]]
+    checkpoint.save(ckpt, folder / "renamed.pt")
+    return folder / "renamed.pt"
+
+
+def read_cells(path: Path) -> list[dict[str, str]]:
+    """A CSV of ours as a parser reads it: one leading ' taken off a cell that has one (files.csv_cell)."""
+    with open(path, newline="") as f:
+        return [{k: v[1:] if v.startswith("'") else v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_predictions_csv_is_safe_in_a_spreadsheet_and_unambiguous_for_a_parser(trained_run, colours_eval, tmp_path,
+                                                                                monkeypatch):
+    model = renamed_model(trained_run, tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next((colours_eval / "red").iterdir()), images / "=1+2.png")
+    shutil.copy(next((colours_eval / "green").iterdir()), images / "@x.png")
+    monkeypatch.chdir(images)
+    assert call(predict.main, ["=1+2.png", "@x.png", "--checkpoint", str(model), "--out", str(tmp_path / "p")]) == 0
+    raw = list(csv.reader(open(tmp_path / "p" / "predictions.csv", newline="")))
+    assert not any(cell[:1] in ("=", "+", "-", "@") for row in raw for cell in row)  # nothing a spreadsheet runs
+    rows = read_cells(tmp_path / "p" / "predictions.csv")
+    assert [r["path"] for r in rows] == ["=1+2.png", "@x.png"]
+    assert [r["label"] for r in rows] == ["-1", "a:b;c"]
+    for r in rows:
+        top = [(r[f"label_{k}"], float(r[f"probability_{k}"])) for k in (1, 2, 3)]
+        assert {name for name, _ in top} == set(FORMULA_NAMES.values())
+        assert top[0] == (r["label"], float(r["probability"]))
+
+
+def test_misclassified_csv_is_safe_in_a_spreadsheet(trained_run, colours_eval, tmp_path):
+    model = renamed_model(trained_run, tmp_path)
+    data = tmp_path / "data"
+    for name, new in FORMULA_NAMES.items():
+        shutil.copytree(colours_eval / name, data / new)
+    shutil.copy(next((colours_eval / "red").iterdir()), data / FORMULA_NAMES["blue"] / "actually-red.png")
+    assert call(evaluate.main, [str(data), "--checkpoint", str(model), "--out", str(tmp_path / "e")]) == 0
+    raw = list(csv.reader(open(tmp_path / "e" / "misclassified.csv", newline="")))
+    assert not any(cell[:1] in ("=", "+", "-", "@") for row in raw for cell in row)
+    wrong = {Path(r["path"]).name: r for r in read_cells(tmp_path / "e" / "misclassified.csv")}
+    assert wrong["actually-red.png"]["true"] == FORMULA_NAMES["blue"]
+    assert wrong["actually-red.png"]["predicted"] == FORMULA_NAMES["red"]
+
+
+def test_the_page_and_the_screen_say_the_images_evaluated_are_the_ones_best_pt_was_chosen_on(trained_run, tmp_path,
+                                                                                                capsys):
+    val = json.loads((trained_run / "split.json").read_text())["val"]
+    data = tmp_path / "val-again"
+    for path, _ in val:  # links to the run's own validation images
+        (data / Path(path).parent.name).mkdir(parents=True, exist_ok=True)
+        (data / Path(path).parent.name / Path(path).name).symlink_to(path)
+    m = run_eval(trained_run, data, tmp_path / "ev")
+    out = capsys.readouterr().out
+    assert f"on the {len(val)} validation images best.pt was chosen on (optimistic)" in out
+    assert "test images" not in out
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert "best.pt was chosen on" in page and "optimistic" in page and m["caveats"]
+    assert "the images in" in page  # what was evaluated, named

@@ -219,3 +219,33 @@ def test_a_network_the_exporter_cannot_trace_is_one_line_naming_the_first_cause(
 
     with pytest.raises(TrainingError, match=r"could not be exported to onnx \(LookupError: the cause, deep down\)"):
         deploy.write("onnx", Untraceable(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx", {}, False)
+
+
+def test_latency_is_the_median_of_several_timed_runs_after_a_warm_up():
+    """One slow call (the machine busy with something else, a first call's set-up) does not make the figure."""
+    import torch
+
+    import deploy
+
+    calls = []
+
+    def run(x):
+        calls.append(x)
+        time.sleep(0.2 if len(calls) in (1, 6) else 0.002)  # the first call (warm-up) and one timed call slow
+
+    measured = deploy.latencies_ms({"export": run, "pytorch": lambda x: None}, torch.zeros(1))
+    export_ms = measured["export"]
+    assert measured["warmup_runs"] >= 1 and measured["runs"] >= 5 and measured["statistic"] == "median"
+    assert 1.5 < export_ms["median"] < 50 and export_ms["max"] > 150  # the slow one seen, not taken
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_the_export_report_says_how_its_latency_was_measured(checkpoints, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert call(["--checkpoint", str(checkpoints["resnet18"]), "--format", "onnx", "--out", str(out),
+                 "--images", "4"]) == 0
+    report = json.loads(Path(str(out) + ".json").read_text())
+    how = report["latency"]
+    assert how["statistic"] == "median" and how["runs"] >= 5 and how["warmup_runs"] >= 1 and how["threads"] >= 1
+    assert report["latency_ms_batch1_cpu"] == how["export"]["median"]
+    assert report["pytorch_latency_ms_batch1_cpu"] == how["pytorch"]["median"]

@@ -117,7 +117,7 @@ def test_eval_warns_when_it_evaluates_the_images_best_pt_was_chosen_on(held_out_
 
 def test_a_test_split_is_refused_for_data_with_its_own_split(images, tmp_path, capsys):
     labels_csv = write_csv(images.parent / "own.csv", ["path", "label", "split"], rows_of(images, split=True))
-    assert call(train.main, train_args(labels_csv, tmp_path / "run", "--test-split", "0.2")) == 2
+    assert call(train.main, train_args(labels_csv, tmp_path / "run", "--mode", "scratch", "--test-split", "0.2")) == 2
     assert "drop --test-split" in capsys.readouterr().err
 
 
@@ -139,7 +139,7 @@ def test_eval_without_data_of_a_label_file_run_without_a_test_split_says_what_to
 def test_a_class_with_no_training_rows_is_refused(images, tmp_path, capsys):
     rows = [r for r in rows_of(images, split=True) if not (r[1] == "red" and r[2] == "train")]
     labels_csv = write_csv(images.parent / "notrain.csv", ["path", "label", "split"], rows)
-    assert call(train.main, train_args(labels_csv, tmp_path / "run")) == 2
+    assert call(train.main, train_args(labels_csv, tmp_path / "run", "--mode", "scratch")) == 2
     err = capsys.readouterr().err
     assert "red" in err and "no readable training images" in err
 

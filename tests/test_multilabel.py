@@ -59,7 +59,7 @@ def test_map_computed_independently_agrees_with_eval(ml_run, objects, tmp_path):
     assert evaluate.main([str(objects), "--checkpoint", str(ml_run), "--out", str(tmp_path / "ev")]) == 0
     probs = {}
     for r in csv.DictReader(open(tmp_path / "te" / "predictions.csv")):
-        probs[r["path"]] = {k: float(v) for k, v in (kv.split(":") for kv in r["top4"].split(";"))}
+        probs[r["path"]] = {r[f"label_{k}"]: float(r[f"probability_{k}"]) for k in range(1, 5)}
     aps = []
     for name in SQUARES:
         ranked = sorted(truth, key=lambda p: -probs[p][name])
@@ -92,9 +92,12 @@ def test_test_py_lists_every_label_at_or_above_its_threshold(ml_run, objects, tm
                               "--out", str(tmp_path / "te")]) == 0
     thresholds = dict(zip(sorted(SQUARES), torch.load(ml_run / "best.pt", weights_only=True)["thresholds"]))
     for r in csv.DictReader(open(tmp_path / "te" / "predictions.csv")):
-        probs = {k: float(v) for k, v in (kv.split(":") for kv in r["top4"].split(";"))}
+        probs = {r[f"label_{k}"]: float(r[f"probability_{k}"]) for k in range(1, 5)}
         expected = {k for k, p in probs.items() if p >= thresholds[k]}
-        assert set(r["labels"].split()) == expected and r["status"] == "ok"
+        near = {k for k, p in probs.items() if abs(p - thresholds[k]) <= 5e-5}  # a tie at the four digits shown
+        assert set(r["labels"].split()) - near == expected - near and r["status"] == "ok"
+        said = json.loads(r["probabilities"])
+        assert list(said) == r["labels"].split() and all(said[k] == pytest.approx(probs[k], abs=1e-4) for k in said)
     assert re.search(r"img/000\.png: \w+ \(\d+\.\d%\)", capsys.readouterr().out)
 
 
@@ -316,8 +319,19 @@ def test_a_tuned_threshold_keeps_the_f1_it_was_tuned_for_at_extreme_probabilitie
     from sklearn.metrics import f1_score
 
     y, p = np.array(truth)[:, None], np.array(probs, dtype=np.float32)[:, None]
-    t = multilabel.tune_thresholds(y, p)
+    t = multilabel.tune_thresholds(y, p, floor=0.0)  # (the arithmetic; the floor is tested below)
     assert f1_score(y[:, 0], multilabel.decide(p, t)[:, 0]) == 1.0
+
+
+def test_a_threshold_never_goes_below_the_floor_where_a_label_is_said_at_0_percent():
+    """Validation positives the model scores at 0.03% would give a threshold of 0.0003: the label then said
+    present at "0.0%". The floor holds it, and the threshold is the best one at or above the floor."""
+    y = np.array([[1], [0], [0], [0]])
+    assert multilabel.tune_thresholds(y, np.array([[0.0003], [0.0001], [0.0002], [0.00005]])) == \
+        [multilabel.MIN_THRESHOLD]
+    y, p = np.array([[1], [1], [0], [0]]), np.array([[0.0003], [0.8], [0.05], [0.2]])
+    t = multilabel.tune_thresholds(y, p)[0]
+    assert 0.2 < t <= 0.8  # the best F1 above the floor: accept 0.8, not everything down to 0.0003
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
@@ -394,3 +408,23 @@ def test_the_multilabel_loss_keeps_smoothed_targets_in_full_precision_under_auto
     assert logits.dtype == torch.bfloat16
     exact = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target * 0.85 + 0.075)
     assert mixed.dtype == torch.float32 and float(mixed) == pytest.approx(float(exact), abs=1e-6)
+
+
+def test_mistakes_csv_lists_labels_a_parser_and_a_spreadsheet_read_right(ml_run, objects, tmp_path):
+    import checkpoint
+
+    names = {"blue": "=blue", "green": "gr:een", "red": "r;ed", "yellow": "yellow"}
+    ckpt = checkpoint.load(ml_run / "best.pt")
+    ckpt["classes"] = [names[c] for c in ckpt["classes"]]
+    checkpoint.save(ckpt, tmp_path / "renamed.pt")
+    rows = [[f"img/{i:03d}.png", "yellow"] for i in range(6)]  # wrong for most: mistakes to list
+    data = write_labels_csv(objects.parent / "yellow-only.csv", ["path", "labels"], rows)
+    assert evaluate.main([str(data), "--checkpoint", str(tmp_path / "renamed.pt"), "--out", str(tmp_path / "ev")]) == 0
+    with open(tmp_path / "ev" / "mistakes.csv", newline="") as f:
+        raw = list(csv.reader(f))
+    assert raw[0] == ["path", "labels", "predicted", "missed", "extra", "probabilities"] and len(raw) > 1
+    assert not any(cell[:1] in "=+-@" and cell for row in raw for cell in row)
+    for row in raw[1:]:
+        predicted = row[2][1:].split(" ") if row[2].startswith("'") else row[2].split(" ") if row[2] else []
+        said = json.loads(row[5])
+        assert list(said) == predicted and set(said) <= set(names.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import os
 import re
@@ -401,3 +402,23 @@ def test_the_check_command_answers_bad_input_like_every_entry_script(tmp_path):
                             capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: data folder") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_check_lists_every_look_alike_pair_in_a_file_when_it_shows_only_some(colours, tmp_path):
+    data = tmp_path / "photos"
+    shutil.copytree(colours, data)
+    first = sorted((data / "red").iterdir())[0]
+    for i in range(8):  # copies of one picture within a class: more pairs than the screen shows
+        shutil.copy(first, data / "red" / f"copy-{i}.png")
+    split = dataset.prepare_data(str(data), progress=False)
+    assert len(split.repeats) > 10
+    lines: list[str] = []
+    dataset.report(split, lines.append, listing=tmp_path / "pairs.csv")
+    text = "\n".join(lines)
+    assert f"... and {len(split.repeats) - 10} more; all {len(split.repeats) + len(split.leaks)} pairs in " \
+           f"{tmp_path / 'pairs.csv'}" in text
+    with open(tmp_path / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(split.repeats) + len(split.leaks)
+    assert {(r["image"], r["looks_like"]) for r in rows if r["kind"] == "within a class"} == \
+        {(b, a) for a, b, _ in split.repeats}

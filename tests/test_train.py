@@ -70,10 +70,11 @@ def test_any_torchvision_classifier_gets_a_head_for_the_dataset_classes(name):
     assert model.eval()(torch.rand(1, 3, size, size)).shape == (1, 5)
 
 
-def test_unknown_model_is_refused_with_the_choices(colours, tmp_path, capsys):
+def test_unknown_model_is_refused_with_the_closest_names(colours, tmp_path, capsys):
     assert run_train(train_args(colours, tmp_path / "r", "--model", "resnet19", "--mode", "scratch")) == 2
     err = capsys.readouterr().err
-    assert "unknown model 'resnet19'" in err and "mobilenet_v2" in err and len(err.strip().splitlines()) == 1
+    assert "unknown model 'resnet19': did you mean resnet18, " in err and len(err.strip().splitlines()) == 1
+    assert "mobilenet_v2" not in err  # the three closest names, not all 80
 
 
 def test_preprocessing_comes_from_the_weights_metadata():
@@ -123,6 +124,23 @@ def test_missing_imagenet_weights_stop_at_once_naming_the_file_to_download(colou
     assert "Traceback" not in err and not (tmp_path / "r").exists()
 
 
+def test_without_internet_the_error_gives_the_exact_command_that_trains_offline_before_the_data_is_checked(
+        colours, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    checked = []
+    monkeypatch.setattr(dataset, "prepare_data", lambda *a, **k: checked.append(a) or [][0])  # (not reached)
+    assert run_train(train_args(colours, tmp_path / "r", "--model", "mobilenet_v2")) == 2  # finetune: the default
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not checked and not (tmp_path / "r").exists()
+    command = err.split("Without internet, train from scratch: ")[1].split(";")[0]
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train.py"] and words[words.index("--mode") + 1] == "scratch"
+    assert words[words.index("--data") + 1] == str(colours) and "--model" in words
+    monkeypatch.undo()
+    assert run_train(words[2:]) == 0  # that very command trains, offline
+
+
 def test_weights_that_do_not_fit_the_model_are_refused(colours, tmp_path, capsys):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     args = train_args(colours, tmp_path / "r", "--model", "mobilenet_v2", "--weights", str(tmp_path / "r18.pth"))
@@ -154,7 +172,7 @@ def test_scratch_run_learns_and_leaves_a_complete_run_folder(colours, trained_ru
     assert any(n.startswith("events.out.tfevents") for n in names)
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["classes"] == ["blue", "green", "red"]
-    assert summary["best_val_acc"] >= 66.7  # chance is 33%
+    assert summary["best_val_acc"] > 60  # chance is 33%; with 6 validation images, 4 right (66.67%) passes
     assert summary["train_img_per_s"] > 0
     assert len((trained_run / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
     config = json.loads((trained_run / "config.json").read_text())
