@@ -364,7 +364,7 @@ RECIPE_BATCH = 64  # modern's lr is for this many images per step; others scale 
 # stall at the lr that suits BatchNorm networks; LayerNorm networks (ConvNeXt, ViT, Swin) want a lower one.
 FAMILIES = {"batchnorm": "BatchNorm networks", "layernorm": "LayerNorm networks",
             "plain": "networks without normalisation layers"}
-MODERN_LR = {"batchnorm": 2e-3, "layernorm": 1e-3, "plain": 5e-4}
+MODERN_LR = {"batchnorm": 2e-3, "layernorm": 1e-3, "plain": 2.5e-4}
 # the built-in demo (8x8 digits, upscaled) chooses its own size, length, mode and no flips, unless given:
 # about a minute on 2 CPU cores, offline (no ImageNet weights needed)
 DEMO = {"mode": "scratch", "img_size": 32, "epochs": 10, "hflip": 0.0}

@@ -5,7 +5,7 @@
             field, brick, grass, gravel, camera, IHC stain), 40 per photo; validation crops come from a part of
             each photo that no training crop touches. Needs `pip install scikit-image`.
   shapes    circles, squares, triangles and crosses of random colour, size and place on noisy random
-            backgrounds, 150 per class: the shape, not the colour, is the class
+            backgrounds, 200 per class: the shape, not the colour, is the class
   textures  16 procedural patterns (stripes at four angles, checks, dots, rings, waves, noise of two grains,
             gradients, ...) in random colours, 200 per class: a larger set to pretrain a network on before
             fine-tuning it on the others
@@ -48,17 +48,17 @@ def make_scenes(root: Path, per_class: int = 40, size: int = 128) -> Path:
     return root
 
 
-def make_shapes(root: Path, per_class: int = 150, size: int = 96) -> Path:
+def make_shapes(root: Path, per_class: int = 200, size: int = 96) -> Path:
     rng = np.random.default_rng(1)
     for shape in ("circle", "square", "triangle", "cross"):
         for i in range(per_class):
             background = rng.integers(0, 256, 3)
             img = Image.new("RGB", (size, size), tuple(int(v) for v in background))
             draw = ImageDraw.Draw(img)
-            for _ in range(3):  # clutter: lines of random colours
+            for _ in range(2):  # clutter: thin lines of random colours
                 draw.line(tuple(int(v) for v in rng.integers(0, size, 4)), fill=tuple(int(v) for v in
-                          rng.integers(0, 256, 3)), width=2)
-            r = rng.uniform(0.2, 0.4) * size
+                          rng.integers(0, 256, 3)), width=1)
+            r = rng.uniform(0.25, 0.42) * size
             cx, cy = rng.uniform(r, size - r, 2)
             colour = tuple(int(v) for v in rng.integers(0, 256, 3))
             if shape == "circle":
@@ -70,7 +70,7 @@ def make_shapes(root: Path, per_class: int = 150, size: int = 96) -> Path:
             else:
                 draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=colour)
                 draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=colour)
-            pixels = np.asarray(img, dtype=np.float32) + rng.normal(0, 20, (size, size, 3))
+            pixels = np.asarray(img, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
             folder = root / ("val" if i % 5 == 4 else "train") / shape
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
