@@ -315,8 +315,9 @@ class TrainConfig:
     # machine
     device: str = opt("auto", HELP["device"])
     workers: int | None = opt(None, HELP["workers"], type=int)
-    amp: bool = opt(True, "mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with "
-                  "native bf16 (AVX512-BF16, AMX)")
+    amp: bool | None = opt(None, "mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with "
+                           "native bf16 (AVX512-BF16, AMX); --no-amp: fp32 (default: on CUDA; on such a CPU, the "
+                           "faster for this network, by a few timed steps kept in the cache folder)", switch=True)
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
     compile: bool = opt(False, "torch.compile the model (a minute or more to start, faster steps: for long runs)")
     sync_bn: bool = opt(False, "SyncBatchNorm across processes under torchrun")
@@ -491,7 +492,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> Non
             parser.add_argument(flag, nargs="?", const="auto", help=help_text, default=argparse.SUPPRESS, **meta)
             parser.add_argument("--no-image-cache", dest=f.name, action="store_const", const="none",
                                 default=argparse.SUPPRESS, help="no image cache (--image-cache none)")
-        elif isinstance(f.default, bool):
+        elif isinstance(f.default, bool) or meta.pop("switch", False):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text,
                                 default=argparse.SUPPRESS)
         else:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import calibration
 import checkpoint
 import compact_cache
+import cpu_precision
 import dataset
 import files
 import folders
@@ -51,6 +52,7 @@ from config import (
     UsageError,
     WeightsUnavailable,
     absolute_paths,
+    cache_path,
     command_line,
     describe_recipe,
     file_name,
@@ -75,6 +77,7 @@ from engine import (
     barrier,
     broadcast,
     check_batch_size,
+    cpu_has_bf16,
     deferred_interrupts,
     evaluate,
     from_lead,
@@ -758,6 +761,9 @@ def fit(run: Run, model: nn.Module) -> int:
     # resume elsewhere sizes them again
     workers = auto_workers(device, kind == "raw") if cfg.workers is None else cfg.workers
     image_input, autocast, scaler = place(model, cfg, run.preprocess, device)
+    if cfg.amp is None:  # not given: decided now, on the model as it will train, and saved with the run
+        cfg = settle_precision(run, model)
+        autocast, scaler = precision(device, cfg.amp)
     inputs = image_datasets(run, model, image_input, kind)
     if cfg.mode == "transfer" and cfg.feature_cache and isinstance(models.head_of(model)[1], nn.Linear):
         inputs = feature_inputs(run, model, inputs, image_input, autocast, workers, kind)
@@ -792,6 +798,31 @@ def fit(run: Run, model: nn.Module) -> int:
     if run.lead:
         loop.open_log(sampler.per_rank)
     return loop.run(train_loader, val_loader, sampler, inputs.use_features)
+
+
+def settle_precision(run: Run, model: nn.Module) -> TrainConfig:
+    """--amp when neither it nor --no-amp was given: on a CPU with native bf16, the faster of bf16 and fp32 for
+    this network (cpu_precision: measured once per machine and network, so runs agree); elsewhere on, as
+    before (CUDA: bf16 or fp16; a CPU without native bf16 trains in fp32 either way). One process decides
+    nothing for the others, so runs under torchrun and transfer runs (whose backbone only runs forward) keep
+    the old default."""
+    cfg = run.cfg
+    amp = True
+    if run.device.type == "cpu" and run.world == 1 and cfg.mode != "transfer" and cpu_has_bf16():
+        size, batch = run.preprocess.img_size, min(cfg.batch_size, 32)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        figures = cpu_precision.measured(
+            cache_path(cfg.cache_dir) / "precision.json",
+            cpu_precision.key(cfg.model, cfg.mode, size, batch, cfg.channels_last),
+            lambda: cpu_precision.measure(model, size, batch, fmt))
+        amp = cpu_precision.faster_is_bf16(figures)
+        run.say(f"precision: {'bf16' if amp else 'fp32'}, the faster for {cfg.model} on this CPU (bf16 "
+                f"{figures['bf16'] * 1000 / batch:.1f} ms/image, fp32 {figures['fp32'] * 1000 / batch:.1f}; "
+                "--amp or --no-amp to choose)")
+    run.cfg = dataclasses.replace(cfg, amp=amp)
+    if run.lead:
+        write_config(run.run_dir, run.cfg)
+    return run.cfg
 
 
 def statistics_images(run: Run, model: nn.Module, inputs: Inputs, workers: int) -> tuple[list[str], DataLoader | None]:

@@ -1,6 +1,6 @@
 """The default recipes against the seed's, for every family of network, in one sitting.
 
-    python bench/bench_recipes.py                                   # the matrix below (about an hour and a half on 2 cores)
+    python bench/bench_recipes.py          # the matrix below (1.5 hours on 2 cores)
     python bench/bench_recipes.py --models vgg11 --sets scenes --lrs 2.5e-4 5e-4 1e-3   # an lr sweep
     python bench/bench_recipes.py --finetune                        # pretrain on textures, then fine-tune
     python bench/bench_recipes.py --data ~/photos --models mobilenet_v2   # also your own folder
@@ -9,8 +9,9 @@ The matrix: each model trains from scratch, 15 epochs at 64 px, batch 64, with t
 (`--recipe seed`: SGD 1e-3, StepLR) and with the defaults (nothing but --model, --mode, --img-size,
 --epochs), on the same data, split and seed. Models, chosen to differ in normalisation and blocks: VGG11
 (no normalisation), ResNet18 (BatchNorm, residual), MobileNetV2 (BatchNorm, depthwise, ReLU6),
-EfficientNet-B0 (BatchNorm, depthwise, squeeze-excitation, SiLU, stochastic depth), ConvNeXt-Tiny (LayerNorm, 7x7 depthwise, GELU) and SqueezeNet 1.1 (no
-normalisation, fire modules). Data sets: see bench/synthetic.py (digits, scenes, shapes).
+EfficientNet-B0 (BatchNorm, depthwise, squeeze-excitation, SiLU, stochastic depth), ConvNeXt-Tiny
+(LayerNorm, 7x7 depthwise, GELU) and SqueezeNet 1.1 (no normalisation, fire modules).
+Data sets: see bench/synthetic.py (digits, scenes, shapes).
 
 Printed and written to bench/results-recipes.json: per model and data set, the best validation accuracy
 of each recipe, the chance level (the largest class's share of the validation images: what a network

@@ -97,7 +97,7 @@ def test_large_jpegs_are_decoded_at_reduced_scale_to_the_same_picture(tmp_path):
 def test_mixed_precision_learns_as_well_as_full_precision(colours, tmp_path):
     # bf16 autocast is on where the CPU has native bf16 (and on CUDA); elsewhere both runs are fp32
     args = ("--mode", "scratch", "--epochs", "3", "--optimizer", "adam", "--hflip", "0")
-    assert train.main(train_args(colours, tmp_path / "amp", *args)) == 0
+    assert train.main(train_args(colours, tmp_path / "amp", *args, "--amp")) == 0
     assert train.main(train_args(colours, tmp_path / "fp32", *args, "--no-amp")) == 0
     amp, fp32 = history(tmp_path / "amp"), history(tmp_path / "fp32")
     assert max(amp[3::4]) >= 66.6 and max(fp32[3::4]) >= 66.6
