@@ -37,8 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import files
-from config import UsageError, typed
+from imgcls import files
+from imgcls.cli import typed
+from imgcls.errors import UsageError
 
 KIND = "imgcls-checkpoint"
 VERSION = 2  # 2: position in samples and epoch statistics ("progress"); the schedule is derived

@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-import files
-from config import UsageError, cache_root
+from imgcls import files
+from imgcls.errors import UsageError
+from imgcls.settings import cache_root
 
 QUALITY = 90  # JPEG quality: at 256 px, ~1 dB of PSNR from the raw pixels costs no accuracy (bench_cache.py)
 VERSION = 2  # 2: the index inside the data file

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import files
+from imgcls import files
 
 STEPS = 3  # timed steps per precision, after one warm-up step each
 MARGIN = 0.95  # bf16 is taken only when at least 5% faster: fp32 is the more exact, so ties go to it

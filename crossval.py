@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
-import files
 from checkpoint import CV_SETTINGS as SETTINGS
-from config import TrainConfig, UsageError, file_name, identity_changes, imports_done, typed
+from imgcls import files
+from imgcls.cli import imports_done, typed
+from imgcls.errors import UsageError
+from imgcls.settings import TrainConfig, file_name, identity_changes
 
 SUMMARY = "cv_summary.json"
 

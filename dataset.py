@@ -16,8 +16,10 @@ if __name__ == "__main__":  # the command line, answered before torch is importe
     import os
     import sys
 
-    from config import Parser, TrainConfig, UsageError, add_shared, check_shared, imports_done, script, validate
     from folders import check_cache_outside
+    from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
+    from imgcls.errors import UsageError
+    from imgcls.settings import TrainConfig, validate
     from labels import check_sep_applies
 
     def main(argv: list[str] | None = None) -> int:
@@ -95,14 +97,16 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import compact_cache
-import files
 import folders
 import labels
 import multilabel
 import splits
 from compact_cache import CompactCache
-from config import Parser, TrainConfig, UsageError, add_shared, cache_root
 from folders import shown
+from imgcls import files
+from imgcls.cli import Parser, add_shared
+from imgcls.errors import UsageError
+from imgcls.settings import TrainConfig, cache_root
 from splits import class_counts, derived_seed, fold_split, stratified_split
 
 IMAGE_EXTENSIONS = folders.IMAGE_EXTENSIONS

@@ -24,13 +24,14 @@ from torch import nn
 
 import checkpoint
 import dataset
-import files
 import folders
 import labels
 import models
 import multilabel
 from checkpoint import Preprocess
-from config import TrainingError, UsageError, file_name
+from imgcls import files
+from imgcls.errors import TrainingError, UsageError
+from imgcls.settings import file_name
 from predictor import OnnxModel
 
 

@@ -35,7 +35,7 @@ import models
 import multilabel
 import splits
 from checkpoint import Preprocess
-from config import Diverged, TrainingError, UsageError
+from imgcls.errors import Diverged, TrainingError, UsageError
 
 # ----------------------------------------------------------------------------- machine
 

@@ -27,10 +27,12 @@ import json
 from pathlib import Path
 
 import checkpoint
-import files
 import folders
 import labels
-from config import CACHE_KINDS, Parser, UsageError, add_shared, check_shared, imports_done, script
+from imgcls import files
+from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
+from imgcls.errors import UsageError
+from imgcls.settings import CACHE_KINDS
 
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:

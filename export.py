@@ -25,7 +25,8 @@ from pathlib import Path
 
 import checkpoint
 import labels
-from config import Parser, UsageError, add_shared, check_shared, imports_done, script
+from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
+from imgcls.errors import UsageError
 
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:

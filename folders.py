@@ -20,7 +20,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config import TrainConfig, UsageError, cache_path
+from imgcls.errors import UsageError
+from imgcls.settings import TrainConfig, cache_path
 
 IGNORED = {"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "$RECYCLE.BIN", "System Volume Information",
            "lost+found", "__pycache__"}

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-import files
+from imgcls import files
 
 
 @dataclass

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from config import UsageError
 from folders import shown
+from imgcls.errors import UsageError
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("path", "label", "labels", "split")

@@ -17,8 +17,9 @@ import json
 import os
 from collections.abc import Callable
 
-from config import UsageError, cache_path
-from files import atomic_write_text
+from imgcls.errors import UsageError
+from imgcls.files import atomic_write_text
+from imgcls.settings import cache_path
 
 PREFIX = "timm/"
 NO_TIMM = "timm models need the timm package: pip install timm (or pip install -r requirements-timm.txt)"

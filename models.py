@@ -24,11 +24,11 @@ import torchvision
 from torch import nn
 
 import checkpoint
-import files
 import model_names
 import timm_models
 from checkpoint import Preprocess
-from config import UsageError, WeightsUnavailable
+from imgcls import files
+from imgcls.errors import UsageError, WeightsUnavailable
 
 AUX_HEADS = ("googlenet", "inception_v3")  # their auxiliary classifiers are disabled
 DEFAULT_PREPROCESS = Preprocess(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-import files
 from folders import shown
+from imgcls import files
 
 
 def plain(text: str) -> str:

@@ -23,8 +23,8 @@ import dataset
 import explain
 import models
 from checkpoint import Preprocess
-from config import UsageError
 from engine import auto_workers, make_loader, pick_device, precision, predict, to_model_input
+from imgcls.errors import UsageError
 
 
 @dataclass

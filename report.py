@@ -17,14 +17,14 @@ import torch
 import calibration
 import dataset
 import explain
-import files
 import folders
 import html_report
 import labels
 import multilabel
 import plots
 import splits
-from config import UsageError
+from imgcls import files
+from imgcls.errors import UsageError
 from predictor import Explainer, Loaded, input_images, load_model, run_model, thumbnail
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint import CV_SETTINGS as CV
-from config import Parser, UsageError, cli
+from imgcls.cli import Parser, cli
+from imgcls.errors import UsageError
 
 COLUMNS = ("run", "data", "model", "mode", "size", "recipe", "optimizer", "lr", "epochs", "best val acc",
            "time (min)")

@@ -22,9 +22,10 @@ import os
 from pathlib import Path
 
 import checkpoint
-import files
 import folders
-from config import Parser, UsageError, add_shared, check_shared, imports_done, script
+from imgcls import files
+from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
+from imgcls.errors import UsageError
 
 
 def expand(patterns: list[str], max_bytes: int = folders.DEFAULT_MAX_BYTES) -> list[str]:

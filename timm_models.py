@@ -16,7 +16,7 @@ from typing import Any
 
 import model_names
 from checkpoint import Preprocess, crop_mode, first_line, interpolation, keys_named, mismatch, mismatched_keys
-from config import UsageError, WeightsUnavailable
+from imgcls.errors import UsageError, WeightsUnavailable
 
 PREFIX = model_names.PREFIX
 

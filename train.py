@@ -25,22 +25,13 @@ from typing import Any
 
 import checkpoint
 import crossval
-import files
 import folders
 import labels
 import model_names
-from config import (
-    Parser,
-    TrainConfig,
-    UsageError,
-    absolute_paths,
-    add_options,
-    cli,
-    imports_done,
-    script,
-    typed,
-    validate,
-)
+from imgcls import files
+from imgcls.cli import Parser, add_options, cli, imports_done, script, typed
+from imgcls.errors import UsageError
+from imgcls.settings import TrainConfig, absolute_paths, validate
 
 
 def read_command_line(argv: list[str] | None) -> dict[str, Any]:

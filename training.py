@@ -38,31 +38,12 @@ import checkpoint
 import compact_cache
 import cpu_precision
 import dataset
-import files
 import folders
 import labels
 import models
 import multilabel
 import plots
 from checkpoint import Preprocess
-from config import (
-    Diverged,
-    TrainConfig,
-    TrainingError,
-    UsageError,
-    WeightsUnavailable,
-    absolute_paths,
-    cache_path,
-    command_line,
-    describe_recipe,
-    file_name,
-    identity_changes,
-    progressive_size,
-    resumed_recipe,
-    typed,
-    validate,
-    with_recipe,
-)
 from engine import (
     Ema,
     Features,
@@ -102,6 +83,11 @@ from engine import (
     tune_cpu_allocator,
 )
 from health import Health, largest_share
+from imgcls import files
+from imgcls.cli import command_line, typed
+from imgcls.errors import Diverged, TrainingError, UsageError, WeightsUnavailable
+from imgcls.recipes import describe_recipe, progressive_size, resumed_recipe, with_recipe
+from imgcls.settings import TrainConfig, absolute_paths, cache_path, file_name, identity_changes, validate
 
 RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
              "curves.png", "lr_find.png", "lr_find.json", "resumes.jsonl", "model_summary.txt", "events.out.tfevents.*",

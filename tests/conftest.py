@@ -128,10 +128,10 @@ def cached_weights(torch_home: Path, name: str) -> dict[str, torch.Tensor]:
 
 def call(entry, args: list[str]) -> int:
     """An entry point run as its script runs it (config.cli): the exit status, errors as one line."""
-    import config
+    from imgcls import cli
 
     try:
-        return config.cli(entry, args)
+        return cli.cli(entry, args)
     except SystemExit as e:
         return int(e.code)
 

@@ -15,10 +15,10 @@ from conftest import ROOT, make_folder, make_image, train_args
 import checkpoint
 import dataset
 import engine
-import files
 import train
 import training
 from checkpoint import Preprocess
+from imgcls import files
 
 
 def replace_keeping_size_and_mtime(path: Path, data: bytes) -> None:

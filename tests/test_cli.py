@@ -18,10 +18,11 @@ from conftest import ROOT, train_args
 import checkpoint
 import eval as evaluate
 import export
-import files
 import test as predict
 from checkpoint import Preprocess
-from config import UsageError, cli
+from imgcls import files
+from imgcls.cli import cli
+from imgcls.errors import UsageError
 
 ENTRY = ("train", "eval", "test", "export", "runs")
 
@@ -379,19 +380,19 @@ def test_a_command_called_in_process_freezes_nothing(trained_run, colours_eval, 
     (["-m", "ipykernel_launcher", "-f", "k.json"], False), (["host.py", "train.py"], False),
     (["-c", "import runpy"], False), (["-uc", "import runpy"], False), (["-m", "runpy", "train"], False), ([], False)])
 def test_a_process_is_the_commands_own_when_the_interpreter_was_started_for_it(args, own):
-    import config
+    from imgcls import cli as imgcls_cli
 
     script = str(ROOT / "train.py")
-    assert config.started_as(script, args, main_origin=script) is own
+    assert imgcls_cli.started_as(script, args, main_origin=script) is own
 
 
 def test_a_module_of_the_same_name_run_with_dash_m_is_not_the_command():
     """`python -m train` running a user's own train.py, which runs ours through runpy: the user's
     process, whose objects are not ours to freeze; its __main__ module comes from elsewhere."""
-    import config
+    from imgcls import cli as imgcls_cli
 
-    assert not config.started_as(str(ROOT / "train.py"), ["-m", "train"], main_origin="/home/me/train.py")
-    assert not config.started_as(str(ROOT / "train.py"), ["-m", "train"], main_origin=None)
+    assert not imgcls_cli.started_as(str(ROOT / "train.py"), ["-m", "train"], main_origin="/home/me/train.py")
+    assert not imgcls_cli.started_as(str(ROOT / "train.py"), ["-m", "train"], main_origin=None)
 
 
 def test_garbage_made_after_the_first_freeze_is_still_collected(monkeypatch):
@@ -400,20 +401,20 @@ def test_garbage_made_after_the_first_freeze_is_still_collected(monkeypatch):
     import gc
     import weakref
 
-    import config
+    from imgcls import cli as imgcls_cli
 
     class Cycle:
         pass
 
-    monkeypatch.setattr(config, "_own_process", True)
-    monkeypatch.setattr(config, "_frozen", False)
+    monkeypatch.setattr(imgcls_cli, "_own_process", True)
+    monkeypatch.setattr(imgcls_cli, "_frozen", False)
     try:
-        config.imports_done()  # the first fold
+        imgcls_cli.imports_done()  # the first fold
         garbage = Cycle()
         garbage.me = garbage
         alive = weakref.ref(garbage)
         del garbage
-        config.imports_done()  # the next fold
+        imgcls_cli.imports_done()  # the next fold
         gc.collect()
         assert alive() is None
     finally:

@@ -14,9 +14,9 @@ from conftest import call, train_args
 from PIL import Image, ImageDraw
 
 import compact_cache
-import config
 import dataset
 import train
+from imgcls import settings
 
 
 def make_photos(root: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[str]:
@@ -89,12 +89,12 @@ def test_auto_chooses_the_compact_cache_when_the_raw_one_would_not_fit(colours, 
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))  # no cache of these images built yet
     assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch")) == 0
     assert "image cache: compact (auto: the raw cache would not fit" in capsys.readouterr().out
-    assert list((Path(config.cache_root()) / "images").glob("*.jpgs"))
+    assert list((Path(settings.cache_root()) / "images").glob("*.jpgs"))
 
 
 def test_settings_saved_with_the_cache_on_or_off_still_read():
-    assert config.TrainConfig(image_cache=True).image_cache == "auto"
-    assert config.TrainConfig(image_cache=False).image_cache == "none"
+    assert settings.TrainConfig(image_cache=True).image_cache == "auto"
+    assert settings.TrainConfig(image_cache=False).image_cache == "none"
 
 
 def test_the_index_and_the_images_are_one_file_published_whole(photos):
@@ -142,7 +142,7 @@ def test_a_full_disk_under_the_raw_cache_is_one_line_and_leaves_nothing(colours,
     err = capsys.readouterr().err
     assert "no space left for the image cache" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
-    assert not list((Path(config.cache_root()) / "images").glob("*.tmp"))
+    assert not list((Path(settings.cache_root()) / "images").glob("*.tmp"))
 
 
 def test_a_full_disk_under_the_compact_cache_is_one_line_and_leaves_nothing(colours, tmp_path, monkeypatch, capsys):
@@ -169,11 +169,11 @@ def test_a_full_disk_under_the_compact_cache_is_one_line_and_leaves_nothing(colo
     err = capsys.readouterr().err
     assert "no space left for the image cache" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
-    assert not [p for p in (Path(config.cache_root()) / "images").iterdir() if p.name.startswith(".")]
+    assert not [p for p in (Path(settings.cache_root()) / "images").iterdir() if p.name.startswith(".")]
 
 
 def test_temp_files_of_a_killed_cache_build_are_removed_by_the_next_build(photos, tmp_path):
-    import files
+    from imgcls import files
 
     folder = tmp_path / "images"
     folder.mkdir()

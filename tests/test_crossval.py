@@ -172,11 +172,11 @@ def test_an_interrupted_fold_points_at_the_job_to_resume(flat, tmp_path, monkeyp
 
 def test_a_k_fold_job_given_as_a_checkpoint_names_its_fold_folders(cv_job, flat, capsys):
     """eval.py, test.py and export.py take one model; a k-fold job has one per fold."""
-    import config
     import eval as evaluate
+    from imgcls import cli
 
     with pytest.raises(SystemExit) as stop:
-        config.cli(evaluate.main, [str(flat), "--checkpoint", str(cv_job)])
+        cli.cli(evaluate.main, [str(flat), "--checkpoint", str(cv_job)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "k-fold job (3 folds)" in err and str(cv_job / "fold-1") in err
@@ -187,9 +187,9 @@ def test_a_k_fold_jobs_model_file_or_a_copy_without_its_settings_names_its_fold_
                                                                                            capsys):
     import shutil
 
-    import config
     import export
     import test as predict
+    from imgcls import cli
 
     job = cv_job
     if given == "no cv.json":  # copied without its settings file, say
@@ -201,7 +201,7 @@ def test_a_k_fold_jobs_model_file_or_a_copy_without_its_settings_names_its_fold_
     scripts = ((evaluate_main(), [str(flat)]), (predict.main, [str(flat)]), (export.main, ["--format", "onnx"]))
     for entry, args in scripts:
         with pytest.raises(SystemExit) as stop:
-            config.cli(entry, [*args, "--checkpoint", checkpoint])
+            cli.cli(entry, [*args, "--checkpoint", checkpoint])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
         assert str(job / "fold-1") in err and "not a run folder" not in err, err
@@ -212,7 +212,7 @@ def test_without_a_checkpoint_the_newest_model_in_runs_is_not_an_older_run_when_
     import os
     import shutil
 
-    import config
+    from imgcls import cli
 
     (tmp_path / "runs" / "older").mkdir(parents=True)
     shutil.copy(cv_job / "fold-1" / "best.pt", tmp_path / "runs" / "older" / "best.pt")
@@ -220,7 +220,7 @@ def test_without_a_checkpoint_the_newest_model_in_runs_is_not_an_older_run_when_
     (tmp_path / "runs" / "job").symlink_to(cv_job)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
-        config.cli(evaluate_main(), [str(flat)])
+        cli.cli(evaluate_main(), [str(flat)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "k-fold job" in err and "fold-1" in err
 

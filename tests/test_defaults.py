@@ -18,7 +18,7 @@ import plots
 import runs
 import train
 import training
-from config import MODERN_LR, RECIPES, with_recipe
+from imgcls.recipes import MODERN_LR, RECIPES, with_recipe
 
 
 @pytest.fixture(scope="module")

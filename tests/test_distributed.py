@@ -189,7 +189,7 @@ def check_as_a_machine(node: int, data: str, out: str, fault: str, dirs: bool) -
 
     import dataset
     import engine
-    from config import UsageError
+    from imgcls.errors import UsageError
 
     inspected: list[str] = []
     real_inspect, real_finish = dataset.inspect_file, dataset.finish_cache
@@ -308,7 +308,7 @@ def step_in_a_process(rank: int, out: str) -> None:
     import torch
 
     import engine
-    from config import TrainingError
+    from imgcls.errors import TrainingError
 
     engine.init_distributed()
     torch.manual_seed(0)

@@ -199,14 +199,14 @@ def test_a_run_folder_is_accepted_as_the_checkpoint_and_a_second_report_does_not
 
 def test_an_unknown_model_name_gets_the_closest_names(capsys):
     import models
-    from config import UsageError
+    from imgcls.errors import UsageError
 
     with pytest.raises(UsageError, match="did you mean resnet18"):
         models.check_name("resnet81")
 
 
 def test_the_data_folder_is_given_the_same_way_as_in_train_and_export(trained_run, colours_eval, tmp_path):
-    from config import UsageError
+    from imgcls.errors import UsageError
 
     ckpt = str(trained_run / "best.pt")
     assert evaluate.main(["--data", str(colours_eval), "--checkpoint", ckpt, "--out", str(tmp_path / "e")]) == 0

@@ -15,10 +15,10 @@ import pytest
 from conftest import THREE, train_args
 
 import checkpoint
-import config
 import eval as evaluate
 import export
 import train
+from imgcls import cli
 
 FORMATS = {"onnx": "onnxruntime", "executorch": "executorch", "torchscript": "torch"}
 
@@ -41,7 +41,7 @@ def checkpoints(tmp_path_factory, colours) -> dict[str, Path]:
 
 def call(args: list[str]) -> int:
     try:
-        return config.cli(export.main, args)
+        return cli.cli(export.main, args)
     except SystemExit as e:
         return int(e.code)
 
@@ -211,7 +211,7 @@ def test_a_network_the_exporter_cannot_trace_is_one_line_naming_the_first_cause(
     from torch import nn
 
     import deploy
-    from config import TrainingError
+    from imgcls.errors import TrainingError
 
     class Untraceable(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

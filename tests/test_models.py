@@ -16,7 +16,7 @@ from torch import nn
 import checkpoint
 import models
 import train
-from config import UsageError
+from imgcls.errors import UsageError
 
 # regnets cannot be built on the meta device (their widths are computed with tensors); their builders
 # set nothing when loading weights, so the smallest two are compared on the CPU

@@ -15,7 +15,7 @@ import engine
 import runs
 import train
 import training
-from config import TrainConfig
+from imgcls.settings import TrainConfig
 
 
 def lrs(cfg: TrainConfig, steps_per_epoch: int = 10) -> list[float]:

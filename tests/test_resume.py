@@ -25,7 +25,7 @@ import checkpoint
 import dataset
 import train
 import training
-from config import UsageError
+from imgcls.errors import UsageError
 
 RANDOM = random.Random(int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000)))
 
@@ -185,7 +185,7 @@ def test_a_folder_stopped_before_its_first_checkpoint_is_resumable(data, tmp_pat
 
 def test_a_folder_left_by_a_kill_during_its_first_write_is_no_run(tmp_path):
     """Only the lock and a temp file: the same command can start the run there again."""
-    import files
+    from imgcls import files
 
     run = tmp_path / "run"
     run.mkdir()

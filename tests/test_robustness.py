@@ -27,7 +27,8 @@ import eval as evaluate
 import models
 import train
 import training
-from config import TrainConfig, cli
+from imgcls.cli import cli
+from imgcls.settings import TrainConfig
 
 HOSTILE_SKIPS = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "notes.png": "not an image",
                  "bomb.png": "decompression bomb", "lab.tif": "unsupported mode LAB"}

@@ -17,7 +17,7 @@ from PIL import Image
 import dataset
 import engine
 import train
-from config import TrainingError
+from imgcls.errors import TrainingError
 
 
 def history(run: Path) -> list[float]:

@@ -21,7 +21,7 @@ import models
 import test as predict
 import train
 from checkpoint import Preprocess
-from config import UsageError
+from imgcls.errors import UsageError
 
 timm = pytest.importorskip("timm", reason="timm is not installed (requirements-timm.txt)")
 ROOT = Path(__file__).resolve().parent.parent

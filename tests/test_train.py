@@ -275,7 +275,7 @@ def test_resume_auto_without_any_run_says_so(tmp_path, monkeypatch, capsys):
 
 def test_a_gpu_too_old_for_the_installed_pytorch_is_reported_before_training(monkeypatch):
     import engine
-    from config import UsageError
+    from imgcls.errors import UsageError
 
     # what torch reports for a Tesla K80 (sm_37) under a current wheel; no GPU is needed for the rule
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (3, 7))

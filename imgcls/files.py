@@ -19,12 +19,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from config import UsageError, typed
+from imgcls.cli import typed
+from imgcls.errors import UsageError
 
 try:
     import fcntl
 except ImportError:  # Windows: runs are not locked there
     fcntl = None
+
 
 TEMP_SUFFIX = ".tmp"
 
