@@ -26,11 +26,9 @@ import argparse
 import json
 from pathlib import Path
 
-import checkpoint
-import folders
-import labels
-from imgcls import files
+from imgcls import files, runfolder
 from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
+from imgcls.data import folders, labelfile
 from imgcls.errors import UsageError
 from imgcls.settings import CACHE_KINDS
 
@@ -62,9 +60,9 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     given = args.data or args.data_option
     args.data = Path(given) if given else None  # None: the run's own held-out test split
     if args.data is not None:
-        labels.check_sep_applies(args.data, args.label_sep)
-    if args.data is not None and labels.is_label_file(args.data):
-        labels.read(args.data, args.label_sep or labels.DEFAULT_SEP, warn=False)  # every row, before torch loads
+        labelfile.check_sep_applies(args.data, args.label_sep)
+    if args.data is not None and labelfile.is_label_file(args.data):
+        labelfile.read(args.data, args.label_sep or labelfile.DEFAULT_SEP, warn=False)  # every row, before torch loads
     elif args.data is not None and not args.data.is_dir():
         raise UsageError(f"{args.data} is not a folder: give a folder with one sub-folder per class, or a label "
                          "file (.csv)")
@@ -86,14 +84,14 @@ def run_data(ckpt: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
-    ckpt = checkpoint.runnable(checkpoint.find(args.checkpoint))
+    ckpt = runfolder.runnable(runfolder.find(args.checkpoint))
     if not args.checkpoint:
         print(f"using checkpoint {ckpt}")
     if args.data is None and args.out:  # the run's own test split: its data folder is in split.json
         folders.check_outside(run_data(ckpt), args.out, "the report folder")
     name = Path(args.data).resolve().stem if args.data else "test-split"
     with files.report_folder(args.out, ckpt.parent / f"eval-{name}-{ckpt.stem}") as out:
-        import report  # torch loads only for a command line that is good
+        from imgcls.evaluation import report
         imports_done()
 
         return report.evaluate(ckpt, args.data, out, args.device, args.amp, args.batch_size, args.workers,

@@ -23,9 +23,9 @@ import math
 import os
 from pathlib import Path
 
-import checkpoint
-import labels
+from imgcls import checkpoint, runfolder
 from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
+from imgcls.data import labelfile
 from imgcls.errors import UsageError
 
 
@@ -65,8 +65,8 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     if args.out:  # (a folder given as `name/` must not be a file either)
         check_writable_below(Path(args.out) / "model" if args.out.endswith(("/", os.sep)) else Path(args.out))
     for option, folder in (("--data", args.data), ("--check-data", args.check_data)):
-        if folder and labels.is_label_file(folder):
-            labels.read(folder, warn=False)  # every row checked before torch loads
+        if folder and labelfile.is_label_file(folder):
+            labelfile.read(folder, warn=False)  # every row checked before torch loads
         elif folder and not Path(folder).is_dir():
             raise UsageError(f"{option} {folder} is not a folder or a label file (.csv)")
     return args
@@ -87,15 +87,15 @@ def is_folder(out: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
-    ckpt = checkpoint.find(args.checkpoint)
+    ckpt = runfolder.find(args.checkpoint)
     if checkpoint.is_onnx(ckpt):
         raise UsageError(f"{ckpt} is already an export: give the run's checkpoint (.pt) or run folder")
     folder = Path(args.out) if args.out and is_folder(args.out) else None
     out = Path(args.out) if args.out and folder is None else None
-    import deploy  # torch loads only for a command line that is good
+    from imgcls.export import publish
     imports_done()
 
-    return deploy.export(ckpt, args.format, args.int8, folder or ckpt.parent, out, args.data, args.check_data,
+    return publish.export(ckpt, args.format, args.int8, folder or ckpt.parent, out, args.data, args.check_data,
                          args.images, args.tolerance, int(args.max_file_mb * 2**20))
 
 

@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from checkpoint import CV_SETTINGS as CV
 from imgcls.cli import Parser, cli
 from imgcls.errors import UsageError
+from imgcls.runfolder import CV_SETTINGS as CV
 
 COLUMNS = ("run", "data", "model", "mode", "size", "recipe", "optimizer", "lr", "epochs", "best val acc",
            "time (min)")

@@ -21,10 +21,9 @@ import glob
 import os
 from pathlib import Path
 
-import checkpoint
-import folders
-from imgcls import files
+from imgcls import files, runfolder
 from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
+from imgcls.data import folders
 from imgcls.errors import UsageError
 
 
@@ -97,16 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
     max_bytes = int(args.max_file_mb * 2**20)
     paths = expand(args.paths, max_bytes)
-    ckpt = checkpoint.runnable(checkpoint.find(args.checkpoint))
+    ckpt = runfolder.runnable(runfolder.find(args.checkpoint))
     if not args.checkpoint:
         print(f"using checkpoint {ckpt}")
     name = Path(args.paths[0]).resolve().name if len(args.paths) == 1 and not glob.has_magic(args.paths[0]) \
         else "images"
     with files.report_folder(args.out, ckpt.parent / f"predictions-{name}-{ckpt.stem}") as out:
-        import report  # torch loads only for a command line that is good
+        from imgcls.evaluation import predictions
         imports_done()
 
-        return report.label(ckpt, paths, out, args.device, args.amp, args.batch_size, args.workers, max_bytes,
+        return predictions.label(ckpt, paths, out, args.device, args.amp, args.batch_size, args.workers, max_bytes,
                             args.topk, args.grid, args.reject_below, args.tta, args.explain)
 
 

@@ -23,15 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import checkpoint
-import crossval
-import folders
-import labels
-import model_names
-from imgcls import files
+from imgcls import files, runfolder
 from imgcls.cli import Parser, add_options, cli, imports_done, script, typed
+from imgcls.data import folders, labelfile
 from imgcls.errors import UsageError
+from imgcls.networks import names
 from imgcls.settings import TrainConfig, absolute_paths, validate
+from imgcls.training import crossval
 
 
 def read_command_line(argv: list[str] | None) -> dict[str, Any]:
@@ -49,19 +47,19 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     validate(TrainConfig(**{k: v for k, v in given.items() if k not in ("resume", "data")}))
     if given.get("folds") and given.get("lr_find"):
         raise UsageError("--lr-find runs one range test and starts no run: use it without --folds")
-    if given.get("resume") and checkpoint.is_cv_folder(given["resume"]):
+    if given.get("resume") and runfolder.is_cv_folder(given["resume"]):
         return given  # a cross-validation job: its folds are resumed one by one
     if given.get("resume"):
-        run_dir = checkpoint.resume_target(given["resume"], given.get("out"))[0].resolve()  # (a link to a fold too)
-        if checkpoint.is_cv_folder(run_dir.parent) and run_dir.name.startswith("fold-"):
+        run_dir = runfolder.resume_target(given["resume"], given.get("out"))[0].resolve()  # (a link to a fold too)
+        if runfolder.is_cv_folder(run_dir.parent) and run_dir.name.startswith("fold-"):
             raise UsageError(f"{run_dir} is a fold of a k-fold job, whose summary covers all its folds: resume the "
                              f"job: python train.py --resume {typed(run_dir.parent)} (it resumes each fold)")
         return given
     data = given.get("data", TrainConfig.data)
-    labels.check_sep_applies(data, given.get("label_sep"))
-    if labels.is_label_file(data):
+    labelfile.check_sep_applies(data, given.get("label_sep"))
+    if labelfile.is_label_file(data):
         # every row checked before torch loads (the case warning comes with the second reading)
-        labels.check_trainable(labels.read(data, given.get("label_sep", TrainConfig.label_sep), warn=False))
+        labelfile.check_trainable(labelfile.read(data, given.get("label_sep", TrainConfig.label_sep), warn=False))
     elif data != "demo" and not Path(data).is_dir():
         raise UsageError(f"data folder {data} {'is not a folder' if Path(data).exists() else 'does not exist'}: "
                          "give --data DIR with one sub-folder per class, a label file (.csv), or --data demo")
@@ -74,16 +72,16 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
                               "runs/, the default parent of run folders,")
         folders.check_cache_outside(data, given.get("cache_dir"))
     if "model" in given:  # from the names' cache: a typo answered before torch loads, with the closest names
-        model_names.check(given["model"], given.get("cache_dir"))
+        names.check(given["model"], given.get("cache_dir"))
     return given
 
 
 def list_models(pattern: str, cache_dir: str | None = None) -> int:
-    found = model_names.matching(pattern, cache_dir)
+    found = names.matching(pattern, cache_dir)
     if not found:
         raise UsageError(f"no model matches {pattern!r}: python train.py --list-models lists them all")
     print("\n".join(found))
-    timm = "" if model_names.installed("timm") else "; timm's models (timm/NAME) need: pip install timm"
+    timm = "" if names.installed("timm") else "; timm's models (timm/NAME) need: pip install timm"
     print(f"{len(found)} models match {pattern!r}{timm}", file=sys.stderr)
     return 0
 
@@ -93,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if "list_models" in given:
         return list_models(given["list_models"], given.get("cache_dir"))
     resume = given.get("resume")
-    if checkpoint.is_cv_folder(resume) if resume else given.get("folds"):
+    if runfolder.is_cv_folder(resume) if resume else given.get("folds"):
         return crossval.main(given)
-    import training  # torch loads only for a command line that is good
+    from imgcls.training import fit
     imports_done()
 
-    return training.main(given)
+    return fit.main(given)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_train import make_photos  # noqa: E402
 
-import dataset  # noqa: E402
+from imgcls.data import datasets, imagecache  # noqa: E402
 
 
 def loader_speed(cache, items: list[tuple[str, int]], size: int) -> float:
     """Augmented crops per second on one core, through the cache."""
-    ds = dataset.ImageDataset(items, size, dataset.train_transform(224), cache, seed=0)
+    ds = datasets.ImageDataset(items, size, datasets.train_transform(224), cache, seed=0)
     t0 = time.perf_counter()
     for i in range(len(ds)):
         ds[(i, 0)]
@@ -71,7 +71,7 @@ def main() -> None:
         results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                    "images": len(paths), "size": args.size}
         for kind in ("raw", "compact"):
-            cache = dataset.make_cache(kind, paths, args.size)
+            cache = imagecache.make_cache(kind, paths, args.size)
             t0 = time.perf_counter()
             cache.build(progress=False)
             on_disk = sum(f.stat().st_size for f in cache.path.parent.glob(cache.path.name.split("-")[0] + "*"))

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import dataset  # noqa: E402
+from imgcls.data import split as data_split  # noqa: E402
 
 
 def photo(rng: np.random.Generator, size: tuple[int, int] = (320, 240)) -> Image.Image:
@@ -97,10 +97,10 @@ def main() -> int:
     base = baseline(paths)
     with tempfile.TemporaryDirectory() as cache:
         t = time.perf_counter()
-        split = dataset.prepare_data(str(folder), cache_dir=cache, progress=False)
+        split = data_split.prepare_data(str(folder), cache_dir=cache, progress=False)
         cold = time.perf_counter() - t
         t = time.perf_counter()
-        dataset.prepare_data(str(folder), cache_dir=cache, progress=False)
+        data_split.prepare_data(str(folder), cache_dir=cache, progress=False)
         warm = time.perf_counter() - t
     found = {(a, b) for a, b, _ in split.leaks}
     hits = sum(tuple(p) in found for p in planted)

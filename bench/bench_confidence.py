@@ -32,7 +32,7 @@ from bench_recipes import make_scenes, make_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import checkpoint  # noqa: E402
+from imgcls import checkpoint  # noqa: E402
 
 SETS = ("digits", "scenes", "shapes", "scenes-110")
 FEW_EPOCHS = 8  # scenes-110: a short run on few validation images, as in the case that showed the problem

@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import checkpoint  # noqa: E402
-import dataset  # noqa: E402
-import models  # noqa: E402
+from imgcls import checkpoint  # noqa: E402
+from imgcls.data import demo  # noqa: E402
+from imgcls.networks import build  # noqa: E402
 
 
 def main() -> None:
@@ -35,14 +35,14 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=224)
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="imgcls-export-"))
-    data = dataset.export_demo() / "test"
+    data = demo.export_demo() / "test"
     rows = []
     for name in a.models:
         ckpt = work / f"{name}.pt"
         torch.manual_seed(0)
-        net = models.build_model(name, 10)
+        net = build.build_model(name, 10)
         checkpoint.save(checkpoint.of_model(name, [str(i) for i in range(10)], net.state_dict(),
-                                            models.preprocessing(name, a.img_size)), ckpt)
+                                            build.preprocessing(name, a.img_size)), ckpt)
         for fmt in a.formats:
             kind, _, int8 = fmt.partition("-")
             out = work / f"{name}-{fmt}.{kind}"

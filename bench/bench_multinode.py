@@ -43,18 +43,19 @@ def machine(node: int, data: str, work: str, port: int, shared: bool) -> None:
 
     import torch.distributed as dist
 
-    import dataset
-    import engine
+    from imgcls.data import imagecache
+    from imgcls.data import split as data_split
+    from imgcls.training import distributed
 
-    rank, _, _ = engine.init_distributed()
-    engine.barrier(preparation=True)
+    rank, _, _ = distributed.init_distributed()
+    distributed.barrier(preparation=True)
     t0 = time.perf_counter()
-    split = dataset.DataSplit(**engine.from_lead(lambda: dataclasses.asdict(dataset.prepare_data(
-        data, cache_size=SIZE, progress=False, share=engine.share_check if shared else None)), rank == 0))
+    split = data_split.DataSplit(**distributed.from_lead(lambda: dataclasses.asdict(data_split.prepare_data(
+        data, cache_size=SIZE, progress=False, share=distributed.share_check if shared else None)), rank == 0))
     checked = time.perf_counter() - t0
-    cache = dataset.ImageCache(split.files(), SIZE)
+    cache = imagecache.ImageCache(split.files(), SIZE)
     cache.build(progress=False, skip={p for p, _ in split.skipped})  # training.image_datasets' step
-    engine.barrier(preparation=True)
+    distributed.barrier(preparation=True)
     Path(work, f"node-{node}.json").write_text(json.dumps({"checked_s": checked, "ready_s": time.perf_counter() - t0,
                                                            "cache_ready": cache.ready}))
     dist.destroy_process_group()

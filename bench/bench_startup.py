@@ -38,8 +38,8 @@ COMMANDS = {
     "dataset.py check missing/": ["dataset.py", "check", "missing/"],
 }
 IMPORTS = {"import torch": "import torch", "import torch, torchvision": "import torch, torchvision",
-           "import training (a run's modules)": "import training",
-           "import report (eval.py's and test.py's)": "import report"}
+           "import training (a run's modules)": "import imgcls.training.fit",
+           "import report (eval.py's and test.py's)": "import imgcls.evaluation.report"}
 
 
 def seconds(cmd: list[str], repeats: int) -> float:

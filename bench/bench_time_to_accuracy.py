@@ -107,9 +107,9 @@ def shown(t: float | None) -> str:
 
 
 def compare(a: argparse.Namespace, work: Path) -> None:
-    import engine
+    from imgcls import machine
 
-    bf16 = engine.cpu_has_bf16()
+    bf16 = machine.cpu_has_bf16()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name in a.sets:
         data = folder_of(name, work)

@@ -64,12 +64,12 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
 def ceiling(model_name: str, img_size: int, batch_size: int, steps: int = 5) -> float:
     """Training images/s of the model alone: synthetic batches already in memory, with our settings
     (channels_last, the allocator, mixed precision where the hardware has it)."""
-    import engine
+    from imgcls import machine
 
-    device = engine.pick_device("auto")
+    device = machine.pick_device("auto")
     if device.type == "cpu":
-        engine.tune_cpu_allocator()
-    autocast, _ = engine.precision(device, amp=True)
+        machine.tune_cpu_allocator()
+    autocast, _ = machine.precision(device, amp=True)
     model = __import__("torchvision").models.get_model(model_name, num_classes=4)
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -99,7 +99,7 @@ def bench_preprocessing(folder: Path, n: int = 6) -> dict:
     """Reduced-scale JPEG decode + resize vs full decode + resize, for 3000x2000 photos."""
     from torchvision import transforms
 
-    import dataset
+    from imgcls.data import images
 
     make = [folder / f"big{i}.jpg" for i in range(n)]
     rng = np.random.default_rng(1)
@@ -113,7 +113,7 @@ def bench_preprocessing(folder: Path, n: int = 6) -> dict:
     full = time.perf_counter() - t0
     t0 = time.perf_counter()
     for p in make:
-        dataset.load_image(p, 256)
+        images.load_image(p, 256)
     ours = time.perf_counter() - t0
     return {"full_ms": 1000 * full / n, "ours_ms": 1000 * ours / n, "speedup": full / ours}
 
@@ -177,18 +177,18 @@ def main() -> None:
               f"{slow_s / fast_s:.2f}x; best val acc {fast_acc:.2f}% vs {slow_acc:.2f}%")
 
     if "eval" not in a.skip:
-        import checkpoint
-        import models
-        import predictor
         from bench.seed_baseline import evaluate
+        from imgcls import checkpoint
+        from imgcls.evaluation import predictor
+        from imgcls.networks import build
 
         ckpt = work / "eval.pt"
-        model = models.build_model(a.model, 4)
+        model = build.build_model(a.model, 4)
         checkpoint.save(checkpoint.of_model(a.model, [f"class{i}" for i in range(4)], model.state_dict(),
-                                            models.preprocessing(a.model, a.img_size)), ckpt)
-        import dataset
+                                            build.preprocessing(a.model, a.img_size)), ckpt)
+        from imgcls.data import check
 
-        _, items, _, _ = dataset.scan_folder(data / "train", str(work / "cache-eval"), progress=False)
+        _, items, _, _ = check.scan_folder(data / "train", str(work / "cache-eval"), progress=False)
         loaded = predictor.load_model(ckpt, "auto")
         t0 = time.perf_counter()
         predictor.run_model(loaded, items, 256, None, show=False)

@@ -49,8 +49,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_train import make_photos  # noqa: E402
 
-import engine  # noqa: E402
-import models  # noqa: E402
+from imgcls import machine as imgcls_machine  # noqa: E402
+from imgcls.data import loaders  # noqa: E402
+from imgcls.networks import build  # noqa: E402
+from imgcls.training import step as training_step  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "vgg11")
 # timm's name for the same architecture; None: timm has none (its vgg11 ends in a 7x7-convolution MLP)
@@ -130,20 +132,21 @@ def images_per_s(step: Callable[[], None], device: torch.device, batch: int, ste
 
 def ours(name: str, device: torch.device, size: int, batch: int) -> Callable[[], None]:
     """Our training step (engine.train_step) as train.py sets it up: AMP, channels_last, fused AdamW."""
-    net = models.build_model(name, 10, "scratch").to(device, memory_format=torch.channels_last)
-    autocast, scaler = engine.precision(device, amp=True)
+    net = build.build_model(name, 10, "scratch").to(device, memory_format=torch.channels_last)
+    autocast, scaler = imgcls_machine.precision(device, amp=True)
     try:
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
     except (RuntimeError, TypeError, ValueError):
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
-    to_input = engine.to_model_input(models.preprocessing(name, size), device)
-    learner = engine.Learner(net.train(), optimizer, scaler, torch.nn.CrossEntropyLoss(), to_input, autocast, device,
+    to_input = loaders.to_model_input(build.preprocessing(name, size), device)
+    learner = training_step.Learner(net.train(), optimizer, scaler, torch.nn.CrossEntropyLoss(), to_input, autocast,
+                                    device,
                              lambda start, end: 1.0)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    return lambda: engine.train_step(learner, x, y, "the benchmark")
+    return lambda: training_step.train_step(learner, x, y, "the benchmark")
 
 
 def plain(net: torch.nn.Module, device: torch.device, size: int, batch: int) -> Callable[[], None]:
@@ -170,7 +173,7 @@ def timm_recipe(name: str, device: torch.device, size: int, batch: int) -> Calla
     net = timm.create_model(TIMM_NAMES.get(name, name), num_classes=10).to(device, memory_format=torch.channels_last)
     net.train()
     optimizer = create_optimizer_v2(net, opt="adamw", lr=1e-3)
-    dtype = engine.autocast_dtype(device, amp=True)
+    dtype = imgcls_machine.autocast_dtype(device, amp=True)
     scaler = NativeScaler() if dtype == torch.float16 else None
     criterion = torch.nn.CrossEntropyLoss().to(device)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -201,7 +204,7 @@ def throughput(name: str, device: torch.device, p: dict[str, Any]) -> dict[str, 
 def measure(row: dict[str, Any], name: str, device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
     size, batch = p["img_size"], p["batch"]
     row["ours_img_s"] = images_per_s(ours(name, device, size, batch), device, batch, p["steps"], p["warmup"])
-    row["plain_fp32_img_s"] = images_per_s(plain(models.build_model(name, 10, "scratch"), device, size, batch), device,
+    row["plain_fp32_img_s"] = images_per_s(plain(build.build_model(name, 10, "scratch"), device, size, batch), device,
                                            batch, p["steps"], p["warmup"])
     if importlib.util.find_spec("timm") is not None and TIMM_NAMES.get(name, name) is None:
         row["timm"] = f"not compared: timm's {name} is another network"

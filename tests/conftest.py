@@ -18,10 +18,11 @@ import torch
 import torchvision
 from PIL import Image
 
+from imgcls.networks import weights
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import models  # noqa: E402
 
 THREE = ("vgg11", "resnet18", "mobilenet_v2")
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
@@ -110,7 +111,7 @@ def torch_home(tmp_path_factory) -> Path:
     for name in THREE:
         torch.manual_seed(123)
         model = torchvision.models.get_model(name)
-        url = models.default_weights(name).url
+        url = weights.default_weights(name).url
         torch.save(model.state_dict(), folder / os.path.basename(url))
     return home
 
@@ -122,7 +123,7 @@ def with_weights(torch_home, monkeypatch) -> Path:
 
 
 def cached_weights(torch_home: Path, name: str) -> dict[str, torch.Tensor]:
-    url = models.default_weights(name).url
+    url = weights.default_weights(name).url
     return torch.load(torch_home / "hub" / "checkpoints" / os.path.basename(url), weights_only=True)
 
 
@@ -160,7 +161,7 @@ class Killed(BaseException):
 
 def kill_after_saving(monkeypatch, when) -> None:
     """The run is killed right after a checkpoint write for which `when(state, path)` is true."""
-    import checkpoint
+    from imgcls import checkpoint
 
     real = checkpoint.save
 

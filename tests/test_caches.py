@@ -12,13 +12,12 @@ import pytest
 import torch
 from conftest import ROOT, make_folder, make_image, train_args
 
-import checkpoint
-import dataset
-import engine
 import train
-import training
-from checkpoint import Preprocess
-from imgcls import files
+from imgcls import checkpoint, files, machine, settings
+from imgcls.data import check, imagecache, images
+from imgcls.data import split as data_split
+from imgcls.preprocess import Preprocess
+from imgcls.training import features
 
 
 def replace_keeping_size_and_mtime(path: Path, data: bytes) -> None:
@@ -44,9 +43,9 @@ def bmp_folder(root: Path, per_class: int = 8) -> Path:
 def test_the_file_check_notices_a_file_replaced_by_another_of_the_same_size_and_mtime(tmp_path):
     data = bmp_folder(tmp_path / "d")
     path = data / "red" / "00.bmp"
-    assert dataset.check_files([str(path)])[str(path)][0] is None
+    assert check.check_files([str(path)])[str(path)][0] is None
     replace_keeping_size_and_mtime(path, b"x" * path.stat().st_size)
-    assert dataset.check_files([str(path)])[str(path)][0].startswith("not an image")
+    assert check.check_files([str(path)])[str(path)][0].startswith("not an image")
 
 
 @pytest.mark.parametrize("kind", ["folder", "label file"])
@@ -60,7 +59,7 @@ def test_a_remembered_file_check_is_decided_again_under_another_max_file_mb(kind
     data = str(root) if kind == "folder" else str(write_labels_csv(
         tmp_path / "labels.csv", ["path", "label"], [[str(p), p.parent.name] for p in sorted(root.glob("*/*.png"))]))
     def too_large(max_file_mb: float) -> list[str]:
-        split = dataset.prepare_data(data, cache_dir=str(tmp_path / "c"), max_file_mb=max_file_mb)
+        split = data_split.prepare_data(data, cache_dir=str(tmp_path / "c"), max_file_mb=max_file_mb)
         return sorted(Path(p).name for p, r in split.skipped + split.left_out if r.startswith("too large"))
 
     assert too_large(0.006) == ["big.png"] * 3
@@ -71,9 +70,9 @@ def test_a_remembered_file_check_is_decided_again_under_another_max_file_mb(kind
 def test_the_image_cache_key_changes_when_a_file_is_replaced_by_one_of_the_same_size_and_mtime(tmp_path):
     data = bmp_folder(tmp_path / "d")
     paths = sorted(str(p) for p in data.rglob("*.bmp"))
-    before = dataset.ImageCache(paths, 32, str(tmp_path / "cache")).path
+    before = imagecache.ImageCache(paths, 32, str(tmp_path / "cache")).path
     replace_keeping_size_and_mtime(Path(paths[0]), Path(paths[-1]).read_bytes())
-    assert dataset.ImageCache(paths, 32, str(tmp_path / "cache")).path != before
+    assert imagecache.ImageCache(paths, 32, str(tmp_path / "cache")).path != before
 
 
 def test_the_feature_cache_never_serves_features_of_files_that_were_replaced(tmp_path, with_weights):
@@ -94,23 +93,23 @@ def test_the_feature_cache_never_serves_features_of_files_that_were_replaced(tmp
 
 
 def test_the_feature_cache_key_covers_the_precision(tmp_path, monkeypatch, colours):
-    split = dataset.prepare_data(str(colours))
+    split = data_split.prepare_data(str(colours))
     pre = Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3)
     keys = set()
     for bf16 in (False, True):
-        monkeypatch.setattr(engine, "cpu_has_bf16", lambda bf16=bf16: bf16)
-        keys.add(training.feature_key(training.TrainConfig(mode="transfer"), ["w"], pre, split, torch.device("cpu")))
+        monkeypatch.setattr(machine, "cpu_has_bf16", lambda bf16=bf16: bf16)
+        keys.add(features.feature_key(settings.TrainConfig(mode="transfer"), ["w"], pre, split, torch.device("cpu")))
     assert len(keys) == 2
 
 
 def test_the_feature_cache_key_covers_the_decoding_of_the_pixels(monkeypatch, colours):
     """Features of images decoded another way (EXIF orientation, 16-bit scaling) are not served again."""
-    split = dataset.prepare_data(str(colours))
+    split = data_split.prepare_data(str(colours))
     pre = Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3)
     keys = set()
-    for version in (dataset.CACHE_VERSION, dataset.CACHE_VERSION + 1):
-        monkeypatch.setattr(dataset, "CACHE_VERSION", version)
-        keys.add(training.feature_key(training.TrainConfig(mode="transfer"), ["w"], pre, split, torch.device("cpu")))
+    for version in (imagecache.CACHE_VERSION, imagecache.CACHE_VERSION + 1):
+        monkeypatch.setattr(imagecache, "CACHE_VERSION", version)
+        keys.add(features.feature_key(settings.TrainConfig(mode="transfer"), ["w"], pre, split, torch.device("cpu")))
     assert len(keys) == 2
 
 
@@ -126,7 +125,7 @@ def test_a_planted_link_at_a_temp_name_is_never_written_through(tmp_path):
 
 def test_a_cache_file_that_is_a_link_is_replaced_not_read_or_written(colours, tmp_path):
     paths = sorted(str(p) for p in colours.rglob("*.png"))
-    cache = dataset.ImageCache(paths, 32, str(tmp_path))
+    cache = imagecache.ImageCache(paths, 32, str(tmp_path))
     victim = tmp_path / "victim.npy"
     np.save(victim, np.zeros((len(paths), 32, 32, 3), np.uint8))
     before = victim.read_bytes()
@@ -140,8 +139,8 @@ def test_a_cache_file_that_is_a_link_is_replaced_not_read_or_written(colours, tm
 @pytest.mark.parametrize("damage", ["truncated", "wrong shape"])
 def test_a_damaged_image_cache_is_rebuilt_not_trusted(damage, colours, tmp_path):
     paths = sorted(str(p) for p in colours.rglob("*.png"))
-    dataset.ImageCache(paths, 32, str(tmp_path)).build(progress=False)
-    cache = dataset.ImageCache(paths, 32, str(tmp_path))
+    imagecache.ImageCache(paths, 32, str(tmp_path)).build(progress=False)
+    cache = imagecache.ImageCache(paths, 32, str(tmp_path))
     if damage == "truncated":
         with open(cache.path, "r+b") as f:
             f.truncate(1000)
@@ -149,7 +148,7 @@ def test_a_damaged_image_cache_is_rebuilt_not_trusted(damage, colours, tmp_path)
         np.save(cache.path, np.zeros((3, 32, 32, 3), np.uint8))
     assert not cache.ready
     cache.build(progress=False)
-    assert np.array_equal(cache.get(paths[5]), dataset.load_image(paths[5], 32))
+    assert np.array_equal(cache.get(paths[5]), images.load_image(paths[5], 32))
 
 
 def test_a_damaged_feature_cache_is_rebuilt(colours, tmp_path, with_weights, capsys):
@@ -165,10 +164,10 @@ def test_a_damaged_feature_cache_is_rebuilt(colours, tmp_path, with_weights, cap
 
 def test_a_cache_build_that_loses_a_race_leaves_no_temp_file(colours, tmp_path):
     paths = sorted(str(p) for p in colours.rglob("*.png"))
-    loser = dataset.ImageCache(paths, 32, str(tmp_path))
+    loser = imagecache.ImageCache(paths, 32, str(tmp_path))
     loser.begin()  # the check started filling it, while another process finishes first:
-    other = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import dataset; "
-             f"dataset.ImageCache({paths!r}, 32, {str(tmp_path)!r}).build(progress=False)")
+    other = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from imgcls.data import imagecache; "
+             f"imagecache.ImageCache({paths!r}, 32, {str(tmp_path)!r}).build(progress=False)")
     subprocess.run([sys.executable, "-c", other], check=True)
     loser.build(progress=False)
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted([loser.path.name, loser.ok_path.name])
@@ -192,7 +191,8 @@ def test_runs_started_together_finish_in_their_own_folders_and_leave_no_temp_fil
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, colours, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import files; "
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                               "from imgcls import files; "
                                f"lock = files.FolderLock({str(run)!r}); print('locked', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -212,11 +212,11 @@ def test_images_are_resized_with_the_interpolation_asked_for_and_cached_apart(tm
     rng = np.random.default_rng(0)
     path = tmp_path / "noise.png"
     Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(path)
-    cubic = dataset.load_image(path, 20, interpolation="bicubic")
-    linear = dataset.load_image(path, 20)
+    cubic = images.load_image(path, 20, interpolation="bicubic")
+    linear = images.load_image(path, 20)
     expected = Image.open(path).convert("RGB").resize((20, 20), Image.BICUBIC, box=(10, 0, 60, 50), reducing_gap=3.0)
     assert np.array_equal(cubic, np.asarray(expected)) and not np.array_equal(cubic, linear)
-    caches = [dataset.ImageCache([str(path)], 20, str(tmp_path / "c"), interpolation=i)
+    caches = [imagecache.ImageCache([str(path)], 20, str(tmp_path / "c"), interpolation=i)
               for i in ("bilinear", "bicubic")]
     assert caches[0].path != caches[1].path
     for cache in caches:
@@ -232,11 +232,11 @@ def test_a_checkpoint_from_before_interpolation_was_saved_resizes_bilinearly():
 
 def test_bilinear_caches_keep_the_keys_they_had_before_interpolation_was_keyed(tmp_path):
     """Caches built before stay valid: only another interpolation changes a key."""
-    import compact_cache
+    from imgcls.data import compactcache
 
     path = make_folder(tmp_path / "d", per_class=1) / "red" / "red_000.png"
-    cache = dataset.make_cache("compact", [str(path)], 20, str(tmp_path / "c"))
-    before = compact_cache.CompactCache([str(path)], 20, None, dataset.CACHE_VERSION, str(tmp_path / "c"))
+    cache = imagecache.make_cache("compact", [str(path)], 20, str(tmp_path / "c"))
+    before = compactcache.CompactCache([str(path)], 20, None, imagecache.CACHE_VERSION, str(tmp_path / "c"))
     assert cache.path == before.path
-    cubic = dataset.make_cache("compact", [str(path)], 20, str(tmp_path / "c"), interpolation="bicubic")
+    cubic = imagecache.make_cache("compact", [str(path)], 20, str(tmp_path / "c"), interpolation="bicubic")
     assert cubic.path != before.path

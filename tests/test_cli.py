@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, train_args
 
-import checkpoint
 import eval as evaluate
 import export
 import test as predict
-from checkpoint import Preprocess
-from imgcls import files
+from imgcls import checkpoint, files, runfolder
 from imgcls.cli import cli
 from imgcls.errors import UsageError
+from imgcls.preprocess import Preprocess
 
 ENTRY = ("train", "eval", "test", "export", "runs")
 
@@ -91,15 +90,15 @@ def test_every_option_has_help_and_shows_its_default_once(script):
 
 
 def test_a_checkpoint_is_found_from_a_run_folder_a_file_or_the_newest_run(trained_run, tmp_path, monkeypatch):
-    assert checkpoint.find(str(trained_run)) == trained_run / "best.pt"
-    assert checkpoint.find(str(trained_run / "last.pt")) == trained_run / "last.pt"
+    assert runfolder.find(str(trained_run)) == trained_run / "best.pt"
+    assert runfolder.find(str(trained_run / "last.pt")) == trained_run / "last.pt"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").symlink_to(trained_run.parent)
-    assert checkpoint.find(None).resolve() == (trained_run / "best.pt").resolve()
+    assert runfolder.find(None).resolve() == (trained_run / "best.pt").resolve()
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(UsageError, match=r"has no best\.pt yet"):
-        checkpoint.find(str(tmp_path / "empty"))
+        runfolder.find(str(tmp_path / "empty"))
 
 
 def test_test_py_and_export_take_a_run_folder_as_checkpoint(trained_run, colours_eval, tmp_path):
@@ -208,7 +207,7 @@ def test_a_file_that_is_no_pytorch_file_is_not_said_to_need_code(content, tmp_pa
 
 def test_a_folder_that_is_no_run_is_named_as_such(tmp_path):
     with pytest.raises(UsageError, match="is not a run folder"):
-        checkpoint.find(str(tmp_path))
+        runfolder.find(str(tmp_path))
 
 
 def test_report_folders_are_claimed_atomically_by_concurrent_processes(tmp_path):
@@ -422,9 +421,9 @@ def test_garbage_made_after_the_first_freeze_is_still_collected(monkeypatch):
 
 
 def test_a_misspelled_model_is_answered_before_torch_loads_with_the_three_closest_names():
-    import model_names
+    from imgcls.networks import names as networks_names
 
-    model_names.torchvision_names()  # what a first listing (or any run) leaves in the cache folder
+    networks_names.torchvision_names()  # what a first listing (or any run) leaves in the cache folder
     result = run_script_in_process("train.py", "--model", "resnt18")
     assert result.stdout.split() == ["no", "torch", "2"], result.stderr
     err = result.stderr.strip()
@@ -432,25 +431,25 @@ def test_a_misspelled_model_is_answered_before_torch_loads_with_the_three_closes
 
 
 def test_models_are_listed_from_the_cache_before_torch_loads():
-    import model_names
+    from imgcls.networks import names as networks_names
 
-    model_names.torchvision_names()
-    if model_names.installed("timm"):
-        model_names.timm_names()
+    networks_names.torchvision_names()
+    if networks_names.installed("timm"):
+        networks_names.timm_names()
     result = run_script_in_process("train.py", "--list-models", "resnet1*")
     assert result.stdout.split()[-3:] == ["no", "torch", "0"], result.stderr
     assert {"resnet18", "resnet101", "resnet152"} <= set(result.stdout.split())
 
 
 def test_a_damaged_list_of_model_names_is_made_again(tmp_path, monkeypatch):
-    import model_names
+    from imgcls.networks import names as networks_names
 
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path))
-    first = model_names.torchvision_names()
+    first = networks_names.torchvision_names()
     (path,) = (tmp_path / "model-names").glob("torchvision-*.json")
     path.write_text('{"models": ["only_this"')
-    assert model_names.torchvision_names() == first and "resnet18" in first
-    assert model_names.package_key("torchvision") in path.name  # keyed by the version installed
+    assert networks_names.torchvision_names() == first and "resnet18" in first
+    assert networks_names.package_key("torchvision") in path.name  # keyed by the version installed
 
 
 def test_runs_py_takes_several_folders_and_globs_and_finds_runs_written_deeper_with_out(trained_run, tmp_path,

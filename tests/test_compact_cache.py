@@ -13,10 +13,9 @@ import pytest
 from conftest import call, train_args
 from PIL import Image, ImageDraw
 
-import compact_cache
-import dataset
 import train
-from imgcls import settings
+from imgcls import files, settings
+from imgcls.data import compactcache, imagecache, images
 
 
 def make_photos(root: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[str]:
@@ -43,7 +42,7 @@ def photos(tmp_path_factory) -> list[str]:
 
 
 def built(kind: str, paths: list[str], size: int = 256):
-    cache = dataset.make_cache(kind, paths, size)
+    cache = imagecache.make_cache(kind, paths, size)
     cache.build(progress=False)
     return cache
 
@@ -78,14 +77,14 @@ def test_a_damaged_compact_cache_is_rebuilt_not_trusted(damage, photos, capsys):
         compact.path.write_bytes(data[:-3])
     else:  # another cache's file (of 2 images) under this one's name
         compact.path.write_bytes(built("compact", photos[3:5]).path.read_bytes())
-    again = dataset.make_cache("compact", photos[:3], 256)
+    again = imagecache.make_cache("compact", photos[:3], 256)
     assert not again.ready and "rebuilding a damaged image cache" in capsys.readouterr().err
     again.build(progress=False)
     assert again.ready and again.get(photos[1]) is not None
 
 
 def test_auto_chooses_the_compact_cache_when_the_raw_one_would_not_fit(colours, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dataset, "RAW_SHARE_OF_FREE_DISK", 0.0)
+    monkeypatch.setattr(imagecache, "RAW_SHARE_OF_FREE_DISK", 0.0)
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))  # no cache of these images built yet
     assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch")) == 0
     assert "image cache: compact (auto: the raw cache would not fit" in capsys.readouterr().out
@@ -107,22 +106,22 @@ def test_a_damaged_image_inside_the_compact_cache_is_decoded_from_its_file_with_
     """The file itself is intact: the damaged entry must not change a result (an image left out)."""
     compact = built("compact", photos[:3])
     fd = os.open(compact.path, os.O_RDONLY)
-    offset, length = (int(v) for v in compact_cache.read_index(fd, 3)[1])
+    offset, length = (int(v) for v in compactcache.read_index(fd, 3)[1])
     os.close(fd)
     data = bytearray(compact.path.read_bytes())
     data[offset + 2:offset + length] = bytes(length - 2)  # the second image's JPEG, zeroed after its marker
     compact.path.write_bytes(bytes(data))
-    again = dataset.make_cache("compact", photos[:3], 256)
+    again = imagecache.make_cache("compact", photos[:3], 256)
     assert again.ready and again.get(photos[0]) is not None
-    assert np.array_equal(again.get(photos[1]), dataset.load_image(photos[1], 256))
+    assert np.array_equal(again.get(photos[1]), images.load_image(photos[1], 256))
     assert "is damaged" in capsys.readouterr().err
 
 
 def test_auto_keeps_the_cache_already_built(photos, monkeypatch):
     built("raw", photos[:4])
-    monkeypatch.setattr(dataset, "RAW_SHARE_OF_FREE_DISK", 0.0)  # a raw cache would no longer fit
-    assert dataset.cache_kind("auto", photos[:4], 256) == "raw"
-    assert dataset.cache_kind("auto", photos[4:8], 256) == "compact"
+    monkeypatch.setattr(imagecache, "RAW_SHARE_OF_FREE_DISK", 0.0)  # a raw cache would no longer fit
+    assert imagecache.cache_kind("auto", photos[:4], 256) == "raw"
+    assert imagecache.cache_kind("auto", photos[4:8], 256) == "compact"
 
 
 def test_the_feature_cache_of_compact_pixels_is_not_the_exact_ones(colours, tmp_path, with_weights, capsys):
@@ -147,7 +146,7 @@ def test_a_full_disk_under_the_raw_cache_is_one_line_and_leaves_nothing(colours,
 
 def test_a_full_disk_under_the_compact_cache_is_one_line_and_leaves_nothing(colours, tmp_path, monkeypatch, capsys):
     """A buffered write fails when it is flushed: by the seek before the next image's bytes, or at the end."""
-    real = compact_cache.files.open_temp
+    real = files.open_temp
 
     class Full:
         def __init__(self, f):
@@ -163,7 +162,7 @@ def test_a_full_disk_under_the_compact_cache_is_one_line_and_leaves_nothing(colo
         f, temp = real(path)
         return Full(f), temp
 
-    monkeypatch.setattr(compact_cache.files, "open_temp", open_temp)
+    monkeypatch.setattr(files, "open_temp", open_temp)
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
     assert call(train.main, train_args(colours, tmp_path / "run", "--mode", "scratch", "--image-cache", "compact")) == 2
     err = capsys.readouterr().err
@@ -209,7 +208,7 @@ def test_eval_chooses_the_compact_cache_when_the_raw_one_would_not_fit(trained_r
                                                                        monkeypatch, capsys):
     import eval as evaluate
 
-    monkeypatch.setattr(dataset, "RAW_SHARE_OF_FREE_DISK", 0.0)
+    monkeypatch.setattr(imagecache, "RAW_SHARE_OF_FREE_DISK", 0.0)
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
     assert call(evaluate.main, [str(colours_eval), "--checkpoint", str(trained_run), "--out", str(tmp_path / "r")]) == 0
     assert "image cache: compact (auto" in capsys.readouterr().out

@@ -14,11 +14,10 @@ import pytest
 import torch
 from conftest import call
 
-import calibration
-import checkpoint
 import eval as evaluate
-import predictor
 import test as predict
+from imgcls import checkpoint
+from imgcls.evaluation import calibration, predictor
 
 needs_onnx = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
 
@@ -289,7 +288,7 @@ def test_a_checkpoint_of_another_epoch_than_the_best_says_its_temperature_was_fi
 
 
 def test_the_risk_coverage_lines_say_when_no_threshold_keeps_an_image(capsys):
-    import report
+    from imgcls.evaluation import report
 
     rows = [{"threshold": t, "coverage": 0.0, "accuracy": None} for t in (0.5, 0.8, 0.9, 0.95)]
     report.print_confidence({"ece": {"raw": 0.1, "calibrated": 0.1}, "calibrated": True, "temperature": 1.0,
@@ -337,7 +336,7 @@ def test_eval_writes_one_self_contained_report_with_the_images_of_each_confusion
 
 
 def test_report_thumbnails_stay_within_their_budget_mistakes_first(colours_eval, monkeypatch):
-    import report
+    from imgcls.evaluation import report
 
     monkeypatch.setattr(report, "ALL_THUMBS", 10)
     monkeypatch.setattr(report, "CELL_THUMBS", 4)
@@ -354,15 +353,15 @@ def test_report_thumbnails_stay_within_their_budget_mistakes_first(colours_eval,
 
 
 def test_a_report_of_many_classes_shows_the_most_confused_ones_in_its_matrix(tmp_path):
-    import html_report
+    from imgcls.evaluation import report_html
 
     n = 150
     cm = [[5 if i == j else 0 for j in range(n)] for i in range(n)]
     cm[7][9] = cm[140][3] = 2
     classes = [f"class{i}" for i in range(n)]
-    shown = html_report.matrix_classes(cm, limit=100)
+    shown = report_html.matrix_classes(cm, limit=100)
     assert len(shown) == 100 and {3, 7, 9, 140} <= set(shown)
-    html_report.write_html(tmp_path / "r.html", {"classes": classes, "confusion_matrix": cm}, {}, [])
+    report_html.write_html(tmp_path / "r.html", {"classes": classes, "confusion_matrix": cm}, {}, [])
     page = (tmp_path / "r.html").read_text()
     assert page.count("<tr><th title=") == 100 and "100 of 150 classes most involved in mistakes" in page
 
@@ -370,12 +369,12 @@ def test_a_report_of_many_classes_shows_the_most_confused_ones_in_its_matrix(tmp
 def test_reject_below_decides_on_the_probability_as_shown(colours_eval, tmp_path, capsys):
     """An image shown at 0.8163 is kept at --reject-below 0.8163, whatever the digits beyond the shown four;
     one shown at 0.8162 is not: the file, the screen and the decision say the same."""
-    import report
+    from imgcls.evaluation import predictions
 
     paths = sorted(str(p) for p in (colours_eval / "red").iterdir())[:3]
     results = {0: [("red", 0.81629997), ("blue", 0.1)], 1: [("red", 0.81624), ("blue", 0.1)],
                2: [("red", 0.8164), ("blue", 0.1)]}
-    report.write_predictions(tmp_path, paths, results, 2, 4, 2**20, reject_below=0.8163)
+    predictions.write_predictions(tmp_path, paths, results, 2, 4, 2**20, reject_below=0.8163)
     rows = read_csv(tmp_path / "predictions.csv")
     assert [(r["label"], r["probability"]) for r in rows] == [("red", "0.8163"), ("unknown", "0.8162"),
                                                              ("red", "0.8164")]

@@ -11,11 +11,10 @@ import torch
 import torchvision
 from conftest import train_args
 
-import cpu_precision
-import engine
 import train
+from imgcls import machine
 
-native = pytest.mark.skipif(not engine.cpu_has_bf16(), reason="this CPU has no native bf16: fp32 either way")
+native = pytest.mark.skipif(not machine.cpu_has_bf16(), reason="this CPU has no native bf16: fp32 either way")
 
 
 def settings(run: Path) -> dict:
@@ -24,7 +23,7 @@ def settings(run: Path) -> dict:
 
 def known_figures(cache: Path, figures: dict[str, float]) -> None:
     """Figures as if measured on this machine for the runs below (resnet18, scratch, 32 px, batch 8)."""
-    entry = cpu_precision.key("resnet18", "scratch", 32, 8, True)
+    entry = machine.key("resnet18", "scratch", 32, 8, True)
     (cache / "precision.json").write_text(json.dumps({entry: figures}))
 
 
@@ -33,7 +32,7 @@ def test_measuring_leaves_the_model_and_the_random_state_as_they_were():
     model = torchvision.models.resnet18(num_classes=3).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    figures = cpu_precision.measure(model, 32, 4, torch.channels_last)
+    figures = machine.measure(model, 32, 4, torch.channels_last)
     assert figures["bf16"] > 0 and figures["fp32"] > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -41,9 +40,9 @@ def test_measuring_leaves_the_model_and_the_random_state_as_they_were():
 
 
 def test_bf16_is_chosen_only_when_clearly_faster():
-    assert cpu_precision.faster_is_bf16({"bf16": 0.5, "fp32": 1.0})
-    assert not cpu_precision.faster_is_bf16({"bf16": 0.98, "fp32": 1.0})  # a tie goes to the exact one
-    assert not cpu_precision.faster_is_bf16({"bf16": 1.4, "fp32": 1.0})
+    assert machine.faster_is_bf16({"bf16": 0.5, "fp32": 1.0})
+    assert not machine.faster_is_bf16({"bf16": 0.98, "fp32": 1.0})  # a tie goes to the exact one
+    assert not machine.faster_is_bf16({"bf16": 1.4, "fp32": 1.0})
 
 
 @native
@@ -64,13 +63,13 @@ def test_a_new_machine_measures_once_and_keeps_the_figures(colours, tmp_path, mo
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
     assert train.main(train_args(colours, tmp_path / "one", "--mode", "scratch")) == 0
     kept = json.loads((tmp_path / "cache" / "precision.json").read_text())
-    entry = cpu_precision.key("resnet18", "scratch", 32, 8, True)
+    entry = machine.key("resnet18", "scratch", 32, 8, True)
     assert set(kept[entry]) == {"bf16", "fp32"}
     os.utime(tmp_path / "cache" / "precision.json", (1, 1))
     assert train.main(train_args(colours, tmp_path / "two", "--mode", "scratch")) == 0
     assert (tmp_path / "cache" / "precision.json").stat().st_mtime == 1  # read, not measured again
     assert settings(tmp_path / "one")["amp"] == settings(tmp_path / "two")["amp"] == \
-        cpu_precision.faster_is_bf16(kept[entry])
+        machine.faster_is_bf16(kept[entry])
 
 
 @native

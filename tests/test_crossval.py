@@ -118,7 +118,7 @@ def test_a_job_that_fails_to_start_can_simply_be_run_again(flat, tmp_path, capsy
 
 
 def test_the_settings_that_define_a_job_cannot_change_on_resume(flat, tmp_path, capsys):
-    import crossval
+    from imgcls.training import crossval
 
     job = tmp_path / "job"
     crossval.prepare({"data": str(flat), "folds": 2, "out": str(job), "mode": "scratch"})  # as if killed before fold-1
@@ -127,7 +127,7 @@ def test_the_settings_that_define_a_job_cannot_change_on_resume(flat, tmp_path, 
 
 
 def test_a_fold_that_never_validated_on_a_class_does_not_count_it_as_zero(tmp_path):
-    import crossval
+    from imgcls.training import crossval
 
     for k, confusion in enumerate(([[2, 0], [1, 1]], [[3, 0], [0, 0]]), start=1):
         (tmp_path / f"fold-{k}").mkdir()
@@ -163,9 +163,9 @@ def test_folds_with_lr_find_is_refused(flat, tmp_path, capsys):
 
 
 def test_an_interrupted_fold_points_at_the_job_to_resume(flat, tmp_path, monkeypatch, capsys):
-    import training
+    from imgcls.training import fit
 
-    monkeypatch.setattr(training, "train", lambda given: 130)  # what a fold returns after Ctrl-C
+    monkeypatch.setattr(fit, "train", lambda given: 130)  # what a fold returns after Ctrl-C
     assert train.main(train_args(flat, tmp_path / "job", "--folds", "2")) == 130
     assert f"python train.py --resume {tmp_path / 'job'}" in capsys.readouterr().err
 

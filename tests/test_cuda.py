@@ -24,11 +24,14 @@ import pytest
 import torch
 from conftest import ROOT, Killed, kill_after_saving, make_folder, train_args
 
-import engine
 import eval as evaluate
 import export
-import models
 import train
+from imgcls import machine
+from imgcls.data import loaders
+from imgcls.networks import build
+from imgcls.training import ema
+from imgcls.training import step as training_step
 
 DEVICE = os.environ.get("IMGCLS_TEST_DEVICE", "cuda")
 ON_GPU = DEVICE.startswith("cuda")
@@ -60,7 +63,7 @@ def full_precision(data, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_precision_learns_like_full_precision(dtype, data, full_precision, tmp_path, monkeypatch):
     """bf16, and fp16 with its GradScaler (forced, whatever the GPU would choose)."""
-    monkeypatch.setattr(engine, "autocast_dtype", lambda device, amp: dtype if amp else None)
+    monkeypatch.setattr(machine, "autocast_dtype", lambda device, amp: dtype if amp else None)
     mixed = run_on_device(data, tmp_path / "run", "--epochs", "3", "--amp")
     assert mixed["best_val_acc"] >= min(90.0, full_precision["best_val_acc"] - 10), (mixed, full_precision)
     if dtype == torch.float16:
@@ -73,7 +76,7 @@ def test_channels_last_gives_the_same_results_within_tolerance():
     (Compared a step at a time: on a GPU the formats pick other kernels, TF32 convolutions round
     differently, and whole training runs drift apart from such differences.)"""
     torch.manual_seed(0)
-    base = models.build_model("resnet18", 3, "scratch")
+    base = build.build_model("resnet18", 3, "scratch")
     x, y = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     results = []
     for fmt in (torch.channels_last, torch.contiguous_format):
@@ -94,30 +97,30 @@ def test_a_training_step_waits_for_the_gpu_once(variant):
     pass or after the optimizer step would leave the GPU idle every step. Also with EMA (AveragedModel
     moved its CPU counter to the GPU each step) and with weighted, smoothed cross-entropy (torch's uses
     a data-dependent masked_select)."""
-    import training
+    from imgcls.training import losses
 
     device = torch.device(DEVICE)
-    net = models.build_model("resnet18", 3, "scratch").to(device, memory_format=torch.channels_last).train()
-    autocast, scaler = engine.precision(device, amp=True)
+    net = build.build_model("resnet18", 3, "scratch").to(device, memory_format=torch.channels_last).train()
+    autocast, scaler = machine.precision(device, amp=True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
-    criterion = training.CrossEntropy(weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.1).to(device) \
+    criterion = losses.CrossEntropy(weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.1).to(device) \
         if variant.startswith("class weights") else torch.nn.CrossEntropyLoss()
-    learner = engine.Learner(net, optimizer, scaler, criterion,
-                             engine.to_model_input(models.preprocessing("resnet18", 32), device), autocast, device,
-                             lambda start, end: 1.0, ema=engine.Ema(net, 0.999, 100) if variant == "ema" else None)
+    learner = training_step.Learner(net, optimizer, scaler, criterion,
+                             loaders.to_model_input(build.preprocessing("resnet18", 32), device), autocast, device,
+                             lambda start, end: 1.0, ema=ema.Ema(net, 0.999, 100) if variant == "ema" else None)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device=device)
     y = torch.randint(0, 3, (8,), device=device)
     for step in range(2):  # warm-up: cudnn's autotuning, the EMA's first (copying) update
-        engine.train_step(learner, x, y, f"warm-up {step}")
+        training_step.train_step(learner, x, y, f"warm-up {step}")
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for step in range(3):
-                engine.train_step(learner, x, y, f"step {step}")
+                training_step.train_step(learner, x, y, f"step {step}")
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]

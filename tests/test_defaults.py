@@ -11,14 +11,13 @@ import torch
 from conftest import Killed, kill_after_saving, make_folder, train_args
 from torch import nn
 
-import checkpoint
-import engine
-import models
-import plots
 import runs
 import train
-import training
+from imgcls import checkpoint, plots
+from imgcls.networks import build
 from imgcls.recipes import MODERN_LR, RECIPES, with_recipe
+from imgcls.training import ema as training_ema
+from imgcls.training import lrfind
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +82,9 @@ def test_a_resume_with_another_recipe_takes_its_settings_but_not_over_options_gi
 
 def test_ema_decay_warms_up_and_spans_about_a_tenth_of_a_short_run():
     net = nn.Linear(2, 2)
-    assert engine.Ema(net, 0.9998, total_steps=100).decay == pytest.approx(0.9)
-    assert engine.Ema(net, 0.9998, total_steps=10**7).decay == pytest.approx(0.9998)
-    ema = engine.Ema(net, 0.9998, total_steps=10**7)
+    assert training_ema.Ema(net, 0.9998, total_steps=100).decay == pytest.approx(0.9)
+    assert training_ema.Ema(net, 0.9998, total_steps=10**7).decay == pytest.approx(0.9998)
+    ema = training_ema.Ema(net, 0.9998, total_steps=10**7)
     ema.update()  # the first update copies
     with torch.no_grad():
         net.weight.add_(1.0)
@@ -118,15 +117,15 @@ def test_ema_on_the_feature_cache_averages_the_head_and_best_pt_loads(with_weigh
     assert train.main(train_args(data, run, "--mode", "transfer", "--ema", "--epochs", "2")) == 0
     state = checkpoint.load(run / "last.pt")["ema"]["model"]
     assert {k for k in state if k != "n_averaged"} == {"module.weight", "module.bias"}  # the head alone
-    import models
+    from imgcls.networks import build
 
-    models.from_checkpoint(checkpoint.load(run / "best.pt"))  # a complete network
+    build.from_checkpoint(checkpoint.load(run / "best.pt"))  # a complete network
 
 
 def test_the_lr_suggestion_is_inside_the_stable_region():
     lrs = [10 ** (-6 + 0.1 * i) for i in range(60)]  # 1e-6 .. 1e-0.1
     losses = [2.3 - 2.0 / (1 + math.exp(-(math.log10(lr) + 3) * 3)) + (50 * lr) ** 2 for lr in lrs]
-    found = training.suggest_lr(lrs, losses)
+    found = lrfind.suggest_lr(lrs, losses)
     minimum = lrs[losses.index(min(losses))]
     assert found["minimum"] == minimum and found["lr"] <= minimum / 10 and found["lr"] <= found["steepest"]
 
@@ -140,7 +139,7 @@ def test_the_lr_range_test_scales_fp16_losses_so_small_gradients_still_train():
     optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     scaler = torch.amp.GradScaler("cpu")
-    _, losses = training.find_lr(net, [batch] * 40, optimizer,
+    _, losses = lrfind.find_lr(net, [batch] * 40, optimizer,
                                  lambda logits, y: 1e-7 * nn.functional.cross_entropy(logits, y), lambda x: x,
                                  lambda: torch.autocast("cpu", dtype=torch.float16), torch.device("cpu"), scaler,
                                  start=1e2, end=1e9)
@@ -184,7 +183,7 @@ def test_runs_table_shows_data_size_recipe_and_time_across_resumes(data, tmp_pat
 def test_the_lr_suggestion_never_comes_from_the_unsmoothed_start_of_a_flat_curve():
     lrs = [10 ** (-7 + 0.08 * i) for i in range(100)]
     losses = [1.40] + [1.46 + 0.02 * (i % 2) for i in range(1, 60)] + [1.45 - 0.001 * i for i in range(40)]
-    found = training.suggest_lr(lrs, losses)
+    found = lrfind.suggest_lr(lrs, losses)
     assert found["lr"] > lrs[5] and found["minimum"] > lrs[5]
 
 
@@ -275,7 +274,7 @@ def test_a_resume_with_another_optimizer_has_the_settings_a_new_run_with_those_f
 def test_the_modern_recipe_takes_the_lr_of_the_networks_family():
     for family, lr in MODERN_LR.items():
         assert with_recipe({"data": "x", "mode": "scratch", "model": "m"}, family=family)["lr"] == lr
-    assert (models.family("vgg11"), models.family("resnet18"), models.family("convnext_tiny")) == \
+    assert (build.family("vgg11"), build.family("resnet18"), build.family("convnext_tiny")) == \
         ("plain", "batchnorm", "layernorm")
 
 

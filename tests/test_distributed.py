@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from conftest import ROOT, make_folder, make_labelled_set, train_args
 
-import checkpoint
 import eval as evaluate
+from imgcls import checkpoint
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
@@ -63,8 +63,7 @@ def test_validation_accuracy_equals_what_eval_py_computes_for_the_checkpoint(ddp
 
 
 def test_the_temperature_is_fitted_on_the_validation_images_of_every_process(ddp_run, split_data):
-    import calibration
-    import predictor
+    from imgcls.evaluation import calibration, predictor
 
     out, _ = ddp_run
     loaded = predictor.load_model(out / "best.pt", "cpu")
@@ -112,8 +111,7 @@ def test_ema_under_torchrun_is_validated_on_every_shard_and_saved_once(split_dat
 
 def test_a_multilabel_run_validates_and_tunes_thresholds_on_every_processs_images(tmp_path):
     """mAP and thresholds need all the validation images at once: each rank gathers the others' outputs."""
-    import multilabel
-    import predictor
+    from imgcls.evaluation import multilabel, predictor
     data = make_labelled_set(tmp_path / "data", 40, seed=4, split=True)  # 8 val rows: 4 on each rank
     out = tmp_path / "run"
     result = torchrun(train_args(data, out, "--mode", "scratch", "--optimizer", "adam"))
@@ -187,12 +185,13 @@ def check_as_a_machine(node: int, data: str, out: str, fault: str, dirs: bool) -
 
     import torch.distributed
 
-    import dataset
-    import engine
+    from imgcls.data import check, imagecache
+    from imgcls.data import split as data_split
     from imgcls.errors import UsageError
+    from imgcls.training import distributed
 
     inspected: list[str] = []
-    real_inspect, real_finish = dataset.inspect_file, dataset.finish_cache
+    real_inspect, real_finish = check.inspect_file, check.finish_cache
 
     def inspect_file(path, *args, **kwargs):
         if node == 1 and fault == "share":
@@ -207,18 +206,18 @@ def check_as_a_machine(node: int, data: str, out: str, fault: str, dirs: bool) -
             raise UsageError("planted: no space left on machine 1")
         return real_finish(*args, **kwargs)
 
-    dataset.inspect_file, dataset.finish_cache = inspect_file, finish_cache
-    rank, _, _ = engine.init_distributed()
+    check.inspect_file, check.finish_cache = inspect_file, finish_cache
+    rank, _, _ = distributed.init_distributed()
     report: dict = {"node": node}
     said = io.StringIO()
     own = os.path.join(out, f"cache-dir-{node}") if dirs else None
     try:
         with contextlib.redirect_stderr(said):
-            split = dataset.DataSplit(**engine.from_lead(lambda: dataclasses.asdict(dataset.prepare_data(
-                data, cache_dir=own, cache_size=32, progress=False, share=engine.share_check)), rank == 0,
+            split = data_split.DataSplit(**distributed.from_lead(lambda: dataclasses.asdict(data_split.prepare_data(
+                data, cache_dir=own, cache_size=32, progress=False, share=distributed.share_check)), rank == 0,
                 mine={"cache_dir": own}))
         report |= {"train": split.train, "val": split.val, "skipped": split.skipped,
-                   "cache_ready": dataset.ImageCache(split.files(), 32, cache_dir=own).ready}
+                   "cache_ready": imagecache.ImageCache(split.files(), 32, cache_dir=own).ready}
     except BaseException as e:  # reported to the test
         report["error"] = f"{type(e).__name__}: {e}"
     report |= {"inspected": inspected, "stderr": said.getvalue()}
@@ -307,21 +306,21 @@ def step_in_a_process(rank: int, out: str) -> None:
 
     import torch
 
-    import engine
     from imgcls.errors import TrainingError
+    from imgcls.training import distributed, step
 
-    engine.init_distributed()
+    distributed.init_distributed()
     torch.manual_seed(0)
     net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
-    learner = engine.Learner(net, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
+    learner = step.Learner(net, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
                              lambda x: x, contextlib.nullcontext, torch.device("cpu"), lambda a, b: 1.0)
     before = [p.detach().clone() for p in net.parameters()]
     x = torch.full((2, 4), float("nan")) if rank == 1 else torch.ones(2, 4)
     try:
-        engine.train_step(learner, x, torch.tensor([0, 1]), "batch 7")
+        step.train_step(learner, x, torch.tensor([0, 1]), "batch 7")
         outcome = "stepped"
     except TrainingError as e:
         outcome = str(e)

@@ -12,8 +12,8 @@ import torch
 from conftest import call, make_folder
 
 import eval as evaluate
-import report
 import test as predict
+from imgcls.evaluation import report
 
 
 def run_eval(trained_run: Path, data: Path, out: Path) -> dict:
@@ -22,12 +22,13 @@ def run_eval(trained_run: Path, data: Path, out: Path) -> dict:
 
 
 def test_a_second_evaluation_of_the_same_files_decodes_nothing(trained_run, colours_eval, tmp_path, monkeypatch):
-    import dataset
+    from imgcls.data import check, images
 
     decoded = []
-    for name in ("inspect_file", "load_image"):  # the check and the loader (thumbnails are drawn apart)
-        real = getattr(dataset, name)
-        monkeypatch.setattr(dataset, name, lambda *a, real=real, name=name: decoded.append(name) or real(*a))
+    # the check and the loader (thumbnails are drawn apart), patched where they are looked up
+    for module, name in ((check, "inspect_file"), (images, "load_image")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: decoded.append(name) or real(*a))
     args = [str(colours_eval), "--checkpoint", str(trained_run / "best.pt"), "--cache-dir", str(tmp_path / "c")]
     assert call(evaluate.main, [*args, "--out", str(tmp_path / "first")]) == 0
     assert decoded == ["inspect_file"] * 18  # the check decodes each image once and fills the cache
@@ -198,11 +199,11 @@ def test_a_run_folder_is_accepted_as_the_checkpoint_and_a_second_report_does_not
 
 
 def test_an_unknown_model_name_gets_the_closest_names(capsys):
-    import models
     from imgcls.errors import UsageError
+    from imgcls.networks import build
 
     with pytest.raises(UsageError, match="did you mean resnet18"):
-        models.check_name("resnet81")
+        build.check_name("resnet81")
 
 
 def test_the_data_folder_is_given_the_same_way_as_in_train_and_export(trained_run, colours_eval, tmp_path):
@@ -220,7 +221,7 @@ FORMULA_NAMES = {"blue": "=HYPERLINK(\"x\")", "green": "a:b;c", "red": "-1"}  # 
 
 def renamed_model(trained_run: Path, folder: Path) -> Path:
     """The trained model with classes a spreadsheet would run as formulas or a parser would split."""
-    import checkpoint
+    from imgcls import checkpoint
 
     ckpt = checkpoint.load(trained_run / "best.pt")
     ckpt["classes"] = [FORMULA_NAMES[c] for c in ckpt["classes"]]

@@ -13,9 +13,8 @@ import torchvision
 from conftest import train_args
 from PIL import Image
 
-import explain
-import predictor
 import test as predict
+from imgcls.evaluation import explain, predictor
 
 PATCH = {"redpatch": (230, 30, 30), "bluepatch": (30, 30, 230)}
 SIDE = 16  # the patch's side in a 64 px image

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import THREE, train_args
 
-import checkpoint
 import eval as evaluate
 import export
 import train
-from imgcls import cli
+from imgcls import checkpoint, cli
 
 FORMATS = {"onnx": "onnxruntime", "executorch": "executorch", "torchscript": "torch"}
 
@@ -196,11 +195,11 @@ def test_parity_scales_each_images_difference_by_its_own_logits():
     """One image with huge logits must not widen the tolerance of the others."""
     import torch
 
-    import deploy
+    from imgcls.export import parity
 
     reference = torch.tensor([[1e5, 0.0], [0.5, 0.2]])
     exported = reference + torch.tensor([[0.01, 0.0], [0.0, 0.01]])  # 1e-7 of the first image, 1e-2 of the second
-    report = deploy.parity(reference, exported)
+    report = parity.parity(reference, exported)
     assert report["max_abs_logit"] == 1e5 and report["max_scaled_diff"] == pytest.approx(0.01)
 
 
@@ -210,22 +209,22 @@ def test_a_network_the_exporter_cannot_trace_is_one_line_naming_the_first_cause(
     import torch
     from torch import nn
 
-    import deploy
     from imgcls.errors import TrainingError
+    from imgcls.export import publish
 
     class Untraceable(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise LookupError("the cause, deep down")
 
     with pytest.raises(TrainingError, match=r"could not be exported to onnx \(LookupError: the cause, deep down\)"):
-        deploy.write("onnx", Untraceable(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx", {}, False)
+        publish.write("onnx", Untraceable(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx", {}, False)
 
 
 def test_latency_is_the_median_of_several_timed_runs_after_a_warm_up():
     """One slow call (the machine busy with something else, a first call's set-up) does not make the figure."""
     import torch
 
-    import deploy
+    from imgcls.export import parity
 
     calls = []
 
@@ -233,7 +232,7 @@ def test_latency_is_the_median_of_several_timed_runs_after_a_warm_up():
         calls.append(x)
         time.sleep(0.2 if len(calls) in (1, 6) else 0.002)  # the first call (warm-up) and one timed call slow
 
-    measured = deploy.latencies_ms({"export": run, "pytorch": lambda x: None}, torch.zeros(1))
+    measured = parity.latencies_ms({"export": run, "pytorch": lambda x: None}, torch.zeros(1))
     export_ms = measured["export"]
     assert measured["warmup_runs"] >= 1 and measured["runs"] >= 5 and measured["statistic"] == "median"
     assert 1.5 < export_ms["median"] < 50 and export_ms["max"] > 150  # the slow one seen, not taken

@@ -14,11 +14,11 @@ import pytest
 from conftest import ROOT, call, make_folder, make_image, train_args
 from PIL import Image
 
-import dataset
 import eval as evaluate
-import folders
-import plots
-import predictor
+from imgcls import errors, plots
+from imgcls.data import check, folders, imagecache, images
+from imgcls.data import split as data_split
+from imgcls.evaluation import predictor
 
 ODD = os.fsdecode(b"caf\xe9")  # a Latin-1 name: not UTF-8
 
@@ -93,7 +93,7 @@ def test_a_real_folder_trains_and_evaluates_with_the_right_classes_and_each_bad_
     result = run("train.py", "--data", str(root), "--out", str(tmp_path / "run"), "--mode", "scratch", "--epochs",
                  "1", "--img-size", "32", "--no-summary")
     assert result.returncode == 0, result.stderr[-3000:]
-    split = dataset.DataSplit.load(tmp_path / "run" / "split.json")
+    split = data_split.DataSplit.load(tmp_path / "run" / "split.json")
     assert split.classes == ["__background__", "blue", "green", "red", "train"]
     assert len(split.train) + len(split.val) == 50 + 1 + 1 + 2  # + odd name, portrait, photo and its copy
     skipped = (tmp_path / "run" / "skipped.txt").read_bytes().decode("utf-8", "surrogateescape").splitlines()
@@ -123,22 +123,22 @@ def test_the_check_command_names_each_bad_thing_once_and_the_ignored_folder(mess
 def test_a_fifo_is_skipped_without_being_opened(tmp_path):
     make_folder(tmp_path, per_class=2)
     os.mkfifo(tmp_path / "red" / "pipe.png")
-    split = dataset.prepare_data(str(tmp_path))  # reading the pipe would block: pytest-timeout ends the test
+    split = data_split.prepare_data(str(tmp_path))  # reading the pipe would block: pytest-timeout ends the test
     assert (str(tmp_path / "red" / "pipe.png"), "not a regular file: a named pipe (FIFO)") in split.left_out
-    with pytest.raises(dataset.BadImage, match="named pipe"):
-        dataset.load_image(tmp_path / "red" / "pipe.png", 32)  # even when asked directly: no blocking open
+    with pytest.raises(images.BadImage, match="named pipe"):
+        images.load_image(tmp_path / "red" / "pipe.png", 32)  # even when asked directly: no blocking open
 
 
 def test_an_exif_rotated_photo_is_seen_upright_on_every_path(tmp_path, trained_run):
     upright = two_halves()
     upright.save(tmp_path / "upright.png")
     rotated_jpeg(upright, tmp_path / "rotated.jpg")
-    want = dataset.load_image(tmp_path / "upright.png", 32).astype(int)
-    got = dataset.load_image(tmp_path / "rotated.jpg", 32).astype(int)  # training and evaluation
+    want = images.load_image(tmp_path / "upright.png", 32).astype(int)
+    got = images.load_image(tmp_path / "rotated.jpg", 32).astype(int)  # training and evaluation
     assert np.abs(got - want).mean() < 8
     assert got[2, 16, 0] > 150 and got[30, 16, 2] > 150  # red on top, blue below: as a person sees it
-    cache = dataset.ImageCache([str(tmp_path / "rotated.jpg")], 32, str(tmp_path / "c"))
-    dataset.check_files(cache.paths, str(tmp_path / "c"), progress=False, fill=cache)  # the check fills it
+    cache = imagecache.ImageCache([str(tmp_path / "rotated.jpg")], 32, str(tmp_path / "c"))
+    check.check_files(cache.paths, str(tmp_path / "c"), progress=False, fill=cache)  # the check fills it
     assert np.abs(cache.get(str(tmp_path / "rotated.jpg")).astype(int) - want).mean() < 8
     assert predictor.thumbnail(str(tmp_path / "rotated.jpg")).shape[:2] == (32, 48)  # pictures: upright
     loaded = predictor.load_model(str(trained_run / "best.pt"), "cpu")
@@ -150,13 +150,13 @@ def test_an_exif_rotated_photo_is_seen_upright_on_every_path(tmp_path, trained_r
 def test_a_class_called_train_in_a_flat_folder_is_a_class(tmp_path):
     make_folder(tmp_path, per_class=3, classes={"bus": (1, 2, 3), "car": (200, 2, 3), "train": (1, 200, 3)})
     assert folders.find_layout(tmp_path) == (tmp_path, None, None)
-    assert dataset.prepare_data(str(tmp_path)).classes == ["bus", "car", "train"]
+    assert data_split.prepare_data(str(tmp_path)).classes == ["bus", "car", "train"]
 
 
 def test_a_train_folder_with_sub_folders_beside_class_folders_is_ambiguous_and_says_how_to_fix_it(tmp_path):
     make_folder(tmp_path / "train", per_class=2)
     make_folder(tmp_path, per_class=2, classes={"bus": (1, 2, 3)})
-    with pytest.raises(folders.UsageError, match="move bus under train/"):
+    with pytest.raises(errors.UsageError, match="move bus under train/"):
         folders.find_layout(tmp_path)
 
 
@@ -175,7 +175,7 @@ def test_look_alikes_are_found_among_many_images():
     flipped[0] ^= 0b111  # three bits off: the same photo, re-encoded
     looks["v0"] = flipped.hex()
     looks |= {f"v{i}": rng.integers(0, 256, 32, dtype=np.uint8).tobytes().hex() for i in range(1, 5000)}
-    pairs = dataset.lookalikes([f"t{i}" for i in range(20000)], [f"v{i}" for i in range(5000)], looks)
+    pairs = check.lookalikes([f"t{i}" for i in range(20000)], [f"v{i}" for i in range(5000)], looks)
     assert pairs == [("t7", "v0", 3)]
 
 
@@ -186,16 +186,16 @@ def split_with_test(root: Path) -> Path:
 
 
 def test_a_link_loop_inside_test_adds_nothing_to_eval_test_or_export(tmp_path, capsys):
-    import deploy
-    from checkpoint import Preprocess
+    from imgcls.export import parity
+    from imgcls.preprocess import Preprocess
 
     root = split_with_test(tmp_path / "d")
     (root / "test" / "a" / "up").symlink_to("../..")
     (root / "train" / "b" / "up").symlink_to("..")
-    _, items, skipped, _, _ = dataset.scan_folder(root)
+    _, items, skipped, _, _ = check.scan_folder(root)
     assert len(items) == 4 and any("a link loop back" in r for _, r in skipped)
-    assert len(dataset.list_files(root / "test")) == 4  # test.py's folder listing
-    _, labels = deploy.sample_images(str(root), Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3), 100, ["a", "b"])
+    assert len(check.list_files(root / "test")) == 4  # test.py's folder listing
+    _, labels = parity.sample_images(str(root), Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3), 100, ["a", "b"])
     assert sorted(labels) == [0] * 4 + [1] * 4  # train/b/up/a/... is not labelled b
 
 
@@ -204,7 +204,7 @@ def test_a_link_into_another_class_does_not_take_its_images(tmp_path):
     make_folder(tmp_path / "b" / "sub", per_class=3, classes={"x": (30, 200, 30)}, offset=40)
     (tmp_path / "a" / "more").symlink_to("../b/sub")
     (tmp_path / "a" / "zz.png").symlink_to("../b/b_000.png")
-    split = dataset.prepare_data(str(tmp_path))
+    split = data_split.prepare_data(str(tmp_path))
     assert split.counts(split.train + split.val) == [4, 7]
     assert {Path(p).name for p, r in split.left_out if "a link into" in r} == {"more", "zz.png"}
 
@@ -222,7 +222,7 @@ def test_a_file_named_directly_is_read_only_if_it_is_a_regular_file_of_a_sane_si
 def test_a_hard_link_of_a_training_image_in_test_is_reported_as_leakage(tmp_path):
     root = split_with_test(tmp_path / "d")
     os.link(root / "train" / "a" / "a_000.png", root / "test" / "a" / "copy.png")
-    split = dataset.prepare_data(str(root))
+    split = data_split.prepare_data(str(root))
     assert (str(root / "train" / "a" / "a_000.png"), str(root / "test" / "a" / "copy.png"), 0) in split.leaks
 
 
@@ -231,7 +231,7 @@ def test_another_path_to_a_training_image_beside_it_is_no_leak(tmp_path):
     root = make_folder(tmp_path / "d", per_class=6)
     (root / "blue" / "link.png").symlink_to(root / "blue" / "blue_000.png")
     os.link(root / "red" / "red_000.png", root / "red" / "hard.png")
-    split = dataset.prepare_data(str(root))
+    split = data_split.prepare_data(str(root))
     pairs = [{str(root / "blue" / "link.png"), str(root / "blue" / "blue_000.png")},
              {str(root / "red" / "hard.png"), str(root / "red" / "red_000.png")}]
     skipped = {p for p, _ in split.left_out}
@@ -253,21 +253,21 @@ def test_two_folders_for_one_split_are_refused(second, tmp_path):
     make_folder(tmp_path / "train", per_class=2)
     make_folder(tmp_path / "val", per_class=2)
     make_folder(tmp_path / second, per_class=2)
-    with pytest.raises(folders.UsageError, match="keep one"):
+    with pytest.raises(errors.UsageError, match="keep one"):
         folders.find_layout(tmp_path)
 
 
 def test_two_class_folders_that_are_one_folder_are_refused(tmp_path):
     make_folder(tmp_path, per_class=3)
     (tmp_path / "scarlet").symlink_to("red")
-    with pytest.raises(folders.UsageError, match="are the same folder"):
-        dataset.prepare_data(str(tmp_path))
+    with pytest.raises(errors.UsageError, match="are the same folder"):
+        data_split.prepare_data(str(tmp_path))
 
 
 def test_big_images_are_not_decoded_all_at_once():
     import threading
 
-    budget, inside, most = dataset.DecodeBudget(100), [0], [0]
+    budget, inside, most = images.DecodeBudget(100), [0], [0]
     lock = threading.Lock()
 
     def decode(pixels: int) -> None:

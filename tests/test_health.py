@@ -10,10 +10,10 @@ import torch
 from conftest import call, train_args
 from torch import nn
 
-import engine
-import models
 import train
-from health import Health, chance_limit
+from imgcls.networks import build as networks_build
+from imgcls.training import batchnorm, step
+from imgcls.training.health import Health, chance_limit
 
 # ----------------------------------------------------------------------------- the checks, on histories
 
@@ -87,7 +87,7 @@ def test_recomputed_batchnorm_statistics_are_those_of_the_images_with_dropout_of
     images = [torch.randint(0, 256, (8, 3, 10, 10), dtype=torch.uint8) for _ in range(3)]
     loader = [(x, torch.zeros(8, dtype=torch.long), None, 0) for x in images]
     to_input = lambda x: x.float() / 255
-    assert engine.recompute_batchnorm(net, ["2"], loader, to_input, torch.no_grad) == 24
+    assert batchnorm.recompute_batchnorm(net, ["2"], loader, to_input, torch.no_grad) == 24
     with torch.no_grad():
         out = [net[0](to_input(x)) for x in images]  # no dropout: evaluation's features
     mean = torch.stack([o.mean((0, 2, 3)) for o in out]).mean(0)
@@ -100,14 +100,14 @@ def test_batchnorm_statistics_are_kept_when_no_image_could_be_read():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     net[1].running_mean.fill_(0.5)
     unreadable = [(None, torch.empty(0, dtype=torch.long), None, 8)]
-    assert engine.recompute_batchnorm(net, ["1"], unreadable, lambda x: x, torch.no_grad) == 0
+    assert batchnorm.recompute_batchnorm(net, ["1"], unreadable, lambda x: x, torch.no_grad) == 0
     assert torch.all(net[1].running_mean == 0.5) and torch.all(net[1].running_var == 1)
 
 
 def frozen_statistics(monkeypatch) -> None:
     """A network whose BatchNorm layers never update their running statistics (momentum 0): they stay at
     their start (mean 0, variance 1), which fits no trained weights: the mismatch made certain."""
-    real = models.build_model
+    real = networks_build.build_model
 
     def build(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -116,7 +116,7 @@ def frozen_statistics(monkeypatch) -> None:
                 m.momentum = 0.0
         return model
 
-    monkeypatch.setattr(models, "build_model", build)
+    monkeypatch.setattr(networks_build, "build_model", build)
 
 
 MISMATCH = ("--model", "mobilenet_v2", "--mode", "scratch", "--epochs", "3", "--hflip", "0", "--lr", "0.003")
@@ -176,7 +176,7 @@ def test_a_healthy_run_is_quiet(trained_run):
 def test_the_advice_on_a_nan_names_fp16_only_where_it_ran(precision, advice):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     optimizer.param_groups[0]["base_lr"] = 0.3
-    learner = engine.Learner(nn.Identity(), optimizer, None, None, None, None, torch.device("cpu"), None,
+    learner = step.Learner(nn.Identity(), optimizer, None, None, None, None, torch.device("cpu"), None,
                              precision=precision)
     said = str(learner.diverged("loss became nan at epoch 1, batch 2"))
     assert ("--no-amp" in said) == advice and "try --lr 0.1 (a third" in said

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import html_report
-from html_report import Cell, jpeg_thumbnail, write_html
+from imgcls.evaluation import report_html
+from imgcls.evaluation.report_html import Cell, jpeg_thumbnail, write_html
 
 HOSTILE = 'dog <b>&"\' x'
 SCRIPT_NAME = "</script><script>window.pwned = 1</script><!--"
@@ -432,7 +432,7 @@ def test_two_hundred_classes_render_as_the_most_confused_hundred(browser: DevToo
     rng = np.random.default_rng(0)
     n = 200
     cm = (np.eye(n, dtype=int) * 40 + (rng.random((n, n)) < 0.02) * rng.integers(1, 4, (n, n))).tolist()
-    first = html_report.matrix_classes(cm)[0]
+    first = report_html.matrix_classes(cm)[0]
     path = tmp_path / "report.html"
     write_html(path, metrics([f"class {c} <{c}>" for c in range(n)], cm), {(first, first): Cell(40, [])}, [])
     assert path.stat().st_size < 2e6
@@ -442,7 +442,7 @@ def test_two_hundred_classes_render_as_the_most_confused_hundred(browser: DevToo
         return {rows: document.querySelectorAll("#cm tbody tr").length, scrolls: box.scrollHeight > box.clientHeight
                 && box.scrollWidth > box.clientWidth};
     })()""")
-    assert shape == {"rows": html_report.MAX_MATRIX_CLASSES, "scrolls": True}
+    assert shape == {"rows": report_html.MAX_MATRIX_CLASSES, "scrolls": True}
     browser.click(f'#cm td[data-cell="{first},{first}"]')
     assert browser.evaluate("document.getElementById('panel-title').textContent") == (
         f"true class {first} <{first}>, predicted class {first} <{first}>: showing 0 of 40")
@@ -452,5 +452,5 @@ def test_two_hundred_classes_render_as_the_most_confused_hundred(browser: DevToo
 
 def test_module_does_not_import_torch() -> None:
     """eval's report, but no torch: writing a page should not cost loading it (nor need it installed)."""
-    code = "import sys, html_report; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(html_report.__file__).parent).returncode == 0
+    code = "import sys; from imgcls.evaluation import report_html; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(report_html.__file__).parents[2]).returncode == 0

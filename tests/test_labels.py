@@ -174,8 +174,8 @@ def test_labels_that_differ_only_by_case_are_warned_about(images, tmp_path, caps
     rows = rows_of(images)
     rows[0][1] = "Blue"
     labels_csv = write_csv(images.parent / "case.csv", ["path", "label"], rows)
-    import labels
+    from imgcls.data import labelfile
 
-    assert labels.read(labels_csv).classes == ["Blue", "blue", "green", "red"]
+    assert labelfile.read(labels_csv).classes == ["Blue", "blue", "green", "red"]
     err = capsys.readouterr().err
     assert "differ only by case" in err and "Blue and blue" in err

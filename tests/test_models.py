@@ -13,10 +13,10 @@ import torchvision
 from conftest import call, train_args
 from torch import nn
 
-import checkpoint
-import models
 import train
+from imgcls import checkpoint
 from imgcls.errors import UsageError
+from imgcls.networks import build, weights
 
 # regnets cannot be built on the meta device (their widths are computed with tensors); their builders
 # set nothing when loading weights, so the smallest two are compared on the CPU
@@ -64,12 +64,12 @@ def without_aux(model: nn.Module) -> nn.Module:
 
 def ours_for_finetuning(name: str, device: str) -> nn.Module:
     """What build_model builds for 'finetune' before loading: our network for the published weights."""
-    size = models.preprocessing(name).img_size
+    size = build.preprocessing(name).img_size
     with torch.device(device):
-        return models.network(name, 1000, options={**models.size_options(name, size), **models.published_options(name)})
+        return build.network(name, 1000, options={**build.size_options(name, size), **build.published_options(name)})
 
 
-@pytest.mark.parametrize("name", [n for n in models.classifier_names()
+@pytest.mark.parametrize("name", [n for n in build.classifier_names()
                                   if not n.startswith("regnet") or n in CPU_BUILT])
 def test_every_torchvision_classifier_is_configured_as_torchvision_configures_it_for_its_weights(name, monkeypatch):
     device = "cpu" if name in CPU_BUILT else "meta"
@@ -84,14 +84,14 @@ def published_file(name: str, folder: Path) -> dict[str, torch.Tensor]:
     """A stand-in for torchvision's weights file: the network as published (aux classifiers included,
     DenseNet's legacy key names), random values; returns what torchvision's loader makes of it."""
     torch.manual_seed(0)
-    extra = {"aux_logits": True, "init_weights": False} if name in models.AUX_HEADS else {}
+    extra = {"aux_logits": True, "init_weights": False} if name in weights.AUX_HEADS else {}
     model = torchvision.models.get_model(name, **extra)
     state = model.state_dict()
     if name.startswith("densenet"):  # saved before module versions and BatchNorm's batch count existed
         state = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
                  for k, v in state.items() if not k.endswith("num_batches_tracked")}
         assert any(".norm.1." in k for k in state)
-    url = models.default_weights(name).url
+    url = weights.default_weights(name).url
     torch.save(state, folder / os.path.basename(url))
     return state
 
@@ -103,13 +103,13 @@ def test_published_weights_load_whole_as_torchvisions_own_loader_loads_them(name
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     published_file(name, folder)
     theirs = without_aux(torchvision.models.get_model(name, weights="DEFAULT")).state_dict()  # its own loader
-    ours = models.build_model(name, 3, "finetune", img_size=models.preprocessing(name).img_size)
+    ours = build.build_model(name, 3, "finetune", img_size=build.preprocessing(name).img_size)
     head = ours.head_name + "."
     mine = {k: v for k, v in ours.state_dict().items() if not k.startswith(head)}
     assert set(mine) == {k for k in theirs if not k.startswith(head)}
     for key, value in mine.items():
         assert torch.equal(value, theirs[key]), key
-    if name in models.AUX_HEADS:
+    if name in weights.AUX_HEADS:
         assert ours.transform_input and not ours.aux_logits
 
 
@@ -119,22 +119,22 @@ def test_googlenet_from_imagenet_weights_transforms_its_input_and_keeps_it_throu
     folder.mkdir(parents=True)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     published_file("googlenet", folder)
-    assert not models.build_model("googlenet", 3, "scratch").transform_input  # torchvision's default
+    assert not build.build_model("googlenet", 3, "scratch").transform_input  # torchvision's default
     out = tmp_path / "run"
     assert train.main(train_args(colours, out, "--model", "googlenet", "--mode", "finetune")) == 0
     for name in ("best.pt", "last.pt"):
         ckpt = checkpoint.load(out / name)
         assert ckpt["net_options"] == {"transform_input": True}
-        assert models.from_checkpoint(ckpt).transform_input
+        assert build.from_checkpoint(ckpt).transform_input
     assert train.main(["--resume", str(out), "--epochs", "2"]) == 0
-    assert models.from_checkpoint(checkpoint.load(out / "last.pt")).transform_input
+    assert build.from_checkpoint(checkpoint.load(out / "last.pt")).transform_input
 
 
 def test_our_checkpoint_as_starting_weights_keeps_its_settings(tmp_path):
-    net = models.network("googlenet", 4)  # trained without transform_input
-    torch.save(checkpoint.of_model("googlenet", list("abcd"), net.state_dict(), models.preprocessing("googlenet")),
+    net = build.network("googlenet", 4)  # trained without transform_input
+    torch.save(checkpoint.of_model("googlenet", list("abcd"), net.state_dict(), build.preprocessing("googlenet")),
                tmp_path / "mine.pt")
-    assert not models.build_model("googlenet", 3, "finetune", str(tmp_path / "mine.pt")).transform_input
+    assert not build.build_model("googlenet", 3, "finetune", str(tmp_path / "mine.pt")).transform_input
 
 
 @pytest.mark.parametrize("name", ["mnasnet0_5", "mnasnet1_3"])
@@ -144,15 +144,15 @@ def test_mnasnet_checkpoints_load_and_resume(name, colours, tmp_path):
     out = tmp_path / "run"
     assert train.main(train_args(colours, out, "--model", name, "--mode", "scratch")) == 0
     for file in ("best.pt", "last.pt"):
-        models.from_checkpoint(checkpoint.load(out / file))
+        build.from_checkpoint(checkpoint.load(out / file))
     assert train.main(["--resume", str(out), "--epochs", "2"]) == 0
 
 
 def test_a_checkpoint_saved_without_module_versions_still_loads():
-    net = models.network("mnasnet0_5", 3)
+    net = build.network("mnasnet0_5", 3)
     state = dict(net.state_dict())  # a plain dict: no _metadata (as checkpoints written before)
-    ckpt = checkpoint.of_model("mnasnet0_5", ["a", "b", "c"], state, models.preprocessing("mnasnet0_5"))
-    assert torch.equal(models.from_checkpoint(ckpt).layers[0].weight, state["layers.0.weight"])
+    ckpt = checkpoint.of_model("mnasnet0_5", ["a", "b", "c"], state, build.preprocessing("mnasnet0_5"))
+    assert torch.equal(build.from_checkpoint(ckpt).layers[0].weight, state["layers.0.weight"])
 
 
 def test_vit_trains_at_another_size_with_its_position_embeddings_interpolated(tmp_path, monkeypatch):
@@ -160,7 +160,7 @@ def test_vit_trains_at_another_size_with_its_position_embeddings_interpolated(tm
     folder.mkdir(parents=True)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     published = published_file("vit_b_32", folder)
-    model = models.build_model("vit_b_32", 3, "transfer", img_size=64)
+    model = build.build_model("vit_b_32", 3, "transfer", img_size=64)
     assert model.net_options == {"image_size": 64} and model.encoder.pos_embedding.shape[1] == 1 + 2 * 2
     expected = torchvision.models.vision_transformer.interpolate_embeddings(64, 32, dict(published))
     assert torch.equal(model.encoder.pos_embedding, expected["encoder.pos_embedding"])
@@ -177,13 +177,13 @@ def test_an_input_size_the_network_cannot_take_is_refused_before_anything_starts
 
 def test_input_size_check_passes_what_the_networks_take():
     for name, size in (("resnet18", 32), ("vit_b_16", 32), ("maxvit_t", 224), ("inception_v3", 75)):
-        models.check_input_size(name, size)
+        build.check_input_size(name, size)
     with pytest.raises(UsageError, match="maxvit_t cannot take 100-pixel"):
-        models.check_input_size("maxvit_t", 100)
+        build.check_input_size("maxvit_t", 100)
 
 
 def test_a_head_without_bias_is_replaced_by_one_without():
-    model = models.build_model("maxvit_t", 3, "scratch", img_size=224)
+    model = build.build_model("maxvit_t", 3, "scratch", img_size=224)
     assert model.classifier[-1].bias is None and model.classifier[-1].out_features == 3  # as published
 
 

@@ -20,14 +20,14 @@ import torch
 from conftest import ROOT, SQUARES, call, make_labelled_set, train_args, write_labels_csv
 from PIL import Image
 
-import crossval
-import dataset
 import eval as evaluate
 import export
-import multilabel
-import splits
 import test as label_images
 import train
+from imgcls.data import split as data_split
+from imgcls.data import stratify
+from imgcls.evaluation import multilabel
+from imgcls.training import crossval, losses
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def long_tail(n: int = 60, tags: int = 150, per_image: int = 3, seed: int = 0) -
 @pytest.mark.parametrize("seed", range(5))
 def test_a_split_of_long_tailed_labels_holds_out_its_share(seed):
     items = long_tail(seed=seed)
-    train, val = splits.stratified_split(items, 0.2, seed)
+    train, val = stratify.stratified_split(items, 0.2, seed)
     assert 10 <= len(val) <= 14 and len(train) + len(val) == 60
 
 
@@ -249,7 +249,7 @@ def test_every_label_of_two_images_or_more_keeps_one_for_training(seed):
     rare = [("a.png", (0, 1)), ("b.png", (1,)), ("c.png", (0, 2)), ("d.png", (2,)), ("e.png", (1, 2))]
     items = rare + long_tail(20, tags=6, per_image=2, seed=seed)
     for share in (0.2, 0.4, 0.6):
-        train, _ = splits.stratified_split(items, share, seed)
+        train, _ = stratify.stratified_split(items, share, seed)
         counts = Counter(c for _, y in items for c in y)
         assert {c for _, y in train for c in y} == {c for c, n in counts.items() if n >= 2}
 
@@ -274,7 +274,7 @@ def test_every_fold_trains_on_every_label_of_two_images_or_more_where_its_images
                  for i in range(rng.randint(max(5, folds), 12))]
         counts = Counter(c for _, y in items for c in y)
         for k in range(1, folds + 1):
-            train, val = splits.fold_split(items, folds, k, seed)
+            train, val = stratify.fold_split(items, folds, k, seed)
             assert sorted(train + val) == sorted(items)
             if {c for c, n in counts.items() if n >= 2} - {c for _, y in train for c in y}:
                 missed.append((seed, items))
@@ -283,13 +283,13 @@ def test_every_fold_trains_on_every_label_of_two_images_or_more_where_its_images
 
 def test_a_fold_that_cannot_train_on_a_label_says_so(tmp_path, capsys):
     """Three images that pair off three labels cannot be spread over two folds: one fold trains without one."""
-    import training
+    from imgcls.training import fit
 
     items = [("a.png", (0, 1)), ("b.png", (1, 2)), ("c.png", (0, 2)), ("d.png", (3,)), ("e.png", (3,))]
     for fold in (1, 2):
-        train, val = splits.fold_split(items, 2, fold, 0)
+        train, val = stratify.fold_split(items, 2, fold, 0)
         missing = {0, 1, 2} - {c for _, y in train for c in y}
-        training.report_split(dataset.DataSplit(str(tmp_path), ["l0", "l1", "l2", "l3"], train, val,
+        fit.report_split(data_split.DataSplit(str(tmp_path), ["l0", "l1", "l2", "l3"], train, val,
                                                 multilabel=True), tmp_path)
         err = capsys.readouterr().err
         assert ("no training image" in err) == bool(missing)
@@ -298,7 +298,7 @@ def test_a_fold_that_cannot_train_on_a_label_says_so(tmp_path, capsys):
 
 def test_the_folds_of_multilabel_data_validate_on_every_image_once():
     items = long_tail(40, tags=10, per_image=2)
-    vals = [splits.fold_split(items, 4, k, 0)[1] for k in (1, 2, 3, 4)]
+    vals = [stratify.fold_split(items, 4, k, 0)[1] for k in (1, 2, 3, 4)]
     assert sorted(x for v in vals for x in v) == sorted(items) and all(9 <= len(v) <= 11 for v in vals)
 
 
@@ -401,7 +401,7 @@ def test_the_multilabel_loss_keeps_smoothed_targets_in_full_precision_under_auto
     torch.manual_seed(0)
     linear, x = torch.nn.Linear(8, 2), torch.randn(16, 8)
     target = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(8, 1)
-    loss = multilabel.BCELoss(smoothing=0.15)
+    loss = losses.BCELoss(smoothing=0.15)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = linear(x)
         mixed = loss(logits, target)
@@ -411,7 +411,7 @@ def test_the_multilabel_loss_keeps_smoothed_targets_in_full_precision_under_auto
 
 
 def test_mistakes_csv_lists_labels_a_parser_and_a_spreadsheet_read_right(ml_run, objects, tmp_path):
-    import checkpoint
+    from imgcls import checkpoint
 
     names = {"blue": "=blue", "green": "gr:een", "red": "r;ed", "yellow": "yellow"}
     ckpt = checkpoint.load(ml_run / "best.pt")

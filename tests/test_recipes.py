@@ -11,16 +11,16 @@ import pytest
 import torch
 from conftest import make_folder, train_args
 
-import engine
 import runs
 import train
-import training
+from imgcls.data import loaders
 from imgcls.settings import TrainConfig
+from imgcls.training import losses, optim
 
 
 def lrs(cfg: TrainConfig, steps_per_epoch: int = 10) -> list[float]:
     """The learning rate at every step of a run with these settings."""
-    schedule = training.Schedule(cfg)
+    schedule = optim.Schedule(cfg)
     return [cfg.lr * schedule(s / steps_per_epoch, (s + 1) / steps_per_epoch)
             for s in range(cfg.epochs * steps_per_epoch)]
 
@@ -48,7 +48,7 @@ def test_onecycle_rises_to_lr_then_anneals():
 
 
 def test_plateau_schedule_cuts_the_lr_after_epochs_without_improvement():
-    schedule = training.Schedule(TrainConfig(scheduler="plateau", gamma=0.5))
+    schedule = optim.Schedule(TrainConfig(scheduler="plateau", gamma=0.5))
     for acc in (50, 60, 60, 60, 60):
         schedule.end_epoch(acc)
     assert schedule(5, 5.1) == pytest.approx(0.5)
@@ -61,25 +61,25 @@ def test_no_schedule_keeps_the_lr():
 @pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
                                       ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop)])
 def test_optimizer_choice_and_weight_decay_reach_the_optimizer(name, cls):
-    import models
+    from imgcls.networks import build
 
-    model = models.build_model("resnet18", 3)
-    opt = training.make_optimizer(TrainConfig(optimizer=name, weight_decay=0.01, lr=0.1), model)
+    model = build.build_model("resnet18", 3)
+    opt = optim.make_optimizer(TrainConfig(optimizer=name, weight_decay=0.01, lr=0.1), model)
     assert isinstance(opt, cls) and opt.param_groups[0]["weight_decay"] == 0.01
 
 
 def test_backbone_lr_multiplier_gives_pretrained_layers_a_smaller_lr():
-    import models
+    from imgcls.networks import build
 
-    model = models.build_model("resnet18", 3)
-    opt = training.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1), model)
+    model = build.build_model("resnet18", 3)
+    opt = optim.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1), model)
     head, backbone = opt.param_groups
     assert head["lr"] == 0.1 and backbone["lr"] == pytest.approx(0.01)
     assert {id(p) for p in head["params"]} == {id(model.fc.weight), id(model.fc.bias)}
 
 
 def test_auto_class_weights_are_inverse_frequency():
-    w = training.class_weights([90, 10])
+    w = losses.class_weights([90, 10])
     assert w[1] / w[0] == pytest.approx(9.0)
     assert (w * torch.tensor([90.0, 10.0])).sum() == pytest.approx(100.0)  # one per image on average
 
@@ -87,7 +87,7 @@ def test_auto_class_weights_are_inverse_frequency():
 def test_balanced_sampler_draws_each_class_about_equally():
     labels = [0] * 90 + [1] * 10
     weights = torch.tensor([1 / 90 if y == 0 else 1 / 10 for y in labels], dtype=torch.double)
-    sampler = engine.ResumableSampler(len(labels), seed=0, weights=weights)
+    sampler = loaders.ResumableSampler(len(labels), seed=0, weights=weights)
     drawn = Counter()
     for epoch in range(20):
         sampler.set_epoch(epoch)
@@ -98,12 +98,12 @@ def test_balanced_sampler_draws_each_class_about_equally():
 def test_each_draw_of_an_image_in_an_epoch_is_augmented_on_its_own_and_reproducibly(colours):
     """A rare image drawn many times by the balanced sampler is as many views of it, not copies of one; the
     same views on a second pass and when the epoch is resumed part-way."""
-    import dataset
+    from imgcls.data import datasets
 
     items = [(str(p), 0) for p in sorted(colours.glob("*/*.png"))[:16]]
-    ds = dataset.ImageDataset(items, 32, dataset.train_transform(28), seed=5)
+    ds = datasets.ImageDataset(items, 32, datasets.train_transform(28), seed=5)
     weights = torch.tensor([100.0] + [1.0] * 15, dtype=torch.double)  # image 0 drawn about 14 times of 16
-    sampler = engine.ResumableSampler(16, seed=0, weights=weights)
+    sampler = loaders.ResumableSampler(16, seed=0, weights=weights)
     sampler.set_epoch(3)
     keys = list(sampler)
     views = [ds[key][0] for key in keys if key[0] == 0]
@@ -114,23 +114,24 @@ def test_each_draw_of_an_image_in_an_epoch_is_augmented_on_its_own_and_reproduci
 
 
 def test_balanced_sampler_draws_only_the_cached_features_that_exist(colours, tmp_path, with_weights, monkeypatch):
-    import dataset
+    from imgcls.data import images
+    from imgcls.data import split as data_split
 
-    split = dataset.prepare_data(str(colours))
-    lost, real = split.train[0][0], dataset.load_image  # passed the check, unreadable when features are made
+    split = data_split.prepare_data(str(colours))
+    lost, real = split.train[0][0], images.load_image  # passed the check, unreadable when features are made
 
     def load(path, size, *rest):
         if path == lost:
-            raise dataset.BadImage("gone")
+            raise images.BadImage("gone")
         return real(path, size, *rest)
 
-    monkeypatch.setattr(dataset, "load_image", load)
+    monkeypatch.setattr(images, "load_image", load)
     assert train.main(train_args(colours, tmp_path / "r", "--mode", "transfer", "--balanced-sampler",
                                  "--no-image-cache", "--epochs", "2")) == 0
 
 
 def test_sampler_resumes_mid_epoch_with_the_rest_of_the_same_order():
-    sampler = engine.ResumableSampler(20, seed=3)
+    sampler = loaders.ResumableSampler(20, seed=3)
     sampler.set_epoch(4)
     whole = list(sampler)
     sampler.set_epoch(4, start=8)
@@ -140,7 +141,7 @@ def test_sampler_resumes_mid_epoch_with_the_rest_of_the_same_order():
 def test_sampler_splits_an_epoch_across_ranks_without_overlap():
     parts = []
     for rank in range(3):
-        s = engine.ResumableSampler(10, seed=1, rank=rank, world=3)
+        s = loaders.ResumableSampler(10, seed=1, rank=rank, world=3)
         s.set_epoch(0)
         parts.append([i for i, *_ in s])
     assert all(len(p) == 4 for p in parts)
@@ -199,18 +200,19 @@ def test_hyper_parameters_and_final_metrics_go_to_tensorboard(trained_run):
 
 
 def test_imbalanced_data_is_reported_by_the_check(tmp_path, capsys):
-    import dataset
+    from imgcls.data import report
+    from imgcls.data import split as data_split
 
     make_folder(tmp_path, per_class=10, classes={"many": (0, 0, 0)})
     make_folder(tmp_path, per_class=2, classes={"few": (255, 255, 255)}, offset=9)
-    dataset.report(dataset.prepare_data(str(tmp_path)))
+    report.report(data_split.prepare_data(str(tmp_path)))
     assert "imbalance (largest/smallest class): 5.0x" in capsys.readouterr().out
 
 
 def test_label_smoothing_keeps_a_loss_for_confident_correct_predictions():
     logits, target = torch.tensor([[20.0, 0.0, 0.0]]), torch.tensor([0])
-    plain = training.make_criterion(TrainConfig(), [5, 5, 5])(logits, target)
-    smooth = training.make_criterion(TrainConfig(label_smoothing=0.1), [5, 5, 5])(logits, target)
+    plain = losses.make_criterion(TrainConfig(), [5, 5, 5])(logits, target)
+    smooth = losses.make_criterion(TrainConfig(label_smoothing=0.1), [5, 5, 5])(logits, target)
     assert plain < 1e-6 < 0.5 < smooth
 
 
@@ -218,40 +220,40 @@ def test_mixup_and_cutmix_blend_images_and_labels():
     x = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)] * 4)
     y = torch.tensor([0, 1] * 4)
     torch.manual_seed(0)
-    mixed_x, soft = training.make_mix(TrainConfig(mixup=1.0, cutmix=1.0), 2)(x, y)
+    mixed_x, soft = losses.make_mix(TrainConfig(mixup=1.0, cutmix=1.0), 2)(x, y)
     assert soft.shape == (8, 2) and torch.allclose(soft.sum(1), torch.ones(8))
     assert ((soft > 0) & (soft < 1)).any()  # soft labels, not one-hot
     assert not torch.equal(mixed_x, x)  # images blended or pasted
-    assert training.make_mix(TrainConfig(), 2) is None
+    assert losses.make_mix(TrainConfig(), 2) is None
 
 
 @pytest.mark.parametrize("preset,op", [("randaugment", "RandAugment"), ("trivialaugment", "TrivialAugmentWide")])
 def test_augmentation_presets_use_torchvision_policies(preset, op):
-    import dataset
+    from imgcls.data import datasets
 
-    tf = dataset.train_transform(32, preset)
+    tf = datasets.train_transform(32, preset)
     assert op in [type(t).__name__ for t in tf.transforms]
     assert tf(torch.zeros(3, 40, 40, dtype=torch.uint8)).shape == (3, 32, 32)
 
 
 def test_the_backbone_lr_multiplier_applies_to_pretrained_layers_only():
-    import models
+    from imgcls.networks import build
 
-    model = models.build_model("resnet18", 3)
-    opt = training.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1, mode="scratch"), model)
+    model = build.build_model("resnet18", 3)
+    opt = optim.make_optimizer(TrainConfig(lr=0.1, backbone_lr_mult=0.1, mode="scratch"), model)
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]  # nothing is pretrained from scratch
 
 
 def test_the_head_is_found_by_one_rule_before_and_after_it_is_replaced():
     import torchvision
 
-    import models
+    from imgcls.networks import build, heads
 
     for name in ("vgg11", "resnet18", "mobilenet_v2", "squeezenet1_0"):
-        before, _ = models.find_head(torchvision.models.get_model(name))
-        model = models.build_model(name, 3)
-        assert models.head_of(model)[0] == before
-        assert models.head_of(models.from_checkpoint(
+        before, _ = heads.find_head(torchvision.models.get_model(name))
+        model = build.build_model(name, 3)
+        assert heads.head_of(model)[0] == before
+        assert heads.head_of(build.from_checkpoint(
             {"arch": name, "classes": ["a", "b", "c"], "model": model.state_dict()}))[0] == before
 
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 from conftest import ROOT, Killed, kill_after_saving, make_folder, train_args
 
-import checkpoint
-import dataset
 import train
-import training
+from imgcls import checkpoint, runfolder, settings
+from imgcls.data import datasets, split
 from imgcls.errors import UsageError
+from imgcls.training import fit, optim, resume
 
 RANDOM = random.Random(int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000)))
 
@@ -67,8 +67,8 @@ def test_train_longer_trains_the_added_epochs_for_every_scheduler(scheduler, dat
 
 
 def test_a_longer_cosine_run_continues_the_curve_to_the_new_end_without_a_new_warm_up():
-    short = training.Schedule(training.TrainConfig(scheduler="cosine", epochs=4, warmup_epochs=1))
-    longer = training.Schedule(training.TrainConfig(scheduler="cosine", epochs=8, warmup_epochs=1))
+    short = optim.Schedule(settings.TrainConfig(scheduler="cosine", epochs=4, warmup_epochs=1))
+    longer = optim.Schedule(settings.TrainConfig(scheduler="cosine", epochs=8, warmup_epochs=1))
     assert short(3.9, 4.0) < 0.05  # the short run ended near zero
     assert longer(4.0, 4.1) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 3 / 7)))
     assert longer(7.9, 8.0) < 0.01 and longer(1.0, 1.1) == pytest.approx(1.0, rel=0.01)  # no warm-up after it
@@ -147,10 +147,10 @@ def test_a_run_resumes_from_another_working_directory(data, tmp_path, monkeypatc
 
 
 def test_resume_needs_no_weights_file_that_only_the_start_needed(data, tmp_path, with_weights):
-    import models
+    from imgcls.networks import build
 
     weights = tmp_path / "weights.pt"
-    torch.save(models.build_model("resnet18", 1000).state_dict(), weights)
+    torch.save(build.build_model("resnet18", 1000).state_dict(), weights)
     run = tmp_path / "run"
     assert train.main(train_args(data, run, "--mode", "transfer", "--weights", str(weights))) == 0
     weights.rename(tmp_path / "moved.pt")
@@ -168,16 +168,16 @@ def test_resume_from_best_pt_is_answered_in_one_line(data, tmp_path, capsys):
 def test_a_folder_stopped_before_its_first_checkpoint_is_resumable(data, tmp_path, monkeypatch):
     args = ("--mode", "scratch", "--epochs", "2", "--optimizer", "adam")
     assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
-    real = training.fit
+    real = fit.fit
 
     def killed_before_the_first_checkpoint(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "fit", killed_before_the_first_checkpoint)
+    monkeypatch.setattr(fit, "fit", killed_before_the_first_checkpoint)
     run = tmp_path / "run"
     assert train.main(train_args(data, run, *args)) == 130
     assert (run / "config.json").exists() and not (run / "last.pt").exists()
-    monkeypatch.setattr(training, "fit", real)
+    monkeypatch.setattr(fit, "fit", real)
     assert run_cli(train_args(data, run, *args)) == 2  # a fresh start does not take another run's folder
     assert train.main(["--resume", str(run)]) == 0
     assert metrics(run) == metrics(tmp_path / "whole")
@@ -211,7 +211,7 @@ def test_lr_find_under_torchrun_is_refused_on_every_rank(data, tmp_path):
 
 def interrupt_at(call: int, sig: int, monkeypatch) -> None:
     """Send `sig` to this process from inside the `call`-th batch collation (training or validation)."""
-    real, calls = dataset.collate, [0]
+    real, calls = datasets.collate, [0]
 
     def collate(batch):
         calls[0] += 1
@@ -219,7 +219,7 @@ def interrupt_at(call: int, sig: int, monkeypatch) -> None:
             os.kill(os.getpid(), sig)
         return real(batch)
 
-    monkeypatch.setattr(dataset, "collate", collate)
+    monkeypatch.setattr(datasets, "collate", collate)
 
 
 def test_an_interrupt_during_validation_resumes_to_the_unbroken_run(data, tmp_path, monkeypatch, capsys):
@@ -307,11 +307,11 @@ def test_a_kill_right_after_the_last_checkpoint_leaves_every_file_of_the_finishe
 
 
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_consistent_checkpoint(data, tmp_path, monkeypatch, capsys):
-    import engine
+    from imgcls.training import step
 
     args = ("--mode", "scratch", "--epochs", "2", "--save-interval", "0")
     assert train.main(train_args(data, tmp_path / "whole", *args)) == 0
-    real, calls = engine.train_step, [0]
+    real, calls = step.train_step, [0]
 
     def twice_after_a_step(*a, **k):
         out = real(*a, **k)  # the weights have moved; the step is not yet counted
@@ -321,7 +321,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_consistent_checkpoint(
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    monkeypatch.setattr(engine, "train_step", twice_after_a_step)
+    monkeypatch.setattr(step, "train_step", twice_after_a_step)
     run = tmp_path / "run"
     assert train.main(train_args(data, run, *args)) == 130
     assert "stopped at once" in capsys.readouterr().err
@@ -339,7 +339,7 @@ def test_a_run_stopped_while_checking_its_files_is_resumable_by_its_folder(stop,
     def stopped(*a, **k):
         raise stop
 
-    monkeypatch.setattr(dataset, "prepare_data", stopped)
+    monkeypatch.setattr(split, "prepare_data", stopped)
     run = tmp_path / "run"
     try:
         status = train.main(train_args(data, run, *args))
@@ -399,7 +399,7 @@ def test_a_resume_without_the_runs_training_state_is_refused_and_the_run_kept(gi
     if gone:
         (run / "last.pt").unlink()
     if "dot-files" in given:  # or made before the marker was: `cp -r run/* copy/`
-        (run / checkpoint.CHECKPOINTED).unlink()
+        (run / runfolder.CHECKPOINTED).unlink()
     if given.startswith("unfinished"):
         (run / "summary.json").unlink()
     kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "last.pt"}
@@ -475,11 +475,11 @@ def test_the_size_a_run_was_trained_at_given_again_on_resume_is_no_change(data, 
     always passes its settings."""
     run = tmp_path / "run"
     run.mkdir()
-    training.write_config(run, training.TrainConfig(data=str(data), model="resnet18", mode="scratch"))
-    cfg, _ = training.resolve_config({"resume": str(run), "img_size": 224})  # (stopped before its first checkpoint)
+    runfolder.write_config(run, settings.TrainConfig(data=str(data), model="resnet18", mode="scratch"))
+    cfg, _ = resume.resolve_config({"resume": str(run), "img_size": 224})  # (stopped before its first checkpoint)
     assert cfg.img_size is None
     with pytest.raises(UsageError, match="cannot change --img-size"):
-        training.resolve_config({"resume": str(run), "img_size": 160})
+        resume.resolve_config({"resume": str(run), "img_size": 160})
 
 
 def test_another_out_on_resume_is_refused(data, tmp_path, capsys):
@@ -522,11 +522,11 @@ def test_a_resume_keeps_the_preprocessing_the_run_was_trained_with(colours, tmp_
 def test_a_run_saved_without_a_grad_scaler_resumes_where_fp16_needs_one(colours, tmp_path, monkeypatch):
     """A run trained on a CPU or a bf16 GPU (no scaler: its state is empty) resumed on a GPU whose mixed
     precision is fp16 (T4, V100): the scaler starts afresh instead of refusing the empty state."""
-    import engine
+    from imgcls import machine
 
     run = tmp_path / "run"
     assert train.main(train_args(colours, run, "--mode", "scratch", "--no-amp")) == 0
     assert torch.load(run / "last.pt", weights_only=True)["scaler"] == {}
-    monkeypatch.setattr(engine, "autocast_dtype", lambda device, amp: torch.float16 if amp else None)
+    monkeypatch.setattr(machine, "autocast_dtype", lambda device, amp: torch.float16 if amp else None)
     assert train.main(["--resume", str(run), "--epochs", "2", "--amp"]) == 0
     assert torch.load(run / "last.pt", weights_only=True)["scaler"]["scale"] > 0

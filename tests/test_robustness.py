@@ -20,15 +20,17 @@ import torch
 from conftest import ROOT, make_folder, make_image, train_args
 from PIL import Image
 
-import checkpoint
-import dataset
-import engine
 import eval as evaluate
-import models
 import train
-import training
+from imgcls import checkpoint, errors
 from imgcls.cli import cli
+from imgcls.data import check, datasets, report
+from imgcls.data import images as data_images
+from imgcls.data import split as data_split
+from imgcls.evaluation import inference
+from imgcls.networks import build, heads
 from imgcls.settings import TrainConfig
+from imgcls.training import loop, optim, step
 
 HOSTILE_SKIPS = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "notes.png": "not an image",
                  "bomb.png": "decompression bomb", "lab.tif": "unsupported mode LAB"}
@@ -69,11 +71,11 @@ def hostile(tmp_path_factory) -> Path:
 
 def test_every_accepted_mode_becomes_rgb_and_16_bit_is_scaled_not_clipped(hostile):
     for name in ("cmyk.jpg", "sixteen.png", "float.tif", "int32.tif", "la.png", "rgba.png", "palette.gif"):
-        arr = dataset.load_image(hostile / "red" / name, 16)
+        arr = data_images.load_image(hostile / "red" / name, 16)
         assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8, name
-    assert dataset.load_image(hostile / "red" / "sixteen.png", 8)[0, 0, 0] == round(50000 / 257)  # not 255
-    assert dataset.load_image(hostile / "red" / "int32.tif", 8)[0, 0, 0] == round(40000 / 257)
-    assert dataset.load_image(hostile / "red" / "float.tif", 8)[0, 0, 0] == round(0.8 * 255)
+    assert data_images.load_image(hostile / "red" / "sixteen.png", 8)[0, 0, 0] == round(50000 / 257)  # not 255
+    assert data_images.load_image(hostile / "red" / "int32.tif", 8)[0, 0, 0] == round(40000 / 257)
+    assert data_images.load_image(hostile / "red" / "float.tif", 8)[0, 0, 0] == round(0.8 * 255)
 
 
 def test_a_16_bit_image_is_scaled_by_its_depth_not_by_its_brightest_pixel(tmp_path):
@@ -86,18 +88,18 @@ def test_a_16_bit_image_is_scaled_by_its_depth_not_by_its_brightest_pixel(tmp_pa
         path = tmp_path / f"dark-{brightest}.pgm"  # 16-bit PGM: Pillow's mode I
         path.write_bytes(b"P5\n16 16\n65535\n" + pixels.astype(">u2").tobytes())
         assert Image.open(path).mode == "I"
-        loaded.append(dataset.load_image(path, 16).astype(float))
+        loaded.append(data_images.load_image(path, 16).astype(float))
     assert loaded[0].max() <= 1 and abs(loaded[0].mean() - loaded[1].mean()) < 0.1
 
 
 def test_transparent_pixels_become_white():
     img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
-    assert tuple(dataset.to_rgb(img).getpixel((0, 0))) == (255, 255, 255)
+    assert tuple(data_images.to_rgb(img).getpixel((0, 0))) == (255, 255, 255)
 
 
 def test_training_on_a_hostile_folder_skips_exactly_the_bad_files_and_ignores_hidden_ones(hostile, tmp_path, capsys):
     out = tmp_path / "run"
-    dataset.check_files(dataset.list_files(hostile))  # checks remembered, images not yet cached
+    check.check_files(check.list_files(hostile))  # checks remembered, images not yet cached
     assert train.main(train_args(hostile, out, "--mode", "scratch")) == 0
     skipped = dict(line.split("\t") for line in (out / "skipped.txt").read_text().splitlines())
     reasons = {Path(p).name: reason for p, reason in skipped.items()}
@@ -107,7 +109,7 @@ def test_training_on_a_hostile_folder_skips_exactly_the_bad_files_and_ignores_hi
     captured = capsys.readouterr()
     assert "skipped 5 unreadable file(s)" in captured.out
     assert "warning: skipped" not in captured.err  # each bad file is reported once, in skipped.txt
-    split = dataset.DataSplit.load(out / "split.json")
+    split = data_split.DataSplit.load(out / "split.json")
     used = {Path(p).name for p, _ in split.train + split.val}
     assert {"cmyk.jpg", "sixteen.png", "palette.gif", "la.png"} <= used and "hidden.png" not in used
 
@@ -125,7 +127,7 @@ def test_check_command_shows_the_test_set_train_would_hold_out(colours):
     result = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "check", str(colours), "--test-split", "0.25"],
                             capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 0, result.stderr
-    split = dataset.prepare_data(str(colours), test_split=0.25, progress=False)  # what train.py gets
+    split = data_split.prepare_data(str(colours), test_split=0.25, progress=False)  # what train.py gets
     assert f"{len(split.train)} train + {len(split.val)} val + {len(split.test)} test (held out)" in result.stdout
     counts = split.counts(split.test)
     assert counts[0] > 0 and f"test {counts[0]:6d}" in result.stdout
@@ -140,7 +142,7 @@ def test_check_command_shows_what_each_fold_validates_on_and_the_look_alikes_acr
     result = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "check", str(data), "--folds", "3",
                              "--test-split", "0.2"], capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 0, result.stderr
-    folds = [dataset.prepare_data(str(data), test_split=0.2, folds=3, fold=f, progress=False) for f in (1, 2, 3)]
+    folds = [data_split.prepare_data(str(data), test_split=0.2, folds=3, fold=f, progress=False) for f in (1, 2, 3)]
     pool = len(folds[0].train) + len(folds[0].val)  # what each fold's run gets
     assert f"{pool} images in 3 folds + {len(folds[0].test)} test (held out)" in result.stdout
     for c, name in enumerate(folds[0].classes):
@@ -160,29 +162,29 @@ def test_the_leakage_warning_counts_images_not_pairs(colours, tmp_path, capsys):
     for i in range(2):
         shutil.copy(first, data / "train" / "red" / f"copy-{i}.png")
         shutil.copy(first, data / "val" / "red" / f"copy-{i}.png")
-    split = dataset.prepare_data(str(data), progress=False)
+    split = data_split.prepare_data(str(data), progress=False)
     held = {b for _, b, _ in split.leaks}
     assert len(split.leaks) > len(held)  # pairs
     lines: list[str] = []
-    dataset.report(split, lines.append)
+    report.report(split, lines.append)
     assert f"warning: {len(held)} image(s) in val/test look like train images" in "\n".join(lines)
     assert train.main(train_args(data, tmp_path / "run", "--mode", "scratch")) == 0
     assert f"{len(held)} val/test image(s) look like train images" in capsys.readouterr().err
 
 
 def test_a_second_check_reads_the_cache_instead_of_the_files(hostile, monkeypatch):
-    paths = dataset.list_files(hostile / "red")
-    first = dataset.check_files(paths)
+    paths = check.list_files(hostile / "red")
+    first = check.check_files(paths)
 
     def boom(*args):
         raise AssertionError("re-inspected a file that had not changed")
 
-    monkeypatch.setattr(dataset, "inspect_file", boom)
-    assert dataset.check_files(paths) == first
+    monkeypatch.setattr(check, "inspect_file", boom)
+    assert check.check_files(paths) == first
 
 
 def test_a_check_interrupted_while_filling_the_image_cache_leaves_no_partial_cache(colours, tmp_path, monkeypatch):
-    real, seen = dataset.inspect_file, []
+    real, seen = check.inspect_file, []
 
     def interrupted(*args):
         seen.append(1)
@@ -190,9 +192,9 @@ def test_a_check_interrupted_while_filling_the_image_cache_leaves_no_partial_cac
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(dataset, "inspect_file", interrupted)
+    monkeypatch.setattr(check, "inspect_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        dataset.prepare_data(str(colours), cache_dir=str(tmp_path), cache_size=32)
+        data_split.prepare_data(str(colours), cache_dir=str(tmp_path), cache_size=32)
     assert list((tmp_path / "images").iterdir()) == []
 
 
@@ -201,22 +203,22 @@ def test_exact_copies_across_train_and_val_are_flagged_as_leakage(tmp_path):
     make_folder(tmp_path / "val", per_class=2, offset=50)
     leaked = tmp_path / "val" / "red" / "copy.png"
     leaked.write_bytes((tmp_path / "train" / "red" / "red_000.png").read_bytes())
-    split = dataset.prepare_data(str(tmp_path))
+    split = data_split.prepare_data(str(tmp_path))
     assert split.leaks == [(str(tmp_path / "train" / "red" / "red_000.png"), str(leaked), 0)]
 
 
 def tiny_loader(paths: list[Path]) -> torch.utils.data.DataLoader:
-    ds = dataset.ImageDataset([(str(p), 0) for p in paths], 32, dataset.eval_transform(32))
-    return torch.utils.data.DataLoader(ds, batch_size=len(paths), collate_fn=dataset.collate)
+    ds = datasets.ImageDataset([(str(p), 0) for p in paths], 32, datasets.eval_transform(32))
+    return torch.utils.data.DataLoader(ds, batch_size=len(paths), collate_fn=datasets.collate)
 
 
 def one_epoch(loader) -> dict:
-    model = models.build_model("mobilenet_v2", 3)
-    opt = training.make_optimizer(TrainConfig(lr=0.01), model)
-    learner = engine.Learner(model, opt, torch.amp.GradScaler("cuda", enabled=False), torch.nn.CrossEntropyLoss(),
+    model = build.build_model("mobilenet_v2", 3)
+    opt = optim.make_optimizer(TrainConfig(lr=0.01), model)
+    learner = step.Learner(model, opt, torch.amp.GradScaler("cuda", enabled=False), torch.nn.CrossEntropyLoss(),
                              lambda x: x.float() / 255, contextlib.nullcontext, torch.device("cpu"),
                              lambda start, end: 1.0)
-    return engine.train_one_epoch(learner, loader, engine.Progress(), len(loader.dataset), seed=0, show=False)
+    return step.train_one_epoch(learner, loader, step.Progress(), len(loader.dataset), seed=0, show=False)
 
 
 def test_a_file_deleted_during_training_is_skipped_with_a_warning(colours, tmp_path, capsys):
@@ -233,7 +235,7 @@ def test_a_file_deleted_during_training_is_skipped_with_a_warning(colours, tmp_p
 def test_too_many_unreadable_files_in_a_batch_stop_training_clearly(tmp_path):
     paths = [tmp_path / f"{i}.png" for i in range(4)]
     make_image((9, 9, 9), 0).save(paths[0])
-    with pytest.raises(engine.TrainingError, match="3 of 4 images in a batch could not be read"):
+    with pytest.raises(errors.TrainingError, match="3 of 4 images in a batch could not be read"):
         one_epoch(tiny_loader(paths))
 
 
@@ -361,8 +363,8 @@ def test_ctrl_c_or_sigterm_saves_last_pt_at_once_and_says_how_to_resume(sig, slo
 
 
 def test_a_snapshot_copies_the_trained_weights_and_shares_the_frozen_ones(with_weights):
-    model = models.build_model("resnet18", 3, "transfer")
-    snap = models.snapshot(model)
+    model = build.build_model("resnet18", 3, "transfer")
+    snap = heads.snapshot(model)
     with torch.no_grad():
         model.fc.weight.add_(1.0)
     assert not torch.equal(snap["fc.weight"], model.fc.weight)
@@ -388,9 +390,9 @@ def test_a_run_that_fails_still_writes_its_best_model_held_in_memory(colours, tm
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("boom")
-        return engine.evaluate(*args, **kwargs)
+        return inference.evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(training, "evaluate", failing_on_the_third_epoch)
+    monkeypatch.setattr(loop, "evaluate", failing_on_the_third_epoch)  # where the loop looks it up
     with pytest.raises(RuntimeError, match="boom"):
         train.main(train_args(colours, tmp_path / "run", "--mode", "scratch", "--epochs", "4",
                               "--save-interval", "3600"))
@@ -411,10 +413,10 @@ def test_the_check_lists_every_look_alike_pair_in_a_file_when_it_shows_only_some
     first = sorted((data / "red").iterdir())[0]
     for i in range(8):  # copies of one picture within a class: more pairs than the screen shows
         shutil.copy(first, data / "red" / f"copy-{i}.png")
-    split = dataset.prepare_data(str(data), progress=False)
+    split = data_split.prepare_data(str(data), progress=False)
     assert len(split.repeats) > 10
     lines: list[str] = []
-    dataset.report(split, lines.append, listing=tmp_path / "pairs.csv")
+    report.report(split, lines.append, listing=tmp_path / "pairs.csv")
     text = "\n".join(lines)
     assert f"... and {len(split.repeats) - 10} more; all {len(split.repeats) + len(split.leaks)} pairs in " \
            f"{tmp_path / 'pairs.csv'}" in text

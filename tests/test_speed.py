@@ -14,10 +14,11 @@ import torch
 from conftest import train_args
 from PIL import Image
 
-import dataset
-import engine
 import train
+from imgcls.data import images, loaders
 from imgcls.errors import TrainingError
+from imgcls.training import ema as training_ema
+from imgcls.training import features, step
 
 
 def history(run: Path) -> list[float]:
@@ -35,8 +36,8 @@ def test_the_decoded_image_cache_gives_exactly_the_same_run(colours, tmp_path):
 
 def test_a_first_run_decodes_each_image_once_for_the_check_and_the_cache(colours, tmp_path, monkeypatch):
     decoded = []
-    real = dataset.open_image
-    monkeypatch.setattr(dataset, "open_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    real = images.open_image
+    monkeypatch.setattr(images, "open_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
     args = ("--mode", "scratch", "--epochs", "2", "--cache-dir", str(tmp_path / "cache"))
     assert train.main(train_args(colours, tmp_path / "run", *args)) == 0
     assert len(decoded) == 36  # 3 classes x 12 images, then every epoch reads the cache
@@ -45,8 +46,8 @@ def test_a_first_run_decodes_each_image_once_for_the_check_and_the_cache(colours
 def test_a_run_with_a_test_split_decodes_each_image_once_into_one_cache(colours, tmp_path, monkeypatch):
     """The check caches what it decodes, test images included (it must check them): training uses that cache."""
     decoded = []
-    real = dataset.open_image
-    monkeypatch.setattr(dataset, "open_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    real = images.open_image
+    monkeypatch.setattr(images, "open_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
     args = ("--mode", "scratch", "--cache-dir", str(tmp_path / "cache"), "--test-split", "0.25")
     assert train.main(train_args(colours, tmp_path / "run", *args)) == 0
     assert len(decoded) == 36
@@ -86,7 +87,7 @@ def test_large_jpegs_are_decoded_at_reduced_scale_to_the_same_picture(tmp_path):
     rng = np.random.default_rng(0)
     big = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((3000, 2000), Image.BICUBIC)
     big.save(tmp_path / "big.jpg", quality=90)
-    fast = dataset.load_image(tmp_path / "big.jpg", 256).astype(float)
+    fast = images.load_image(tmp_path / "big.jpg", 256).astype(float)
     full = Image.open(tmp_path / "big.jpg").convert("RGB")
     s = 2000
     reference = np.asarray(full.resize((256, 256), Image.BILINEAR, box=(500, 0, 500 + s, s)), dtype=float)
@@ -112,15 +113,15 @@ def test_a_non_finite_loss_is_caught_before_the_step_changes_the_weights():
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
-    learner = engine.Learner(net, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
+    learner = step.Learner(net, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(),
                              lambda x: x.float(), contextlib.nullcontext, torch.device("cpu"), lambda a, b: 1.0)
     x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
-    loss, correct = engine.train_step(learner, x, y, "batch 1")
+    loss, correct = step.train_step(learner, x, y, "batch 1")
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(net(x), y).item(), abs=1.0) and 0 <= correct <= 4
     before = [p.detach().clone() for p in net.parameters()]
     state = {k: v.clone() for k, v in optimizer.state[net[1].weight].items()}
     with pytest.raises(TrainingError, match="loss became nan at batch 2"):
-        engine.train_step(learner, torch.full_like(x, float("nan")), y, "batch 2")
+        step.train_step(learner, torch.full_like(x, float("nan")), y, "batch 2")
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert all(torch.equal(v, optimizer.state[net[1].weight][k]) for k, v in state.items())
     assert all(p.grad is None for p in net.parameters())
@@ -128,10 +129,10 @@ def test_a_non_finite_loss_is_caught_before_the_step_changes_the_weights():
 
 def test_a_loader_starts_no_more_workers_than_an_epoch_has_batches():
     device = torch.device("cpu")
-    assert engine.make_loader(engine.Features(torch.zeros(12, 2), [0] * 12), 8, 8, device).num_workers == 2
-    sampler = engine.ResumableSampler(40, seed=0)
+    assert loaders.make_loader(features.Features(torch.zeros(12, 2), [0] * 12), 8, 8, device).num_workers == 2
+    sampler = loaders.ResumableSampler(40, seed=0)
     sampler.set_epoch(0, start=39)  # a resume near the end of an epoch: later epochs are whole again
-    assert engine.make_loader(engine.Features(torch.zeros(40, 2), [0] * 40), 8, 8, device, sampler).num_workers == 5
+    assert loaders.make_loader(features.Features(torch.zeros(40, 2), [0] * 40), 8, 8, device, sampler).num_workers == 5
 
 
 def test_the_ema_update_is_averaged_models_arithmetic_without_its_host_syncs():
@@ -143,7 +144,7 @@ def test_the_ema_update_is_averaged_models_arithmetic_without_its_host_syncs():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                               torch.nn.LazyLinear(2))
     net(torch.rand(2, 3, 6, 6))
-    ema = engine.Ema(net, 0.99, total_steps=1000)
+    ema = training_ema.Ema(net, 0.99, total_steps=1000)
     steps = []
 
     def average(averaged, current, _):
@@ -174,12 +175,12 @@ def test_the_ema_update_is_averaged_models_arithmetic_without_its_host_syncs():
 def test_the_training_loss_is_torchs_cross_entropy(smoothing, weighted):
     """Class weights with label smoothing are computed without torch's masked_select (a host sync per
     step on a GPU), to the same value; soft targets (mixup) go through torch's own."""
-    import training
+    from imgcls.training import losses
 
     torch.manual_seed(0)
     logits, target = torch.randn(16, 5), torch.randint(0, 5, (16,))
     weight = torch.rand(5) + 0.5 if weighted else None
-    ours = training.CrossEntropy(weight=weight, label_smoothing=smoothing)
+    ours = losses.CrossEntropy(weight=weight, label_smoothing=smoothing)
     torchs = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)
     assert float(ours(logits, target)) == pytest.approx(float(torchs(logits, target)), rel=1e-6)
     soft = torch.softmax(torch.randn(16, 5), 1)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from conftest import call, train_args
 
-import checkpoint
 import eval as evaluate
 import export
-import models
 import test as predict
 import train
-from checkpoint import Preprocess
+from imgcls import checkpoint
 from imgcls.errors import UsageError
+from imgcls.networks import build
+from imgcls.preprocess import Preprocess
 
 timm = pytest.importorskip("timm", reason="timm is not installed (requirements-timm.txt)")
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def test_a_timm_model_trains_in_each_mode_and_its_checkpoint_rebuilds(mode, timm
     ckpt = checkpoint.load(out / "best.pt")
     assert (ckpt["arch"], ckpt["mode"]) == (NAME, mode)
     assert Preprocess.from_dict(ckpt["preprocess"]) == Preprocess(32, 34, (0.5,) * 3, (0.5,) * 3, "bicubic")  # at 32
-    model = models.from_checkpoint(ckpt)
+    model = build.from_checkpoint(ckpt)
     assert model.get_classifier().out_features == 3
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
     if mode == "transfer":  # the backbone came from the file and stayed as it was
@@ -86,8 +86,8 @@ def test_a_timm_run_evaluates_predicts_explains_and_exports_with_the_same_comman
 
 
 def test_preprocessing_comes_from_timms_data_config():
-    assert models.preprocessing(NAME) == Preprocess(160, 168, (0.5,) * 3, (0.5,) * 3, "bicubic")  # 160 / 0.95
-    pre = models.preprocessing("timm/efficientnet_b0")
+    assert build.preprocessing(NAME) == Preprocess(160, 168, (0.5,) * 3, (0.5,) * 3, "bicubic")  # 160 / 0.95
+    pre = build.preprocessing("timm/efficientnet_b0")
     assert (pre.img_size, pre.resize_size, pre.mean) == (224, 256, (0.485, 0.456, 0.406))
 
 
@@ -101,14 +101,14 @@ def test_a_timm_model_sees_an_image_as_timms_own_eval_transform_makes_it(arch, m
     from PIL import Image, ImageDraw
     from timm.data import create_transform, resolve_data_config
 
-    import predictor
-    import timm_models
+    from imgcls.evaluation import predictor
+    from imgcls.networks import timm_models
 
     img = Image.new("RGB", (150, 75), (40, 90, 200))
     ImageDraw.Draw(img).ellipse((10, 10, 60, 60), fill=(230, 200, 20))
     ImageDraw.Draw(img).rectangle((100, 5, 140, 70), fill=(200, 30, 30))
     img.save(tmp_path / "wide.png")
-    pre = models.preprocessing(arch, 64)
+    pre = build.preprocessing(arch, 64)
     assert pre.crop_mode == mode
     ours = next(predictor.input_images(types.SimpleNamespace(preprocess=pre), [str(tmp_path / "wide.png")]))
     config = {**resolve_data_config(pretrained_cfg=timm_models.pretrained_cfg(arch)), "input_size": (3, 64, 64)}
@@ -118,10 +118,10 @@ def test_a_timm_model_sees_an_image_as_timms_own_eval_transform_makes_it(arch, m
 
 
 def test_the_crop_mode_travels_with_the_checkpoint_into_its_export_and_older_files_read_as_center(colours, tmp_path):
-    from predictor import OnnxModel
+    from imgcls.evaluation.predictor import OnnxModel
 
     pre = Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3, "bicubic", "squash")
-    net = models.build_model(NAME, 3, "scratch", img_size=32)
+    net = build.build_model(NAME, 3, "scratch", img_size=32)
     (tmp_path / "run").mkdir()
     torch.save(checkpoint.of_model(NAME, ["blue", "green", "red"], net.state_dict(), pre), tmp_path / "run" / "best.pt")
     assert Preprocess.from_dict(checkpoint.load(tmp_path / "run" / "best.pt")["preprocess"]) == pre
@@ -136,17 +136,17 @@ def test_the_crop_mode_travels_with_the_checkpoint_into_its_export_and_older_fil
 
 def test_timm_weights_file_goes_through_timms_loader_whole_and_the_head_is_new(timm_weights, tmp_path):
     state = weights_of(timm_weights)
-    model = models.build_model(NAME, 4, "finetune", str(timm_weights))
+    model = build.build_model(NAME, 4, "finetune", str(timm_weights))
     mine = model.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in state.items() if not k.startswith("head.fc."))
     assert model.head_name == "head.fc" and mine["head.fc.weight"].shape[0] == 4
     torch.save(state, tmp_path / "w.pth")  # the same as a torch file
-    assert torch.equal(models.build_model(NAME, 4, "transfer", str(tmp_path / "w.pth")).stem[0].weight,
+    assert torch.equal(build.build_model(NAME, 4, "transfer", str(tmp_path / "w.pth")).stem[0].weight,
                        state["stem.0.weight"])
 
 
 def test_transfer_mode_trains_only_timms_classifier(timm_weights):
-    model = models.build_model(NAME, 3, "transfer", str(timm_weights))
+    model = build.build_model(NAME, 3, "transfer", str(timm_weights))
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.fc.weight", "head.fc.bias"]
 
 
@@ -155,7 +155,7 @@ def test_a_vit_made_for_another_size_is_built_for_the_runs_size_its_embeddings_r
 
     torch.manual_seed(1)
     save_file(timm.create_model("test_vit").state_dict(), str(tmp_path / "vit.safetensors"))  # 160 px
-    model = models.build_model("timm/test_vit", 3, "finetune", str(tmp_path / "vit.safetensors"), img_size=32)
+    model = build.build_model("timm/test_vit", 3, "finetune", str(tmp_path / "vit.safetensors"), img_size=32)
     assert model.net_options == {"img_size": 32}
     assert model.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 3)
 
@@ -213,7 +213,7 @@ def test_images_are_resized_with_the_interpolation_of_the_weights_and_it_travels
     assert checkpoint.load(run / "best.pt")["preprocess"]["interpolation"] == "bicubic"
     onnx = tmp_path / "m.onnx"
     assert call(export.main, ["--checkpoint", str(run), "--format", "onnx", "--out", str(onnx), "--images", "2"]) == 0
-    from predictor import OnnxModel
+    from imgcls.evaluation.predictor import OnnxModel
 
     assert OnnxModel(onnx).preprocess.interpolation == "bicubic"
 
@@ -223,7 +223,7 @@ def test_our_checkpoint_of_a_fixed_size_model_starts_a_run_at_another_size(colou
     run = tmp_path / "vit32"
     assert call(train.main, train_args(colours, run, "--model", "timm/test_vit", "--mode", "scratch")) == 0
     for size in (64, 160):
-        model = models.build_model("timm/test_vit", 3, "finetune", str(run / "best.pt"), img_size=size)
+        model = build.build_model("timm/test_vit", 3, "finetune", str(run / "best.pt"), img_size=size)
         assert model.net_options == {"img_size": size}
         assert model.eval()(torch.rand(1, 3, size, size)).shape == (1, 3)
 
@@ -232,7 +232,7 @@ def test_a_timm_state_dict_with_another_head_loads_its_backbone(tmp_path):
     torch.manual_seed(2)
     state = timm.create_model("test_convnext", num_classes=10).state_dict()
     torch.save({"module." + k: v for k, v in state.items()}, tmp_path / "ten.pth")  # as saved from DDP
-    model = models.build_model(NAME, 3, "finetune", str(tmp_path / "ten.pth"))
+    model = build.build_model(NAME, 3, "finetune", str(tmp_path / "ten.pth"))
     assert torch.equal(model.stem[0].weight, state["stem.0.weight"]) and model.get_classifier().out_features == 3
 
 
@@ -241,7 +241,7 @@ def test_a_timm_file_that_does_not_fit_names_the_mismatching_keys(tmp_path):
     del state["stem.0.weight"]
     torch.save(state, tmp_path / "less.pth")
     with pytest.raises(UsageError, match=r"don't fit timm/test_convnext \(missing: stem\.0\.weight\)"):
-        models.build_model(NAME, 3, "finetune", str(tmp_path / "less.pth"))
+        build.build_model(NAME, 3, "finetune", str(tmp_path / "less.pth"))
 
 
 @pytest.mark.parametrize("model", ["timm/deit_tiny_distilled_patch16_224", "timm/volo_d1_224"])
@@ -256,11 +256,11 @@ def test_a_model_with_two_classifier_heads_is_refused_for_what_it_is(model, colo
 def test_another_models_weights_are_refused_naming_the_keys_a_converter_tripped_on(tmp_path):
     torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "vit.pth")
     with pytest.raises(UsageError, match=r"don't fit timm/test_convnext \(missing: .*; unexpected: .*\)"):
-        models.build_model(NAME, 3, "finetune", str(tmp_path / "vit.pth"))
+        build.build_model(NAME, 3, "finetune", str(tmp_path / "vit.pth"))
 
 
 def test_weights_timm_cannot_convert_for_another_size_are_refused_naming_their_size():
-    import timm_models
+    from imgcls.networks import timm_models
 
     error = RuntimeError('Error(s) in loading state_dict:\n\tsize mismatch for pos_embed: copying a param ...')
     message = timm_models.not_fitting("timm/test_vit", "w.pth", error, {}, {}, {"img_size": 64})
@@ -297,7 +297,7 @@ def test_pretrained_layers_inside_a_head_are_kept_and_only_the_classifier_is_new
     with torch.no_grad():
         net.head.bn.running_var.uniform_(0.5, 1.5)
     torch.save(net.state_dict(), tmp_path / "shvit.pth")
-    model = models.build_model("timm/shvit_s1", 3, "transfer", str(tmp_path / "shvit.pth"))
+    model = build.build_model("timm/shvit_s1", 3, "transfer", str(tmp_path / "shvit.pth"))
     assert model.head_name == "head.l" and model.head.l.out_features == 3
     assert torch.equal(model.head.bn.running_var, net.head.bn.running_var)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.l.weight", "head.l.bias"]
@@ -311,10 +311,10 @@ def test_weights_published_without_a_classifier_and_our_checkpoints_of_them_both
     torch.manual_seed(4)
     published = timm.create_model(name).state_dict()
     torch.save(published, tmp_path / "published.pth")
-    model = models.build_model(arch, 2, "finetune", str(tmp_path / "published.pth"), img_size=56)
+    model = build.build_model(arch, 2, "finetune", str(tmp_path / "published.pth"), img_size=56)
     first = next(iter(published))
     assert torch.equal(model.state_dict()[first], published[first])
-    ckpt = checkpoint.of_model(arch, ["a", "b"], model.state_dict(), models.preprocessing(arch, 56))
+    ckpt = checkpoint.of_model(arch, ["a", "b"], model.state_dict(), build.preprocessing(arch, 56))
     torch.save(ckpt, tmp_path / "ours.pt")
-    again = models.build_model(arch, 3, "transfer", str(tmp_path / "ours.pt"), img_size=56)
+    again = build.build_model(arch, 3, "transfer", str(tmp_path / "ours.pt"), img_size=56)
     assert torch.equal(again.state_dict()[first], published[first]) and again.get_classifier().out_features == 3

@@ -10,11 +10,11 @@ import torch
 import torchvision
 from conftest import THREE, cached_weights, make_folder, train_args
 
-import checkpoint
-import dataset
-import folders
-import models
 import train
+from imgcls import checkpoint
+from imgcls.data import check, demo, folders
+from imgcls.data import split as data_split
+from imgcls.networks import build, heads
 
 
 def run_train(args: list[str]) -> int:
@@ -27,18 +27,18 @@ def run_train(args: list[str]) -> int:
 # ----------------------------------------------------------------------------- data
 
 def test_demo_export_writes_the_digits_as_train_and_held_out_test_folders(tmp_path):
-    dest = dataset.export_demo(tmp_path / "digits")
+    dest = demo.export_demo(tmp_path / "digits")
     digits = [str(d) for d in range(10)]
-    assert dataset.class_folders(dest / "train") == digits == dataset.class_folders(dest / "test")
-    n_train, n_test = (sum(len(dataset.list_files(dest / s / d)) for d in digits) for s in ("train", "test"))
+    assert check.class_folders(dest / "train") == digits == check.class_folders(dest / "test")
+    n_train, n_test = (sum(len(check.list_files(dest / s / d)) for d in digits) for s in ("train", "test"))
     assert (n_train, n_test) == (1438, 359)
     assert folders.find_layout(dest) == (dest / "train", None, dest / "test")
 
 
 def test_flat_folder_is_split_per_class_with_the_same_seed_giving_the_same_split(colours):
-    a = dataset.prepare_data(str(colours), val_split=0.25, seed=1)
-    b = dataset.prepare_data(str(colours), val_split=0.25, seed=1)
-    c = dataset.prepare_data(str(colours), val_split=0.25, seed=2)
+    a = data_split.prepare_data(str(colours), val_split=0.25, seed=1)
+    b = data_split.prepare_data(str(colours), val_split=0.25, seed=1)
+    c = data_split.prepare_data(str(colours), val_split=0.25, seed=2)
     assert a.classes == ["blue", "green", "red"]
     assert a.counts(a.val) == [3, 3, 3] and a.counts(a.train) == [9, 9, 9]
     assert (a.train, a.val) == (b.train, b.val)
@@ -50,14 +50,14 @@ def test_flat_folder_is_split_per_class_with_the_same_seed_giving_the_same_split
 def test_train_and_val_folders_are_used_as_given(tmp_path, val_name):
     make_folder(tmp_path / "train", per_class=4)
     make_folder(tmp_path / val_name, per_class=2, offset=77)
-    split = dataset.prepare_data(str(tmp_path))
+    split = data_split.prepare_data(str(tmp_path))
     assert len(split.train) == 12 and len(split.val) == 6
     assert all(f"/{val_name}/" in p for p, _ in split.val)
 
 
 def test_split_is_written_to_the_run_folder_and_reloads(colours, tmp_path):
     assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch")) == 0
-    split = dataset.DataSplit.load(tmp_path / "run" / "split.json")
+    split = data_split.DataSplit.load(tmp_path / "run" / "split.json")
     assert split.classes == ["blue", "green", "red"] and len(split.train) + len(split.val) == 36
 
 
@@ -65,7 +65,7 @@ def test_split_is_written_to_the_run_folder_and_reloads(colours, tmp_path):
 
 @pytest.mark.parametrize("name", ["vgg11_bn", "resnet50", "efficientnet_b0", "squeezenet1_0", "vit_b_16"])
 def test_any_torchvision_classifier_gets_a_head_for_the_dataset_classes(name):
-    model = models.build_model(name, num_classes=5)
+    model = build.build_model(name, num_classes=5)
     size = 224 if name == "vit_b_16" else 64
     assert model.eval()(torch.rand(1, 3, size, size)).shape == (1, 5)
 
@@ -79,18 +79,18 @@ def test_unknown_model_is_refused_with_the_closest_names(colours, tmp_path, caps
 
 def test_preprocessing_comes_from_the_weights_metadata():
     t = torchvision.models.get_model_weights("efficientnet_b1").DEFAULT.transforms()
-    pre = models.preprocessing("efficientnet_b1")
+    pre = build.preprocessing("efficientnet_b1")
     assert (pre.img_size, pre.resize_size) == (t.crop_size[0], t.resize_size[0])
     assert pre.mean == pytest.approx(t.mean) and pre.std == pytest.approx(t.std)
-    assert models.preprocessing("resnet18", img_size=112).resize_size == 128  # same 224/256 ratio
+    assert build.preprocessing("resnet18", img_size=112).resize_size == 128  # same 224/256 ratio
 
 
 def test_transfer_mode_trains_only_the_head_and_keeps_batchnorm_statistics(with_weights):
-    model = models.build_model("resnet18", 3, "transfer")
+    model = build.build_model("resnet18", 3, "transfer")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["fc.weight", "fc.bias"]
     before = model.layer1[0].bn1.running_mean.clone()
-    models.set_train_mode(model, True, "transfer")
+    heads.set_train_mode(model, True, "transfer")
     model(torch.rand(4, 3, 32, 32) * 5)
     assert torch.equal(model.layer1[0].bn1.running_mean, before)
     assert model.fc.training and not model.layer1.training
@@ -98,22 +98,22 @@ def test_transfer_mode_trains_only_the_head_and_keeps_batchnorm_statistics(with_
 
 @pytest.mark.parametrize("mode", ["scratch", "finetune"])
 def test_scratch_and_finetune_train_every_parameter(mode, with_weights):
-    _, frozen = models.count_parameters(models.build_model("mobilenet_v2", 3, mode))
+    _, frozen = heads.count_parameters(build.build_model("mobilenet_v2", 3, mode))
     assert frozen == 0
 
 
 def test_finetune_starts_from_the_torch_home_cache_weights(with_weights):
-    model = models.build_model("resnet18", 3, "finetune")
+    model = build.build_model("resnet18", 3, "finetune")
     saved = cached_weights(with_weights, "resnet18")
     assert torch.equal(model.conv1.weight, saved["conv1.weight"])
-    assert not torch.equal(models.build_model("resnet18", 3, "scratch").conv1.weight, saved["conv1.weight"])
+    assert not torch.equal(build.build_model("resnet18", 3, "scratch").conv1.weight, saved["conv1.weight"])
 
 
 def test_weights_file_is_loaded_instead_of_imagenet(tmp_path):
     torch.manual_seed(7)
     state = torchvision.models.mobilenet_v2().state_dict()
     torch.save(state, tmp_path / "mine.pth")
-    model = models.build_model("mobilenet_v2", 3, "transfer", weights_file=str(tmp_path / "mine.pth"))
+    model = build.build_model("mobilenet_v2", 3, "transfer", weights_file=str(tmp_path / "mine.pth"))
     assert torch.equal(model.features[0][0].weight, state["features.0.0.weight"])
 
 
@@ -129,7 +129,7 @@ def test_without_internet_the_error_gives_the_exact_command_that_trains_offline_
     import shlex
 
     checked = []
-    monkeypatch.setattr(dataset, "prepare_data", lambda *a, **k: checked.append(a) or [][0])  # (not reached)
+    monkeypatch.setattr(data_split, "prepare_data", lambda *a, **k: checked.append(a) or [][0])  # (not reached)
     assert run_train(train_args(colours, tmp_path / "r", "--model", "mobilenet_v2")) == 2  # finetune: the default
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and not checked and not (tmp_path / "r").exists()
@@ -155,7 +155,7 @@ def test_each_model_trains_in_each_mode_and_its_checkpoint_rebuilds(name, mode, 
     assert train.main(train_args(colours, out, "--model", name, "--mode", mode)) == 0
     ckpt = checkpoint.load(out / "best.pt")
     assert (ckpt["arch"], ckpt["mode"], ckpt["classes"]) == (name, mode, ["blue", "green", "red"])
-    model = models.from_checkpoint(ckpt)
+    model = build.from_checkpoint(ckpt)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
     if mode == "transfer":  # the frozen backbone is exactly the loaded weights after training
         saved = cached_weights(with_weights, name)
@@ -274,7 +274,7 @@ def test_resume_auto_without_any_run_says_so(tmp_path, monkeypatch, capsys):
 
 
 def test_a_gpu_too_old_for_the_installed_pytorch_is_reported_before_training(monkeypatch):
-    import engine
+    from imgcls import machine
     from imgcls.errors import UsageError
 
     # what torch reports for a Tesla K80 (sm_37) under a current wheel; no GPU is needed for the rule
@@ -282,9 +282,9 @@ def test_a_gpu_too_old_for_the_installed_pytorch_is_reported_before_training(mon
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_50", "sm_80", "sm_90a", "compute_90"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla K80")
     with pytest.raises(UsageError, match=r"Tesla K80 \(sm_37\) is not supported .* --device cpu"):
-        engine.check_gpu_supported(torch.device("cuda:0"))
+        machine.check_gpu_supported(torch.device("cuda:0"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    engine.check_gpu_supported(torch.device("cuda:0"))  # an H100 is fine
+    machine.check_gpu_supported(torch.device("cuda:0"))  # an H100 is fine
 
 
 def test_the_layer_table_goes_to_the_run_folder_not_the_screen(colours, tmp_path, capsys):

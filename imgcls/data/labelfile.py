@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from folders import shown
+from imgcls.data.folders import shown
 from imgcls.errors import UsageError
 
 SPLITS = ("train", "val", "test")

@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from folders import shown
 from imgcls import files
+from imgcls.data.folders import shown
 
 
 def plain(text: str) -> str:

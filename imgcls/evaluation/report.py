@@ -14,18 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-import calibration
-import dataset
-import explain
-import folders
-import html_report
-import labels
-import multilabel
-import plots
-import splits
-from imgcls import files
+from imgcls import files, plots
+from imgcls.data import check, folders, imagecache, labelfile, stratify
+from imgcls.data import split as data_split
 from imgcls.errors import UsageError
-from predictor import Explainer, Loaded, input_images, load_model, run_model, thumbnail
+from imgcls.evaluation import calibration, multilabel, predictions, report_html
+from imgcls.evaluation.predictor import Explainer, Loaded, input_images, load_model, run_model, thumbnail
 
 
 def match_classes(folder_classes: list[str], model_classes: list[str]) -> list[int]:
@@ -36,7 +30,7 @@ def match_classes(folder_classes: list[str], model_classes: list[str]) -> list[i
                          f"{', '.join(model_classes)}. Remove or rename them")
     missing = [c for c in model_classes if c not in folder_classes]
     if missing:
-        dataset.warn(f"no images of class(es) {', '.join(missing)}: the report covers the other classes")
+        imagecache.warn(f"no images of class(es) {', '.join(missing)}: the report covers the other classes")
     return [model_classes.index(c) for c in folder_classes]
 
 
@@ -96,13 +90,13 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, split, cache_dir, size, max_bytes,
                                                                loaded.preprocess.resample,
                                                                label_sep or loaded.label_sep, image_cache)
-    check_kind(splits.is_multilabel(items), loaded, what)
+    check_kind(stratify.is_multilabel(items), loaded, what)
     mapping = match_classes(data_classes, loaded.classes)
     items = [(p, tuple(sorted(mapping[c] for c in y)) if loaded.multilabel else mapping[y]) for p, y in items]
     print(f"evaluating {len(items)} images: {what}")
     caveats = warn_if_seen(items, split, ckpt_path.parent / "split.json") if split is not None else []
     if skipped:
-        dataset.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
+        imagecache.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
                      f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
     logits, y, idx = run_model(loaded, items, batch_size, workers, cache=cache, max_bytes=max_bytes, tta=tta)
     if not len(idx):
@@ -165,23 +159,23 @@ def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]],
                       sep.join(names[c] for c in np.flatnonzero(said)),
                       sep.join(names[c] for c in np.flatnonzero(truth[r] & ~said)),
                       sep.join(names[c] for c in np.flatnonzero(said & ~truth[r].astype(bool))),
-                      probabilities_json([(names[c], float(p[r, c])) for c in np.flatnonzero(said)])])
+                      predictions.probabilities_json([(names[c], float(p[r, c])) for c in np.flatnonzero(said)])])
     files.write_csv(out / "mistakes.csv", ["path", "labels", "predicted", "missed", "extra", "probabilities"], lines)
-    html_report.write_html(out / "report.html", m, {}, [("Per label", out / "per_label.png")])
+    report_html.write_html(out / "report.html", m, {}, [("Per label", out / "per_label.png")])
     print(f"wrote {out}/report.html, metrics.json, per_label.png, classification_report.txt, mistakes.csv")
     return 0
 
 
-def evaluation_set(data: Path | None, ckpt_path: Path, split: dataset.DataSplit | None, cache_dir: str | None,
-                   size: int | None, max_bytes: int, interpolation: str, sep: str = labels.DEFAULT_SEP,
-                   image_cache: str = "raw") -> dataset.Scanned:
+def evaluation_set(data: Path | None, ckpt_path: Path, split: data_split.DataSplit | None, cache_dir: str | None,
+                   size: int | None, max_bytes: int, interpolation: str, sep: str = labelfile.DEFAULT_SEP,
+                   image_cache: str = "raw") -> check.Scanned:
     """The labelled images to evaluate: a folder, a label file, or the test split of the checkpoint's run
     (`split`, its split.json when readable); checked, and decoded into the cache of kind `image_cache`."""
-    if data is not None and labels.is_label_file(data):
-        return dataset.scan_labels(data, cache_dir, cache_size=size, max_bytes=max_bytes, sep=sep,
+    if data is not None and labelfile.is_label_file(data):
+        return check.scan_labels(data, cache_dir, cache_size=size, max_bytes=max_bytes, sep=sep,
                                    interpolation=interpolation, image_cache=image_cache)
     if data is not None:
-        return dataset.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation,
+        return check.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation,
                                    image_cache=image_cache)
     if split is None and (ckpt_path.parent / "split.json").exists():
         raise UsageError(f"{ckpt_path.parent / 'split.json'} cannot be read: give the images to evaluate, "
@@ -192,19 +186,19 @@ def evaluation_set(data: Path | None, ckpt_path: Path, split: dataset.DataSplit 
         raise UsageError(f"{ckpt_path.parent} has no held-out test split (train with --test-split F, or give a "
                          "folder with a test/ folder): give the images to evaluate, python eval.py DATA")
     if not split.test:  # a data set root with its own test/ folder
-        return dataset.scan_folder(root, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation,
+        return check.scan_folder(root, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation,
                                    image_cache=image_cache)
-    good, skipped, cache = dataset.check_items(split.test, "the run's test split", cache_dir, True, size, max_bytes,
+    good, skipped, cache = check.check_items(split.test, "the run's test split", cache_dir, True, size, max_bytes,
                                                interpolation, image_cache)
     return split.classes, good, skipped, cache, f"the run's held-out test split ({ckpt_path.parent / 'split.json'})"
 
 
-def run_split(run_dir: Path) -> dataset.DataSplit | None:
+def run_split(run_dir: Path) -> data_split.DataSplit | None:
     """The run's split.json, when the checkpoint is in a run folder that has a readable one."""
     try:
-        split = dataset.DataSplit.load(run_dir / "split.json")
+        split = data_split.DataSplit.load(run_dir / "split.json")
         n = len(split.classes)
-        if all(isinstance(p, str) and all(0 <= int(c) < n for c in splits.label_set(y))
+        if all(isinstance(p, str) and all(0 <= int(c) < n for c in stratify.label_set(y))
                for p, y in split.train + split.val + split.test):
             return split
     except Exception:  # a damaged or foreign file, whatever it holds: as if there were none
@@ -212,7 +206,7 @@ def run_split(run_dir: Path) -> dataset.DataSplit | None:
     return None
 
 
-def warn_if_seen(items: list[tuple[str, int]], split: dataset.DataSplit, split_file: Path) -> list[dict[str, Any]]:
+def warn_if_seen(items: list[tuple[str, int]], split: data_split.DataSplit, split_file: Path) -> list[dict[str, Any]]:
     """A warning when the images evaluated are ones the model trained on or was chosen on: then the
     accuracy is not that of new images. Returned too (kind, why, images, text), for the accuracy line,
     metrics.json and report.html, which must say the same."""
@@ -225,7 +219,7 @@ def warn_if_seen(items: list[tuple[str, int]], split: dataset.DataSplit, split_f
             text = (f"{seen} of the {len(paths)} images evaluated are the {name} images {why} ({split_file}): its "
                     "scores are optimistic; evaluate images the run never used (train with --test-split F to keep "
                     "some aside)")
-            dataset.warn(text)
+            imagecache.warn(text)
             caveats.append({"kind": name, "why": why, "images": seen, "text": text})
     return caveats
 
@@ -302,7 +296,7 @@ def write_eval(out: Path, m: dict[str, Any], results: list[Result], skipped: lis
         plots.save(worst_mistakes_figure(loaded, wrong[:WORST], classes), out / "worst_mistakes.png")
     figures = [("Reliability diagram", out / "reliability.png"), ("Risk-coverage", out / "risk_coverage.png"),
                ("Worst mistakes, with the evidence for each class", out / "worst_mistakes.png")]
-    html_report.write_html(out / "report.html", m, confusion_cells(results, m["confusion_matrix"]), figures)
+    report_html.write_html(out / "report.html", m, confusion_cells(results, m["confusion_matrix"]), figures)
     print(f"wrote {out}/report.html, metrics.json, confusion_matrix.png, reliability.png, risk_coverage.png, "
           "misclassified.csv" + (", worst_mistakes.png" if wrong else ""))
 
@@ -319,26 +313,17 @@ def worst_mistakes_figure(loaded: Loaded, wrong: list[Result], classes: list[str
         pictures.append(None if image is None else image.permute(1, 2, 0).numpy())
         captions.append(f"{classes[r.true]} -> {classes[r.predicted]} ({100 * r.confidence:.0f}%)")
         for c in (r.predicted, r.true):
-            picture, found = overlay_for(explainer, image, c) if image is not None else (None, True)
+            picture, found = predictions.overlay_for(explainer, image, c) if image is not None else (None, True)
             pictures.append(picture)
-            captions.append(f"evidence for {classes[c]}" + ("" if found else NONE_FOUND))
+            captions.append(f"evidence for {classes[c]}" + ("" if found else predictions.NONE_FOUND))
     return plots.image_grid(pictures, captions, ["red", "black", "black"] * len(wrong), columns=6)
 
 
-NONE_FOUND = " (none found)"  # Grad-CAM's map is all negative: no region raises the class's score
-
-
-def overlay_for(explainer: Explainer, image: torch.Tensor, c: int) -> tuple[np.ndarray, bool]:
-    """The heatmap of the evidence for class `c` over the image, and whether there is any."""
-    heat = explainer(image[None], torch.tensor([c]))[0]
-    return explain.overlay(image.permute(1, 2, 0).numpy(), heat.numpy()), bool(heat.max() > 0)
-
-
-def confusion_cells(results: list[Result], cm: list[list[int]]) -> dict[tuple[int, int], html_report.Cell]:
+def confusion_cells(results: list[Result], cm: list[list[int]]) -> dict[tuple[int, int], report_html.Cell]:
     """report.html's images per confusion cell of the classes its matrix shows: mistakes most confident
     first, a correct cell spread over its confidences. At most CELL_THUMBS per cell and ALL_THUMBS in
     all, shared fairly among the mistake cells first, then the correct ones: a few MB however many images."""
-    shown = set(html_report.matrix_classes(cm))
+    shown = set(report_html.matrix_classes(cm))
     by_cell: dict[tuple[int, int], list[Result]] = {}
     for r in results:
         if r.true in shown and r.predicted in shown:
@@ -358,137 +343,6 @@ def confusion_cells(results: list[Result], cm: list[list[int]]) -> dict[tuple[in
         for r in picked:
             image = thumbnail(r.path, 64)
             if image is not None:
-                thumbs.append((f"{Path(r.path).name} {100 * r.confidence:.0f}%", html_report.jpeg_thumbnail(image)))
-        cells[(t, q)] = html_report.Cell(len(rs), thumbs)
+                thumbs.append((f"{Path(r.path).name} {100 * r.confidence:.0f}%", report_html.jpeg_thumbnail(image)))
+        cells[(t, q)] = report_html.Cell(len(rs), thumbs)
     return cells
-
-
-def label(ckpt_path: Path, paths: list[str], out: Path, device: str, amp: bool, batch_size: int,
-          workers: int | None, max_bytes: int, topk: int, grid: int, reject_below: float | None = None,
-          tta: bool = False, explain_them: bool = False) -> int:
-    """test.py's work: the top-k labels of each image (or "unknown" below --reject-below), printed and
-    written with a picture; with `explain_them`, a heatmap per image."""
-    loaded = load_model(ckpt_path, device, amp)
-    if loaded.multilabel and reject_below is not None:
-        raise UsageError(f"{ckpt_path} is a multi-label model: each label has its own threshold (tuned when training), "
-                         "so --reject-below does not apply; drop it")
-    if loaded.temperature is None and not loaded.multilabel:
-        print("note: this model has no fitted temperature (trained before calibration): probabilities are the "
-              "raw softmax")
-    logits, _, idx = run_model(loaded, [(p, -1) for p in paths], batch_size, workers, max_bytes=max_bytes,
-                               show=len(paths) > 256, tta=tta)
-    k = min(topk, len(loaded.classes))
-    results: dict[int, list[tuple[str, float]]] = {}
-    present: dict[int, list[tuple[str, float]]] | None = {} if loaded.multilabel else None
-    if len(idx):
-        probs = loaded.probabilities(logits)
-        top_p, top_i = probs.topk(k, dim=1)
-        for row, i in enumerate(idx.tolist()):
-            results[i] = [(loaded.classes[c], float(p)) for p, c in zip(top_p[row].tolist(), top_i[row].tolist())]
-            if present is not None:  # every label at or above its threshold, the most probable first
-                said = np.flatnonzero(multilabel.decide(probs[row:row + 1], loaded.thresholds)[0])
-                present[i] = sorted(((loaded.classes[c], float(probs[row, c])) for c in said), key=lambda t: -t[1])
-    write_predictions(out, paths, results, k, grid, max_bytes, reject_below, present, loaded.label_sep)
-    if explain_them and results:
-        write_explanations(out, loaded, paths, results, grid, max_bytes)
-    elif explain_them:
-        print("no readable image to explain")
-    return 0
-
-
-UNKNOWN = "unknown"
-
-
-def write_predictions(out: Path, paths: list[str], results: dict[int, list[tuple[str, float]]], k: int, grid: int,
-                      max_bytes: int, reject_below: float | None = None,
-                      present: dict[int, list[tuple[str, float]]] | None = None, sep: str = " ") -> None:
-    """predictions.csv and .png: each image's top-k labels (a multi-label model's: the labels at or above
-    their thresholds, `present`), or why it could not be read."""
-    rows, pictures, captions, colours = [], [], [], []
-    for i, path in enumerate(paths):
-        if present is not None and i in results:
-            found = present[i]
-            guesses = ", ".join(f"{lb} ({100 * p:.1f}%)" for lb, p in found)
-            best = results[i][0]
-            print(f"{folders.shown(path)}: " + (guesses or f"no label above its threshold (most likely: {best[0]}, "
-                                                          f"{100 * best[1]:.1f}%)"))
-            rows.append([path, sep.join(lb for lb, _ in found), probabilities_json(found), *top_cells(results[i], k),
-                         "ok"])
-            captions.append(", ".join(lb for lb, _ in found) or "(none)")
-            colours.append("black" if found else "darkorange")
-        elif i in results:
-            top = results[i]
-            rejected = reject_below is not None and not calibration.kept(top[0][1], reject_below)
-            name = UNKNOWN if rejected else top[0][0]
-            digits = 1 if reject_below is None else calibration.SHOWN_DIGITS - 2  # as decided: 81.63% for 0.8163
-            guesses = ", ".join(f"{lb} ({100 * p:.{digits}f}%)" for lb, p in top)
-            print(f"{folders.shown(path)}: " +
-                  (f"{UNKNOWN} (below {reject_below:g}; best guesses: {guesses})" if rejected else guesses))
-            rows.append([path, name, calibration.shown(top[0][1]), *top_cells(top, k),
-                         f"{UNKNOWN}: below --reject-below {reject_below:g}" if rejected else "ok"])
-            captions.append(f"{UNKNOWN} ({top[0][0]}? {100 * top[0][1]:.{digits}f}%)" if rejected
-                            else f"{top[0][0]} ({100 * top[0][1]:.{digits}f}%)")
-            colours.append("darkorange" if rejected else "black")
-        else:
-            reason = dataset.inspect_file(path, max_bytes=max_bytes)[0] or "unreadable"
-            said = reason if reason.startswith("unreadable") else f"unreadable ({reason})"
-            print(f"{folders.shown(path)}: {said}")
-            rows.append([path, "", "", *top_cells([], k), f"unreadable: {reason}"])
-            captions.append("unreadable")
-            colours.append("red")
-        if len(pictures) < grid:
-            pictures.append(thumbnail(path) if i in results else None)
-    top = [f"{what}_{j}" for j in range(1, k + 1) for what in ("label", "probability")]
-    files.write_csv(out / "predictions.csv", ["path", "labels", "probabilities", *top, "status"] if present is not None
-                    else ["path", "label", "probability", *top, "status"], rows)
-    plots.save(plots.image_grid(pictures, captions[: len(pictures)], colours[: len(pictures)]),
-               out / "predictions.png")
-    print(f"wrote {out / 'predictions.csv'} and {out / 'predictions.png'}")
-
-
-def top_cells(top: list[tuple[str, float]], k: int) -> list[str]:
-    """The top-k columns of predictions.csv: label_1, probability_1, ... (empty for an unreadable image)."""
-    cells = [cell for name, p in top for cell in (name, calibration.shown(p))]
-    return cells + [""] * (2 * k - len(cells))
-
-
-def probabilities_json(found: list[tuple[str, float]]) -> str:
-    """Labels and their probabilities as one JSON object ({"sea": 0.93, "sky": 0.81}): a parser reads it
-    whatever the labels hold (a `:` or `;` split the old `label:p;label:p`)."""
-    return json.dumps({name: round(p, calibration.SHOWN_DIGITS) for name, p in found}, ensure_ascii=False)
-
-
-def write_explanations(out: Path, loaded: Loaded, paths: list[str], results: dict[int, list[tuple[str, float]]],
-                       grid: int, max_bytes: int) -> None:
-    """explanations/NNNN-<name>.png per image: the image, the evidence for the predicted class, and for
-    the true class when known (the image's folder is named after a class); explanations.png, a grid."""
-    explainer = Explainer(loaded)
-    print(explainer.note)
-    folder = out / "explanations"
-    folder.mkdir()
-    cells, captions = [], []
-    readable = sorted(results)
-    for i, image in zip(readable, input_images(loaded, [paths[i] for i in readable], max_bytes)):
-        if image is None:  # changed since it was predicted
-            continue
-        predicted = loaded.classes.index(results[i][0][0])
-        true = folders.class_of(paths[i], loaded.classes)
-        picture, found = overlay_for(explainer, image, predicted)
-        pictures = [image.permute(1, 2, 0).numpy(), picture]
-        names = [folders.shown(Path(paths[i]).name), f"evidence for {results[i][0][0]} ({100 * results[i][0][1]:.0f}%)"
-                 + ("" if found else NONE_FOUND)]
-        if true is not None and true != predicted:
-            picture, found = overlay_for(explainer, image, true)
-            pictures.append(picture)
-            names.append(f"evidence for {loaded.classes[true]} (its folder)" + ("" if found else NONE_FOUND))
-        plots.save(plots.image_grid(pictures, names, columns=3), folder / f"{i:04d}-{safe_stem(paths[i])}.png")
-        if len(cells) < grid:
-            cells.append(pictures[1])
-            captions.append(names[1])
-    plots.save(plots.image_grid(cells, captions), out / "explanations.png")
-    print(f"wrote {folder}/ ({len(readable)} heatmaps, {explainer.method}) and {out / 'explanations.png'}")
-
-
-def safe_stem(path: str) -> str:
-    """A file name part that any file system takes."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(path).stem)[:60] or "image"

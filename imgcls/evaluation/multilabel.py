@@ -13,46 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 DEFAULT_THRESHOLD = 0.5  # a label never seen in validation keeps it
+
+
 # No tuned threshold goes below this: on a handful of validation positives the best F1 can sit at a
 # probability of 0.0003, and a label said present "at 0.0%" is no answer a user can trust. The tuning then
 # takes the best F1 among the thresholds at or above the floor.
 MIN_THRESHOLD = 0.1
-
-
-def multi_hot(labels: Sequence[int], num_classes: int) -> torch.Tensor:
-    """A float target vector with 1 at each of the image's labels."""
-    target = torch.zeros(num_classes)
-    target[list(labels)] = 1.0
-    return target
-
-
-class BCELoss(nn.Module):
-    """Binary cross-entropy on logits, with each label's positives weighted by `pos_weight`
-    (--class-weights auto) and label smoothing as timm's BinaryCrossEntropy does it: targets moved to
-    smoothing / C and 1 - smoothing + smoothing / C. Soft targets (mixup, cutmix) are taken as they are."""
-
-    def __init__(self, pos_weight: torch.Tensor | None = None, smoothing: float = 0.0):
-        super().__init__()
-        self.smoothing = smoothing
-        self.register_buffer("pos_weight", pos_weight)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # in float32 whatever autocast gave the logits: smoothed targets (0.925) and mixed ones are not
-        # representable in bf16/fp16
-        logits, target = logits.float(), target.float()
-        if self.smoothing:
-            off = self.smoothing / target.shape[-1]
-            target = target * (1 - self.smoothing) + off
-        return nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight)
-
-
-def pos_weight(counts: Sequence[int], images: int) -> torch.Tensor:
-    """Negatives over positives per label: a rare label's few positives weigh as much as its negatives."""
-    c = torch.tensor(counts, dtype=torch.float).clamp(min=1)
-    return (images - c).clamp(min=1) / c
 
 
 def average_precision(y: np.ndarray, probs: np.ndarray) -> np.ndarray:

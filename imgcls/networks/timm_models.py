@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import model_names
-from checkpoint import Preprocess, crop_mode, first_line, interpolation, keys_named, mismatch, mismatched_keys
+from imgcls.checkpoint import first_line, keys_named, mismatch, mismatched_keys
 from imgcls.errors import UsageError, WeightsUnavailable
+from imgcls.networks import names as networks_names
+from imgcls.preprocess import Preprocess, crop_mode, interpolation
 
-PREFIX = model_names.PREFIX
+PREFIX = networks_names.PREFIX
 
 
 def is_timm(arch: str) -> bool:
@@ -29,7 +30,7 @@ def timm() -> Any:
     try:
         import timm
     except ImportError:
-        raise UsageError(model_names.NO_TIMM) from None
+        raise UsageError(networks_names.NO_TIMM) from None
     return timm
 
 
@@ -38,12 +39,12 @@ def check_name(arch: str) -> None:
     t, name = timm(), arch[len(PREFIX):]
     base, tag = t.models.split_model_name_tag(name)
     if not t.is_model(base):
-        raise UsageError(model_names.unknown_timm(base, t.list_models()))
+        raise UsageError(networks_names.unknown_timm(base, t.list_models()))
     if tag:
         try:
             t.models.get_pretrained_cfg(name)
         except RuntimeError:
-            raise UsageError(model_names.unknown_tag(base, tag, t.list_pretrained(base + ".*"))) from None
+            raise UsageError(networks_names.unknown_tag(base, tag, t.list_pretrained(base + ".*"))) from None
 
 
 def pretrained_cfg(arch: str) -> dict[str, Any]:

@@ -17,14 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import calibration
-import checkpoint
-import dataset
-import explain
-import models
-from checkpoint import Preprocess
-from engine import auto_workers, make_loader, pick_device, precision, predict, to_model_input
+from imgcls import checkpoint
+from imgcls.data import datasets, imagecache
+from imgcls.data import images as data_images
+from imgcls.data.loaders import make_loader, to_model_input
 from imgcls.errors import UsageError
+from imgcls.evaluation import calibration, explain
+from imgcls.evaluation.inference import predict
+from imgcls.machine import auto_workers, pick_device, precision
+from imgcls.networks import build
+from imgcls.preprocess import Preprocess
 
 
 @dataclass
@@ -72,7 +74,7 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
     for note in (checkpoint.fitted_elsewhere(ckpt, path), checkpoint.temperature_not_kept(ckpt)):
         if note:
             print(note)
-    model = models.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
+    model = build.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     return Loaded(model, to_model_input(pre, device), autocast, list(ckpt["classes"]), pre, path, device,
@@ -81,12 +83,12 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
-              show: bool = True, cache: dataset.ImageCache | None = None, max_bytes: int = dataset.MAX_BYTES,
+              show: bool = True, cache: imagecache.ImageCache | None = None, max_bytes: int = data_images.MAX_BYTES,
               tta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, targets, item indices) for every readable image, in order, each exactly once. With `tta`,
     the logits are N x views x classes, the plain image being view 0."""
     pre = loaded.preprocess
-    ds = dataset.ImageDataset(items, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes,
+    ds = datasets.ImageDataset(items, pre.resize_size, pre.crop(), cache, max_bytes=max_bytes,
                               num_classes=len(loaded.classes), interpolation=pre.resample)
     n_workers = auto_workers(loaded.device, cached=cache is not None) if workers is None else workers
     loader = make_loader(ds, batch_size, n_workers, loaded.device)  # no shuffle, no dropped batch
@@ -118,16 +120,16 @@ def tta_views(x: torch.Tensor, flips: bool) -> list[torch.Tensor]:
     return [*views, x.flip(-1), centre.flip(-1)] if flips else views
 
 
-def input_images(loaded: Loaded, paths: list[str], max_bytes: int = dataset.MAX_BYTES
+def input_images(loaded: Loaded, paths: list[str], max_bytes: int = data_images.MAX_BYTES
                  ) -> Iterator[torch.Tensor | None]:
     """Each file as the model sees it (uint8 3 x img_size x img_size), or None when unreadable; one at a
     time, so that explaining 100,000 images holds one in memory."""
     pre, crop = loaded.preprocess, loaded.preprocess.crop()
     for path in paths:
         try:
-            arr = dataset.load_image(path, pre.resize_size, max_bytes, pre.resample)
+            arr = data_images.load_image(path, pre.resize_size, max_bytes, pre.resample)
             yield crop(torch.from_numpy(arr).permute(2, 0, 1))
-        except (dataset.BadImage, OSError):
+        except (data_images.BadImage, OSError):
             yield None
 
 
@@ -194,8 +196,8 @@ class OnnxModel:
 
 def thumbnail(path: str, size: int = 160) -> np.ndarray | None:
     try:
-        img = dataset.decode(path, draft=size)
-    except (dataset.BadImage, OSError):
+        img = data_images.decode(path, draft=size)
+    except (data_images.BadImage, OSError):
         return None
     img.thumbnail((size, size))
     return np.asarray(img)

@@ -294,7 +294,6 @@ table{border-collapse:collapse}
 #panel-thumbs img{width:64px;height:64px;object-fit:contain;image-rendering:auto;background:#eee}
 .fig{margin:1em 0}.fig figcaption{font-weight:600;margin-bottom:.3em}.fig img{max-width:100%}
 """
-
 _SCRIPT = """
 (() => {
   "use strict";

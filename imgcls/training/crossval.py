@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from checkpoint import CV_SETTINGS as SETTINGS
 from imgcls import files
 from imgcls.cli import imports_done, typed
 from imgcls.errors import UsageError
+from imgcls.runfolder import CV_SETTINGS as SETTINGS
 from imgcls.settings import TrainConfig, file_name, identity_changes
 
 SUMMARY = "cv_summary.json"
@@ -31,7 +31,7 @@ def main(given: dict[str, Any]) -> int:
     """Every fold, then the summary; the process group (torchrun) is shared by the folds and closed at the end."""
     import torch.distributed as dist  # torch loads only here: train.py checks its command line first
 
-    from engine import from_lead, init_distributed
+    from imgcls.training.distributed import from_lead, init_distributed
 
     try:
         rank, _, _ = init_distributed(given.get("device", "auto"))
@@ -106,13 +106,13 @@ def read_settings(parent: Path) -> dict[str, Any]:
 
 def run_fold(parent: Path, k: int, settings: dict[str, Any], overrides: dict[str, Any]) -> int:
     """One fold: started, or resumed from its folder (a finished one says so and returns at once)."""
-    import training
+    from imgcls.training import fit
     imports_done()
 
     folder = parent / f"fold-{k}"
     if (folder / "config.json").is_file():
-        return training.train({**overrides, "resume": str(folder)})
-    return training.train({**settings, **overrides, "fold": k, "out": str(folder)})
+        return fit.train({**overrides, "resume": str(folder)})
+    return fit.train({**settings, **overrides, "fold": k, "out": str(folder)})
 
 
 def summarise(parent: Path, folds: int) -> dict[str, Any]:

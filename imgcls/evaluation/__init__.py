@@ -1,0 +1,1 @@
+"""A model over images: inference, metrics, calibration, explanations, eval.py's and test.py's reports."""

@@ -1,0 +1,1 @@
+"""Export (export.py's work): the network in a deployable format, its parity with PyTorch, publishing."""
