@@ -45,24 +45,8 @@ VARIANTS = {"progressive-0.75": ["--progressive", "0.75"], "progressive-0.5": ["
 
 
 def folder_of(name: str, work: Path) -> Path:
-    """The data set as train/ and val/ folders (the digits: their train part split 80/20 as ours splits it)."""
-    if name != "digits":
-        return Path(make(name, work))
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    root = work / "digits-folders"
-    if not (root / "val").is_dir():
-        digits = load_digits()
-        for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-            if i % 5 == 4:
-                continue  # the demo's test images
-            img = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), "L").resize((32, 32), Image.BICUBIC)
-            folder = root / ("val" if (i // 5) % 5 == 0 else "train") / str(label)  # a fifth of the rest
-            folder.mkdir(parents=True, exist_ok=True)
-            img.convert("RGB").save(folder / f"{i:04d}.png")
-    return root
+    """The data set as train/ and val/ folders, which both programs read."""
+    return Path(make(name, work))
 
 
 TICK = os.sysconf("SC_CLK_TCK")
