@@ -81,8 +81,10 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """CUDA: bf16 where supported, else fp16; CPU: bf16 only where the CPU has it natively; else None."""
+def autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """CUDA: bf16 where supported, else fp16; CPU: bf16 only where the CPU has it natively; else None.
+    `amp` None (a run's default before it is settled by measurement) counts as on, as the default was."""
+    amp = amp is not False
     if amp and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp and device.type == "cpu" and cpu_has_bf16():
