@@ -21,7 +21,7 @@ healthy run gives none).
 --lrs: the modern recipe at each lr instead (how the per-family lrs in config.py were chosen).
 
 --finetune: each of the seed's three models is pretrained from scratch on `textures` (16 classes of
-procedural patterns, 2,560 training images; 15 epochs), and its best.pt is then the starting point
+procedural patterns, 1,280 training images; --epochs), and its best.pt is then the starting point
 (`--weights FILE`) for --mode finetune and --mode transfer on digits, scenes and shapes, with the seed's
 recipe and with the modern one at the lrs given by --finetune-lrs: how the finetune and transfer defaults
 were chosen. ImageNet weights cannot be downloaded on the machine this was measured on; a network

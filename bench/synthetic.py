@@ -1,13 +1,13 @@
 """Data sets the benches make themselves (no download), of different kinds.
 
-  digits    scikit-learn's 8x8 handwritten digits as PNGs (the demo): 10 classes, 1,438 images
+  digits    scikit-learn's 8x8 handwritten digits as PNGs at 32 px (the demo's images): 10 classes, 60 of each
   scenes    crops of 11 real photos shipped with scikit-image (astronaut, cat, coffee, rocket, retina, Hubble
             field, brick, grass, gravel, camera, IHC stain), 40 per photo; validation crops come from a part of
             each photo that no training crop touches. Needs `pip install scikit-image`.
   shapes    circles, squares, triangles and crosses of random colour, size and place on noisy random
             backgrounds, 200 per class: the shape, not the colour, is the class
   textures  16 procedural patterns (stripes at four angles, checks, dots, rings, waves, noise of two grains,
-            gradients, ...) in random colours, 200 per class: a larger set to pretrain a network on before
+            gradients, ...) in random colours, 100 per class: a larger set to pretrain a network on before
             fine-tuning it on the others
 """
 
@@ -125,7 +125,7 @@ TEXTURES = ("stripes-0", "stripes-45", "stripes-90", "stripes-135", "checks", "d
             "fine-noise", "coarse-noise", "gradient", "grid", "zigzag", "blobs", "cross-hatch")
 
 
-def make_textures(root: Path, per_class: int = 200, size: int = 80) -> Path:
+def make_textures(root: Path, per_class: int = 100, size: int = 80) -> Path:
     rng = np.random.default_rng(2)
     for kind in TEXTURES:
         for i in range(per_class):
@@ -138,13 +138,29 @@ def make_textures(root: Path, per_class: int = 200, size: int = 80) -> Path:
     return root
 
 
-MAKERS = {"scenes": make_scenes, "shapes": make_shapes, "textures": make_textures}
+def make_digits(root: Path, per_class: int = 60, size: int = 32) -> Path:
+    """scikit-learn's 8x8 digits (the demo's images), upscaled as the demo exports them: the first `per_class`
+    of each digit, every fifth for validation."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    seen = dict.fromkeys(range(10), 0)
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        if seen[label] == per_class:
+            continue
+        img = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), "L").resize((size, size), Image.BICUBIC)
+        folder = root / ("val" if seen[label] % 5 == 4 else "train") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        img.convert("RGB").save(folder / f"{i:04d}.png")
+        seen[label] += 1
+    return root
+
+
+MAKERS = {"digits": make_digits, "scenes": make_scenes, "shapes": make_shapes, "textures": make_textures}
 
 
 def make(name: str, work: Path) -> str:
-    """The data set's folder (made under `work` once), or 'demo' for the digits."""
-    if name == "digits":
-        return "demo"
+    """The data set's folder, made under `work` once."""
     folder = work / name
     if not (folder / "train").is_dir():
         MAKERS[name](folder)

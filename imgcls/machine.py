@@ -77,8 +77,10 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """CUDA: bf16 where supported, else fp16; CPU: bf16 only where the CPU has it natively; else None."""
+def autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """CUDA: bf16 where supported, else fp16; CPU: bf16 only where the CPU has it natively; else None.
+    `amp` None (a run's default before it is settled by measurement) counts as on, as the default was."""
+    amp = amp is not False
     if amp and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp and device.type == "cpu" and cpu_has_bf16():
@@ -151,27 +153,29 @@ def key(model_name: str, mode: str, img_size: int, batch: int, channels_last: bo
 
 
 def step_seconds(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
-    """The fastest of STEPS forward + backward passes (the optimiser's step is fp32 either way)."""
-    times = []
-    for i in range(STEPS + 1):
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
-            out = model(x)
-        out.float().logsumexp(1).sum().backward()
-        if i:  # the first is the warm-up
-            times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    return min(times)
+    """One forward + backward pass (the optimiser's step is fp32 either way)."""
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+        out = model(x)
+    out.float().logsumexp(1).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def measure(model: nn.Module, img_size: int, batch: int, memory_format: torch.memory_format) -> dict[str, float]:
-    """Seconds per step of the model as it trains, in bf16 and in fp32; the model's buffers (BatchNorm
-    statistics), gradients and the random state are as they were before."""
+    """Seconds per step of the model as it trains, in bf16 and in fp32: the fastest of STEPS each, after a
+    warm-up step each, the two taken in turn (so a change in what else the machine does touches both). The
+    model's buffers (BatchNorm statistics), gradients and the random state are as they were before."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     rng = torch.get_rng_state()
     x = torch.randn(batch, 3, img_size, img_size).contiguous(memory_format=memory_format)
+    kinds = {"bf16": torch.bfloat16, "fp32": None}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     try:
-        return {"bf16": step_seconds(model, x, torch.bfloat16), "fp32": step_seconds(model, x, None)}
+        for _ in range(STEPS + 1):
+            for kind, dtype in kinds.items():
+                times[kind].append(step_seconds(model, x, dtype))
+        return {kind: min(t[1:]) for kind, t in times.items()}  # the first of each is the warm-up
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():

@@ -137,10 +137,13 @@ def call(entry, args: list[str]) -> int:
         return int(e.code)
 
 
-def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """The smallest real run: 32 px, one epoch, no summary table."""
+def train_args(data: Path, out: Path, *extra: str, precision: str | None = "--amp") -> list[str]:
+    """The smallest real run: 32 px, one epoch, no summary table. The precision is given (bf16 where the CPU
+    has it natively), not measured: a measurement depends on what else the machine is doing, and the tests'
+    trained numbers must not (tests/test_cpu_precision.py passes precision=None)."""
+    given = [precision] if precision and "--amp" not in extra and "--no-amp" not in extra else []
     return ["--data", str(data), "--out", str(out), "--img-size", "32", "--epochs", "1", "--batch-size", "8",
-            "--no-summary", *extra]
+            "--no-summary", *given, *extra]
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ def test_a_run_not_told_trains_in_the_precision_measured_faster(colours, tmp_pat
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     known_figures(tmp_path / "cache", figures)
-    assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch")) == 0
+    assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch", precision=None)) == 0
     assert settings(tmp_path / "run")["amp"] is amp
     assert f"precision: {'bf16' if amp else 'fp32'}, the faster for resnet18" in capsys.readouterr().out
 
@@ -61,12 +61,12 @@ def test_a_run_not_told_trains_in_the_precision_measured_faster(colours, tmp_pat
 @native
 def test_a_new_machine_measures_once_and_keeps_the_figures(colours, tmp_path, monkeypatch):
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
-    assert train.main(train_args(colours, tmp_path / "one", "--mode", "scratch")) == 0
+    assert train.main(train_args(colours, tmp_path / "one", "--mode", "scratch", precision=None)) == 0
     kept = json.loads((tmp_path / "cache" / "precision.json").read_text())
     entry = machine.key("resnet18", "scratch", 32, 8, True)
     assert set(kept[entry]) == {"bf16", "fp32"}
     os.utime(tmp_path / "cache" / "precision.json", (1, 1))
-    assert train.main(train_args(colours, tmp_path / "two", "--mode", "scratch")) == 0
+    assert train.main(train_args(colours, tmp_path / "two", "--mode", "scratch", precision=None)) == 0
     assert (tmp_path / "cache" / "precision.json").stat().st_mtime == 1  # read, not measured again
     assert settings(tmp_path / "one")["amp"] == settings(tmp_path / "two")["amp"] == \
         machine.faster_is_bf16(kept[entry])
@@ -76,7 +76,7 @@ def test_a_new_machine_measures_once_and_keeps_the_figures(colours, tmp_path, mo
 @pytest.mark.parametrize("flag", ["--amp", "--no-amp"])
 def test_a_precision_given_is_taken_without_measuring(colours, tmp_path, monkeypatch, flag):
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
-    assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch", flag)) == 0
+    assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch", flag, precision=None)) == 0
     assert settings(tmp_path / "run")["amp"] is (flag == "--amp")
     assert not (tmp_path / "cache" / "precision.json").exists()
 
@@ -86,7 +86,7 @@ def test_a_resume_keeps_the_precision_chosen_at_the_start(colours, tmp_path, mon
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     known_figures(tmp_path / "cache", {"bf16": 0.03, "fp32": 0.02})
-    assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch")) == 0
+    assert train.main(train_args(colours, tmp_path / "run", "--mode", "scratch", precision=None)) == 0
     known_figures(tmp_path / "cache", {"bf16": 0.01, "fp32": 0.02})  # the machine now says otherwise
     assert train.main(["--resume", str(tmp_path / "run"), "--epochs", "2"]) == 0
     assert settings(tmp_path / "run")["amp"] is False

@@ -42,7 +42,7 @@ def patch_run(tmp_path_factory) -> tuple[Path, Path]:
                 patch_image(colour, offset + 1000 * c + i).save(root / split / name / f"{i:03d}.png")
     out = tmp_path_factory.mktemp("runs") / "patch-run"
     args = train_args(root / "train", out, "--mode", "scratch", "--model", "resnet18", "--optimizer", "adam",
-                      "--lr", "0.002", "--hflip", "0", "--recipe", "seed")
+                      "--lr", "0.0005", "--hflip", "0", "--recipe", "seed")
     args[args.index("--img-size") + 1], args[args.index("--epochs") + 1] = "64", "4"
     assert train.main(args) == 0
     return out / "best.pt", root / "unseen"

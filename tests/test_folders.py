@@ -143,8 +143,9 @@ def test_an_exif_rotated_photo_is_seen_upright_on_every_path(tmp_path, trained_r
     assert predictor.thumbnail(str(tmp_path / "rotated.jpg")).shape[:2] == (32, 48)  # pictures: upright
     loaded = predictor.load_model(str(trained_run / "best.pt"), "cpu")
     items = [(str(tmp_path / "upright.png"), 0), (str(tmp_path / "rotated.jpg"), 0)]
-    probs, _, _ = predictor.run_model(loaded, items, 2, 0, show=False)
-    assert float((probs[0] - probs[1]).abs().max()) < 0.1  # the model sees nearly the same picture
+    logits, _, _ = predictor.run_model(loaded, items, 2, 0, show=False)
+    probs = logits.softmax(1)  # (the logits of a net whose BatchNorm statistics come from flat colours are
+    assert float((probs[0] - probs[1]).abs().max()) < 0.1  # sensitive to JPEG noise): nearly the same picture
 
 
 def test_a_class_called_train_in_a_flat_folder_is_a_class(tmp_path):

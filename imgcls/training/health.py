@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+DIVERGED_LOSS = 1000  # a mean validation loss this many times a uniform guess's: diverged, not a bad model
 FEW_EPOCHS = 3  # the accuracy kinds wait this long: a first epoch (with its warm-up) proves little
 
 
@@ -63,6 +64,12 @@ class Health:
                     new[kind] = line
         self.said.update(new)
         return list(new.values())
+
+    def diverged_loss(self, loss: float) -> bool:
+        """A validation loss no trained model reaches: NaN or infinite (outputs that overflowed), or over
+        DIVERGED_LOSS times a uniform guess's (weights the last steps blew up: precise BN keeps such outputs
+        finite, where the running statistics let them overflow)."""
+        return not math.isfinite(loss) or loss > DIVERGED_LOSS * self.guess_loss()
 
     def guess_loss(self) -> float:
         """The loss of a uniform guess: ln(classes) for cross-entropy; ln 2 per label for a multi-label loss."""

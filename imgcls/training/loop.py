@@ -6,7 +6,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from typing import Any
@@ -179,8 +178,9 @@ class Loop:
         if not val["images"]:  # (its 0% would be recorded as the epoch's accuracy)
             raise TrainingError(f"no validation image could be read after epoch {epoch + 1}: check the data folder "
                                 "(python dataset.py check)")
-        if not math.isfinite(val["loss"]):  # the last steps diverged: the model's outputs are NaN, never "best"
-            raise self.learner.diverged(f"validation loss became {val['loss']} after epoch {epoch + 1}")
+        if self.health.diverged_loss(val["loss"]):  # the last steps diverged: NaN or absurd outputs, never "best"
+            raise self.learner.diverged(f"validation loss became {val['loss']:.4g} after epoch {epoch + 1} (a "
+                                        f"uniform guess scores {self.health.guess_loss():.3f})")
         self.schedule.end_epoch(val["score"])
         progress.next_epoch()
         row = self.history_row(epoch + 1, stats, val, ema_val)
