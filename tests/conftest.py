@@ -21,6 +21,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from browser import chromium, watched  # noqa: E402, F401  (the browser tests' fixtures: tests/browser.py)
+
 import models  # noqa: E402
 
 THREE = ("vgg11", "resnet18", "mobilenet_v2")

@@ -38,5 +38,5 @@ def serve(settings: Settings, key: str | None, sock: socket.socket, log_level: s
     if key:
         os.environ[KEY_ENV] = key
     config = uvicorn.Config("imgcls.serving.app:from_environment", factory=True, workers=settings.workers, **options)
-    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    Multiprocess(config, sockets=[sock]).run()
     return 0
