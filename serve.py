@@ -51,7 +51,8 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="the model's threads per worker (default: the cores shared by "
                         "the workers)")
     parser.add_argument("--max-batch", type=int, help=f"most images per batch through the model; 1: no batching "
-                        f"(default: {MAX_BATCH['cpu']} on a CPU, {MAX_BATCH['gpu']} on a GPU, as measured)")
+                        f"(default: the batch size that runs fastest here, timed at start, up to {MAX_BATCH['cpu']} "
+                        f"on a CPU, {MAX_BATCH['gpu']} on a GPU)")
     parser.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS, help="longest wait of an image for others "
                         "to batch it with (ms)")
     parser.add_argument("--max-queue", type=int, default=256, help="most images waiting for the model; more are "

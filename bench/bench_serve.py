@@ -9,8 +9,8 @@ Each model is a freshly initialised 10-class checkpoint (speed does not depend o
 on loopback in its own process; N client threads each send one real photo per request (scikit-image's, as
 JPEGs of 300-600 px: decoding and resizing are part of every request) over a kept-alive connection, for a
 fixed time. Unbatched is the same server with --max-batch 1. The ceiling is the model alone, in this process,
-on batches of already decoded images with every core. Clients share the machine with the server: on a small
-CPU the figures are a floor.
+on batches of already decoded images with every core, at its best batch size (of 1, 4, 16). Clients share the
+machine with the server: on a small CPU the figures are a floor.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def bad_uploads(good: bytes) -> list[tuple[str, bytes]]:
 
 
 def load(server: Server, clients: int, seconds: float, images: list[bytes], bad_every: int = 0) -> dict:
-    """`clients` threads posting for `seconds`; every `bad_every`-th request of a client a bad upload."""
+    """`clients` threads posting for `seconds`; every `bad_every`-th request of a client a bad upload. The
+    latencies of good answers, the time taken and the statuses per kind of upload."""
     stop = time.monotonic() + seconds
-    latencies: list[float] = []
-    statuses: dict[str, dict[int, int]] = {}
+    out: dict = {"latencies": [], "statuses": {}}
     lock = threading.Lock()
 
     def client(c: int) -> None:
@@ -78,7 +78,7 @@ def load(server: Server, clients: int, seconds: float, images: list[bytes], bad_
         while time.monotonic() < stop:
             n += 1
             kind, body = ("good", images[(c * 7 + n) % len(images)])
-            if bad_every and n % bad_every == 0:
+            if bad_every and (n + c) % bad_every == 0:
                 kind, body = bad[(c + n // bad_every) % len(bad)]
             start = time.perf_counter()
             try:
@@ -92,10 +92,10 @@ def load(server: Server, clients: int, seconds: float, images: list[bytes], bad_
                 status, answer = -1, {}
             took = time.perf_counter() - start
             with lock:
-                statuses.setdefault(kind, {}).setdefault(status, 0)
-                statuses[kind][status] += 1
+                out["statuses"].setdefault(kind, {}).setdefault(str(status), 0)
+                out["statuses"][kind][str(status)] += 1
                 if kind == "good" and status == 200 and answer["results"][0]["status"] == "ok":
-                    latencies.append(took)
+                    out["latencies"].append(took)
         conn.close()
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -104,25 +104,49 @@ def load(server: Server, clients: int, seconds: float, images: list[bytes], bad_
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - began
+    out["wall"] = time.monotonic() - began
+    return out
+
+
+def summary(slices: list[dict], clients: int) -> dict:
+    """Slices of one measurement taken in turn with the others, together: img/s and latency percentiles."""
+    latencies = [t for s in slices for t in s["latencies"]]
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {"clients": clients, "img_s": len(latencies) / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-            "statuses": {k: {str(s): n for s, n in v.items()} for k, v in statuses.items()}}
+    statuses: dict = {}
+    for s in slices:
+        for kind, counts in s["statuses"].items():
+            for status, n in counts.items():
+                statuses.setdefault(kind, {}).setdefault(status, 0)
+                statuses[kind][status] += n
+    return {"clients": clients, "img_s": len(latencies) / sum(s["wall"] for s in slices),
+            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "statuses": statuses}
 
 
-def ceiling(ckpt: Path, batch: int, seconds: float) -> float:
-    """The model alone: img/s on batches of decoded images, every core, as the server's model thread runs it."""
-    torch.set_num_threads(cpus())
-    loaded = load_model(ckpt, "cpu")
-    size = loaded.preprocess.img_size
-    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    loaded(x)
-    n, start = 0, time.monotonic()
-    while time.monotonic() - start < seconds:
-        loaded(x)
-        n += batch
-    return n / (time.monotonic() - start)
+class Ceiling:
+    """The model alone: img/s on batches of decoded images, every core, as the server's model thread runs it, at
+    each batch size in turn; the best is the ceiling (on a small CPU, large batches can be the slowest)."""
+
+    def __init__(self, ckpt: Path, batches: tuple[int, ...]):
+        torch.set_num_threads(cpus())
+        self.loaded = load_model(ckpt, "cpu")
+        size = self.loaded.preprocess.img_size
+        self.xs = [torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8) for b in batches]
+        for x in self.xs:
+            self.loaded(x)
+        self.done = {b: [0, 0.0] for b in batches}
+
+    def run(self, seconds: float) -> None:
+        for x in self.xs:
+            n, start = 0, time.monotonic()
+            while time.monotonic() - start < seconds / len(self.xs):
+                self.loaded(x)
+                n += len(x)
+            self.done[len(x)][0] += n
+            self.done[len(x)][1] += time.monotonic() - start
+
+    def best(self) -> tuple[float, int]:
+        return max((n / t, b) for b, (n, t) in self.done.items())
 
 
 def make_checkpoint(name: str, img_size: int, work: Path) -> Path:
@@ -133,24 +157,38 @@ def make_checkpoint(name: str, img_size: int, work: Path) -> Path:
     return path
 
 
+ROUNDS = 3  # each measurement in slices, taken in turn with the others: a machine whose load changes affects all
+
+
 def bench_model(name: str, a: argparse.Namespace, images: list[bytes], work: Path) -> dict:
     ckpt = make_checkpoint(name, a.img_size, work)
-    result = {"model": name, "img_size": a.img_size, "ceiling_img_s": ceiling(ckpt, a.ceiling_batch, a.seconds)}
-    print(f"{name}: the model alone, batches of {a.ceiling_batch}: {result['ceiling_img_s']:.1f} img/s", flush=True)
-    for label, extra in (("batched", []), ("unbatched", ["--max-batch", "1"])):
-        server = Server("--checkpoint", str(ckpt), "--max-file-mb", "1", *extra)
-        try:
+    servers = {"batched": Server("--checkpoint", str(ckpt), "--max-file-mb", "1"),
+               "unbatched": Server("--checkpoint", str(ckpt), "--max-file-mb", "1", "--max-batch", "1")}
+    ceiling = Ceiling(ckpt, tuple(a.ceiling_batches))
+    result: dict = {"model": name, "img_size": a.img_size, "batched": [], "unbatched": []}
+    try:
+        for server in servers.values():
             load(server, 4, 2, images)  # warm-up
-            result[label] = [load(server, n, a.seconds, images) for n in a.clients]
-            for r in result[label]:
-                print(f"  {label:9} {r['clients']:3} clients: {r['img_s']:6.1f} img/s  p50 {r['p50_ms']:7.1f}  p95 "
+        for n in a.clients:
+            slices: dict[str, list[dict]] = {"batched": [], "unbatched": []}
+            for _ in range(ROUNDS):
+                for label, server in servers.items():
+                    slices[label].append(load(server, n, a.seconds / ROUNDS, images))
+                ceiling.run(a.seconds / ROUNDS / 2)
+            for label in servers:
+                r = summary(slices[label], n)
+                result[label].append(r)
+                print(f"  {name} {label:9} {n:3} clients: {r['img_s']:6.1f} img/s  p50 {r['p50_ms']:7.1f}  p95 "
                       f"{r['p95_ms']:7.1f}  p99 {r['p99_ms']:7.1f} ms", flush=True)
-            if label == "batched":
-                result["bad_load"] = load(server, 16, a.seconds, images, bad_every=10)
-                result["alive_after"] = server.request("GET", "/health")[0] == 200
-                print(f"  10% bad uploads at 16 clients: {result['bad_load']['statuses']}, alive after: "
-                      f"{result['alive_after']}", flush=True)
-        finally:
+        result["ceiling_img_s"], result["ceiling_batch"] = ceiling.best()
+        result["ceiling_by_batch"] = {b: n / t for b, (n, t) in ceiling.done.items()}
+        print(f"  {name} the model alone: {result['ceiling_by_batch']} img/s by batch size", flush=True)
+        result["bad_load"] = summary([load(servers["batched"], 16, a.seconds, images, bad_every=10)], 16)
+        result["alive_after"] = servers["batched"].request("GET", "/health")[0] == 200
+        print(f"  10% bad uploads at 16 clients: {result['bad_load']['statuses']}, alive after: "
+              f"{result['alive_after']}", flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
     return result
 
@@ -163,7 +201,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['model']} | {b['clients']} | {u['img_s']:.1f} | {b['img_s']:.1f} | "
                          f"{b['img_s'] / u['img_s']:.2f}x | {b['img_s'] / r['ceiling_img_s']:.2f} | "
                          f"{b['p50_ms']:.0f} / {b['p95_ms']:.0f} / {b['p99_ms']:.0f} | {u['p99_ms']:.0f} |")
-        lines.append(f"| {r['model']} | ceiling | | {r['ceiling_img_s']:.1f} (model alone, batches of "
+        lines.append(f"| {r['model']} | ceiling | | {r['ceiling_img_s']:.1f} (model alone, its best batch: "
                      f"{r['ceiling_batch']}) | | | | |")
     return "\n".join(lines)
 
@@ -175,7 +213,7 @@ def sweep(a: argparse.Namespace, images: list[bytes], work: Path) -> None:
         try:
             load(server, 4, 2, images)
             for n in (1, 16):
-                r = load(server, n, a.seconds, images)
+                r = summary([load(server, n, a.seconds, images)], n)
                 print(f"--max-batch {batch:2} --max-wait-ms {wait:2}, {n:2} clients: {r['img_s']:6.1f} img/s, p50 "
                       f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms", flush=True)
         finally:
@@ -188,7 +226,7 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--seconds", type=float, default=12.0, help="per measurement")
-    p.add_argument("--ceiling-batch", type=int, default=32)
+    p.add_argument("--ceiling-batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--quick", action="store_true", help="3 s per measurement, 1 and 16 clients")
     p.add_argument("--sweep", action="store_true", help="ResNet18: --max-batch and --max-wait-ms at 1 and 16 clients")
     p.add_argument("--json", default=str(ROOT / "bench" / "results-serve.json"))
@@ -201,8 +239,6 @@ def main() -> None:
         sweep(a, images, work)
         return
     results = [bench_model(name, a, images, work) for name in a.models]
-    for r in results:
-        r["ceiling_batch"] = a.ceiling_batch
     machine = f"{cpus()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     Path(a.json).write_text(json.dumps({"machine": machine, "seconds": a.seconds, "results": results}, indent=1))
     print(f"\n{machine}\n\n{table(results)}")

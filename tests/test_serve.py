@@ -26,6 +26,7 @@ import test as predict
 import train
 
 STOPPED = (0, -15)  # (uvicorn, once finished, ends by the signal it was sent: its supervisor sees why)
+ONE_BATCH = ("--max-batch", "64")  # a request's images in one batch, as test.py runs them: the same floats
 LIMITS = ("--max-file-mb", "0.5", "--max-request-mb", "2", "--timeout", "3")
 
 
@@ -53,7 +54,7 @@ def images(colours_eval, tmp_path_factory) -> list[Path]:
 def server(trained_run, tmp_path_factory):
     """The trained run served with small limits, decoding with TMPDIR in an empty folder of its own."""
     tmp = tmp_path_factory.mktemp("server-tmp")
-    s = Server("--checkpoint", str(trained_run), "--max-wait-ms", "50", *LIMITS, env={"TMPDIR": str(tmp)})
+    s = Server("--checkpoint", str(trained_run), "--max-wait-ms", "50", *ONE_BATCH, *LIMITS, env={"TMPDIR": str(tmp)})
     s.tmp = tmp
     yield s
     s.stop()
@@ -113,7 +114,7 @@ def test_unknown_below_reject_below_is_test_pys(server, trained_run, images, tmp
 
 
 def test_an_onnx_export_answers_as_test_py_runs_it(onnx_file, images, tmp_path):
-    s = Server("--checkpoint", str(onnx_file))
+    s = Server("--checkpoint", str(onnx_file), *ONE_BATCH)
     try:
         same_as_test_py(s, onnx_file, images, tmp_path / "onnx")
         assert s.request("GET", "/model")[0] == 200
@@ -128,7 +129,7 @@ def test_a_multilabel_model_answers_every_label_above_its_threshold_as_test_py(t
     run = tmp_path / "ml-run"
     assert train.main(train_args(labels_csv, run, "--mode", "scratch", "--epochs", "2", "--hflip", "0")) == 0
     images = sorted((tmp_path / "objects" / "img").glob("*.png"))[:8]
-    s = Server("--checkpoint", str(run))
+    s = Server("--checkpoint", str(run), *ONE_BATCH)
     try:
         same_as_test_py(s, run / "best.pt", images, tmp_path / "ml")
         assert s.post("/predict?reject_below=0.5", [(images[0].name, read_file(images[0]))])[0] == 400
@@ -137,7 +138,7 @@ def test_a_multilabel_model_answers_every_label_above_its_threshold_as_test_py(t
 
 
 def test_tta_answers_as_test_py_tta(trained_run, images, tmp_path):
-    s = Server("--checkpoint", str(trained_run), "--tta")
+    s = Server("--checkpoint", str(trained_run), "--tta", *ONE_BATCH)
     try:
         same_as_test_py(s, trained_run / "best.pt", images, tmp_path / "tta", "", "--tta")
     finally:
@@ -256,6 +257,14 @@ def test_model_tells_classes_input_calibration_and_provenance(server, trained_ru
     assert str(trained_run) not in data.decode()  # no server paths
 
 
+def test_the_batch_size_is_the_fastest_timed_or_the_smallest_as_fast():
+    from imgcls.serving.model import fastest
+
+    assert fastest({1: 40.0, 2: 30.0, 4: 20.0}) == 1  # MobileNetV2 on a small CPU: no batching
+    assert fastest({1: 10.0, 2: 17.0, 4: 21.0, 8: 22.0, 16: 18.0}) == 4
+    assert fastest({1: 5.0, 2: 10.0}) == 2
+
+
 def test_unknown_paths_and_methods_are_json_errors(server):
     assert server.request("GET", "/nope")[0] == 404
     status, _, data = server.request("GET", "/predict")
@@ -274,6 +283,8 @@ def test_a_key_is_required_when_set_and_health_stays_open(trained_run, images):
         assert s.post("/predict", files, {"X-API-Key": "s3cret"})[0] == 200
         assert s.request("GET", "/model")[0] == 401 and s.request("GET", "/health")[0] == 200
         assert s.request("GET", "/")[0] == 200  # the page holds nothing secret; it asks for the key
+        info = json.loads(s.request("GET", "/model", headers={"X-API-Key": "s3cret"})[2])
+        assert info["serving"]["max_batch"] in (1, 2, 4, 8, 16)  # timed at start
     finally:
         s.stop()
 

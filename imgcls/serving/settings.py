@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, fields
 ENV = "IMGCLS_SERVE_SETTINGS"  # the settings, for the worker processes
 KEY_ENV = "IMGCLS_API_KEY"  # the API key: given here rather than on the command line, where `ps` shows it
 
-# Chosen by measurement (bench/bench_serve.py, README): on a 2-core CPU a batch of 8 gives ResNet18 and
-# MobileNetV2 most of their batched throughput, and a wait of 10 ms fills it under load without adding
-# a noticeable delay to a lone request. A GPU takes larger batches for the same latency.
-MAX_BATCH = {"cpu": 8, "gpu": 32}
+# The largest batch tried when the server times its model at start (model.Served.measured_max_batch), and
+# the longest wait for a batch to fill: chosen by measurement (bench/bench_serve.py, docs/serving.md). A
+# wait of 10 ms fills a batch under load without a noticeable delay to a lone request.
+MAX_BATCH = {"cpu": 16, "gpu": 64}
 MAX_WAIT_MS = 10.0
 MAX_IMAGES = 64  # per request: more is several requests (the page sends one image per request)
 
@@ -28,7 +28,7 @@ class Settings:
     topk: int = 3
     reject_below: float | None = None
     tta: bool = False
-    max_batch: int | None = None  # None: MAX_BATCH for the device
+    max_batch: int | None = None  # None: timed at start (model.Served.measured_max_batch)
     max_wait_ms: float = MAX_WAIT_MS
     max_queue: int = 256  # images waiting for the model; beyond it requests are turned away (503)
     threads: int | None = None  # the model's threads per worker; None: the machine's cores shared by the workers
