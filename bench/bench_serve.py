@@ -127,8 +127,8 @@ class Ceiling:
     """The model alone: img/s on batches of decoded images, every core, as the server's model thread runs it, at
     each batch size in turn; the best is the ceiling (on a small CPU, large batches can be the slowest)."""
 
-    def __init__(self, ckpt: Path, batches: tuple[int, ...]):
-        torch.set_num_threads(cpus())
+    def __init__(self, ckpt: Path, batches: tuple[int, ...], threads: int | None = None):
+        torch.set_num_threads(threads or cpus())
         self.loaded = load_model(ckpt, "cpu")
         size = self.loaded.preprocess.img_size
         self.xs = [torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8) for b in batches]
@@ -162,9 +162,10 @@ ROUNDS = 3  # each measurement in slices, taken in turn with the others: a machi
 
 def bench_model(name: str, a: argparse.Namespace, images: list[bytes], work: Path) -> dict:
     ckpt = make_checkpoint(name, a.img_size, work)
-    servers = {"batched": Server("--checkpoint", str(ckpt), "--max-file-mb", "1"),
-               "unbatched": Server("--checkpoint", str(ckpt), "--max-file-mb", "1", "--max-batch", "1")}
-    ceiling = Ceiling(ckpt, tuple(a.ceiling_batches))
+    threads = ["--threads", str(a.threads)] if a.threads else []
+    servers = {"batched": Server("--checkpoint", str(ckpt), "--max-file-mb", "1", *threads),
+               "unbatched": Server("--checkpoint", str(ckpt), "--max-file-mb", "1", "--max-batch", "1", *threads)}
+    ceiling = Ceiling(ckpt, tuple(a.ceiling_batches), a.threads)
     result: dict = {"model": name, "img_size": a.img_size, "batched": [], "unbatched": []}
     try:
         for server in servers.values():
@@ -226,6 +227,9 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--seconds", type=float, default=12.0, help="per measurement")
+    p.add_argument("--threads", type=int, help="the model's threads, in the servers and alone (default: the "
+                   "server's own choice, every core); 1 on a machine other jobs load: OpenMP threads that wait for "
+                   "each other on busy cores lose up to 20x")
     p.add_argument("--ceiling-batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--quick", action="store_true", help="3 s per measurement, 1 and 16 clients")
     p.add_argument("--sweep", action="store_true", help="ResNet18: --max-batch and --max-wait-ms at 1 and 16 clients")
@@ -239,7 +243,8 @@ def main() -> None:
         sweep(a, images, work)
         return
     results = [bench_model(name, a, images, work) for name in a.models]
-    machine = f"{cpus()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    machine = (f"{cpus()} cores, load average {os.getloadavg()[0]:.1f} at the end, {a.threads or cpus()} model "
+               f"thread(s), torch {torch.__version__}")
     Path(a.json).write_text(json.dumps({"machine": machine, "seconds": a.seconds, "results": results}, indent=1))
     print(f"\n{machine}\n\n{table(results)}")
 
