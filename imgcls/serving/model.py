@@ -50,8 +50,8 @@ class Served:
 
     def measured_max_batch(self) -> int:
         """The batch size that gives the most images per second here, timed now: the smallest within 10% of
-        the best of 1, 2, 4, ... up to MAX_BATCH for the device. Batches do not always pay on a CPU: MobileNetV2
-        runs faster one image at a time on a 2-core one (bench/bench_serve.py), ResNet18 in batches."""
+        the best of 1, 2, 4, ... up to MAX_BATCH for the device. Large batches do not always pay on a CPU: on a
+        2-core one ResNet18 and MobileNetV2 ran fastest in batches of about 4 (bench/bench_serve.py)."""
         size, rates = self.loaded.preprocess.img_size, {}
         largest = MAX_BATCH["cpu" if self.loaded.device.type == "cpu" else "gpu"]
         for b in (2**i for i in range(largest.bit_length())):
