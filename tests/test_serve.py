@@ -173,6 +173,31 @@ def test_a_bad_upload_among_good_ones_is_answered_in_its_place(server, images):
     assert answer["results"][1]["code"] == 415
 
 
+def form(boundary: bytes, *parts: bytes) -> bytes:
+    return b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
+
+
+def test_a_form_of_many_fields_is_refused_before_the_rest_is_parsed():
+    """A body of tiny parts costs seconds of parsing on the event loop, which nothing else then runs on:
+    refused at the limit, as soon as it is passed."""
+    from imgcls.serving.uploads import BadUpload, uploads
+
+    field = b'Content-Disposition: form-data; name="x"\r\n\r\nx'
+    with pytest.raises(BadUpload) as e:
+        uploads(form(b"b", *[field] * 100_000), "multipart/form-data; boundary=b", "image", 4)
+    assert e.value.status == 413 and "form fields" in str(e.value)
+
+
+def test_images_over_the_limit_are_refused_before_the_rest_of_the_form_is_read():
+    from imgcls.serving.uploads import BadUpload, uploads
+
+    file = b'Content-Disposition: form-data; name="f"; filename="a.png"\r\n\r\nxx'
+    body = form(b"b", *[file] * 5)[:-len(b"--b--\r\n")] + b"--b\r\nnot a header\r\n\r\n"  # (malformed after)
+    with pytest.raises(BadUpload) as e:
+        uploads(body, "multipart/form-data; boundary=b", "image", 4)
+    assert e.value.status == 413 and "--max-images" in str(e.value)
+
+
 def test_the_raw_body_is_one_image(server, images):
     status, _, data = server.request("POST", "/predict?name=x.png", read_file(images[0]),
                                      {"Content-Type": "image/png"})

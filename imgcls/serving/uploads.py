@@ -72,13 +72,9 @@ def uploads(body: bytes, content_type: str, name: str, max_images: int) -> list[
     boundary = options.get(b"boundary")
     if not boundary:
         raise BadUpload(400, "multipart/form-data without a boundary: let the HTTP client build the upload")
-    parts = split_multipart(body, boundary)
-    files = [p for p in parts if p.name is not None]
+    files = [p for p in split_multipart(body, boundary, max_images) if p.name is not None]
     if not files:
         raise BadUpload(400, "no file in the form: send each image as a file field (e.g. curl -F file=@cat.jpg)")
-    if len(files) > max_images:
-        raise BadUpload(413, f"{len(files)} images in one request; the limit is {max_images} (serve.py "
-                             "--max-images): send them in several requests")
     return [Upload(p.name or f"image-{i + 1}", p.data) for i, p in enumerate(files)]
 
 
@@ -88,9 +84,15 @@ class Part:
     data: bytes
 
 
-def split_multipart(body: bytes, boundary: bytes) -> list[Part]:
-    """A multipart/form-data body's parts, in memory."""
+MAX_FIELDS = 16  # form fields that are not files, per request (the server reads none of them)
+
+
+def split_multipart(body: bytes, boundary: bytes, max_images: int) -> list[Part]:
+    """A multipart/form-data body's parts, in memory; refused (413) as soon as it has more than `max_images`
+    files or MAX_FIELDS other fields: a body of tiny parts would otherwise hold the event loop for seconds
+    (a million parts in 64 MB), and every other request with it, past any time limit."""
     parts: list[Part] = []
+    counts = {"files": 0, "fields": 0}
     chunks: list[bytes] = []
     headers: dict[bytes, bytes] = {}
     field: list[bytes] = [b""]
@@ -110,6 +112,13 @@ def split_multipart(body: bytes, boundary: bytes) -> list[Part]:
         parts.append(Part(None if filename is None else filename.decode("utf-8", "replace"), b"".join(chunks)))
         chunks.clear()
         headers.clear()
+        counts["fields" if filename is None else "files"] += 1
+        if counts["files"] > max_images:
+            raise BadUpload(413, f"more than {max_images} images in one request; the limit is {max_images} (serve.py "
+                                 "--max-images): send them in several requests")
+        if counts["fields"] > MAX_FIELDS:
+            raise BadUpload(413, f"more than {MAX_FIELDS} form fields that are not files in one request: send the "
+                                 "images as files, with few other fields")
 
     callbacks = {"on_part_data": lambda data, start, end: chunks.append(data[start:end]),
                  "on_header_field": on_header_field, "on_header_value": on_header_value,
@@ -118,6 +127,8 @@ def split_multipart(body: bytes, boundary: bytes) -> list[Part]:
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         parser.write(body)
         parser.finalize()
+    except BadUpload:
+        raise
     except Exception as e:  # python-multipart's errors for malformed bodies, whatever their type
         raise BadUpload(400, f"the multipart/form-data body is malformed ({str(e)[:100]})") from None
     return parts
