@@ -244,6 +244,29 @@ def test_too_many_images_in_one_request_is_a_413(trained_run, images):
         s.stop()
 
 
+def test_too_many_requests_at_once_are_json_503s_with_retry_after(trained_run, images):
+    """Past the requests a server takes at once, the answer is still the API's: JSON, with Retry-After."""
+    s = Server("--checkpoint", str(trained_run), "--max-queue", "1", "--max-batch", "1")
+    answers = []
+
+    def send() -> None:
+        status, headers, data = s.request("POST", "/predict", read_file(images[0]), {"Content-Type": "image/png"})
+        answers.append((status, headers.get("content-type"), headers.get("retry-after"), data))
+
+    try:
+        threads = [threading.Thread(target=send) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        s.stop()
+    assert {a[0] for a in answers} <= {200, 503} and 200 in {a[0] for a in answers}
+    busy = [a for a in answers if a[0] == 503]
+    assert busy and all(a[1] == "application/json" and a[2] == "1" and "busy" in json.loads(a[3])["error"]
+                        for a in busy), busy[:1]
+
+
 def test_a_slow_upload_is_cut_off_at_the_time_limit(server):
     conn = socket.create_connection((server.host, server.port), timeout=20)
     conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\nab")

@@ -46,6 +46,7 @@ class Server:
         self.batcher = Batcher(served.logits, served.max_batch, served.settings.max_wait_ms / 1000,
                                served.settings.max_queue, served.threads)
         self.decoders = ThreadPoolExecutor(max(2, served.threads), thread_name_prefix="decode")
+        self.in_flight = 0  # requests being answered (on the event loop's thread only)
 
     def close(self) -> None:
         self.batcher.stop()
@@ -104,6 +105,10 @@ def guarded(server: Server, handler: Handler) -> Callable[[Request], Awaitable[R
         if server.key is not None and not authorised(request, server.key):
             return error(401, "a valid API key is needed: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
                          {"WWW-Authenticate": "Bearer"})
+        if server.in_flight >= server.settings.max_in_flight:
+            return error(503, f"busy: {server.in_flight} requests are being answered (4 x serve.py --max-queue); "
+                              "retry shortly", {"Retry-After": RETRY_AFTER_S})
+        server.in_flight += 1
         try:
             async with asyncio.timeout(server.settings.timeout_s):
                 return await handler(server, request)
@@ -120,6 +125,8 @@ def guarded(server: Server, handler: Handler) -> Callable[[Request], Awaitable[R
         except Exception:  # a bug, or the device failing: logged with its traceback, the server goes on
             log.exception("error answering %s %s", request.method, request.url.path)
             return error(500, "internal error (see the server's log)")
+        finally:
+            server.in_flight -= 1
     return endpoint
 
 

@@ -17,6 +17,10 @@ from imgcls.serving.model import Served
 from imgcls.serving.settings import ENV, KEY_ENV, Settings, cpus
 
 GRACE_S = 5  # past --timeout, for requests in flight at SIGTERM to finish
+# uvicorn's own limit (connections, open or busy) stays above the app's on requests (Settings.max_in_flight),
+# which answers as the API does: uvicorn's 503 is plain text with no Retry-After. Idle keep-alive
+# connections from a load balancer count in uvicorn's.
+SPARE_CONNECTIONS = 1024
 
 
 def serve(settings: Settings, key: str | None, sock: socket.socket, log_level: str = "info") -> int:
@@ -27,7 +31,7 @@ def serve(settings: Settings, key: str | None, sock: socket.socket, log_level: s
           f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + (" (API key required)" if key else ""),
           flush=True)
     options = {"log_level": log_level, "timeout_graceful_shutdown": int(settings.timeout_s + GRACE_S),
-               "limit_concurrency": 4 * settings.max_queue, "server_header": False}
+               "limit_concurrency": settings.max_in_flight + SPARE_CONNECTIONS, "server_header": False}
     if settings.workers == 1:
         app = make_app(served, key)
         uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])

@@ -48,6 +48,11 @@ class Settings:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
     @property
+    def max_in_flight(self) -> int:
+        """Requests answered at once; more are turned away by the app (JSON 503, Retry-After)."""
+        return 4 * self.max_queue
+
+    @property
     def max_bytes(self) -> int:
         return int(self.max_file_mb * 2**20)
 
