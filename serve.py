@@ -69,7 +69,9 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_shared(args)
     check_numbers(args)
-    args.api_key = args.api_key or os.environ.get(KEY_ENV) or None
+    given = args.api_key
+    args.api_key = given or os.environ.get(KEY_ENV) or None
+    check_key(args.api_key, "--api-key" if given else KEY_ENV)
     check_exposure(args.host, args.api_key, args.allow_no_key)
     return args
 
@@ -90,6 +92,15 @@ def check_numbers(args: argparse.Namespace) -> None:
     for ok, message in rules:
         if not ok:
             raise UsageError(message)
+
+
+def check_key(key: str | None, source: str) -> None:
+    """A key every client can send as it is: HTTP headers are Latin-1 with their ends' spaces stripped, so
+    a key with other characters (UTF-8 from curl, refused by browsers) or spaces could never match."""
+    if key is not None and not all("!" <= c <= "~" for c in key):
+        raise UsageError(f"the API key ({source}) must be printable ASCII without spaces (letters, digits, "
+                         "punctuation), as HTTP headers carry it: e.g. python -c 'import secrets; "
+                         "print(secrets.token_urlsafe())'")
 
 
 def check_exposure(host: str, key: str | None, allowed: bool) -> None:

@@ -393,11 +393,20 @@ def test_workers_share_the_port(trained_run, images):
     (["--max-batch", "0"], "--max-batch must be at least 1"),
     (["--checkpoint", "/no/such/run"], "does not exist"),
     (["--workers", "0"], "--workers must be at least 1"),
+    (["--api-key", "clé"], "printable ASCII"),  # sent as UTF-8 by curl, read as Latin-1: never matched
+    (["--api-key", "two words"], "printable ASCII"),  # (HTTP strips a header's spaces at the ends)
 ])
 def test_a_bad_command_line_is_one_line_before_torch_loads(args, hint):
     result = run_script_in_process("serve.py", *args)
     assert result.stdout.split() == ["no", "torch", "2"], result.stderr
     assert hint in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_key_from_the_environment_no_client_can_send_is_refused_before_torch_loads(monkeypatch):
+    monkeypatch.setenv("IMGCLS_API_KEY", "s3cret\n")
+    result = run_script_in_process("serve.py", "--checkpoint", "/no/such/run")
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    assert "IMGCLS_API_KEY" in result.stderr and "printable ASCII" in result.stderr
 
 
 def test_a_port_in_use_is_one_line_before_torch_loads(trained_run):
