@@ -81,3 +81,24 @@ def test_stopping_finishes_what_is_queued():
     futures = b.submit(images(5))
     b.stop()
     assert all(f.done() and not f.cancelled() for f in futures) and sum(model.sizes) == 5
+
+
+def test_other_work_on_the_model_takes_its_turn_and_does_not_starve_the_images():
+    """Explanations run on the model thread too: in the order they arrived with the images, so a stream
+    of them cannot hold predictions back until they time out."""
+    import threading
+
+    ran: list[str] = []
+    model = Recording()
+    b = Batcher(lambda x: (ran.append("images"), model(x))[1], max_batch=4, max_wait_s=0.01, max_queue=100)
+    try:
+        release = threading.Event()
+        first = b.call(lambda: (release.wait(10), ran.append("job 1")))
+        time.sleep(0.1)  # (the model thread is in the first job)
+        futures = b.submit(images(2))
+        later = b.call(lambda: ran.append("job 2"))
+        release.set()
+        first.result(10), later.result(10), [f.result(10) for f in futures]
+        assert ran == ["job 1", "images", "job 2"]
+    finally:
+        b.stop()

@@ -5,7 +5,7 @@ the oldest one arrived for more (so a lone request waits that long at most, and 
 while the previous one runs, with no wait at all). A request's images are queued together, so they share a
 batch where they fit. Requests decode in other threads meanwhile: the model never waits for a decode.
 Other work on the model (an explanation, whose hooks would see a batch's activations) runs on the same
-thread, between batches.
+thread, between batches, in the order it arrived with the images.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Batcher:
         self.model, self.max_batch, self.max_wait_s, self.max_queue = model, max_batch, max_wait_s, max_queue
         self.threads = threads
         self.items: deque[Item] = deque()
-        self.jobs: deque[tuple[Callable[[], Any], Future]] = deque()
+        self.jobs: deque[tuple[Callable[[], Any], Future, float]] = deque()  # (job, its future, when it came)
         self.cond = threading.Condition()
         self.stopping = False
         self.batches = self.images = 0  # served so far (GET /health)
@@ -75,7 +75,7 @@ class Batcher:
         with self.cond:
             if self.stopping:
                 raise Full("the server is stopping")
-            self.jobs.append((job, future))
+            self.jobs.append((job, future, time.monotonic()))
             self.cond.notify_all()
         return future
 
@@ -96,8 +96,8 @@ class Batcher:
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: self.items or self.jobs or self.stopping)
-                if self.jobs:
-                    job, future = self.jobs.popleft()
+                if self.jobs and (not self.items or self.jobs[0][2] <= self.items[0].arrived):
+                    job, future, _ = self.jobs.popleft()  # (in turn with the images: neither starves the other)
                     batch = None
                 elif self.items:
                     batch = self.take()
