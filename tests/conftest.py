@@ -23,6 +23,7 @@ from imgcls.networks import weights
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from browser import chromium, watched  # noqa: E402, F401  (the browser tests' fixtures: tests/browser.py)
 
 THREE = ("vgg11", "resnet18", "mobilenet_v2")
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}

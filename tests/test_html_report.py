@@ -1,4 +1,4 @@
-"""html_report.py: report.html opened in a real headless Chromium, driven over the DevTools protocol.
+"""report_html.py: report.html opened in a real headless Chromium, driven by Playwright (tests/browser.py).
 
 The browser tests load the page from file:// as a user would, and check what a user sees: a page that
 is not blank, a confusion cell that shows its thumbnails when clicked, and a console with no errors
@@ -10,21 +10,16 @@ from __future__ import annotations
 import base64
 import io
 import json
-import queue
 import re
-import shutil
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from browser import Watched
 from PIL import Image
 
 from imgcls.evaluation import report_html
@@ -219,168 +214,36 @@ def test_jpeg_thumbnail_is_a_small_jpeg() -> None:
         jpeg_thumbnail(picture(0).astype(np.float32) / 255)
 
 
-# ---------------------------------------------------------------- the browser
+# ---------------------------------------------------------------- the browser (tests/browser.py: Playwright)
 
 
-def chromium_binary() -> str | None:
-    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-
-
-class DevTools:
-    """A Chrome DevTools Protocol session with one page: commands answered in order, events kept."""
-
-    def __init__(self, ws_url: str):
-        import websocket
-
-        self._timeout = websocket.WebSocketTimeoutException
-        self.ws = websocket.create_connection(ws_url, timeout=20, suppress_origin=True)
-        self.events: list[dict[str, Any]] = []
-        self._id = 0
-
-    def _receive(self, timeout: float) -> dict[str, Any]:
-        self.ws.settimeout(max(0.01, timeout))
-        message = json.loads(self.ws.recv())
-        if "method" in message:
-            self.events.append(message)
-        return message
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self._id += 1
-        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
-        while True:
-            message = self._receive(20)
-            if message.get("id") == self._id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-
-    def wait_for(self, method: str, timeout: float = 20) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while not any(e["method"] == method for e in self.events):
-            try:
-                self._receive(deadline - time.monotonic())
-            except self._timeout:
-                raise AssertionError(f"no {method} within {timeout} s") from None
-        return next(e for e in self.events if e["method"] == method)
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise AssertionError(f"{expression!r} threw: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def open(self, url: str) -> None:
-        self.events.clear()
-        self.call("Page.navigate", url=url)
-        self.wait_for("Page.loadEventFired")
-
-    def settle(self) -> None:
-        """Let timers and image decodes run, so their errors, if any, have been reported."""
-        self.evaluate("new Promise(r => setTimeout(r, 150))")
-
-    def errors(self) -> list[str]:
-        found = []
-        for e in self.events:
-            p = e["params"]
-            if e["method"] == "Runtime.exceptionThrown":
-                found.append(f"exception: {p['exceptionDetails']}")
-            elif e["method"] == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert"):
-                found.append(f"console.{p['type']}: {[a.get('value', a.get('description')) for a in p['args']]}")
-            elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
-                found.append(f"log: {p['entry'].get('text')} {p['entry'].get('url', '')}")
-        return found
-
-    def requests(self) -> list[str]:
-        return [e["params"]["request"]["url"] for e in self.events if e["method"] == "Network.requestWillBeSent"]
-
-    def click(self, selector: str) -> None:
-        """A real mouse click (pressed and released) at the middle of the element, scrolled into view first."""
-        x, y = self.evaluate(f"""(() => {{
-            const el = document.querySelector({json.dumps(selector)});
-            el.scrollIntoView({{block: "center", inline: "center"}});
-            const r = el.getBoundingClientRect();
-            return [r.x + r.width / 2, r.y + r.height / 2];
-        }})()""")
-        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-        for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory):
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("headless Chromium not installed: apt-get install chromium")
-    pytest.importorskip("websocket", reason="websocket-client not installed: pip install -r requirements-dev.txt")
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    proc = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                             "--no-first-run", "--no-default-browser-check", "--window-size=1280,900",
-                             "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            errors="replace")
-    lines: queue.Queue[str] = queue.Queue()
-    stderr: list[str] = []
-
-    def drain() -> None:  # read stderr all along: a full pipe would stall the browser
-        for line in proc.stderr:
-            stderr.append(line)
-            lines.put(line)
-
-    threading.Thread(target=drain, daemon=True).start()
-    devtools = None
-    try:
-        deadline = time.monotonic() + 30
-        ws_url = None
-        while ws_url is None:
-            try:
-                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail("Chromium did not print its DevTools address within 30 s:\n" + "".join(stderr[-20:]))
-            found = re.search(r"DevTools listening on (ws://\S+)", line)
-            ws_url = found and found.group(1)
-        port = urlsplit(ws_url).port
-        for _ in range(50):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-                pages = [t for t in json.load(r) if t.get("type") == "page"]
-            if pages:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("Chromium has no page target")
-        devtools = DevTools(pages[0]["webSocketDebuggerUrl"])
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            devtools.call(f"{domain}.enable")
-        yield devtools
-    finally:
-        if devtools is not None:
-            devtools.ws.close()
-        proc.kill()
-        proc.wait(timeout=10)
+def click(page: Any, selector: str) -> None:
+    """A real mouse click (pressed and released) at the middle of the element, scrolled into view first."""
+    page.locator(selector).first.click()
 
 
 @pytest.mark.timeout(60)
-def test_console_watch_sees_errors(browser: DevTools) -> None:
+def test_console_watch_sees_errors(watched: Watched) -> None:
     """The check the other browser tests rely on: a page with errors is seen to have them."""
-    browser.open("data:text/html,<script>console.error('one'); throw new Error('two')</script>")
-    browser.settle()
-    assert len(browser.errors()) == 2, browser.events
+    watched.open("data:text/html,<script>console.error('one'); throw new Error('two')</script>")
+    watched.settle()
+    assert len(watched.errors()) == 2, watched.errors()
 
 
 @pytest.mark.timeout(60)
-def test_page_renders(browser: DevTools, report: Path) -> None:
-    browser.open(report.as_uri())
-    shot = browser.call("Page.captureScreenshot", format="png")
-    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB"))
+def test_page_renders(watched: Watched, report: Path) -> None:
+    page = watched.open(report.as_uri())
+    pixels = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
     assert pixels.shape[0] > 100 and pixels.shape[1] > 100
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50 and pixels.std() > 10
 
 
 @pytest.mark.timeout(60)
-def test_clicking_a_cell_shows_its_thumbnails(browser: DevTools, report: Path) -> None:
-    browser.open(report.as_uri())
-    assert browser.evaluate("document.getElementById('panel').hidden")
-    browser.click('#cm td[data-cell="1,2"]')  # true HOSTILE, predicted SCRIPT_NAME: 5 images, 3 kept
-    shown = browser.evaluate("""(async () => {
+def test_clicking_a_cell_shows_its_thumbnails(watched: Watched, report: Path) -> None:
+    page = watched.open(report.as_uri())
+    assert page.evaluate("() => document.getElementById('panel').hidden")
+    click(page, '#cm td[data-cell="1,2"]')  # true HOSTILE, predicted SCRIPT_NAME: 5 images, 3 kept
+    shown = page.evaluate("""async () => {
         const panel = document.getElementById("panel");
         const imgs = Array.from(panel.querySelectorAll("img"));
         await Promise.all(imgs.map(i => i.decode()));
@@ -388,47 +251,47 @@ def test_clicking_a_cell_shows_its_thumbnails(browser: DevTools, report: Path) -
                 widths: imgs.map(i => i.naturalWidth),
                 captions: Array.from(panel.querySelectorAll("figcaption"), f => f.textContent),
                 visible: panel.getBoundingClientRect().height > 0};
-    })()""")
+    }""")
     expected = make_cells(CM, KEEP)[1, 2]
     assert not shown["hidden"] and shown["visible"]
     assert shown["title"] == f"true {HOSTILE}, predicted {SCRIPT_NAME}: showing 3 of 5"
     assert shown["captions"] == [caption for caption, _ in expected.thumbs]
     assert len(shown["widths"]) == len(expected.thumbs) and all(w == 64 for w in shown["widths"])
-    browser.click('#cm td[data-cell="3,1"]')  # another cell replaces the first one's images
-    assert browser.evaluate("document.querySelectorAll('#panel img').length") == 3
-    assert browser.evaluate("document.getElementById('panel-title').textContent").endswith("showing 3 of 3")
+    click(page, '#cm td[data-cell="3,1"]')  # another cell replaces the first one's images
+    assert page.evaluate("() => document.querySelectorAll('#panel img').length") == 3
+    assert page.evaluate("() => document.getElementById('panel-title').textContent").endswith("showing 3 of 3")
 
 
 @pytest.mark.timeout(60)
-def test_console_has_no_errors(browser: DevTools, report: Path) -> None:
-    browser.open(report.as_uri())
-    browser.click('#cm td[data-cell="1,2"]')
-    browser.click("#per-class thead th:nth-child(2)")
-    browser.settle()
-    assert browser.errors() == []
-    assert browser.evaluate("window.pwned") is None  # the class name "</script><script>..." ran nothing
+def test_console_has_no_errors(watched: Watched, report: Path) -> None:
+    page = watched.open(report.as_uri())
+    click(page, '#cm td[data-cell="1,2"]')
+    click(page, "#per-class thead th:nth-child(2)")
+    watched.settle()
+    assert watched.errors() == []
+    assert page.evaluate("() => window.pwned") is None  # the class name "</script><script>..." ran nothing
 
 
 @pytest.mark.timeout(60)
-def test_page_loads_nothing_but_itself(browser: DevTools, report: Path) -> None:
-    browser.open(report.as_uri())
-    browser.click('#cm td[data-cell="1,2"]')
-    browser.settle()
-    assert all(u == report.as_uri() or u.startswith("data:") for u in browser.requests()), browser.requests()
+def test_page_loads_nothing_but_itself(watched: Watched, report: Path) -> None:
+    page = watched.open(report.as_uri())
+    click(page, '#cm td[data-cell="1,2"]')
+    watched.settle()
+    assert all(u == report.as_uri() or u.startswith("data:") for u in watched.requests()), watched.requests()
 
 
 @pytest.mark.timeout(60)
-def test_per_class_table_sorts_on_header_click(browser: DevTools, report: Path) -> None:
-    browser.open(report.as_uri())
-    support = "Array.from(document.querySelectorAll('#per-class tbody tr'), r => Number(r.cells[1].textContent))"
-    browser.click("#per-class thead th:nth-child(2)")
-    assert browser.evaluate(support) == sorted(np.array(CM).sum(1).tolist())
-    browser.click("#per-class thead th:nth-child(2)")
-    assert browser.evaluate(support) == sorted(np.array(CM).sum(1).tolist(), reverse=True)
+def test_per_class_table_sorts_on_header_click(watched: Watched, report: Path) -> None:
+    page = watched.open(report.as_uri())
+    support = "() => Array.from(document.querySelectorAll('#per-class tbody tr'), r => Number(r.cells[1].textContent))"
+    click(page, "#per-class thead th:nth-child(2)")
+    assert page.evaluate(support) == sorted(np.array(CM).sum(1).tolist())
+    click(page, "#per-class thead th:nth-child(2)")
+    assert page.evaluate(support) == sorted(np.array(CM).sum(1).tolist(), reverse=True)
 
 
 @pytest.mark.timeout(60)
-def test_two_hundred_classes_render_as_the_most_confused_hundred(browser: DevTools, tmp_path: Path) -> None:
+def test_two_hundred_classes_render_as_the_most_confused_hundred(watched: Watched, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     n = 200
     cm = (np.eye(n, dtype=int) * 40 + (rng.random((n, n)) < 0.02) * rng.integers(1, 4, (n, n))).tolist()
@@ -436,21 +299,21 @@ def test_two_hundred_classes_render_as_the_most_confused_hundred(browser: DevToo
     path = tmp_path / "report.html"
     write_html(path, metrics([f"class {c} <{c}>" for c in range(n)], cm), {(first, first): Cell(40, [])}, [])
     assert path.stat().st_size < 2e6
-    browser.open(path.as_uri())
-    shape = browser.evaluate("""(() => {
+    page = watched.open(path.as_uri())
+    shape = page.evaluate("""() => {
         const box = document.querySelector("#cm").parentElement;
         return {rows: document.querySelectorAll("#cm tbody tr").length, scrolls: box.scrollHeight > box.clientHeight
                 && box.scrollWidth > box.clientWidth};
-    })()""")
+    }""")
     assert shape == {"rows": report_html.MAX_MATRIX_CLASSES, "scrolls": True}
-    browser.click(f'#cm td[data-cell="{first},{first}"]')
-    assert browser.evaluate("document.getElementById('panel-title').textContent") == (
+    click(page, f'#cm td[data-cell="{first},{first}"]')
+    assert page.evaluate("() => document.getElementById('panel-title').textContent") == (
         f"true class {first} <{first}>, predicted class {first} <{first}>: showing 0 of 40")
-    browser.settle()
-    assert browser.errors() == []
+    watched.settle()
+    assert watched.errors() == []
 
 
 def test_module_does_not_import_torch() -> None:
     """eval's report, but no torch: writing a page should not cost loading it (nor need it installed)."""
-    code = "import sys; from imgcls.evaluation import report_html; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(report_html.__file__).parents[2]).returncode == 0
+    code = "import sys, html_report; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(report_html.__file__).parent).returncode == 0

@@ -1,0 +1,142 @@
+"""Dynamic batching: images of requests that arrive together go through the model as one batch.
+
+One model thread takes what is waiting: at most `max_batch` images, and waits at most `max_wait_s` after
+the oldest one arrived for more (so a lone request waits that long at most, and under load the batch fills
+while the previous one runs, with no wait at all). A request's images are queued together, so they share a
+batch where they fit. Requests decode in other threads meanwhile: the model never waits for a decode.
+Other work on the model (an explanation, whose hooks would see a batch's activations) runs on the same
+thread, between batches, in the order it arrived with the images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class Full(Exception):
+    """More images are waiting than the queue holds: the request is turned away (503, retry later)."""
+
+
+@dataclass
+class Item:
+    image: torch.Tensor
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Runs `model` (uint8 N x 3 x H x W -> N x ... outputs on the CPU) on batches of queued images."""
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], max_batch: int, max_wait_s: float,
+                 max_queue: int, threads: int | None = None):
+        self.model, self.max_batch, self.max_wait_s, self.max_queue = model, max_batch, max_wait_s, max_queue
+        self.threads = threads
+        self.items: deque[Item] = deque()
+        self.jobs: deque[tuple[Callable[[], Any], Future, float]] = deque()  # (job, its future, when it came)
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.batches = self.images = 0  # served so far (GET /health)
+        self.thread = threading.Thread(target=self.loop, name="model", daemon=True)
+        self.thread.start()
+
+    def submit(self, images: list[torch.Tensor]) -> list[Future]:
+        """Queue a request's images together; a future per image, for its row of the model's output."""
+        items = [Item(x) for x in images]
+        with self.cond:
+            if self.stopping:
+                raise Full("the server is stopping")
+            if len(self.items) + len(items) > self.max_queue and self.items:
+                raise Full(f"{len(self.items)} images are waiting for the model (serve.py --max-queue "
+                           f"{self.max_queue})")
+            self.items.extend(items)
+            self.cond.notify_all()
+        return [it.future for it in items]
+
+    async def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        futures = self.submit(images)
+        try:
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        finally:
+            for f in futures:  # a request that timed out or went away: its images are not run
+                f.cancel()
+
+    def call(self, job: Callable[[], Any]) -> Future:
+        """Run `job` on the model thread, between batches."""
+        future: Future = Future()
+        with self.cond:
+            if self.stopping:
+                raise Full("the server is stopping")
+            self.jobs.append((job, future, time.monotonic()))
+            self.cond.notify_all()
+        return future
+
+    @property
+    def waiting(self) -> int:
+        return len(self.items)
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the model thread."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join()
+
+    def loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # (per thread with OpenMP: set where the model runs)
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.items or self.jobs or self.stopping)
+                if self.jobs and (not self.items or self.jobs[0][2] <= self.items[0].arrived):
+                    job, future, _ = self.jobs.popleft()  # (in turn with the images: neither starves the other)
+                    batch = None
+                elif self.items:
+                    batch = self.take()
+                else:
+                    return
+            if batch is None:
+                run(job, future)
+            elif batch:
+                self.run_batch(batch)
+
+    def take(self) -> list[Item]:
+        """The next batch (the condition held): the oldest images, once the batch is full or the oldest
+        has waited max_wait_s; cancelled ones dropped."""
+        deadline = self.items[0].arrived + self.max_wait_s
+        while len(self.items) < self.max_batch and not self.stopping and not self.jobs:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.cond.wait(left)
+        batch = [self.items.popleft() for _ in range(min(self.max_batch, len(self.items)))]
+        return [it for it in batch if it.future.set_running_or_notify_cancel()]
+
+    def run_batch(self, batch: list[Item]) -> None:
+        try:
+            out = self.model(torch.stack([it.image for it in batch]))
+        except Exception as e:  # a bug or the device's failure: each request is told, the thread goes on
+            for it in batch:
+                it.future.set_exception(e)
+            return
+        self.batches += 1
+        self.images += len(batch)
+        for it, row in zip(batch, out):
+            it.future.set_result(row)
+
+
+def run(job: Callable[[], Any], future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(job())
+    except Exception as e:
+        future.set_exception(e)

@@ -1,0 +1,168 @@
+"""The model a server runs: loaded as test.py loads it (predictor.load_model: a .pt or an exported .onnx,
+its preprocessing, calibration temperature and multi-label thresholds), with threads sized for the server,
+and its answers in the words of test.py's predictions.csv (report.label): the top-k labels with their
+calibrated probabilities, "unknown" below --reject-below, a multi-label model's labels at or above their
+thresholds. What /model tells about it, and its Grad-CAM explanations, are here too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import calibration
+import checkpoint
+import multilabel
+import report
+from config import UsageError
+from imgcls.serving.settings import MAX_BATCH, Settings, threads_per_worker
+from predictor import Explainer, Loaded, OnnxModel, load_model, tta_views
+
+UNKNOWN = report.UNKNOWN
+
+
+class Served:
+    """A loaded model and what the server needs around it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.threads = threads_per_worker(settings)
+        torch.set_num_threads(self.threads)
+        self.loaded: Loaded = load_model(settings.checkpoint, settings.device, settings.amp)
+        if isinstance(self.loaded.model, OnnxModel):
+            size_threads(self.loaded.model, Path(settings.checkpoint), self.threads)
+        else:
+            self.loaded.model.eval()
+        if self.loaded.multilabel and settings.reject_below is not None:
+            raise UsageError(f"{settings.checkpoint} is a multi-label model: each label has its own threshold (tuned "
+                             "when training), so --reject-below does not apply; drop it")
+        self.crop = self.loaded.preprocess.crop()
+        self.explainer: Explainer | None = None  # made on the model thread, at the first explanation
+        self.provenance = provenance(Path(self.loaded.source))
+        self.max_batch = settings.max_batch or self.measured_max_batch()
+
+    def measured_max_batch(self) -> int:
+        """The batch size that gives the most images per second here, timed now: the smallest within 10% of
+        the best of 1, 2, 4, ... up to MAX_BATCH for the device. Large batches do not always pay on a CPU: on a
+        2-core one ResNet18 and MobileNetV2 ran fastest in batches of about 4 (bench/bench_serve.py)."""
+        size, rates = self.loaded.preprocess.img_size, {}
+        largest = MAX_BATCH["cpu" if self.loaded.device.type == "cpu" else "gpu"]
+        for b in (2**i for i in range(largest.bit_length())):
+            x = torch.zeros(b, 3, size, size, dtype=torch.uint8)
+            self.logits(x)  # (the first call of a shape chooses its kernels)
+            start = time.perf_counter()
+            for _ in range(2):
+                self.logits(x)
+            rates[b] = 2 * b / (time.perf_counter() - start)
+            if rates[b] < 0.7 * max(rates.values()):  # past the best: larger will not do better
+                break
+        return fastest(rates)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's outputs for a uint8 batch, as test.py computes them (report.label via run_model); with
+        --tta, N x views x classes."""
+        if not self.settings.tta:
+            return self.loaded(x)
+        return torch.stack([self.loaded(v) for v in tta_views(x, self.loaded.flips)], 1)
+
+    def answers(self, logits: torch.Tensor, topk: int, reject_below: float | None) -> list[dict[str, Any]]:
+        """The answers for a request's images, from their logits (one row each): what test.py writes for them.
+        The probabilities of the rows are computed together, as test.py computes a batch's."""
+        return [self.answer(p, topk, reject_below) for p in self.loaded.probabilities(logits)]
+
+    def answer(self, probs: torch.Tensor, topk: int, reject_below: float | None) -> dict[str, Any]:
+        classes = self.loaded.classes
+        top_p, top_i = probs.topk(min(topk, len(classes)))
+        top = [{"label": classes[c], "probability": shown(p)} for p, c in zip(top_p.tolist(), top_i.tolist())]
+        if self.loaded.multilabel:
+            said = np.flatnonzero(multilabel.decide(probs[None], self.loaded.thresholds)[0])
+            present = sorted(((classes[c], float(probs[c])) for c in said), key=lambda t: -t[1])
+            return {"status": "ok", "labels": [{"label": lb, "probability": shown(p)} for lb, p in present],
+                    "top": top}
+        best = float(top_p[0])
+        if reject_below is not None and not calibration.kept(best, reject_below):
+            return {"status": UNKNOWN, "label": UNKNOWN, "probability": shown(best), "top": top,
+                    "reason": f"below --reject-below {reject_below:g}"}
+        return {"status": "ok", "label": top[0]["label"], "probability": shown(best), "top": top}
+
+    def explain(self, image: torch.Tensor, label: str | None) -> tuple[bytes, str, str, bool]:
+        """(PNG of the heat map over the image, the class explained, the method, whether any evidence was
+        found) for a uint8 image as the model takes it; the predicted class unless `label` names one. Runs
+        on the model thread (Grad-CAM's hooks must not see another batch)."""
+        if self.explainer is None:
+            self.explainer = Explainer(self.loaded)
+        if label is None:
+            c = int(self.loaded.probabilities(self.logits(image[None]))[0].argmax())
+        else:
+            c = self.loaded.classes.index(label)
+        picture, found = report.overlay_for(self.explainer, image, c)
+        out = io.BytesIO()
+        Image.fromarray(picture).save(out, format="PNG")
+        return out.getvalue(), self.loaded.classes[c], self.explainer.method, found
+
+    def info(self) -> dict[str, Any]:
+        """GET /model: what the model is, how it reads images, how far its probabilities can be trusted,
+        and where it came from (no server paths beyond the model file's name)."""
+        loaded, s = self.loaded, self.settings
+        return {"model": loaded.arch, "file": Path(loaded.source).name, "format": "onnx" if
+                checkpoint.is_onnx(Path(loaded.source)) else "pytorch", "classes": loaded.classes,
+                "multilabel": loaded.multilabel, "thresholds": loaded.thresholds,
+                "input": {**loaded.preprocess.to_dict(), "crop_mode": loaded.preprocess.crop_mode},
+                "calibration": {"temperature": loaded.temperature or 1.0, "calibrated": loaded.temperature is not None},
+                "provenance": self.provenance,
+                "serving": {"topk": s.topk, "reject_below": s.reject_below, "tta": s.tta, "device": str(loaded.device),
+                            "max_batch": self.max_batch, "max_wait_ms": s.max_wait_ms, "threads": self.threads,
+                            "max_file_mb": s.max_file_mb, "max_request_mb": s.max_request_mb,
+                            "max_images": s.max_images, "timeout_s": s.timeout_s}}
+
+
+def fastest(rates: dict[int, float]) -> int:
+    """The smallest batch size within 10% of the best images per second: as fast, with less waiting."""
+    best = max(rates.values())
+    return min(b for b, r in rates.items() if r >= 0.9 * best)
+
+
+def shown(p: float) -> float:
+    """A probability to the digits test.py writes it with (calibration.shown: 0.8163)."""
+    return round(float(p), calibration.SHOWN_DIGITS)
+
+
+def size_threads(onnx: OnnxModel, path: Path, threads: int) -> None:
+    """ONNX Runtime's session again, with the server's thread count (its default takes every core, as if
+    alone on the machine: with --workers N that is N times too many)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    onnx.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+TRAINING_FIELDS = ("mode", "epoch", "best_epoch", "best_acc", "finished", "train_time_s", "averaged", "world")
+EXPORT_FIELDS = ("format", "int8", "top1_agreement", "max_abs_logit_diff", "accuracy_pytorch", "accuracy_export",
+                 "tolerance")
+
+
+def provenance(source: Path) -> dict[str, Any]:
+    """Where the model came from: a checkpoint's training (epochs, best validation score, calibration figures,
+    the run's folder name), an export's proof (export.py's <file>.json beside it, when there)."""
+    if checkpoint.is_onnx(source):
+        proof = Path(f"{source}.json")
+        try:
+            made = json.loads(proof.read_text())
+        except (OSError, ValueError):
+            return {"export": None}
+        return {"export": {k: made[k] for k in EXPORT_FIELDS if k in made} |
+                {"checkpoint": Path(str(made.get("checkpoint", ""))).name or None}}
+    ckpt = checkpoint.load(source)
+    cfg = ckpt.get("config") or {}
+    return {"run": source.resolve().parent.name, "training": {k: ckpt[k] for k in TRAINING_FIELDS if k in ckpt} |
+            {k: cfg[k] for k in ("model", "img_size", "epochs", "recipe", "seed") if k in cfg},
+            "calibration": ckpt.get("calibration")}

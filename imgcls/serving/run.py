@@ -1,0 +1,46 @@
+"""serve.py's work once its command line is good: the model loaded (a bad file said in one line, before
+the server starts), then uvicorn on the socket serve.py bound, in this process or in --workers processes
+that each load their own copy of the model (the server keeps no state: any of them answers any request).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from imgcls.serving.app import make_app
+from imgcls.serving.model import Served
+from imgcls.serving.settings import ENV, KEY_ENV, Settings, cpus
+
+GRACE_S = 5  # past --timeout, for requests in flight at SIGTERM to finish
+# uvicorn's own limit (connections, open or busy) stays above the app's on requests (Settings.max_in_flight),
+# which answers as the API does: uvicorn's 503 is plain text with no Retry-After. Idle keep-alive
+# connections from a load balancer count in uvicorn's.
+SPARE_CONNECTIONS = 1024
+
+
+def serve(settings: Settings, key: str | None, sock: socket.socket, log_level: str = "info") -> int:
+    served = Served(settings)  # in this process too with --workers: a file that does not load is said here
+    host, port = sock.getsockname()[:2]
+    print(f"serving {served.loaded.arch} ({len(served.loaded.classes)} classes, {served.loaded.device}, batches of up "
+          f"to {served.max_batch}, {served.threads} threads x {settings.workers} worker(s) of {cpus()} cores) at "
+          f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + (" (API key required)" if key else ""),
+          flush=True)
+    options = {"log_level": log_level, "timeout_graceful_shutdown": int(settings.timeout_s + GRACE_S),
+               "limit_concurrency": settings.max_in_flight + SPARE_CONNECTIONS, "server_header": False}
+    if settings.workers == 1:
+        app = make_app(served, key)
+        uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
+        return 0
+    del served
+    gc.collect()
+    os.environ[ENV] = settings.to_env()  # what each worker reads (imgcls.serving.app.from_environment)
+    if key:
+        os.environ[KEY_ENV] = key
+    config = uvicorn.Config("imgcls.serving.app:from_environment", factory=True, workers=settings.workers, **options)
+    Multiprocess(config, sockets=[sock]).run()
+    return 0

@@ -1,0 +1,70 @@
+"""What a server runs with, read once from serve.py's command line and handed to every worker process as
+JSON in the environment (uvicorn starts each worker afresh). No torch here: serve.py checks a command line
+before torch loads."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+ENV = "IMGCLS_SERVE_SETTINGS"  # the settings, for the worker processes
+KEY_ENV = "IMGCLS_API_KEY"  # the API key: given here rather than on the command line, where `ps` shows it
+
+# The largest batch tried when the server times its model at start (model.Served.measured_max_batch), and
+# the longest wait for a batch to fill: chosen by measurement (bench/bench_serve.py, docs/serving.md). A
+# wait of 10 ms fills a batch under load without a noticeable delay to a lone request.
+MAX_BATCH = {"cpu": 16, "gpu": 64}
+MAX_WAIT_MS = 10.0
+MAX_IMAGES = 64  # per request: more is several requests (the page sends one image per request)
+
+
+@dataclass
+class Settings:
+    """The server's options, as serve.py --help describes them."""
+    checkpoint: str
+    device: str = "auto"
+    amp: bool = False
+    topk: int = 3
+    reject_below: float | None = None
+    tta: bool = False
+    max_batch: int | None = None  # None: timed at start (model.Served.measured_max_batch)
+    max_wait_ms: float = MAX_WAIT_MS
+    max_queue: int = 256  # images waiting for the model; beyond it requests are turned away (503)
+    threads: int | None = None  # the model's threads per worker; None: the machine's cores shared by the workers
+    workers: int = 1
+    max_file_mb: float = 32.0
+    max_request_mb: float = 64.0
+    timeout_s: float = 30.0
+    max_images: int = MAX_IMAGES
+    needs_key: bool = False  # the key itself travels in KEY_ENV, never in these settings
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        values = json.loads(os.environ[ENV])
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests answered at once; more are turned away by the app (JSON 503, Retry-After)."""
+        return 4 * self.max_queue
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
+
+def cpus() -> int:
+    """The cores this process may use (a container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_worker(settings: Settings) -> int:
+    return settings.threads or max(1, cpus() // settings.workers)

@@ -1,0 +1,426 @@
+"""serve.py: a real server in its own process, driven over HTTP on loopback. Its answers are test.py's to
+the last digit (a .pt, an .onnx, a multi-label model); bad uploads are 4xx errors that name the problem and
+leave the server serving; limits, keys, SIGTERM and worker processes behave as the docs say."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, call, make_labelled_set, train_args
+from PIL import Image
+from serving import Server, multipart, png_claiming, read_file
+from test_cli import imports, run_script_in_process
+
+import export
+import test as predict
+import train
+
+STOPPED = (0, -15)  # (uvicorn, once finished, ends by the signal it was sent: its supervisor sees why)
+ONE_BATCH = ("--max-batch", "64")  # a request's images in one batch, as test.py runs them: the same floats
+LIMITS = ("--max-file-mb", "0.5", "--max-request-mb", "2", "--timeout", "3")
+
+
+def rotated_jpeg(path: Path) -> Path:
+    """A photo stored on its side with the EXIF tag that turns it upright: red above blue once upright."""
+    a = np.zeros((48, 32, 3), np.uint8)
+    a[:24], a[24:] = (220, 30, 30), (30, 60, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).rotate(90, expand=True).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(colours_eval, tmp_path_factory) -> list[Path]:
+    """The unseen colour images, an EXIF-rotated photo, an RGBA PNG and a file that is no image."""
+    extra = tmp_path_factory.mktemp("extra")
+    Image.new("RGBA", (40, 30), (40, 200, 60, 128)).save(extra / "half-transparent.png")
+    (extra / "notes.txt").write_text("not an image")
+    return [*sorted(colours_eval.rglob("*.png")), rotated_jpeg(extra / "rotated.jpg"), extra / "half-transparent.png",
+            extra / "notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory):
+    """The trained run served with small limits, decoding with TMPDIR in an empty folder of its own."""
+    tmp = tmp_path_factory.mktemp("server-tmp")
+    s = Server("--checkpoint", str(trained_run), "--max-wait-ms", "50", *ONE_BATCH, *LIMITS, env={"TMPDIR": str(tmp)})
+    s.tmp = tmp
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(trained_run, colours_eval, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed: pip install -r requirements-export.txt")
+    assert call(export.main, ["--checkpoint", str(trained_run), "--format", "onnx", "--data", str(colours_eval),
+                              "--images", "8", "--out", str(out)]) == 0
+    return out
+
+
+def rows_of_test_py(model: Path, images: list[Path], out: Path, *extra: str) -> list[dict[str, str]]:
+    assert call(predict.main, [*map(str, images), "--checkpoint", str(model), "--out", str(out), *extra]) == 0
+    with open(out / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def as_row(answer: dict, k: int) -> dict[str, str]:
+    """An answer of /predict in predictions.csv's columns."""
+    if answer["status"] == "error":
+        return {"label": "", "probability": "", "status": f"unreadable: {answer['error']}",
+                **{f"{w}_{j}": "" for j in range(1, k + 1) for w in ("label", "probability")}}
+    top = {f"{w}_{j}": (t["label"] if w == "label" else f"{t['probability']:.4f}")
+           for j, t in enumerate(answer["top"], 1) for w in ("label", "probability")}
+    if "labels" in answer:
+        return {"labels": " ".join(a["label"] for a in answer["labels"]), "status": "ok", **top,
+                "probabilities": json.dumps({a["label"]: a["probability"] for a in answer["labels"]})}
+    status = "ok" if answer["status"] == "ok" else f"unknown: {answer['reason']}"
+    return {"label": answer["label"], "probability": f"{answer['probability']:.4f}", "status": status, **top}
+
+
+def same_as_test_py(server: Server, model: Path, images: list[Path], out: Path, query: str = "", *extra: str) -> None:
+    expected = rows_of_test_py(model, images, out, *extra)
+    status, got = server.post(f"/predict{query}", [(str(p), read_file(p)) for p in images])
+    assert status == 200, got
+    assert [a["file"] for a in got["results"]] == [str(p) for p in images]
+    rows = [as_row(a, 3) for a in got["results"]]
+    assert [{k: r[k] for k in row} for r, row in zip(expected, rows)] == rows
+
+
+def test_answers_are_test_pys_to_the_last_digit(server, trained_run, images, tmp_path):
+    same_as_test_py(server, trained_run / "best.pt", images, tmp_path / "plain")
+
+
+def test_unknown_below_reject_below_is_test_pys(server, trained_run, images, tmp_path):
+    _, got = server.post("/predict", [(p.name, read_file(p)) for p in images[:-1]])
+    tops = sorted(a["probability"] for a in got["results"])
+    cut = round((tops[0] + tops[-1]) / 2, 4)  # some known, some unknown, with test.py's rounding either way
+    same_as_test_py(server, trained_run / "best.pt", images, tmp_path / "reject", f"?reject_below={cut}",
+                    "--reject-below", str(cut))
+    assert {a["status"] for a in server.post(f"/predict?reject_below={cut}",
+                                             [(p.name, read_file(p)) for p in images[:-1]])[1]["results"]} == \
+        {"ok", "unknown"}
+
+
+def test_an_onnx_export_answers_as_test_py_runs_it(onnx_file, images, tmp_path):
+    s = Server("--checkpoint", str(onnx_file), *ONE_BATCH)
+    try:
+        same_as_test_py(s, onnx_file, images, tmp_path / "onnx")
+        assert s.request("GET", "/model")[0] == 200
+        info = json.loads(s.request("GET", "/model")[2])
+        assert info["format"] == "onnx" and info["provenance"]["export"]["top1_agreement"] == 1.0
+    finally:
+        assert s.stop() in STOPPED
+
+
+def test_a_multilabel_model_answers_every_label_above_its_threshold_as_test_py(tmp_path):
+    labels_csv = make_labelled_set(tmp_path / "objects", 40, seed=3, split=True)
+    run = tmp_path / "ml-run"
+    assert train.main(train_args(labels_csv, run, "--mode", "scratch", "--epochs", "2", "--hflip", "0")) == 0
+    images = sorted((tmp_path / "objects" / "img").glob("*.png"))[:8]
+    s = Server("--checkpoint", str(run), *ONE_BATCH)
+    try:
+        same_as_test_py(s, run / "best.pt", images, tmp_path / "ml")
+        assert s.post("/predict?reject_below=0.5", [(images[0].name, read_file(images[0]))])[0] == 400
+    finally:
+        s.stop()
+
+
+def test_tta_answers_as_test_py_tta(trained_run, images, tmp_path):
+    s = Server("--checkpoint", str(trained_run), "--tta", *ONE_BATCH)
+    try:
+        same_as_test_py(s, trained_run / "best.pt", images, tmp_path / "tta", "", "--tta")
+    finally:
+        s.stop()
+
+
+# ------------------------------------------------------------------------------------------- bad uploads
+
+def truncated_png(images: list[Path]) -> bytes:
+    data = read_file(images[0])
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("make, status, says", [
+    (lambda images: b"%PDF-1.4 not a picture", 415, "not an image"),
+    (truncated_png, 422, "truncated"),
+    (lambda images: png_claiming(40_000, 40_000), 413, "decompression bomb"),
+    (lambda images: b"\xff\xd8\xff" + os.urandom(600_000), 413, "too large for an image"),
+    (lambda images: b"", 422, "empty file"),
+])
+def test_a_bad_upload_is_a_4xx_that_names_the_problem(server, images, make, status, says):
+    code, answer = server.post("/predict", [("bad.jpg", make(images))])
+    assert code == status and answer["error"].startswith("bad.jpg: ") and says in answer["error"]
+    assert server.post("/predict", [("ok.png", read_file(images[0]))])[0] == 200  # the worker serves on
+
+
+def test_a_bad_upload_among_good_ones_is_answered_in_its_place(server, images):
+    code, answer = server.post("/predict", [("a.png", read_file(images[0])), ("b.png", b"junk"),
+                                            ("c.png", read_file(images[1]))])
+    assert code == 200
+    assert [a["status"] for a in answer["results"]] == ["ok", "error", "ok"]
+    assert answer["results"][1]["code"] == 415
+
+
+def form(boundary: bytes, *parts: bytes) -> bytes:
+    return b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
+
+
+def test_a_form_of_many_fields_is_refused_before_the_rest_is_parsed():
+    """A body of tiny parts costs seconds of parsing on the event loop, which nothing else then runs on:
+    refused at the limit, as soon as it is passed."""
+    from imgcls.serving.uploads import BadUpload, uploads
+
+    field = b'Content-Disposition: form-data; name="x"\r\n\r\nx'
+    with pytest.raises(BadUpload) as e:
+        uploads(form(b"b", *[field] * 100_000), "multipart/form-data; boundary=b", "image", 4)
+    assert e.value.status == 413 and "form fields" in str(e.value)
+
+
+def test_images_over_the_limit_are_refused_before_the_rest_of_the_form_is_read():
+    from imgcls.serving.uploads import BadUpload, uploads
+
+    file = b'Content-Disposition: form-data; name="f"; filename="a.png"\r\n\r\nxx'
+    body = form(b"b", *[file] * 5)[:-len(b"--b--\r\n")] + b"--b\r\nnot a header\r\n\r\n"  # (malformed after)
+    with pytest.raises(BadUpload) as e:
+        uploads(body, "multipart/form-data; boundary=b", "image", 4)
+    assert e.value.status == 413 and "--max-images" in str(e.value)
+
+
+def test_the_raw_body_is_one_image(server, images):
+    status, _, data = server.request("POST", "/predict?name=x.png", read_file(images[0]),
+                                     {"Content-Type": "image/png"})
+    assert status == 200 and json.loads(data)["results"][0]["file"] == "x.png"
+
+
+@pytest.mark.parametrize("body, kind, status, says", [
+    (b"--nope\r\ngarbage", "multipart/form-data; boundary=other", 400, "malformed"),
+    (b"x", "multipart/form-data", 400, "without a boundary"),
+    (b"", "image/png", 400, "no image"),
+])
+def test_a_malformed_request_is_a_400(server, body, kind, status, says):
+    code, _, data = server.request("POST", "/predict", body, {"Content-Type": kind})
+    assert code == status and says in json.loads(data)["error"]
+
+
+def raw_response(conn: socket.socket) -> str:
+    """A whole HTTP response read from a socket: its head, and a body as long as its Content-Length says."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536) or b"\r\n\r\n"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next((line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(
+        b"content-length:")), b"0"))
+    while len(body) < length and (chunk := conn.recv(65536)):
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
+def test_a_request_over_the_size_limit_is_refused_before_it_is_read(server):
+    conn = socket.create_connection((server.host, server.port), timeout=20)
+    conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 3000000\r\n\r\n")
+    answer = raw_response(conn)  # answered with nothing of the body sent
+    conn.close()
+    assert answer.startswith("HTTP/1.1 413") and "--max-request-mb" in answer
+
+
+def test_too_many_images_in_one_request_is_a_413(trained_run, images):
+    s = Server("--checkpoint", str(trained_run), "--max-images", "2")
+    try:
+        code, answer = s.post("/predict", [(p.name, read_file(p)) for p in images[:3]])
+        assert code == 413 and "--max-images" in answer["error"]
+    finally:
+        s.stop()
+
+
+def test_too_many_requests_at_once_are_json_503s_with_retry_after(trained_run, images):
+    """Past the requests a server takes at once, the answer is still the API's: JSON, with Retry-After."""
+    s = Server("--checkpoint", str(trained_run), "--max-queue", "1", "--max-batch", "1")
+    answers = []
+
+    def send() -> None:
+        status, headers, data = s.request("POST", "/predict", read_file(images[0]), {"Content-Type": "image/png"})
+        answers.append((status, headers.get("content-type"), headers.get("retry-after"), data))
+
+    try:
+        threads = [threading.Thread(target=send) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        s.stop()
+    assert {a[0] for a in answers} <= {200, 503} and 200 in {a[0] for a in answers}
+    busy = [a for a in answers if a[0] == 503]
+    assert busy and all(a[1] == "application/json" and a[2] == "1" and "busy" in json.loads(a[3])["error"]
+                        for a in busy), busy[:1]
+
+
+def test_a_slow_upload_is_cut_off_at_the_time_limit(server):
+    conn = socket.create_connection((server.host, server.port), timeout=20)
+    conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\nab")
+    start = time.monotonic()
+    answer = raw_response(conn)
+    conn.close()
+    assert answer.startswith("HTTP/1.1 408") and 2 < time.monotonic() - start < 15
+
+
+def test_nothing_from_an_upload_is_written_to_disk(server, images):
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), np.uint8)).save(big, "BMP")
+    assert 300_000 < len(big.getvalue()) < 500_000
+    assert server.post("/predict", [("big.bmp", big.getvalue())] * 4)[0] == 200  # 1.4 MB: over Starlette's spool
+    assert list(server.tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("query, says", [("topk=0", "topk"), ("reject_below=2", "reject_below"),
+                                         ("topk=x", "topk")])
+def test_a_bad_query_parameter_is_a_400(server, images, query, says):
+    code, answer = server.post(f"/predict?{query}", [("a.png", read_file(images[0]))])
+    assert code == 400 and says in answer["error"]
+
+
+def test_topk_per_request(server, images):
+    code, answer = server.post("/predict?topk=1", [("a.png", read_file(images[0]))])
+    assert code == 200 and len(answer["results"][0]["top"]) == 1
+
+
+# ------------------------------------------------------------------------------------------- the other endpoints
+
+def test_explain_gives_the_heat_map_of_the_predicted_class(server, images):
+    body, kind = multipart([("a.png", read_file(images[0]))])
+    status, headers, png = server.request("POST", "/explain", body, {"Content-Type": kind})
+    picture = np.asarray(Image.open(io.BytesIO(png)))
+    assert status == 200 and headers["content-type"] == "image/png" and picture.shape == (32, 32, 3)
+    assert headers["x-method"] == "grad-cam" and headers["x-label"] == images[0].parent.name
+    status, headers, _ = server.request("POST", "/explain?label=green", body, {"Content-Type": kind})
+    assert status == 200 and headers["x-label"] == "green"
+    assert server.request("POST", "/explain?label=purple", body, {"Content-Type": kind})[0] == 400
+
+
+def test_model_tells_classes_input_calibration_and_provenance(server, trained_run):
+    status, _, data = server.request("GET", "/model")
+    info = json.loads(data)
+    assert status == 200 and info["classes"] == ["blue", "green", "red"] and info["model"] == "resnet18"
+    assert info["input"]["img_size"] == 32 and info["calibration"]["calibrated"]
+    assert info["provenance"]["run"] == trained_run.name and info["provenance"]["training"]["epochs"] == 3
+    assert str(trained_run) not in data.decode()  # no server paths
+
+
+def test_the_batch_size_is_the_fastest_timed_or_the_smallest_as_fast():
+    from imgcls.serving.model import fastest
+
+    assert fastest({1: 40.0, 2: 30.0, 4: 20.0}) == 1  # batching does not pay: none
+    assert fastest({1: 10.0, 2: 17.0, 4: 21.0, 8: 22.0, 16: 18.0}) == 4
+    assert fastest({1: 5.0, 2: 10.0}) == 2
+
+
+def test_unknown_paths_and_methods_are_json_errors(server):
+    assert server.request("GET", "/nope")[0] == 404
+    status, _, data = server.request("GET", "/predict")
+    assert status == 405 and "error" in json.loads(data)
+
+
+# ------------------------------------------------------------------------------------------- the process
+
+def test_a_key_is_required_when_set_and_health_stays_open(trained_run, images):
+    s = Server("--checkpoint", str(trained_run), env={"IMGCLS_API_KEY": "s3cret"})
+    try:
+        files = [("a.png", read_file(images[0]))]
+        assert s.post("/predict", files)[0] == 401
+        assert s.post("/predict", files, {"Authorization": "Bearer wrong"})[0] == 401
+        assert s.post("/predict", files, {"Authorization": "Bearer s3cret"})[0] == 200
+        assert s.post("/predict", files, {"X-API-Key": "s3cret"})[0] == 200
+        assert s.request("GET", "/model")[0] == 401 and s.request("GET", "/health")[0] == 200
+        assert s.request("GET", "/")[0] == 200  # the page holds nothing secret; it asks for the key
+        info = json.loads(s.request("GET", "/model", headers={"X-API-Key": "s3cret"})[2])
+        assert info["serving"]["max_batch"] in (1, 2, 4, 8, 16)  # timed at start
+    finally:
+        s.stop()
+
+
+def test_sigterm_finishes_the_request_in_flight_and_takes_no_new_one(trained_run, images):
+    s = Server("--checkpoint", str(trained_run))
+    body, kind = multipart([(p.name, read_file(p)) for p in images[:4]])
+    conn = socket.create_connection((s.host, s.port), timeout=30)
+    conn.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+    time.sleep(0.5)  # the request has started
+    s.proc.send_signal(15)
+    time.sleep(1.0)
+    with pytest.raises(OSError):  # no longer listening
+        socket.create_connection((s.host, s.port), timeout=5).close()
+    conn.sendall(body[100:])
+    answer = b""
+    while chunk := conn.recv(65536):
+        answer += chunk
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b'"status":"ok"') == 4
+    assert s.proc.wait(60) in STOPPED
+
+
+def test_workers_share_the_port(trained_run, images):
+    s = Server("--checkpoint", str(trained_run), "--workers", "2")
+    try:
+        results = []
+        files = [("a.png", read_file(images[0]))]
+        threads = [threading.Thread(target=lambda: results.append(s.post("/predict", files)[0])) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [200] * 8
+        assert "2 worker(s)" in "".join(s.output)
+    finally:
+        assert s.stop() in STOPPED
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["--host", "0.0.0.0"], "serves the network: require a key"),
+    (["--port", "70000"], "--port must be"),
+    (["--reject-below", "1.5"], "is not a probability"),
+    (["--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--checkpoint", "/no/such/run"], "does not exist"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--api-key", "clé"], "printable ASCII"),  # sent as UTF-8 by curl, read as Latin-1: never matched
+    (["--api-key", "two words"], "printable ASCII"),  # (HTTP strips a header's spaces at the ends)
+])
+def test_a_bad_command_line_is_one_line_before_torch_loads(args, hint):
+    result = run_script_in_process("serve.py", *args)
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    assert hint in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_key_from_the_environment_no_client_can_send_is_refused_before_torch_loads(monkeypatch):
+    monkeypatch.setenv("IMGCLS_API_KEY", "s3cret\n")
+    result = run_script_in_process("serve.py", "--checkpoint", "/no/such/run")
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    assert "IMGCLS_API_KEY" in result.stderr and "printable ASCII" in result.stderr
+
+
+def test_a_port_in_use_is_one_line_before_torch_loads(trained_run):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_script_in_process("serve.py", "--checkpoint", str(trained_run), "--port", str(port))
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_the_serving_code_keeps_the_projects_shape():
+    """No entry script imported (serve.py's library included), no function over 80 lines."""
+    sources = [ROOT / "serve.py", *sorted((ROOT / "imgcls").rglob("*.py"))]
+    assert all(not imports(p) & {"train", "eval", "test", "export", "runs", "serve"} for p in sources)
+    long = [f"{p.name}:{n.name}" for p in sources for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > 80]
+    assert long == []
