@@ -25,8 +25,8 @@ COLOURS = {"label": "red", "outlier": "darkorange", "look-alike": "purple"}
 
 def csv_rows(pred: Predictions, issues: list[Issue], sep: str) -> list[list[Any]]:
     """label_issues.csv's rows, as find_issues ranked them; the action column empty, for a person to fill."""
-    return [[pred.items[i.index][0], label_names(pred, pred.items[i.index][1], sep), label_names(pred, i.suggested, sep),
-             round(i.score, 4), i.kind, "", i.note] for i in issues]
+    return [[pred.items[i.index][0], label_names(pred, pred.items[i.index][1], sep),
+             label_names(pred, i.suggested, sep), round(i.score, 4), i.kind, "", i.note] for i in issues]
 
 
 def write_all(out: Path, job: Job, pred: Predictions, issues: list[Issue], sep: str, grid: int) -> None:
