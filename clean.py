@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 import files
@@ -46,7 +47,10 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
                        "train.py --data")
     apply.add_argument("--report", help="the folder clean.py find wrote (default: the reviewed CSV's folder)")
     apply.add_argument("--unmarked", default="keep", choices=ACTIONS, help="what a row with an empty action means")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, which knows its options: a typo gets its "did you mean"
+        sub.choices[args.command].argv = list(sys.argv[1:] if argv is None else argv)
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "find":
         check_find(args)
     else:

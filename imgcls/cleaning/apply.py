@@ -84,7 +84,8 @@ def read_reviewed(path: Path, record: dict[str, Any], unmarked: str) -> dict[str
         if action == "relabel" and not names and not record["multilabel"]:
             raise UsageError(f"{shown(path)} line {number}: relabel needs a label in the suggested column: write the "
                              "class there, or mark the row keep or drop")
-        decided[image] = merged(decided.get(image), Decision(action, names, number), path)
+        decided[image] = merged(decided.get(image), Decision(action, names if action == "relabel" else (), number),
+                                path)
     return decided
 
 
@@ -97,9 +98,9 @@ def label_list(cell: str, record: dict[str, Any]) -> tuple[str, ...]:
 
 
 def merged(before: Decision | None, now: Decision, path: Path) -> Decision:
-    if before is None or now.action == "keep" or before == now:
+    if before is None or now.action == "keep" or (before.action, before.names) == (now.action, now.names):
         return before or now
-    if before.action == "keep" or (before.action, before.names) == (now.action, now.names):
+    if before.action == "keep":
         return now
     raise UsageError(f"{shown(path)} lines {before.line} and {now.line} decide differently for one image "
                      f"({before.action} {' '.join(before.names)}, {now.action} {' '.join(now.names)}): make them agree")

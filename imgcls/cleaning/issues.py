@@ -76,10 +76,12 @@ def multilabel_issues(pred: Predictions, rows: np.ndarray, probs: np.ndarray, fi
         flagged = find_label_issues(given, probs, filter_by=filter_by, n_jobs=1)
         per_class = np.array(find_multilabel_issues_per_class(given, probs, filter_by=filter_by, n_jobs=1))
         quality = get_label_quality_scores(given, probs)
+    if per_class.shape != probs.shape:  # (documented as a list of a mask per class; 2.9 returns images x classes)
+        per_class = per_class.T
     names, out = pred.classes, []
     for r in np.flatnonzero(flagged):
         has = set(given[r])
-        wrong = set(np.flatnonzero(per_class[:, r]).tolist()) or \
+        wrong = set(np.flatnonzero(per_class[r]).tolist()) or \
             {c for c in range(len(names)) if (probs[r, c] >= MULTI_THRESHOLD) != (c in has)}
         missing, extra = sorted(wrong - has), sorted(wrong & has)
         if not missing and not extra:
