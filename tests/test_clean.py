@@ -214,6 +214,22 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
+def test_unmarked_relabel_takes_every_suggestion_and_keeps_the_rows_without_one(found, noisy, tmp_path):
+    reviewed = review(found, tmp_path / "reviewed.csv", lambda r: "")
+    out = tmp_path / "labels.csv"
+    assert call(clean.main, ["apply", str(reviewed), "--report", str(found), "--out", str(out),
+                             "--unmarked", "relabel"]) == 0
+    lf = labels.read(out)
+    given = {p: lf.classes[y] for p, y in lf.items}
+    checker = next(p for p, kind in noisy[1].items() if kind == "outlier")
+    assert len(given) == 3 * 14 + 5 and checker in given
+    assert all(given[r["path"]] == files_cell(r["suggested"]) for r in rows(found) if r["kind"] == "label")
+
+
+def files_cell(text: str) -> str:
+    return text[1:] if text.startswith("'") else text
+
+
 @pytest.mark.parametrize("args, hint", [
     (["find", "/no/such/job"], "does not exist"),
     (["find", "tests"], "is not a k-fold job"),

@@ -76,11 +76,13 @@ def read_reviewed(path: Path, record: dict[str, Any], unmarked: str) -> dict[str
         if image not in known:
             raise UsageError(f"{shown(path)} line {number}: {shown(image)} is not an image of the data set clean.py "
                              "find looked at: give the CSV it wrote (paths as written there)")
-        action = uncell(fields[col["action"]]).strip().lower() or unmarked
-        if action not in ACTIONS:
+        action = uncell(fields[col["action"]]).strip().lower()
+        if action and action not in ACTIONS:
             raise UsageError(f"{shown(path)} line {number}: action {fields[col['action']]!r} is not one of "
                              f"{', '.join(ACTIONS)} (or blank: {unmarked})")
         names = label_list(uncell(fields[col["suggested"]]), record)
+        if not action:  # --unmarked relabel takes the suggestions there are (an outlier has none)
+            action = "keep" if unmarked == "relabel" and not names and not record["multilabel"] else unmarked
         if action == "relabel" and not names and not record["multilabel"]:
             raise UsageError(f"{shown(path)} line {number}: relabel needs a label in the suggested column: write the "
                              "class there, or mark the row keep or drop")
