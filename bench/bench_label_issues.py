@@ -8,11 +8,12 @@ For each set and noise level: precision and recall of the images flagged as labe
 planted flips, the share of planted flips whose suggested label is the true one, and the test accuracy of
 a model trained on the noisy labels, on the corrected ones and on the clean ones (the same settings, the
 same held-out test images with their true labels). Every label set is a label file (.csv) pointing at the
-same images: nothing is copied. Writes bench/results-label-issues.json.
+same images: nothing is copied. Writes bench/results-label-issues-<set>.json. Runs are kept in
+bench/.data/label-issues/: a stopped bench started again goes on from where it was.
 
   digits   scikit-learn's handwritten digits (the demo), 10 classes: its train/ images (the test/ images are
            the test set), at 16 px
-  scenes   crops of 11 photos (bench/synthetic.py; needs scikit-image), at 24 px: train/ crops to train, the
+  scenes   crops of 11 photos (bench/synthetic.py; needs scikit-image), at 32 px: train/ crops to train, the
            val/ crops (from a part of each photo no training crop touches) as the test set
 """
 
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 DATA = ROOT / "bench" / ".data"
 SETS = {"digits": {"img_size": 16, "epochs": 5, "per_class": 100},
-        "scenes": {"img_size": 24, "epochs": 5, "per_class": 48}}
+        "scenes": {"img_size": 32, "epochs": 10, "per_class": 80}}
 
 
 def items_of(folder: Path, per_class: int | None = None) -> list[tuple[str, str]]:
@@ -86,6 +88,14 @@ def run(script: str, *args: str) -> None:
 
 
 def trained(data: Path, out: Path, settings: dict, cache: Path, *extra: str) -> Path:
+    """A run (or k-fold job) in `out`: kept when finished by an earlier bench, resumed when stopped."""
+    done = out / ("cv_summary.json" if "--folds" in extra else "summary.json")
+    if done.is_file():
+        return out
+    if (out / "config.json").is_file() or (out / "cv.json").is_file():
+        run("train.py", "--resume", str(out), "--cache-dir", str(cache))
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # stopped before it wrote its settings
     run("train.py", "--data", str(data), "--out", str(out), "--mode", "scratch", "--hflip", "0", "--no-summary",
         "--img-size", str(settings["img_size"]), "--epochs", str(settings["epochs"]), "--cache-dir", str(cache), *extra)
     return out
@@ -93,7 +103,9 @@ def trained(data: Path, out: Path, settings: dict, cache: Path, *extra: str) -> 
 
 def accuracy(run_dir: Path, test: Path, cache: Path) -> float:
     out = run_dir / "eval-test"
-    run("eval.py", str(test), "--checkpoint", str(run_dir), "--out", str(out), "--cache-dir", str(cache))
+    if not (out / "metrics.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        run("eval.py", str(test), "--checkpoint", str(run_dir), "--out", str(out), "--cache-dir", str(cache))
     return json.loads((out / "metrics.json").read_text())["accuracy"]
 
 
@@ -104,10 +116,12 @@ def level(name: str, settings: dict, train: list, test_csv: Path, share: float, 
     noisy_csv = write_labels(work / f"noisy-{share}.csv", noisy)
     start = time.time()
     job = trained(noisy_csv, work / f"job-{share}", settings, cache, "--folds", str(folds))
-    report = work / f"report-{share}"
-    run("clean.py", "find", str(job), "--out", str(report), "--cache-dir", str(cache))
-    fixed = work / f"corrected-{share}.csv"
-    run("clean.py", "apply", str(report / "label_issues.csv"), "--out", str(fixed), "--unmarked", "relabel")
+    report, fixed = work / f"report-{share}", work / f"corrected-{share}.csv"
+    if not (report / "label_issues.json").is_file():
+        shutil.rmtree(report, ignore_errors=True)
+        run("clean.py", "find", str(job), "--out", str(report), "--cache-dir", str(cache))
+    if not fixed.is_file():
+        run("clean.py", "apply", str(report / "label_issues.csv"), "--out", str(fixed), "--unmarked", "relabel")
     flow_s = time.time() - start
     with open(report / "label_issues.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] == "label"]
@@ -157,18 +171,19 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3, help="folds of the k-fold job")
     args = parser.parse_args()
     sets, shares = (["digits"], [0.05]) if args.quick else (args.sets, args.noise)
-    work = DATA / f"label-issues-{os.getpid()}"
+    work = DATA / ("label-issues-quick" if args.quick else "label-issues")  # runs finished before are kept
     cache = work / "cache"
     print(HEADER, flush=True)
-    start = time.time()
-    results = [bench(name, shares, args.folds, work / name, cache) for name in sets]
-    took = time.time() - start
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"
-    print(f"\n{machine}; {took / 60:.1f} min in all")
-    out = ROOT / "bench" / ("results-label-issues-quick.json" if args.quick else "results-label-issues.json")
-    out.write_text(json.dumps({"machine": machine, "minutes": round(took / 60, 1), "folds": args.folds,
-                               "results": results}, indent=1))
-    print(f"wrote {out}")
+    for name in sets:
+        start = time.time()
+        result = bench(name, shares, args.folds, work / name, cache)
+        took = time.time() - start
+        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"
+        print(f"{name}: {machine}; {took / 60:.1f} min (runs kept from an earlier start not counted)")
+        out = ROOT / "bench" / f"results-label-issues-{name}{'-quick' if args.quick else ''}.json"
+        out.write_text(json.dumps({"machine": machine, "minutes": round(took / 60, 1), "folds": args.folds,
+                                   **result}, indent=1))
+        print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":
