@@ -274,3 +274,33 @@ def test_the_cleaning_package_imports_no_entry_script():
                                       if isinstance(n, ast.ImportFrom) and n.module}
         assert not names & entry, p
     assert os.path.isfile(ROOT / "requirements-clean.txt")
+
+
+def hand_report(folder: Path, items: list[tuple[str, list[str]]], issues: list[list[str]], multilabel: bool = False,
+                data: str = "/elsewhere/data") -> Path:
+    """A report folder as clean.py find writes it, made by hand for apply (no torch): the images exist, the
+    record lists them, label_issues.csv holds `issues` (path, given, suggested, score, kind, action, note)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, _ in items:
+        Path(os.fsdecode(path)).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(os.fsencode(path), format="PNG")
+    classes = sorted({n for _, names in items for n in names})
+    record = {"version": 1, "job": "/elsewhere/job", "data": data, "label_sep": " ", "multilabel": multilabel,
+              "classes": classes, "split_column": False, "items": [[p, names, None] for p, names in items]}
+    (folder / "label_issues.json").write_text(json.dumps(record))
+    with open(folder / "label_issues.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        csv.writer(f).writerows([["path", "given", "suggested", "score", "kind", "action", "note"], *issues])
+    return folder / "label_issues.csv"
+
+
+def test_unmarked_relabel_keeps_the_labels_of_a_multilabel_outlier(tmp_path):
+    a, b = str(tmp_path / "img" / "a.png"), str(tmp_path / "img" / "b.png")
+    reviewed = hand_report(tmp_path / "report", [(a, ["cat", "dog"]), (b, ["dog"])],
+                           [[a, "cat dog", "", "0.9", "outlier", "", "far"],
+                            [b, "dog", "cat dog", "0.8", "label", "", "missing: cat"]], multilabel=True)
+    out = tmp_path / "fixed.csv"
+    assert call(clean.main, ["apply", str(reviewed), "--out", str(out), "--unmarked", "relabel"]) == 0
+    lf = labels.read(out)
+    assert {p: {lf.classes[c] for c in y} for p, y in lf.items} == {a: {"cat", "dog"}, b: {"cat", "dog"}}

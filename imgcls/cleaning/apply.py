@@ -81,8 +81,11 @@ def read_reviewed(path: Path, record: dict[str, Any], unmarked: str) -> dict[str
             raise UsageError(f"{shown(path)} line {number}: action {fields[col['action']]!r} is not one of "
                              f"{', '.join(ACTIONS)} (or blank: {unmarked})")
         names = label_list(uncell(fields[col["suggested"]]), record)
-        if not action:  # --unmarked relabel takes the suggestions there are (an outlier has none)
-            action = "keep" if unmarked == "relabel" and not names and not record["multilabel"] else unmarked
+        if not action:  # --unmarked relabel takes the suggestions there are: an outlier has none (a blank cell,
+            # which for a multi-label image would otherwise read as "none of the labels")
+            kind = uncell(fields[header.index("kind")]).strip().lower() if "kind" in header else ""
+            none = kind == "outlier" or (not names and not record["multilabel"])
+            action = "keep" if unmarked == "relabel" and none else unmarked
         if action == "relabel" and not names and not record["multilabel"]:
             raise UsageError(f"{shown(path)} line {number}: relabel needs a label in the suggested column: write the "
                              "class there, or mark the row keep or drop")
