@@ -304,3 +304,35 @@ def test_unmarked_relabel_keeps_the_labels_of_a_multilabel_outlier(tmp_path):
     assert call(clean.main, ["apply", str(reviewed), "--out", str(out), "--unmarked", "relabel"]) == 0
     lf = labels.read(out)
     assert {p: {lf.classes[c] for c in y} for p, y in lf.items} == {a: {"cat", "dog"}, b: {"cat", "dog"}}
+
+
+@pytest.mark.parametrize("folder", [" photos", "~"])
+def test_the_corrected_file_names_images_train_py_finds_below_a_folder_a_label_file_would_misread(tmp_path, folder):
+    a, b = str(tmp_path / folder / "cat" / "a.png"), str(tmp_path / folder / "dog" / "b.png")
+    reviewed = hand_report(tmp_path / "report", [(a, ["cat"]), (b, ["dog"])], [[a, "cat", "dog", "0.9", "label",
+                                                                                  "relabel", ""]])
+    out = tmp_path / "fixed.csv"
+    assert call(clean.main, ["apply", str(reviewed), "--out", str(out)]) == 0
+    lf = labels.read(out)  # a path cell is stripped and ~ expanded, as train.py reads it
+    assert {p: lf.classes[y] for p, y in lf.items} == {a: "dog", b: "dog"}
+
+
+def test_apply_refuses_in_one_line_an_image_name_a_label_file_cannot_hold(tmp_path, capsys):
+    bad = os.fsdecode(os.fsencode(str(tmp_path / "img")) + b"/caf\xe9.png")  # Latin-1, not UTF-8
+    good = str(tmp_path / "img" / "b.png")
+    reviewed = hand_report(tmp_path / "report", [(bad, ["cat"]), (good, ["dog"])],
+                           [[good, "dog", "cat", "0.9", "label", "relabel", ""]])
+    out = tmp_path / "fixed.csv"
+    assert call(clean.main, ["apply", str(reviewed), "--out", str(out)]) == 2  # train.py could not read the file
+    err = capsys.readouterr().err
+    assert "caf\\xe9.png" in err and "not UTF-8" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_an_image_whose_name_is_not_utf8_can_be_dropped(tmp_path):
+    bad = os.fsdecode(os.fsencode(str(tmp_path / "img")) + b"/caf\xe9.png")
+    good, other = str(tmp_path / "img" / "b.png"), str(tmp_path / "img" / "c.png")
+    reviewed = hand_report(tmp_path / "report", [(bad, ["cat"]), (good, ["dog"]), (other, ["cat"])],
+                           [[bad, "cat", "dog", "0.9", "label", "drop", ""]])
+    out = tmp_path / "fixed.csv"
+    assert call(clean.main, ["apply", str(reviewed), "--out", str(out)]) == 0
+    assert sorted(p for p, _ in labels.read(out).items) == [good, other]

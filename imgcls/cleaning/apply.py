@@ -55,7 +55,8 @@ def read_reviewed(path: Path, record: dict[str, Any], unmarked: str) -> dict[str
     """Each image's decision from the reviewed CSV; rows of one image must agree (keep gives way to the other
     two, relabel and drop cannot both be asked for). A row left blank counts as `unmarked`."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        # (a name that is not UTF-8 was written as its bytes: read back as the same name, so it can be dropped)
+        text = path.read_bytes().decode("utf-8-sig", "surrogateescape")
         lines = list(csv.reader(io.StringIO(text, newline="")))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"{shown(path)} cannot be read as a UTF-8 CSV ({e})") from None
@@ -74,8 +75,9 @@ def read_reviewed(path: Path, record: dict[str, Any], unmarked: str) -> dict[str
             raise UsageError(f"{shown(path)} line {number} has {len(fields)} field(s), the header {len(header)}")
         image = uncell(fields[col["path"]])
         if image not in known:
+            hint = "paths as written there" if is_utf8(image) else "saved as UTF-8: a spreadsheet's 'CSV UTF-8'"
             raise UsageError(f"{shown(path)} line {number}: {shown(image)} is not an image of the data set clean.py "
-                             "find looked at: give the CSV it wrote (paths as written there)")
+                             f"find looked at: give the CSV it wrote ({hint})")
         action = uncell(fields[col["action"]]).strip().lower()
         if action and action not in ACTIONS:
             raise UsageError(f"{shown(path)} line {number}: action {fields[col['action']]!r} is not one of "
@@ -128,9 +130,36 @@ def corrected_rows(record: dict[str, Any], decided: dict[str, Decision], out: Pa
         relabel = d is not None and d.action == "relabel" and tuple(d.names) != tuple(names)
         counts["relabelled" if relabel else "kept"] += 1
         names = d.names if relabel else names
-        where = os.path.relpath(path, base) if path.startswith(base + os.sep) else path
-        rows.append([where, sep.join(names)] + ([split or "train"] if record.get("split_column") else []))
+        check_holdable(path, sep.join(names))
+        rows.append([cell_path(path, base), sep.join(names)] + ([split or "train"] if record.get("split_column")
+                                                                 else []))
     return rows, counts
+
+
+def cell_path(path: str, base: str) -> str:
+    """A path as the label file holds it: relative to the file's folder `base` when below it, else absolute;
+    labels.read strips a path cell and expands a leading ~, so a relative path starting with a space or ~
+    gets ./ in front (" photos/a.png" would read as photos/a.png, "~/a.png" as one in the home folder)."""
+    if not path.startswith(base + os.sep):
+        return path
+    relative = os.path.relpath(path, base)
+    return "./" + relative if relative[:1].isspace() or relative.startswith("~") else relative
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a name read with surrogateescape (from a folder, or the CSV) was UTF-8 on disk."""
+    return text == text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def check_holdable(path: str, label: str) -> None:
+    """An image of the corrected file as train.py will read it: a label file is UTF-8 text, a line per image,
+    so a name that is not UTF-8 or holds a line break cannot be in it (answered before anything is written)."""
+    for cell in (path, label):
+        if not is_utf8(cell) or "\n" in cell or "\r" in cell:
+            raise UsageError(f"{shown(path)}: {'its name' if cell is path else f'its label {shown(cell)!r}'} is not "
+                             "UTF-8 or holds a line break, which a label file (UTF-8, a line per image) cannot hold: "
+                             "drop it in the reviewed CSV, or rename it, train the job again and run clean.py find "
+                             "again")
 
 
 def apply(reviewed: Path, out: Path, report: Path | None = None, unmarked: str = "keep") -> int:
