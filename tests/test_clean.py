@@ -336,3 +336,25 @@ def test_an_image_whose_name_is_not_utf8_can_be_dropped(tmp_path):
     out = tmp_path / "fixed.csv"
     assert call(clean.main, ["apply", str(reviewed), "--out", str(out)]) == 0
     assert sorted(p for p, _ in labels.read(out).items) == [good, other]
+
+
+def test_the_printed_train_command_works_for_a_file_name_starting_with_a_dash(tmp_path, capsys, monkeypatch):
+    a, b = str(tmp_path / "img" / "a.png"), str(tmp_path / "img" / "b.png")
+    reviewed = hand_report(tmp_path / "report", [(a, ["cat"]), (b, ["dog"])], [])
+    monkeypatch.chdir(tmp_path)
+    assert call(clean.main, ["apply", str(reviewed), "--out=-fixed.csv"]) == 0
+    command = capsys.readouterr().out.splitlines()[-1].split("train on it: ")[1].split()
+    given = train.read_command_line(command[2:])  # as train.py would parse it
+    assert Path(given["data"]).resolve() == tmp_path / "-fixed.csv"
+
+
+def test_a_reviewed_csv_saved_with_semicolons_is_read(tmp_path):
+    a, b = str(tmp_path / "img" / "a.png"), str(tmp_path / "img" / "b.png")
+    hand_report(tmp_path / "report", [(a, ["cat"]), (b, ["dog"])], [])
+    reviewed = tmp_path / "report" / "reviewed.csv"  # as a spreadsheet set to a comma-decimal locale saves it
+    reviewed.write_text(f"\ufeffpath;given;suggested;score;kind;action;note\r\n{a};cat;dog;0,91;label;relabel;\r\n",
+                        encoding="utf-8")
+    out = tmp_path / "fixed.csv"
+    assert call(clean.main, ["apply", str(reviewed), "--out", str(out)]) == 0
+    lf = labels.read(out)
+    assert {p: lf.classes[y] for p, y in lf.items} == {a: "dog", b: "dog"}

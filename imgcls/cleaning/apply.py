@@ -57,7 +57,8 @@ def read_reviewed(path: Path, record: dict[str, Any], unmarked: str) -> dict[str
     try:
         # (a name that is not UTF-8 was written as its bytes: read back as the same name, so it can be dropped)
         text = path.read_bytes().decode("utf-8-sig", "surrogateescape")
-        lines = list(csv.reader(io.StringIO(text, newline="")))
+        first = text.split("\n", 1)[0]  # a spreadsheet in a comma-decimal locale separates with ; (or a tab)
+        lines = list(csv.reader(io.StringIO(text, newline=""), delimiter=next((d for d in ",;\t" if d in first), ",")))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"{shown(path)} cannot be read as a UTF-8 CSV ({e})") from None
     header = [h.strip().lower() for h in lines[0]] if lines else []
@@ -183,7 +184,7 @@ def apply(reviewed: Path, out: Path, report: Path | None = None, unmarked: str =
     if new:
         print(f"note: new class(es) {', '.join(new[:5])}" + (" ..." if len(new) > 5 else ""))
     sep = record.get("label_sep") or " "
-    print(f"train on it: python train.py --data {typed(out)}" +
+    print(f"train on it: python train.py --data {typed('./' + str(out) if str(out).startswith('-') else out)}" +
           (f" --label-sep {typed(sep)}" if record["multilabel"] and sep != " " else ""))
     return 0
 
