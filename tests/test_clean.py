@@ -358,3 +358,23 @@ def test_a_reviewed_csv_saved_with_semicolons_is_read(tmp_path):
     assert call(clean.main, ["apply", str(reviewed), "--out", str(out)]) == 0
     lf = labels.read(out)
     assert {p: lf.classes[y] for p, y in lf.items} == {a: "dog", b: "dog"}
+
+
+def test_apply_says_which_files_the_job_did_not_use_and_so_are_not_in_the_corrected_file(tmp_path, capsys):
+    from imgcls.cleaning.job import Job
+    from imgcls.cleaning.oof import Predictions
+    from imgcls.cleaning.output import data_record
+
+    a, b, broken = (str(tmp_path / "data" / c / n) for c, n in (("cat", "a.png"), ("dog", "b.png"), ("dog", "x.png")))
+    hand_report(tmp_path / "report", [(a, ["cat"]), (b, ["dog"])], [])
+    Path(broken).write_bytes(b"not a picture")
+    (tmp_path / "job" / "fold-1").mkdir(parents=True)
+    (tmp_path / "job" / "fold-1" / "split.json").write_text(json.dumps(
+        {"classes": ["cat", "dog"], "train": [[a, 0]], "val": [[b, 1]], "skipped": [[broken, "not an image"]]}))
+    job = Job(tmp_path / "job", {"data": str(tmp_path / "data"), "folds": 1}, [tmp_path / "job" / "fold-1"])
+    pred = Predictions([(a, 0), (b, 1)], ["cat", "dog"], False, np.array([1, 1]), np.full((2, 2), 0.5))
+    (tmp_path / "report" / "label_issues.json").write_text(json.dumps(data_record(job, pred, " ")))
+    reviewed = tmp_path / "report" / "label_issues.csv"
+    assert call(clean.main, ["apply", str(reviewed), "--out", str(tmp_path / "f.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "1 file(s) of the data set the job did not use" in out and "x.png (not an image)" in out

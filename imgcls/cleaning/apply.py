@@ -179,6 +179,10 @@ def apply(reviewed: Path, out: Path, report: Path | None = None, unmarked: str =
     files.atomic_write_text(out, text.getvalue())
     print(f"wrote {shown(out)}: {len(rows)} images, {counts['relabelled']} relabelled, {counts['dropped']} dropped "
           f"(left out of the file; your image folders are unchanged), {counts['kept']} as they were")
+    unused = record.get("unused", [])
+    if unused:
+        print(f"note: {len(unused)} file(s) of the data set the job did not use are not in it either, as train.py "
+              f"skipped them: {shown(unused[0][0])} ({unused[0][1]})" + (" ..." if len(unused) > 1 else ""))
     if counts["gone"]:
         print(f"note: {counts['gone']} image(s) no longer exist and are left out")
     if new:

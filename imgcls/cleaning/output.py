@@ -16,6 +16,7 @@ import labels
 import plots
 from imgcls.cleaning.issues import Issue, label_names
 from imgcls.cleaning.job import Job
+from imgcls.cleaning.job import split_of as fold_split
 from imgcls.cleaning.layout import COLUMNS, CSV, PAGE, PICTURE, RECORD, RECORD_VERSION
 from imgcls.cleaning.oof import Predictions
 from predictor import thumbnail
@@ -74,8 +75,11 @@ def data_record(job: Job, pred: Predictions, sep: str) -> dict[str, Any]:
              for p, y in pred.items]
     known = {p for p, _ in pred.items}
     items += [[p, [pred.classes[y]], "test"] for p, y in extra if p not in known]
+    first = fold_split(job.folds[0])  # files the job never trained on (unreadable, too large): named by apply
+    unused = [[p, why] for p, why in first.get("skipped", []) + first.get("left_out", [])]
     return {"version": RECORD_VERSION, "job": str(job.folder.resolve()), "data": data, "label_sep": sep,
-            "multilabel": pred.multilabel, "classes": pred.classes, "split_column": bool(split_of), "items": items}
+            "multilabel": pred.multilabel, "classes": pred.classes, "split_column": bool(split_of), "items": items,
+            "unused": unused}
 
 
 def own_split(data: str, sep: str, classes: list[str]) -> tuple[dict[str, str], list[tuple[str, int]]]:
