@@ -213,3 +213,33 @@ def test_a_study_on_a_postgresql_server_is_shared_through_storage(postgres, colo
     assert [t.state.name for t in trials] == ["COMPLETE"] * 2 and "trial 1:" in more.stdout  # the study went on
     assert "trial 0:" not in more.stdout and "best trial" in more.stdout
     assert not (tmp_path / "a" / "study.db").exists() and (tmp_path / "b" / "trial-0001" / "best.pt").is_file()
+
+
+def test_every_tune_option_has_help_and_shows_its_default_once():
+    result = subprocess.run([sys.executable, "tune.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={"COLUMNS": "1000", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    options = [line for line in result.stdout.splitlines() if line.startswith("  -")]
+    assert options and all(line.count("default") <= 1 for line in options) and "--trials" in result.stdout
+
+
+def test_the_dashboard_serves_the_study(searched, colours):
+    pytest.importorskip("optuna_dashboard", reason="--dashboard needs optuna-dashboard")
+    import urllib.request
+
+    study, _ = searched
+    port = 20000 + (os.getpid() + 7) % 20000
+    proc = subprocess.Popen(tune_cmd(colours, study, "--test-split", "0.25", "--dashboard", str(port)), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        began, answer = time.monotonic(), None
+        while answer is None and time.monotonic() - began < 60:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    answer = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert [s["study_name"] for s in answer["study_summaries"]] == ["study"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
