@@ -40,7 +40,7 @@ class Search:
 def pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     """median (default): every trial trains the same epochs, so a trial's epoch-k score is compared with
     the median of the earlier trials' at epoch k, and stopped below it; not before 4 trials have finished
-    (a median needs some) nor in the first third of the epochs (warm-up and a high lr make them noisy).
+    (a median needs some) nor before epoch epochs // 3 (warm-up and a high lr make the first ones noisy).
     hyperband: more aggressive, for many trials of many epochs. none: every trial runs to its end."""
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, epochs // 3))
