@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study {tune['study_name']} in {tune['study']} ({'new' if made else 'continued'}; "
           f"{db.storage_url(tune['study'], tune['storage']).split('@')[-1]}): searching "
           f"{', '.join(s.space)} over {tune['trials']} trials of {s.epochs} epochs", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))  # saved as on Ctrl-C
+    signal.signal(signal.SIGTERM, as_ctrl_c)
     try:
         search.run_trials(s, tune["trials"], tune["timeout"])
     except KeyboardInterrupt:
@@ -184,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     results.report(s.study, tune["study"], Path(__file__).resolve().parent / "eval.py", db.states(s.study))
     return 0
+
+
+def as_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler, a machine going down) stops tune.py as Ctrl-C does: the trial's run saves."""
+    raise KeyboardInterrupt
 
 
 def dashboard(store: Any, port: int) -> int:
