@@ -130,12 +130,9 @@ def check_tune(tune: dict[str, Any], given: dict[str, Any]) -> None:
         folders.check_outside(data, study, "the study folder")
     tune["study"], tune["study_name"] = study, tune["study_name"] or study.name
     tune["params"] = [p.strip().replace("-", "_") for p in tune["params"].split(",")] if tune["params"] else None
-    if tune["params"]:
-        from imgcls.tuning.space import ALL  # (optuna, no torch)
+    from imgcls.tuning.space import searched  # (optuna, no torch)
 
-        unknown = [p for p in tune["params"] if p not in ALL]
-        if unknown:
-            raise UsageError(f"--params {','.join(unknown)}: tune.py searches {', '.join(ALL)}")
+    searched(given, given["mode"], tune["params"])  # names known, and something left to search
     tune["launcher"] = shlex.split(tune["launcher"]) if tune["launcher"] else []
     if tune["launcher"] and not shutil.which(tune["launcher"][0]):
         raise UsageError(f"--launcher {tune['launcher'][0]} is not a command here: give e.g. 'torchrun "

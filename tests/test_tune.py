@@ -45,6 +45,7 @@ def trials_of(study: Path, url: str | None = None) -> list[optuna.trial.FrozenTr
     (["--data", "/no/such/folder"], "does not exist"),
     (["--tirals", "3"], "did you mean --trials?"),
     (["--launcher", "no-such-launcher-here"], "is not a command here"),
+    (["--params", "lr", "--lr", "0.01"], "nothing left to search"),
 ])
 def test_a_bad_tune_command_line_is_answered_in_one_line_before_torch_is_imported(args, hint):
     code = (f"import runpy, sys\nsys.argv = ['tune.py', *{args!r}]\ncode = 0\n"
@@ -243,3 +244,4 @@ def test_the_dashboard_serves_the_study(searched, colours):
     finally:
         proc.terminate()
         proc.wait(30)
+
