@@ -128,6 +128,7 @@ def check_tune(tune: dict[str, Any], given: dict[str, Any]) -> None:
         raise UsageError(f"--study {study} already holds files that are no study: give a new or empty folder")
     if data != "demo":
         folders.check_outside(data, study, "the study folder")
+    check_dashboard(tune["dashboard"], study, tune["storage"])
     tune["study"], tune["study_name"] = study, tune["study_name"] or study.name
     tune["params"] = [p.strip().replace("-", "_") for p in tune["params"].split(",")] if tune["params"] else None
     from imgcls.tuning.space import searched  # (optuna, no torch)
@@ -138,6 +139,17 @@ def check_tune(tune: dict[str, Any], given: dict[str, Any]) -> None:
         raise UsageError(f"--launcher {tune['launcher'][0]} is not a command here: give e.g. 'torchrun "
                          "--nproc_per_node 4'")
     check_storage(tune)
+
+
+def check_dashboard(port: int | None, study: Path, storage: str | None) -> None:
+    """The dashboard shows a study that exists (it makes none) on a port there can be."""
+    if port is None:
+        return
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--dashboard {port}: give a port between 1 and 65535 (default 8080)")
+    if not storage and not (study / "study.db").is_file():
+        raise UsageError(f"--dashboard: no study in {study} yet: tune there first (the same command without "
+                         "--dashboard), or give the study's --study DIR")
 
 
 def check_storage(tune: dict[str, Any]) -> None:
@@ -166,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     imports_done()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if tune["dashboard"] is not None:  # (the study as it is: nothing made, its settings not compared)
+        return dashboard(db.storage(db.storage_url(tune["study"], tune["storage"])), tune["study_name"],
+                         tune["dashboard"])
     s, made = search.prepare(given, tune, Path(__file__).resolve().parent)
-    if tune["dashboard"] is not None:
-        return dashboard(s.store, tune["dashboard"])
     print(f"study {tune['study_name']} in {tune['study']} ({'new' if made else 'continued'}; "
           f"{db.storage_url(tune['study'], tune['storage']).split('@')[-1]}): searching "
           f"{', '.join(s.space)} over {tune['trials']} trials of {s.epochs} epochs", flush=True)
@@ -188,14 +201,20 @@ def as_ctrl_c(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def dashboard(store: Any, port: int) -> int:
+def dashboard(store: Any, name: str, port: int) -> int:
+    import optuna
     import optuna_dashboard
 
+    if name not in optuna.get_all_study_names(store):
+        raise UsageError(f"--dashboard: the database has no study {name!r} yet: tune first (the same command "
+                         "without --dashboard), or give its --study-name")
     print(f"Optuna's dashboard on the study: http://127.0.0.1:{port} (Ctrl-C ends it)", flush=True)
     try:
         optuna_dashboard.run_server(store, host="127.0.0.1", port=port)
     except KeyboardInterrupt:
         pass
+    except OSError as e:  # the port taken, or not ours to use
+        raise UsageError(f"--dashboard {port}: cannot serve on it ({e.strerror or e}): give another port") from None
     return 0
 
 

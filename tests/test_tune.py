@@ -46,6 +46,7 @@ def trials_of(study: Path, url: str | None = None) -> list[optuna.trial.FrozenTr
     (["--tirals", "3"], "did you mean --trials?"),
     (["--launcher", "no-such-launcher-here"], "is not a command here"),
     (["--params", "lr", "--lr", "0.01"], "nothing left to search"),
+    (["--dashboard", "70000"], "--dashboard 70000: give a port"),
 ])
 def test_a_bad_tune_command_line_is_answered_in_one_line_before_torch_is_imported(args, hint):
     code = (f"import runpy, sys\nsys.argv = ['tune.py', *{args!r}]\ncode = 0\n"
@@ -244,4 +245,11 @@ def test_the_dashboard_serves_the_study(searched, colours):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_dashboard_on_a_study_not_made_yet_is_refused_and_makes_nothing(colours, tmp_path):
+    study = tmp_path / "no-study-here"
+    result = run(tune_cmd(colours, study, "--dashboard", "8765"), timeout=120)
+    assert result.returncode == 2 and "no study" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not study.exists()
 
