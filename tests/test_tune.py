@@ -253,3 +253,18 @@ def test_the_dashboard_on_a_study_not_made_yet_is_refused_and_makes_nothing(colo
     assert result.returncode == 2 and "no study" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not study.exists()
 
+
+def test_the_command_that_trains_the_best_recipe_again_quotes_a_study_folder_with_spaces_and_quotes():
+    from imgcls.tuning import results
+
+    args = Path("/tmp/my study's $HOME/best.args")
+    lines = results.retrain(["--data", "/d/my data", "--lr", "0.01"], args).splitlines()
+    assert shlex_words(lines[1]) == ["python", "train.py", "--data", "/d/my data", "--lr", "0.01"]
+    assert shlex_words(lines[2].split("    (")[0]) == ["python", "train.py", f"@{args}"]
+
+
+def shlex_words(line: str) -> list[str]:
+    import shlex
+
+    return shlex.split(line)
+

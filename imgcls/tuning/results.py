@@ -134,10 +134,17 @@ def report(study: optuna.Study, study_dir: Path, eval_py: Path, counts: dict[str
               "an honest figure, or evaluate on images no trial saw)")
     print(f"pruned {counts.get('pruned', 0)} trials, saving about {saved['pruning_saved_s'] / 60:.1f} min of "
           f"{(saved['trials_wall_s'] + saved['pruning_saved_s']) / 60:.1f}")
-    print("train it again with:\n  python train.py " + " ".join(shlex.quote(w) for w in train_words(settings))
-          + f"\n  python train.py @{args}    (the same options, from the file; add --out DIR, or --epochs N)")
+    print(retrain(train_words(settings), args))
     print(f"wrote {study_dir / SUMMARY}, {args.name}" + "".join(f", {p.name}" for p in made))
     return summary
+
+
+def retrain(words: list[str], args: Path) -> str:
+    """The best recipe as two command lines to paste into a shell: every word quoted (a study folder may
+    have spaces, quotes or a $ in its name)."""
+    return ("train it again with:\n  python train.py " + " ".join(shlex.quote(w) for w in words)
+            + f"\n  python train.py {shlex.quote(f'@{args}')}    (the same options, from the file; add --out DIR, "
+            "or --epochs N)")
 
 
 def baseline_value(study: optuna.Study) -> float | None:
