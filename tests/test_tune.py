@@ -268,3 +268,40 @@ def shlex_words(line: str) -> list[str]:
 
     return shlex.split(line)
 
+
+def test_a_stop_while_a_retry_waits_for_its_old_run_leaves_no_trial_running_for_ever(colours, tmp_path):
+    """A retry waits (silently, up to minutes) for the stopped run of its failed trial to finish saving: a
+    Ctrl-C or SIGTERM then must leave the study with the retry queued again, not a trial that counts as
+    running for ever (no heartbeat, no owner of its own: never found)."""
+    import socket
+
+    import tune
+    from imgcls.tuning import search
+
+    study = tmp_path / "study"
+    cmd = tune_cmd(colours, study, trials=1)
+    given, opts = tune.read_command_line(cmd[2:])
+    s, _ = search.prepare(given, opts, ROOT)
+    first = s.study.ask()  # trial 0, left running by a tune.py that died while its run was still saving
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    saving = subprocess.Popen(["sleep", "300"])
+    try:
+        first.set_user_attr("owner", {"host": socket.gethostname(), "pid": gone.pid, "trial": 0})
+        first.set_user_attr("run", "trial-0000")
+        first.set_user_attr("child", saving.pid)
+        (study / "trial-0000").mkdir()
+        (study / "trial-0000" / "config.json").write_text("{}")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        began = time.monotonic()
+        while len(trials_of(study)) < 2 or trials_of(study)[1].state.name != "RUNNING":  # the retry, waiting
+            assert proc.poll() is None and time.monotonic() - began < 120
+            time.sleep(0.2)
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130
+    finally:
+        saving.kill()
+    states = [t.state.name for t in trials_of(study)]
+    assert "RUNNING" not in states and states[-1] == "WAITING", states  # the retry queued again

@@ -95,21 +95,23 @@ def folder_of(s: Search, trial: optuna.Trial) -> tuple[Path, int | None]:
         waited = time.monotonic()
         while isinstance(child, int) and db.alive(child) and time.monotonic() - waited < CHILD_WAIT_S:
             time.sleep(1)  # the failed trial's run, stopped when its tune.py died, is still saving
+            s.store.record_heartbeat(trial._trial_id)  # (waiting, not dead: no other machine retries it)
         return s.study_dir / run, retried
     return s.study_dir / f"trial-{trial.number:04d}", None
 
 
 def run_one(s: Search, trial: optuna.Trial) -> one.Outcome:
-    params = space.suggest(trial, s.space)
-    folder, retried = folder_of(s, trial)
+    # owned and beating at once: a process stopped or killed from here on leaves a trial that is found
     trial.set_user_attr("owner", db.owner(trial.number))
-    trial.set_user_attr("run", folder.name)
     s.store.record_heartbeat(trial._trial_id)  # (a trial without one is never found stale)
-    what = "the default recipe" if trial.user_attrs.get("baseline") else shown(params)
-    print(f"trial {trial.number}" + (f" (continues trial {retried}'s run)" if retried is not None else "") +
-          f": {what}", flush=True)
-    cmd = one.command(s.train_py, s.launcher, {**s.fixed, **params}, folder)
     try:
+        params = space.suggest(trial, s.space)
+        folder, retried = folder_of(s, trial)
+        trial.set_user_attr("run", folder.name)
+        what = "the default recipe" if trial.user_attrs.get("baseline") else shown(params)
+        print(f"trial {trial.number}" + (f" (continues trial {retried}'s run)" if retried is not None else "") +
+              f": {what}", flush=True)
+        cmd = one.command(s.train_py, s.launcher, {**s.fixed, **params}, folder)
         outcome = one.run(trial, cmd, folder, s.study_dir / "logs" / f"{folder.name}.log", s.epochs, s.store)
     except KeyboardInterrupt:
         s.study.tell(trial, state=TrialState.FAIL)
