@@ -153,20 +153,49 @@ def check_dashboard(port: int | None, study: Path, storage: str | None) -> None:
 
 
 def check_storage(tune: dict[str, Any]) -> None:
-    """The database's driver (and the dashboard's package) installed: said before anything starts."""
+    """The database's driver (and the dashboard's package) installed: said before anything starts. A URL
+    that names no driver gets one that is installed (SQLAlchemy 2.1 reads postgresql:// as psycopg 3,
+    requirements-tune.txt installs psycopg2)."""
     url = tune["storage"] or "sqlite://"
-    drivers = {"postgresql": "psycopg2", "mysql": "pymysql", "sqlite": "sqlite3"}
     scheme = url.split(":", 1)[0]
     dialect, _, driver = scheme.partition("+")
-    if dialect not in drivers or "://" not in url:
+    if dialect not in ("postgresql", "mysql", "sqlite") or "://" not in url:
         raise UsageError(f"--storage {url.split('@')[-1]}: give a database URL, e.g. postgresql://user:password@host/"
                          "db, mysql+pymysql://user:password@host/db or sqlite:////path/study.db")
-    module = {"psycopg": "psycopg", "psycopg2": "psycopg2", "pymysql": "pymysql"}.get(driver, drivers[dialect])
-    if importlib.util.find_spec(module) is None:
-        package = {"psycopg2": "psycopg2-binary"}.get(module, module)
-        raise UsageError(f"--storage {dialect} needs the {module} driver: pip install {package}")
+    from sqlalchemy.engine import make_url  # (optuna's, no torch)
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as e:
+        raise UsageError(f"--storage {url.split('@')[-1]}: not a database URL SQLAlchemy reads ({e}): give e.g. "
+                         "postgresql://user:password@host/db or mysql+pymysql://user:password@host/db") from None
+    if not driver and not has_driver(parsed):
+        other = next((d for d in OTHER_DRIVERS.get(dialect, ()) if has_driver(parsed.set(drivername=f"{dialect}+{d}"))),
+                     None)
+        if other:
+            parsed = parsed.set(drivername=f"{dialect}+{other}")
+            tune["storage"] = parsed.render_as_string(hide_password=False)
+    if not has_driver(parsed):
+        module = parsed.get_dialect().driver
+        raise UsageError(f"--storage {dialect} needs the {module} driver: pip install "
+                         f"{PACKAGES.get(module, module)}")
     if tune["dashboard"] is not None and importlib.util.find_spec("optuna_dashboard") is None:
         raise UsageError("--dashboard needs optuna-dashboard: pip install -r requirements-tune.txt")
+
+
+OTHER_DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql",)}
+PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "'psycopg[binary]'", "mysqldb": "mysqlclient"}
+
+
+def has_driver(url: Any) -> bool:
+    """Whether the URL's database module imports here."""
+    try:
+        url.get_dialect().import_dbapi()
+    except ImportError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

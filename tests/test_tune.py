@@ -305,3 +305,12 @@ def test_a_stop_while_a_retry_waits_for_its_old_run_leaves_no_trial_running_for_
         saving.kill()
     states = [t.state.name for t in trials_of(study)]
     assert "RUNNING" not in states and states[-1] == "WAITING", states  # the retry queued again
+
+
+def test_a_postgresql_url_without_a_driver_uses_the_installed_psycopg2(colours, tmp_path):
+    """SQLAlchemy 2.1 takes postgresql:// to mean psycopg 3; requirements-tune.txt installs psycopg2: the URL
+    the docs show must reach the server (here none: refused, in one line), not fail on a missing module."""
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver: pip install psycopg2-binary")
+    result = run(tune_cmd(colours, tmp_path / "s", "--storage", "postgresql://tune:secret@127.0.0.1:1/db"), timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "connection" in result.stderr.lower() and "secret" not in result.stderr, result.stderr
