@@ -36,7 +36,7 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
     """The options given (those not given stay absent, so a resume can tell them apart), checked as far
     as they can be without torch: the numbers, the data folder, the weights file, the run folder (or
     the run to resume), the model's name (from the lists kept in the cache folder: model_names)."""
-    parser = Parser(__doc__, prog="train.py")
+    parser = Parser(__doc__, prog="train.py", fromfile_prefix_chars="@")  # @FILE: options one a line (tune.py)
     add_options(parser)
     parser.add_argument("--list-models", nargs="?", const="*", default=argparse.SUPPRESS, metavar="PATTERN",
                         help="list what --model takes (torchvision's classifiers, and timm's as timm/NAME when "
