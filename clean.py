@@ -21,11 +21,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import files
-import folders
-from config import Parser, UsageError, add_shared, check_shared, imports_done, script
+from imgcls import files
 from imgcls.cleaning.job import read_job
 from imgcls.cleaning.layout import ACTIONS, CSV, FILTERS
+from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
+from imgcls.data import folders
+from imgcls.errors import UsageError
 
 
 def read_command_line(argv: list[str] | None) -> argparse.Namespace:

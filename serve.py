@@ -23,8 +23,9 @@ import os
 import socket
 from pathlib import Path
 
-import checkpoint
-from config import Parser, UsageError, add_shared, check_shared, imports_done, script
+from imgcls import runfolder
+from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
+from imgcls.errors import UsageError
 from imgcls.serving.settings import KEY_ENV, MAX_BATCH, MAX_IMAGES, MAX_WAIT_MS, Settings
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -140,7 +141,7 @@ def settings_of(args: argparse.Namespace, ckpt: Path) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
-    ckpt = checkpoint.runnable(checkpoint.find(args.checkpoint))
+    ckpt = runfolder.runnable(runfolder.find(args.checkpoint))
     sock = listen(args.host, args.port)
     try:  # the optional requirements, said plainly when missing
         import python_multipart  # noqa: F401

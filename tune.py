@@ -31,21 +31,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import folders
-import labels
-import model_names
-from config import (
-    DEMO,
-    Parser,
-    TrainConfig,
-    UsageError,
-    absolute_paths,
-    add_options,
-    file_name,
-    imports_done,
-    script,
-    validate,
-)
+from imgcls.cli import Parser, add_options, imports_done, script
+from imgcls.data import folders, labelfile
+from imgcls.errors import UsageError
+from imgcls.networks import names as model_names
+from imgcls.recipes import DEMO
+from imgcls.settings import TrainConfig, absolute_paths, file_name, validate
 
 NOT_HERE = ("out", "resume", "folds", "lr_find", "overwrite")  # train.py's options that tune.py sets or has no use for
 PRUNERS = ("median", "hyperband", "none")
@@ -98,9 +89,9 @@ def read_command_line(argv: list[str] | None) -> tuple[dict[str, Any], dict[str,
 def check_data(given: dict[str, Any]) -> None:
     """As train.py checks them: the data, the weights file, the model's name."""
     data = given["data"]
-    labels.check_sep_applies(data, given.get("label_sep"))
-    if labels.is_label_file(data):
-        labels.check_trainable(labels.read(data, given.get("label_sep", TrainConfig.label_sep), warn=False))
+    labelfile.check_sep_applies(data, given.get("label_sep"))
+    if labelfile.is_label_file(data):
+        labelfile.check_trainable(labelfile.read(data, given.get("label_sep", TrainConfig.label_sep), warn=False))
     elif data != "demo" and not Path(data).is_dir():
         raise UsageError(f"data folder {data} {'is not a folder' if Path(data).exists() else 'does not exist'}: "
                          "give --data DIR with one sub-folder per class, a label file (.csv), or --data demo")

@@ -52,9 +52,9 @@ def items_of(folder: Path, per_class: int | None = None) -> list[tuple[str, str]
 def make_set(name: str, per_class: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train items, test items) of a set, made under bench/.data once."""
     if name == "digits":
-        import dataset
+        from imgcls.data import demo
 
-        root = dataset.export_demo()
+        root = demo.export_demo()
         return items_of(root / "train", per_class), items_of(root / "test")
     import synthetic
 

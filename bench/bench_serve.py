@@ -35,10 +35,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from serving import Server, png_claiming  # noqa: E402
 
-import checkpoint  # noqa: E402
-import models  # noqa: E402
+from imgcls import checkpoint  # noqa: E402
+from imgcls.evaluation.predictor import load_model  # noqa: E402
+from imgcls.networks import build as networks  # noqa: E402
 from imgcls.serving.settings import cpus  # noqa: E402
-from predictor import load_model  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry")
 
@@ -152,8 +152,8 @@ class Ceiling:
 def make_checkpoint(name: str, img_size: int, work: Path) -> Path:
     torch.manual_seed(0)
     path = work / f"{name}.pt"
-    checkpoint.save(checkpoint.of_model(name, [f"class {i}" for i in range(10)], models.build_model(name, 10)
-                                        .state_dict(), models.preprocessing(name, img_size)), path)
+    checkpoint.save(checkpoint.of_model(name, [f"class {i}" for i in range(10)], networks.build_model(name, 10)
+                                        .state_dict(), networks.preprocessing(name, img_size)), path)
     return path
 
 

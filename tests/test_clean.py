@@ -19,8 +19,8 @@ from conftest import ROOT, call, make_folder, make_image, make_labelled_set, tra
 pytest.importorskip("cleanlab", reason="clean.py needs cleanlab: pip install -r requirements-clean.txt")
 
 import clean
-import labels
 import train
+from imgcls.data import labelfile
 
 ODD = "-red <b>&$'"  # a class name a spreadsheet would run as a formula and a page would read as markup
 CLASSES = {"blue": (30, 60, 220), "green": (40, 200, 60), ODD: (220, 40, 40)}
@@ -140,7 +140,7 @@ def test_apply_relabels_and_drops_into_a_new_label_file_and_leaves_the_images_al
                       lambda r: "drop" if r["path"] == checker else "relabel" if r["kind"] == "label" else "")
     out = tmp_path / "fixed" / "labels.csv"
     assert call(clean.main, ["apply", str(reviewed), "--report", str(found), "--out", str(out)]) == 0
-    lf = labels.check_trainable(labels.read(out))  # what train.py --data reads first
+    lf = labelfile.check_trainable(labelfile.read(out))  # what train.py --data reads first
     given = {p: lf.classes[y] for p, y in lf.items}
     for path, kind in noisy[1].items():
         if kind == "label":
@@ -156,7 +156,7 @@ def test_a_row_left_blank_counts_as_what_unmarked_says(found, tmp_path):
     out = tmp_path / "labels.csv"
     assert call(clean.main, ["apply", str(reviewed), "--report", str(found), "--out", str(out),
                              "--unmarked", "drop"]) == 0
-    assert len(labels.read(out).items) == 3 * 14 + 5 - len({r["path"] for r in rows(found)})
+    assert len(labelfile.read(out).items) == 3 * 14 + 5 - len({r["path"] for r in rows(found)})
 
 
 def test_conflicting_decisions_for_one_image_are_refused_and_nothing_is_written(found, noisy, tmp_path, capsys):
@@ -185,7 +185,7 @@ def test_a_multilabel_job_gets_label_sets_suggested_and_a_labels_column_back(tmp
     out = tmp_path / "fixed.csv"
     reviewed = review(tmp_path / "report", tmp_path / "reviewed.csv", lambda r: "relabel")
     assert call(clean.main, ["apply", str(reviewed), "--report", str(tmp_path / "report"), "--out", str(out)]) == 0
-    lf = labels.read(out)
+    lf = labelfile.read(out)
     assert lf.multilabel and len(lf.items) == 30
 
 
@@ -219,7 +219,7 @@ def test_unmarked_relabel_takes_every_suggestion_and_keeps_the_rows_without_one(
     out = tmp_path / "labels.csv"
     assert call(clean.main, ["apply", str(reviewed), "--report", str(found), "--out", str(out),
                              "--unmarked", "relabel"]) == 0
-    lf = labels.read(out)
+    lf = labelfile.read(out)
     given = {p: lf.classes[y] for p, y in lf.items}
     checker = next(p for p, kind in noisy[1].items() if kind == "outlier")
     assert len(given) == 3 * 14 + 5 and checker in given
@@ -302,7 +302,7 @@ def test_unmarked_relabel_keeps_the_labels_of_a_multilabel_outlier(tmp_path):
                             [b, "dog", "cat dog", "0.8", "label", "", "missing: cat"]], multilabel=True)
     out = tmp_path / "fixed.csv"
     assert call(clean.main, ["apply", str(reviewed), "--out", str(out), "--unmarked", "relabel"]) == 0
-    lf = labels.read(out)
+    lf = labelfile.read(out)
     assert {p: {lf.classes[c] for c in y} for p, y in lf.items} == {a: {"cat", "dog"}, b: {"cat", "dog"}}
 
 
@@ -313,7 +313,7 @@ def test_the_corrected_file_names_images_train_py_finds_below_a_folder_a_label_f
                                                                                   "relabel", ""]])
     out = tmp_path / "fixed.csv"
     assert call(clean.main, ["apply", str(reviewed), "--out", str(out)]) == 0
-    lf = labels.read(out)  # a path cell is stripped and ~ expanded, as train.py reads it
+    lf = labelfile.read(out)  # a path cell is stripped and ~ expanded, as train.py reads it
     assert {p: lf.classes[y] for p, y in lf.items} == {a: "dog", b: "dog"}
 
 
@@ -335,7 +335,7 @@ def test_an_image_whose_name_is_not_utf8_can_be_dropped(tmp_path):
                            [[bad, "cat", "dog", "0.9", "label", "drop", ""]])
     out = tmp_path / "fixed.csv"
     assert call(clean.main, ["apply", str(reviewed), "--out", str(out)]) == 0
-    assert sorted(p for p, _ in labels.read(out).items) == [good, other]
+    assert sorted(p for p, _ in labelfile.read(out).items) == [good, other]
 
 
 def test_the_printed_train_command_works_for_a_file_name_starting_with_a_dash(tmp_path, capsys, monkeypatch):
@@ -356,7 +356,7 @@ def test_a_reviewed_csv_saved_with_semicolons_is_read(tmp_path):
                         encoding="utf-8")
     out = tmp_path / "fixed.csv"
     assert call(clean.main, ["apply", str(reviewed), "--out", str(out)]) == 0
-    lf = labels.read(out)
+    lf = labelfile.read(out)
     assert {p: lf.classes[y] for p, y in lf.items} == {a: "dog", b: "dog"}
 
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import files
-import folders
-from config import UsageError, typed
-from folders import shown
+from imgcls import files
 from imgcls.cleaning.layout import ACTIONS, RECORD, RECORD_VERSION
+from imgcls.cli import typed
+from imgcls.data import folders
+from imgcls.data.folders import shown
+from imgcls.errors import UsageError
 
 NEEDED = ("path", "suggested", "action")
 

@@ -19,13 +19,14 @@ SHOWN = 10  # issues of each kind printed; all are in the CSV
 def find(job: Job, out: Path, filter_by: str = "prune_by_noise_rate", grid: int = 24, device: str = "auto",
          batch_size: int = 256, workers: int | None = None, cache_dir: str | None = None,
          max_bytes: int | None = None) -> int:
-    import dataset
+    from imgcls.data import imagecache
+    from imgcls.data import images as image_files
 
-    max_bytes = max_bytes or dataset.MAX_BYTES
+    max_bytes = max_bytes or image_files.MAX_BYTES
     pred = out_of_fold(job, device, batch_size, workers, cache_dir, max_bytes)
     unreadable = int((~pred.readable).sum())
     if unreadable:
-        dataset.warn(f"{unreadable} image(s) of the job cannot be read now: they are not judged")
+        imagecache.warn(f"{unreadable} image(s) of the job cannot be read now: they are not judged")
     issues = find_issues(pred, filter_by, cache_dir, max_bytes)
     sep = str(job.settings.get("label_sep") or " ")
     print_issues(pred, issues, sep)

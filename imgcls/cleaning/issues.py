@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-import dataset
 from imgcls.cleaning.oof import Predictions
+from imgcls.data import check as file_check
+from imgcls.data import images as image_files
 
 KINDS = ("label", "outlier", "look-alike")
 NEIGHBOURS = 10  # an outlier's distance is the mean over its nearest training images in feature space
@@ -34,7 +35,7 @@ class Issue:
 
 
 def find_issues(pred: Predictions, filter_by: str = "prune_by_noise_rate", cache_dir: str | None = None,
-                max_bytes: int = dataset.MAX_BYTES) -> list[Issue]:
+                max_bytes: int = image_files.MAX_BYTES) -> list[Issue]:
     """Every issue, by kind (label issues, outliers, look-alikes), each kind ranked surest first."""
     found = []
     for kind in (label_issues(pred, filter_by), outliers(pred), lookalikes_across(pred, cache_dir, max_bytes)):
@@ -136,16 +137,16 @@ def outliers(pred: Predictions) -> list[Issue]:
     return out
 
 
-def lookalikes_across(pred: Predictions, cache_dir: str | None = None, max_bytes: int = dataset.MAX_BYTES
+def lookalikes_across(pred: Predictions, cache_dir: str | None = None, max_bytes: int = image_files.MAX_BYTES
                       ) -> list[Issue]:
     """Pairs of images that are the same picture (dataset.py check's perceptual hashes, remembered from the
     job's own check) with different labels: a row for each, with the label the models give the pair."""
     paths = [p for p, _ in pred.items]
-    checked = dataset.check_files(paths, cache_dir, progress=False, max_bytes=max_bytes)
+    checked = file_check.check_files(paths, cache_dir, progress=False, max_bytes=max_bytes)
     looks = {p: "sha1:" + c[1] if c[2] == "plain" else c[2] for p, c in checked.items() if c[2]}
     index = {p: i for i, p in enumerate(paths)}
     out = []
-    for a, b, d in dataset.lookalikes(paths, None, looks):
+    for a, b, d in file_check.lookalikes(paths, None, looks):
         i, j = index[a], index[b]
         if pred.items[i][1] == pred.items[j][1]:
             continue

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import checkpoint
-import crossval
-from config import UsageError, typed
+from imgcls import runfolder
+from imgcls.cli import typed
+from imgcls.errors import UsageError
+from imgcls.training import crossval
 
 
 @dataclass
@@ -32,10 +33,10 @@ def read_job(given: str | Path) -> Job:
     if not folder.is_dir():
         raise UsageError(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'}: give the folder of a "
                          "k-fold job (python train.py --data DATA --folds 5 --out runs/NAME)")
-    if not checkpoint.is_cv_folder(folder) and checkpoint.is_cv_folder(folder.resolve().parent):
+    if not runfolder.is_cv_folder(folder) and runfolder.is_cv_folder(folder.resolve().parent):
         folder = folder.resolve().parent  # a fold's folder: its job
-    if not checkpoint.is_cv_folder(folder):
-        raise UsageError(f"{folder} is not a k-fold job (no {checkpoint.CV_SETTINGS}): label issues need a prediction "
+    if not runfolder.is_cv_folder(folder):
+        raise UsageError(f"{folder} is not a k-fold job (no {runfolder.CV_SETTINGS}): label issues need a prediction "
                          "for every image from a model that never saw it; train one with python train.py --data DATA "
                          "--folds 5 --out runs/NAME")
     settings = crossval.read_settings(folder)

@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-import dataset
-import files
-import models
-from config import UsageError, cache_root
+from imgcls import files
 from imgcls.cleaning.job import Job, split_of
-from predictor import Loaded, load_model, run_model
+from imgcls.data import imagecache
+from imgcls.data import images as image_files
+from imgcls.errors import UsageError
+from imgcls.evaluation.predictor import Loaded, load_model, run_model
+from imgcls.networks import heads
+from imgcls.settings import cache_root
 
 VERSION = 2  # of the cached predictions: a change in what they hold makes new ones (2: features at every stage)
 REFERENCE = 1000  # training images per fold that outliers are measured against (a seeded sample)
@@ -82,13 +84,13 @@ def job_items(job: Job) -> tuple[list[tuple[str, Any]], list[str], bool, np.ndar
 
 def cache_key(job: Job, items: list[tuple[str, Any]]) -> str:
     """What the predictions depend on: each fold's model file and each image file (files.identity)."""
-    blob = json.dumps([VERSION, dataset.CACHE_VERSION, REFERENCE, [files.identity(f / "best.pt") for f in job.folds],
+    blob = json.dumps([VERSION, imagecache.CACHE_VERSION, REFERENCE, [files.identity(f / "best.pt") for f in job.folds],
                        [files.identity(p) for p, _ in items], [y for _, y in items]])
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
 def out_of_fold(job: Job, device: str = "auto", batch_size: int = 256, workers: int | None = None,
-                cache_dir: str | None = None, max_bytes: int = dataset.MAX_BYTES, progress: bool = True
+                cache_dir: str | None = None, max_bytes: int = image_files.MAX_BYTES, progress: bool = True
                 ) -> Predictions:
     """The job's out-of-fold predictions: from the cache folder when the models and images are unchanged."""
     items, classes, multi, held_by, splits = job_items(job)
@@ -142,8 +144,8 @@ def cache_images(loaded: Loaded, split: dict[str, Any], cache_dir: str | None, m
         return None
     pre = loaded.preprocess
     paths = sorted([p for p, _ in split["train"] + split["val"] + split.get("test", [])] +
-                   [p for p, _ in split.get("skipped", [])])  # as dataset.DataSplit.files() lists them
-    cache = dataset.make_cache("auto", paths, pre.resize_size, cache_dir, max_bytes, pre.resample)
+                   [p for p, _ in split.get("skipped", [])])  # as data_split.DataSplit.files() lists them
+    cache = imagecache.make_cache("auto", paths, pre.resize_size, cache_dir, max_bytes, pre.resample)
     if cache is not None and not cache.ready:
         cache.build(progress)
     return cache
@@ -180,7 +182,7 @@ def predict_with_features(loaded: Loaded, items: list[tuple[str, Any]], batch_si
     features are the network's own at several depths: each stage's output averaged over the image, and what
     enters the head, each scaled to unit length. The last layer alone keeps what tells the classes apart;
     the earlier ones also keep what makes a photo unlike a drawing (Lee et al., 2018, measure outliers so)."""
-    _, head = models.head_of(loaded.model)
+    _, head = heads.head_of(loaded.model)
     taps = [*stage_ends(loaded.model, loaded.preprocess.img_size, loaded.to_input), head]
     caught: list[list[torch.Tensor]] = [[] for _ in taps]
 

@@ -9,17 +9,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import dataset
-import files
-import folders
-import labels
-import plots
+from imgcls import files, plots
 from imgcls.cleaning.issues import Issue, label_names
 from imgcls.cleaning.job import Job
 from imgcls.cleaning.job import split_of as fold_split
 from imgcls.cleaning.layout import COLUMNS, CSV, PAGE, PICTURE, RECORD, RECORD_VERSION
 from imgcls.cleaning.oof import Predictions
-from predictor import thumbnail
+from imgcls.data import demo, folders, labelfile
+from imgcls.evaluation.predictor import thumbnail
 
 COLOURS = {"label": "red", "outlier": "darkorange", "look-alike": "purple"}
 
@@ -69,7 +66,7 @@ def data_record(job: Job, pred: Predictions, sep: str) -> dict[str, Any]:
     image with its label(s) and, where the data has its own split (a split column; train/, val/, test/
     folders), the split it is in. A data folder's own test/ images, which k-fold jobs leave aside, are kept
     too (unscored), so the corrected file holds the whole data set."""
-    data = str(dataset.DEMO_DIR) if job.data == "demo" else job.data
+    data = str(demo.DEMO_DIR) if job.data == "demo" else job.data
     split_of, extra = own_split(data, sep, pred.classes)
     items = [[p, [pred.classes[c] for c in y] if pred.multilabel else [pred.classes[y]], split_of.get(p)]
              for p, y in pred.items]
@@ -85,9 +82,9 @@ def data_record(job: Job, pred: Predictions, sep: str) -> dict[str, Any]:
 def own_split(data: str, sep: str, classes: list[str]) -> tuple[dict[str, str], list[tuple[str, int]]]:
     """(each path's split, where the data has its own: a label file's split column, a folder's train/, val/ and
     test/; a data folder's test/ images of the job's classes, which the job left aside)."""
-    if labels.is_label_file(data):
+    if labelfile.is_label_file(data):
         try:
-            return labels.read(data, sep, warn=False).split, []
+            return labelfile.read(data, sep, warn=False).split, []
         except Exception:  # changed since the job: the job's own view is what is kept (a flat data set)
             return {}, []
     root = Path(data)

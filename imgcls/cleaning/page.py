@@ -13,12 +13,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import files
-import html_report
+from imgcls import files
 from imgcls.cleaning.issues import KINDS, Issue, label_names
 from imgcls.cleaning.job import Job
 from imgcls.cleaning.oof import Predictions
-from predictor import thumbnail
+from imgcls.evaluation import report_html
+from imgcls.evaluation.predictor import thumbnail
 
 MAX_ROWS = 300  # per kind with a picture: a page of a few MB however many issues; all are in the CSV
 TITLES = {"label": "Label issues: the given label looks wrong",
@@ -83,7 +83,7 @@ def section(kind: str, pred: Predictions, issues: list[Issue], sep: str) -> str:
         path, given = pred.items[issue.index]
         image = thumbnail(path, 96)
         img = ('<img alt="" src="data:image/jpeg;base64,' +
-               base64.b64encode(html_report.jpeg_thumbnail(image, 96)).decode("ascii") + '">') if image is not None \
+               base64.b64encode(report_html.jpeg_thumbnail(image, 96)).decode("ascii") + '">') if image is not None \
             else "unreadable"
         rows.append(f"<tr><td>{rank}</td><td>{img}</td><td class=\"path\">{esc(path)}</td>"
                     f"<td>{esc(label_names(pred, given, sep))}</td><td>{esc(label_names(pred, issue.suggested, sep))}"

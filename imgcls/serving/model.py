@@ -1,6 +1,6 @@
 """The model a server runs: loaded as test.py loads it (predictor.load_model: a .pt or an exported .onnx,
 its preprocessing, calibration temperature and multi-label thresholds), with threads sized for the server,
-and its answers in the words of test.py's predictions.csv (report.label): the top-k labels with their
+and its answers in the words of test.py's predictions.csv (predictions.label): the top-k labels with their
 calibrated probabilities, "unknown" below --reject-below, a multi-label model's labels at or above their
 thresholds. What /model tells about it, and its Grad-CAM explanations, are here too.
 """
@@ -17,15 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-import calibration
-import checkpoint
-import multilabel
-import report
-from config import UsageError
+from imgcls import checkpoint
+from imgcls.errors import UsageError
+from imgcls.evaluation import calibration, multilabel, predictions
+from imgcls.evaluation.predictor import Explainer, Loaded, OnnxModel, load_model, tta_views
 from imgcls.serving.settings import MAX_BATCH, Settings, threads_per_worker
-from predictor import Explainer, Loaded, OnnxModel, load_model, tta_views
 
-UNKNOWN = report.UNKNOWN
+UNKNOWN = predictions.UNKNOWN
 
 
 class Served:
@@ -66,7 +64,7 @@ class Served:
         return fastest(rates)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's outputs for a uint8 batch, as test.py computes them (report.label via run_model); with
+        """The model's outputs for a uint8 batch, as test.py computes them (predictions.label via run_model); with
         --tta, N x views x classes."""
         if not self.settings.tta:
             return self.loaded(x)
@@ -102,7 +100,7 @@ class Served:
             c = int(self.loaded.probabilities(self.logits(image[None]))[0].argmax())
         else:
             c = self.loaded.classes.index(label)
-        picture, found = report.overlay_for(self.explainer, image, c)
+        picture, found = predictions.overlay_for(self.explainer, image, c)
         out = io.BytesIO()
         Image.fromarray(picture).save(out, format="PNG")
         return out.getvalue(), self.loaded.classes[c], self.explainer.method, found

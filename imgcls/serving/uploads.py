@@ -13,9 +13,9 @@ import torch
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-import dataset
-import folders
-from checkpoint import Preprocess
+from imgcls.data import folders
+from imgcls.data import images as image_files
+from imgcls.preprocess import Preprocess
 
 
 class BadUpload(Exception):
@@ -136,16 +136,16 @@ def split_multipart(body: bytes, boundary: bytes, max_images: int) -> list[Part]
 
 def decode(upload: Upload, pre: Preprocess, max_bytes: int) -> torch.Tensor:
     """The image as the model sees it (uint8 3 x img_size x img_size), made exactly as test.py makes it from
-    a file (dataset.load_image, then the evaluation crop), from the bytes in memory."""
+    a file (image_files.load_image, then the evaluation crop), from the bytes in memory."""
     if len(upload.data) > max_bytes:
         raise BadUpload(413, f"{folders.too_large(len(upload.data), max_bytes)}".replace("--max-file-mb",
                                                                                       "serve.py --max-file-mb"))
     if not upload.data:
         raise BadUpload(422, "empty file")
     try:
-        img = dataset.to_rgb(dataset.open_image(upload.data, pre.resize_size))
-        arr = dataset.square(img, pre.resize_size, pre.resample)
-    except dataset.BadImage as e:
+        img = image_files.to_rgb(image_files.open_image(upload.data, pre.resize_size))
+        arr = image_files.square(img, pre.resize_size, pre.resample)
+    except image_files.BadImage as e:
         raise BadUpload(status_of(str(e)), str(e)) from None
     except Exception as e:  # a crafted file can make a decoder fail in ways Pillow does not wrap: still the file's
         raise BadUpload(422, f"unreadable ({type(e).__name__})") from None

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-import files
+from imgcls import files
 from imgcls.tuning.space import shown
 from imgcls.tuning.trial import train_words
 

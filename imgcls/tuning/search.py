@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from config import TrainingError, UsageError
+from imgcls.errors import TrainingError, UsageError
 from imgcls.tuning import space
 from imgcls.tuning import study as db
 from imgcls.tuning import trial as one
@@ -142,14 +142,14 @@ def said(s: Search, outcome: one.Outcome) -> str:
 
 def prepare(given: dict[str, Any], tune: dict[str, Any], root: Path) -> tuple[Search, bool]:
     """The study opened or made (with the default recipe queued as its first trial when made here)."""
-    import labels
-    import models  # torch: the recipe's lr depends on the network's family (its normalisation layers)
+    from imgcls.data import labelfile
+    from imgcls.networks import build as networks
 
     fixed, mode, epochs = dict(given), given["mode"], given["epochs"]
     names = space.searched(given, mode, tune["params"])
-    base = space.recipe(given, mode, models.family(given.get("model", "resnet18")))
+    base = space.recipe(given, mode, networks.family(given.get("model", "resnet18")))
     dists = space.distributions(names, base)
-    multi = labels.is_label_file(fixed["data"]) and labels.is_multilabel(fixed["data"])
+    multi = labelfile.is_label_file(fixed["data"]) and labelfile.is_multilabel(fixed["data"])
     settings = {"fixed": fixed, "searched": names, "epochs": epochs, "multilabel": multi}
     study_dir: Path = tune["study"]
     study_dir.mkdir(parents=True, exist_ok=True)

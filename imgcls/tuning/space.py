@@ -9,7 +9,9 @@ from typing import Any
 
 import optuna
 
-from config import RECIPE_FIELDS, TrainConfig, UsageError, recipe_name, recipe_values
+from imgcls.errors import UsageError
+from imgcls.recipes import RECIPE_FIELDS, recipe_name, recipe_values
+from imgcls.settings import TrainConfig
 
 AUGMENT = ("none", "basic", "randaugment", "trivialaugment")
 MIXUP = (0.0, 0.2, 0.4, 0.8)  # alpha: 0 is off; categorical, so that "off" is a choice the search can make

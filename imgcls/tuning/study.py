@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from config import UsageError
+from imgcls.errors import UsageError
 
 DB_NAME = "study.db"
 HEARTBEAT_S = 20

@@ -24,7 +24,7 @@ from typing import Any
 
 import optuna
 
-from config import UsageError
+from imgcls.errors import UsageError
 
 POLL_S = 0.5
 STOP_WAIT_S = 120  # how long a stopped run may take to save before it is terminated
