@@ -57,6 +57,16 @@ def test_training_accuracy_at_chance_after_a_few_epochs_says_the_network_is_not_
     assert "training accuracy is still at chance (35.0%" in line and "--lr-find" in line
 
 
+def test_a_long_run_starting_slowly_is_judged_after_a_share_of_its_epochs():
+    """VGG11 on the digits, 15 epochs: training at chance for 3 epochs, then it learns (77.5% at the end)."""
+    slow = epochs((2.32, 7.7, 2.30, 10.0), (2.31, 10.6, 2.30, 16.7), (2.30, 10.6, 2.28, 20.0), (2.29, 10.8, 2.2, 20.8))
+    health = Health(chance_val=10.0, chance_train=10.0, classes=10, epochs=15)
+    assert health.check(slow, no_batchnorm) == []  # 4 epochs of 15: too early to say
+    stuck = epochs(*[(2.3, 10.5, 2.3, 10.0)] * 5)
+    (line,) = health.check(stuck, no_batchnorm)  # 5 of 15 (30%) at chance: not learning
+    assert line.startswith("training accuracy is still at chance")
+
+
 def test_a_training_loss_above_a_uniform_guess_or_rising_twice_points_to_lr_find():
     blown = Health(chance_val=10, chance_train=10, classes=10).check(epochs((10.9, 9, 2.4, 10)), no_batchnorm)
     assert len(blown) == 1 and "rose above where it started" in blown[0] and "--lr-find" in blown[0]

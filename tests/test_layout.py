@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-ENTRY = {"train", "eval", "test", "export", "runs", "serve", "clean", "tune"}  # and dataset.py check (a face that is also a script)
+ENTRY = {"train", "eval", "test", "export", "runs", "serve", "clean", "tune"}  # and dataset.py check (a face)
 FACES = {"models", "dataset", "config"}
 TOP = ENTRY | FACES
 PACKAGE = ROOT / "imgcls"

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DIVERGED_LOSS = 1000  # a mean validation loss this many times a uniform guess's: diverged, not a bad model
-FEW_EPOCHS = 3  # the accuracy kinds wait this long: a first epoch (with its warm-up) proves little
+FEW_EPOCHS = 3  # the accuracy kinds wait at least this long: a first epoch (with its warm-up) proves little
+WAIT_SHARE = 0.3  # and this share of the run: VGG11 on the digits trains at chance for 3 of 15 epochs, then learns
 
 
 def largest_share(counts: list[int]) -> float:
@@ -49,6 +50,11 @@ class Health:
     multilabel: bool = False
     precise_bn: bool = False  # BatchNorm's statistics are recomputed before each validation
     said: dict[str, str] = field(default_factory=dict)
+    epochs: int = 0  # the run's length: a long run's slow start is not a failure
+
+    def waited(self, history: list[dict[str, Any]]) -> bool:
+        """Enough epochs to judge accuracy by: FEW_EPOCHS, and WAIT_SHARE of the run."""
+        return len(history) >= max(FEW_EPOCHS, math.ceil(WAIT_SHARE * self.epochs))
 
     def check(self, history: list[dict[str, Any]], batch_statistics: Callable[[], float | None]
               ) -> list[str]:
@@ -99,7 +105,7 @@ class Health:
 
     def stuck(self, history: list[dict[str, Any]]) -> str | None:
         last = history[-1]
-        if self.multilabel or len(history) < FEW_EPOCHS or last["train_acc"] > chance_limit(self.chance_train):
+        if self.multilabel or not self.waited(history) or last["train_acc"] > chance_limit(self.chance_train):
             return None
         return (f"training accuracy is still at chance ({last['train_acc']:.1f}%; the largest class is "
                 f"{self.chance_train:.1f}% of the images) after {len(history)} epochs: the network is not learning; "
@@ -108,7 +114,7 @@ class Health:
 
     def at_chance(self, history: list[dict[str, Any]], batch_statistics: Callable[[], float | None]) -> str | None:
         last = history[-1]
-        if self.multilabel or len(history) < FEW_EPOCHS or last["val_acc"] > chance_limit(self.chance_val) or \
+        if self.multilabel or not self.waited(history) or last["val_acc"] > chance_limit(self.chance_val) or \
                 last["train_acc"] < chance_limit(self.chance_train) + 10:  # (not learning at all: `stuck`)
             return None
         line = (f"validation accuracy is at chance ({last['val_acc']:.1f}%, as if one class were answered for every "

@@ -63,7 +63,8 @@ class Loop:
         self.val_loader: DataLoader | None = None
         split = run.split
         self.health = Health(largest_share(split.counts(split.val)), largest_share(split.counts(split.train)),
-                             len(split.classes), self.multi, run.cfg.precise_bn, dict(ckpt.get("warnings", {})))
+                             len(split.classes), self.multi, run.cfg.precise_bn, dict(ckpt.get("warnings", {})),
+                             run.cfg.epochs)
         self.finished = False
 
     def open_log(self, per_epoch: int) -> None:
