@@ -85,8 +85,9 @@ class TrainConfig:
                               type=str)
     # optimisation (the fields in RECIPES take the recipe's value unless given)
     recipe: str = opt("auto", "optimisation settings for what you do not set: modern (AdamW, cosine with warm-up, "
-                      "label smoothing; lr scaled with the batch), seed (the seed project's SGD 1e-3, StepLR 7/0.1), "
-                      "auto (modern from scratch, seed for pretrained weights)", choices=("auto", "modern", "seed"))
+                      "label smoothing; lr by network family, a quarter of it to fine-tune, scaled with the batch), "
+                      "seed (the seed project's SGD 1e-3, StepLR 7/0.1), auto (modern)",
+                      choices=("auto", "modern", "seed"))
     epochs: int = opt(10, "number of epochs")
     batch_size: int = opt(64, "images per step (per process under torchrun)")
     lr: float = opt(1e-3, "learning rate")

@@ -26,12 +26,11 @@ def data(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("defaults-data"), per_class=16)
 
 
-def test_scratch_takes_the_modern_recipe_and_pretrained_modes_the_seeds():
-    scratch = with_recipe({"data": "photos", "mode": "scratch"})
-    assert scratch["recipe"] == "modern" and {k: scratch[k] for k in RECIPES["modern"]} == RECIPES["modern"]
-    for mode in ("finetune", "transfer"):
+def test_every_mode_takes_the_modern_recipe_and_fine_tuning_a_quarter_of_its_lr():
+    for mode, lr in (("scratch", 2e-3), ("transfer", 2e-3), ("finetune", 5e-4)):  # (bench_recipes.py --finetune)
         settings = with_recipe({"data": "photos", "mode": mode})
-        assert settings["recipe"] == "seed" and {k: settings[k] for k in RECIPES["seed"]} == RECIPES["seed"]
+        assert settings["recipe"] == "modern"
+        assert {k: settings[k] for k in RECIPES["modern"]} == {**RECIPES["modern"], "lr": lr}
 
 
 def test_any_option_given_overrides_the_recipe_and_recipe_seed_is_the_seeds_settings_exactly():
@@ -60,7 +59,7 @@ def test_the_demo_chooses_its_own_mode_size_epochs_and_no_flips_unless_told():
     assert (demo["mode"], demo["img_size"], demo["epochs"], demo["hflip"], demo["recipe"]) == \
         ("scratch", 32, 10, 0.0, "modern")
     assert with_recipe({"epochs": 3, "mode": "finetune"})["epochs"] == 3
-    assert with_recipe({"mode": "finetune"})["recipe"] == "seed"
+    assert with_recipe({"mode": "finetune"})["recipe"] == "modern"
     assert "mode" not in with_recipe({"data": "photos"})  # a real folder keeps the usual defaults
 
 

@@ -44,7 +44,7 @@ def searched(given: dict[str, Any], mode: str, only: list[str] | None) -> list[s
 def recipe(given: dict[str, Any], mode: str, family: str) -> dict[str, Any]:
     """The optimisation settings a train.py run with these options would take from its recipe."""
     name = recipe_name(mode, given.get("recipe", "auto"))
-    values = recipe_values(name, given.get("batch_size", 64), given.get("optimizer"), family)
+    values = recipe_values(name, given.get("batch_size", 64), given.get("optimizer"), family, mode)
     return {**values, **{k: v for k, v in given.items() if k in RECIPE_FIELDS}}
 
 
