@@ -79,14 +79,18 @@ def shown(row: dict | None) -> str:
 
 
 def save(results: dict, settings: dict) -> None:
-    """Merged into the file: a run of some models or sets keeps the others' figures (of the same settings)."""
+    """Merged into the file: a run of some models or sets keeps the others' figures, each section (scratch,
+    sweep, finetune) with its own settings, so a run of one section keeps the others' figures."""
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    if merged.get("settings") != settings:
-        merged = {"settings": settings}
     for section, rows in results.items():
+        if merged.get("settings", {}).get(section) != settings:
+            merged[section] = {}
+            merged.setdefault("settings", {})[section] = settings
         for key, variants in rows.items():
-            merged.setdefault(section, {}).setdefault(key, {}).update(variants)
-    RESULTS.write_text(json.dumps(merged, indent=1))
+            merged[section].setdefault(key, {}).update(variants)
+    tmp = RESULTS.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(RESULTS)
 
 
 def matrix(a: argparse.Namespace, sets: dict[str, str], work: Path, settings: dict) -> None:
