@@ -217,7 +217,7 @@ def fit(run: Run, model: nn.Module) -> int:
 
 def settle_precision(run: Run, model: nn.Module) -> TrainConfig:
     """--amp when neither it nor --no-amp was given: on a CPU with native bf16, the faster of bf16 and fp32 for
-    this network (cpu_precision: measured once per machine and network, so runs agree); elsewhere on, as
+    this network (machine.measure: measured once per machine and network, so runs agree); elsewhere on, as
     before (CUDA: bf16 or fp16; a CPU without native bf16 trains in fp32 either way). One process decides
     nothing for the others, so runs under torchrun and transfer runs (whose backbone only runs forward) keep
     the old default."""
