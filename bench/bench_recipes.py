@@ -49,9 +49,10 @@ SETS = ("digits", "scenes", "shapes")
 RESULTS = ROOT / "bench" / "results-recipes.json"
 
 
-def train(args: list[str], out: Path, cache: Path) -> dict:
+def train(args: list[str], out: Path, cache: Path, keep: bool = False) -> dict:
     """One train.py run: best and final val accuracy, largest val loss, seconds per epoch, its warnings and
-    the chance level of its validation images."""
+    the chance level of its validation images. Its checkpoints are removed unless `keep` (a VGG11's are
+    1 GB a run: the matrix would fill a disk); the rest of the run folder stays."""
     cmd = [sys.executable, "train.py", *args, "--out", str(out), "--no-summary", "--save-interval", "1e9",
            "--overwrite"]
     t0 = time.perf_counter()
@@ -64,6 +65,8 @@ def train(args: list[str], out: Path, cache: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     val = json.loads((out / "split.json").read_text())["val"]
     largest = max(Counter(label for _, label in val).values()) / len(val)
+    for name in ([] if keep else ["best.pt", "last.pt"]):
+        (out / name).unlink(missing_ok=True)
     return {"best_val_acc": max(r["val_acc"] for r in rows), "final_val_acc": rows[-1]["val_acc"],
             "max_val_loss": max(r["val_loss"] for r in rows), "wall_s": time.perf_counter() - t0,
             "s_per_epoch": float(np.mean([r["time_s"] for r in rows])), "chance": 100 * largest,
@@ -120,7 +123,7 @@ def finetune(a: argparse.Namespace, sets: dict[str, str], work: Path, settings: 
     for model in a.models:
         pre = work / "runs" / f"{model}-textures"
         pretrained = train(["--data", source, "--model", model, "--mode", "scratch", "--img-size", str(a.img_size),
-                            "--epochs", str(a.epochs)], pre, work / "cache")
+                            "--epochs", str(a.epochs)], pre, work / "cache", keep=True)
         print(f"{model} pretrained on textures: {shown(pretrained)}", flush=True)
         weights = str(pre / "best.pt")
         for name, data in sets.items():
