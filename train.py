@@ -56,13 +56,7 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
                              f"job: python train.py --resume {typed(run_dir.parent)} (it resumes each fold)")
         return given
     data = given.get("data", TrainConfig.data)
-    labelfile.check_sep_applies(data, given.get("label_sep"))
-    if labelfile.is_label_file(data):
-        # every row checked before torch loads (the case warning comes with the second reading)
-        labelfile.check_trainable(labelfile.read(data, given.get("label_sep", TrainConfig.label_sep), warn=False))
-    elif data != "demo" and not Path(data).is_dir():
-        raise UsageError(f"data folder {data} {'is not a folder' if Path(data).exists() else 'does not exist'}: "
-                         "give --data DIR with one sub-folder per class, a label file (.csv), or --data demo")
+    labelfile.check_data_given(data, given.get("label_sep"), TrainConfig.label_sep)
     if given.get("weights") and not Path(given["weights"]).is_file():
         raise UsageError(f"--weights {given['weights']} does not exist: give a state_dict file")
     if given.get("out"):

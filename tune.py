@@ -89,12 +89,7 @@ def read_command_line(argv: list[str] | None) -> tuple[dict[str, Any], dict[str,
 def check_data(given: dict[str, Any]) -> None:
     """As train.py checks them: the data, the weights file, the model's name."""
     data = given["data"]
-    labelfile.check_sep_applies(data, given.get("label_sep"))
-    if labelfile.is_label_file(data):
-        labelfile.check_trainable(labelfile.read(data, given.get("label_sep", TrainConfig.label_sep), warn=False))
-    elif data != "demo" and not Path(data).is_dir():
-        raise UsageError(f"data folder {data} {'is not a folder' if Path(data).exists() else 'does not exist'}: "
-                         "give --data DIR with one sub-folder per class, a label file (.csv), or --data demo")
+    labelfile.check_data_given(data, given.get("label_sep"), TrainConfig.label_sep)
     if given.get("weights") and not Path(given["weights"]).is_file():
         raise UsageError(f"--weights {given['weights']} does not exist: give a state_dict file")
     if "model" in given:

@@ -38,6 +38,17 @@ def is_label_file(data: str | os.PathLike) -> bool:
     return str(data).lower().endswith(".csv")
 
 
+def check_data_given(data: str, sep: str | None, default_sep: str) -> None:
+    """--data as train.py and tune.py check it before torch loads: a label file's every row (the case warning
+    comes with the second reading), else a folder that exists, or the demo."""
+    check_sep_applies(data, sep)
+    if is_label_file(data):
+        check_trainable(read(data, sep if sep is not None else default_sep, warn=False))
+    elif data != "demo" and not Path(data).is_dir():
+        raise UsageError(f"data folder {data} {'is not a folder' if Path(data).exists() else 'does not exist'}: "
+                         "give --data DIR with one sub-folder per class, a label file (.csv), or --data demo")
+
+
 def check_sep_applies(data: str | os.PathLike, sep: str | None) -> None:
     """--label-sep splits a label file's labels column: given with a folder, it would silently do nothing."""
     if sep is not None and not is_label_file(data):
