@@ -23,13 +23,19 @@ A checkpoint is a dict of tensors and plain data, loaded with weights_only=True 
     multilabel           True for a multi-label model (sigmoid per label; best_acc is then the best val mAP)
     thresholds           multi-label: each label's threshold, tuned on validation (max F1); best_ap, its APs
 
+    warnings             the run-health warnings said so far (kind -> line: training/health.py)
+
 best.pt is the best epoch's model without RESUME_ONLY (a third of the size); eval.py, test.py and
-export.py need nothing else. torch is imported only to save and load, so finding a checkpoint (and
-checking a command line) is answered before torch is imported.
+export.py need nothing else. Readers take the dict through `view`: `Saved`, each field typed, with the value
+a file without it gets (the defaults are there and nowhere else); the loop writes one with `Saved.to_dict`.
+A new field: a line here, a field of `Saved` with its default, and its name in WRITTEN. torch is imported
+only to save and load, so finding a checkpoint (and checking a command line) is answered before torch is
+imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -78,17 +84,99 @@ def of_model(arch: str, classes: list[str], model: dict[str, Any], preprocess: i
             "preprocess": preprocess.to_dict(), "model": model, **training}
 
 
-def temperature(ckpt: dict[str, Any], source: str | Path = "the checkpoint") -> float | None:
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """A checkpoint as its readers see it (the layout above). The defaults are what a file without the
+    field means: it was written before the field, or by `of_model` alone (no training). A file from
+    train.py holds the first four; they default only so that part of one (a test's dict) can be viewed."""
+    arch: str = ""
+    classes: list[str] = dataclasses.field(default_factory=list)
+    preprocess: imgcls_preprocess.Preprocess | None = None
+    model: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # (tensors: not shown)
+    mode: str = "scratch"
+    net_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # older runs: the defaults
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epoch: int = 0
+    progress: dict[str, Any] | None = None  # before version 2: at the start of the epoch after `epoch`
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    finished: bool = False  # absent (before version 2): whether it trained all the epochs of its config
+    train_time_s: float = 0.0  # absent: the sum of its epochs' times
+    weights_id: list[Any] | None = None  # None: not recorded
+    optimizer: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    scaler: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    world: int = 1
+    calibration: dict[str, Any] | None = None  # None: trained before calibration (temperature 1)
+    best_confusion: list[list[int]] | None = None
+    multilabel: bool = False
+    thresholds: list[float] | None = None
+    best_ap: list[float | None] | None = None
+    ema: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    warnings: dict[str, str] = dataclasses.field(default_factory=dict)
+    averaged: bool | None = None  # best.pt's; None in last.pt
+    version: int = 1  # of the file read (1: before versions); a file written is VERSION
+    held: frozenset[str] = frozenset()  # the fields the file holds (what was absent got its default)
+
+    @property
+    def seen(self) -> int:
+        """Saved mid-epoch: the images of the epoch after `epoch` already trained on (0 at an epoch's end)."""
+        return (self.progress or {}).get("seen") or 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's dict (a training checkpoint: best.pt or last.pt). What is unset is left out, as in
+        files from before it: None, an empty calibration, confusion or warnings, and a single-label
+        model's multi-label fields."""
+        return of_model(self.arch, self.classes, self.model, self.preprocess, self.mode,
+                        **{name: getattr(self, name) for name in WRITTEN if self._written(name)})
+
+    def _written(self, name: str) -> bool:
+        value = getattr(self, name)
+        if name in MULTILABEL_ONLY:
+            return self.multilabel
+        return bool(value) if name in SPARSE else value is not None
+
+
+WRITTEN = ("net_options", "config", "epoch", "progress", "best_acc", "best_epoch", "history", "finished",
+           "train_time_s", "weights_id", "optimizer", "scaler", "world", "calibration", "best_confusion",
+           "multilabel", "thresholds", "best_ap", "ema", "warnings", "averaged")  # after the model's, in order
+SPARSE = ("calibration", "best_confusion", "multilabel", "warnings")  # left out when empty
+MULTILABEL_ONLY = ("thresholds", "best_ap")  # with multilabel, None included
+
+
+def view(ckpt: dict[str, Any] | Saved) -> Saved:
+    """The typed view of a checkpoint's dict (one already viewed as it is): each field the file holds,
+    the default of the others (None stored counts as absent)."""
+    if isinstance(ckpt, Saved):
+        return ckpt
+    names = {f.name for f in dataclasses.fields(Saved)} - {"held"}
+    given = {k: v for k, v in ckpt.items() if k in names and v is not None}
+    if "preprocess" in given:
+        given["preprocess"] = imgcls_preprocess.Preprocess.from_dict(given["preprocess"])
+    if "finished" not in given:  # (before version 2: all its epochs)
+        given["finished"] = given.get("epoch", 0) >= (given.get("config") or {}).get("epochs", 0)
+    if "train_time_s" not in given:
+        given["train_time_s"] = sum(h.get("time_s", 0.0) for h in given.get("history", []))
+    return Saved(**given, held=frozenset(k for k, v in ckpt.items() if v is not None))
+
+
+def is_checkpoint(obj: Any) -> bool:
+    """Whether a loaded file is one of our checkpoints (its KIND marker), not a bare state dict."""
+    return isinstance(obj, dict) and obj.get("kind") == KIND
+
+
+def temperature(ckpt: dict[str, Any] | Saved, source: str | Path = "the checkpoint") -> float | None:
     """The fitted temperature, or None for a model trained before calibration (use 1)."""
-    if not ckpt.get("calibration"):
+    calibrated = view(ckpt).calibration
+    if not calibrated:
         return None
-    return checked_temperature(ckpt["calibration"].get("temperature"), source)
+    return checked_temperature(calibrated.get("temperature"), source)
 
 
-def temperature_not_kept(ckpt: dict[str, Any]) -> str | None:
+def temperature_not_kept(ckpt: dict[str, Any] | Saved) -> str | None:
     """A note when training fitted a temperature and did not keep it (calibration.calibrate): temperature 1
     is then no fit of 1, but the raw softmax, chosen."""
-    c = ckpt.get("calibration") or {}
+    c = view(ckpt).calibration or {}
     if c.get("kept") is not False:
         return None
     return (f"note: the temperature fitted when training ({c.get('fitted', float('nan')):.3f}) was not kept: it "
@@ -96,14 +184,14 @@ def temperature_not_kept(ckpt: dict[str, Any]) -> str | None:
             "softmax (temperature 1)")
 
 
-def fitted_elsewhere(ckpt: dict[str, Any], source: str | Path) -> str | None:
+def fitted_elsewhere(ckpt: dict[str, Any] | Saved, source: str | Path) -> str | None:
     """A note when the temperature (a multi-label model's thresholds) a checkpoint carries was fitted for
     another epoch's weights: last.pt keeps the best epoch's, which its resume goes on with."""
-    epoch, best = ckpt.get("epoch"), ckpt.get("best_epoch")
-    seen = (ckpt.get("progress") or {}).get("seen") or 0  # saved mid-epoch: steps past the epoch's end
-    what = ("thresholds were", "they fit") if ckpt.get("multilabel") else \
-        ("temperature was", "it fits") if ckpt.get("calibration") else None
-    if what is None or epoch is None or best is None or (epoch == best and not seen):
+    saved = view(ckpt)
+    epoch, best, seen = saved.epoch, saved.best_epoch, saved.seen
+    what = ("thresholds were", "they fit") if saved.multilabel else \
+        ("temperature was", "it fits") if saved.calibration else None
+    if what is None or (epoch == best and not seen):
         return None
     held = f"epoch {epoch}" + (f" and {seen} images of epoch {epoch + 1}" if seen else "")
     return (f"note: {Path(source).name} holds {held}; its {what[0]} fitted for the best epoch ({best}), for "
@@ -122,11 +210,12 @@ def checked_temperature(value: Any, source: str | Path) -> float:
     return t
 
 
-def thresholds(ckpt: dict[str, Any], source: str | Path = "the checkpoint") -> list[float] | None:
+def thresholds(ckpt: dict[str, Any] | Saved, source: str | Path = "the checkpoint") -> list[float] | None:
     """A multi-label model's per-label thresholds; None for a single-label model."""
-    if not ckpt.get("multilabel"):
+    saved = view(ckpt)
+    if not saved.multilabel:
         return None
-    return checked_thresholds(ckpt.get("thresholds"), len(ckpt["classes"]), source)
+    return checked_thresholds(saved.thresholds, len(saved.classes), source)
 
 
 def checked_thresholds(value: Any, n: int, source: str | Path) -> list[float]:
@@ -141,35 +230,35 @@ def checked_thresholds(value: Any, n: int, source: str | Path) -> list[float]:
     return out
 
 
-def label_sep(ckpt: dict[str, Any]) -> str:
+def label_sep(ckpt: dict[str, Any] | Saved) -> str:
     """What separated the labels of the run's label file (a space unless --label-sep said otherwise)."""
-    return str(ckpt.get("config", {}).get("label_sep") or " ")
+    return str(view(ckpt).config.get("label_sep") or " ")
 
 
-def trained_with_flips(ckpt: dict[str, Any]) -> bool:
+def trained_with_flips(ckpt: dict[str, Any] | Saved) -> bool:
     """Whether the model saw mirror images in training (then test-time augmentation may flip): not with
     --hflip 0, --augment none, or transfer mode's feature cache (no augmentation at all)."""
-    cfg = ckpt.get("config", {})
+    cfg = view(ckpt).config  # (the run's settings: a TrainConfig as a dict)
     augmented = cfg.get("augment", "basic") != "none" and not (cfg.get("mode") == "transfer" and
                                                                cfg.get("feature_cache", True))
     return augmented and float(cfg.get("hflip", 0.5)) > 0
 
 
-def export_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
+def export_metadata(ckpt: dict[str, Any] | Saved) -> dict[str, str]:
     """What an exported model carries: class names, architecture, the input contract, and what turns
     its logits into probabilities (softmax(logits / temperature); a multi-label model's sigmoid and
     per-label thresholds) and allows test-time flips."""
-    t, cuts = temperature(ckpt), thresholds(ckpt)
-    return {"classes": json.dumps(ckpt["classes"]), "arch": ckpt["arch"],
-            **imgcls_preprocess.Preprocess.from_dict(ckpt["preprocess"]).metadata(),
+    saved = view(ckpt)
+    t, cuts = temperature(saved), thresholds(saved)
+    return {"classes": json.dumps(saved.classes), "arch": saved.arch, **saved.preprocess.metadata(),
             **({"temperature": repr(t)} if t is not None else {}), "hflip": json.dumps(trained_with_flips(ckpt)),
             **({"multilabel": "true", "thresholds": json.dumps(cuts), "label_sep": label_sep(ckpt)}
                if cuts is not None else {})}
 
 
-def for_inference(state: dict[str, Any]) -> dict[str, Any]:
+def for_inference(state: Saved) -> Saved:
     """best.pt's content: the model and what describes it, without the training state."""
-    return {k: v for k, v in state.items() if k not in RESUME_ONLY}
+    return dataclasses.replace(state, **dict.fromkeys(RESUME_ONLY))
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
@@ -220,11 +309,12 @@ def read(path: str | Path) -> Any:
 def load(path: str | Path) -> dict[str, Any]:
     """One of our checkpoints, loaded without running code from it."""
     ckpt = read(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
+    if not is_checkpoint(ckpt):
         raise UsageError(f"{path} is not a checkpoint made by train.py (no '{KIND}' marker)")
-    if ckpt.get("version", 1) > VERSION:
+    version = ckpt.get("version", Saved.version)  # (before the view: a newer layout may not fit it)
+    if version > VERSION:
         raise UsageError(f"{path} was written by a newer version of this toolkit (checkpoint version "
-                         f"{ckpt['version']}, this one reads up to {VERSION}): update the code")
+                         f"{version}, this one reads up to {VERSION}): update the code")
     return ckpt
 
 

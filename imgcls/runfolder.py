@@ -10,7 +10,6 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 from imgcls import checkpoint, files
 from imgcls.cli import typed
@@ -216,7 +215,7 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: data_s
         write_config(run_dir, cfg)
         (run_dir / "summary.json").unlink(missing_ok=True)  # it described the run as finished; written again
         line = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
-                "epoch": start.ckpt["epoch"], "changed": start.changes}
+                "epoch": start.ckpt.epoch, "changed": start.changes}
         with open(run_dir / "resumes.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -229,7 +228,7 @@ class Start:
     that was created but never checkpointed (`in_place` without `ckpt`: the run starts again there
     with its saved settings)."""
     run_dir: Path
-    ckpt: dict[str, Any] | None = None
+    ckpt: checkpoint.Saved | None = None  # last.pt, viewed (checkpoint.view)
     in_place: bool = False  # the folder is this run's own (--resume)
     named: bool = True  # False: a default name under runs/, made unique when it is created
     changes: dict[str, list] = dataclasses.field(default_factory=dict)  # setting -> [saved, now] on resume

@@ -141,8 +141,8 @@ def build_model(arch: str, num_classes: int, mode: str = "scratch", weights_file
         state, source, saved = None, "the ImageNet weights", None
         if weights_file:
             obj, source = networks_weights.read_weights(weights_file), weights_file
-            if isinstance(obj, dict) and obj.get("kind") == checkpoint.KIND:
-                saved = {**obj.get("net_options", {}), **options}
+            if checkpoint.is_checkpoint(obj):
+                saved = {**checkpoint.view(obj).net_options, **options}
             state = networks_weights.state_dict_from(obj, Path(weights_file))
         if timm_models.is_timm(arch):  # (timm's networks have no settings but their size to keep)
             model = timm_models.create(arch, num_classes, options, state, pretrained=True, source=source)
@@ -157,8 +157,9 @@ def build_model(arch: str, num_classes: int, mode: str = "scratch", weights_file
     return model
 
 
-def from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+def from_checkpoint(ckpt: dict[str, Any] | checkpoint.Saved) -> nn.Module:
     """Rebuild the trained network from the checkpoint alone; returned in eval mode."""
-    model = network(ckpt["arch"], len(ckpt["classes"]), options=ckpt.get("net_options"))
-    networks_weights.load_weights(model, ckpt["model"])
+    saved = checkpoint.view(ckpt)
+    model = network(saved.arch, len(saved.classes), options=saved.net_options)
+    networks_weights.load_weights(model, saved.model)
     return model.eval()

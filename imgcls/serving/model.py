@@ -159,8 +159,9 @@ def provenance(source: Path) -> dict[str, Any]:
             return {"export": None}
         return {"export": {k: made[k] for k in EXPORT_FIELDS if k in made} |
                 {"checkpoint": Path(str(made.get("checkpoint", ""))).name or None}}
-    ckpt = checkpoint.load(source)
-    cfg = ckpt.get("config") or {}
-    return {"run": source.resolve().parent.name, "training": {k: ckpt[k] for k in TRAINING_FIELDS if k in ckpt} |
+    saved = checkpoint.view(checkpoint.load(source))
+    cfg = saved.config
+    return {"run": source.resolve().parent.name,
+            "training": {k: getattr(saved, k) for k in TRAINING_FIELDS if k in saved.held} |
             {k: cfg[k] for k in ("model", "img_size", "epochs", "recipe", "seed") if k in cfg},
-            "calibration": ckpt.get("calibration")}
+            "calibration": saved.calibration}

@@ -89,11 +89,12 @@ def build(cfg: TrainConfig, start: runfolder.Start, num_classes: int, img_size: 
         model = networks_build.build_model(cfg.model, num_classes, cfg.mode, cfg.weights, img_size)
         used = cfg.mode != "scratch" or cfg.weights
         return model, networks_weights.weights_identity(cfg.model, cfg.weights) if used else ["none"]
-    model = networks_build.network(cfg.model, num_classes, options=start.ckpt.get("net_options"))
-    networks_weights.load_weights(model, start.ckpt["model"])
+    model = networks_build.network(cfg.model, num_classes, options=start.ckpt.net_options)
+    networks_weights.load_weights(model, start.ckpt.model)
     if cfg.mode == "transfer":
         heads.freeze_backbone(model)
-    return model, start.ckpt.get("weights_id", ["unknown", cfg.weights])
+    known = start.ckpt.weights_id
+    return model, known if known is not None else ["unknown", cfg.weights]
 
 
 # ----------------------------------------------------------------------------- main
@@ -137,7 +138,7 @@ def train(given: dict[str, Any]) -> int:
         made = claimed[0] if claimed else None
         try:
             # a resume keeps the preprocessing it was trained with (a newer torchvision or timm may say otherwise)
-            preprocess = Preprocess.from_dict(start.ckpt["preprocess"]) if start.ckpt is not None \
+            preprocess = start.ckpt.preprocess if start.ckpt is not None \
                 else networks_build.preprocessing(cfg.model, cfg.img_size)
             if start.ckpt is None and cfg.mode != "scratch" and not cfg.weights:
                 networks_weights.fetch_weights(cfg.model)  # before the data check: offline, said at once
@@ -157,6 +158,9 @@ def train(given: dict[str, Any]) -> int:
                 raise UsageError(e.offline(resume.offline_command(given))) from None
             raise
         try:
+            # a resume keeps the preprocessing it was trained with (a newer torchvision or timm may say otherwise)
+            preprocess = start.ckpt.preprocess if start.ckpt is not None \
+                else networks_build.preprocessing(cfg.model, cfg.img_size)
             return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world, local_rank), model)
         except KeyboardInterrupt:
             return resume.interrupted_early(run_dir, lead, not cfg.lr_find)
@@ -202,17 +206,17 @@ def fit(run: Run, model: nn.Module) -> int:
     if cfg.lr_find:
         return lrfind.lr_find(run, model, net, train_loader, optimizer, criterion, inputs.to_input, autocast, scaler)
 
-    schedule = optim.Schedule(cfg, run.start.ckpt["history"] if run.start.ckpt else [])
+    schedule = optim.Schedule(cfg, run.start.ckpt.history if run.start.ckpt else [])
     learner = Learner(net, optimizer, scaler, criterion, inputs.to_input, autocast, device, schedule,
                       training_losses.make_mix(cfg, len(run.split.classes)), make_ema(cfg, inner, len(train_loader),
                                                                                       run.start),
                       run.split.multilabel, precision_name(device, cfg.amp))
-    loop = training_loop.Loop(run, model, inner, learner, schedule)
-    loop.batchnorms, loop.statistics = statistics_images(run, model, inputs, workers)
-    loop.val_loader = val_loader
+    validation = training_loop.Validation(inner, learner, run, val_loader, *statistics_images(run, model, inputs,
+                                                                                             workers))
+    loop = training_loop.Loop(run, model, learner, schedule, validation)
     if run.lead:
-        loop.open_log(sampler.per_rank)
-    return loop.run(train_loader, val_loader, sampler, inputs.use_features)
+        loop.log.open(loop.progress, sampler.per_rank)
+    return loop.run(train_loader, sampler, inputs.use_features)
 
 
 def settle_precision(run: Run, model: nn.Module) -> TrainConfig:
@@ -265,8 +269,8 @@ def make_ema(cfg: TrainConfig, inner: nn.Module, steps_per_epoch: int, start: ru
     if not cfg.ema:
         return None
     ema = Ema(inner, cfg.ema_decay, cfg.epochs * steps_per_epoch)
-    if start.ckpt is not None and "ema" in start.ckpt:
-        ema.load_state_dict(start.ckpt["ema"])
+    if start.ckpt is not None and start.ckpt.ema is not None:
+        ema.load_state_dict(start.ckpt.ema)
     return ema
 
 

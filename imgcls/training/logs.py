@@ -1,10 +1,14 @@
-"""A run's logs: metrics.csv, TensorBoard scalars, summary.json and the epoch line."""
+"""A run's logs: metrics.csv, TensorBoard scalars, summary.json and the epoch line (RunLog: rank 0's, as a
+run trains)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,11 @@ from torch import nn
 
 from imgcls import files, plots
 from imgcls.data import folders, imagecache
+from imgcls.evaluation import multilabel
+from imgcls.recipes import progressive_size
+from imgcls.training import runstate
+from imgcls.training.keep import Best
+from imgcls.training.step import Progress
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = True) -> None:
@@ -111,3 +120,101 @@ def unreadable(train: int, val: int) -> str:
     """The epoch line's note of images that could not be read, training's and validation's."""
     said = ", ".join(f"{n} {what}" for n, what in ((train, "train"), (val, "val")) if n)
     return f"  (unreadable: {said})" if said else ""
+
+
+def history_row(epoch: int, stats: dict[str, float], val: dict[str, Any], ema_val: dict[str, Any] | None,
+                multi: bool, world: int) -> dict[str, Any]:
+    """metrics.csv's line: training loss (and accuracy), validation loss and accuracy; a multi-label
+    run's validation mAP and F1 at 0.5 instead of accuracies."""
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"]}
+    if multi:
+        row |= {"val_loss": val["loss"], "val_map": val["map"], "val_f1": val["f1"]}
+    else:
+        row |= {"train_acc": stats["acc"], "val_loss": val["loss"], "val_acc": val["acc"]}
+    row |= {"lr": stats["lr"], "img_per_s": stats["img_per_s"] * world, "time_s": stats["time_s"]}
+    if ema_val is not None:
+        key = "map" if multi else "acc"
+        row |= {"ema_val_loss": ema_val["loss"], f"ema_val_{key}": ema_val[key]}
+    return row
+
+
+class RunLog:
+    """What a run tells as it trains (rank 0's; the others' say nothing): the epoch line, metrics.csv and its
+    curves, TensorBoard, its warnings, summary.json, and the last lines."""
+
+    def __init__(self, run: runstate.Run):
+        self.run_dir, self.cfg, self.classes, self.lead = run.run_dir, run.cfg, run.split.classes, run.lead
+        self.multi, self.img_size, self.start, self.notes = run.split.multilabel, run.preprocess.img_size, \
+            run.start, run.notes
+        self.writer: Any = None
+        self.last_drawn = 0.0
+
+    def open(self, progress: Progress, per_epoch: int) -> None:
+        """TensorBoard (rank 0): a resumed run's log continues after its last saved epoch."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        start = self.start
+        self.writer = SummaryWriter(self.run_dir, purge_step=progress.epoch + 1 if start.ckpt else None)
+        for note in self.notes:
+            self.writer.add_text("imbalance", literal_markdown(note))
+        if start.ckpt is not None:
+            print(f"resuming {self.run_dir} at {progress.where(per_epoch)}" +
+                  (" with " + ", ".join(f"--{k.replace('_', '-')} {v[1]}" for k, v in start.changes.items())
+                   if start.changes else ""))
+
+    def augmented(self, x: Any) -> None:
+        """The first training batch as the network sees it (TensorBoard's images)."""
+        if self.writer is not None and x is not None:
+            self.writer.add_images("train/augmented", x[:32], 0)
+
+    def warn(self, line: str, epoch: int) -> None:
+        """A run-health warning: on the screen, and in TensorBoard's text tab (summary.json has them all)."""
+        if self.lead:
+            imagecache.warn(line)
+            self.writer.add_text("warnings", folders.shown(line), epoch)
+
+    def epoch(self, row: dict[str, Any], confusion: list[list[int]] | None, history: list[dict[str, Any]],
+              last: bool) -> None:
+        """metrics.csv and TensorBoard after an epoch. Pictures cost ~0.5 s: with short epochs (cached
+        features) they are drawn at most once a minute, and always for the last epoch."""
+        draw = last or time.perf_counter() - self.last_drawn > 60
+        write_metrics(self.run_dir, history, curves=draw)
+        log_epoch(self.writer, row, confusion if draw else None, self.classes)
+        self.last_drawn = time.perf_counter() if draw else self.last_drawn
+
+    def epoch_line(self, row: dict[str, Any], improved: bool, bad: int, val_bad: int) -> str:
+        """The screen's line for an epoch: losses and scores, speed, the crop size while it grows."""
+        key = "map" if self.multi else "acc"
+        scores = (f"train loss {row['train_loss']:.4f} " + ("" if self.multi else f"acc {row['train_acc']:.2f}%") +
+                  f"  val loss {row['val_loss']:.4f} " +
+                  (f"mAP {row['val_map']:.2f}% F1@0.5 {row['val_f1']:.2f}%  " if self.multi else
+                   f"acc {row['val_acc']:.2f}%  ") +
+                  (f"EMA {row[f'ema_val_{key}']:.2f}%  " if f"ema_val_{key}" in row else ""))
+        size = progressive_size(row["epoch"] - 1, self.cfg.epochs, self.img_size, self.cfg.progressive)
+        return (f"epoch {row['epoch']}/{self.cfg.epochs}  {scores}{row['img_per_s']:.0f} img/s"
+                + (f" at {size} px" if size != self.img_size else "")
+                + ("  *best*" if improved else "") + unreadable(bad, val_bad))
+
+    def summary(self, best: Best, epochs: int, history: list[dict[str, Any]], train_time_s: float,
+                warnings: list[str], stopped: str | None = None) -> None:
+        """summary.json: the run as it ended (`stopped`: why, when it did not end by itself)."""
+        cfg = self.cfg
+        summary = {**best.scores(self.multi), "best_epoch": best.epoch, "epochs": epochs,
+                   "train_img_per_s": float(np.mean([h["img_per_s"] for h in history])) if history else 0.0,
+                   "train_time_s": train_time_s, "classes": self.classes, "multilabel": self.multi,
+                   "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir),
+                   "warnings": warnings, **({"stopped": stopped} if stopped else {})}
+        files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+
+    def finish(self, best: Best, epochs: int) -> None:
+        """The end of a run: TensorBoard's hyperparameters, and the best model's lines."""
+        hparams = {k: v for k, v in dataclasses.asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))}
+        key = "best_val_map" if self.multi else "best_val_acc"
+        self.writer.add_hparams(hparams, {f"hparam/{key}": best.acc, "hparam/epochs": epochs}, run_name=".")
+        self.writer.close()
+        print(f"best val {metric_name(self.multi)} {best.acc:.2f}% (epoch {best.epoch}); run folder {self.run_dir}")
+        if self.multi and best.thresholds:
+            print(f"per-label thresholds (tuned on val for the best F1, never below {multilabel.MIN_THRESHOLD:g}): "
+                  + ", ".join(f"{c}={t:.2f}" for c, t in zip(self.classes, best.thresholds)))
+        if best.calibration:
+            print(calibration_line(best.calibration))

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from imgcls import checkpoint
 from imgcls.networks import heads
 from imgcls.settings import TrainConfig
 from imgcls.training import logs
@@ -94,14 +95,15 @@ def apply_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
                 group[key] = optimizer.defaults[key]
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ckpt: dict[str, Any],
+def restore_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, saved: checkpoint.Saved,
                       cfg: TrainConfig, say: Callable) -> None:
     """The saved optimizer state (momentum, Adam's moments), with the settings now given applied on
     top; another --optimizer starts its state afresh."""
-    if ckpt.get("scaler"):  # empty when it was off (no AMP, or bf16): an enabled one then starts afresh
-        scaler.load_state_dict(ckpt["scaler"])
-    if ckpt["config"].get("optimizer") != cfg.optimizer:
-        say(f"optimizer changed from {ckpt['config'].get('optimizer')} to {cfg.optimizer}: its state starts afresh")
+    if saved.scaler:  # empty when it was off (no AMP, or bf16): an enabled one then starts afresh
+        scaler.load_state_dict(saved.scaler)
+    was = saved.config.get("optimizer")
+    if was != cfg.optimizer:
+        say(f"optimizer changed from {was} to {cfg.optimizer}: its state starts afresh")
         return
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.load_state_dict(saved.optimizer)
     apply_settings(optimizer, cfg)

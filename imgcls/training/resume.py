@@ -47,8 +47,8 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
     if given.get("out") and given["resume"] != "auto" and Path(given["out"]).absolute() != run_dir.absolute():
         raise UsageError(f"--out cannot change on resume: the run stays in {run_dir} (copy the folder to "
                          "continue it elsewhere)")
-    ckpt = checkpoint.load_for_resume(last) if last.is_file() else None
-    saved = ckpt["config"] if ckpt else saved_settings(run_dir)
+    ckpt = checkpoint.view(checkpoint.load_for_resume(last)) if last.is_file() else None
+    saved = ckpt.config if ckpt else saved_settings(run_dir)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = absolute_paths({k: v for k, v in saved.items() if k in fields})
     if saved.get("lr_find"):
@@ -59,7 +59,7 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
     build.check_name(saved["model"])
     overrides = resumed_recipe(saved, overrides, world, build.family(saved["model"]))
     if saved.get("img_size") is None and overrides.get("img_size") is not None:  # trained at the weights' own size
-        trained = ckpt["preprocess"]["img_size"] if ckpt else build.preprocessing(saved["model"]).img_size
+        trained = ckpt.preprocess.img_size if ckpt else build.preprocessing(saved["model"]).img_size
         if overrides["img_size"] == trained:
             del overrides["img_size"]  # that very size given: no change
     changed = identity_changes(saved, overrides)
@@ -94,27 +94,22 @@ def check_start(cfg: TrainConfig, start: Start, world: int) -> None:
     ckpt = start.ckpt
     if ckpt is None:
         return
-    if ckpt.get("world", 1) != world:
-        raise UsageError(f"{cfg.resume} was saved by {ckpt.get('world', 1)} process(es), this run has {world}: "
+    if ckpt.world != world:
+        raise UsageError(f"{cfg.resume} was saved by {ckpt.world} process(es), this run has {world}: "
                          "resume with the same number of processes")
-    done = ckpt["epoch"]
+    done = ckpt.epoch
     if cfg.epochs < done:
         raise UsageError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {start.run_dir} has "
                          f"trained: give --epochs {done + 1} or more to train longer")
-    if cfg.epochs == done and not ran_to_its_end(ckpt):
+    if cfg.epochs == done and not ckpt.finished:
         raise UsageError(f"--epochs {cfg.epochs} would end {start.run_dir} inside epoch {done + 1}, which it has "
                          f"begun: give --epochs {done + 1} or more")
 
 
-def ran_to_its_end(ckpt: dict[str, Any]) -> bool:
-    """All its epochs, or stopped early (checkpoints before version 2 have no flag: all epochs)."""
-    return ckpt.get("finished", ckpt["epoch"] >= ckpt["config"]["epochs"])
-
-
 def finished(start: Start, cfg: TrainConfig) -> bool:
-    """A run that ran to its end and was given no further epochs."""
+    """A run that ran to its end (all its epochs, or stopped early) and was given no further epochs."""
     ckpt = start.ckpt
-    return ckpt is not None and ran_to_its_end(ckpt) and (not start.epochs_given or cfg.epochs <= ckpt["epoch"])
+    return ckpt is not None and ckpt.finished and (not start.epochs_given or cfg.epochs <= ckpt.epoch)
 
 
 def check_still_there(split: data_split.DataSplit, lead: bool) -> None:
@@ -142,10 +137,10 @@ def offline_command(given: dict[str, Any]) -> str:
 
 def nothing_to_do(start: Start) -> str:
     ckpt = start.ckpt
-    return (f"{start.run_dir} has finished ({ckpt['epoch']} epochs, best val "
-            f"{logs.metric_name(ckpt.get('multilabel', False))} {ckpt['best_acc']:.2f}% at "
-            f"epoch {ckpt['best_epoch']}): nothing to do; pass --epochs {ckpt['epoch'] + 5} (or any number above "
-            f"{ckpt['epoch']}) to train longer")
+    return (f"{start.run_dir} has finished ({ckpt.epoch} epochs, best val "
+            f"{logs.metric_name(ckpt.multilabel)} {ckpt.best_acc:.2f}% at "
+            f"epoch {ckpt.best_epoch}): nothing to do; pass --epochs {ckpt.epoch + 5} (or any number above "
+            f"{ckpt.epoch}) to train longer")
 
 
 def interrupted_early(run_dir: Path, lead: bool, resumable: bool = True) -> int:
