@@ -114,6 +114,7 @@ def train(given: dict[str, Any]) -> int:
     rank, world, local_rank = init_distributed(given.get("device", "auto"))
     lead = rank == 0
     cfg, start = resume.resolve_config(given, world)
+    preprocess = resume.run_preprocess(cfg, start)  # once: everything below is given it
     resume.check_start(cfg, start, world)
     if lead and start.ckpt is None and start.in_place:
         print(f"{start.run_dir} was stopped before its first checkpoint: starting it again there")
@@ -137,9 +138,6 @@ def train(given: dict[str, Any]) -> int:
         run_dir = Path(from_lead(claim, lead))
         made = claimed[0] if claimed else None
         try:
-            # a resume keeps the preprocessing it was trained with (a newer torchvision or timm may say otherwise)
-            preprocess = start.ckpt.preprocess if start.ckpt is not None \
-                else networks_build.preprocessing(cfg.model, cfg.img_size)
             if start.ckpt is None and cfg.mode != "scratch" and not cfg.weights:
                 networks_weights.fetch_weights(cfg.model)  # before the data check: offline, said at once
             split = resume.load_split(cfg, start, preprocess, lead)
@@ -158,9 +156,6 @@ def train(given: dict[str, Any]) -> int:
                 raise UsageError(e.offline(resume.offline_command(given))) from None
             raise
         try:
-            # a resume keeps the preprocessing it was trained with (a newer torchvision or timm may say otherwise)
-            preprocess = start.ckpt.preprocess if start.ckpt is not None \
-                else networks_build.preprocessing(cfg.model, cfg.img_size)
             return fit(Run(cfg, start, run_dir, split, preprocess, weights_id, device, rank, world, local_rank), model)
         except KeyboardInterrupt:
             return resume.interrupted_early(run_dir, lead, not cfg.lr_find)

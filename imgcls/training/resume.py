@@ -35,9 +35,6 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
         build.check_name(given.get("model", TrainConfig.model))
         cfg = TrainConfig(**with_recipe(given, world, build.family(given.get("model", TrainConfig.model))))
         validate(cfg)
-        size = build.preprocessing(cfg.model, cfg.img_size).img_size
-        build.check_input_size(cfg.model, progressive_size(0, cfg.epochs, size, cfg.progressive))
-        build.check_input_size(cfg.model, size)
         if cfg.out:
             return cfg, Start(Path(cfg.out))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -73,6 +70,19 @@ def resolve_config(given: dict[str, Any], world: int = 1) -> tuple[TrainConfig, 
         folders.check_cache_outside(cfg.data, cfg.cache_dir)
     changes = {k: [saved.get(k), v] for k, v in overrides.items() if saved.get(k) != v and k != "given"}
     return cfg, Start(run_dir, ckpt, in_place=True, changes=changes, epochs_given="epochs" in given)
+
+
+def run_preprocess(cfg: TrainConfig, start: Start) -> Preprocess:
+    """The run's preprocessing, computed once and passed down: a resume keeps its checkpoint's (a newer
+    torchvision or timm may say otherwise); a new run takes its weights' at --img-size, refused at once when
+    the network cannot take that size (or the first --progressive one)."""
+    if start.ckpt is not None:
+        return start.ckpt.preprocess
+    pre = build.preprocessing(cfg.model, cfg.img_size)
+    if not start.in_place:  # (a run started again in its folder was checked when it was created)
+        build.check_input_size(cfg.model, progressive_size(0, cfg.epochs, pre.img_size, cfg.progressive))
+        build.check_input_size(cfg.model, pre.img_size)
+    return pre
 
 
 def saved_settings(run_dir: Path) -> dict[str, Any]:
