@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from imgcls import files, plots
+from imgcls import files, plots, runfolder
 from imgcls.data import folders, imagecache
 
 
@@ -28,9 +28,9 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = T
     writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    files.atomic_write_text(run_dir / "metrics.csv", text.getvalue())
+    files.atomic_write_text(run_dir / runfolder.METRICS, text.getvalue())
     if curves:
-        plots.save(plots.curves_figure(history, run_dir.name), run_dir / "curves.png")
+        plots.save(plots.curves_figure(history, run_dir.name), run_dir / runfolder.CURVES)
 
 
 def write_summary(model: nn.Module, img_size: int, path: Path, arch: str) -> None:

@@ -103,7 +103,7 @@ class Loop:
         """best.pt before last.pt: a kill in between re-runs this epoch on resume, which rewrites best.pt.
         Until last.pt is first written, the run folder's marker says so (checkpoint.CHECKPOINTED)."""
         self.save_best()
-        checkpoint.save(state, self.run_dir / "last.pt")
+        checkpoint.save(state, self.run_dir / runfolder.LAST)
         if runfolder.marked(self.run_dir) != "saved":
             files.atomic_write_text(self.run_dir / runfolder.CHECKPOINTED, "saved")
         self.last_saved = time.perf_counter()
@@ -115,7 +115,7 @@ class Loop:
             return
         if runfolder.marked(self.run_dir) != "saved":
             files.atomic_write_text(self.run_dir / runfolder.CHECKPOINTED, "saving")
-        checkpoint.save(self.best_ckpt, self.run_dir / "best.pt")
+        checkpoint.save(self.best_ckpt, self.run_dir / runfolder.BEST)
         self.best_ckpt = None
 
     def run(self, train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
@@ -149,7 +149,7 @@ class Loop:
         """A second Ctrl-C: the step under way may be half done, so nothing is saved from it."""
         if self.lead:
             self.save_best()  # a finished epoch's best model, held in memory: consistent
-            print(f"\nstopped at once: {self.run_dir / 'last.pt'} keeps the last point it saved; continue with: "
+            print(f"\nstopped at once: {self.run_dir / runfolder.LAST} keeps the last point it saved; continue with: "
                   f"python train.py --resume {typed(self.run_dir)}", file=sys.stderr)
         return 130
 
@@ -159,7 +159,7 @@ class Loop:
             self.save(self.state())
             if self.history:
                 logs.write_metrics(self.run_dir, self.history)
-            print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / 'last.pt'}; "
+            print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / runfolder.LAST}; "
                   f"continue with: python train.py --resume {typed(self.run_dir)}", file=sys.stderr)
         return 130
 
@@ -325,7 +325,7 @@ class Loop:
                    "train_time_s": train_time_s, "classes": self.classes, "multilabel": self.multi,
                    "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir),
                    "warnings": self.health.lines(), **({"stopped": stopped} if stopped else {})}
-        files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        files.atomic_write_text(self.run_dir / runfolder.SUMMARY, json.dumps(summary, indent=1))
 
     def finish(self) -> None:
         hparams = {k: v for k, v in dataclasses.asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))}
