@@ -1,5 +1,6 @@
 """The one owner of the run folder: its file names, claiming a folder and undoing it, the `.checkpointed`
-marker, finding a checkpoint, the newest run, k-fold jobs and their folds, and the files a run writes first."""
+marker, finding a checkpoint, the newest run, the runs below a folder, k-fold jobs and their folds, and the
+files a run writes first."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,42 @@ def missing(given: Path, name: str) -> str:
     if (given / CONFIG).is_file():
         return f"{given} has no {name} yet (the run has not finished an epoch)"
     return f"{given} is not a run folder (no {name}, no config.json)"
+
+
+MAX_DEPTH = 4  # how far below a folder given runs and jobs are looked for (runs.py)
+
+
+def runs_below(folder: Path, depth: int = MAX_DEPTH) -> list[Path]:
+    """The run folders (config.json) and k-fold jobs' folders (cv.json) at or below `folder`, at most
+    `depth` levels down; never inside one (a job's folds are its own), in hidden folders, or twice (links)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+
+    def walk(d: Path, level: int) -> None:
+        real = os.path.realpath(d)
+        if real in seen:
+            return
+        seen.add(real)
+        if os.path.lexists(d / CV_SETTINGS) or os.path.lexists(d / CONFIG):
+            found.append(d)
+            return
+        if level >= depth:
+            return
+        try:
+            children = sorted(p for p in d.iterdir() if not p.name.startswith(".") and p.is_dir())
+        except OSError:
+            return
+        for child in children:
+            walk(child, level + 1)
+
+    walk(folder, 0)
+    return found
+
+
+def folds(job: Path) -> list[Path]:
+    """A k-fold job's fold folders (fold-1/, fold-2/, ...) that exist, finished or not, in fold order."""
+    found = [p for p in job.glob(f"{FOLD_PREFIX}*") if is_fold_name(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def runnable(path: Path) -> Path:
