@@ -7,7 +7,7 @@ import ast
 import re
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, reach
 
 ENTRY = {"train", "eval", "test", "export", "runs", "serve", "clean", "tune"}  # and dataset.py check (a face)
 FACES = {"models", "dataset", "config"}
@@ -89,15 +89,7 @@ def test_scripts_and_faces_import_the_package_only():
 
 def test_the_package_has_no_import_cycles():
     graph = {m: ours(imports(p, top_only=True)) & set(MODULES) - {m, "imgcls"} for m, p in MODULES.items()}
-
-    def reach(start: str) -> set[str]:
-        seen, todo = set(), [start]
-        while todo:
-            for b in graph[todo.pop()] - seen:
-                seen.add(b)
-                todo.append(b)
-        return seen
-    assert [m for m in graph if m in reach(m)] == []
+    assert [m for m in graph if m in reach(graph, m)] == []
 
 
 def test_modules_classes_and_functions_keep_their_sizes():
