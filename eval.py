@@ -76,7 +76,7 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
 def run_data(ckpt: Path) -> str | None:
     """The data folder of the run a checkpoint is from (its split.json), when it can be read."""
     try:
-        root = json.loads((ckpt.parent / "split.json").read_text()).get("root")
+        root = json.loads((ckpt.parent / runfolder.SPLIT).read_text()).get("root")
     except (OSError, ValueError, AttributeError):
         return None
     return root if isinstance(root, str) else None

@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     from imgcls.export import publish
     imports_done()
 
-    return publish.export(ckpt, args.format, args.int8, folder or ckpt.parent, out, args.data, args.check_data,
-                         args.images, args.tolerance, int(args.max_file_mb * 2**20))
+    return publish.export(ckpt, publish.Options(
+        fmt=args.format, int8=args.int8, folder=folder or ckpt.parent, out=out, data=args.data,
+        check_data=args.check_data, images=args.images, tolerance=args.tolerance,
+        max_bytes=int(args.max_file_mb * 2**20)))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def read_command_line(argv: list[str] | None) -> dict[str, Any]:
         return given  # a cross-validation job: its folds are resumed one by one
     if given.get("resume"):
         run_dir = runfolder.resume_target(given["resume"], given.get("out"))[0].resolve()  # (a link to a fold too)
-        if runfolder.is_cv_folder(run_dir.parent) and run_dir.name.startswith("fold-"):
+        if runfolder.is_cv_folder(run_dir.parent) and run_dir.name.startswith(runfolder.FOLD_PREFIX):
             raise UsageError(f"{run_dir} is a fold of a k-fold job, whose summary covers all its folds: resume the "
                              f"job: python train.py --resume {typed(run_dir.parent)} (it resumes each fold)")
         return given

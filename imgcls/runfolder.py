@@ -1,5 +1,6 @@
 """The one owner of the run folder: its file names, claiming a folder and undoing it, the `.checkpointed`
-marker, finding a checkpoint, the newest run, k-fold jobs and their folds, and the files a run writes first."""
+marker, finding a checkpoint, the newest run, the runs below a folder, k-fold jobs and their folds, and the
+files a run writes first."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 
@@ -18,8 +20,46 @@ from imgcls.data import split as data_split
 from imgcls.errors import UsageError
 from imgcls.settings import TrainConfig
 
+# ----------------------------------------------------------------------------- the names of its files
+# Spelled here only (tests/test_layout.py checks it): every other module names a run folder's files by these.
+BEST = "best.pt"  # the best model so far (what eval.py, test.py and export.py take)
+LAST = "last.pt"  # the training state, to resume from
+CONFIG = "config.json"  # the settings: what makes a folder a run folder
+SPLIT = "split.json"  # which images trained, validated and are held out
+SKIPPED = "skipped.txt"  # the images left out, and why
+METRICS = "metrics.csv"  # a line per epoch
+SUMMARY = "summary.json"  # a finished run's figures
+CURVES = "curves.png"
+LR_FIND_PLOT, LR_FIND = "lr_find.png", "lr_find.json"  # the lr range test (--lr-find)
+RESUMES = "resumes.jsonl"  # a line per resume: what changed
+MODEL_SUMMARY = "model_summary.txt"
+EVENTS = "events.out.tfevents.*"  # TensorBoard's, written by its SummaryWriter into the run folder
+# A run folder's marker of its first checkpoint: "saving" from its first best.pt until last.pt is written,
+# "saved" from then on. A folder without last.pt whose marker says saved (or, made before the marker or
+# copied without dot-files, that holds a best.pt) lost its last.pt; any other was stopped before its
+# first checkpoint, and --resume starts it again.
+CHECKPOINTED = ".checkpointed"
+LOCK = files.FolderLock.NAME  # held while a process uses the folder (files.py spells it: a lock on any folder)
+# A k-fold job's folder (crossval.py) holds a run per fold, fold-1/ ... fold-K/
+CV_SETTINGS = "cv.json"  # the job's settings: what marks a folder as one
+CV_SUMMARY = "cv_summary.json"  # the folds compared, once all have finished
+FOLD_PREFIX = "fold-"
 
-def find(given: str | None, name: str = "best.pt") -> Path:
+
+def fold_name(k: int) -> str:
+    """The k-th fold's folder name in a k-fold job (k from 1)."""
+    return f"{FOLD_PREFIX}{k}"
+
+
+def fold(job: Path, k: int) -> Path:
+    return job / fold_name(k)
+
+
+def is_fold_name(name: str) -> bool:
+    return re.fullmatch(rf"{FOLD_PREFIX}\d+", name) is not None
+
+
+def find(given: str | None, name: str = BEST) -> Path:
     """--checkpoint as a file, a run folder (its best.pt), or absent: the newest runs/*/best.pt.
     A path that does not exist is refused here, before anything slow starts."""
     if given:
@@ -42,16 +82,13 @@ def find(given: str | None, name: str = "best.pt") -> Path:
     return found
 
 
-CV_SETTINGS = "cv.json"  # in a k-fold job's folder (crossval.py): what marks it as one
-
-
 def is_cv_folder(path: str | Path) -> bool:
     return (Path(path) / CV_SETTINGS).is_file()
 
 
-def fold_folders(job: Path, name: str = "best.pt") -> list[Path]:
+def fold_folders(job: Path, name: str = BEST) -> list[Path]:
     """The `name` files of a k-fold job's folds (fold-1/, fold-2/, ...), in fold order."""
-    folds = [p for p in job.glob(f"fold-*/{name}") if re.fullmatch(r"fold-\d+", p.parent.name)]
+    folds = [p for p in job.glob(f"{FOLD_PREFIX}*/{name}") if is_fold_name(p.parent.name)]
     return sorted(folds, key=lambda p: int(p.parent.name.split("-")[-1]))
 
 
@@ -67,9 +104,45 @@ def k_fold_job(job: Path, name: str) -> str:
 def missing(given: Path, name: str) -> str:
     if not given.is_dir():
         return f"{given} does not exist"
-    if (given / "config.json").is_file():
+    if (given / CONFIG).is_file():
         return f"{given} has no {name} yet (the run has not finished an epoch)"
     return f"{given} is not a run folder (no {name}, no config.json)"
+
+
+MAX_DEPTH = 4  # how far below a folder given runs and jobs are looked for (runs.py)
+
+
+def runs_below(folder: Path, depth: int = MAX_DEPTH) -> list[Path]:
+    """The run folders (config.json) and k-fold jobs' folders (cv.json) at or below `folder`, at most
+    `depth` levels down; never inside one (a job's folds are its own), in hidden folders, or twice (links)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+
+    def walk(d: Path, level: int) -> None:
+        real = os.path.realpath(d)
+        if real in seen:
+            return
+        seen.add(real)
+        if os.path.lexists(d / CV_SETTINGS) or os.path.lexists(d / CONFIG):
+            found.append(d)
+            return
+        if level >= depth:
+            return
+        try:
+            children = sorted(p for p in d.iterdir() if not p.name.startswith(".") and p.is_dir())
+        except OSError:
+            return
+        for child in children:
+            walk(child, level + 1)
+
+    walk(folder, 0)
+    return found
+
+
+def folds(job: Path) -> list[Path]:
+    """A k-fold job's fold folders (fold-1/, fold-2/, ...) that exist, finished or not, in fold order."""
+    found = [p for p in job.glob(f"{FOLD_PREFIX}*") if is_fold_name(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def runnable(path: Path) -> Path:
@@ -89,13 +162,6 @@ def newest_in_runs(name: str, folds: bool = False) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-# A run folder's marker of its first checkpoint: "saving" from its first best.pt until last.pt is written,
-# "saved" from then on. A folder without last.pt whose marker says saved (or, made before the marker or
-# copied without dot-files, that holds a best.pt) lost its last.pt; any other was stopped before its
-# first checkpoint, and --resume starts it again.
-CHECKPOINTED = ".checkpointed"
-
-
 def marked(folder: Path) -> str | None:
     """The run folder's CHECKPOINTED marker: "saving", "saved", or None when there is none."""
     try:
@@ -108,22 +174,22 @@ def lost_its_last_pt(folder: Path) -> bool:
     marker = marked(folder)
     if marker is not None:
         return marker != "saving"
-    return (folder / "best.pt").is_file()  # (an older run, or a copy without its dot-files, that trained)
+    return (folder / BEST).is_file()  # (an older run, or a copy without its dot-files, that trained)
 
 
 def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
     """(run folder, its last.pt) for --resume PATH (a run folder or a checkpoint in it) or 'auto'
     (--out's, else the newest run's). A folder with neither last.pt nor config.json is refused."""
     if resume == "auto" and not out:
-        last = newest_in_runs("last.pt")
+        last = newest_in_runs(LAST)
         if last is None:
             raise UsageError("--resume auto: no runs/*/last.pt to resume; start a run without --resume")
     elif resume == "auto" or Path(resume).is_dir():
-        last = Path(out if resume == "auto" else resume) / "last.pt"
+        last = Path(out if resume == "auto" else resume) / LAST
     else:
         last = Path(resume)
     folder = last.parent
-    if not last.is_file() and (last.name != "last.pt" or not (folder / "config.json").is_file()):
+    if not last.is_file() and (last.name != LAST or not (folder / CONFIG).is_file()):
         raise UsageError(f"nothing to resume: {last} does not exist")
     if not last.is_file() and lost_its_last_pt(folder):  # not a run stopped before its first checkpoint
         raise UsageError(f"{last}, the run's training state, is gone, so it cannot be resumed: start a new run "
@@ -132,9 +198,8 @@ def resume_target(resume: str, out: str | None) -> tuple[Path, Path]:
     return folder, last
 
 
-RUN_FILES = ("last.pt", "best.pt", "config.json", "split.json", "skipped.txt", "metrics.csv", "summary.json",
-             "curves.png", "lr_find.png", "lr_find.json", "resumes.jsonl", "model_summary.txt", "events.out.tfevents.*",
-             CHECKPOINTED)
+RUN_FILES = (LAST, BEST, CONFIG, SPLIT, SKIPPED, METRICS, SUMMARY, CURVES, LR_FIND_PLOT, LR_FIND, RESUMES,
+             MODEL_SUMMARY, EVENTS, CHECKPOINTED)  # what a new run (or --overwrite) removes first
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -152,9 +217,9 @@ class RunFolder:
     def undo(self) -> None:
         """A start that fails before training leaves nothing behind (and nothing that blocks a retry)."""
         if self.wrote_config:
-            (self.path / "config.json").unlink(missing_ok=True)
+            (self.path / CONFIG).unlink(missing_ok=True)
         if self.made_lock:
-            (self.path / files.FolderLock.NAME).unlink(missing_ok=True)
+            (self.path / LOCK).unlink(missing_ok=True)
         for folder in [self.path] * self.created + self.parents:
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -175,7 +240,7 @@ def claim_run_dir(start: Start, cfg: TrainConfig, held: contextlib.ExitStack) ->
             continue
         except OSError as e:
             raise UsageError(f"cannot create run folder {run_dir}: {e.strerror}") from None
-    made_lock = not (run_dir / files.FolderLock.NAME).exists()
+    made_lock = not (run_dir / LOCK).exists()
     try:
         lock = files.FolderLock(run_dir)
     except BlockingIOError:
@@ -202,21 +267,21 @@ def claim_run_dir(start: Start, cfg: TrainConfig, held: contextlib.ExitStack) ->
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    files.atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+    files.atomic_write_text(run_dir / CONFIG, json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
 def write_run_files(run_dir: Path, cfg: TrainConfig, start: Start, split: data_split.DataSplit) -> None:
     """A new run's split and skipped files; on a resume, config.json (the settings in use now) and a
     line in resumes.jsonl saying what changed."""
     if start.ckpt is None:
-        split.save(run_dir / "split.json")
-        files.atomic_write_text(run_dir / "skipped.txt", folders.skipped_lines(split.not_used()))
+        split.save(run_dir / SPLIT)
+        files.atomic_write_text(run_dir / SKIPPED, folders.skipped_lines(split.not_used()))
     else:
         write_config(run_dir, cfg)
-        (run_dir / "summary.json").unlink(missing_ok=True)  # it described the run as finished; written again
+        (run_dir / SUMMARY).unlink(missing_ok=True)  # it described the run as finished; written again
         line = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
                 "epoch": start.ckpt.epoch, "changed": start.changes}
-        with open(run_dir / "resumes.jsonl", "a") as f:
+        with open(run_dir / RESUMES, "a") as f:
             f.write(json.dumps(line) + "\n")
 
 

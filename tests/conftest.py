@@ -25,6 +25,16 @@ sys.path.insert(0, str(ROOT))
 
 from browser import chromium, watched  # noqa: E402, F401  (the browser tests' fixtures: tests/browser.py)
 
+
+def reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """What `start` reaches in an import graph (name -> names it imports): it is in a cycle if it reaches itself."""
+    seen, todo = set(), [start]
+    while todo:
+        for b in graph[todo.pop()] - seen:
+            seen.add(b)
+            todo.append(b)
+    return seen
+
 THREE = ("vgg11", "resnet18", "mobilenet_v2")
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 

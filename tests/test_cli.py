@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, train_args
+from conftest import ROOT, reach, train_args
 
 import eval as evaluate
 import export
@@ -147,15 +147,7 @@ def test_no_entry_script_imports_another_and_library_modules_have_no_cycles():
     # (a script importing itself as a library, once its command line is read, is no cycle: dataset.py)
     graph = {name: imports(path) & set(ours) - {name} for name, path in ours.items()}
     assert not {(a, b) for a, deps in graph.items() for b in deps if b in ENTRY}
-
-    def reach(start: str) -> set[str]:
-        seen, todo = set(), [start]
-        while todo:
-            for b in graph[todo.pop()] - seen:
-                seen.add(b)
-                todo.append(b)
-        return seen
-    assert [name for name in graph if name in reach(name)] == []
+    assert [name for name in graph if name in reach(graph, name)] == []
 
 
 def test_no_function_is_longer_than_80_lines():

@@ -11,6 +11,7 @@ from conftest import Killed, kill_after_saving, make_folder, train_args
 
 import runs
 import train
+from imgcls import runs_table
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def test_runs_py_shows_the_job_as_one_line_with_its_spread(cv_job, capsys):
 
 def test_runs_py_shows_the_settings_the_jobs_folds_trained_with(cv_job):
     """Not placeholders for what the recipe chose (the job's cv.json holds only what was given)."""
-    fold = runs.describe(cv_job / "fold-1")
-    job = runs.describe_cv(cv_job)
+    fold = runs_table.describe(cv_job / "fold-1")
+    job = runs_table.describe_cv(cv_job)
     for column in ("data", "model", "mode", "size", "recipe", "optimizer", "lr"):
         assert job[column] == fold[column], column
 

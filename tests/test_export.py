@@ -217,7 +217,7 @@ def test_a_network_the_exporter_cannot_trace_is_one_line_naming_the_first_cause(
             raise LookupError("the cause, deep down")
 
     with pytest.raises(TrainingError, match=r"could not be exported to onnx \(LookupError: the cause, deep down\)"):
-        publish.write("onnx", Untraceable(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx", {}, False)
+        publish.write(Untraceable(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx", {}, fmt="onnx", int8=False)
 
 
 def test_latency_is_the_median_of_several_timed_runs_after_a_warm_up():

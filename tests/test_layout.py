@@ -4,9 +4,10 @@ direction of their imports, the faces, and the size rules. Reads the source only
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, reach
 
 ENTRY = {"train", "eval", "test", "export", "runs", "serve", "clean", "tune"}  # and dataset.py check (a face)
 FACES = {"models", "dataset", "config"}
@@ -17,7 +18,7 @@ LAYERS = {
     "imgcls.errors": 0, "imgcls.cli": 0, "imgcls.settings": 0, "imgcls.recipes": 0, "imgcls.files": 0,
     "imgcls.preprocess": 1, "imgcls.checkpoint": 1, "imgcls.plots": 1, "imgcls.machine": 1, "imgcls.interrupts": 1,
     "imgcls.data": 1,
-    "imgcls.networks": 2, "imgcls.runfolder": 2,
+    "imgcls.networks": 2, "imgcls.runfolder": 2, "imgcls.runs_table": 2,
     "imgcls.evaluation": 3,
     "imgcls.training": 4,
     "imgcls.export": 5, "imgcls.serving": 5, "imgcls.cleaning": 5, "imgcls.tuning": 5,
@@ -88,15 +89,7 @@ def test_scripts_and_faces_import_the_package_only():
 
 def test_the_package_has_no_import_cycles():
     graph = {m: ours(imports(p, top_only=True)) & set(MODULES) - {m, "imgcls"} for m, p in MODULES.items()}
-
-    def reach(start: str) -> set[str]:
-        seen, todo = set(), [start]
-        while todo:
-            for b in graph[todo.pop()] - seen:
-                seen.add(b)
-                todo.append(b)
-        return seen
-    assert [m for m in graph if m in reach(m)] == []
+    assert [m for m in graph if m in reach(graph, m)] == []
 
 
 def test_modules_classes_and_functions_keep_their_sizes():
@@ -116,3 +109,39 @@ def test_modules_classes_and_functions_keep_their_sizes():
     assert long_modules == []
     assert long_functions == []
     assert long_classes <= KNOWN_LONG_CLASSES, "a class over 150 lines: split it"
+
+
+# The run folder's file names are spelled by their owner only: runfolder.py (and files.py, the lock's name, as
+# files.FolderLock locks any folder). Other modules name them by runfolder's constants.
+RUN_FOLDER_OWNER = PACKAGE / "runfolder.py"
+LOCK_OWNER, LOCK = PACKAGE / "files.py", ".lock"
+# the same name for another folder's file: eval.py's report lists the images it skipped as a run does
+SAME_NAME_ELSEWHERE = {("imgcls/evaluation/report.py", "skipped.txt")}
+
+
+def run_file_names() -> set[str]:
+    """The names runfolder.py spells: its module-level string constants (`BEST = "best.pt"`, ...)."""
+    names = {LOCK}
+    for node in ast.parse(RUN_FOLDER_OWNER.read_text()).body:
+        if isinstance(node, ast.Assign):
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            names |= {v.value for v in values if isinstance(v, ast.Constant) and isinstance(v.value, str)}
+    return names
+
+
+def test_run_folder_file_names_are_spelled_by_runfolder_only():
+    names = run_file_names()
+    assert {"best.pt", "last.pt", "config.json", "summary.json", ".checkpointed", "cv.json", "fold-"} <= names
+
+    def names_a_run_file(value: object) -> bool:
+        return isinstance(value, str) and (value in names or re.fullmatch(r"fold-(\d+|\*)(/.*)?", value) is not None)
+    spelled = []
+    for path in [*ROOT.glob("*.py"), *PACKAGE.rglob("*.py")]:
+        if path == RUN_FOLDER_OWNER:
+            continue
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and names_a_run_file(node.value) and (rel, node.value) not in \
+                    SAME_NAME_ELSEWHERE and not (path == LOCK_OWNER and node.value == LOCK):
+                spelled.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert spelled == [], "name it by its constant in imgcls/runfolder.py"

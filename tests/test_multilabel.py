@@ -221,9 +221,9 @@ def test_dataset_check_counts_the_images_of_each_label(objects):
 
 
 def test_runs_py_shows_a_multilabel_runs_best_map(ml_run):
-    import runs
+    from imgcls import runs_table
 
-    row = runs.describe(ml_run)
+    row = runs_table.describe(ml_run)
     assert row["best val acc"] == json.loads((ml_run / "summary.json").read_text())["best_val_map"]
 
 

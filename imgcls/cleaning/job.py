@@ -40,9 +40,9 @@ def read_job(given: str | Path) -> Job:
                          "for every image from a model that never saw it; train one with python train.py --data DATA "
                          "--folds 5 --out runs/NAME")
     settings = crossval.read_settings(folder)
-    folds = [folder / f"fold-{k}" for k in range(1, int(settings["folds"]) + 1)]
+    folds = [runfolder.fold(folder, k) for k in range(1, int(settings["folds"]) + 1)]
     for fold in folds:
-        if not (fold / "best.pt").is_file() or not (fold / "split.json").is_file():
+        if not (fold / runfolder.BEST).is_file() or not (fold / runfolder.SPLIT).is_file():
             raise UsageError(f"{fold.name} of {folder} has not finished (no best.pt or split.json): finish the job "
                              f"first, python train.py --resume {typed(folder)}")
     return Job(folder, settings, folds)
@@ -51,10 +51,10 @@ def read_job(given: str | Path) -> Job:
 def split_of(fold: Path) -> dict[str, Any]:
     """A fold's split.json as JSON (dataset.DataSplit reads it with torch loaded)."""
     try:
-        split = json.loads((fold / "split.json").read_text())
+        split = json.loads((fold / runfolder.SPLIT).read_text())
         if isinstance(split, dict) and isinstance(split.get("val"), list) and isinstance(split.get("classes"), list):
             return split
     except (OSError, ValueError):
         pass
-    raise UsageError(f"{fold / 'split.json'} cannot be read: it says which images the fold validated on; train the "
+    raise UsageError(f"{fold / runfolder.SPLIT} cannot be read: it says which images the fold validated on; train the "
                      "job again")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgcls import files
+from imgcls import files, runfolder
 from imgcls.cleaning.job import Job, split_of
 from imgcls.data import imagecache
 from imgcls.data import images as image_files
@@ -84,8 +84,9 @@ def job_items(job: Job) -> tuple[list[tuple[str, Any]], list[str], bool, np.ndar
 
 def cache_key(job: Job, items: list[tuple[str, Any]]) -> str:
     """What the predictions depend on: each fold's model file and each image file (files.identity)."""
-    blob = json.dumps([VERSION, imagecache.CACHE_VERSION, REFERENCE, [files.identity(f / "best.pt") for f in job.folds],
-                       [files.identity(p) for p, _ in items], [y for _, y in items]])
+    models = [files.identity(f / runfolder.BEST) for f in job.folds]
+    blob = json.dumps([VERSION, imagecache.CACHE_VERSION, REFERENCE, models, [files.identity(p) for p, _ in items],
+                       [y for _, y in items]])
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
@@ -105,9 +106,9 @@ def out_of_fold(job: Job, device: str = "auto", batch_size: int = 256, workers: 
     index = {p: i for i, (p, _) in enumerate(items)}
     features = []
     for k, (fold, split) in enumerate(zip(job.folds, splits), 1):
-        loaded = load_model(fold / "best.pt", device)
+        loaded = load_model(fold / runfolder.BEST, device)
         if loaded.classes != classes:
-            raise UsageError(f"{fold / 'best.pt'} knows other classes than its split.json: train the job again")
+            raise UsageError(f"{fold / runfolder.BEST} knows other classes than its split.json: train the job again")
         query = [i for i in range(n) if held_by[i] == k or test[i]]
         rng = random.Random(k)
         trained = sorted(index[p] for p, _ in split["train"])

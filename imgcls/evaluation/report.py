@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgcls import files, plots
+from imgcls import files, plots, runfolder
 from imgcls.data import check, folders, imagecache, labelfile, stratify
 from imgcls.data import split as data_split
 from imgcls.errors import UsageError
@@ -94,7 +94,7 @@ def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bo
     mapping = match_classes(data_classes, loaded.classes)
     items = [(p, tuple(sorted(mapping[c] for c in y)) if loaded.multilabel else mapping[y]) for p, y in items]
     print(f"evaluating {len(items)} images: {what}")
-    caveats = warn_if_seen(items, split, ckpt_path.parent / "split.json") if split is not None else []
+    caveats = warn_if_seen(items, split, ckpt_path.parent / runfolder.SPLIT) if split is not None else []
     if skipped:
         imagecache.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
                      f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
@@ -177,8 +177,8 @@ def evaluation_set(data: Path | None, ckpt_path: Path, split: data_split.DataSpl
     if data is not None:
         return check.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation,
                                    image_cache=image_cache)
-    if split is None and (ckpt_path.parent / "split.json").exists():
-        raise UsageError(f"{ckpt_path.parent / 'split.json'} cannot be read: give the images to evaluate, "
+    if split is None and (ckpt_path.parent / runfolder.SPLIT).exists():
+        raise UsageError(f"{ckpt_path.parent / runfolder.SPLIT} cannot be read: give the images to evaluate, "
                          "python eval.py DATA")
     root = Path(split.root) if split is not None else None
     test_dir = folders.find_layout(root)[2] if root is not None and root.is_dir() else None
@@ -190,13 +190,13 @@ def evaluation_set(data: Path | None, ckpt_path: Path, split: data_split.DataSpl
                                    image_cache=image_cache)
     good, skipped, cache = check.check_items(split.test, "the run's test split", cache_dir, True, size, max_bytes,
                                                interpolation, image_cache)
-    return split.classes, good, skipped, cache, f"the run's held-out test split ({ckpt_path.parent / 'split.json'})"
+    return split.classes, good, skipped, cache, f"the run's held-out test split ({ckpt_path.parent / runfolder.SPLIT})"
 
 
 def run_split(run_dir: Path) -> data_split.DataSplit | None:
     """The run's split.json, when the checkpoint is in a run folder that has a readable one."""
     try:
-        split = data_split.DataSplit.load(run_dir / "split.json")
+        split = data_split.DataSplit.load(run_dir / runfolder.SPLIT)
         n = len(split.classes)
         if all(isinstance(p, str) and all(0 <= int(c) < n for c in stratify.label_set(y))
                for p, y in split.train + split.val + split.test):

@@ -42,7 +42,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[s
     return OnnxModel(out)
 
 
-def export_executorch(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str],
+def export_executorch(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str], *,
                       calibration: torch.Tensor | None = None) -> Callable:
     """XNNPACK-delegated .pte; with `calibration`, int8 through the XNNPACK quantiser (PT2E, per-channel)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

@@ -18,9 +18,8 @@ from imgcls.evaluation import multilabel
 from imgcls.preprocess import Preprocess
 
 
-def sample_images(data: str | None, pre: Preprocess, n: int, classes: list[str], held_out: bool = False,
-                  max_bytes: int = folders.DEFAULT_MAX_BYTES
-                  ) -> tuple[torch.Tensor, list[int]]:
+def sample_images(data: str | None, pre: Preprocess, n: int, classes: list[str], *, held_out: bool = False,
+                  max_bytes: int = folders.DEFAULT_MAX_BYTES) -> tuple[torch.Tensor, list[int]]:
     """(float [0, 1] images, labels or -1): from a labelled folder, a folder of images, or noise.
     A dataset root gives its train/ images, or with `held_out` its test/ (else val/) images."""
     if data:
@@ -88,7 +87,7 @@ LATENCY_WARMUP, LATENCY_RUNS, LATENCY_MIN_RUNS, LATENCY_BUDGET_S = 3, 21, 5, 10.
 
 
 @torch.no_grad()
-def latencies_ms(runs: dict[str, Callable], example: torch.Tensor, warmup: int = LATENCY_WARMUP,
+def latencies_ms(runs: dict[str, Callable], example: torch.Tensor, *, warmup: int = LATENCY_WARMUP,
                  repeats: int = LATENCY_RUNS, budget_s: float = LATENCY_BUDGET_S) -> dict[str, Any]:
     """Each of `runs` on one image: `warmup` untimed calls each (first-call set-up, caches), then up to
     `repeats` timed calls each, taken in turn so that all see the same load on the machine (at least

@@ -5,6 +5,7 @@ the same images to prove it gives the same answers; the proof is written beside 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import json
@@ -31,21 +32,40 @@ from imgcls.settings import file_name
 CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # said as such, not as the network's fault
 
 
-def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None, data: str | None,
-           check_data: str | None, n_images: int, tolerance: float, max_bytes: int = folders.DEFAULT_MAX_BYTES) -> int:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+    """What export.py was asked for, by name: ten settings passed in a row were easy to give in the wrong order."""
+    fmt: str  # a key of checkpoint.EXPORT_SUFFIX
+    int8: bool
+    folder: Path  # where the file goes, named after the model, when `out` is not given
+    out: Path | None  # the file
+    data: str | None  # images to calibrate int8 on and to prove the export on (else generated)
+    check_data: str | None  # held-out images to prove it on instead
+    images: int  # how many, for each
+    tolerance: float  # the largest logit difference a float export may have (scaled by the largest |logit|)
+    max_bytes: int = folders.DEFAULT_MAX_BYTES  # an image file's largest size
+
+    def file(self, arch: str) -> Path:
+        """`out`, else a file in `folder` named after the network (marked -int8 when quantised)."""
+        name = f"{file_name(arch)}{'-int8' if self.int8 else ''}{checkpoint.EXPORT_SUFFIX[self.fmt]}"
+        return self.out or self.folder / name
+
+
+def export(ckpt_path: Path, options: Options) -> int:
     """export.py's work: write the export (to `out`, else into `folder` named after the model), then prove
     it on images (exit status 1 when a float export disagrees with the PyTorch model)."""
+    fmt, int8, tolerance, n_images = options.fmt, options.int8, options.tolerance, options.images
     ckpt = checkpoint.load(ckpt_path)
     for note in (checkpoint.fitted_elsewhere(ckpt, ckpt_path), checkpoint.temperature_not_kept(ckpt)):
         if note:
             print(note)
     pre = Preprocess.from_dict(ckpt["preprocess"])
     model = formats.Deployable(build.from_checkpoint(ckpt), pre).eval()
-    out = out or folder / f"{file_name(ckpt['arch'])}{'-int8' if int8 else ''}{checkpoint.EXPORT_SUFFIX[fmt]}"
+    out = options.file(ckpt["arch"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    images, labels = parity.sample_images(data, pre, n_images, ckpt["classes"], max_bytes=max_bytes)
-    check, check_labels = parity.sample_images(check_data, pre, n_images, ckpt["classes"], True, max_bytes) \
-        if check_data else (images, labels)
+    images, labels = parity.sample_images(options.data, pre, n_images, ckpt["classes"], max_bytes=options.max_bytes)
+    check, check_labels = parity.sample_images(options.check_data, pre, n_images, ckpt["classes"], held_out=True,
+                                               max_bytes=options.max_bytes) if options.check_data else (images, labels)
     # made and proven in a folder of its own beside `out` (intermediate files too), moved to `out` only once it
     # passed: a kill, a full disk or a failed check never leaves a broken file under the name that is loaded
     remove_stale_staging(out)
@@ -53,7 +73,7 @@ def export(ckpt_path: Path, fmt: str, int8: bool, folder: Path, out: Path | None
         # (its folder locked while it runs: not stale to remove_stale_staging)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work, files.FolderLock(Path(work)):
             staged = Path(work) / out.name
-            run = write(fmt, model, images, staged, checkpoint.export_metadata(ckpt), int8)
+            run = write(model, images, staged, checkpoint.export_metadata(ckpt), fmt=fmt, int8=int8)
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
                 reference, exported = model(check), run(check)
             if not reference.dtype == exported.dtype == torch.float32:
@@ -108,7 +128,8 @@ def remove_stale_staging(out: Path, min_age_s: float = 60.0) -> None:
             continue
 
 
-def write(fmt: str, model: nn.Module, images: torch.Tensor, out: Path, meta: dict[str, str], int8: bool) -> Callable:
+def write(model: nn.Module, images: torch.Tensor, out: Path, meta: dict[str, str], *, fmt: str, int8: bool
+          ) -> Callable:
     """The export file; returns a function that runs it. int8 calibrates on `images`."""
     example = images[:1]
     try:
@@ -121,7 +142,7 @@ def write(fmt: str, model: nn.Module, images: torch.Tensor, out: Path, meta: dic
         if fmt == "onnx":
             return formats.export_onnx(model, example, out, meta)
         if fmt == "executorch":
-            return formats.export_executorch(model, example, out, meta, images if int8 else None)
+            return formats.export_executorch(model, example, out, meta, calibration=images if int8 else None)
         return formats.export_torchscript(model, example, out, meta)
     except ImportError as e:
         raise UsageError(f"--format {fmt} needs packages that are not installed ({e.name}): "

@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from imgcls import files
+from imgcls import files, runfolder
 from imgcls.cli import imports_done, typed
 from imgcls.errors import UsageError
-from imgcls.runfolder import CV_SETTINGS as SETTINGS
 from imgcls.settings import TrainConfig, file_name, identity_changes
 
-SUMMARY = "cv_summary.json"
+SETTINGS, SUMMARY = runfolder.CV_SETTINGS, runfolder.CV_SUMMARY
 
 
 def main(given: dict[str, Any]) -> int:
@@ -41,7 +40,7 @@ def main(given: dict[str, Any]) -> int:
             try:
                 code = run_fold(parent, k, settings, overrides)
             except UsageError:
-                if rank == 0 and not given.get("resume") and k == 1 and not (parent / "fold-1").exists():
+                if rank == 0 and not given.get("resume") and k == 1 and not runfolder.fold(parent, 1).exists():
                     undo(parent, created)  # bad settings: the same command, corrected, can simply run again
                 raise
             if code:
@@ -109,8 +108,8 @@ def run_fold(parent: Path, k: int, settings: dict[str, Any], overrides: dict[str
     from imgcls.training import fit
     imports_done()
 
-    folder = parent / f"fold-{k}"
-    if (folder / "config.json").is_file():
+    folder = runfolder.fold(parent, k)
+    if (folder / runfolder.CONFIG).is_file():
         return fit.train({**overrides, "resume": str(folder)})
     return fit.train({**settings, **overrides, "fold": k, "out": str(folder)})
 
@@ -119,7 +118,7 @@ def summarise(parent: Path, folds: int) -> dict[str, Any]:
     """cv_summary.json and the printed lines: each fold's best validation accuracy and per-class accuracy
     (multi-label: mAP and per-label AP), their mean and (sample) standard deviation."""
     try:
-        runs = [json.loads((parent / f"fold-{k}" / "summary.json").read_text()) for k in range(1, folds + 1)]
+        runs = [json.loads((runfolder.fold(parent, k) / runfolder.SUMMARY).read_text()) for k in range(1, folds + 1)]
         classes, multi = runs[0]["classes"], bool(runs[0].get("multilabel"))
         score, per = ("best_val_map", "per_label_ap") if multi else ("best_val_acc", "per_class_acc")
         best = np.array([r[score] for r in runs], dtype=float)
@@ -138,7 +137,7 @@ def summarise(parent: Path, folds: int) -> dict[str, Any]:
 
     summary = {"folds": folds, score: {**spread(best), "per_fold": best.tolist()},
                per: {c: spread(per_class[:, i]) for i, c in enumerate(classes)},
-               "classes": classes, "multilabel": multi, "runs": [f"fold-{k}" for k in range(1, folds + 1)]}
+               "classes": classes, "multilabel": multi, "runs": [runfolder.fold_name(k) for k in range(1, folds + 1)]}
     files.atomic_write_text(parent / SUMMARY, json.dumps(summary, indent=1))
     print(f"cross-validation over {folds} folds: best val {'mAP' if multi else 'accuracy'} {best.mean():.2f}% +- "
           f"{best.std(ddof=1):.2f} (folds: {', '.join(f'{a:.2f}' for a in best)}); per "

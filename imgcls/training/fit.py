@@ -59,7 +59,7 @@ def report_split(split: data_split.DataSplit, run_dir: Path) -> None:
     kind = "labels" if split.multilabel else "classes"
     print(f"data: {len(split.classes)} {kind}, {len(split.train)} train / {len(split.val)} val{test} images from "
           f"{folders.shown(split.root)}" + (f"; skipped {len(split.skipped)} unreadable file(s){left}, see "
-                                            f"{run_dir / 'skipped.txt'}" if split.not_used() else ""))
+                                            f"{run_dir / runfolder.SKIPPED}" if split.not_used() else ""))
     if split.ignored:
         print(folders.ignored_line(split.ignored))
     if split.multilabel:
@@ -274,7 +274,7 @@ def describe(run: Run, model: nn.Module) -> None:
     trainable, frozen = heads.count_parameters(model)
     pre = run.preprocess
     if run.lead and run.cfg.summary:
-        logs.write_summary(model, pre.img_size, run.run_dir / "model_summary.txt", run.cfg.model)
+        logs.write_summary(model, pre.img_size, run.run_dir / runfolder.MODEL_SUMMARY, run.cfg.model)
     run.say(f"model: {run.cfg.model}, mode {run.cfg.mode}: {trainable:,} trainable and {frozen:,} frozen parameters; "
             f"{pre.img_size} px crops of {pre.resize_size} px images")
 

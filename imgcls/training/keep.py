@@ -93,7 +93,7 @@ class Checkpoints:
     def save(self, state: checkpoint.Saved) -> None:
         """best.pt before last.pt. Until last.pt is first written, the run folder's marker says so."""
         self.save_best()
-        checkpoint.save(state.to_dict(), self.run_dir / "last.pt")
+        checkpoint.save(state.to_dict(), self.run_dir / runfolder.LAST)
         if runfolder.marked(self.run_dir) != "saved":
             files.atomic_write_text(self.run_dir / runfolder.CHECKPOINTED, "saved")
         self.last_saved = time.perf_counter()
@@ -105,5 +105,5 @@ class Checkpoints:
             return
         if runfolder.marked(self.run_dir) != "saved":
             files.atomic_write_text(self.run_dir / runfolder.CHECKPOINTED, "saving")
-        checkpoint.save(self.held.to_dict(), self.run_dir / "best.pt")
+        checkpoint.save(self.held.to_dict(), self.run_dir / runfolder.BEST)
         self.held = None

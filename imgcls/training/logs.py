@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from imgcls import files, plots
+from imgcls import files, plots, runfolder
 from imgcls.data import folders, imagecache
 from imgcls.evaluation import multilabel
 from imgcls.recipes import progressive_size
@@ -37,9 +37,9 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]], curves: bool = T
     writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    files.atomic_write_text(run_dir / "metrics.csv", text.getvalue())
+    files.atomic_write_text(run_dir / runfolder.METRICS, text.getvalue())
     if curves:
-        plots.save(plots.curves_figure(history, run_dir.name), run_dir / "curves.png")
+        plots.save(plots.curves_figure(history, run_dir.name), run_dir / runfolder.CURVES)
 
 
 def write_summary(model: nn.Module, img_size: int, path: Path, arch: str) -> None:
@@ -204,7 +204,7 @@ class RunLog:
                    "train_time_s": train_time_s, "classes": self.classes, "multilabel": self.multi,
                    "model": cfg.model, "mode": cfg.mode, "run_dir": str(self.run_dir),
                    "warnings": warnings, **({"stopped": stopped} if stopped else {})}
-        files.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        files.atomic_write_text(self.run_dir / runfolder.SUMMARY, json.dumps(summary, indent=1))
 
     def finish(self, best: Best, epochs: int) -> None:
         """The end of a run: TensorBoard's hyperparameters, and the best model's lines."""

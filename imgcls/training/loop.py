@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from imgcls import checkpoint
+from imgcls import checkpoint, runfolder
 from imgcls.cli import typed
 from imgcls.data.loaders import ResumableSampler
 from imgcls.errors import Diverged, TrainingError
@@ -147,7 +147,7 @@ class Loop:
         """A second Ctrl-C: the step under way may be half done, so nothing is saved from it."""
         if self.lead:
             self.checkpoints.save_best()  # a finished epoch's best model, held in memory: consistent
-            print(f"\nstopped at once: {self.run_dir / 'last.pt'} keeps the last point it saved; continue with: "
+            print(f"\nstopped at once: {self.run_dir / runfolder.LAST} keeps the last point it saved; continue with: "
                   f"python train.py --resume {typed(self.run_dir)}", file=sys.stderr)
         return 130
 
@@ -157,7 +157,7 @@ class Loop:
             self.checkpoints.save(self.state())
             if self.history:
                 logs.write_metrics(self.run_dir, self.history)
-            print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / 'last.pt'}; "
+            print(f"\ninterrupted at {self.progress.where(per_epoch)}: saved {self.run_dir / runfolder.LAST}; "
                   f"continue with: python train.py --resume {typed(self.run_dir)}", file=sys.stderr)
         return 130
 

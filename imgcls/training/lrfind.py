@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from imgcls import files, plots
+from imgcls import files, plots, runfolder
 from imgcls.errors import TrainingError
 from imgcls.networks import heads
 from imgcls.training import runstate
@@ -84,8 +84,9 @@ def lr_find(run: runstate.Run, model: nn.Module, net: nn.Module, loader: DataLoa
     lrs, losses = find_lr(net, loader, optimizer, criterion, to_input, autocast, run.device, scaler)
     found = suggest_lr(lrs, losses)
     if run.lead:
-        plots.save(plots.lr_figure(lrs, losses, found), run.run_dir / "lr_find.png")
-        files.atomic_write_text(run.run_dir / "lr_find.json", json.dumps({**found, "lrs": lrs, "losses": losses}))
+        plots.save(plots.lr_figure(lrs, losses, found), run.run_dir / runfolder.LR_FIND_PLOT)
+        files.atomic_write_text(run.run_dir / runfolder.LR_FIND, json.dumps({**found, "lrs": lrs, "losses": losses}))
         print(f"suggested --lr {found['lr']:.2g} (the smaller of the steepest descent, {found['steepest']:.2g}, and a "
-              f"tenth of the loss minimum's lr, {found['minimum']:.2g} / 10); plot: {run.run_dir / 'lr_find.png'}")
+              f"tenth of the loss minimum's lr, {found['minimum']:.2g} / 10); plot: "
+              f"{run.run_dir / runfolder.LR_FIND_PLOT}")
     return 0

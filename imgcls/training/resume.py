@@ -88,9 +88,9 @@ def run_preprocess(cfg: TrainConfig, start: Start) -> Preprocess:
 def saved_settings(run_dir: Path) -> dict[str, Any]:
     """config.json of a run that was created, then stopped before its first checkpoint."""
     try:
-        return json.loads((run_dir / "config.json").read_text())
+        return json.loads((run_dir / runfolder.CONFIG).read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"{run_dir / 'config.json'} cannot be read ({e.__class__.__name__}): start the run "
+        raise UsageError(f"{run_dir / runfolder.CONFIG} cannot be read ({e.__class__.__name__}): start the run "
                          "again with its options and --overwrite") from None
 
 
@@ -156,7 +156,7 @@ def nothing_to_do(start: Start) -> str:
 def interrupted_early(run_dir: Path, lead: bool, resumable: bool = True) -> int:
     """Stopped before training started: nothing to save; a folder without last.pt starts again on resume
     (an lr range test is not resumable: it is run again)."""
-    if lead and resumable and not (run_dir / "last.pt").exists():
+    if lead and resumable and not (run_dir / runfolder.LAST).exists():
         print("\ninterrupted before the first checkpoint; start it again with: python train.py --resume "
               f"{typed(run_dir)}", file=sys.stderr)
     return 130
@@ -169,9 +169,9 @@ def load_split(cfg: TrainConfig, start: runfolder.Start, pre: Preprocess, lead: 
     The check fills the decoded-image cache at the resize size as it goes."""
     if start.ckpt is not None:
         try:
-            split = data_split.DataSplit.load(start.run_dir / "split.json")
+            split = data_split.DataSplit.load(start.run_dir / runfolder.SPLIT)
         except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-            raise UsageError(f"{start.run_dir / 'split.json'} cannot be read ({e.__class__.__name__}): a resume "
+            raise UsageError(f"{start.run_dir / runfolder.SPLIT} cannot be read ({e.__class__.__name__}): a resume "
                              "needs the run's split; restore the file, or start a new run") from None
         check_still_there(split, lead)
         return split

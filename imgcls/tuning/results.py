@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from imgcls import files
+from imgcls import files, runfolder
 from imgcls.tuning.space import shown
 from imgcls.tuning.trial import train_words
 
@@ -77,7 +77,7 @@ def test_score(study: optuna.Study, trial: FrozenTrial, folder: Path, eval_py: P
         return kept["score"]
     out = folder.parent / "test" / folder.name
     if not (out / "metrics.json").is_file():
-        if not (folder / "best.pt").is_file():
+        if not (folder / runfolder.BEST).is_file():
             print(f"the best trial's run folder {folder} is not on this machine: its test figure is measured where "
                   "it is (tune.py there, or python eval.py --checkpoint RUN)", file=sys.stderr)
             return None

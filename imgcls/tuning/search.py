@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from imgcls import runfolder
 from imgcls.errors import TrainingError, UsageError
 from imgcls.tuning import space
 from imgcls.tuning import study as db
@@ -90,7 +91,7 @@ def folder_of(s: Search, trial: optuna.Trial) -> tuple[Path, int | None]:
     """The trial's run folder: its own, or a retried trial's, to continue (when it is on this machine)."""
     retried = s.store.get_trial(trial._trial_id).system_attrs.get("failed_trial")
     run = trial.user_attrs.get("run")
-    if retried is not None and run and (s.study_dir / run / "config.json").is_file():
+    if retried is not None and run and (s.study_dir / run / runfolder.CONFIG).is_file():
         child = trial.user_attrs.get("child")
         waited = time.monotonic()
         while isinstance(child, int) and db.alive(child) and time.monotonic() - waited < CHILD_WAIT_S:

@@ -24,6 +24,7 @@ from typing import Any
 
 import optuna
 
+from imgcls import runfolder
 from imgcls.errors import UsageError
 
 POLL_S = 0.5
@@ -61,7 +62,7 @@ def scores(folder: Path) -> list[float]:
     """Each finished epoch's validation score, as training chooses best.pt: accuracy (multi-label: mAP),
     or the weights' average's (--ema) where that is better."""
     try:
-        with open(folder / "metrics.csv", newline="") as f:
+        with open(folder / runfolder.METRICS, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError:
         return []
@@ -82,7 +83,7 @@ def die_with_parent() -> None:  # pragma: no cover (runs in the child, between f
 def command(train_py: Path, launcher: list[str], settings: dict[str, Any], folder: Path) -> list[str]:
     """The run's command: a new run in `folder`, or the continuation of the one there (a retried trial)."""
     start = launcher or [sys.executable]
-    if (folder / "config.json").is_file():
+    if (folder / runfolder.CONFIG).is_file():
         return [*start, str(train_py), "--resume", str(folder)]
     debris = folder.is_dir() and any(folder.iterdir())  # a start killed before it wrote its settings
     return [*start, str(train_py), *train_words(settings), "--out", str(folder), *(["--overwrite"] if debris else [])]
@@ -148,7 +149,7 @@ def ended(code: int, folder: Path, values: list[float], wall: float, log: Path) 
     """A run that ended by itself: finished (its best score), diverged (its best before that: a setting
     that trains badly, for the search to learn from), or failed."""
     try:
-        summary = json.loads((folder / "summary.json").read_text())
+        summary = json.loads((folder / runfolder.SUMMARY).read_text())
     except (OSError, ValueError):
         summary = {}
     best = summary.get("best_val_acc", summary.get("best_val_map"))
