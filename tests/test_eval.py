@@ -13,7 +13,7 @@ from conftest import call, make_folder
 
 import eval as evaluate
 import test as predict
-from imgcls.evaluation import report
+from imgcls.evaluation import evalset
 
 
 def run_eval(trained_run: Path, data: Path, out: Path) -> dict:
@@ -69,7 +69,7 @@ def test_a_folder_missing_a_class_keeps_the_per_class_numbers_of_the_rest(traine
 
 
 def test_folder_classes_are_matched_by_name_not_position():
-    assert report.match_classes(["red", "blue", "green"], ["blue", "green", "red"]) == [2, 0, 1]
+    assert evalset.match_classes(["red", "blue", "green"], ["blue", "green", "red"]) == [2, 0, 1]
 
 
 def test_a_class_the_model_does_not_know_is_refused(trained_run, colours_eval, tmp_path, capsys):

@@ -13,7 +13,6 @@ import hashlib
 import html
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from imgcls import files
+from imgcls.evaluation.result import ClassScores, EvalResult, LabelScores
 
 
 @dataclass
@@ -51,11 +51,11 @@ def jpeg_thumbnail(image: np.ndarray, size: int = 64, quality: int = 70) -> byte
     return buf.getvalue()
 
 
-def write_html(path: Path, m: dict[str, Any], cells: dict[tuple[int, int], Cell],
+def write_html(path: Path, result: EvalResult, cells: dict[tuple[int, int], Cell],
                figures: list[tuple[str, Path]]) -> None:
-    """Write report.html (atomically: a reader never sees half a page) from eval's metrics `m`, the thumbnails of
+    """Write report.html (atomically: a reader never sees half a page) from eval's result, the thumbnails of
     each confusion cell and the (title, PNG) figures; figures whose file is missing are left out."""
-    classes = [str(c) for c in m.get("classes", [])]
+    classes = [str(c) for c in result.classes]
     data = _script_json({"classes": classes,
                          "cells": {f"{i},{j}": {"count": int(c.count),
                                                 "thumbs": [[str(cap), base64.b64encode(b).decode("ascii")]
@@ -64,12 +64,13 @@ def write_html(path: Path, m: dict[str, Any], cells: dict[tuple[int, int], Cell]
     script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode("utf-8")).digest()).decode("ascii")
     csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'; "
            "base-uri 'none'; form-action 'none'")
-    title = f"Evaluation: {m.get('data', '')}"
-    if "accuracy" in m:
-        title += f" ({m['accuracy']:.2f}%)"
-    elif m.get("map") is not None:
-        title += f" (mAP {m['map']:.2f}%)"
-    body = "\n".join([_summary(m), _per_class(m), _matrix(m, classes, cells), _figures(figures)])
+    title = f"Evaluation: {result.data or ''}"
+    if result.accuracy is not None:
+        title += f" ({result.accuracy:.2f}%)"
+    elif result.multilabel is not None and result.multilabel.map is not None:
+        title += f" (mAP {result.multilabel.map:.2f}%)"
+    body = "\n".join([_summary(result), _per_class(result), _matrix(result.confusion_matrix, classes, cells),
+                      _figures(figures)])
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -106,74 +107,82 @@ def _pct(value: Any) -> str:
     return f"{float(value):.2f}%"
 
 
-def _summary(m: dict[str, Any]) -> str:
-    rows: list[tuple[str, str]] = []
-    if "accuracy" in m:
-        rows.append(("Accuracy", _pct(m["accuracy"])))
-    for key, label in (("map", "mAP (mean average precision over labels)"), ("map_without_tta", "mAP without TTA"),
-                       ("micro_f1", "Micro F1 at the tuned thresholds"),
-                       ("macro_f1", "Macro F1 at the tuned thresholds"),
-                       ("exact_match", "Images with exactly their labels")):
-        if m.get(key) is not None:
-            rows.append((label, _pct(m[key])))
-    topk = sorted((int(k.group(1)), k.string) for k in map(re.compile(r"top(\d+)_accuracy").fullmatch, m) if k)
-    rows += [(f"Top-{k} accuracy", _pct(m[key])) for k, key in topk]
-    if m.get("tta_accuracy") is not None:
-        without = m.get("accuracy_without_tta")
-        rows.append(("Accuracy with test-time augmentation",
-                     _pct(m["tta_accuracy"]) + (f" (without: {_pct(without)})" if without is not None else "")))
-    if "images" in m:
-        rows.append(("Images", f"{int(m['images']):,}"))
-    if m.get("evaluated"):
-        rows.append(("Images evaluated", _esc(m["evaluated"])))
-    ece = m.get("ece") or {}
-    if m.get("calibrated") is False:
-        note = ("this checkpoint has no fitted temperature (trained before calibration); probabilities are the raw "
-                "softmax")
-        if ece.get("raw") is not None:
-            note += f" (ECE {100 * float(ece['raw']):.2f}%)"
-        rows.append(("Calibration", _esc(note)))
-    elif ece:
-        parts = []
-        if ece.get("raw") is not None:
-            parts.append(f"{100 * float(ece['raw']):.2f}% raw")
-        if ece.get("calibrated") is not None:
-            parts.append(f"{100 * float(ece['calibrated']):.2f}% calibrated")
-        text = " → ".join(parts)
-        if m.get("temperature") is not None:
-            text += f" (temperature {float(m['temperature']):.3f})"
-        if ece.get("tta") is not None:
-            text += f"; {100 * float(ece['tta']):.2f}% with test-time augmentation"
-        rows.append(("Expected calibration error", _esc(text)))
-    for key, label in (("checkpoint", "Checkpoint"), ("data", "Data")):
-        if key in m:
-            rows.append((label, f"<code>{_esc(m[key])}</code>"))
+def _summary(r: EvalResult) -> str:
+    rows = _scores(r) + _calibration(r)
+    for label, value in (("Checkpoint", r.checkpoint), ("Data", r.data)):
+        if value is not None:
+            rows.append((label, f"<code>{_esc(value)}</code>"))
     table = "\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in rows)
     confused = ""
-    if m.get("most_confused"):
-        items = "".join(f"<li>{_esc(e['true'])} → {_esc(e['predicted'])}: {int(e['count'])}</li>"
-                        for e in m["most_confused"][:5])
+    if r.most_confused:
+        items = "".join(f"<li>{_esc(e.true)} → {_esc(e.predicted)}: {int(e.count)}</li>" for e in r.most_confused[:5])
         confused = f"<h3>Most confused (true → predicted: count)</h3>\n<ol>{items}</ol>"
-    caveats = "".join(f'<p class="caveat">Optimistic: {_esc(c.get("text", ""))}</p>\n' for c in m.get("caveats") or [])
+    caveats = "".join(f'<p class="caveat">Optimistic: {_esc(c.text)}</p>\n' for c in r.caveats)
     return (f"<header>\n<h1>Evaluation report</h1>\n{caveats}<table class=\"summary\">\n{table}\n</table>\n"
             f"{confused}\n</header>")
 
 
-def _per_class(m: dict[str, Any]) -> str:
-    if m.get("per_label"):
-        return _per_label(m["per_label"])
-    per_class = m.get("per_class") or {}
-    if not per_class:
+def _scores(r: EvalResult) -> list[tuple[str, str]]:
+    """The summary's rows of scores: accuracy or mAP and F1, top-k, TTA, the images."""
+    rows: list[tuple[str, str]] = []
+    if r.accuracy is not None:
+        rows.append(("Accuracy", _pct(r.accuracy)))
+    ml = r.multilabel
+    if ml is not None:
+        for value, label in ((ml.map, "mAP (mean average precision over labels)"),
+                             (ml.map_without_tta, "mAP without TTA"),
+                             (ml.micro_f1, "Micro F1 at the tuned thresholds"),
+                             (ml.macro_f1, "Macro F1 at the tuned thresholds"),
+                             (ml.exact_match, "Images with exactly their labels")):
+            if value is not None:
+                rows.append((label, _pct(value)))
+    rows += [(f"Top-{k} accuracy", _pct(value)) for k, value in sorted(r.top_k.items())]
+    c = r.confidence
+    if c is not None and c.tta_accuracy is not None:
+        without = c.accuracy_without_tta
+        rows.append(("Accuracy with test-time augmentation",
+                     _pct(c.tta_accuracy) + (f" (without: {_pct(without)})" if without is not None else "")))
+    rows.append(("Images", f"{int(r.images):,}"))
+    if r.evaluated:
+        rows.append(("Images evaluated", _esc(r.evaluated)))
+    return rows
+
+
+def _calibration(r: EvalResult) -> list[tuple[str, str]]:
+    """The summary's row on calibration: the expected calibration error, or why there is no temperature."""
+    c = r.confidence
+    if c is None:
+        return []
+    ece = c.ece
+    if not c.calibrated:
+        note = ("this checkpoint has no fitted temperature (trained before calibration); probabilities are the raw "
+                "softmax")
+        if ece.raw is not None:
+            note += f" (ECE {100 * float(ece.raw):.2f}%)"
+        return [("Calibration", _esc(note))]
+    parts = []
+    if ece.raw is not None:
+        parts.append(f"{100 * float(ece.raw):.2f}% raw")
+    if ece.calibrated is not None:
+        parts.append(f"{100 * float(ece.calibrated):.2f}% calibrated")
+    text = " → ".join(parts) + f" (temperature {float(c.temperature):.3f})"
+    if ece.tta is not None:
+        text += f"; {100 * float(ece.tta):.2f}% with test-time augmentation"
+    return [("Expected calibration error", _esc(text))]
+
+
+def _per_class(r: EvalResult) -> str:
+    if r.multilabel is not None and r.multilabel.per_label:
+        return _per_label(r.multilabel.per_label)
+    if not r.per_class:
         return ""
-    known = list(m.get("classes", []))
-    order = [c for c in known if c in per_class] + [c for c in per_class if c not in known]
+    order = [c for c in r.classes if c in r.per_class] + [c for c in r.per_class if c not in r.classes]
     rows = []
     for name in order:
-        r = per_class[name]
-        cells = [f'<td data-v="{int(r.get("support", 0))}">{int(r.get("support", 0))}</td>']
-        for key, text in (("accuracy", _pct), ("precision", "{:.3f}".format), ("recall", "{:.3f}".format),
-                          ("f1", "{:.3f}".format)):
-            v = r.get(key)
+        s: ClassScores = r.per_class[name]
+        cells = [f'<td data-v="{int(s.support)}">{int(s.support)}</td>']
+        for v, text in ((s.accuracy, _pct), (s.precision, "{:.3f}".format), (s.recall, "{:.3f}".format),
+                        (s.f1, "{:.3f}".format)):
             cells.append(f'<td data-v="{float(v)!r}">{text(v)}</td>' if v is not None else '<td data-v="-1">–</td>')
         rows.append(f"<tr><th>{_esc(name)}</th>{''.join(cells)}</tr>")
     head = "".join(f'<th title="click to sort">{h}</th>'
@@ -182,13 +191,12 @@ def _per_class(m: dict[str, Any]) -> str:
             f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>\n</section>")
 
 
-def _per_label(per_label: dict[str, dict[str, Any]]) -> str:
+def _per_label(per_label: dict[str, LabelScores]) -> str:
     """A multi-label model's table: each label's support, threshold, precision, recall, F1 and AP."""
     rows = []
-    for name, r in per_label.items():
-        cells = [f'<td data-v="{int(r.get("support", 0))}">{int(r.get("support", 0))}</td>']
-        for key in ("threshold", "precision", "recall", "f1", "ap"):
-            v = r.get(key)
+    for name, s in per_label.items():
+        cells = [f'<td data-v="{int(s.support)}">{int(s.support)}</td>']
+        for v in (s.threshold, s.precision, s.recall, s.f1, s.ap):
             cells.append(f'<td data-v="{float(v)!r}">{float(v):.3f}</td>' if v is not None
                          else '<td data-v="-1">–</td>')
         rows.append(f"<tr><th>{_esc(name)}</th>{''.join(cells)}</tr>")
@@ -211,8 +219,8 @@ def matrix_classes(cm: list[list[int]] | np.ndarray, limit: int = MAX_MATRIX_CLA
     return sorted(np.argsort(-(off.sum(0) + off.sum(1)), kind="stable")[:limit].tolist())
 
 
-def _matrix(m: dict[str, Any], classes: list[str], cells: dict[tuple[int, int], Cell]) -> str:
-    cm = np.asarray(m.get("confusion_matrix") or [], dtype=np.int64)
+def _matrix(confusion: list[list[int]], classes: list[str], cells: dict[tuple[int, int], Cell]) -> str:
+    cm = np.asarray(confusion or [], dtype=np.int64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(classes) or not classes:
         return ""
     totals = cm.sum(1)
