@@ -2,15 +2,13 @@
 
 The page must open anywhere, offline and years later, as a single file a user can mail or archive: so
 nothing is fetched (no CDN, fonts or scripts; images are data URIs, and a Content-Security-Policy lets the
-browser load nothing else), every class name is escaped (folder names may hold <, & or quotes), and each
-thumbnail is stored once, in one JSON block the page's script reads when a matrix cell is clicked.
+browser load nothing else: htmlpage.py), every class name is escaped (folder names may hold <, & or quotes),
+and each thumbnail is stored once, in one JSON block the page's script reads when a matrix cell is clicked.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import html
 import io
 import json
 from dataclasses import dataclass
@@ -19,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from imgcls import files
+from imgcls.evaluation import htmlpage
+from imgcls.evaluation.htmlpage import esc
 from imgcls.evaluation.result import ClassScores, EvalResult, LabelScores
 
 
@@ -61,40 +60,14 @@ def write_html(path: Path, result: EvalResult, cells: dict[tuple[int, int], Cell
                                                 "thumbs": [[str(cap), base64.b64encode(b).decode("ascii")]
                                                            for cap, b in c.thumbs]}
                                    for (i, j), c in sorted(cells.items())}})
-    script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode("utf-8")).digest()).decode("ascii")
-    csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'; "
-           "base-uri 'none'; form-action 'none'")
     title = f"Evaluation: {result.data or ''}"
     if result.accuracy is not None:
         title += f" ({result.accuracy:.2f}%)"
     elif result.multilabel is not None and result.multilabel.map is not None:
         title += f" (mAP {result.multilabel.map:.2f}%)"
     body = "\n".join([_summary(result), _per_class(result), _matrix(result.confusion_matrix, classes, cells),
-                      _figures(figures)])
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{csp}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>{_esc(title)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-{body}
-<script type="application/json" id="report-data">{data}</script>
-<script>{_SCRIPT}</script>
-</body>
-</html>
-"""
-    # names from folders can hold undecodable bytes (surrogate escapes): shown as U+FFFD, the page stays UTF-8
-    page = page.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    files.atomic_write_text(Path(path), page)
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+                      _figures(figures), f'<script type="application/json" id="report-data">{data}</script>'])
+    htmlpage.write(path, htmlpage.document(title, _CSS, body, _SCRIPT))
 
 
 def _script_json(obj: Any) -> str:
@@ -111,13 +84,13 @@ def _summary(r: EvalResult) -> str:
     rows = _scores(r) + _calibration(r)
     for label, value in (("Checkpoint", r.checkpoint), ("Data", r.data)):
         if value is not None:
-            rows.append((label, f"<code>{_esc(value)}</code>"))
+            rows.append((label, f"<code>{esc(value)}</code>"))
     table = "\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in rows)
     confused = ""
     if r.most_confused:
-        items = "".join(f"<li>{_esc(e.true)} → {_esc(e.predicted)}: {int(e.count)}</li>" for e in r.most_confused[:5])
+        items = "".join(f"<li>{esc(e.true)} → {esc(e.predicted)}: {int(e.count)}</li>" for e in r.most_confused[:5])
         confused = f"<h3>Most confused (true → predicted: count)</h3>\n<ol>{items}</ol>"
-    caveats = "".join(f'<p class="caveat">Optimistic: {_esc(c.text)}</p>\n' for c in r.caveats)
+    caveats = "".join(f'<p class="caveat">Optimistic: {esc(c.text)}</p>\n' for c in r.caveats)
     return (f"<header>\n<h1>Evaluation report</h1>\n{caveats}<table class=\"summary\">\n{table}\n</table>\n"
             f"{confused}\n</header>")
 
@@ -144,7 +117,7 @@ def _scores(r: EvalResult) -> list[tuple[str, str]]:
                      _pct(c.tta_accuracy) + (f" (without: {_pct(without)})" if without is not None else "")))
     rows.append(("Images", f"{int(r.images):,}"))
     if r.evaluated:
-        rows.append(("Images evaluated", _esc(r.evaluated)))
+        rows.append(("Images evaluated", esc(r.evaluated)))
     return rows
 
 
@@ -159,7 +132,7 @@ def _calibration(r: EvalResult) -> list[tuple[str, str]]:
                 "softmax")
         if ece.raw is not None:
             note += f" (ECE {100 * float(ece.raw):.2f}%)"
-        return [("Calibration", _esc(note))]
+        return [("Calibration", esc(note))]
     parts = []
     if ece.raw is not None:
         parts.append(f"{100 * float(ece.raw):.2f}% raw")
@@ -168,7 +141,7 @@ def _calibration(r: EvalResult) -> list[tuple[str, str]]:
     text = " → ".join(parts) + f" (temperature {float(c.temperature):.3f})"
     if ece.tta is not None:
         text += f"; {100 * float(ece.tta):.2f}% with test-time augmentation"
-    return [("Expected calibration error", _esc(text))]
+    return [("Expected calibration error", esc(text))]
 
 
 def _per_class(r: EvalResult) -> str:
@@ -184,7 +157,7 @@ def _per_class(r: EvalResult) -> str:
         for v, text in ((s.accuracy, _pct), (s.precision, "{:.3f}".format), (s.recall, "{:.3f}".format),
                         (s.f1, "{:.3f}".format)):
             cells.append(f'<td data-v="{float(v)!r}">{text(v)}</td>' if v is not None else '<td data-v="-1">–</td>')
-        rows.append(f"<tr><th>{_esc(name)}</th>{''.join(cells)}</tr>")
+        rows.append(f"<tr><th>{esc(name)}</th>{''.join(cells)}</tr>")
     head = "".join(f'<th title="click to sort">{h}</th>'
                    for h in ("Class", "Support", "Accuracy", "Precision", "Recall", "F1"))
     return (f'<section>\n<h2>Per class</h2>\n<div class="scroll"><table class="sortable" id="per-class">'
@@ -199,7 +172,7 @@ def _per_label(per_label: dict[str, LabelScores]) -> str:
         for v in (s.threshold, s.precision, s.recall, s.f1, s.ap):
             cells.append(f'<td data-v="{float(v)!r}">{float(v):.3f}</td>' if v is not None
                          else '<td data-v="-1">–</td>')
-        rows.append(f"<tr><th>{_esc(name)}</th>{''.join(cells)}</tr>")
+        rows.append(f"<tr><th>{esc(name)}</th>{''.join(cells)}</tr>")
     head = "".join(f'<th title="click to sort">{h}</th>'
                    for h in ("Label", "Support", "Threshold", "Precision", "Recall", "F1", "AP"))
     return (f'<section>\n<h2>Per label</h2>\n<div class="scroll"><table class="sortable" id="per-class">'
@@ -225,7 +198,7 @@ def _matrix(confusion: list[list[int]], classes: list[str], cells: dict[tuple[in
         return ""
     totals = cm.sum(1)
     shown = matrix_classes(cm)
-    head = "".join(f'<th title="{_esc(classes[j])}"><span>{_esc(classes[j])}</span></th>' for j in shown)
+    head = "".join(f'<th title="{esc(classes[j])}"><span>{esc(classes[j])}</span></th>' for j in shown)
     rows = []
     for i in shown:
         name = classes[i]
@@ -241,7 +214,7 @@ def _matrix(confusion: list[list[int]], classes: list[str], cells: dict[tuple[in
             dark = " k" if alpha > 0.55 else ""
             tds.append(f'<td class="{kind}{dark}" data-cell="{i},{j}" tabindex="0" style="--a:{alpha:.2f}" '
                        f'title="{100 * share:.1f}% of the row">{n}</td>')
-        rows.append(f'<tr><th title="{_esc(name)}">{_esc(name)}</th>{"".join(tds)}<td class="t">{totals[i]}</td></tr>')
+        rows.append(f'<tr><th title="{esc(name)}">{esc(name)}</th>{"".join(tds)}<td class="t">{totals[i]}</td></tr>')
     part = (f" The {len(shown)} of {len(classes)} classes most involved in mistakes; the whole matrix is in "
             "metrics.json." if len(shown) < len(classes) else "")
     return ('<section>\n<h2>Confusion matrix</h2>\n<p class="note">Rows: true class; columns: predicted class. Shade: '
@@ -260,18 +233,12 @@ def _figures(figures: list[tuple[str, Path]]) -> str:
         if not png.is_file():
             continue
         b64 = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f'<figure class="fig"><figcaption>{_esc(title)}</figcaption>'
-                     f'<img alt="{_esc(title)}" src="data:image/png;base64,{b64}"></figure>')
+        parts.append(f'<figure class="fig"><figcaption>{esc(title)}</figcaption>'
+                     f'<img alt="{esc(title)}" src="data:image/png;base64,{b64}"></figure>')
     return "<section>\n<h2>Figures</h2>\n" + "\n".join(parts) + "\n</section>" if parts else ""
 
 
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
-h1{margin:0 0 .4em}h2{margin:1.4em 0 .4em}
-table{border-collapse:collapse}
-.summary th{text-align:left;padding:2px 1em 2px 0;font-weight:600}
-.scroll{overflow:auto;max-width:100%}
-#per-class th,#per-class td{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}
+_CSS = """#per-class th,#per-class td{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}
 #per-class tbody th{text-align:left;font-weight:normal}
 #per-class thead th:first-child{text-align:left}
 #per-class thead th{cursor:pointer;user-select:none;background:#f3f3f3}
