@@ -84,7 +84,7 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
                   thresholds=checkpoint.thresholds(ckpt, path), label_sep=checkpoint.label_sep(ckpt))
 
 
-def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
+def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None, *,
               show: bool = True, cache: imagecache.ImageCache | None = None, max_bytes: int = data_images.MAX_BYTES,
               tta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, targets, item indices) for every readable image, in order, each exactly once. With `tta`,
