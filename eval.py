@@ -23,13 +23,13 @@ never by position.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from imgcls import files, runfolder
 from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
 from imgcls.data import folders, labelfile
 from imgcls.errors import UsageError
+from imgcls.evaluation.evalset import EvalOptions, RunSplit
 from imgcls.settings import CACHE_KINDS
 
 
@@ -73,30 +73,23 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_data(ckpt: Path) -> str | None:
-    """The data folder of the run a checkpoint is from (its split.json), when it can be read."""
-    try:
-        root = json.loads((ckpt.parent / runfolder.SPLIT).read_text()).get("root")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return root if isinstance(root, str) else None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
     ckpt = runfolder.runnable(runfolder.find(args.checkpoint))
     if not args.checkpoint:
         print(f"using checkpoint {ckpt}")
+    run = RunSplit.of(ckpt)  # read once: checked here, evaluated there
     if args.data is None and args.out:  # the run's own test split: its data folder is in split.json
-        folders.check_outside(run_data(ckpt), args.out, "the report folder")
+        folders.check_outside(run.root, args.out, "the report folder")
     name = Path(args.data).resolve().stem if args.data else "test-split"
     with files.report_folder(args.out, ckpt.parent / f"eval-{name}-{ckpt.stem}") as out:
         from imgcls.evaluation import report
         imports_done()
 
-        return report.evaluate(ckpt, args.data, out, args.device, args.amp, args.batch_size, args.workers,
-                               args.cache_dir, int(args.max_file_mb * 2**20), args.image_cache, args.tta,
-                               args.label_sep)
+        opts = EvalOptions(device=args.device, amp=args.amp, batch_size=args.batch_size, workers=args.workers,
+                           cache_dir=args.cache_dir, max_bytes=int(args.max_file_mb * 2**20),
+                           image_cache=args.image_cache, tta=args.tta, label_sep=args.label_sep)
+        return report.evaluate(ckpt, args.data, out, run, opts)
 
 
 if __name__ == "__main__":

@@ -289,10 +289,11 @@ def test_a_checkpoint_of_another_epoch_than_the_best_says_its_temperature_was_fi
 
 def test_the_risk_coverage_lines_say_when_no_threshold_keeps_an_image(capsys):
     from imgcls.evaluation import report
+    from imgcls.evaluation.result import Confidence, Ece, EvalResult
 
     rows = [{"threshold": t, "coverage": 0.0, "accuracy": None} for t in (0.5, 0.8, 0.9, 0.95)]
-    report.print_confidence({"ece": {"raw": 0.1, "calibrated": 0.1}, "calibrated": True, "temperature": 1.0,
-                             "risk_coverage": rows})
+    report.print_confidence(EvalResult(classes=["a", "b"], images=0, confidence=Confidence(
+        temperature=1.0, calibrated=True, ece=Ece(raw=0.1, calibrated=0.1), risk_coverage=rows)))
     assert capsys.readouterr().out.splitlines()[-1].endswith("no P of 0.5 or more keeps any image")
 
 
@@ -354,6 +355,7 @@ def test_report_thumbnails_stay_within_their_budget_mistakes_first(colours_eval,
 
 def test_a_report_of_many_classes_shows_the_most_confused_ones_in_its_matrix(tmp_path):
     from imgcls.evaluation import report_html
+    from imgcls.evaluation.result import EvalResult
 
     n = 150
     cm = [[5 if i == j else 0 for j in range(n)] for i in range(n)]
@@ -361,7 +363,8 @@ def test_a_report_of_many_classes_shows_the_most_confused_ones_in_its_matrix(tmp
     classes = [f"class{i}" for i in range(n)]
     shown = report_html.matrix_classes(cm, limit=100)
     assert len(shown) == 100 and {3, 7, 9, 140} <= set(shown)
-    report_html.write_html(tmp_path / "r.html", {"classes": classes, "confusion_matrix": cm}, {}, [])
+    result = EvalResult(classes=classes, images=sum(map(sum, cm)), confusion_matrix=cm)
+    report_html.write_html(tmp_path / "r.html", result, {}, [])
     page = (tmp_path / "r.html").read_text()
     assert page.count("<tr><th title=") == 100 and "100 of 150 classes most involved in mistakes" in page
 

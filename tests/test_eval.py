@@ -13,7 +13,7 @@ from conftest import call, make_folder
 
 import eval as evaluate
 import test as predict
-from imgcls.evaluation import report
+from imgcls.evaluation import evalset
 
 
 def run_eval(trained_run: Path, data: Path, out: Path) -> dict:
@@ -68,8 +68,18 @@ def test_a_folder_missing_a_class_keeps_the_per_class_numbers_of_the_rest(traine
     assert sub["images"] == 12
 
 
+def test_metrics_json_keeps_its_keys_and_their_order(trained_run, colours_eval, tmp_path):
+    """metrics.json is EvalResult.to_json(): users and scripts read it, so its keys stay those it always had."""
+    m = run_eval(trained_run, colours_eval, tmp_path / "e")
+    assert list(m) == ["accuracy", "images", "classes", "confusion_matrix", "per_class", "most_confused",
+                       "top2_accuracy", "temperature", "calibrated", "ece", "reliability", "risk_coverage",
+                       "checkpoint", "data", "evaluated", "caveats", "skipped"]
+    assert list(m["per_class"]["red"]) == ["accuracy", "precision", "recall", "f1", "support"]
+    assert list(m["ece"]) == ["raw", "calibrated"] and list(m["reliability"]) == ["raw", "calibrated"]
+
+
 def test_folder_classes_are_matched_by_name_not_position():
-    assert report.match_classes(["red", "blue", "green"], ["blue", "green", "red"]) == [2, 0, 1]
+    assert evalset.match_classes(["red", "blue", "green"], ["blue", "green", "red"]) == [2, 0, 1]
 
 
 def test_a_class_the_model_does_not_know_is_refused(trained_run, colours_eval, tmp_path, capsys):

@@ -8,6 +8,7 @@ is not blank, a confusion cell that shows its thumbnails when clicked, and a con
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -24,6 +25,7 @@ from PIL import Image
 
 from imgcls.evaluation import report_html
 from imgcls.evaluation.report_html import Cell, jpeg_thumbnail, write_html
+from imgcls.evaluation.result import ClassScores, Confidence, Confused, Ece, EvalResult
 
 HOSTILE = 'dog <b>&"\' x'
 SCRIPT_NAME = "</script><script>window.pwned = 1</script><!--"
@@ -48,22 +50,20 @@ def picture(seed: int, size: int = 96, noise: float = 4.0) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def metrics(classes: list[str], cm: list[list[int]], **extra: Any) -> dict[str, Any]:
+def metrics(classes: list[str], cm: list[list[int]], calibrated: bool = True, temperature: float = 1.53) -> EvalResult:
     a = np.array(cm)
     per_class = {}
     for c, name in enumerate(classes):
         if a[c].sum():
             p = a[c, c] / max(1, a[:, c].sum())
             r = a[c, c] / a[c].sum()
-            per_class[name] = {"accuracy": 100 * r, "precision": p, "recall": r,
-                               "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": int(a[c].sum())}
-    m = {"accuracy": 100 * np.trace(a) / a.sum(), "images": int(a.sum()), "classes": classes,
-         "confusion_matrix": cm, "per_class": per_class, "checkpoint": "runs/r18/best.pt", "data": "data/test",
-         "temperature": 1.53, "calibrated": True, "ece": {"raw": 0.0812, "calibrated": 0.0213},
-         "top3_accuracy": 97.5, "tta_accuracy": 84.25, "accuracy_without_tta": 80.5,
-         "most_confused": [{"true": classes[1], "predicted": classes[2], "count": 5}]}
-    m.update(extra)
-    return m
+            f1 = 2 * p * r / (p + r) if p + r else 0.0
+            per_class[name] = ClassScores(accuracy=100 * r, precision=p, recall=r, f1=f1, support=int(a[c].sum()))
+    confidence = Confidence(temperature=temperature, calibrated=calibrated, ece=Ece(raw=0.0812, calibrated=0.0213),
+                            tta_accuracy=84.25, accuracy_without_tta=80.5)
+    return EvalResult(accuracy=100 * np.trace(a) / a.sum(), images=int(a.sum()), classes=classes, confusion_matrix=cm,
+                      per_class=per_class, checkpoint="runs/r18/best.pt", data="data/test", top_k={3: 97.5},
+                      confidence=confidence, most_confused=[Confused(classes[1], classes[2], 5)])
 
 
 def make_cells(cm: list[list[int]], keep: int, noise: float = 4.0) -> dict[tuple[int, int], Cell]:
@@ -195,10 +195,7 @@ def test_uncalibrated_checkpoint_says_so(tmp_path: Path) -> None:
 
 
 def test_optional_keys_may_be_absent(tmp_path: Path) -> None:
-    m = metrics(CLASSES, CM)
-    for key in ("tta_accuracy", "accuracy_without_tta", "top3_accuracy", "ece", "temperature", "calibrated",
-                "most_confused", "checkpoint"):
-        del m[key]
+    m = dataclasses.replace(metrics(CLASSES, CM), confidence=None, top_k={}, most_confused=[], checkpoint=None)
     path = tmp_path / "report.html"
     write_html(path, m, {}, [])
     text = "".join(Page(path.read_text()).text)

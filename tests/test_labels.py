@@ -103,6 +103,19 @@ def test_eval_without_data_evaluates_the_runs_test_split(held_out_run, tmp_path,
     assert "evaluating 9 images: the run's held-out test split" in capsys.readouterr().out
 
 
+def test_eval_reads_the_runs_split_and_its_checkpoint_once(held_out_run, tmp_path, monkeypatch):
+    """eval.py checks --out against the run's data folder, and evaluates the run's test split, from one reading
+    of split.json; and runs the one model it loaded."""
+    import torch
+
+    reads = []
+    read_text, load = Path.read_text, torch.load
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self.name) or read_text(self, *a, **k))
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(Path(str(f)).name) or load(f, *a, **k))
+    assert call(evaluate.main, ["--checkpoint", str(held_out_run), "--out", str(tmp_path / "e")]) == 0
+    assert reads.count("split.json") == 1 and reads.count("best.pt") == 1, reads
+
+
 def test_eval_without_data_of_a_run_without_a_test_split_says_what_to_give(trained_run, capsys):
     assert call(evaluate.main, ["--checkpoint", str(trained_run)]) == 2
     assert "has no held-out test split" in capsys.readouterr().err

@@ -382,9 +382,9 @@ def test_macro_f1_is_the_classification_reports_and_leaves_out_only_labels_neith
     probs = np.array([[0.9, 0.1, 0.8, 0.1], [0.2, 0.3, 0.1, 0.1], [0.7, 0.2, 0.2, 0.1]])
     m = multilabel.metrics(y, probs, [0.5] * 4, ["a", "b", "c", "d"])
     # a: F1 1; b: present, missed: 0; c: absent, said once: 0; d: absent, never said: undefined, left out
-    assert m["macro_f1"] == pytest.approx(100 / 3) and m["per_label"]["d"]["f1"] is None
-    macro_line = next(line for line in m["report"].splitlines() if "macro avg" in line)
-    assert float(macro_line.split()[4]) == pytest.approx(m["macro_f1"] / 100, abs=1e-4)
+    assert m.multilabel.macro_f1 == pytest.approx(100 / 3) and m.multilabel.per_label["d"].f1 is None
+    macro_line = next(line for line in m.report.splitlines() if "macro avg" in line)
+    assert float(macro_line.split()[4]) == pytest.approx(m.multilabel.macro_f1 / 100, abs=1e-4)
 
 
 def test_without_any_positive_label_the_map_is_undefined_not_zero(ml_run, objects, tmp_path, capsys):

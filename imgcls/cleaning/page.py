@@ -8,16 +8,14 @@ which may hold <, &, quotes or $) is escaped.
 from __future__ import annotations
 
 import base64
-import html
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from imgcls import files
 from imgcls.cleaning.issues import KINDS, Issue, label_names
 from imgcls.cleaning.job import Job
 from imgcls.cleaning.oof import Predictions
-from imgcls.evaluation import report_html
+from imgcls.evaluation import htmlpage, report_html
+from imgcls.evaluation.htmlpage import esc
 from imgcls.evaluation.predictor import thumbnail
 
 MAX_ROWS = 300  # per kind with a picture: a page of a few MB however many issues; all are in the CSV
@@ -30,10 +28,6 @@ ABOUT = {"label": "Ranked by the out-of-fold probability that the given label is
                     "image the fold's model trained on).",
          "look-alike": "Pairs whose perceptual hashes (as dataset.py check compares them) match, labelled differently. "
                        "Suggested: the label the models give the pair."}
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def write_page(path: Path, job: Job, pred: Predictions, issues: list[Issue], sep: str, picture: Path) -> None:
@@ -50,29 +44,14 @@ def write_page(path: Path, job: Job, pred: Predictions, issues: list[Issue], sep
         b64 = base64.b64encode(picture.read_bytes()).decode("ascii")
         figure = f'<figure><img alt="the worst issues" src="data:image/png;base64,{b64}"></figure>'
     sections = "\n".join(section(kind, pred, [i for i in issues if i.kind == kind], sep) for kind in KINDS)
-    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{csp}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>Label issues: {esc(job.data)}</title>
-<style>{CSS}</style>
-</head>
-<body>
-<header><h1>Label issues</h1>
+    body = f"""<header><h1>Label issues</h1>
 <p class="note">Mark each row's <b>action</b> in label_issues.csv (keep, relabel, drop), then
 <code>python clean.py apply label_issues.csv --out corrected.csv</code> writes a label file for
 <code>train.py --data</code>; your image folders are never changed.</p>
 <table class="summary">{table}</table></header>
 {figure}
-{sections}
-</body>
-</html>
-"""
-    files.atomic_write_text(path, page.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
+{sections}"""
+    htmlpage.write(path, htmlpage.document(f"Label issues: {job.data}", CSS, body))
 
 
 def section(kind: str, pred: Predictions, issues: list[Issue], sep: str) -> str:
@@ -96,13 +75,7 @@ def section(kind: str, pred: Predictions, issues: list[Issue], sep: str) -> str:
             f"\n</tbody></table></div>{more}</section>")
 
 
-CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
-h1{margin:0 0 .4em}h2{margin:1.4em 0 .4em}
-table{border-collapse:collapse}
-.summary th{text-align:left;padding:2px 1em 2px 0;font-weight:600}
-.scroll{overflow:auto;max-width:100%}
-.issues th,.issues td{padding:3px 8px;border-bottom:1px solid #e4e4e4;text-align:left;vertical-align:middle}
+CSS = """.issues th,.issues td{padding:3px 8px;border-bottom:1px solid #e4e4e4;text-align:left;vertical-align:middle}
 .issues thead th{background:#f3f3f3}
 .issues img{width:96px;height:96px;object-fit:contain;background:#eee}
 .path{overflow-wrap:anywhere;max-width:28em;font-family:monospace;font-size:12px}

@@ -18,7 +18,7 @@ from imgcls.evaluation import multilabel
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable,
+def predict(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable, *,
             desc: str = "predicting", show: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, targets, dataset indices) for every readable item, in loader order, on the CPU."""
     outs, targets, indices = [], [], []

@@ -9,10 +9,11 @@ no threshold.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
+
+from imgcls.evaluation.result import EvalResult, LabelScores, MultiLabelScores
 
 DEFAULT_THRESHOLD = 0.5  # a label never seen in validation keeps it
 
@@ -79,7 +80,7 @@ def undefined_as_none(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def metrics(y: np.ndarray, probs: np.ndarray, thresholds: Sequence[float], classes: list[str]) -> dict[str, Any]:
+def metrics(y: np.ndarray, probs: np.ndarray, thresholds: Sequence[float], classes: list[str]) -> EvalResult:
     """mAP; micro and macro F1 at the thresholds; per label precision, recall, F1, AP, support and
     threshold; scikit-learn's classification report; the share of images with exactly their labels.
     Scikit-learn's definitions throughout, a 0/0 left undefined (None) and out of the averages: a label
@@ -89,17 +90,18 @@ def metrics(y: np.ndarray, probs: np.ndarray, thresholds: Sequence[float], class
     pred = decide(probs, thresholds).astype(np.int64)
     ap = average_precision(y, probs)
     p, r, f1, support = precision_recall_fscore_support(y, pred, zero_division=np.nan)
-    per_label = {classes[c]: {"precision": undefined_as_none(p[c]), "recall": undefined_as_none(r[c]),
-                              "f1": undefined_as_none(f1[c]), "ap": undefined_as_none(ap[c]),
-                              "support": int(support[c]), "threshold": float(thresholds[c])}
+    per_label = {classes[c]: LabelScores(precision=undefined_as_none(p[c]), recall=undefined_as_none(r[c]),
+                                         f1=undefined_as_none(f1[c]), ap=undefined_as_none(ap[c]),
+                                         support=int(support[c]), threshold=float(thresholds[c]))
                  for c in range(len(classes))}
     score = {k: undefined_as_none(f1_score(y, pred, average=k, zero_division=np.nan)) for k in ("micro", "macro")}
-    return {"map": mean_ap(ap) if not np.isnan(ap).all() else None, "images": len(y), "classes": classes,
-            "micro_f1": None if score["micro"] is None else 100 * score["micro"],
-            "macro_f1": None if score["macro"] is None else 100 * score["macro"],
-            "exact_match": 100 * float((pred == y).all(1).mean()) if len(y) else 0.0,
-            "per_label": per_label,
-            "report": classification_report(y, pred, target_names=classes, digits=4, zero_division=np.nan)}
+    scores = MultiLabelScores(map=mean_ap(ap) if not np.isnan(ap).all() else None,
+                              micro_f1=None if score["micro"] is None else 100 * score["micro"],
+                              macro_f1=None if score["macro"] is None else 100 * score["macro"],
+                              exact_match=100 * float((pred == y).all(1).mean()) if len(y) else 0.0,
+                              per_label=per_label)
+    return EvalResult(classes=classes, images=len(y), multilabel=scores,
+                      report=classification_report(y, pred, target_names=classes, digits=4, zero_division=np.nan))
 
 
 def shown(value: float | None, spec: str = ".2f", suffix: str = "%") -> str:
@@ -107,14 +109,18 @@ def shown(value: float | None, spec: str = ".2f", suffix: str = "%") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
-def print_metrics(m: dict[str, Any]) -> None:
-    print(f"mAP (mean average precision over labels) on the {m['images']} images evaluated: {shown(m['map'])}"
-          + (" (no image evaluated has any of the labels)" if m["map"] is None else ""))
-    print(f"F1 at the tuned thresholds: micro {shown(m['micro_f1'])}, macro {shown(m['macro_f1'])}; images with "
-          f"exactly their labels: {m['exact_match']:.2f}%")
-    width = max(len(c) for c in m["classes"])
+def print_metrics(result: EvalResult) -> None:
+    m = result.multilabel
+    assert m is not None
+    print(f"mAP (mean average precision over labels) on the {result.images} images evaluated: {shown(m.map)}"
+          + (" (no image evaluated has any of the labels)" if m.map is None else ""))
+    print(f"F1 at the tuned thresholds: micro {shown(m.micro_f1)}, macro {shown(m.macro_f1)}; images with "
+          f"exactly their labels: {m.exact_match:.2f}%")
+    width = max(len(c) for c in result.classes)
     print(f"\n{'label':>{width}}  support  threshold  precision  recall     F1      AP")
-    for name, r in m["per_label"].items():
-        print(f"{name:>{width}}  {r['support']:7d}  {r['threshold']:9.3f}  {shown(r['precision'], '9.4f', '')}  "
-              f"{shown(r['recall'], '.4f', '')}  {shown(r['f1'], '.4f', '')}  {shown(r['ap'], '.4f', '')}")
-    print("\n" + m["report"])
+    for name, r in m.per_label.items():
+        print(f"{name:>{width}}  {r.support:7d}  {r.threshold:9.3f}  {shown(r.precision, '9.4f', '')}  "
+              f"{shown(r.recall, '.4f', '')}  {shown(r.f1, '.4f', '')}  {shown(r.ap, '.4f', '')}")
+    print("\n" + result.report)
+    if m.tta:
+        print(f"With test-time augmentation: mAP {shown(m.map)} (without: {shown(m.map_without_tta)})")

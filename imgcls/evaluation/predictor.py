@@ -29,7 +29,7 @@ from imgcls.networks import build
 from imgcls.preprocess import Preprocess
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Loaded:
     """A model ready for inference, with everything needed to feed it and name its outputs."""
     model: Callable[[torch.Tensor], torch.Tensor]
@@ -67,9 +67,10 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
     path, device = Path(path), pick_device(device_name)
     if checkpoint.is_onnx(path):
         onnx = OnnxModel(path)
-        return Loaded(onnx, lambda x: x, contextlib.nullcontext, onnx.classes, onnx.preprocess,
-                      path, torch.device("cpu"), onnx.arch, onnx.temperature, onnx.flips, onnx.thresholds,
-                      onnx.label_sep)
+        return Loaded(model=onnx, to_input=lambda x: x, autocast=contextlib.nullcontext, classes=onnx.classes,
+                      preprocess=onnx.preprocess, source=path, device=torch.device("cpu"), arch=onnx.arch,
+                      temperature=onnx.temperature, flips=onnx.flips, thresholds=onnx.thresholds,
+                      label_sep=onnx.label_sep)
     ckpt = checkpoint.load(path)
     for note in (checkpoint.fitted_elsewhere(ckpt, path), checkpoint.temperature_not_kept(ckpt)):
         if note:
@@ -77,12 +78,13 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
     model = build.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp)
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    return Loaded(model, to_model_input(pre, device), autocast, list(ckpt["classes"]), pre, path, device,
-                  ckpt["arch"], checkpoint.temperature(ckpt, path), checkpoint.trained_with_flips(ckpt),
-                  checkpoint.thresholds(ckpt, path), checkpoint.label_sep(ckpt))
+    return Loaded(model=model, to_input=to_model_input(pre, device), autocast=autocast, classes=list(ckpt["classes"]),
+                  preprocess=pre, source=path, device=device, arch=ckpt["arch"],
+                  temperature=checkpoint.temperature(ckpt, path), flips=checkpoint.trained_with_flips(ckpt),
+                  thresholds=checkpoint.thresholds(ckpt, path), label_sep=checkpoint.label_sep(ckpt))
 
 
-def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None,
+def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None, *,
               show: bool = True, cache: imagecache.ImageCache | None = None, max_bytes: int = data_images.MAX_BYTES,
               tta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, targets, item indices) for every readable image, in order, each exactly once. With `tta`,

@@ -1,12 +1,12 @@
-"""What eval.py and test.py report: a trained or exported model run over image files (predictor.py),
-and the results written for people: accuracy, the confusion matrix, per-class metrics and the worst
-mistakes (eval); labels, confidences and a picture (test).
+"""What eval.py reports: a trained or exported model run over labelled images (predictor.py, evalset.py),
+its `EvalResult` built once, and rendered for people: accuracy, the confusion matrix, per-class metrics and
+the worst mistakes, on the terminal, in metrics.json and report.html.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,108 +14,93 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgcls import files, plots, runfolder
-from imgcls.data import check, folders, imagecache, labelfile, stratify
-from imgcls.data import split as data_split
+from imgcls import files, plots
+from imgcls.data import folders, imagecache, stratify
 from imgcls.errors import UsageError
 from imgcls.evaluation import calibration, multilabel, predictions, report_html
+from imgcls.evaluation.evalset import EvalOptions, RunSplit, evaluation_set, match_classes, warn_if_seen
 from imgcls.evaluation.predictor import Explainer, Loaded, input_images, load_model, run_model, thumbnail
+from imgcls.evaluation.result import ClassScores, Confidence, Confused, Ece, EvalResult
 
 
-def match_classes(folder_classes: list[str], model_classes: list[str]) -> list[int]:
-    """Map each folder class to the model's index of the same name."""
-    unknown = [c for c in folder_classes if c not in model_classes]
-    if unknown:
-        raise UsageError(f"the model does not know class(es) {', '.join(unknown)}; it knows: "
-                         f"{', '.join(model_classes)}. Remove or rename them")
-    missing = [c for c in model_classes if c not in folder_classes]
-    if missing:
-        imagecache.warn(f"no images of class(es) {', '.join(missing)}: the report covers the other classes")
-    return [model_classes.index(c) for c in folder_classes]
-
-
-def compute_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], present: list[int]) -> dict[str, Any]:
+def compute_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], present: list[int]) -> EvalResult:
+    """Accuracy, the confusion matrix, per-class scores, the most confused pairs and scikit-learn's report."""
     from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
     cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
     p, r, f1, support = precision_recall_fscore_support(y, pred, labels=present, zero_division=0)
-    per_class = {classes[c]: {"accuracy": 100 * cm[c, c] / max(1, cm[c].sum()), "precision": float(p[k]),
-                              "recall": float(r[k]), "f1": float(f1[k]), "support": int(support[k])}
+    per_class = {classes[c]: ClassScores(accuracy=float(100 * cm[c, c] / max(1, cm[c].sum())), precision=float(p[k]),
+                                         recall=float(r[k]), f1=float(f1[k]), support=int(support[k]))
                  for k, c in enumerate(present)}
     off = [(int(cm[i, j]), classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes))
            if i != j and cm[i, j]]
-    return {"accuracy": 100 * float(np.trace(cm)) / max(1, cm.sum()), "images": int(cm.sum()),
-            "classes": classes, "confusion_matrix": cm.tolist(), "per_class": per_class,
-            "most_confused": [{"true": t, "predicted": q, "count": n} for n, t, q in sorted(off, reverse=True)[:10]],
-            "report": classification_report(y, pred, labels=present, target_names=[classes[c] for c in present],
-                                            digits=4, zero_division=0)}
+    return EvalResult(classes=classes, images=int(cm.sum()), accuracy=100 * float(np.trace(cm)) / max(1, cm.sum()),
+                      confusion_matrix=cm.tolist(), per_class=per_class,
+                      most_confused=[Confused(t, q, n) for n, t, q in sorted(off, reverse=True)[:10]],
+                      report=classification_report(y, pred, labels=present, target_names=[classes[c] for c in present],
+                                                   digits=4, zero_division=0))
 
 
-def evaluated_images(m: dict[str, Any]) -> str:
+def evaluated_images(r: EvalResult) -> str:
     """The images evaluated, as the accuracy line names them: test images, unless the run's split.json says
     some are images it trained or was chosen on (then they are named, and the score called optimistic)."""
-    caveats, n = m.get("caveats") or [], m["images"]
+    caveats, n = r.caveats, r.images
     if not caveats:
         return f"the {n} test images"
-    if len(caveats) == 1 and caveats[0]["images"] >= n:
-        return f"the {n} {caveats[0]['kind']} images {caveats[0]['why']} (optimistic)"
-    parts = "; ".join(f"{c['images']} of them {c['kind']} images {c['why']}" for c in caveats)
+    if len(caveats) == 1 and caveats[0].images >= n:
+        return f"the {n} {caveats[0].kind} images {caveats[0].why} (optimistic)"
+    parts = "; ".join(f"{c.images} of them {c.kind} images {c.why}" for c in caveats)
     return f"the {n} images evaluated ({parts}: optimistic)"
 
 
-def print_report(m: dict[str, Any], present: list[int]) -> None:
-    classes = m["classes"]
-    print(f"Accuracy of the network on {evaluated_images(m)}: {m['accuracy']:.2f}%")
+def print_report(r: EvalResult) -> None:
+    classes = r.classes
+    print(f"Accuracy of the network on {evaluated_images(r)}: {r.accuracy:.2f}%")
     print("\nConfusion Matrix (rows: true, columns: predicted; order: " + ", ".join(classes) + ")")
-    print(np.array(m["confusion_matrix"]))
+    print(np.array(r.confusion_matrix))
     print("\nPer class accuracy")
     width = max(len(c) for c in classes)
-    for c in present:
-        print(f"Accuracy of class {classes[c]:>{width}} : {m['per_class'][classes[c]]['accuracy']:.2f} %")
-    print("\n" + m["report"])
-    if m["most_confused"]:
+    for name, scores in r.per_class.items():
+        print(f"Accuracy of class {name:>{width}} : {scores.accuracy:.2f} %")
+    print("\n" + r.report)
+    if r.most_confused:
         print("Most confused (true -> predicted: count)")
-        for e in m["most_confused"][:5]:
-            print(f"  {e['true']} -> {e['predicted']}: {e['count']}")
+        for e in r.most_confused[:5]:
+            print(f"  {e.true} -> {e.predicted}: {e.count}")
 
 
-def evaluate(ckpt_path: Path, data: Path | None, out: Path, device: str, amp: bool, batch_size: int,
-             workers: int | None, cache_dir: str | None, max_bytes: int, image_cache: str, tta: bool = False,
-             label_sep: str | None = None) -> int:
+def evaluate(ckpt_path: Path, data: Path | None, out: Path, run: RunSplit, opts: EvalOptions) -> int:
     """eval.py's work: the model over every image of a labelled folder or label file (or, without one, the
-    run's own held-out test split), the report printed and written."""
-    loaded = load_model(ckpt_path, device, amp)
-    size = loaded.preprocess.resize_size if image_cache != "none" else None
-    split = run_split(ckpt_path.parent)
-    data_classes, items, skipped, cache, what = evaluation_set(data, ckpt_path, split, cache_dir, size, max_bytes,
-                                                               loaded.preprocess.resample,
-                                                               label_sep or loaded.label_sep, image_cache)
+    `run`'s own held-out test split), the report printed and written. The checkpoint is loaded here, once."""
+    loaded = load_model(ckpt_path, opts.device, opts.amp)
+    size = loaded.preprocess.resize_size if opts.image_cache != "none" else None
+    data_classes, items, skipped, cache, what = evaluation_set(data, run, opts, size=size,
+                                                               interpolation=loaded.preprocess.resample,
+                                                               sep=opts.label_sep or loaded.label_sep)
     check_kind(stratify.is_multilabel(items), loaded, what)
     mapping = match_classes(data_classes, loaded.classes)
     items = [(p, tuple(sorted(mapping[c] for c in y)) if loaded.multilabel else mapping[y]) for p, y in items]
     print(f"evaluating {len(items)} images: {what}")
-    caveats = warn_if_seen(items, split, ckpt_path.parent / runfolder.SPLIT) if split is not None else []
+    about = {"checkpoint": str(loaded.source), "data": str(data if data is not None else run.folder),
+             "evaluated": what, "caveats": warn_if_seen(items, run), "skipped": list(skipped)}
     if skipped:
         imagecache.warn(f"skipping {len(skipped)} file(s) (listed in skipped.txt with the report), e.g. "
-                     f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
-    logits, y, idx = run_model(loaded, items, batch_size, workers, cache=cache, max_bytes=max_bytes, tta=tta)
+                        f"{folders.shown(skipped[0][0])}: {skipped[0][1]}")
+    logits, y, idx = run_model(loaded, items, opts.batch_size, opts.workers, cache=cache, max_bytes=opts.max_bytes,
+                               tta=opts.tta)
     if not len(idx):
         raise UsageError(f"no readable image in {what}: see the warnings above")
     probs = loaded.probabilities(logits)  # calibrated; averaged over the views with --tta
     if loaded.multilabel:
-        return evaluate_multilabel(loaded, out, items, probs, logits, y, idx, skipped,
-                                   {"data": str(data if data is not None else ckpt_path.parent), "evaluated": what,
-                                    "caveats": caveats})
+        return evaluate_multilabel(loaded, out, items, probs=probs, logits=logits, y=y, idx=idx, about=about)
     conf, pred = probs.max(1)
-    present = sorted(set(mapping))
-    m = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, present)
-    m.update(confidence_metrics(loaded, logits[:, 0] if tta else logits, probs, y, tta))
-    m.update({"checkpoint": str(loaded.source), "data": str(data if data is not None else ckpt_path.parent),
-              "evaluated": what, "caveats": caveats, "skipped": [list(s) for s in skipped]})
-    print_report(m, present)
-    print_confidence(m)
+    result = compute_metrics(y.numpy(), pred.numpy(), loaded.classes, sorted(set(mapping)))
+    top_k, confidence = confidence_metrics(loaded, logits[:, 0] if opts.tta else logits, probs, y, opts.tta)
+    result = dataclasses.replace(result, top_k=top_k, confidence=confidence, **about)
+    print_report(result)
+    print_confidence(result)
     results = [Result(items[int(i)][0], int(t), int(q), float(c)) for i, t, q, c in zip(idx, y, pred, conf)]
-    write_eval(out, m, results, skipped, loaded)
+    write_eval(out, result, results, loaded)
     return 0
 
 
@@ -129,25 +114,22 @@ def check_kind(multi_data: bool, loaded: Loaded, what: str) -> None:
                          f"(not {what})")
 
 
-def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]], probs: torch.Tensor,
-                        logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, skipped: list[tuple[str, str]],
-                        about: dict[str, str]) -> int:
+def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]], *, probs: torch.Tensor,
+                        logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, about: dict[str, Any]) -> int:
     """eval.py for a multi-label model: mAP, F1 at the model's thresholds, the per-label table and picture."""
     truth, p = y.numpy().astype(np.int64), probs.numpy()
-    m = multilabel.metrics(truth, p, loaded.thresholds, loaded.classes)
+    result = multilabel.metrics(truth, p, loaded.thresholds, loaded.classes)
+    scores = result.multilabel
+    assert scores is not None
     if logits.dim() == 3:  # --tta: the plain images too
-        plain = torch.sigmoid(logits[:, 0]).numpy()
-        ap = multilabel.average_precision(truth, plain)
-        m["map_without_tta"] = None if np.isnan(ap).all() else multilabel.mean_ap(ap)
-    m |= {"checkpoint": str(loaded.source), **about, "skipped": [list(s) for s in skipped]}
-    multilabel.print_metrics(m)
-    if "map_without_tta" in m:
-        print(f"With test-time augmentation: mAP {multilabel.shown(m['map'])} (without: "
-              f"{multilabel.shown(m['map_without_tta'])})")
-    files.atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
-    files.atomic_write_text(out / "classification_report.txt", m["report"])
-    files.atomic_write_text(out / "skipped.txt", folders.skipped_lines(skipped))
-    plots.save(plots.per_label_figure(m["per_label"]), out / "per_label.png")
+        ap = multilabel.average_precision(truth, torch.sigmoid(logits[:, 0]).numpy())
+        scores = dataclasses.replace(scores, tta=True,
+                                     map_without_tta=None if np.isnan(ap).all() else multilabel.mean_ap(ap))
+    result = dataclasses.replace(result, multilabel=scores, **about)
+    multilabel.print_metrics(result)
+    write_common(out, result)
+    plots.save(plots.per_label_figure({name: dataclasses.asdict(s) for name, s in scores.per_label.items()}),
+               out / "per_label.png")
     wrong = multilabel.decide(p, loaded.thresholds) != truth.astype(bool)
     rows = sorted(((int(wrong[r].sum()), items[int(i)][0], r) for r, i in enumerate(idx.tolist()) if wrong[r].any()),
                   key=lambda t: -t[0])
@@ -161,67 +143,16 @@ def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]],
                       sep.join(names[c] for c in np.flatnonzero(said & ~truth[r].astype(bool))),
                       predictions.probabilities_json([(names[c], float(p[r, c])) for c in np.flatnonzero(said)])])
     files.write_csv(out / "mistakes.csv", ["path", "labels", "predicted", "missed", "extra", "probabilities"], lines)
-    report_html.write_html(out / "report.html", m, {}, [("Per label", out / "per_label.png")])
+    report_html.write_html(out / "report.html", result, {}, [("Per label", out / "per_label.png")])
     print(f"wrote {out}/report.html, metrics.json, per_label.png, classification_report.txt, mistakes.csv")
     return 0
 
 
-def evaluation_set(data: Path | None, ckpt_path: Path, split: data_split.DataSplit | None, cache_dir: str | None,
-                   size: int | None, max_bytes: int, interpolation: str, sep: str = labelfile.DEFAULT_SEP,
-                   image_cache: str = "raw") -> check.Scanned:
-    """The labelled images to evaluate: a folder, a label file, or the test split of the checkpoint's run
-    (`split`, its split.json when readable); checked, and decoded into the cache of kind `image_cache`."""
-    if data is not None and labelfile.is_label_file(data):
-        return check.scan_labels(data, cache_dir, cache_size=size, max_bytes=max_bytes, sep=sep,
-                                   interpolation=interpolation, image_cache=image_cache)
-    if data is not None:
-        return check.scan_folder(data, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation,
-                                   image_cache=image_cache)
-    if split is None and (ckpt_path.parent / runfolder.SPLIT).exists():
-        raise UsageError(f"{ckpt_path.parent / runfolder.SPLIT} cannot be read: give the images to evaluate, "
-                         "python eval.py DATA")
-    root = Path(split.root) if split is not None else None
-    test_dir = folders.find_layout(root)[2] if root is not None and root.is_dir() else None
-    if split is None or not (split.test or test_dir):
-        raise UsageError(f"{ckpt_path.parent} has no held-out test split (train with --test-split F, or give a "
-                         "folder with a test/ folder): give the images to evaluate, python eval.py DATA")
-    if not split.test:  # a data set root with its own test/ folder
-        return check.scan_folder(root, cache_dir, cache_size=size, max_bytes=max_bytes, interpolation=interpolation,
-                                   image_cache=image_cache)
-    good, skipped, cache = check.check_items(split.test, "the run's test split", cache_dir, True, size, max_bytes,
-                                               interpolation, image_cache)
-    return split.classes, good, skipped, cache, f"the run's held-out test split ({ckpt_path.parent / runfolder.SPLIT})"
-
-
-def run_split(run_dir: Path) -> data_split.DataSplit | None:
-    """The run's split.json, when the checkpoint is in a run folder that has a readable one."""
-    try:
-        split = data_split.DataSplit.load(run_dir / runfolder.SPLIT)
-        n = len(split.classes)
-        if all(isinstance(p, str) and all(0 <= int(c) < n for c in stratify.label_set(y))
-               for p, y in split.train + split.val + split.test):
-            return split
-    except Exception:  # a damaged or foreign file, whatever it holds: as if there were none
-        pass
-    return None
-
-
-def warn_if_seen(items: list[tuple[str, int]], split: data_split.DataSplit, split_file: Path) -> list[dict[str, Any]]:
-    """A warning when the images evaluated are ones the model trained on or was chosen on: then the
-    accuracy is not that of new images. Returned too (kind, why, images, text), for the accuracy line,
-    metrics.json and report.html, which must say the same."""
-    paths = {os.path.realpath(p) for p, _ in items}  # however the folder was named: relative, a link
-    caveats = []
-    for name, used, why in (("training", split.train, "it learned from"), ("validation", split.val,
-                                                                        "best.pt was chosen on")):
-        seen = len(paths & {os.path.realpath(p) for p, _ in used})
-        if seen:
-            text = (f"{seen} of the {len(paths)} images evaluated are the {name} images {why} ({split_file}): its "
-                    "scores are optimistic; evaluate images the run never used (train with --test-split F to keep "
-                    "some aside)")
-            imagecache.warn(text)
-            caveats.append({"kind": name, "why": why, "images": seen, "text": text})
-    return caveats
+def write_common(out: Path, result: EvalResult) -> None:
+    """What every evaluation writes: metrics.json, the classification report and the files skipped."""
+    files.atomic_write_text(out / "metrics.json", json.dumps(result.to_json(), indent=1))
+    files.atomic_write_text(out / "classification_report.txt", result.report)
+    files.atomic_write_text(out / "skipped.txt", folders.skipped_lines(result.skipped))
 
 
 @dataclass
@@ -234,42 +165,43 @@ class Result:
 
 
 def confidence_metrics(loaded: Loaded, logits: torch.Tensor, probs: torch.Tensor, y: torch.Tensor,
-                       tta: bool) -> dict[str, Any]:
+                       tta: bool) -> tuple[dict[int, float], Confidence]:
     """How far the probabilities can be trusted: top-k accuracy, calibration before and after the
     temperature (on the plain images' logits), risk-coverage; with TTA, the accuracy without it."""
     k = min(5, len(loaded.classes) - 1)  # top-k of all the classes is 100% and says nothing
     raw, calibrated = calibration.probabilities(logits), calibration.probabilities(logits, loaded.temperature or 1.0)
-    m = {**({f"top{k}_accuracy": calibration.topk_accuracy(probs, y, k)} if k >= 2 else {}),
-         "temperature": loaded.temperature or 1.0,
-         "calibrated": loaded.temperature is not None,
-         "ece": {"raw": calibration.ece(raw, y), "calibrated": calibration.ece(calibrated, y)},
-         "reliability": {"raw": calibration.reliability_bins(raw, y),
-                         "calibrated": calibration.reliability_bins(calibrated, y)},
-         "risk_coverage": calibration.risk_coverage(probs, y)}
-    if tta:
-        m |= {"tta_accuracy": calibration.topk_accuracy(probs, y, 1),
-              "accuracy_without_tta": calibration.topk_accuracy(calibrated, y, 1)}
-        m["ece"]["tta"] = calibration.ece(probs, y)
-    return m
+    top_k = {k: calibration.topk_accuracy(probs, y, k)} if k >= 2 else {}
+    confidence = Confidence(
+        temperature=loaded.temperature or 1.0, calibrated=loaded.temperature is not None,
+        ece=Ece(raw=calibration.ece(raw, y), calibrated=calibration.ece(calibrated, y),
+                tta=calibration.ece(probs, y) if tta else None),
+        reliability={"raw": calibration.reliability_bins(raw, y),
+                     "calibrated": calibration.reliability_bins(calibrated, y)},
+        risk_coverage=calibration.risk_coverage(probs, y),
+        tta_accuracy=calibration.topk_accuracy(probs, y, 1) if tta else None,
+        accuracy_without_tta=calibration.topk_accuracy(calibrated, y, 1) if tta else None)
+    return top_k, confidence
 
 
-def print_confidence(m: dict[str, Any]) -> None:
-    for key in m:
-        if key.startswith("top") and key.endswith("_accuracy"):
-            print(f"Top-{key[3:-9]} accuracy: {m[key]:.2f}%")
-    if "tta_accuracy" in m:
-        print(f"With test-time augmentation: {m['tta_accuracy']:.2f}% (without: {m['accuracy_without_tta']:.2f}%)")
-    ece = m["ece"]
-    if m["calibrated"]:
-        print(f"Calibration: temperature {m['temperature']:.3f}; expected calibration error {100 * ece['raw']:.2f}% "
-              f"(raw softmax) -> {100 * ece['calibrated']:.2f}%")
+def print_confidence(r: EvalResult) -> None:
+    for k, accuracy in sorted(r.top_k.items()):
+        print(f"Top-{k} accuracy: {accuracy:.2f}%")
+    c = r.confidence
+    if c is None:
+        return
+    if c.tta_accuracy is not None:
+        print(f"With test-time augmentation: {c.tta_accuracy:.2f}% (without: {c.accuracy_without_tta:.2f}%)")
+    ece = c.ece
+    if c.calibrated:
+        print(f"Calibration: temperature {c.temperature:.3f}; expected calibration error {100 * ece.raw:.2f}% "
+              f"(raw softmax) -> {100 * ece.calibrated:.2f}%")
     else:
         print(f"note: this checkpoint has no fitted temperature (trained before calibration): probabilities are the "
-              f"raw softmax (temperature 1); expected calibration error {100 * ece['raw']:.2f}%")
-    if "tta" in ece:  # the temperature was fitted on single views: an average of views is less sure
-        print(f"  with test-time augmentation (averaged calibrated probabilities): {100 * ece['tta']:.2f}%")
-    tta = " --tta" if "tta_accuracy" in m else ""
-    kept = [r for r in m["risk_coverage"] if r["threshold"] in (0.5, 0.8, 0.9, 0.95) and r["accuracy"] is not None]
+              f"raw softmax (temperature 1); expected calibration error {100 * ece.raw:.2f}%")
+    if ece.tta is not None:  # the temperature was fitted on single views: an average of views is less sure
+        print(f"  with test-time augmentation (averaged calibrated probabilities): {100 * ece.tta:.2f}%")
+    tta = " --tta" if c.tta_accuracy is not None else ""
+    kept = [r for r in c.risk_coverage if r["threshold"] in (0.5, 0.8, 0.9, 0.95) and r["accuracy"] is not None]
     print(f"Keeping only predictions with probability >= P (test.py{tta} --reject-below P):" +
           ("" if kept else " no P of 0.5 or more keeps any image"))
     for r in kept:
@@ -277,17 +209,15 @@ def print_confidence(m: dict[str, Any]) -> None:
               f"accuracy on them {r['accuracy']:.2f}%")
 
 
-def write_eval(out: Path, m: dict[str, Any], results: list[Result], skipped: list[tuple[str, str]],
-               loaded: Loaded) -> None:
-    files.atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in m.items() if k != "report"}, indent=1))
-    files.atomic_write_text(out / "classification_report.txt", m["report"])
-    files.atomic_write_text(out / "skipped.txt", folders.skipped_lines(skipped))
-    classes = m["classes"]
-    plots.save(plots.confusion_figure(np.array(m["confusion_matrix"]), classes), out / "confusion_matrix.png")
-    plots.save(plots.reliability_figure(m["reliability"]["raw"], m["reliability"]["calibrated"], m["ece"]["raw"],
-                                        m["ece"]["calibrated"], m["temperature"] if m["calibrated"] else None),
+def write_eval(out: Path, result: EvalResult, results: list[Result], loaded: Loaded) -> None:
+    write_common(out, result)
+    classes, c = result.classes, result.confidence
+    assert c is not None
+    plots.save(plots.confusion_figure(np.array(result.confusion_matrix), classes), out / "confusion_matrix.png")
+    plots.save(plots.reliability_figure(c.reliability["raw"], c.reliability["calibrated"], ece_raw=c.ece.raw,
+                                        ece=c.ece.calibrated, temperature=c.temperature if c.calibrated else None),
                out / "reliability.png")
-    plots.save(plots.risk_coverage_figure(m["risk_coverage"]), out / "risk_coverage.png")
+    plots.save(plots.risk_coverage_figure(c.risk_coverage), out / "risk_coverage.png")
     # the most confident mistakes first: the ones worth looking at
     wrong = sorted((r for r in results if r.predicted != r.true), key=lambda r: -r.confidence)
     files.write_csv(out / "misclassified.csv", ["path", "true", "predicted", "confidence"],
@@ -296,7 +226,7 @@ def write_eval(out: Path, m: dict[str, Any], results: list[Result], skipped: lis
         plots.save(worst_mistakes_figure(loaded, wrong[:WORST], classes), out / "worst_mistakes.png")
     figures = [("Reliability diagram", out / "reliability.png"), ("Risk-coverage", out / "risk_coverage.png"),
                ("Worst mistakes, with the evidence for each class", out / "worst_mistakes.png")]
-    report_html.write_html(out / "report.html", m, confusion_cells(results, m["confusion_matrix"]), figures)
+    report_html.write_html(out / "report.html", result, confusion_cells(results, result.confusion_matrix), figures)
     print(f"wrote {out}/report.html, metrics.json, confusion_matrix.png, reliability.png, risk_coverage.png, "
           "misclassified.csv" + (", worst_mistakes.png" if wrong else ""))
 

@@ -2,25 +2,24 @@
 
 The page must open anywhere, offline and years later, as a single file a user can mail or archive: so
 nothing is fetched (no CDN, fonts or scripts; images are data URIs, and a Content-Security-Policy lets the
-browser load nothing else), every class name is escaped (folder names may hold <, & or quotes), and each
-thumbnail is stored once, in one JSON block the page's script reads when a matrix cell is clicked.
+browser load nothing else: htmlpage.py), every class name is escaped (folder names may hold <, & or quotes),
+and each thumbnail is stored once, in one JSON block the page's script reads when a matrix cell is clicked.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import html
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imgcls import files
+from imgcls.evaluation import htmlpage
+from imgcls.evaluation.htmlpage import esc
+from imgcls.evaluation.result import ClassScores, EvalResult, LabelScores
 
 
 @dataclass
@@ -51,49 +50,24 @@ def jpeg_thumbnail(image: np.ndarray, size: int = 64, quality: int = 70) -> byte
     return buf.getvalue()
 
 
-def write_html(path: Path, m: dict[str, Any], cells: dict[tuple[int, int], Cell],
+def write_html(path: Path, result: EvalResult, cells: dict[tuple[int, int], Cell],
                figures: list[tuple[str, Path]]) -> None:
-    """Write report.html (atomically: a reader never sees half a page) from eval's metrics `m`, the thumbnails of
+    """Write report.html (atomically: a reader never sees half a page) from eval's result, the thumbnails of
     each confusion cell and the (title, PNG) figures; figures whose file is missing are left out."""
-    classes = [str(c) for c in m.get("classes", [])]
+    classes = [str(c) for c in result.classes]
     data = _script_json({"classes": classes,
                          "cells": {f"{i},{j}": {"count": int(c.count),
                                                 "thumbs": [[str(cap), base64.b64encode(b).decode("ascii")]
                                                            for cap, b in c.thumbs]}
                                    for (i, j), c in sorted(cells.items())}})
-    script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode("utf-8")).digest()).decode("ascii")
-    csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'; "
-           "base-uri 'none'; form-action 'none'")
-    title = f"Evaluation: {m.get('data', '')}"
-    if "accuracy" in m:
-        title += f" ({m['accuracy']:.2f}%)"
-    elif m.get("map") is not None:
-        title += f" (mAP {m['map']:.2f}%)"
-    body = "\n".join([_summary(m), _per_class(m), _matrix(m, classes, cells), _figures(figures)])
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{csp}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>{_esc(title)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-{body}
-<script type="application/json" id="report-data">{data}</script>
-<script>{_SCRIPT}</script>
-</body>
-</html>
-"""
-    # names from folders can hold undecodable bytes (surrogate escapes): shown as U+FFFD, the page stays UTF-8
-    page = page.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    files.atomic_write_text(Path(path), page)
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    title = f"Evaluation: {result.data or ''}"
+    if result.accuracy is not None:
+        title += f" ({result.accuracy:.2f}%)"
+    elif result.multilabel is not None and result.multilabel.map is not None:
+        title += f" (mAP {result.multilabel.map:.2f}%)"
+    body = "\n".join([_summary(result), _per_class(result), _matrix(result.confusion_matrix, classes, cells),
+                      _figures(figures), f'<script type="application/json" id="report-data">{data}</script>'])
+    htmlpage.write(path, htmlpage.document(title, _CSS, body, _SCRIPT))
 
 
 def _script_json(obj: Any) -> str:
@@ -106,92 +80,99 @@ def _pct(value: Any) -> str:
     return f"{float(value):.2f}%"
 
 
-def _summary(m: dict[str, Any]) -> str:
-    rows: list[tuple[str, str]] = []
-    if "accuracy" in m:
-        rows.append(("Accuracy", _pct(m["accuracy"])))
-    for key, label in (("map", "mAP (mean average precision over labels)"), ("map_without_tta", "mAP without TTA"),
-                       ("micro_f1", "Micro F1 at the tuned thresholds"),
-                       ("macro_f1", "Macro F1 at the tuned thresholds"),
-                       ("exact_match", "Images with exactly their labels")):
-        if m.get(key) is not None:
-            rows.append((label, _pct(m[key])))
-    topk = sorted((int(k.group(1)), k.string) for k in map(re.compile(r"top(\d+)_accuracy").fullmatch, m) if k)
-    rows += [(f"Top-{k} accuracy", _pct(m[key])) for k, key in topk]
-    if m.get("tta_accuracy") is not None:
-        without = m.get("accuracy_without_tta")
-        rows.append(("Accuracy with test-time augmentation",
-                     _pct(m["tta_accuracy"]) + (f" (without: {_pct(without)})" if without is not None else "")))
-    if "images" in m:
-        rows.append(("Images", f"{int(m['images']):,}"))
-    if m.get("evaluated"):
-        rows.append(("Images evaluated", _esc(m["evaluated"])))
-    ece = m.get("ece") or {}
-    if m.get("calibrated") is False:
-        note = ("this checkpoint has no fitted temperature (trained before calibration); probabilities are the raw "
-                "softmax")
-        if ece.get("raw") is not None:
-            note += f" (ECE {100 * float(ece['raw']):.2f}%)"
-        rows.append(("Calibration", _esc(note)))
-    elif ece:
-        parts = []
-        if ece.get("raw") is not None:
-            parts.append(f"{100 * float(ece['raw']):.2f}% raw")
-        if ece.get("calibrated") is not None:
-            parts.append(f"{100 * float(ece['calibrated']):.2f}% calibrated")
-        text = " → ".join(parts)
-        if m.get("temperature") is not None:
-            text += f" (temperature {float(m['temperature']):.3f})"
-        if ece.get("tta") is not None:
-            text += f"; {100 * float(ece['tta']):.2f}% with test-time augmentation"
-        rows.append(("Expected calibration error", _esc(text)))
-    for key, label in (("checkpoint", "Checkpoint"), ("data", "Data")):
-        if key in m:
-            rows.append((label, f"<code>{_esc(m[key])}</code>"))
+def _summary(r: EvalResult) -> str:
+    rows = _scores(r) + _calibration(r)
+    for label, value in (("Checkpoint", r.checkpoint), ("Data", r.data)):
+        if value is not None:
+            rows.append((label, f"<code>{esc(value)}</code>"))
     table = "\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in rows)
     confused = ""
-    if m.get("most_confused"):
-        items = "".join(f"<li>{_esc(e['true'])} → {_esc(e['predicted'])}: {int(e['count'])}</li>"
-                        for e in m["most_confused"][:5])
+    if r.most_confused:
+        items = "".join(f"<li>{esc(e.true)} → {esc(e.predicted)}: {int(e.count)}</li>" for e in r.most_confused[:5])
         confused = f"<h3>Most confused (true → predicted: count)</h3>\n<ol>{items}</ol>"
-    caveats = "".join(f'<p class="caveat">Optimistic: {_esc(c.get("text", ""))}</p>\n' for c in m.get("caveats") or [])
+    caveats = "".join(f'<p class="caveat">Optimistic: {esc(c.text)}</p>\n' for c in r.caveats)
     return (f"<header>\n<h1>Evaluation report</h1>\n{caveats}<table class=\"summary\">\n{table}\n</table>\n"
             f"{confused}\n</header>")
 
 
-def _per_class(m: dict[str, Any]) -> str:
-    if m.get("per_label"):
-        return _per_label(m["per_label"])
-    per_class = m.get("per_class") or {}
-    if not per_class:
+def _scores(r: EvalResult) -> list[tuple[str, str]]:
+    """The summary's rows of scores: accuracy or mAP and F1, top-k, TTA, the images."""
+    rows: list[tuple[str, str]] = []
+    if r.accuracy is not None:
+        rows.append(("Accuracy", _pct(r.accuracy)))
+    ml = r.multilabel
+    if ml is not None:
+        for value, label in ((ml.map, "mAP (mean average precision over labels)"),
+                             (ml.map_without_tta, "mAP without TTA"),
+                             (ml.micro_f1, "Micro F1 at the tuned thresholds"),
+                             (ml.macro_f1, "Macro F1 at the tuned thresholds"),
+                             (ml.exact_match, "Images with exactly their labels")):
+            if value is not None:
+                rows.append((label, _pct(value)))
+    rows += [(f"Top-{k} accuracy", _pct(value)) for k, value in sorted(r.top_k.items())]
+    c = r.confidence
+    if c is not None and c.tta_accuracy is not None:
+        without = c.accuracy_without_tta
+        rows.append(("Accuracy with test-time augmentation",
+                     _pct(c.tta_accuracy) + (f" (without: {_pct(without)})" if without is not None else "")))
+    rows.append(("Images", f"{int(r.images):,}"))
+    if r.evaluated:
+        rows.append(("Images evaluated", esc(r.evaluated)))
+    return rows
+
+
+def _calibration(r: EvalResult) -> list[tuple[str, str]]:
+    """The summary's row on calibration: the expected calibration error, or why there is no temperature."""
+    c = r.confidence
+    if c is None:
+        return []
+    ece = c.ece
+    if not c.calibrated:
+        note = ("this checkpoint has no fitted temperature (trained before calibration); probabilities are the raw "
+                "softmax")
+        if ece.raw is not None:
+            note += f" (ECE {100 * float(ece.raw):.2f}%)"
+        return [("Calibration", esc(note))]
+    parts = []
+    if ece.raw is not None:
+        parts.append(f"{100 * float(ece.raw):.2f}% raw")
+    if ece.calibrated is not None:
+        parts.append(f"{100 * float(ece.calibrated):.2f}% calibrated")
+    text = " → ".join(parts) + f" (temperature {float(c.temperature):.3f})"
+    if ece.tta is not None:
+        text += f"; {100 * float(ece.tta):.2f}% with test-time augmentation"
+    return [("Expected calibration error", esc(text))]
+
+
+def _per_class(r: EvalResult) -> str:
+    if r.multilabel is not None and r.multilabel.per_label:
+        return _per_label(r.multilabel.per_label)
+    if not r.per_class:
         return ""
-    known = list(m.get("classes", []))
-    order = [c for c in known if c in per_class] + [c for c in per_class if c not in known]
+    order = [c for c in r.classes if c in r.per_class] + [c for c in r.per_class if c not in r.classes]
     rows = []
     for name in order:
-        r = per_class[name]
-        cells = [f'<td data-v="{int(r.get("support", 0))}">{int(r.get("support", 0))}</td>']
-        for key, text in (("accuracy", _pct), ("precision", "{:.3f}".format), ("recall", "{:.3f}".format),
-                          ("f1", "{:.3f}".format)):
-            v = r.get(key)
+        s: ClassScores = r.per_class[name]
+        cells = [f'<td data-v="{int(s.support)}">{int(s.support)}</td>']
+        for v, text in ((s.accuracy, _pct), (s.precision, "{:.3f}".format), (s.recall, "{:.3f}".format),
+                        (s.f1, "{:.3f}".format)):
             cells.append(f'<td data-v="{float(v)!r}">{text(v)}</td>' if v is not None else '<td data-v="-1">–</td>')
-        rows.append(f"<tr><th>{_esc(name)}</th>{''.join(cells)}</tr>")
+        rows.append(f"<tr><th>{esc(name)}</th>{''.join(cells)}</tr>")
     head = "".join(f'<th title="click to sort">{h}</th>'
                    for h in ("Class", "Support", "Accuracy", "Precision", "Recall", "F1"))
     return (f'<section>\n<h2>Per class</h2>\n<div class="scroll"><table class="sortable" id="per-class">'
             f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>\n</section>")
 
 
-def _per_label(per_label: dict[str, dict[str, Any]]) -> str:
+def _per_label(per_label: dict[str, LabelScores]) -> str:
     """A multi-label model's table: each label's support, threshold, precision, recall, F1 and AP."""
     rows = []
-    for name, r in per_label.items():
-        cells = [f'<td data-v="{int(r.get("support", 0))}">{int(r.get("support", 0))}</td>']
-        for key in ("threshold", "precision", "recall", "f1", "ap"):
-            v = r.get(key)
+    for name, s in per_label.items():
+        cells = [f'<td data-v="{int(s.support)}">{int(s.support)}</td>']
+        for v in (s.threshold, s.precision, s.recall, s.f1, s.ap):
             cells.append(f'<td data-v="{float(v)!r}">{float(v):.3f}</td>' if v is not None
                          else '<td data-v="-1">–</td>')
-        rows.append(f"<tr><th>{_esc(name)}</th>{''.join(cells)}</tr>")
+        rows.append(f"<tr><th>{esc(name)}</th>{''.join(cells)}</tr>")
     head = "".join(f'<th title="click to sort">{h}</th>'
                    for h in ("Label", "Support", "Threshold", "Precision", "Recall", "F1", "AP"))
     return (f'<section>\n<h2>Per label</h2>\n<div class="scroll"><table class="sortable" id="per-class">'
@@ -211,13 +192,13 @@ def matrix_classes(cm: list[list[int]] | np.ndarray, limit: int = MAX_MATRIX_CLA
     return sorted(np.argsort(-(off.sum(0) + off.sum(1)), kind="stable")[:limit].tolist())
 
 
-def _matrix(m: dict[str, Any], classes: list[str], cells: dict[tuple[int, int], Cell]) -> str:
-    cm = np.asarray(m.get("confusion_matrix") or [], dtype=np.int64)
+def _matrix(confusion: list[list[int]], classes: list[str], cells: dict[tuple[int, int], Cell]) -> str:
+    cm = np.asarray(confusion or [], dtype=np.int64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(classes) or not classes:
         return ""
     totals = cm.sum(1)
     shown = matrix_classes(cm)
-    head = "".join(f'<th title="{_esc(classes[j])}"><span>{_esc(classes[j])}</span></th>' for j in shown)
+    head = "".join(f'<th title="{esc(classes[j])}"><span>{esc(classes[j])}</span></th>' for j in shown)
     rows = []
     for i in shown:
         name = classes[i]
@@ -233,7 +214,7 @@ def _matrix(m: dict[str, Any], classes: list[str], cells: dict[tuple[int, int], 
             dark = " k" if alpha > 0.55 else ""
             tds.append(f'<td class="{kind}{dark}" data-cell="{i},{j}" tabindex="0" style="--a:{alpha:.2f}" '
                        f'title="{100 * share:.1f}% of the row">{n}</td>')
-        rows.append(f'<tr><th title="{_esc(name)}">{_esc(name)}</th>{"".join(tds)}<td class="t">{totals[i]}</td></tr>')
+        rows.append(f'<tr><th title="{esc(name)}">{esc(name)}</th>{"".join(tds)}<td class="t">{totals[i]}</td></tr>')
     part = (f" The {len(shown)} of {len(classes)} classes most involved in mistakes; the whole matrix is in "
             "metrics.json." if len(shown) < len(classes) else "")
     return ('<section>\n<h2>Confusion matrix</h2>\n<p class="note">Rows: true class; columns: predicted class. Shade: '
@@ -252,18 +233,12 @@ def _figures(figures: list[tuple[str, Path]]) -> str:
         if not png.is_file():
             continue
         b64 = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f'<figure class="fig"><figcaption>{_esc(title)}</figcaption>'
-                     f'<img alt="{_esc(title)}" src="data:image/png;base64,{b64}"></figure>')
+        parts.append(f'<figure class="fig"><figcaption>{esc(title)}</figcaption>'
+                     f'<img alt="{esc(title)}" src="data:image/png;base64,{b64}"></figure>')
     return "<section>\n<h2>Figures</h2>\n" + "\n".join(parts) + "\n</section>" if parts else ""
 
 
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
-h1{margin:0 0 .4em}h2{margin:1.4em 0 .4em}
-table{border-collapse:collapse}
-.summary th{text-align:left;padding:2px 1em 2px 0;font-weight:600}
-.scroll{overflow:auto;max-width:100%}
-#per-class th,#per-class td{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}
+_CSS = """#per-class th,#per-class td{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}
 #per-class tbody th{text-align:left;font-weight:normal}
 #per-class thead th:first-child{text-align:left}
 #per-class thead th{cursor:pointer;user-select:none;background:#f3f3f3}
