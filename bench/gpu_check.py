@@ -82,7 +82,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 def cuda_tests(dry: bool, timeout: float) -> dict[str, Any]:
     """pytest -m cuda in `timeout` seconds; each test's outcome and seconds, read from pytest's verbose
     output, also when time ran out (then the test under way is named)."""
-    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "--durations=0",
+    cmd = [sys.executable, "-m", "pytest", "-v", "-n", "0", "-m", "cuda", "-p", "no:cacheprovider", "--durations=0",
            "--durations-min=0.5", "tests/test_cuda.py"]
     if timeout < 30:
         return {"ok": None, "summary": f"skipped: {timeout:.0f} s of the budget left (--budget)"}

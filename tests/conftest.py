@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the cores shared out, or N OpenMP pools fight over them
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+import torch  # (after the thread count, which it reads once)
 import torchvision
 from PIL import Image
 
