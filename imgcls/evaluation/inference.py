@@ -35,7 +35,7 @@ def predict(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: 
     return torch.cat(outs), torch.cat(targets), torch.cat(indices)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable,
+def evaluate(model: nn.Module, loader: DataLoader, to_input: Callable, autocast: Callable, *,
              num_classes: int, show: bool = True, multi: bool = False) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix; exact across ranks (each image is on one rank only). Also
     this rank's logits and targets, for calibration. `score` is what picks the best model: the accuracy,

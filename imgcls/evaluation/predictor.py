@@ -71,15 +71,15 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
                       preprocess=onnx.preprocess, source=path, device=torch.device("cpu"), arch=onnx.arch,
                       temperature=onnx.temperature, flips=onnx.flips, thresholds=onnx.thresholds,
                       label_sep=onnx.label_sep)
-    ckpt = checkpoint.load(path)
+    ckpt = checkpoint.view(checkpoint.load(path))
     for note in (checkpoint.fitted_elsewhere(ckpt, path), checkpoint.temperature_not_kept(ckpt)):
         if note:
             print(note)
     model = build.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp)
-    pre = Preprocess.from_dict(ckpt["preprocess"])
-    return Loaded(model=model, to_input=to_model_input(pre, device), autocast=autocast, classes=list(ckpt["classes"]),
-                  preprocess=pre, source=path, device=device, arch=ckpt["arch"],
+    pre = ckpt.preprocess
+    return Loaded(model=model, to_input=to_model_input(pre, device), autocast=autocast, classes=list(ckpt.classes),
+                  preprocess=pre, source=path, device=device, arch=ckpt.arch,
                   temperature=checkpoint.temperature(ckpt, path), flips=checkpoint.trained_with_flips(ckpt),
                   thresholds=checkpoint.thresholds(ckpt, path), label_sep=checkpoint.label_sep(ckpt))
 

@@ -26,7 +26,6 @@ from imgcls.data import folders
 from imgcls.errors import TrainingError, UsageError
 from imgcls.export import formats, parity
 from imgcls.networks import build
-from imgcls.preprocess import Preprocess
 from imgcls.settings import file_name
 
 CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # said as such, not as the network's fault
@@ -55,16 +54,16 @@ def export(ckpt_path: Path, options: Options) -> int:
     """export.py's work: write the export (to `out`, else into `folder` named after the model), then prove
     it on images (exit status 1 when a float export disagrees with the PyTorch model)."""
     fmt, int8, tolerance, n_images = options.fmt, options.int8, options.tolerance, options.images
-    ckpt = checkpoint.load(ckpt_path)
+    ckpt = checkpoint.view(checkpoint.load(ckpt_path))
     for note in (checkpoint.fitted_elsewhere(ckpt, ckpt_path), checkpoint.temperature_not_kept(ckpt)):
         if note:
             print(note)
-    pre = Preprocess.from_dict(ckpt["preprocess"])
+    pre, classes = ckpt.preprocess, ckpt.classes
     model = formats.Deployable(build.from_checkpoint(ckpt), pre).eval()
-    out = options.file(ckpt["arch"])
+    out = options.file(ckpt.arch)
     out.parent.mkdir(parents=True, exist_ok=True)
-    images, labels = parity.sample_images(options.data, pre, n_images, ckpt["classes"], max_bytes=options.max_bytes)
-    check, check_labels = parity.sample_images(options.check_data, pre, n_images, ckpt["classes"], held_out=True,
+    images, labels = parity.sample_images(options.data, pre, n_images, classes, max_bytes=options.max_bytes)
+    check, check_labels = parity.sample_images(options.check_data, pre, n_images, classes, held_out=True,
                                                max_bytes=options.max_bytes) if options.check_data else (images, labels)
     # made and proven in a folder of its own beside `out` (intermediate files too), moved to `out` only once it
     # passed: a kill, a full disk or a failed check never leaves a broken file under the name that is loaded
@@ -83,7 +82,7 @@ def export(ckpt_path: Path, options: Options) -> int:
                       **parity.parity(reference, exported, checkpoint.thresholds(ckpt)),
                       "accuracy_pytorch": parity.accuracy(reference, check_labels),
                       "accuracy_export": parity.accuracy(exported, check_labels),
-                      "classes": ckpt["classes"], "preprocess": pre.to_dict(), "tolerance": tolerance}
+                      "classes": classes, "preprocess": pre.to_dict(), "tolerance": tolerance}
             latency = parity.latencies_ms({"export": run, "pytorch": lambda x: model(x)}, images[:1])
             report |= {"latency_ms_batch1_cpu": latency["export"]["median"],
                        "pytorch_latency_ms_batch1_cpu": latency["pytorch"]["median"], "latency": latency}

@@ -50,10 +50,12 @@ class Validation:
                 recompute_batchnorm(net, self.batchnorms, self.statistics, learner.to_input, learner.autocast)
         exact = contextlib.nullcontext
         same_buffers(self.inner, *averaged)  # (not its CPU counter)
-        val = evaluate(self.inner, self.loader, learner.to_input, exact, n, self.lead, self.multi)
+        val = evaluate(self.inner, self.loader, learner.to_input, exact, num_classes=n, show=self.lead,
+                       multi=self.multi)
         if learner.ema is None:
             return val, None
-        return val, evaluate(learner.ema.model.module, self.loader, learner.to_input, exact, n, self.lead, self.multi)
+        return val, evaluate(learner.ema.model.module, self.loader, learner.to_input, exact, num_classes=n,
+                               show=self.lead, multi=self.multi)
 
     def batch_statistics(self) -> float | None:
         """Validation accuracy of a copy of the network whose BatchNorm layers use each batch's own statistics;
@@ -64,7 +66,8 @@ class Validation:
         for name in self.batchnorms:
             net.get_submodule(name).train()
         try:
-            val = evaluate(net, self.loader, self.learner.to_input, contextlib.nullcontext, self.classes, False)
+            val = evaluate(net, self.loader, self.learner.to_input, contextlib.nullcontext, num_classes=self.classes,
+                           show=False)
         except (RuntimeError, ValueError):  # one image left with a 1x1 map in the last batch, say
             return None
         return val["acc"]
