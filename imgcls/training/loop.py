@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from imgcls import checkpoint, runfolder
 from imgcls.cli import typed
-from imgcls.data.loaders import ResumableSampler
+from imgcls.data.loaders import ResumableSampler, make_loader
 from imgcls.errors import Diverged, TrainingError
 from imgcls.evaluation import calibration
 from imgcls.evaluation.inference import all_reduce_sum, evaluate
@@ -65,8 +65,13 @@ class Validation:
         net = copy.deepcopy(self.inner).eval()
         for name in self.batchnorms:
             net.get_submodule(name).train()
+        # in a fixed shuffled order: the validation images come class by class, and a batch of one class has
+        # statistics that normalise its class away
+        images = self.loader.dataset
+        mixed = make_loader(images, self.loader.batch_size or 1, self.loader.num_workers, self.learner.device,
+                            sampler=RandomSampler(images, generator=torch.Generator().manual_seed(0)))
         try:
-            val = evaluate(net, self.loader, self.learner.to_input, contextlib.nullcontext, num_classes=self.classes,
+            val = evaluate(net, mixed, self.learner.to_input, contextlib.nullcontext, num_classes=self.classes,
                            show=False)
         except (RuntimeError, ValueError):  # one image left with a 1x1 map in the last batch, say
             return None
