@@ -12,10 +12,11 @@ ENV = "IMGCLS_SERVE_SETTINGS"  # the settings, for the worker processes
 KEY_ENV = "IMGCLS_API_KEY"  # the API key: given here rather than on the command line, where `ps` shows it
 
 # The largest batch tried when the server times its model at start (model.Served.measured_max_batch), and
-# the longest wait for a batch to fill: chosen by measurement (bench/bench_serve.py, docs/serving.md). A
-# wait of 10 ms fills a batch under load without a noticeable delay to a lone request.
+# the longest wait for a batch to fill: chosen by measurement (bench/bench_serve.py --sweep, docs/serving.md).
+# Under load a batch fills while the one before it runs, so a longer wait adds nothing there (16 clients,
+# ResNet18: 80 img/s at 2 ms, 68 at 10, 79 at 25) and costs a lone request all of it (p50 76, 84, 100 ms).
 MAX_BATCH = {"cpu": 16, "gpu": 64}
-MAX_WAIT_MS = 10.0
+MAX_WAIT_MS = 2.0
 MAX_IMAGES = 64  # per request: more is several requests (the page sends one image per request)
 
 
