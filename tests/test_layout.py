@@ -145,3 +145,13 @@ def test_run_folder_file_names_are_spelled_by_runfolder_only():
                     SAME_NAME_ELSEWHERE and not (path == LOCK_OWNER and node.value == LOCK):
                 spelled.append(f"{rel}:{node.lineno} {node.value!r}")
     assert spelled == [], "name it by its constant in imgcls/runfolder.py"
+
+
+# eval.py's metrics.json is EvalResult.to_json: its name and its keys are the evaluation result's
+# (imgcls/evaluation/result.py); a reader (tune.py's test figure) asks that module, never spells either.
+def test_metrics_json_is_spelled_by_the_evaluation_result_only():
+    owner = PACKAGE / "evaluation" / "result.py"
+    spelled = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in [*ROOT.glob("*.py"), *PACKAGE.rglob("*.py")]
+               if p != owner for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, ast.Constant) and node.value == "metrics.json"]
+    assert spelled == [], "name it by imgcls.evaluation.result.METRICS_JSON"
