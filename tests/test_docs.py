@@ -36,3 +36,22 @@ def test_no_message_or_docstring_sends_the_reader_to_the_readme_for_reference():
     found = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in files for node in ast.walk(ast.parse(p.read_text()))
              if isinstance(node, ast.Constant) and isinstance(node.value, str) and "README" in node.value]
     assert found == [], "name the page under docs/ that holds it"
+
+
+def test_every_link_between_the_readme_and_docs_resolves_to_a_file_and_heading():
+    """The reference was split over docs/ (issue 31): a link to a moved page or a renamed heading breaks."""
+    import re
+
+    def anchors(page: Path) -> set[str]:  # GitHub's: lower case, punctuation dropped, spaces as dashes
+        return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+                for m in re.finditer(r"^#+\s+(.*)$", page.read_text(), re.M)}
+    broken = []
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path, _, heading = link.partition("#")
+            if link.startswith(("http:", "https:", "mailto:")):
+                continue
+            target = page.parent / path if path else page
+            if not target.exists() or (heading and target.suffix == ".md" and heading not in anchors(target)):
+                broken.append(f"{page.relative_to(ROOT)}: {link}")
+    assert broken == []
