@@ -6,7 +6,7 @@
     python test.py photos --reject-below 0.8 --explain      # "unknown" below 80%; heatmaps of the evidence
 
 Writes predictions.csv (path, label, probability, label_1, probability_1, ... label_k, probability_k,
-status; see the README for the columns) and predictions.png (a grid of the
+status; see docs/evaluation.md for the columns) and predictions.png (a grid of the
 images with the predicted label and confidence under each) to --out (default: a new folder
 predictions-<data>-<checkpoint> beside the checkpoint); with --explain, explanations/ (a heatmap per
 image) and explanations.png. Probabilities are calibrated (the temperature fitted when training). An

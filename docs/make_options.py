@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "options.md"
 SCRIPTS = [("train.py", []), ("eval.py", []), ("test.py", []), ("export.py", []), ("runs.py", []),
-           ("dataset.py", ["check"])]
+           ("dataset.py", ["check"]), ("serve.py", []), ("clean.py", ["find"]), ("clean.py", ["apply"]),
+           ("tune.py", [])]
 
 
 def help_text(script: str, sub: list[str]) -> str:

@@ -103,7 +103,7 @@ def tune_cpu_allocator() -> None:
 
     glibc serves allocations over 32 MB (a ResNet's activations at batch 64) with fresh mmap()s,
     so every step page-faults its memory in again: 40% of CPU time in the kernel on a 2-core box.
-    Heap-only allocation with no trimming measured 1.2x faster training here (README, Performance).
+    Heap-only allocation with no trimming measured 1.2x faster training here (docs/performance.md).
     """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):

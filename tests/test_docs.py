@@ -3,13 +3,55 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from conftest import ROOT
 
 
-def test_the_options_page_is_what_the_scripts_help_says():
+def make_options():
     spec = importlib.util.spec_from_file_location("make_options", ROOT / "docs" / "make_options.py")
-    make_options = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_options)
-    assert (ROOT / "docs" / "options.md").read_text() == make_options.page(), \
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_options_page_is_what_the_scripts_help_says():
+    assert (ROOT / "docs" / "options.md").read_text() == make_options().page(), \
         "docs/options.md is stale: run python docs/make_options.py"
+
+
+def test_the_options_page_covers_every_entry_script():
+    """"Every option of every script" (README): serve.py, clean.py and tune.py too, not only the first six."""
+    from test_layout import ENTRY
+
+    assert {Path(script).stem for script, _ in make_options().SCRIPTS} >= ENTRY
+
+
+def test_no_message_or_docstring_sends_the_reader_to_the_readme_for_reference():
+    """The reference moved from the README to docs/ (issue 31): a --help, a message or a docstring that says
+    "see the README" for it sends the reader to a page that no longer holds it."""
+    import ast
+
+    files = [*ROOT.glob("*.py"), *(ROOT / "imgcls").rglob("*.py")]
+    found = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in files for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str) and "README" in node.value]
+    assert found == [], "name the page under docs/ that holds it"
+
+
+def test_every_link_between_the_readme_and_docs_resolves_to_a_file_and_heading():
+    """The reference was split over docs/ (issue 31): a link to a moved page or a renamed heading breaks."""
+    import re
+
+    def anchors(page: Path) -> set[str]:  # GitHub's: lower case, punctuation dropped, spaces as dashes
+        return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+                for m in re.finditer(r"^#+\s+(.*)$", page.read_text(), re.M)}
+    broken = []
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path, _, heading = link.partition("#")
+            if link.startswith(("http:", "https:", "mailto:")):
+                continue
+            target = page.parent / path if path else page
+            if not target.exists() or (heading and target.suffix == ".md" and heading not in anchors(target)):
+                broken.append(f"{page.relative_to(ROOT)}: {link}")
+    assert broken == []

@@ -145,3 +145,32 @@ def test_run_folder_file_names_are_spelled_by_runfolder_only():
                     SAME_NAME_ELSEWHERE and not (path == LOCK_OWNER and node.value == LOCK):
                 spelled.append(f"{rel}:{node.lineno} {node.value!r}")
     assert spelled == [], "name it by its constant in imgcls/runfolder.py"
+
+
+# eval.py's metrics.json is EvalResult.to_json: its name and its keys are the evaluation result's
+# (imgcls/evaluation/result.py); a reader (tune.py's test figure) asks that module, never spells either.
+def test_metrics_json_is_spelled_by_the_evaluation_result_only():
+    owner = PACKAGE / "evaluation" / "result.py"
+    spelled = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in [*ROOT.glob("*.py"), *PACKAGE.rglob("*.py")]
+               if p != owner for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, ast.Constant) and node.value == "metrics.json"]
+    assert spelled == [], "name it by imgcls.evaluation.result.METRICS_JSON"
+
+
+def test_every_package_module_has_its_line_in_the_architecture_table():
+    """docs/architecture.md's "One line per module": a row names a module by its path (`imgcls/data/split.py`),
+    or, after one, its neighbours in the same folder by file name (`, compactcache.py`). Its rows stand in that
+    table only."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("## One line per module", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for row in (line for line in table.splitlines() if line.startswith("| `imgcls/")):
+        first = row.split("|")[1]
+        paths = re.findall(r"`(imgcls/[\w/]+\.py)`", first)
+        folder = paths[0].rsplit("/", 1)[0]
+        named |= set(paths) | {f"{folder}/{name}" for name in re.findall(r"`(\w+\.py)`", first)}
+    modules = {p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert sorted(modules - named) == [], "give it its line in docs/architecture.md"
+    rest = text.replace(table, "")
+    assert [line for line in rest.splitlines() if re.match(r"\| `[\w/]+\.py` \|", line)] == [], \
+        "a module's line outside the table"

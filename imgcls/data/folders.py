@@ -1,6 +1,6 @@
 """What a data folder holds: its layout, its class folders, the files to read, and what is left out and why.
 
-The rules (README, "Your data"):
+The rules (docs/data.md, "Your data"):
 - A class is a sub-folder. Names starting with "." and the system clutter in IGNORED (`__MACOSX`,
   `Thumbs.db`, ...) are ignored, and every ignored folder is named in the output; any other name,
   `__background__` included, is a class.

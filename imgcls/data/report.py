@@ -82,7 +82,7 @@ def report_findings(split: data_split.DataSplit, totals: list[int], leaks: list[
                     leak_kind: str = "like a training image") -> None:
     out(f"imbalance (largest/smallest class): {max(totals) / max(1, min(totals)):.1f}x")
     if split.ignored:
-        out(f"ignored {len(split.ignored)} folder(s) by name (system clutter, see README):")
+        out(f"ignored {len(split.ignored)} folder(s) by name (system clutter, see docs/data.md):")
         for path in split.ignored:
             out(f"  {shown(path)}")
     if split.not_used():

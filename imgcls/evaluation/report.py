@@ -20,7 +20,7 @@ from imgcls.errors import UsageError
 from imgcls.evaluation import calibration, multilabel, predictions, report_html
 from imgcls.evaluation.evalset import EvalOptions, RunSplit, evaluation_set, match_classes, warn_if_seen
 from imgcls.evaluation.predictor import Explainer, Loaded, input_images, load_model, run_model, thumbnail
-from imgcls.evaluation.result import ClassScores, Confidence, Confused, Ece, EvalResult
+from imgcls.evaluation.result import METRICS_JSON, ClassScores, Confidence, Confused, Ece, EvalResult
 
 
 def compute_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str], present: list[int]) -> EvalResult:
@@ -150,7 +150,7 @@ def evaluate_multilabel(loaded: Loaded, out: Path, items: list[tuple[str, Any]],
 
 def write_common(out: Path, result: EvalResult) -> None:
     """What every evaluation writes: metrics.json, the classification report and the files skipped."""
-    files.atomic_write_text(out / "metrics.json", json.dumps(result.to_json(), indent=1))
+    files.atomic_write_text(out / METRICS_JSON, json.dumps(result.to_json(), indent=1))
     files.atomic_write_text(out / "classification_report.txt", result.report)
     files.atomic_write_text(out / "skipped.txt", folders.skipped_lines(result.skipped))
 

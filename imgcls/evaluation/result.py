@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+METRICS_JSON = "metrics.json"  # what eval.py writes to --out: EvalResult.to_json
 Bins = dict[str, list[float | None]]  # a reliability diagram's bins: count, confidence, accuracy
 
 
@@ -135,3 +136,10 @@ class EvalResult:
                 "macro_f1": ml.macro_f1, "exact_match": ml.exact_match,
                 "per_label": {name: asdict(s) for name, s in ml.per_label.items()},
                 **({"map_without_tta": ml.map_without_tta} if ml.tta else {})}
+
+
+def headline(metrics: dict[str, Any]) -> float | None:
+    """A metrics.json's headline figure, as a reader of the file takes it: a multi-label evaluation's mAP, a
+    single-label one's accuracy (percent; None where undefined)."""
+    value = metrics["map"] if "map" in metrics else metrics["accuracy"]
+    return None if value is None else float(value)

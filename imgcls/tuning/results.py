@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from imgcls import files, runfolder
+from imgcls.evaluation import result
 from imgcls.tuning.space import shown
 from imgcls.tuning.trial import train_words
 
@@ -69,14 +70,14 @@ def pictures(study: optuna.Study, study_dir: Path) -> list[Path]:
     return made
 
 
-def test_score(study: optuna.Study, trial: FrozenTrial, folder: Path, eval_py: Path, multi: bool) -> float | None:
+def test_score(study: optuna.Study, trial: FrozenTrial, folder: Path, eval_py: Path) -> float | None:
     """The best trial evaluated once on the runs' held-out test split (eval.py, in a child process);
     kept in the study, so that it is measured once per best trial, whichever process asks."""
     kept = study.user_attrs.get("test") or {}
     if kept.get("trial") == trial.number:
         return kept["score"]
     out = folder.parent / "test" / folder.name
-    if not (out / "metrics.json").is_file():
+    if not (out / result.METRICS_JSON).is_file():
         if not (folder / runfolder.BEST).is_file():
             print(f"the best trial's run folder {folder} is not on this machine: its test figure is measured where "
                   "it is (tune.py there, or python eval.py --checkpoint RUN)", file=sys.stderr)
@@ -91,9 +92,7 @@ def test_score(study: optuna.Study, trial: FrozenTrial, folder: Path, eval_py: P
             shutil.rmtree(out, ignore_errors=True)
             study.set_user_attr("test", {"trial": trial.number, "score": None})  # (none to evaluate: said once)
             return None
-    metrics = json.loads((out / "metrics.json").read_text())
-    value = metrics["map"] if multi else metrics["accuracy"]
-    score = None if value is None else float(value)
+    score = result.headline(json.loads((out / result.METRICS_JSON).read_text()))
     study.set_user_attr("test", {"trial": trial.number, "score": score, "report": str(out)})
     return score
 
@@ -115,7 +114,7 @@ def report(study: optuna.Study, study_dir: Path, eval_py: Path, counts: dict[str
     folder = study_dir / trial.user_attrs.get("run", f"trial-{trial.number:04d}")
     settings = best_settings(study, trial)
     args = write_args(study_dir, settings)
-    test = test_score(study, trial, folder, eval_py, fixed.get("multilabel", False))
+    test = test_score(study, trial, folder, eval_py)
     made = pictures(study, study_dir)
     saved = time_saved(study)
     summary = {"best_trial": trial.number, "best_val": trial.value, "best_test": test, "metric": metric,
