@@ -34,3 +34,8 @@ def fail(message: str, status: int = 2) -> NoReturn:
     """Print a one-line error for a person (no traceback) and exit."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(status)
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first line, short enough for a one-line message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

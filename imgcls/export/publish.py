@@ -23,7 +23,7 @@ from torch import nn
 
 from imgcls import checkpoint, files
 from imgcls.data import folders
-from imgcls.errors import TrainingError, UsageError
+from imgcls.errors import TrainingError, UsageError, first_line
 from imgcls.export import formats, parity
 from imgcls.networks import build
 from imgcls.settings import file_name
@@ -155,5 +155,5 @@ def write(model: nn.Module, images: torch.Tensor, out: Path, meta: dict[str, str
         if isinstance(cause, OSError) and cause.errno in CANNOT_WRITE:  # the disk, not the network: export() says
             raise cause from None
         raise TrainingError(f"this network could not be exported to {fmt} ({type(cause).__name__}: "
-                            f"{checkpoint.first_line(cause)[:200]}); another --format may work (IMGCLS_DEBUG=1 shows "
+                            f"{first_line(cause)[:200]}); another --format may work (IMGCLS_DEBUG=1 shows "
                             "the exporter's whole report)") from None

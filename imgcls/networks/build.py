@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 from imgcls import checkpoint, preprocess
-from imgcls.errors import UsageError
+from imgcls.errors import UsageError, first_line
 from imgcls.networks import heads, names, timm_models
 from imgcls.networks import weights as networks_weights
 from imgcls.networks.weights import AUX_HEADS, default_weights
@@ -90,7 +90,7 @@ def check_input_size(arch: str, img_size: int) -> None:
     except NotImplementedError:  # an operation without a meta kernel: the first batch will tell
         return
     except (RuntimeError, ValueError, AssertionError) as e:
-        raise UsageError(f"{arch} cannot take {img_size}-pixel images ({checkpoint.first_line(e)}): "
+        raise UsageError(f"{arch} cannot take {img_size}-pixel images ({first_line(e)}): "
                          f"use another --img-size, e.g. its weights' {preprocessing(arch).img_size}") from None
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from imgcls.checkpoint import first_line, keys_named, mismatch, mismatched_keys
-from imgcls.errors import UsageError, WeightsUnavailable
+from imgcls.errors import UsageError, WeightsUnavailable, first_line
 from imgcls.networks import names as networks_names
+from imgcls.networks.statekeys import keys_named, mismatch, mismatched_keys
 from imgcls.preprocess import Preprocess, crop_mode, interpolation
 
 PREFIX = networks_names.PREFIX

@@ -13,8 +13,8 @@ import torchvision
 from torch import nn
 
 from imgcls import checkpoint, files
-from imgcls.errors import UsageError, WeightsUnavailable
-from imgcls.networks import timm_models
+from imgcls.errors import UsageError, WeightsUnavailable, first_line
+from imgcls.networks import statekeys, timm_models
 
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -80,7 +80,7 @@ def read_weights(path: str | Path) -> Any:
         try:
             return load_file(str(path))
         except Exception as e:  # damaged or not safetensors
-            raise UsageError(f"{path} is not a readable .safetensors file ({checkpoint.first_line(e)})") from None
+            raise UsageError(f"{path} is not a readable .safetensors file ({first_line(e)})") from None
     return checkpoint.read(path)
 
 
@@ -151,11 +151,11 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str,
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ
-        raise UsageError(f"weights in {source} don't fit {arch} ({checkpoint.mismatch(e)}): use weights saved "
+        raise UsageError(f"weights in {source} don't fit {arch} ({statekeys.mismatch(e)}): use weights saved "
                          f"from {arch}") from None
     missing = sorted(k for k in result.missing_keys if not k.startswith(prefix))
     if missing or result.unexpected_keys:
-        detail = checkpoint.keys_named({"missing": missing, "unexpected": sorted(result.unexpected_keys)})
+        detail = statekeys.keys_named({"missing": missing, "unexpected": sorted(result.unexpected_keys)})
         raise UsageError(f"weights in {source} don't fit {arch} ({detail}): use weights saved from {arch}")
 
 

@@ -13,9 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgcls import checkpoint
 from imgcls.data import check
-from imgcls.errors import TrainingError, UsageError
+from imgcls.errors import TrainingError, UsageError, first_line
 
 # Training steps wait on each other for at most STEP_TIMEOUT (a rank that hangs is found in minutes);
 # preparing the data (checking every file, building the caches: hours for a million images) goes
@@ -98,7 +97,7 @@ def collective(send: Callable, *args: Any) -> Any:
         return send(*args)
     except RuntimeError as e:
         error = TrainingError("another process of this torchrun job stopped while the data was being prepared (its "
-                              f"own output says why; {checkpoint.first_line(e)[:100]})")
+                              f"own output says why; {first_line(e)[:100]})")
         error.shared = True  # (nothing more can be sent)
         raise error from None
 
@@ -157,7 +156,7 @@ def all_or_none(work: Callable[[], Any]) -> list[Any]:
     try:
         mine = work()
     except BaseException as e:
-        said = "interrupted" if isinstance(e, KeyboardInterrupt) else checkpoint.first_line(e)
+        said = "interrupted" if isinstance(e, KeyboardInterrupt) else first_line(e)
         error, mine = e, (FAILED, exit_code(e), said, dist.get_rank())
     gathered = [None] * dist.get_world_size()
     collective(dist.all_gather_object, gathered, mine, PREPARATION.get("group"))
