@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import types
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,11 @@ from conftest import call, make_folder, train_args
 from torch import nn
 
 import train
+from imgcls.data.loaders import make_loader, shard
 from imgcls.networks import build as networks_build
 from imgcls.training import batchnorm, step
 from imgcls.training.health import Health, chance_limit
+from imgcls.training.loop import Validation
 
 # ----------------------------------------------------------------------------- the checks, on histories
 
@@ -203,3 +208,76 @@ def test_the_advice_on_a_nan_names_fp16_only_where_it_ran(precision, advice):
                              precision=precision)
     said = str(learner.diverged("loss became nan at epoch 1, batch 2"))
     assert ("--no-amp" in said) == advice and "try --lr 0.1 (a third" in said
+
+
+# ----------------------------------------------------------------------------- the batch-statistics comparison
+
+
+class ClassByClass(torch.utils.data.Dataset):
+    """`n` plain 8 px images of three classes (grey levels 0, 60, 120), class by class as validation's come."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        c = i * 3 // self.n
+        return torch.full((3, 8, 8), 60 * c, dtype=torch.uint8), c, i
+
+
+def grey_levels(n: int, batch: int, sync: bool = False, rank: int = 0, world: int = 1) -> Validation:
+    """A Validation whose network tells the grey levels apart only with each batch's own BatchNorm statistics
+    (those of mixed batches centre on the middle level): with its running statistics it answers the middle
+    class for every image."""
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(3, affine=False), nn.Flatten(), nn.Linear(3, 3))
+    with torch.no_grad():
+        net[3].weight.copy_(torch.tensor([[-1.0, 0, 0], [0, 0, 0], [1, 0, 0]]))
+        net[3].bias.copy_(torch.tensor([-0.5, 0, -0.5]))
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync else net
+    learner = types.SimpleNamespace(device=torch.device("cpu"), to_input=lambda x: x.float() / 255, ema=None)
+    run = types.SimpleNamespace(split=types.SimpleNamespace(classes=["a", "b", "c"], multilabel=False), lead=rank == 0)
+    loader = make_loader(shard(ClassByClass(n), rank, world), batch, 0, torch.device("cpu"))
+    return Validation(net.eval(), learner, run, loader, ["1"], None)
+
+
+@pytest.mark.parametrize("n", [16, 17, 33])
+def test_batch_statistics_are_measured_when_the_last_batch_holds_one_image(n):
+    """A lone last image has no batch statistics (BatchNorm refuses a batch of one on a 1x1 map: ResNet18 at
+    32 px): it joins the batch before it, where it made the whole comparison None ('validation images of
+    another kind' said for a BatchNorm mismatch)."""
+    assert grey_levels(n, 16).batch_statistics() == 100.0
+
+
+def batch_statistics_as_rank(rank: int, port: int, n: int, sync: bool, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    torch.distributed.init_process_group("gloo")
+    try:
+        found = grey_levels(n, 16, sync, rank, 2).batch_statistics()
+        Path(out, f"rank-{rank}.json").write_text(json.dumps(found))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("n,sync", [(33, False), (32, True)])
+def test_batch_statistics_under_torchrun_agree_on_every_rank_and_never_wait_forever(n, sync, tmp_path):
+    """Two ranks (gloo): 33 images are 17 on rank 0 (a last batch of one) and 16 on rank 1: rank 0 gave up
+    before the all-reduce that rank 1 had joined (in a run, rank 0's next collective met it: mixed-up sums or a
+    hang). With --sync-bn the copy's BatchNorm layers use each rank's own batches (SyncBatchNorm would wait on
+    the other ranks' batches, whose counts differ, and refuses a CPU: None on every rank)."""
+    from test_distributed import free_port
+
+    port, ctx = free_port(), multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=batch_statistics_as_rank, args=(rank, port, n, sync, str(tmp_path))) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0, 0]
+    assert [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)] == [100.0, 100.0]

@@ -50,12 +50,14 @@ class ResumableSampler(Sampler[tuple[int, int, int]]):
 
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, device: torch.device,
-                sampler: Sampler | None = None) -> DataLoader:
+                sampler: Sampler | None = None, batches: list[list[int]] | None = None) -> DataLoader:
     """No more worker processes than batches in an epoch: each is a fork of the whole process (with a
-    CUDA context, on a GPU), and a small validation set has work for one or two."""
+    CUDA context, on a GPU), and a small validation set has work for one or two. `batches`: each batch's
+    indices, given (batch_size and sampler are then unused)."""
     n = sampler.per_rank if isinstance(sampler, ResumableSampler) else len(sampler if sampler is not None else ds)
-    workers = min(workers, math.ceil(n / batch_size))
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+    workers = min(workers, len(batches) if batches is not None else math.ceil(n / batch_size))
+    batching = dict(batch_sampler=batches) if batches is not None else dict(batch_size=batch_size, sampler=sampler)
+    return DataLoader(ds, **batching, shuffle=False, num_workers=workers,
                       collate_fn=datasets.collate, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                       worker_init_fn=ignore_ctrl_c if workers > 0 else None)

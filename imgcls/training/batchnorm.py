@@ -26,6 +26,21 @@ def trained_batchnorms(net: nn.Module) -> list[str]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
 
 
+class _OwnBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm layer of any dimension that normalises by its own batch only (never synchronised)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
+
+
+def own_statistics(layer: nn.Module) -> None:
+    """`layer` (a copy's) normalises each batch by that batch's statistics: training mode; a SyncBatchNorm
+    made a plain BatchNorm, which waits on no other process (and runs on a CPU)."""
+    if isinstance(layer, nn.SyncBatchNorm):
+        layer.__class__ = _OwnBatchNorm
+    layer.train()
+
+
 @torch.no_grad()
 def recompute_batchnorm(net: nn.Module, names: list[str], loader: DataLoader, to_input: Callable,
                         autocast: Callable) -> int:

@@ -12,19 +12,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from imgcls import checkpoint, runfolder
 from imgcls.cli import typed
 from imgcls.data.loaders import ResumableSampler, make_loader
 from imgcls.errors import Diverged, TrainingError
 from imgcls.evaluation import calibration
-from imgcls.evaluation.inference import all_reduce_sum, evaluate
+from imgcls.evaluation.inference import all_reduce_sum, evaluate, predict
 from imgcls.interrupts import HardStop, deferred_interrupts, stop_requested
 from imgcls.networks import heads
 from imgcls.recipes import progressive_size
 from imgcls.training import keep, logs, optim, runstate
-from imgcls.training.batchnorm import recompute_batchnorm
+from imgcls.training.batchnorm import own_statistics, recompute_batchnorm
 from imgcls.training.distributed import barrier, same_buffers
 from imgcls.training.health import Health, largest_share
 from imgcls.training.step import Learner, Progress, train_one_epoch
@@ -58,24 +58,33 @@ class Validation:
                                show=self.lead, multi=self.multi)
 
     def batch_statistics(self) -> float | None:
-        """Validation accuracy of a copy of the network whose BatchNorm layers use each batch's own statistics;
-        None without BatchNorm, or where a batch is too small for them."""
+        """Validation accuracy of a copy of the network whose BatchNorm layers use each batch's own statistics
+        (each rank's own batches: a SyncBatchNorm acts as a plain one); None without BatchNorm, or where a
+        rank could not measure (every rank answers the same: each takes part in the sum)."""
         if not self.batchnorms or self.loader is None:
             return None
         net = copy.deepcopy(self.inner).eval()
         for name in self.batchnorms:
-            net.get_submodule(name).train()
+            own_statistics(net.get_submodule(name))
         # in a fixed shuffled order: the validation images come class by class, and a batch of one class has
-        # statistics that normalise its class away
-        images = self.loader.dataset
-        mixed = make_loader(images, self.loader.batch_size or 1, self.loader.num_workers, self.learner.device,
-                            sampler=RandomSampler(images, generator=torch.Generator().manual_seed(0)))
-        try:
-            val = evaluate(net, mixed, self.learner.to_input, contextlib.nullcontext, num_classes=self.classes,
-                           show=False)
-        except (RuntimeError, ValueError):  # one image left with a 1x1 map in the last batch, say
-            return None
-        return val["acc"]
+        # statistics that normalise its class away. A lone last image has none (BatchNorm refuses a batch of
+        # one on a 1x1 map, ResNet18's at 32 px): it joins the batch before it
+        images, size = self.loader.dataset, self.loader.batch_size or 1
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).tolist()
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            lone = batches.pop()
+            batches[-1] += lone
+        counts = torch.zeros(3, dtype=torch.float64)  # right answers, images, ranks that could not measure
+        if batches:
+            mixed = make_loader(images, size, self.loader.num_workers, self.learner.device, batches=batches)
+            try:
+                logits, y, _ = predict(net, mixed, self.learner.to_input, contextlib.nullcontext, show=False)
+                counts[:2] = torch.tensor([float((logits.argmax(1) == y).sum()) if len(y) else 0.0, len(y)])
+            except (RuntimeError, ValueError):  # a batch of one left by unreadable images, say
+                counts[2] = 1
+        right, seen, failed = all_reduce_sum(counts, self.learner.device).tolist()
+        return None if failed or not seen else 100 * right / seen
 
     def calibrate(self, val: dict[str, Any]) -> dict[str, Any]:
         """Temperature scaling of the new best model, on the validation images it was chosen on, judged on
