@@ -15,9 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
+def worker_threads(workers: int) -> int:
+    """An xdist worker's share of the cores this process may run on: its affinity, as `-n auto` counts them (a
+    container's cpuset or taskset allows fewer than os.cpu_count(), which counts the host's)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the cores shared out, or N OpenMP pools fight over them
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(worker_threads(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 import torch  # (after the thread count, which it reads once)
 import torchvision
@@ -28,7 +35,7 @@ from imgcls.networks import weights
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from browser import chromium, watched  # noqa: E402, F401  (the browser tests' fixtures: tests/browser.py)
+from browser import chromium, watched  # noqa: F401  (the browser tests' fixtures: tests/browser.py)
 
 
 def reach(graph: dict[str, set[str]], start: str) -> set[str]:

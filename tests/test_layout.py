@@ -174,3 +174,16 @@ def test_every_package_module_has_its_line_in_the_architecture_table():
     rest = text.replace(table, "")
     assert [line for line in rest.splitlines() if re.match(r"\| `[\w/]+\.py` \|", line)] == [], \
         "a module's line outside the table"
+
+
+def test_each_xdist_worker_gets_its_share_of_the_cores_it_may_run_on(monkeypatch):
+    """`-n auto` counts the cores of the process's affinity (a container's cpuset, taskset); the threads per
+    worker were the host's count shared out: under `taskset -c 0` one worker ran two OpenMP threads on one core,
+    and a 4-core container on a 64-core host would run 16 per worker."""
+    import os
+
+    from conftest import worker_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert (worker_threads(4), worker_threads(2), worker_threads(8)) == (1, 2, 1)
