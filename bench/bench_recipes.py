@@ -3,6 +3,7 @@
     python bench/bench_recipes.py          # the matrix below (1.5 hours on 2 cores)
     python bench/bench_recipes.py --models vgg11 --sets scenes --lrs 2.5e-4 5e-4 1e-3   # an lr sweep
     python bench/bench_recipes.py --finetune                        # pretrain on textures, then fine-tune
+    python bench/bench_recipes.py --models convnext_tiny --sets scenes --seeds 1 2 3 4 5   # one cell, 5 seeds
     python bench/bench_recipes.py --data ~/photos --models mobilenet_v2   # also your own folder
 
 The matrix: each model trains from scratch, 15 epochs at 64 px, batch 64, with the seed project's recipe
@@ -99,6 +100,8 @@ def save(results: dict, settings: dict) -> None:
 def matrix(a: argparse.Namespace, sets: dict[str, str], work: Path, settings: dict) -> None:
     variants = {f"lr {lr:g}": ["--recipe", "modern", "--lr", f"{lr:g}"] for lr in a.lrs} if a.lrs else \
         {"seed": ["--recipe", "seed"], "default": []}
+    if a.seeds:  # each variant again at each seed: a cell decided by one or two images may be a tie
+        variants = {f"{tag} seed {s}": [*extra, "--seed", str(s)] for s in a.seeds for tag, extra in variants.items()}
     print("| model | data | chance | " + " | ".join(variants) + " |", flush=True)
     for model in a.models:
         for name, data in sets.items():
@@ -112,7 +115,7 @@ def matrix(a: argparse.Namespace, sets: dict[str, str], work: Path, settings: di
             for tag, r in row.items():
                 for w in r.get("warnings", []):
                     print(f"    {tag}: {w}", flush=True)
-            save({"sweep" if a.lrs else "scratch": {f"{model}/{name}": row}}, settings)
+            save({"sweep" if a.lrs else "seeds" if a.seeds else "scratch": {f"{model}/{name}": row}}, settings)
 
 
 def finetune(a: argparse.Namespace, sets: dict[str, str], work: Path, settings: dict) -> None:
@@ -151,6 +154,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--lrs", nargs="*", type=float, help="the modern recipe at these lrs instead of seed vs default")
+    p.add_argument("--seeds", nargs="*", type=int, help="each recipe again at these --seed values (section 'seeds')")
     p.add_argument("--finetune", action="store_true", help="pretrain on textures, then finetune and transfer")
     p.add_argument("--finetune-epochs", type=int, default=10)
     p.add_argument("--finetune-lrs", nargs="*", type=float, default=[2e-4, 5e-4])
