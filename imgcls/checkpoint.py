@@ -228,8 +228,8 @@ def export_metadata(ckpt: dict[str, Any] | Saved) -> dict[str, str]:
     saved = view(ckpt)
     t, cuts = temperature(saved), thresholds(saved)
     return {"classes": json.dumps(saved.classes), "arch": saved.arch, **saved.preprocess.metadata(),
-            **({"temperature": repr(t)} if t is not None else {}), "hflip": json.dumps(trained_with_flips(ckpt)),
-            **({"multilabel": "true", "thresholds": json.dumps(cuts), "label_sep": label_sep(ckpt)}
+            **({"temperature": repr(t)} if t is not None else {}), "hflip": json.dumps(trained_with_flips(saved)),
+            **({"multilabel": "true", "thresholds": json.dumps(cuts), "label_sep": label_sep(saved)}
                if cuts is not None else {})}
 
 

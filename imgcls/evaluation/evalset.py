@@ -100,8 +100,7 @@ def evaluation_set(data: Path | None, run: RunSplit, opts: EvalOptions, *, size:
     if not split.test:  # a data set root with its own test/ folder
         return check.scan_folder(root, opts.cache_dir, **scan)
     good, skipped, cache = check.check_items(split.test, "the run's test split", opts.cache_dir, progress=True,
-                                             cache_size=size, max_bytes=opts.max_bytes, interpolation=interpolation,
-                                             image_cache=opts.image_cache)
+                                             **scan)
     return split.classes, good, skipped, cache, f"the run's held-out test split ({run.file})"
 
 
