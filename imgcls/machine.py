@@ -104,12 +104,16 @@ def tune_cpu_allocator() -> None:
     glibc serves allocations over 32 MB (a ResNet's activations at batch 64) with fresh mmap()s,
     so every step page-faults its memory in again: 40% of CPU time in the kernel on a 2-core box.
     Heap-only allocation with no trimming measured 1.2x faster training here (docs/performance.md).
+    A thread other than the main one (serve.py's model thread) allocates from heaps of its own, each
+    unmapped whenever it is wholly free, whatever the trim threshold: one heap for all threads. A
+    server's MobileNetV2 then ran 146-147 img/s at every start, against 90-132 before (bench_serve.py).
     """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL("libc.so.6")
             libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap-backed chunks
             libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+            libc.mallopt(-8, 1)  # M_ARENA_MAX: threads made from now on use that heap too
 
 
 def auto_workers(device: torch.device, cached: bool) -> int:

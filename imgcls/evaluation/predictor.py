@@ -24,7 +24,7 @@ from imgcls.data.loaders import make_loader, to_model_input
 from imgcls.errors import UsageError
 from imgcls.evaluation import calibration, explain
 from imgcls.evaluation.inference import predict
-from imgcls.machine import auto_workers, pick_device, precision
+from imgcls.machine import auto_workers, pick_device, precision, tune_cpu_allocator
 from imgcls.networks import build
 from imgcls.preprocess import Preprocess
 
@@ -76,6 +76,8 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
         if note:
             print(note)
     model = build.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
+    if device.type == "cpu":
+        tune_cpu_allocator()  # as training does: a batch's activations are not page-faulted in again each time
     autocast, _ = precision(device, amp)
     pre = ckpt.preprocess
     return Loaded(model=model, to_input=to_model_input(pre, device), autocast=autocast, classes=list(ckpt.classes),
