@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from test_cli import imports, run_script_in_process
 import export
 import test as predict
 import train
+from imgcls.serving.settings import wait_passively
 
 STOPPED = (0, -15)  # (uvicorn, once finished, ends by the signal it was sent: its supervisor sees why)
 ONE_BATCH = ("--max-batch", "64")  # a request's images in one batch, as test.py runs them: the same floats
@@ -318,6 +320,20 @@ def test_model_tells_classes_input_calibration_and_provenance(server, trained_ru
     assert str(trained_run) not in data.decode()  # no server paths
 
 
+def test_one_slow_timing_at_start_does_not_choose_the_batch_size():
+    from imgcls.serving.model import fastest, rates_timed
+
+    true_rates = {1: 10.0, 2: 17.0, 4: 21.0, 8: 30.0, 16: 31.0}
+    calls: dict[int, int] = {}
+
+    def seconds(b: int) -> float:  # the first timing of a batch of 8, after its warm-up run, slowed 3x
+        calls[b] = calls.get(b, 0) + 1
+        return b / true_rates[b] * (3 if b == 8 and calls[b] == 2 else 1)
+
+    assert fastest(rates_timed(seconds, 16)) == 8
+    assert all(n == 4 for n in calls.values())  # a warm-up and three timings each
+
+
 def test_the_batch_size_is_the_fastest_timed_or_the_smallest_as_fast():
     from imgcls.serving.model import fastest
 
@@ -370,20 +386,40 @@ def test_sigterm_finishes_the_request_in_flight_and_takes_no_new_one(trained_run
     assert s.proc.wait(60) in STOPPED
 
 
-def test_workers_share_the_port(trained_run, images):
-    s = Server("--checkpoint", str(trained_run), "--workers", "2")
-    try:
-        results = []
-        files = [("a.png", read_file(images[0]))]
-        threads = [threading.Thread(target=lambda: results.append(s.post("/predict", files)[0])) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results == [200] * 8
-        assert "2 worker(s)" in "".join(s.output)
-    finally:
-        assert s.stop() in STOPPED
+@pytest.fixture(scope="module")
+def two_workers(trained_run):
+    """Two worker processes; GNU OpenMP prints the settings it read in each process that loads torch."""
+    s = Server("--checkpoint", str(trained_run), "--workers", "2", env={"OMP_DISPLAY_ENV": "VERBOSE"})
+    yield s
+    assert s.stop() in STOPPED
+
+
+def test_workers_share_the_port(two_workers, images):
+    results = []
+    files = [("a.png", read_file(images[0]))]
+    threads = [threading.Thread(target=lambda: results.append(two_workers.post("/predict", files)[0]))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 8
+    assert "2 worker(s)" in "".join(two_workers.output)
+
+
+def test_the_models_threads_sleep_between_batches_in_every_worker(two_workers):
+    """Spinning OpenMP threads would take the cores the decoding threads and the event loop need. (GNU OpenMP
+    says PASSIVE for its default too, which spins 300000 times first: the spin count tells them apart.)"""
+    spins = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", "".join(two_workers.output))
+    if not spins:
+        pytest.skip("this torch's OpenMP is not GNU's: it does not say how long its threads spin")
+    assert len(spins) >= 3 and set(spins) == {"0"}  # serve.py's process and each worker's
+
+
+def test_a_wait_policy_the_user_set_is_kept(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    wait_passively()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 @pytest.mark.parametrize("args, hint", [
