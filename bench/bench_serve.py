@@ -4,6 +4,7 @@ against the model's own offline batch throughput (the ceiling); then a load with
     python bench/bench_serve.py                         # ResNet18 and MobileNetV2 at 224 px; a Markdown table
     python bench/bench_serve.py --quick                 # shorter, clients 1 and 16 only
     python bench/bench_serve.py --sweep                 # ResNet18 at 16 clients: --max-batch and --max-wait-ms
+    python bench/bench_serve.py --stack                 # 16 clients: the server's HTTP stack and OpenMP waiting
 
 Each model is a freshly initialised 10-class checkpoint (speed does not depend on training). The server runs
 on loopback in its own process; N client threads each send one real photo per request (scikit-image's, as
@@ -106,6 +107,11 @@ def load(server: Server, clients: int, seconds: float, images: list[bytes], bad_
         t.join()
     out["wall"] = time.monotonic() - began
     return out
+
+
+def max_batch(server: Server) -> int:
+    """The batch size the server chose (timed at start) or was given."""
+    return json.loads(server.request("GET", "/model")[2])["serving"]["max_batch"]
 
 
 def summary(slices: list[dict], clients: int) -> dict:
@@ -221,6 +227,51 @@ def sweep(a: argparse.Namespace, images: list[bytes], work: Path) -> None:
             server.stop()
 
 
+# The server's stack, each against the pure-Python HTTP parser and event loop with OpenMP's own spinning (what
+# serve.py ran before): uvloop and httptools hidden from uvicorn by modules of those names that fail to import
+# (it then takes h11 and asyncio); GNU OpenMP's default spin count (300000 spins, ~3 ms) given back explicitly.
+STACKS = {"h11 + asyncio, spinning": (True, {"GOMP_SPINCOUNT": "300000"}),
+          "h11 + asyncio, passive": (True, {}),
+          "httptools + uvloop, spinning": (False, {"GOMP_SPINCOUNT": "300000"}),
+          "httptools + uvloop, passive (serve.py's default)": (False, {})}
+
+
+def hiding_fast_http(work: Path) -> dict[str, str]:
+    """The environment in which uvicorn finds neither uvloop nor httptools."""
+    for name in ("uvloop", "httptools"):
+        (work / "hide" / name).mkdir(parents=True, exist_ok=True)
+        (work / "hide" / name / "__init__.py").write_text(f"raise ImportError('{name} hidden by bench_serve.py')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(work / "hide"), os.environ.get("PYTHONPATH", "")])}
+
+
+def stack(a: argparse.Namespace, images: list[bytes], work: Path) -> None:
+    print(f"# python bench/bench_serve.py --stack --seconds {a.seconds:g}: 16 clients, {cpus()} cores, img/s "
+          "(slices taken in turn)")
+    for name in a.models:
+        ckpt = make_checkpoint(name, a.img_size, work)
+        servers = {label: Server("--checkpoint", str(ckpt), "--max-file-mb", "1",
+                                 env={**(hiding_fast_http(work) if slow else {}), **env})
+                   for label, (slow, env) in STACKS.items()}
+        try:
+            slices: dict[str, list[dict]] = {label: [] for label in servers}
+            for server in servers.values():
+                load(server, 4, 2, images)
+            for _ in range(a.rounds):
+                for label, server in servers.items():
+                    slices[label].append(load(server, 16, a.seconds / a.rounds, images))
+            base = None
+            for label in servers:
+                r = summary(slices[label], 16)
+                base = base or r["img_s"]
+                each = sorted(len(s["latencies"]) / s["wall"] for s in slices[label])
+                print(f"{name:12} {label:48} {r['img_s']:6.1f} img/s  {r['img_s'] / base:4.2f}x  (slices "
+                      f"{each[0]:.0f}-{each[-1]:.0f})  p99 {r['p99_ms']:4.0f} ms  batches of up to "
+                      f"{max_batch(servers[label])}", flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
@@ -233,14 +284,16 @@ def main() -> None:
     p.add_argument("--ceiling-batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--quick", action="store_true", help="3 s per measurement, 1 and 16 clients")
     p.add_argument("--sweep", action="store_true", help="ResNet18: --max-batch and --max-wait-ms at 1 and 16 clients")
+    p.add_argument("--stack", action="store_true", help="16 clients: HTTP parser and event loop, OpenMP waiting")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="--stack: slices per measurement, taken in turn")
     p.add_argument("--json", default=str(ROOT / "bench" / "results-serve.json"))
     a = p.parse_args()
     if a.quick:
         a.seconds, a.clients = 3.0, [1, 16]
     images = photos()
     work = Path(tempfile.mkdtemp(prefix="imgcls-serve-"))
-    if a.sweep:
-        sweep(a, images, work)
+    if a.sweep or a.stack:
+        (sweep if a.sweep else stack)(a, images, work)
         return
     results = [bench_model(name, a, images, work) for name in a.models]
     machine = (f"{cpus()} cores, load average {os.getloadavg()[0]:.1f} at the end, {a.threads or cpus()} model "
