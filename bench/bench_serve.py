@@ -3,7 +3,7 @@ against the model's own offline batch throughput (the ceiling); then a load with
 
     python bench/bench_serve.py                         # ResNet18 and MobileNetV2 at 224 px; a Markdown table
     python bench/bench_serve.py --quick                 # shorter, clients 1 and 16 only
-    python bench/bench_serve.py --sweep                 # ResNet18 at 16 clients: --max-batch and --max-wait-ms
+    python bench/bench_serve.py --sweep                 # ResNet18 at 1, 4, 16 clients: --max-batch, --max-wait-ms
     python bench/bench_serve.py --stack                 # 16 clients: the server's HTTP stack and OpenMP waiting
 
 Each model is a freshly initialised 10-class checkpoint (speed does not depend on training). The server runs
@@ -215,11 +215,11 @@ def table(results: list[dict]) -> str:
 
 def sweep(a: argparse.Namespace, images: list[bytes], work: Path) -> None:
     ckpt = make_checkpoint("resnet18", a.img_size, work)
-    for batch, wait in ((4, 10), (8, 10), (16, 10), (32, 10), (8, 2), (8, 25)):
+    for batch, wait in ((4, 10), (8, 10), (16, 10), (32, 10), (8, 0), (8, 1), (8, 2), (8, 25)):
         server = Server("--checkpoint", str(ckpt), "--max-batch", str(batch), "--max-wait-ms", str(wait))
         try:
             load(server, 4, 2, images)
-            for n in (1, 16):
+            for n in (1, 4, 16):
                 r = summary([load(server, n, a.seconds, images)], n)
                 print(f"--max-batch {batch:2} --max-wait-ms {wait:2}, {n:2} clients: {r['img_s']:6.1f} img/s, p50 "
                       f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms", flush=True)
@@ -283,7 +283,7 @@ def main() -> None:
                    "each other on busy cores lose up to 20x")
     p.add_argument("--ceiling-batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--quick", action="store_true", help="3 s per measurement, 1 and 16 clients")
-    p.add_argument("--sweep", action="store_true", help="ResNet18: --max-batch and --max-wait-ms at 1 and 16 clients")
+    p.add_argument("--sweep", action="store_true", help="ResNet18: --max-batch, --max-wait-ms at 1, 4, 16 clients")
     p.add_argument("--stack", action="store_true", help="16 clients: HTTP parser and event loop, OpenMP waiting")
     p.add_argument("--rounds", type=int, default=ROUNDS, help="--stack: slices per measurement, taken in turn")
     p.add_argument("--json", default=str(ROOT / "bench" / "results-serve.json"))

@@ -13,10 +13,11 @@ KEY_ENV = "IMGCLS_API_KEY"  # the API key: given here rather than on the command
 
 # The largest batch tried when the server times its model at start (model.Served.measured_max_batch), and
 # the longest wait for a batch to fill: chosen by measurement (bench/bench_serve.py --sweep, docs/serving.md).
-# Under load a batch fills while the one before it runs, so a longer wait adds nothing there (16 clients,
-# ResNet18: 80 img/s at 2 ms, 68 at 10, 79 at 25) and costs a lone request all of it (p50 76, 84, 100 ms).
+# Under load a batch fills while the one before it runs, so a wait adds nothing there (ResNet18, 16 clients:
+# 86 img/s at 0, 1, 2 and 10 ms, 89 at 25; 4 clients: 65, 62, 64, 68, 52) and costs a lone request all of it
+# (1 client: 48, 44, 41, 30, 18 img/s). Triton's dynamic batcher does not wait by default either.
 MAX_BATCH = {"cpu": 16, "gpu": 64}
-MAX_WAIT_MS = 2.0
+MAX_WAIT_MS = 0.0
 MAX_IMAGES = 64  # per request: more is several requests (the page sends one image per request)
 
 
