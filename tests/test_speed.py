@@ -225,4 +225,4 @@ def test_a_loaded_model_on_the_cpu_keeps_its_freed_memory_between_batches(tmp_pa
     one start to the next). In a fresh process: the setting is the process's, and a test before may have made it."""
     out = subprocess.run([sys.executable, "-c", FAULTS_PER_BATCH, str(tmp_path / "m.pt"), where], cwd=ROOT, text=True,
                          capture_output=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-    assert int(out.split()[-1]) < 1000  # (~15000 without: a fault per 4 KB page of its activations)
+    assert int(out.split()[-1]) < 1000  # (9000-50000 without: a fault per 4 KB page of its activations)
