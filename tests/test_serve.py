@@ -278,6 +278,31 @@ def test_a_slow_upload_is_cut_off_at_the_time_limit(server):
     assert answer.startswith("HTTP/1.1 408") and 2 < time.monotonic() - start < 15
 
 
+def test_a_request_head_over_the_limit_is_refused_before_it_ends(server):
+    """httptools, unlike h11, keeps a request's head whole in memory however long it grows (a 400 MB header
+    took 1.2 GB): a head past the limit is answered at once, as JSON, and the worker serves on."""
+    conn = socket.create_connection((server.host, server.port), timeout=10)
+    conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000)  # no end of the head sent
+    answer = raw_response(conn)
+    conn.close()
+    assert answer.startswith("HTTP/1.1 431") and "header" in json.loads(answer.partition("\r\n\r\n")[2])["error"]
+    assert server.request("GET", "/health")[0] == 200
+
+
+def test_a_request_head_that_does_not_end_is_cut_off_at_the_time_limit(server):
+    """A client that sends its head a byte at a time, or opens connections and sends nothing, holds no
+    connection past --timeout (the limit on connections would otherwise turn everyone else away)."""
+    start = time.monotonic()
+    conn = socket.create_connection((server.host, server.port), timeout=20)
+    conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+    answer = raw_response(conn)
+    conn.close()
+    assert answer.startswith("HTTP/1.1 408") and "--timeout" in answer and 2 < time.monotonic() - start < 15
+    idle = socket.create_connection((server.host, server.port), timeout=20)
+    assert idle.recv(100) == b"" and 2 < time.monotonic() - start < 30  # closed, with nothing to answer
+    idle.close()
+
+
 def test_nothing_from_an_upload_is_written_to_disk(server, images):
     big = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), np.uint8)).save(big, "BMP")
