@@ -278,6 +278,17 @@ def test_a_slow_upload_is_cut_off_at_the_time_limit(server):
     assert answer.startswith("HTTP/1.1 408") and 2 < time.monotonic() - start < 15
 
 
+@pytest.mark.parametrize("request_bytes", [b"GARBAGE\r\n\r\n", b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+                                           b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+def test_a_request_that_is_not_valid_http_is_a_json_400(server, request_bytes):
+    conn = socket.create_connection((server.host, server.port), timeout=10)
+    conn.sendall(request_bytes)
+    answer = raw_response(conn)
+    conn.close()
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400") and "not a valid HTTP" in json.loads(body)["error"]
+
+
 def test_a_request_head_over_the_limit_is_refused_before_it_ends(server):
     """httptools, unlike h11, keeps a request's head whole in memory however long it grows (a 400 MB header
     took 1.2 GB): a head past the limit is answered at once, as JSON, and the worker serves on."""

@@ -2,7 +2,8 @@
 (it starts once the head has arrived): httptools keeps a head whole in memory however long it grows (h11
 stopped at 16 KB; a 400 MB header took this server 1.2 GB), and uvicorn gives a head no time limit (a client
 that sends it a byte at a time, or connects and sends nothing, held its connection for good: enough of
-them and uvicorn turns everyone else away).
+them and uvicorn turns everyone else away). What uvicorn answers itself is JSON here too, as every error of
+the API is (a request that is not HTTP was plain text).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class BoundedHead(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.await_head()  # (the next request's, on a kept-alive connection)
+
+    def send_400_response(self, msg: str) -> None:
+        self.refuse(400, f"not a valid HTTP/1.1 request ({msg.rstrip('.').lower()})")
 
     def await_head(self) -> None:
         self.reading_head, self.head_bytes = True, 0
