@@ -443,6 +443,26 @@ def test_workers_share_the_port(two_workers, images):
     assert "2 worker(s)" in "".join(two_workers.output)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_memory_a_burst_of_uploads_took_goes_back_once_the_server_is_idle(two_workers):
+    """Freed memory is kept for the next batch (machine.tune_cpu_allocator), in every worker: without a
+    release once idle, a burst of large uploads (64 MB each at most) left each worker that much larger for good."""
+    before = two_workers.rss_mb()
+    body = os.urandom(30 * 2**20)  # (no image: a 415, after the whole body is read)
+
+    def send() -> None:
+        for _ in range(2):
+            assert two_workers.request("POST", "/predict", body, {"Content-Type": "image/jpeg"})[0] == 415
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(3)
+    assert two_workers.rss_mb() - before < 100, (before, two_workers.rss_mb())
+
+
 def test_the_models_threads_sleep_between_batches_in_every_worker(two_workers):
     """Spinning OpenMP threads would take the cores the decoding threads and the event loop need. (GNU OpenMP
     says PASSIVE for its default too, which spins 300000 times first: the spin count tells them apart.)"""
