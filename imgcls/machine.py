@@ -116,6 +116,15 @@ def tune_cpu_allocator() -> None:
             libc.mallopt(-8, 1)  # M_ARENA_MAX: threads made from now on use that heap too
 
 
+def release_freed_memory() -> None:
+    """Give the freed memory that tune_cpu_allocator keeps back to the system (glibc's malloc_trim: the free
+    pages anywhere in the heap, not only at its top), for a process that has gone idle: a server kept the
+    peak of a burst of large uploads for good otherwise (eight of 30 MB at once: 180 MB more per worker)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def auto_workers(device: torch.device, cached: bool) -> int:
     """Workers only where they help: cached uint8 crops are cheap, and on a small CPU box every
     worker steals a core from the model's own threads."""

@@ -78,6 +78,13 @@ class Server:
         status, _, data = self.request("POST", path, body, {"Content-Type": kind, **(headers or {})})
         return status, json.loads(data)
 
+    def rss_mb(self) -> float:
+        """The resident memory of the server and its worker processes together (Linux's /proc), in MB."""
+        pids = [self.proc.pid, *map(int, subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                                                       text=True).stdout.split())]
+        status = [Path(f"/proc/{pid}/status").read_text() for pid in pids]
+        return sum(int(m[1]) for text in status if (m := re.search(r"VmRSS:\s+(\d+) kB", text))) / 1024
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -278,6 +278,42 @@ def test_a_slow_upload_is_cut_off_at_the_time_limit(server):
     assert answer.startswith("HTTP/1.1 408") and 2 < time.monotonic() - start < 15
 
 
+@pytest.mark.parametrize("request_bytes", [b"GARBAGE\r\n\r\n", b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+                                           b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+def test_a_request_that_is_not_valid_http_is_a_json_400(server, request_bytes):
+    conn = socket.create_connection((server.host, server.port), timeout=10)
+    conn.sendall(request_bytes)
+    answer = raw_response(conn)
+    conn.close()
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400") and "not a valid HTTP" in json.loads(body)["error"]
+
+
+def test_a_request_head_over_the_limit_is_refused_before_it_ends(server):
+    """httptools, unlike h11, keeps a request's head whole in memory however long it grows (a 400 MB header
+    took 1.2 GB): a head past the limit is answered at once, as JSON, and the worker serves on."""
+    conn = socket.create_connection((server.host, server.port), timeout=10)
+    conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000)  # no end of the head sent
+    answer = raw_response(conn)
+    conn.close()
+    assert answer.startswith("HTTP/1.1 431") and "header" in json.loads(answer.partition("\r\n\r\n")[2])["error"]
+    assert server.request("GET", "/health")[0] == 200
+
+
+def test_a_request_head_that_does_not_end_is_cut_off_at_the_time_limit(server):
+    """A client that sends its head a byte at a time, or opens connections and sends nothing, holds no
+    connection past --timeout (the limit on connections would otherwise turn everyone else away)."""
+    start = time.monotonic()
+    conn = socket.create_connection((server.host, server.port), timeout=20)
+    conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+    answer = raw_response(conn)
+    conn.close()
+    assert answer.startswith("HTTP/1.1 408") and "--timeout" in answer and 2 < time.monotonic() - start < 15
+    idle = socket.create_connection((server.host, server.port), timeout=20)
+    assert idle.recv(100) == b"" and 2 < time.monotonic() - start < 30  # closed, with nothing to answer
+    idle.close()
+
+
 def test_nothing_from_an_upload_is_written_to_disk(server, images):
     big = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), np.uint8)).save(big, "BMP")
@@ -405,6 +441,26 @@ def test_workers_share_the_port(two_workers, images):
         t.join()
     assert results == [200] * 8
     assert "2 worker(s)" in "".join(two_workers.output)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_memory_a_burst_of_uploads_took_goes_back_once_the_server_is_idle(two_workers):
+    """Freed memory is kept for the next batch (machine.tune_cpu_allocator), in every worker: without a
+    release once idle, a burst of large uploads (64 MB each at most) left each worker that much larger for good."""
+    before = two_workers.rss_mb()
+    body = os.urandom(30 * 2**20)  # (no image: a 415, after the whole body is read)
+
+    def send() -> None:
+        for _ in range(2):
+            assert two_workers.request("POST", "/predict", body, {"Content-Type": "image/jpeg"})[0] == 415
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(3)
+    assert two_workers.rss_mb() - before < 100, (before, two_workers.rss_mb())
 
 
 def test_the_models_threads_sleep_between_batches_in_every_worker(two_workers):

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from imgcls.machine import release_freed_memory
 from imgcls.serving.batcher import Batcher, Full
 from imgcls.serving.model import Served
 from imgcls.serving.settings import KEY_ENV, Settings
@@ -36,6 +37,7 @@ PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 RETRY_AFTER_S = "1"
+RELEASE_AFTER_S = 1.0  # idle (no request being answered) this long, a worker gives its freed memory back
 
 
 class Server:
@@ -47,6 +49,25 @@ class Server:
                                served.settings.max_queue, served.threads)
         self.decoders = ThreadPoolExecutor(max(2, served.threads), thread_name_prefix="decode")
         self.in_flight = 0  # requests being answered (on the event loop's thread only)
+        self.release: asyncio.TimerHandle | None = None  # the memory's release, once idle
+
+    def started(self) -> None:
+        self.in_flight += 1
+        if self.release is not None:
+            self.release.cancel()
+            self.release = None
+
+    def finished(self) -> None:
+        """A request answered. Once none has been for RELEASE_AFTER_S, the memory freed meanwhile (uploads,
+        decoded images, activations: kept for the next request, machine.tune_cpu_allocator) goes back to the
+        system, in a decoding thread: under load it is reused, and an idle server holds no burst's peak."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.release = asyncio.get_running_loop().call_later(RELEASE_AFTER_S, self.release_memory)
+
+    def release_memory(self) -> None:
+        with contextlib.suppress(RuntimeError):  # (the decoding threads have stopped: the server is ending)
+            self.decoders.submit(release_freed_memory)
 
     def close(self) -> None:
         self.batcher.stop()
@@ -108,7 +129,7 @@ def guarded(server: Server, handler: Handler) -> Callable[[Request], Awaitable[R
         if server.in_flight >= server.settings.max_in_flight:
             return error(503, f"busy: {server.in_flight} requests are being answered (4 x serve.py --max-queue); "
                               "retry shortly", {"Retry-After": RETRY_AFTER_S})
-        server.in_flight += 1
+        server.started()
         try:
             async with asyncio.timeout(server.settings.timeout_s):
                 return await handler(server, request)
@@ -126,7 +147,7 @@ def guarded(server: Server, handler: Handler) -> Callable[[Request], Awaitable[R
             log.exception("error answering %s %s", request.method, request.url.path)
             return error(500, "internal error (see the server's log)")
         finally:
-            server.in_flight -= 1
+            server.finished()
     return endpoint
 
 

@@ -5,6 +5,7 @@ that each load their own copy of the model (the server keeps no state: any of th
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import socket
@@ -15,6 +16,11 @@ from uvicorn.supervisors import Multiprocess
 from imgcls.serving.app import make_app
 from imgcls.serving.model import Served
 from imgcls.serving.settings import ENV, KEY_ENV, Settings, cpus
+
+try:  # httptools (requirements-serve.txt), with limits on a request's head
+    from imgcls.serving.protocol import BoundedHead
+except ImportError:  # without it, uvicorn's h11: a head of 16 KB at most, but in no time limit
+    BoundedHead = None  # type: ignore[assignment,misc]
 
 GRACE_S = 5  # past --timeout, for requests in flight at SIGTERM to finish
 # uvicorn's own limit (connections, open or busy) stays above the app's on requests (Settings.max_in_flight),
@@ -31,7 +37,8 @@ def serve(settings: Settings, key: str | None, sock: socket.socket, log_level: s
           f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + (" (API key required)" if key else ""),
           flush=True)
     options = {"log_level": log_level, "timeout_graceful_shutdown": int(settings.timeout_s + GRACE_S),
-               "limit_concurrency": settings.max_in_flight + SPARE_CONNECTIONS, "server_header": False}
+               "limit_concurrency": settings.max_in_flight + SPARE_CONNECTIONS, "server_header": False,
+               "http": functools.partial(BoundedHead, head_timeout_s=settings.timeout_s) if BoundedHead else "h11"}
     if settings.workers == 1:
         app = make_app(served, key)
         uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
