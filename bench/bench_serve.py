@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from serving import Server, png_claiming  # noqa: E402
+from serving import Server, png_claiming, without_fast_http  # noqa: E402
 
 from imgcls import checkpoint  # noqa: E402
 from imgcls.evaluation.predictor import load_model  # noqa: E402
@@ -236,21 +236,13 @@ STACKS = {"h11 + asyncio, spinning": (True, {"GOMP_SPINCOUNT": "300000"}),
           "httptools + uvloop, passive (serve.py's default)": (False, {})}
 
 
-def hiding_fast_http(work: Path) -> dict[str, str]:
-    """The environment in which uvicorn finds neither uvloop nor httptools."""
-    for name in ("uvloop", "httptools"):
-        (work / "hide" / name).mkdir(parents=True, exist_ok=True)
-        (work / "hide" / name / "__init__.py").write_text(f"raise ImportError('{name} hidden by bench_serve.py')\n")
-    return {"PYTHONPATH": os.pathsep.join([str(work / "hide"), os.environ.get("PYTHONPATH", "")])}
-
-
 def stack(a: argparse.Namespace, images: list[bytes], work: Path) -> None:
     print(f"# python bench/bench_serve.py --stack --seconds {a.seconds:g}: 16 clients, {cpus()} cores, img/s "
           "(slices taken in turn)")
     for name in a.models:
         ckpt = make_checkpoint(name, a.img_size, work)
         servers = {label: Server("--checkpoint", str(ckpt), "--max-file-mb", "1",
-                                 env={**(hiding_fast_http(work) if slow else {}), **env})
+                                 env={**(without_fast_http(work / "hide") if slow else {}), **env})
                    for label, (slow, env) in STACKS.items()}
         try:
             slices: dict[str, list[dict]] = {label: [] for label in servers}

@@ -121,3 +121,12 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def read_file(path: Path | str) -> bytes:
     return Path(path).read_bytes()
+
+
+def without_fast_http(folder: Path) -> dict[str, str]:
+    """The environment in which uvicorn finds neither uvloop nor httptools (modules of those names in `folder`
+    that fail to import): it then runs asyncio's loop and h11, as where they are not installed."""
+    for name in ("uvloop", "httptools"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} hidden')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}

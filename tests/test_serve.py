@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, call, make_labelled_set, train_args
 from PIL import Image
-from serving import Server, multipart, png_claiming, read_file
+from serving import Server, multipart, png_claiming, read_file, without_fast_http
 from test_cli import imports, run_script_in_process
 
 import export
@@ -461,6 +461,15 @@ def test_memory_a_burst_of_uploads_took_goes_back_once_the_server_is_idle(two_wo
         t.join()
     time.sleep(3)
     assert two_workers.rss_mb() - before < 100, (before, two_workers.rss_mb())
+
+
+def test_the_server_runs_on_h11_where_httptools_is_missing(trained_run, images, tmp_path):
+    s = Server("--checkpoint", str(trained_run), env=without_fast_http(tmp_path / "hidden"))
+    try:
+        status, got = s.post("/predict", [("a.png", read_file(images[0]))])
+        assert status == 200 and got["results"][0]["status"] == "ok"
+    finally:
+        assert s.stop() in STOPPED
 
 
 def test_the_models_threads_sleep_between_batches_in_every_worker(two_workers):
