@@ -278,6 +278,29 @@ def test_a_slow_upload_is_cut_off_at_the_time_limit(server):
     assert answer.startswith("HTTP/1.1 408") and 2 < time.monotonic() - start < 15
 
 
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(server, images):
+    """`nc -N`, some HTTP/1.0 clients: the request, then the end of their sending side (the server's batch
+    waits 50 ms here, so the end always arrives before the answer is ready)."""
+    body = read_file(images[0])
+    conn = socket.create_connection((server.host, server.port), timeout=20)
+    conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n"
+                 % len(body) + body)
+    conn.shutdown(socket.SHUT_WR)
+    answer = raw_response(conn)
+    conn.close()
+    assert answer.startswith("HTTP/1.1 200") and '"status": "ok"' in answer.replace('":"', '": "')
+
+
+def test_a_client_that_half_closes_in_the_middle_of_its_upload_is_let_go_at_once(server):
+    conn = socket.create_connection((server.host, server.port), timeout=20)
+    conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\nab")
+    conn.shutdown(socket.SHUT_WR)
+    start = time.monotonic()
+    answer = raw_response(conn)
+    conn.close()
+    assert not answer.startswith("HTTP/1.1 2") and time.monotonic() - start < 2  # (not the 3 s --timeout)
+
+
 @pytest.mark.parametrize("request_bytes", [b"GARBAGE\r\n\r\n", b"POST /predict HTTP/1.1\r\nHost: x\r\n"
                                            b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
 def test_a_request_that_is_not_valid_http_is_a_json_400(server, request_bytes):

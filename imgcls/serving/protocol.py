@@ -21,7 +21,8 @@ SLICE = 4096  # bytes fed to the parser at a time while a head arrives: a head i
 
 class BoundedHead(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a head refused past MAX_HEAD_BYTES (431) or `head_timeout_s`
-    (408; a connection that sent nothing is closed), both answered as JSON."""
+    (408; a connection that sent nothing is closed), both answered as JSON, and an answer for a client that
+    half-closes after its request."""
 
     def __init__(self, *args: Any, head_timeout_s: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -29,6 +30,7 @@ class BoundedHead(HttpToolsProtocol):
         self.reading_head = True
         self.head_bytes = 0
         self.head_timer: asyncio.TimerHandle | None = None
+        self.half_closed = False  # the client ended its sending side while its request was being answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -61,6 +63,20 @@ class BoundedHead(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.await_head()  # (the next request's, on a kept-alive connection)
+
+    def eof_received(self) -> bool | None:
+        """A client that ends its sending side after its request (`nc -N`, some HTTP/1.0 clients) still gets
+        its answer: the connection stays open for it, then closes. (uvicorn's own let asyncio close it at once,
+        and the answer was lost.) One that ends it in the middle of its upload is closed, as before."""
+        if self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete:
+            self.half_closed = True
+            return True
+        return None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.half_closed and not self.transport.is_closing():
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         self.refuse(400, f"not a valid HTTP/1.1 request ({msg.rstrip('.').lower()})")
