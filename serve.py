@@ -26,7 +26,7 @@ from pathlib import Path
 from imgcls import runfolder
 from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
 from imgcls.errors import UsageError
-from imgcls.serving.settings import KEY_ENV, MAX_BATCH, MAX_IMAGES, MAX_WAIT_MS, Settings, wait_passively
+from imgcls.serving.settings import KEY_ENV, MAX_BATCH, MAX_IMAGES, MAX_WAIT_MS, Settings
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -150,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("serve.py needs its web libraries: pip install -r requirements-serve.txt") from None
-    wait_passively()
     from imgcls.serving import run  # torch loads only for a command line that is good
     imports_done()
 

@@ -116,6 +116,16 @@ def tune_cpu_allocator() -> None:
             libc.mallopt(-8, 1)  # M_ARENA_MAX: threads made from now on use that heap too
 
 
+def set_thread_threads(n: int) -> None:
+    """The calling thread's torch threads: `n`, for good. torch.set_num_threads alone sets the calling thread's
+    OpenMP count and also a process-wide default that any thread takes at its first parallel operation, even
+    a thread that was given its own before (torch's lazy per-thread init): a server's decoding threads set to 1
+    after its model thread was set to 2 left the model on one core, at 0.6 of its speed. Asking the count
+    first does that init now, and what is set afterwards stays."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 def release_freed_memory() -> None:
     """Give the freed memory that tune_cpu_allocator keeps back to the system (glibc's malloc_trim: the free
     pages anywhere in the heap, not only at its top), for a process that has gone idle: a server kept the

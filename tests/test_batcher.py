@@ -102,3 +102,37 @@ def test_other_work_on_the_model_takes_its_turn_and_does_not_starve_the_images()
         assert ran == ["job 1", "images", "job 2"]
     finally:
         b.stop()
+
+
+def test_a_batch_waits_for_the_images_being_decoded():
+    """Under load the next requests are being decoded when a batch is taken: run alone they would make a
+    batch nearly as costly as a full one."""
+    model = Recording()
+    b = Batcher(model, max_batch=4, max_wait_s=0, max_queue=100)
+    b.join_wait_s = 10
+    try:
+        with b.expecting(1):  # a second request, still decoding
+            with b.expecting(1):
+                first = b.submit(images(1))
+            time.sleep(0.2)
+            assert not first[0].done()
+            second = b.submit(images(1))
+        assert [f.result(10).item() for f in first + second] == [0, 0] and model.sizes == [2]
+        lone = time.monotonic()
+        b.submit(images(1))[0].result(10)  # nothing else being decoded: no wait
+        assert time.monotonic() - lone < 5 and model.sizes == [2, 1]
+    finally:
+        b.stop()
+
+
+def test_a_batch_waits_for_decoding_images_at_most_join_wait():
+    model = Recording()
+    b = Batcher(model, max_batch=4, max_wait_s=0, max_queue=100)
+    b.join_wait_s = 0.3
+    try:
+        with b.expecting(1):  # (a huge upload, slow to decode)
+            start = time.monotonic()
+            b.submit(images(1))[0].result(10)
+            assert 0.25 < time.monotonic() - start < 5 and model.sizes == [1]
+    finally:
+        b.stop()

@@ -226,3 +226,33 @@ def test_a_loaded_model_on_the_cpu_keeps_its_freed_memory_between_batches(tmp_pa
     out = subprocess.run([sys.executable, "-c", FAULTS_PER_BATCH, str(tmp_path / "m.pt"), where], cwd=ROOT, text=True,
                          capture_output=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
     assert int(out.split()[-1]) < 1000  # (9000-50000 without: a fault per 4 KB page of its activations)
+
+
+THREADS_KEPT = """
+import threading, torch
+from imgcls.machine import set_thread_threads
+set_thread_threads(1)
+first_set, other_set, seen = threading.Event(), threading.Event(), []
+def model_thread():
+    set_thread_threads(2)
+    first_set.set()
+    other_set.wait()
+    torch.ones(2**20).sum()  # a first parallel operation in this thread
+    seen.append(torch.get_num_threads())
+t = threading.Thread(target=model_thread)
+t.start()
+first_set.wait()
+threading.Thread(target=set_thread_threads, args=(1,)).start()  # as a server's decoding threads, made after
+other_set.set()
+t.join()
+print(seen[0])
+"""
+
+
+def test_a_threads_torch_thread_count_stays_when_a_later_thread_sets_its_own():
+    """torch.set_num_threads alone also sets a default that a thread takes at its first parallel operation,
+    over its own count: serve.py's model ran on one core when its decoding threads were set to one after it.
+    In a fresh process: the count is per process, and the suite's own must not change."""
+    out = subprocess.run([sys.executable, "-c", THREADS_KEPT], cwd=ROOT, text=True, capture_output=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "4"}).stdout
+    assert out.split()[-1] == "2"

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from imgcls.machine import release_freed_memory
+from imgcls.machine import release_freed_memory, set_thread_threads
 from imgcls.serving.batcher import Batcher, Full
 from imgcls.serving.model import Served
 from imgcls.serving.settings import KEY_ENV, Settings
@@ -45,9 +45,12 @@ class Server:
 
     def __init__(self, served: Served, key: str | None):
         self.served, self.settings, self.key = served, served.settings, key
-        self.batcher = Batcher(served.logits, served.max_batch, served.settings.max_wait_ms / 1000,
+        self.batcher = Batcher(served.logits, served.max_batch or 1, served.settings.max_wait_ms / 1000,
                                served.settings.max_queue, served.threads)
-        self.decoders = ThreadPoolExecutor(max(2, served.threads), thread_name_prefix="decode")
+        self.batcher.call(served.time_model).result()  # (on the model's thread, as it will run: one_team)
+        self.batcher.max_batch, self.batcher.join_wait_s = served.max_batch, served.batch_of_one_s
+        self.decoders = ThreadPoolExecutor(max(2, served.threads), thread_name_prefix="decode",
+                                           initializer=set_thread_threads, initargs=(1,))  # (one_team)
         self.in_flight = 0  # requests being answered (on the event loop's thread only)
         self.release: asyncio.TimerHandle | None = None  # the memory's release, once idle
 
@@ -73,20 +76,28 @@ class Server:
         self.batcher.stop()
         self.decoders.shutdown()
 
-    async def images(self, request: Request) -> tuple[list[Upload], list[Any]]:
-        """The request's uploads, and each one decoded (a tensor) or its BadUpload."""
+    async def uploads(self, request: Request) -> list[Upload]:
         s = self.settings
         body = await read_body(request, s.max_request_bytes)
         request.state.received = True
-        files = uploads(body, request.headers.get("content-type", ""), request.query_params.get("name", "image"),
-                        s.max_images)
+        return uploads(body, request.headers.get("content-type", ""), request.query_params.get("name", "image"),
+                       s.max_images)
+
+    async def images(self, request: Request) -> tuple[list[Upload], list[Any]]:
+        """The request's uploads, and each one decoded (a tensor) or its BadUpload."""
+        files = await self.uploads(request)
+        return files, await self.decode(files)
+
+    async def decode(self, files: list[Upload]) -> list[Any]:
+        """Each upload decoded (a tensor), or its BadUpload."""
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode, f, self.served.loaded.preprocess,
-                                                              s.max_bytes) for f in files), return_exceptions=True)
+                                                              self.settings.max_bytes) for f in files),
+                                       return_exceptions=True)
         for d in decoded:
             if isinstance(d, BaseException) and not isinstance(d, BadUpload):
                 raise d  # a bug: not the upload's fault
-        return files, decoded
+        return decoded
 
 
 def make_app(served: Served, key: str | None = None) -> Starlette:
@@ -185,13 +196,17 @@ async def predict(server: Server, request: Request) -> Response:
     reject = query(request, "reject_below", float, s.reject_below,
                    lambda p: 0 <= p <= 1 and not served.loaded.multilabel,
                    "give a probability from 0 to 1 (not for a multi-label model: each label has its threshold)")
-    files, decoded = await server.images(request)
-    good = [i for i, d in enumerate(decoded) if not isinstance(d, BaseException)]
-    if not good:
-        first = decoded[0]
-        return JSONResponse({"error": f"{files[0].name}: {first}", "results": [bad(f, d) for f, d in
-                                                                                  zip(files, decoded)]}, first.status)
-    logits = await server.batcher.predict([decoded[i] for i in good])
+    files = await server.uploads(request)
+    with server.batcher.expecting(len(files)):  # (a batch about to run may wait for them)
+        decoded = await server.decode(files)
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, BaseException)]
+        if not good:
+            first = decoded[0]
+            return JSONResponse({"error": f"{files[0].name}: {first}", "results": [bad(f, d) for f, d in
+                                                                                      zip(files, decoded)]},
+                                first.status)
+        futures = server.batcher.submit([decoded[i] for i in good])
+    logits = await server.batcher.results(futures)
     answers = iter(served.answers(torch.stack(logits), topk, reject))
     results = [{"file": f.name, **next(answers)} if i in good else bad(f, d)
                for i, (f, d) in enumerate(zip(files, decoded))]

@@ -22,6 +22,7 @@ from imgcls import checkpoint
 from imgcls.errors import UsageError
 from imgcls.evaluation import calibration, multilabel, predictions
 from imgcls.evaluation.predictor import Explainer, Loaded, OnnxModel, load_model, tta_views
+from imgcls.machine import set_thread_threads
 from imgcls.serving.settings import MAX_BATCH, Settings, threads_per_worker
 
 UNKNOWN = predictions.UNKNOWN
@@ -33,7 +34,7 @@ class Served:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.threads = threads_per_worker(settings)
-        torch.set_num_threads(self.threads)
+        set_thread_threads(1)  # here; the model's own thread runs it with self.threads (one_team)
         self.loaded: Loaded = load_model(settings.checkpoint, settings.device, settings.amp)
         if isinstance(self.loaded.model, OnnxModel):
             size_threads(self.loaded.model, Path(settings.checkpoint), self.threads)
@@ -45,12 +46,14 @@ class Served:
         self.crop = self.loaded.preprocess.crop()
         self.explainer: Explainer | None = None  # made on the model thread, at the first explanation
         self.provenance = provenance(Path(self.loaded.source))
-        self.max_batch = settings.max_batch or self.measured_max_batch()
+        self.max_batch: int | None = settings.max_batch  # None: timed (time_model)
+        self.batch_of_one_s = 0.0  # the model's time for a batch of one (time_model)
 
-    def measured_max_batch(self) -> int:
-        """The batch size that gives the most images per second here, timed now: the smallest within 10% of
-        the best of 1, 2, 4, ... up to MAX_BATCH for the device (bench/bench_serve.py: on 2 cores MobileNetV2
-        and ResNet18 gain up to batches of 8-16)."""
+    def time_model(self) -> None:
+        """Time the model as it will run (call it on the model's thread): a batch of one, and unless --max-batch
+        was given, the batch size that gives the most images per second here: the smallest within 10% of the
+        best of 1, 2, 4, ... up to MAX_BATCH for the device (bench/bench_serve.py: on 2 cores MobileNetV2 and
+        ResNet18 gain up to batches of 8-16)."""
         size = self.loaded.preprocess.img_size
 
         def seconds(b: int) -> float:
@@ -59,7 +62,10 @@ class Served:
             self.logits(x)
             return time.perf_counter() - start
 
-        return fastest(rates_timed(seconds, MAX_BATCH["cpu" if self.loaded.device.type == "cpu" else "gpu"]))
+        largest = MAX_BATCH["cpu" if self.loaded.device.type == "cpu" else "gpu"] if self.max_batch is None else 1
+        rates = rates_timed(seconds, largest)
+        self.batch_of_one_s = 1 / rates[1]
+        self.max_batch = self.max_batch or fastest(rates)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's outputs for a uint8 batch, as test.py computes them (predictions.label via run_model); with
@@ -114,7 +120,8 @@ class Served:
                 "calibration": {"temperature": loaded.temperature or 1.0, "calibrated": loaded.temperature is not None},
                 "provenance": self.provenance,
                 "serving": {"topk": s.topk, "reject_below": s.reject_below, "tta": s.tta, "device": str(loaded.device),
-                            "max_batch": self.max_batch, "max_wait_ms": s.max_wait_ms, "threads": self.threads,
+                            "max_batch": self.max_batch, "max_wait_ms": s.max_wait_ms,
+                            "wait_for_decoding_ms": round(self.batch_of_one_s * 1000, 1), "threads": self.threads,
                             "max_file_mb": s.max_file_mb, "max_request_mb": s.max_request_mb,
                             "max_images": s.max_images, "timeout_s": s.timeout_s}}
 

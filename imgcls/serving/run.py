@@ -31,16 +31,17 @@ SPARE_CONNECTIONS = 1024
 
 def serve(settings: Settings, key: str | None, sock: socket.socket, log_level: str = "info") -> int:
     served = Served(settings)  # in this process too with --workers: a file that does not load is said here
+    app = make_app(served, key) if settings.workers == 1 else None  # (times the batch size when not given)
     host, port = sock.getsockname()[:2]
-    print(f"serving {served.loaded.arch} ({len(served.loaded.classes)} classes, {served.loaded.device}, batches of up "
-          f"to {served.max_batch}, {served.threads} threads x {settings.workers} worker(s) of {cpus()} cores) at "
+    batches = f"batches of up to {served.max_batch}" if served.max_batch else "batch size timed by each worker"
+    print(f"serving {served.loaded.arch} ({len(served.loaded.classes)} classes, {served.loaded.device}, {batches}, "
+          f"{served.threads} threads x {settings.workers} worker(s) of {cpus()} cores) at "
           f"http://{host if ':' not in host else f'[{host}]'}:{port}/" + (" (API key required)" if key else ""),
           flush=True)
     options = {"log_level": log_level, "timeout_graceful_shutdown": int(settings.timeout_s + GRACE_S),
                "limit_concurrency": settings.max_in_flight + SPARE_CONNECTIONS, "server_header": False,
                "http": functools.partial(BoundedHead, head_timeout_s=settings.timeout_s) if BoundedHead else "h11"}
-    if settings.workers == 1:
-        app = make_app(served, key)
+    if app is not None:
         uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
         return 0
     del served

@@ -63,15 +63,6 @@ class Settings:
         return int(self.max_request_mb * 2**20)
 
 
-def wait_passively() -> None:
-    """The model's OpenMP threads sleep when a parallel region ends instead of spinning for the next one
-    (OMP_WAIT_POLICY=PASSIVE, unless the environment says otherwise). In a server they share the cores with
-    the decoding threads and the event loop, which a spinning thread takes cores from: at 16 clients on 2
-    cores, the same or up to 1.15x the images per second (bench/results-serve-stack.txt). OpenMP reads the
-    variable once, when torch loads: this runs before torch is imported, and the worker processes inherit it."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def cpus() -> int:
     """The cores this process may use (a container's share, not the host's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
