@@ -382,7 +382,7 @@ def test_model_tells_classes_input_calibration_and_provenance(server, trained_ru
 def test_one_slow_timing_at_start_does_not_choose_the_batch_size():
     from imgcls.serving.model import fastest, rates_timed
 
-    true_rates = {1: 10.0, 2: 17.0, 4: 21.0, 8: 30.0, 16: 31.0}
+    true_rates = {1: 10.0, 2: 17.0, 4: 21.0, 8: 30.0, 16: 25.0}
     calls: dict[int, int] = {}
 
     def seconds(b: int) -> float:  # the first timing of a batch of 8, after its warm-up run, slowed 3x
@@ -393,11 +393,13 @@ def test_one_slow_timing_at_start_does_not_choose_the_batch_size():
     assert all(n == 4 for n in calls.values())  # a warm-up and three timings each
 
 
-def test_the_batch_size_is_the_fastest_timed_or_the_smallest_as_fast():
+def test_the_batch_size_is_the_fastest_timed_or_the_largest_as_fast():
+    """Under load a batch costs more than alone: of sizes the timing alone finds as fast, the largest."""
     from imgcls.serving.model import fastest
 
     assert fastest({1: 40.0, 2: 30.0, 4: 20.0}) == 1  # batching does not pay: none
-    assert fastest({1: 10.0, 2: 17.0, 4: 21.0, 8: 22.0, 16: 18.0}) == 4
+    assert fastest({1: 10.0, 2: 17.0, 4: 21.0, 8: 22.0, 16: 18.0}) == 8
+    assert fastest({1: 10.0, 4: 23.0, 8: 22.0, 16: 21.5}) == 16
     assert fastest({1: 5.0, 2: 10.0}) == 2
 
 
