@@ -47,10 +47,10 @@ class Server:
         self.served, self.settings, self.key = served, served.settings, key
         self.batcher = Batcher(served.logits, served.max_batch or 1, served.settings.max_wait_ms / 1000,
                                served.settings.max_queue, served.threads)
-        self.batcher.call(served.time_model).result()  # (on the model's thread, as it will run: one_team)
+        self.batcher.call(served.time_model).result()  # (on the model thread, as it will run)
         self.batcher.max_batch, self.batcher.join_wait_s = served.max_batch, served.batch_of_one_s
         self.decoders = ThreadPoolExecutor(max(2, served.threads), thread_name_prefix="decode",
-                                           initializer=set_thread_threads, initargs=(1,))  # (one_team)
+                                           initializer=set_thread_threads, initargs=(1,))  # (parallel: model only)
         self.in_flight = 0  # requests being answered (on the event loop's thread only)
         self.release: asyncio.TimerHandle | None = None  # the memory's release, once idle
 

@@ -34,7 +34,7 @@ class Served:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.threads = threads_per_worker(settings)
-        set_thread_threads(1)  # here; the model's own thread runs it with self.threads (one_team)
+        set_thread_threads(1)  # here: torch runs in parallel on the model thread only (docs/serving.md)
         self.loaded: Loaded = load_model(settings.checkpoint, settings.device, settings.amp)
         if isinstance(self.loaded.model, OnnxModel):
             size_threads(self.loaded.model, Path(settings.checkpoint), self.threads)
