@@ -52,11 +52,12 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="the model's threads per worker (default: the cores shared by "
                         "the workers)")
     parser.add_argument("--max-batch", type=int, help=f"most images per batch through the model; 1: no batching "
-                        f"(default: the batch size that runs fastest here, timed at start, up to {MAX_BATCH['cpu']} "
-                        f"on a CPU, {MAX_BATCH['gpu']} on a GPU)")
+                        "(default: timed at start: the largest size within 10%% of the fastest, up to "
+                        f"{MAX_BATCH['cpu']} on a CPU, {MAX_BATCH['gpu']} on a GPU)")
     parser.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS, help="longest wait of an image for others "
-                        f"to batch it with (ms; default {MAX_WAIT_MS:g}: none, under load a batch fills while the one "
-                        "before it runs)")
+                        f"to arrive and batch it with (ms; default {MAX_WAIT_MS:g}: none, under load a batch fills "
+                        "while the one before it runs); images already being decoded are waited for regardless, up to "
+                        "the model's time for a batch of one")
     parser.add_argument("--max-queue", type=int, default=256, help="most images waiting for the model; more are "
                         "turned away with 503 and Retry-After")
     parser.add_argument("--max-file-mb", type=float, default=32.0, help="larger uploaded files are refused (413), "

@@ -531,6 +531,16 @@ def test_a_worker_runs_its_model_on_one_team_of_openmp_threads(trained_run, imag
     assert int(out.split()[-1]) == threads - 1
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in Linux's /proc")
+def test_an_onnx_model_runs_on_onnx_runtimes_threads_alone(onnx_file, images):
+    """ONNX Runtime keeps its own pool of threads - 1 helpers: the model thread's one torch operation (the
+    batch made float) must not start an OpenMP team beside it, whose threads would spin on the same cores."""
+    script = "import onnxruntime\n" + ONE_TEAM  # (which starts a thread of its own as it loads)
+    out = subprocess.run([sys.executable, "-c", script, str(onnx_file), "2", str(images[0])], cwd=ROOT, text=True,
+                         capture_output=True, check=True).stdout
+    assert int(out.split()[-1]) == 1
+
+
 @pytest.mark.parametrize("args, hint", [
     (["--host", "0.0.0.0"], "serves the network: require a key"),
     (["--port", "70000"], "--port must be"),

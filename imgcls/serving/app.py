@@ -46,7 +46,7 @@ class Server:
     def __init__(self, served: Served, key: str | None):
         self.served, self.settings, self.key = served, served.settings, key
         self.batcher = Batcher(served.logits, served.max_batch or 1, served.settings.max_wait_ms / 1000,
-                               served.settings.max_queue, served.threads)
+                               served.settings.max_queue, served.torch_threads)
         self.batcher.call(served.time_model).result()  # (on the model thread, as it will run)
         self.batcher.max_batch, self.batcher.join_wait_s = served.max_batch, served.batch_of_one_s
         self.decoders = ThreadPoolExecutor(max(2, served.threads), thread_name_prefix="decode",

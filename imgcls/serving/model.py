@@ -36,10 +36,14 @@ class Served:
         self.threads = threads_per_worker(settings)
         set_thread_threads(1)  # here: torch runs in parallel on the model thread only (docs/serving.md)
         self.loaded: Loaded = load_model(settings.checkpoint, settings.device, settings.amp)
-        if isinstance(self.loaded.model, OnnxModel):
+        onnx = isinstance(self.loaded.model, OnnxModel)
+        if onnx:
             size_threads(self.loaded.model, Path(settings.checkpoint), self.threads)
         else:
             self.loaded.model.eval()
+        # the model thread's torch threads: an .onnx runs on ONNX Runtime's own pool, and torch there only makes
+        # the batch float: a team of torch's beside that pool would spin on the same cores
+        self.torch_threads = 1 if onnx else self.threads
         if self.loaded.multilabel and settings.reject_below is not None:
             raise UsageError(f"{settings.checkpoint} is a multi-label model: each label has its own threshold (tuned "
                              "when training), so --reject-below does not apply; drop it")

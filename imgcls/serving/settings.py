@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 ENV = "IMGCLS_SERVE_SETTINGS"  # the settings, for the worker processes
 KEY_ENV = "IMGCLS_API_KEY"  # the API key: given here rather than on the command line, where `ps` shows it
 
-# The largest batch tried when the server times its model at start (model.Served.measured_max_batch), and
+# The largest batch tried when the server times its model at start (model.Served.time_model), and
 # the longest wait for a batch to fill: chosen by measurement (bench/bench_serve.py --sweep, docs/serving.md).
 # Under load a batch fills while the one before it runs, so a wait adds nothing there (ResNet18, 16 clients:
 # 86 img/s at 0, 1, 2 and 10 ms, 89 at 25; 4 clients: 65, 62, 64, 68, 52) and costs a lone request all of it
@@ -30,7 +30,7 @@ class Settings:
     topk: int = 3
     reject_below: float | None = None
     tta: bool = False
-    max_batch: int | None = None  # None: timed at start (model.Served.measured_max_batch)
+    max_batch: int | None = None  # None: timed at start (model.Served.time_model)
     max_wait_ms: float = MAX_WAIT_MS
     max_queue: int = 256  # images waiting for the model; beyond it requests are turned away (503)
     threads: int | None = None  # the model's threads per worker; None: the machine's cores shared by the workers
