@@ -201,6 +201,8 @@ def bench_model(name: str, a: argparse.Namespace, images: list[bytes], work: Pat
 
 
 def table(results: list[dict]) -> str:
+    """The Markdown table of docs/serving.md, from results made now or read back from the JSON (tests/test_docs.py
+    checks the docs against it)."""
     lines = ["| model | clients | unbatched img/s | batched img/s | batched / unbatched | batched / ceiling | "
              "p50 / p95 / p99 ms (batched) | p99 ms (unbatched) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -208,7 +210,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['model']} | {b['clients']} | {u['img_s']:.1f} | {b['img_s']:.1f} | "
                          f"{b['img_s'] / u['img_s']:.2f}x | {b['img_s'] / r['ceiling_img_s']:.2f} | "
                          f"{b['p50_ms']:.0f} / {b['p95_ms']:.0f} / {b['p99_ms']:.0f} | {u['p99_ms']:.0f} |")
-        one = r["ceiling_by_batch"].get(1)  # what batching gains the model itself
+        one = {int(b): v for b, v in r["ceiling_by_batch"].items()}.get(1)  # what batching gains the model itself
         gain = f"; {r['ceiling_img_s'] / one:.2f}x its batch of 1" if one else ""
         lines.append(f"| {r['model']} | ceiling | | {r['ceiling_img_s']:.1f} (model alone, its best batch: "
                      f"{r['ceiling_batch']}{gain}) | | | | |")
