@@ -57,7 +57,11 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS, help="longest wait of an image for others "
                         f"to arrive and batch it with (ms; default {MAX_WAIT_MS:g}: none, under load a batch fills "
                         "while the one before it runs); images already being decoded are waited for regardless, up to "
-                        "the model's time for a batch of one")
+                        "the model's time for a batch (of one, or a full one where decoding waits for batches)")
+    parser.add_argument("--overlap-decoding", action="store_true", help="decode uploads while a batch runs even when "
+                        "the model has every core (default: there a decode starts between batches, as a decoding "
+                        "thread that takes a core from one of the model's threads holds up all of them; on a GPU, or "
+                        "with --threads leaving cores free, decoding always overlaps)")
     parser.add_argument("--max-queue", type=int, default=256, help="most images waiting for the model; more are "
                         "turned away with 503 and Retry-After")
     parser.add_argument("--max-file-mb", type=float, default=32.0, help="larger uploaded files are refused (413), "
@@ -138,7 +142,8 @@ def listen(host: str, port: int) -> socket.socket:
 def settings_of(args: argparse.Namespace, ckpt: Path) -> Settings:
     return Settings(str(ckpt), args.device, args.amp, args.topk, args.reject_below, args.tta, args.max_batch,
                     args.max_wait_ms, args.max_queue, args.threads, args.workers, args.max_file_mb,
-                    args.max_request_mb, args.timeout, args.max_images, args.api_key is not None)
+                    args.max_request_mb, args.timeout, args.max_images, args.api_key is not None,
+                    overlap_decoding=args.overlap_decoding)
 
 
 def main(argv: list[str] | None = None) -> int:

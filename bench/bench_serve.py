@@ -4,7 +4,7 @@ against the model's own offline batch throughput (the ceiling); then a load with
     python bench/bench_serve.py                         # ResNet18 and MobileNetV2 at 224 px; a Markdown table
     python bench/bench_serve.py --quick                 # shorter, clients 1 and 16 only
     python bench/bench_serve.py --sweep                 # ResNet18 at 1, 4, 16 clients: --max-batch, --max-wait-ms
-    python bench/bench_serve.py --stack                 # 16 clients: the server's HTTP stack and OpenMP waiting
+    python bench/bench_serve.py --stack                 # 16 clients: HTTP stack, OpenMP waiting, when to decode
 
 Each model is a freshly initialised 10-class checkpoint (speed does not depend on training). The server runs
 on loopback in its own process; N client threads each send one real photo per request (scikit-image's, as
@@ -232,12 +232,14 @@ def sweep(a: argparse.Namespace, images: list[bytes], work: Path) -> None:
 
 
 # The server's stack, each against the pure-Python HTTP parser and event loop: uvloop and httptools hidden from
-# uvicorn by modules of those names that fail to import (it then takes h11 and asyncio); and the model's OpenMP
-# threads spinning between operations for a while (GNU OpenMP's default: 300000 spins, ~3 ms) or sleeping at once.
-STACKS = {"h11 + asyncio, spinning": (True, {}),
-          "h11 + asyncio, passive": (True, {"OMP_WAIT_POLICY": "PASSIVE"}),
-          "httptools + uvloop, passive": (False, {"OMP_WAIT_POLICY": "PASSIVE"}),
-          "httptools + uvloop, spinning (serve.py's default)": (False, {})}
+# uvicorn by modules of those names that fail to import (it then takes h11 and asyncio); the model's OpenMP
+# threads spinning between operations for a while (GNU OpenMP's default: 300000 spins, ~3 ms) or sleeping at once;
+# and decoding during batches or (where the model has every core) between them.
+STACKS = {"h11 + asyncio, spinning": (True, {}, []),
+          "h11 + asyncio, passive": (True, {"OMP_WAIT_POLICY": "PASSIVE"}, []),
+          "httptools + uvloop, passive": (False, {"OMP_WAIT_POLICY": "PASSIVE"}, []),
+          "httptools + uvloop, spinning, decoding during batches": (False, {}, ["--overlap-decoding"]),
+          "httptools + uvloop, spinning (serve.py's default)": (False, {}, [])}
 
 
 def stack(a: argparse.Namespace, images: list[bytes], work: Path) -> None:
@@ -245,9 +247,9 @@ def stack(a: argparse.Namespace, images: list[bytes], work: Path) -> None:
           "(slices taken in turn)")
     for name in a.models:
         ckpt = make_checkpoint(name, a.img_size, work)
-        servers = {label: Server("--checkpoint", str(ckpt), "--max-file-mb", "1",
+        servers = {label: Server("--checkpoint", str(ckpt), "--max-file-mb", "1", *args,
                                  env={**(without_fast_http(work / "hide") if slow else {}), **env})
-                   for label, (slow, env) in STACKS.items()}
+                   for label, (slow, env, args) in STACKS.items()}
         try:
             slices: dict[str, list[dict]] = {label: [] for label in servers}
             for server in servers.values():
@@ -255,12 +257,12 @@ def stack(a: argparse.Namespace, images: list[bytes], work: Path) -> None:
             for _ in range(a.rounds):
                 for label, server in servers.items():
                     slices[label].append(load(server, 16, a.seconds / a.rounds, images))
-            base = None
+            base, width = None, max(map(len, servers))
             for label in servers:
                 r = summary(slices[label], 16)
                 base = base or r["img_s"]
                 each = sorted(len(s["latencies"]) / s["wall"] for s in slices[label])
-                print(f"{name:12} {label:48} {r['img_s']:6.1f} img/s  {r['img_s'] / base:4.2f}x  (slices "
+                print(f"{name:12} {label:{width}} {r['img_s']:6.1f} img/s  {r['img_s'] / base:4.2f}x  (slices "
                       f"{each[0]:.0f}-{each[-1]:.0f})  p99 {r['p99_ms']:4.0f} ms  batches of up to "
                       f"{max_batch(servers[label])}", flush=True)
         finally:
@@ -280,7 +282,8 @@ def main() -> None:
     p.add_argument("--ceiling-batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--quick", action="store_true", help="3 s per measurement, 1 and 16 clients")
     p.add_argument("--sweep", action="store_true", help="ResNet18: --max-batch, --max-wait-ms at 1, 4, 16 clients")
-    p.add_argument("--stack", action="store_true", help="16 clients: HTTP parser and event loop, OpenMP waiting")
+    p.add_argument("--stack", action="store_true", help="16 clients: HTTP parser and event loop, OpenMP waiting, "
+                   "decoding during or between batches")
     p.add_argument("--rounds", type=int, default=ROUNDS, help="--stack: slices per measurement, taken in turn")
     p.add_argument("--json", default=str(ROOT / "bench" / "results-serve.json"))
     a = p.parse_args()

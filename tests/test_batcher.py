@@ -136,3 +136,55 @@ def test_a_batch_waits_for_decoding_images_at_most_join_wait():
             assert 0.25 < time.monotonic() - start < 5 and model.sizes == [1]
     finally:
         b.stop()
+
+
+def held_batch(exclusive: bool):
+    """A batcher whose model is held inside its first batch until released; and the release."""
+    import threading
+
+    release = threading.Event()
+    inside = threading.Event()
+    model = Recording()
+    b = Batcher(lambda x: (inside.set(), release.wait(10), model(x))[2], max_batch=4, max_wait_s=0, max_queue=100)
+    b.exclusive = exclusive
+    first = b.submit(images(1))
+    assert inside.wait(10)
+    return b, release, first
+
+
+def test_decoding_waits_while_a_batch_runs_when_the_model_has_every_core():
+    import threading
+
+    b, release, first = held_batch(exclusive=True)
+    try:
+        passed = threading.Event()
+        threading.Thread(target=lambda: (b.wait_between_batches(), passed.set()), daemon=True).start()
+        assert not passed.wait(0.3)  # (the batch still runs)
+        release.set()
+        assert passed.wait(10) and first[0].result(10).item() == 0
+        b.wait_between_batches()  # between batches: at once
+    finally:
+        release.set()
+        b.stop()
+
+
+def test_decoding_does_not_wait_for_a_batch_when_the_model_leaves_it_cores():
+    b, release, _ = held_batch(exclusive=False)
+    try:
+        start = time.monotonic()
+        b.wait_between_batches()
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
+        b.stop()
+
+
+def test_decoding_goes_on_after_a_batch_that_failed():
+    b = Batcher(Recording(fail=True), max_batch=4, max_wait_s=0, max_queue=100)
+    b.exclusive = True
+    try:
+        with pytest.raises(RuntimeError):
+            b.submit(images(1))[0].result(10)
+        assert b.between.wait(5)
+    finally:
+        b.stop()

@@ -403,6 +403,28 @@ def test_the_batch_size_is_the_fastest_timed_or_the_largest_as_fast():
     assert fastest({1: 5.0, 2: 10.0}) == 2
 
 
+def test_decoding_waits_for_batches_only_where_the_model_has_every_core_of_the_cpu(monkeypatch):
+    from imgcls.serving import model
+    from imgcls.serving.settings import Settings
+
+    monkeypatch.setattr(model, "cpus", lambda: 4)
+    assert model.decodes_between_batches("cpu", 4, Settings("m.pt"))
+    assert model.decodes_between_batches("cpu", 2, Settings("m.pt", workers=2))
+    assert not model.decodes_between_batches("cpu", 1, Settings("m.pt", workers=2))  # (two cores left free)
+    assert not model.decodes_between_batches("cuda", 4, Settings("m.pt"))  # (decoding keeps the GPU fed)
+    assert not model.decodes_between_batches("cpu", 4, Settings("m.pt", overlap_decoding=True))
+
+
+def test_overlapping_decoding_waits_for_images_being_decoded_a_batch_of_ones_time(trained_run):
+    s = Server("--checkpoint", str(trained_run), "--max-batch", "4", "--overlap-decoding")
+    try:
+        serving = json.loads(s.request("GET", "/model")[2])["serving"]
+        assert serving["decoding"] == "during batches" and serving["max_batch"] == 4
+        assert serving["wait_for_decoding_ms"] == serving["timed_ms"]["1"] > 0 and serving["timed_ms"]["4"] > 0
+    finally:
+        s.stop()
+
+
 def test_unknown_paths_and_methods_are_json_errors(server):
     assert server.request("GET", "/nope")[0] == 404
     status, _, data = server.request("GET", "/predict")
@@ -423,7 +445,9 @@ def test_a_key_is_required_when_set_and_health_stays_open(trained_run, images):
         assert s.request("GET", "/")[0] == 200  # the page holds nothing secret; it asks for the key
         info = json.loads(s.request("GET", "/model", headers={"X-API-Key": "s3cret"})[2])
         assert info["serving"]["max_batch"] in (1, 2, 4, 8, 16)  # timed at start
-        assert info["serving"]["wait_for_decoding_ms"] > 0  # (a batch of one, timed too)
+        serving = info["serving"]  # the model has every core: decoding waits for batches, a batch for a full one's time
+        assert serving["decoding"] == "between batches" and serving["wait_for_decoding_ms"] > 0
+        assert serving["wait_for_decoding_ms"] == serving["timed_ms"][str(serving["max_batch"])]
     finally:
         s.stop()
 

@@ -48,7 +48,8 @@ class Server:
         self.batcher = Batcher(served.logits, served.max_batch or 1, served.settings.max_wait_ms / 1000,
                                served.settings.max_queue, served.torch_threads)
         self.batcher.call(served.time_model).result()  # (on the model thread, as it will run)
-        self.batcher.max_batch, self.batcher.join_wait_s = served.max_batch, served.batch_of_one_s
+        self.batcher.max_batch, self.batcher.join_wait_s = served.max_batch, served.join_wait_s
+        self.batcher.exclusive = served.decode_between_batches
         self.decoders = ThreadPoolExecutor(max(2, served.threads), thread_name_prefix="decode",
                                            initializer=set_thread_threads, initargs=(1,))  # (parallel: model only)
         self.in_flight = 0  # requests being answered (on the event loop's thread only)
@@ -88,11 +89,16 @@ class Server:
         files = await self.uploads(request)
         return files, await self.decode(files)
 
+    def decode_one(self, upload: Upload) -> Any:
+        """In a decoding thread: the upload as the model takes it (a tensor), between batches where the model
+        has every core (batcher.py)."""
+        self.batcher.wait_between_batches()
+        return decode(upload, self.served.loaded.preprocess, self.settings.max_bytes)
+
     async def decode(self, files: list[Upload]) -> list[Any]:
         """Each upload decoded (a tensor), or its BadUpload."""
         loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode, f, self.served.loaded.preprocess,
-                                                              self.settings.max_bytes) for f in files),
+        decoded = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.decode_one, f) for f in files),
                                        return_exceptions=True)
         for d in decoded:
             if isinstance(d, BaseException) and not isinstance(d, BadUpload):

@@ -3,11 +3,12 @@
 One model thread takes what is waiting: at most `max_batch` images, and waits at most `max_wait_s` after
 the oldest one arrived for more (so a lone request waits that long at most, and under load the batch fills
 while the previous one runs). A request's images are queued together, so they share a batch where they fit.
-Requests decode in other threads meanwhile, and say so (`expecting`): a batch that is not full waits for
-images already being decoded, up to `join_wait_s` (the time the model takes for a batch of one, its fixed
-cost per batch: a wait that long is never slower than running them in a batch of their own). Without it,
-16 clients on 2 cores ran MobileNetV2 in batches of 8, 3, 8, 1, ..., each small one costing nearly as
-much as a full one; a lone request has nothing being decoded beside it and never waits.
+Requests decode in other threads, and say so (`expecting`): a batch that is not full waits for images
+already being decoded, up to `join_wait_s` (set by the server: docs/serving.md). Without it, 16 clients on
+2 cores ran MobileNetV2 in batches of 8, 3, 8, 1, ..., each small one costing nearly as much as a full one;
+a lone request has nothing being decoded beside it and never waits. Where the model has every core
+(`exclusive`), a decode starts only between batches (`wait_between_batches`): a decoding thread that takes
+a core from one of the model's threads holds up all of them, as they wait for each other at every operation.
 Other work on the model (an explanation, whose hooks would see a batch's activations) runs on the same
 thread, between batches, in the order it arrived with the images.
 """
@@ -48,6 +49,9 @@ class Batcher:
         self.model, self.max_batch, self.max_wait_s, self.max_queue = model, max_batch, max_wait_s, max_queue
         self.threads = threads
         self.join_wait_s = 0.0  # how long a batch waits for images being decoded (set once the model is timed)
+        self.exclusive = False  # decoding waits while a batch runs (set by the server)
+        self.between = threading.Event()  # set while no batch runs
+        self.between.set()
         self.coming = 0  # images being decoded, to be submitted
         self.items: deque[Item] = deque()
         self.jobs: deque[tuple[Callable[[], Any], Future, float]] = deque()  # (job, its future, when it came)
@@ -82,6 +86,11 @@ class Batcher:
             with self.cond:
                 self.coming -= n
                 self.cond.notify_all()
+
+    def wait_between_batches(self) -> None:
+        """Return once no batch runs (at once unless `exclusive`): for a decoding thread, before it decodes."""
+        if self.exclusive:
+            self.between.wait()
 
     async def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         return await self.results(self.submit(images))
@@ -149,12 +158,15 @@ class Batcher:
         return [it for it in batch if it.future.set_running_or_notify_cancel()]
 
     def run_batch(self, batch: list[Item]) -> None:
+        self.between.clear()
         try:
             out = self.model(torch.stack([it.image for it in batch]))
         except Exception as e:  # a bug or the device's failure: each request is told, the thread goes on
             for it in batch:
                 it.future.set_exception(e)
             return
+        finally:
+            self.between.set()
         self.batches += 1
         self.images += len(batch)
         for it, row in zip(batch, out):

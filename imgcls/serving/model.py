@@ -23,7 +23,7 @@ from imgcls.errors import UsageError
 from imgcls.evaluation import calibration, multilabel, predictions
 from imgcls.evaluation.predictor import Explainer, Loaded, OnnxModel, load_model, tta_views
 from imgcls.machine import set_thread_threads
-from imgcls.serving.settings import MAX_BATCH, Settings, threads_per_worker
+from imgcls.serving.settings import MAX_BATCH, Settings, cpus, threads_per_worker
 
 UNKNOWN = predictions.UNKNOWN
 
@@ -52,6 +52,8 @@ class Served:
         self.provenance = provenance(Path(self.loaded.source))
         self.max_batch: int | None = settings.max_batch  # None: timed (time_model)
         self.batch_of_one_s = 0.0  # the model's time for a batch of one (time_model)
+        self.full_batch_s = 0.0  # and for a batch of max_batch
+        self.decode_between_batches = decodes_between_batches(self.loaded.device.type, self.threads, settings)
 
     def time_model(self) -> None:
         """Time the model as it will run (call it on the model's thread): a batch of one, and unless --max-batch
@@ -70,6 +72,18 @@ class Served:
         rates = rates_timed(seconds, largest)
         self.batch_of_one_s = 1 / rates[1]
         self.max_batch = self.max_batch or fastest(rates)
+        if self.max_batch not in rates:  # (given by --max-batch)
+            rates |= rates_timed(seconds, self.max_batch, sizes=(self.max_batch,))
+        self.full_batch_s = self.max_batch / rates[self.max_batch]
+
+    @property
+    def join_wait_s(self) -> float:
+        """How long a batch that is not full waits for images being decoded. Where decoding overlaps the model,
+        its time for a batch of one (its fixed cost per batch: the wait never makes them slower than a batch of
+        their own would). Where decoding waits for batches, the cores do nothing but decode meanwhile, and a
+        batch cut short would leave the rest to decode during it: the time of a full batch (a bound for a slow
+        file; a batch's decoding takes a fraction of it)."""
+        return self.full_batch_s if self.decode_between_batches else self.batch_of_one_s
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's outputs for a uint8 batch, as test.py computes them (predictions.label via run_model); with
@@ -125,7 +139,10 @@ class Served:
                 "provenance": self.provenance,
                 "serving": {"topk": s.topk, "reject_below": s.reject_below, "tta": s.tta, "device": str(loaded.device),
                             "max_batch": self.max_batch, "max_wait_ms": s.max_wait_ms,
-                            "wait_for_decoding_ms": round(self.batch_of_one_s * 1000, 1), "threads": self.threads,
+                            "wait_for_decoding_ms": round(self.join_wait_s * 1000, 1), "threads": self.threads,
+                            "decoding": "between batches" if self.decode_between_batches else "during batches",
+                            "timed_ms": {"1": round(self.batch_of_one_s * 1000, 1),
+                                         str(self.max_batch): round(self.full_batch_s * 1000, 1)},
                             "max_file_mb": s.max_file_mb, "max_request_mb": s.max_request_mb,
                             "max_images": s.max_images, "timeout_s": s.timeout_s}}
 
@@ -133,14 +150,15 @@ class Served:
 TIMINGS = 3  # of each batch size at start: its fastest counts
 
 
-def rates_timed(seconds: Callable[[int], float], largest: int, timings: int = TIMINGS) -> dict[int, float]:
-    """Images per second at batch sizes 1, 2, 4, ... up to `largest`, from `seconds` (one batch of that size
-    through the model). Each size is run once first (the first call of a shape chooses its kernels), the sizes
-    past the best left out (70% of it: larger will not do better), and then each is timed `timings` times in
-    turn with the others, its fastest kept: a timing that another process or the allocator slowed decides
+def rates_timed(seconds: Callable[[int], float], largest: int, timings: int = TIMINGS,
+                sizes: tuple[int, ...] | None = None) -> dict[int, float]:
+    """Images per second at batch sizes 1, 2, 4, ... up to `largest` (or at `sizes`), from `seconds` (one batch
+    of that size through the model). Each size is run once first (the first call of a shape chooses its kernels),
+    the sizes past the best left out (70% of it: larger will not do better), and then each is timed `timings`
+    times in turn with the others, its fastest kept: a timing that another process or the allocator slowed decides
     nothing (one timing each chose batches of 4 or 16 for the same model from one start to the next)."""
     rates: dict[int, float] = {}
-    for b in (2**i for i in range(largest.bit_length())):
+    for b in sizes or (2**i for i in range(largest.bit_length())):
         seconds(b)
         rates[b] = b / seconds(b)
         if rates[b] < 0.7 * max(rates.values()):
@@ -159,6 +177,14 @@ def fastest(rates: dict[int, float]) -> int:
     even tied; batches of 16 gave 0.95-1.0x of 8."""
     best = max(rates.values())
     return max(b for b, r in rates.items() if r >= 0.9 * best)
+
+
+def decodes_between_batches(device: str, threads: int, settings: Settings) -> bool:
+    """Whether a decode waits for the batch running: where the model runs on the CPU with every core the
+    worker has, unless --overlap-decoding. Its threads wait for each other at every operation, so a decoding
+    thread that takes a core from one of them holds up all of them (bench_serve.py --stack: MobileNetV2 1.2x
+    the images per second at 16 clients with decoding between batches)."""
+    return device == "cpu" and not settings.overlap_decoding and threads * settings.workers >= cpus()
 
 
 def shown(p: float) -> float:

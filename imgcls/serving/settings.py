@@ -40,6 +40,7 @@ class Settings:
     timeout_s: float = 30.0
     max_images: int = MAX_IMAGES
     needs_key: bool = False  # the key itself travels in KEY_ENV, never in these settings
+    overlap_decoding: bool = False  # decode while a batch runs even when the model has every core
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
