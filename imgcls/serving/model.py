@@ -56,10 +56,10 @@ class Served:
         self.decode_between_batches = decodes_between_batches(self.loaded.device.type, self.threads, settings)
 
     def time_model(self) -> None:
-        """Time the model as it will run (call it on the model's thread): a batch of one, a full batch, and unless --max-batch
-        was given, the batch size that gives the most images per second here (fastest) of 1, 2, 4, ... up to
-        MAX_BATCH for the device (bench/bench_serve.py: on 2 cores MobileNetV2 and ResNet18 gain up to
-        batches of 8-16)."""
+        """Time the model as it will run (call it on the model's thread): a batch of one, a full batch, and
+        unless --max-batch was given, the batch size that gives the most images per second here (fastest) of 1,
+        2, 4, ... up to MAX_BATCH for the device (bench/bench_serve.py: on 2 cores MobileNetV2 and ResNet18 gain
+        up to batches of 8-16)."""
         size = self.loaded.preprocess.img_size
 
         def seconds(b: int) -> float:
