@@ -411,6 +411,7 @@ def test_decoding_waits_for_batches_only_where_the_model_has_every_core_of_the_c
     assert model.decodes_between_batches("cpu", 4, Settings("m.pt"))
     assert model.decodes_between_batches("cpu", 2, Settings("m.pt", workers=2))
     assert not model.decodes_between_batches("cpu", 1, Settings("m.pt", workers=2))  # (two cores left free)
+    assert not model.decodes_between_batches("cpu", 1, Settings("m.pt", workers=4))  # (no team to hold up)
     assert not model.decodes_between_batches("cuda", 4, Settings("m.pt"))  # (decoding keeps the GPU fed)
     assert not model.decodes_between_batches("cpu", 4, Settings("m.pt", overlap_decoding=True))
 
