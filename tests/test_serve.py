@@ -425,6 +425,17 @@ def test_overlapping_decoding_waits_for_images_being_decoded_a_batch_of_ones_tim
         s.stop()
 
 
+def test_a_max_batch_larger_than_the_queue_holds_is_not_timed_at_start(trained_run):
+    """A batch never holds more than --max-queue images (or one request's --max-images): a --max-batch of 4096
+    timed at start as given would take minutes, or all the memory, for a batch that can never form."""
+    s = Server("--checkpoint", str(trained_run), "--max-batch", "4096", "--max-queue", "4", "--max-images", "2")
+    try:
+        serving = json.loads(s.request("GET", "/model")[2])["serving"]
+        assert serving["max_batch"] == 4 and set(serving["timed_ms"]) == {"1", "4"}
+    finally:
+        s.stop()
+
+
 def test_unknown_paths_and_methods_are_json_errors(server):
     assert server.request("GET", "/nope")[0] == 404
     status, _, data = server.request("GET", "/predict")
