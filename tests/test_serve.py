@@ -415,6 +415,17 @@ def test_decoding_waits_for_batches_only_where_the_model_has_every_core_of_the_c
     assert not model.decodes_between_batches("cpu", 4, Settings("m.pt", overlap_decoding=True))
 
 
+def test_decoding_overlaps_a_model_on_one_thread(monkeypatch):
+    """A decoding thread holds up a model's OpenMP team by taking a core from one of its threads; a model on one
+    thread (--workers 2 on 2 cores) has no team, and held back, its worker's decodes left idle a core the other
+    worker was not using."""
+    from imgcls.serving import model
+    from imgcls.serving.settings import Settings
+
+    monkeypatch.setattr(model, "cpus", lambda: 2)
+    assert not model.decodes_between_batches("cpu", 1, Settings("m.pt", workers=2))
+
+
 def test_overlapping_decoding_waits_for_images_being_decoded_a_batch_of_ones_time(trained_run):
     s = Server("--checkpoint", str(trained_run), "--max-batch", "4", "--overlap-decoding")
     try:

@@ -183,10 +183,12 @@ def fastest(rates: dict[int, float]) -> int:
 
 def decodes_between_batches(device: str, threads: int, settings: Settings) -> bool:
     """Whether a decode waits for the batch running: where the model runs on the CPU with every core the
-    worker has, unless --overlap-decoding. Its threads wait for each other at every operation, so a decoding
-    thread that takes a core from one of them holds up all of them (docs/serving.md: 1.01-1.08x the images per
-    second at 16 clients, and the model at 0.9-1.0 of its speed alone in the server, against ~0.7)."""
-    return device == "cpu" and not settings.overlap_decoding and threads * settings.workers >= cpus()
+    worker has, on more than one thread, unless --overlap-decoding. Its threads wait for each other at every
+    operation, so a decoding thread that takes a core from one of them holds up all of them (docs/serving.md:
+    1.01-1.08x the images per second at 16 clients, and the model at 0.9-1.0 of its speed alone in the server,
+    against ~0.7). A model on one thread has no team to hold up."""
+    return (device == "cpu" and not settings.overlap_decoding and threads > 1
+            and threads * settings.workers >= cpus())
 
 
 def shown(p: float) -> float:
