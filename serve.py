@@ -60,8 +60,8 @@ def read_command_line(argv: list[str] | None) -> argparse.Namespace:
                         "the model's time for a batch (of one, or a full one where decoding waits for batches)")
     parser.add_argument("--overlap-decoding", action="store_true", help="decode uploads while a batch runs even when "
                         "the model has every core (default: there a decode starts between batches, as a decoding "
-                        "thread that takes a core from one of the model's threads holds up all of them; on a GPU, with "
-                        "--threads leaving cores free, or a model on one thread, decoding always overlaps)")
+                        "thread that takes a core from one of the model's threads holds up all of them; on a GPU, a "
+                        "model on one thread, or with --threads leaving cores free, decoding always overlaps)")
     parser.add_argument("--max-queue", type=int, default=256, help="most images waiting for the model; more are "
                         "turned away with 503 and Retry-After")
     parser.add_argument("--max-file-mb", type=float, default=32.0, help="larger uploaded files are refused (413), "

@@ -188,3 +188,22 @@ def test_decoding_goes_on_after_a_batch_that_failed():
         assert b.between.wait(5)
     finally:
         b.stop()
+
+
+def test_decoding_waits_while_an_explanation_runs_when_the_model_has_every_core():
+    import threading
+
+    b = Batcher(Recording(), max_batch=4, max_wait_s=0, max_queue=100)
+    b.exclusive = True
+    release, inside = threading.Event(), threading.Event()
+    try:
+        job = b.call(lambda: (inside.set(), release.wait(10)))  # (Grad-CAM: the model on every core, as a batch)
+        assert inside.wait(10)
+        passed = threading.Event()
+        threading.Thread(target=lambda: (b.wait_between_batches(), passed.set()), daemon=True).start()
+        assert not passed.wait(0.3)
+        release.set()
+        assert passed.wait(10) and job.result(10)
+    finally:
+        release.set()
+        b.stop()

@@ -76,3 +76,14 @@ def test_the_serving_tables_are_the_benchs_last_results():
                 quoted = (f"batched {b['img_s']:.1f} img/s | unbatched {u['img_s']:.1f} img/s | "
                           f"**{b['img_s'] / u['img_s']:.2f}x**")
                 assert quoted in readme, quoted
+
+
+def test_the_serving_page_lists_every_option_of_serve_py():
+    """docs/serving.md says `--help` "lists them all" and names them: an option added since goes unnamed there."""
+    import re
+
+    page = (ROOT / "docs" / "serving.md").read_text()
+    listed = set(re.findall(r"`(--[a-z-]+)`", page.partition("## Options")[2].partition("\n## ")[0]))
+    helped = set(re.findall(r"\[(--[a-z-]+)", (ROOT / "docs" / "options.md").read_text().partition(
+        "usage: serve.py")[2].partition("\n\n")[0]))
+    assert helped - listed == set()

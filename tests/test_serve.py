@@ -411,9 +411,19 @@ def test_decoding_waits_for_batches_only_where_the_model_has_every_core_of_the_c
     assert model.decodes_between_batches("cpu", 4, Settings("m.pt"))
     assert model.decodes_between_batches("cpu", 2, Settings("m.pt", workers=2))
     assert not model.decodes_between_batches("cpu", 1, Settings("m.pt", workers=2))  # (two cores left free)
-    assert not model.decodes_between_batches("cpu", 1, Settings("m.pt", workers=4))  # (no team to hold up)
     assert not model.decodes_between_batches("cuda", 4, Settings("m.pt"))  # (decoding keeps the GPU fed)
     assert not model.decodes_between_batches("cpu", 4, Settings("m.pt", overlap_decoding=True))
+
+
+def test_decoding_overlaps_a_model_on_one_thread(monkeypatch):
+    """A decoding thread holds up a model's OpenMP team by taking a core from one of its threads; a model on one
+    thread (--workers 2 on 2 cores) has no team, and held back, its worker's decodes left idle a core the other
+    worker was not using."""
+    from imgcls.serving import model
+    from imgcls.serving.settings import Settings
+
+    monkeypatch.setattr(model, "cpus", lambda: 2)
+    assert not model.decodes_between_batches("cpu", 1, Settings("m.pt", workers=2))
 
 
 def test_overlapping_decoding_waits_for_images_being_decoded_a_batch_of_ones_time(trained_run):
@@ -422,6 +432,17 @@ def test_overlapping_decoding_waits_for_images_being_decoded_a_batch_of_ones_tim
         serving = json.loads(s.request("GET", "/model")[2])["serving"]
         assert serving["decoding"] == "during batches" and serving["max_batch"] == 4
         assert serving["wait_for_decoding_ms"] == serving["timed_ms"]["1"] > 0 and serving["timed_ms"]["4"] > 0
+    finally:
+        s.stop()
+
+
+def test_a_max_batch_larger_than_the_queue_holds_is_not_timed_at_start(trained_run):
+    """A batch never holds more than --max-queue images (or one request's --max-images): a --max-batch of 4096
+    timed at start as given would take minutes, or all the memory, for a batch that can never form."""
+    s = Server("--checkpoint", str(trained_run), "--max-batch", "4096", "--max-queue", "4", "--max-images", "2")
+    try:
+        serving = json.loads(s.request("GET", "/model")[2])["serving"]
+        assert serving["max_batch"] == 4 and set(serving["timed_ms"]) == {"1", "4"}
     finally:
         s.stop()
 
@@ -512,6 +533,21 @@ def test_memory_a_burst_of_uploads_took_goes_back_once_the_server_is_idle(two_wo
         t.join()
     time.sleep(3)
     assert two_workers.rss_mb() - before < 100, (before, two_workers.rss_mb())
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_memory_the_timing_at_start_took_goes_back_before_any_request(trained_run):
+    """The start times full batches (VGG11 at 224 px: 540 MB of activations); freed memory went back only once a
+    request had been answered, so a server that load balancers only asked for /health kept it for good."""
+    s = Server("--checkpoint", str(trained_run), "--max-batch", "256")
+    try:
+        time.sleep(2)
+        idle = s.rss_mb()
+        assert s.request("GET", "/model")[0] == 200
+        time.sleep(2.5)  # (released once idle for 1 s: app.RELEASE_AFTER_S)
+        assert idle - s.rss_mb() < 15, (idle, s.rss_mb())
+    finally:
+        s.stop()
 
 
 def test_the_server_runs_on_h11_where_httptools_is_missing(trained_run, images, tmp_path):

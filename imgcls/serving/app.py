@@ -48,6 +48,7 @@ class Server:
         self.batcher = Batcher(served.logits, served.max_batch or 1, served.settings.max_wait_ms / 1000,
                                served.settings.max_queue, served.torch_threads)
         self.batcher.call(served.time_model).result()  # (on the model thread, as it will run)
+        release_freed_memory()  # the timing's full batches: kept otherwise until a request had been answered
         self.batcher.max_batch, self.batcher.join_wait_s = served.max_batch, served.join_wait_s
         self.batcher.exclusive = served.decode_between_batches
         self.decoders = ThreadPoolExecutor(max(2, served.threads), thread_name_prefix="decode",

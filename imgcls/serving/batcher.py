@@ -10,7 +10,7 @@ a lone request has nothing being decoded beside it and never waits. Where the mo
 (`exclusive`), a decode starts only between batches (`wait_between_batches`): a decoding thread that takes
 a core from one of the model's threads holds up all of them, as they wait for each other at every operation.
 Other work on the model (an explanation, whose hooks would see a batch's activations) runs on the same
-thread, between batches, in the order it arrived with the images.
+thread, between batches, in the order it arrived with the images; decoding waits for it as for a batch.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ class Batcher:
                 else:
                     return
             if batch is None:
-                run(job, future)
+                with self.running():  # (an explanation runs the model on every core too)
+                    run(job, future)
             elif batch:
                 self.run_batch(batch)
 
@@ -157,16 +158,23 @@ class Batcher:
         batch = [self.items.popleft() for _ in range(min(self.max_batch, len(self.items)))]
         return [it for it in batch if it.future.set_running_or_notify_cancel()]
 
-    def run_batch(self, batch: list[Item]) -> None:
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """The model thread at work: decoding waits meanwhile where `exclusive`, whatever the work raises."""
         self.between.clear()
         try:
-            out = self.model(torch.stack([it.image for it in batch]))
+            yield
+        finally:
+            self.between.set()
+
+    def run_batch(self, batch: list[Item]) -> None:
+        try:
+            with self.running():
+                out = self.model(torch.stack([it.image for it in batch]))
         except Exception as e:  # a bug or the device's failure: each request is told, the thread goes on
             for it in batch:
                 it.future.set_exception(e)
             return
-        finally:
-            self.between.set()
         self.batches += 1
         self.images += len(batch)
         for it, row in zip(batch, out):

@@ -50,7 +50,8 @@ class Served:
         self.crop = self.loaded.preprocess.crop()
         self.explainer: Explainer | None = None  # made on the model thread, at the first explanation
         self.provenance = provenance(Path(self.loaded.source))
-        self.max_batch: int | None = settings.max_batch  # None: timed (time_model)
+        # None: timed (time_model); no larger than a batch can be, as the full batch is timed at start
+        self.max_batch: int | None = settings.max_batch and min(settings.max_batch, settings.largest_batch)
         self.batch_of_one_s = 0.0  # the model's time for a batch of one (time_model)
         self.full_batch_s = 0.0  # and for a batch of max_batch
         self.decode_between_batches = decodes_between_batches(self.loaded.device.type, self.threads, settings)
@@ -68,7 +69,8 @@ class Served:
             self.logits(x)
             return time.perf_counter() - start
 
-        largest = MAX_BATCH["cpu" if self.loaded.device.type == "cpu" else "gpu"] if self.max_batch is None else 1
+        largest = (min(MAX_BATCH["cpu" if self.loaded.device.type == "cpu" else "gpu"], self.settings.largest_batch)
+                   if self.max_batch is None else 1)
         rates = rates_timed(seconds, largest)
         self.batch_of_one_s = 1 / rates[1]
         self.max_batch = self.max_batch or fastest(rates)
@@ -180,11 +182,11 @@ def fastest(rates: dict[int, float]) -> int:
 
 
 def decodes_between_batches(device: str, threads: int, settings: Settings) -> bool:
-    """Whether a decode waits for the batch running: where the model runs on the CPU on several threads and
-    every core the worker has, unless --overlap-decoding. Its threads wait for each other at every operation, so
-    a decoding thread that takes a core from one of them holds up all of them (docs/serving.md: 1.01-1.08x the
-    images per second at 16 clients, and the model at 0.9-1.0 of its speed alone in the server, against ~0.7).
-    A model on one thread holds up no other: decoding beside it costs only its own time."""
+    """Whether a decode waits for the batch running: where the model runs on the CPU with every core the
+    worker has, on more than one thread, unless --overlap-decoding. Its threads wait for each other at every
+    operation, so a decoding thread that takes a core from one of them holds up all of them (docs/serving.md:
+    1.01-1.08x the images per second at 16 clients, and the model at 0.9-1.0 of its speed alone in the server,
+    against ~0.7). A model on one thread has no team to hold up."""
     return (device == "cpu" and not settings.overlap_decoding and threads > 1
             and threads * settings.workers >= cpus())
 

@@ -56,6 +56,12 @@ class Settings:
         return 4 * self.max_queue
 
     @property
+    def largest_batch(self) -> int:
+        """The most images a batch can hold: those of the queue, or of one request taken into an empty one
+        (batcher.Batcher.submit)."""
+        return max(self.max_queue, self.max_images)
+
+    @property
     def max_bytes(self) -> int:
         return int(self.max_file_mb * 2**20)
 
