@@ -474,6 +474,29 @@ def test_a_key_is_required_when_set_and_health_stays_open(trained_run, images):
         s.stop()
 
 
+def test_a_request_of_many_slow_images_does_not_hold_up_another_requests_decoding(trained_run, images):
+    """Each request has at most a decoding thread's share of the pool at a time: a request of large PNGs (within
+    every limit, ~0.3 s each to decode) queued all its decodes ahead of a later request's before."""
+    slow = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 120, 30)).save(slow, "PNG")  # (120 KB)
+    s = Server("--checkpoint", str(trained_run))
+    try:
+        done: dict[str, float] = {}
+
+        def post(name: str, files: list[tuple[str, bytes]]) -> None:
+            assert s.post("/predict", files)[0] == 200
+            done[name] = time.monotonic()
+
+        big = threading.Thread(target=post, args=("big", [(f"big{i}.png", slow.getvalue()) for i in range(8)]))
+        big.start()
+        time.sleep(0.3)  # (its decoding has begun)
+        post("small", [("a.png", read_file(images[0]))])
+        big.join(60)
+        assert done["small"] + 0.5 < done["big"]
+    finally:
+        s.stop()
+
+
 def test_sigterm_finishes_the_request_in_flight_and_takes_no_new_one(trained_run, images):
     s = Server("--checkpoint", str(trained_run))
     body, kind = multipart([(p.name, read_file(p)) for p in images[:4]])

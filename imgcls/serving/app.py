@@ -51,7 +51,8 @@ class Server:
         release_freed_memory()  # the timing's full batches: kept otherwise until a request had been answered
         self.batcher.max_batch, self.batcher.join_wait_s = served.max_batch, served.join_wait_s
         self.batcher.exclusive = served.decode_between_batches
-        self.decoders = ThreadPoolExecutor(max(2, served.threads), thread_name_prefix="decode",
+        self.decoding_threads = max(2, served.threads)
+        self.decoders = ThreadPoolExecutor(self.decoding_threads, thread_name_prefix="decode",
                                            initializer=set_thread_threads, initargs=(1,))  # (parallel: model only)
         self.in_flight = 0  # requests being answered (on the event loop's thread only)
         self.release: asyncio.TimerHandle | None = None  # the memory's release, once idle
@@ -97,10 +98,18 @@ class Server:
         return decode(upload, self.served.loaded.preprocess, self.settings.max_bytes)
 
     async def decode(self, files: list[Upload]) -> list[Any]:
-        """Each upload decoded (a tensor), or its BadUpload."""
+        """Each upload decoded (a tensor), or its BadUpload. A request has at most one decode per decoding thread
+        in the pool's queue at a time, so that one of many slow files (a 36-megapixel PNG of 120 KB decodes in
+        ~0.3 s) cannot queue them all ahead of every later request; the rest, not yet queued, are dropped if the
+        request ends (timed out, or its client gone)."""
         loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.decode_one, f) for f in files),
-                                       return_exceptions=True)
+        share = asyncio.Semaphore(self.decoding_threads)
+
+        async def one(f: Upload) -> Any:
+            async with share:
+                return await loop.run_in_executor(self.decoders, self.decode_one, f)
+
+        decoded = await asyncio.gather(*(one(f) for f in files), return_exceptions=True)
         for d in decoded:
             if isinstance(d, BaseException) and not isinstance(d, BadUpload):
                 raise d  # a bug: not the upload's fault
