@@ -50,7 +50,7 @@ class Batcher:
         self.threads = threads
         self.join_wait_s = 0.0  # how long a batch waits for images being decoded (set once the model is timed)
         self.exclusive = False  # decoding waits while a batch runs (set by the server)
-        self.between = threading.Event()  # set while no batch runs
+        self.between = threading.Event()  # set while the model thread runs neither a batch nor a job
         self.between.set()
         self.coming = 0  # images being decoded, to be submitted
         self.items: deque[Item] = deque()
