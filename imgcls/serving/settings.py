@@ -13,9 +13,10 @@ KEY_ENV = "IMGCLS_API_KEY"  # the API key: given here rather than on the command
 
 # The largest batch tried when the server times its model at start (model.Served.time_model), and
 # the longest wait for a batch to fill: chosen by measurement (bench/bench_serve.py --sweep, docs/serving.md).
-# Under load a batch fills while the one before it runs, so a wait adds nothing there (ResNet18, 16 clients:
-# 86 img/s at 0, 1, 2 and 10 ms, 89 at 25; 4 clients: 65, 62, 64, 68, 52) and costs a lone request all of it
-# (1 client: 48, 44, 41, 30, 18 img/s). Triton's dynamic batcher does not wait by default either.
+# Under load a batch fills while the one before it runs, so a wait adds nothing there beyond the noise
+# (ResNet18, batches of 8, 16 clients: 92, 88, 95, 99, 87 img/s at 0, 1, 2, 10, 25 ms; 4 clients: 83, 81, 82, 75,
+# 56) and costs a lone request all of it (1 client: 59, 55, 52, 38, 24 img/s). Batches of up to 16 did best at 16
+# clients (89, 99, 105, 99 img/s for 4, 8, 16, 32). Triton's dynamic batcher does not wait by default either.
 MAX_BATCH = {"cpu": 16, "gpu": 64}
 MAX_WAIT_MS = 0.0
 MAX_IMAGES = 64  # per request: more is several requests (the page sends one image per request)
