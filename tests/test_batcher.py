@@ -152,13 +152,19 @@ def held_batch(exclusive: bool):
     return b, release, first
 
 
-def test_decoding_waits_while_a_batch_runs_when_the_model_has_every_core():
+def decoding_thread(b: Batcher):
+    """A thread that waits as a decoding thread does before it decodes; set once it may decode."""
     import threading
 
+    passed = threading.Event()
+    threading.Thread(target=lambda: (b.wait_between_batches(), passed.set()), daemon=True).start()
+    return passed
+
+
+def test_decoding_waits_while_a_batch_runs_when_the_model_has_every_core():
     b, release, first = held_batch(exclusive=True)
     try:
-        passed = threading.Event()
-        threading.Thread(target=lambda: (b.wait_between_batches(), passed.set()), daemon=True).start()
+        passed = decoding_thread(b)
         assert not passed.wait(0.3)  # (the batch still runs)
         release.set()
         assert passed.wait(10) and first[0].result(10).item() == 0
@@ -199,8 +205,7 @@ def test_decoding_waits_while_an_explanation_runs_when_the_model_has_every_core(
     try:
         job = b.call(lambda: (inside.set(), release.wait(10)))  # (Grad-CAM: the model on every core, as a batch)
         assert inside.wait(10)
-        passed = threading.Event()
-        threading.Thread(target=lambda: (b.wait_between_batches(), passed.set()), daemon=True).start()
+        passed = decoding_thread(b)
         assert not passed.wait(0.3)
         release.set()
         assert passed.wait(10) and job.result(10)

@@ -380,7 +380,7 @@ def test_model_tells_classes_input_calibration_and_provenance(server, trained_ru
 
 
 def test_one_slow_timing_at_start_does_not_choose_the_batch_size():
-    from imgcls.serving.model import fastest, rates_timed
+    from imgcls.serving.model import doublings, fastest, rates_timed
 
     true_rates = {1: 10.0, 2: 17.0, 4: 21.0, 8: 30.0, 16: 25.0}
     calls: dict[int, int] = {}
@@ -389,7 +389,7 @@ def test_one_slow_timing_at_start_does_not_choose_the_batch_size():
         calls[b] = calls.get(b, 0) + 1
         return b / true_rates[b] * (3 if b == 8 and calls[b] == 2 else 1)
 
-    assert fastest(rates_timed(seconds, 16)) == 8
+    assert fastest(rates_timed(seconds, doublings(16))) == 8
     assert all(n == 4 for n in calls.values())  # a warm-up and three timings each
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +69,12 @@ class Served:
             self.logits(x)
             return time.perf_counter() - start
 
-        largest = (min(MAX_BATCH["cpu" if self.loaded.device.type == "cpu" else "gpu"], self.settings.largest_batch)
-                   if self.max_batch is None else 1)
-        rates = rates_timed(seconds, largest)
+        largest = min(MAX_BATCH["cpu" if self.loaded.device.type == "cpu" else "gpu"], self.settings.largest_batch)
+        rates = rates_timed(seconds, doublings(largest) if self.max_batch is None else (1,))
         self.batch_of_one_s = 1 / rates[1]
         self.max_batch = self.max_batch or fastest(rates)
         if self.max_batch not in rates:  # (given by --max-batch)
-            rates |= rates_timed(seconds, self.max_batch, sizes=(self.max_batch,))
+            rates |= rates_timed(seconds, (self.max_batch,))
         self.full_batch_s = self.max_batch / rates[self.max_batch]
 
     @property
@@ -152,15 +151,19 @@ class Served:
 TIMINGS = 3  # of each batch size at start: its fastest counts
 
 
-def rates_timed(seconds: Callable[[int], float], largest: int, timings: int = TIMINGS,
-                sizes: tuple[int, ...] | None = None) -> dict[int, float]:
-    """Images per second at batch sizes 1, 2, 4, ... up to `largest` (or at `sizes`), from `seconds` (one batch
-    of that size through the model). Each size is run once first (the first call of a shape chooses its kernels),
-    the sizes past the best left out (70% of it: larger will not do better), and then each is timed `timings`
-    times in turn with the others, its fastest kept: a timing that another process or the allocator slowed decides
-    nothing (one timing each chose batches of 4 or 16 for the same model from one start to the next)."""
+def doublings(largest: int) -> Iterator[int]:
+    """1, 2, 4, ... up to `largest`: the batch sizes timed at start."""
+    return (2**i for i in range(largest.bit_length()))
+
+
+def rates_timed(seconds: Callable[[int], float], sizes: Iterable[int], timings: int = TIMINGS) -> dict[int, float]:
+    """Images per second at each batch size of `sizes` (ascending), from `seconds` (one batch of that size through
+    the model). Each size is run once first (the first call of a shape chooses its kernels), the sizes past the
+    best left out (70% of it: larger will not do better), and then each is timed `timings` times in turn with the
+    others, its fastest kept: a timing that another process or the allocator slowed decides nothing (one timing
+    each chose batches of 4 or 16 for the same model from one start to the next)."""
     rates: dict[int, float] = {}
-    for b in sizes or (2**i for i in range(largest.bit_length())):
+    for b in sizes:
         seconds(b)
         rates[b] = b / seconds(b)
         if rates[b] < 0.7 * max(rates.values()):
