@@ -26,6 +26,7 @@ from imgcls.evaluation import calibration, explain
 from imgcls.evaluation.inference import predict
 from imgcls.machine import auto_workers, pick_device, precision, tune_cpu_allocator
 from imgcls.networks import build
+from imgcls.networks.folding import fold_batch_norms
 from imgcls.preprocess import Preprocess
 
 
@@ -61,9 +62,10 @@ class Loaded:
             return self.model(self.to_input(x)).float().cpu()
 
 
-def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -> Loaded:
+def load_model(path: str | Path, device_name: str = "auto", amp: bool = False, fold: bool = True) -> Loaded:
     """A checkpoint (.pt, rebuilt from its contents alone; see checkpoint.find) or an exported .onnx.
-    Full precision unless `amp`: then a .pt gives the same answers as its export."""
+    Full precision unless `amp`: then a .pt gives the same answers as its export. On the CPU, batch norms
+    are folded into the convolutions before them unless not `fold` (networks/folding.py)."""
     path, device = Path(path), pick_device(device_name)
     if checkpoint.is_onnx(path):
         onnx = OnnxModel(path)
@@ -75,9 +77,12 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False) -
     for note in (checkpoint.fitted_elsewhere(ckpt, path), checkpoint.temperature_not_kept(ckpt)):
         if note:
             print(note)
-    model = build.from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
+    model = build.from_checkpoint(ckpt)
     if device.type == "cpu":
+        if fold:  # measured on CPUs only (bench/bench_folding.py); a GPU runs the network as it was trained
+            fold_batch_norms(model)
         tune_cpu_allocator()  # as training does: a batch's activations are not page-faulted in again each time
+    model = model.to(device, memory_format=torch.channels_last)
     autocast, _ = precision(device, amp)
     pre = ckpt.preprocess
     return Loaded(model=model, to_input=to_model_input(pre, device), autocast=autocast, classes=list(ckpt.classes),

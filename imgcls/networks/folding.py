@@ -1,0 +1,61 @@
+"""Batch norms folded into the convolutions before them, for inference: a network in eval mode computes the same
+function with one pass over each activation fewer. On a 2-core CPU that makes MobileNetV2 1.2-1.4x and ResNet18
+~1.08x faster on batches (bench/bench_inference.py), where the normalisation is a pass over memory of its own.
+
+The folding happens in the network's own module tree (each convolution replaced by one with the batch norm's scale
+and shift in its weights, the batch norm by an identity), so its forward code, its layer names and the hooks that
+Grad-CAM and clean.py's feature taps put on its layers stay as they were. Which convolution feeds which batch norm
+is read from a torch.fx trace; a network that fx cannot trace is left as it is.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+PAIRS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold, in place, every batch norm that alone takes a convolution's output (both called once, both of
+    exactly the types in PAIRS: a subclass may do more than normalise); the number folded. `model` must be in
+    eval mode: folding uses the running statistics."""
+    if model.training:
+        raise ValueError("fold_batch_norms needs a model in eval mode (it folds the running statistics)")
+    try:
+        graph = Tracer().trace(model)
+    except Exception:  # data-dependent control flow and the like: fx cannot follow it, nothing is folded
+        return 0
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    folded = 0
+    for node in graph.nodes:
+        conv = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(conv, fx.Node) and conv.op == "call_module" and len(conv.users) == 1
+                and calls[node.target] == 1 and calls[conv.target] == 1):
+            continue
+        c, bn = modules[conv.target], modules[node.target]
+        if (type(c), type(bn)) not in PAIRS or not bn.track_running_stats or bn.running_mean is None:
+            continue
+        with torch.no_grad():
+            replace(model, conv.target, fuse_conv_bn_eval(c, bn))
+        replace(model, node.target, nn.Identity())
+        folded += 1
+    return folded
+
+
+class Tracer(fx.Tracer):
+    """fx's, with every convolution and batch norm a leaf, subclasses too (timm's BatchNormAct2d): fx would
+    otherwise trace into one, and fail at its check of the input's shape."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(
+            m, qualified_name)
+
+
+def replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
