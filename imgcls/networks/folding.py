@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 PAIRS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
+NORMS = {norm for _, norm in PAIRS}
 
 
 def fold_batch_norms(model: nn.Module) -> int:
@@ -25,6 +26,8 @@ def fold_batch_norms(model: nn.Module) -> int:
     eval mode: folding uses the running statistics."""
     if model.training:
         raise ValueError("fold_batch_norms needs a model in eval mode (it folds the running statistics)")
+    if not any(type(m) in NORMS for m in model.modules()):
+        return 0  # (a transformer: nothing to fold, no trace to pay for, ~0.15 s for a ViT-B)
     try:
         graph = Tracer().trace(model)
     except Exception:  # data-dependent control flow and the like: fx cannot follow it, nothing is folded
