@@ -118,3 +118,48 @@ def test_load_model_on_the_cpu_folds_batch_norms_and_keeps_the_layers_and_answer
     assert batch_norms(loaded.model) == 0
     assert isinstance(loaded.model.layer4, nn.Sequential)  # the layers Grad-CAM and clean.py hook stay
     assert torch.allclose(loaded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+class Aliased(nn.Module):
+    """One pair whose convolution, one whose batch norm, is registered under a second name first (fx names a module
+    by its first name), and called by the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.stem, self.last_norm = conv, bn
+        self.features = nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def test_a_pair_registered_under_two_names_keeps_the_answers():
+    model = with_trained_statistics(Aliased())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 2
+        assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
+
+
+class Listed(nn.Module):
+    """A convolution also held in a plain list (outside the module tree, as a model may keep its stages) and called
+    from there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.stages = [self.conv]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.stages[0](x))
+
+
+def test_a_convolution_held_outside_the_module_tree_is_folded_where_it_is_called():
+    model = with_trained_statistics(Listed())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 1
+        assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
