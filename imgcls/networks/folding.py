@@ -23,8 +23,9 @@ NORMS = {norm for _, norm in PAIRS}
 
 def fold_batch_norms(model: nn.Module) -> int:
     """Fold, in place, every batch norm that alone takes a convolution's output (both called once, both of
-    exactly the types in PAIRS: a subclass may do more than normalise); the number folded. `model` must be in
-    eval mode: folding uses the running statistics."""
+    exactly the types in PAIRS: a subclass may do more than normalise; neither with hooks nor with weights
+    the forward also reads itself); the number folded. `model` must be in eval mode: folding uses the running
+    statistics."""
     if model.training:
         raise ValueError("fold_batch_norms needs a model in eval mode (it folds the running statistics)")
     if not any(type(m) in NORMS for m in model.modules()):
@@ -38,6 +39,8 @@ def fold_batch_norms(model: nn.Module) -> int:
     for name, m in model.named_modules(remove_duplicate=False):
         names[m].append(name)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    read = {".".join(n.target.split(".")[:k]) for n in graph.nodes if n.op == "get_attr"
+            for k in range(1, n.target.count(".") + 2)}  # modules whose weights the forward also uses itself
     folded = 0
     for node in graph.nodes:
         conv = node.args[0] if node.op == "call_module" and node.args else None
@@ -45,7 +48,8 @@ def fold_batch_norms(model: nn.Module) -> int:
                 and calls[node.target] == 1 and calls[conv.target] == 1):
             continue
         c, bn = modules[conv.target], modules[node.target]
-        if (type(c), type(bn)) not in PAIRS or not bn.track_running_stats or bn.running_mean is None:
+        if (type(c), type(bn)) not in PAIRS or not bn.track_running_stats or bn.running_mean is None \
+                or {conv.target, node.target} & read or hooked(c) or hooked(bn):
             continue
         with torch.no_grad():  # in place: no copy of the weights, and a reference held anywhere sees the new ones
             c.weight, c.bias = fuse_conv_bn_weights(c.weight, c.bias, bn.running_mean, bn.running_var, bn.eps,
@@ -64,6 +68,12 @@ class Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         return isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(
             m, qualified_name)
+
+
+def hooked(m: nn.Module) -> bool:
+    """A hook may change what the module computes (weight norm makes the weight before each call) or read what it
+    gives: folding would change both."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def replace(model: nn.Module, name: str, new: nn.Module) -> None:
