@@ -212,3 +212,13 @@ def test_a_pair_with_hooks_is_left_as_it_is():
         before = model(x)
         assert fold_batch_norms(model) == 0
         assert torch.allclose(model(x), before)
+
+
+def test_a_batch_norm_left_in_training_mode_is_left_as_it_is():
+    model = with_trained_statistics(Shared())
+    model.d_bn.train()  # (in a model in eval mode: it normalises with each batch's own statistics)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 0
+        assert torch.allclose(model(x), before)

@@ -24,8 +24,8 @@ NORMS = {norm for _, norm in PAIRS}
 def fold_batch_norms(model: nn.Module) -> int:
     """Fold, in place, every batch norm that alone takes a convolution's output (both called once, both of
     exactly the types in PAIRS: a subclass may do more than normalise; neither with hooks nor with weights
-    the forward also reads itself); the number folded. `model` must be in eval mode: folding uses the running
-    statistics."""
+    the forward also reads itself; a batch norm left in training mode normalises with each batch's statistics);
+    the number folded. `model` must be in eval mode: folding uses the running statistics."""
     if model.training:
         raise ValueError("fold_batch_norms needs a model in eval mode (it folds the running statistics)")
     if not any(type(m) in NORMS for m in model.modules()):
@@ -48,7 +48,7 @@ def fold_batch_norms(model: nn.Module) -> int:
                 and calls[node.target] == 1 and calls[conv.target] == 1):
             continue
         c, bn = modules[conv.target], modules[node.target]
-        if (type(c), type(bn)) not in PAIRS or not bn.track_running_stats or bn.running_mean is None \
+        if (type(c), type(bn)) not in PAIRS or not bn.track_running_stats or bn.running_mean is None or bn.training \
                 or {conv.target, node.target} & read or hooked(c) or hooked(bn):
             continue
         with torch.no_grad():  # in place: no copy of the weights, and a reference held anywhere sees the new ones
