@@ -1,6 +1,6 @@
 """Batch norms folded into the convolutions before them, for inference: a network in eval mode computes the same
-function with one pass over each activation fewer. On a 2-core CPU that makes MobileNetV2 1.2-1.4x and ResNet18
-~1.08x faster on batches (bench/bench_inference.py), where the normalisation is a pass over memory of its own.
+function with one pass over each activation fewer. On a 2-core CPU that makes MobileNetV2 1.25-1.35x and ResNet18
+1.04x faster to predict (bench/bench_folding.py), where the normalisation is a pass over memory of its own.
 
 The folding happens in the network's own module tree (each convolution given the batch norm's scale and shift in its
 own weights, in place, so that every reference to it sees them; the batch norm replaced by an identity under every
