@@ -35,7 +35,8 @@ def fold_batch_norms(model: nn.Module) -> int:
     except Exception:  # data-dependent control flow and the like: fx cannot follow it, nothing is folded
         return 0
     modules = dict(model.named_modules())
-    names = defaultdict(list)  # a module registered twice: fx names it by its first name, forward may call the other
+    # a module registered twice: fx names it by its first name, the forward may call it by the other
+    names: defaultdict[nn.Module, list[str]] = defaultdict(list)
     for name, m in model.named_modules(remove_duplicate=False):
         names[m].append(name)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
