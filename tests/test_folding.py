@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +120,105 @@ def test_load_model_on_the_cpu_folds_batch_norms_and_keeps_the_layers_and_answer
     assert batch_norms(loaded.model) == 0
     assert isinstance(loaded.model.layer4, nn.Sequential)  # the layers Grad-CAM and clean.py hook stay
     assert torch.allclose(loaded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+class Aliased(nn.Module):
+    """One pair whose convolution, one whose batch norm, is registered under a second name first (fx names a module
+    by its first name), and called by the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.stem, self.last_norm = conv, bn
+        self.features = nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def test_a_pair_registered_under_two_names_keeps_the_answers():
+    model = with_trained_statistics(Aliased())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 2
+        assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
+
+
+class Listed(nn.Module):
+    """A convolution also held in a plain list (outside the module tree, as a model may keep its stages) and called
+    from there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.stages = [self.conv]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.stages[0](x))
+
+
+def test_a_convolution_held_outside_the_module_tree_is_folded_where_it_is_called():
+    model = with_trained_statistics(Listed())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 1
+        assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
+
+
+class ReadsWeights(nn.Module):
+    """Forward code that reads a convolution's weight (a second, functional use of it) and a batch norm's scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.a_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.b, self.b_bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a_bn(self.a(x)) + nn.functional.conv2d(x, self.a.weight, padding=1)
+        return self.b_bn(self.b(y)) * self.b_bn.weight[:, None, None]
+
+
+def test_a_pair_whose_weights_the_forward_also_reads_is_left_as_it_is():
+    model = with_trained_statistics(ReadsWeights())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 0
+        assert torch.allclose(model(x), before)
+
+
+class Hooked(nn.Module):
+    """A convolution whose output a forward hook changes, and one whose weight a pre-hook makes (weight norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.a_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.a.register_forward_hook(lambda _, __, out: out + 1)
+        with warnings.catch_warnings():  # (deprecated for parametrizations, whose convolutions are of another type)
+            warnings.simplefilter("ignore", FutureWarning)
+            self.b = nn.utils.weight_norm(nn.Conv2d(4, 4, 1))
+        self.b_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b_bn(self.b(self.a_bn(self.a(x))))
+
+
+def test_a_pair_with_hooks_is_left_as_it_is():
+    model = with_trained_statistics(Hooked())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 0
+        assert torch.allclose(model(x), before)
+
+
+def test_a_batch_norm_left_in_training_mode_is_left_as_it_is():
+    model = with_trained_statistics(Shared())
+    model.d_bn.train()  # (in a model in eval mode: it normalises with each batch's own statistics)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 0
+        assert torch.allclose(model(x), before)
