@@ -453,6 +453,37 @@ def test_unknown_paths_and_methods_are_json_errors(server):
     assert status == 405 and "error" in json.loads(data)
 
 
+def scrape(server: Server) -> dict[tuple[str, tuple], float]:
+    """GET /metrics, parsed by prometheus_client's own parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, body = server.request("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def test_metrics_count_requests_images_and_batches(server, images):
+    before = scrape(server)
+    good, bad = ("a.png", read_file(images[0])), ("notes.txt", b"not an image")
+    assert server.post("/predict", [good, good])[0] == 200
+    assert server.post("/predict", [good, bad])[0] == 200
+    assert server.post("/predict", [bad])[0] == 415
+    after = scrape(server)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("imgcls_serve_requests_total", endpoint="/predict", status="200") == 2
+    assert grew("imgcls_serve_requests_total", endpoint="/predict", status="415") == 1
+    assert grew("imgcls_serve_request_seconds_count", endpoint="/predict") == 3
+    assert grew("imgcls_serve_images_total", outcome="ok") == 3
+    assert grew("imgcls_serve_images_total", outcome="bad") == 2
+    assert grew("imgcls_serve_batch_images_sum") == 3 and 1 <= grew("imgcls_serve_batch_images_count") <= 2
+    assert grew("imgcls_serve_batch_seconds_sum") > 0
+
+
 # ------------------------------------------------------------------------------------------- the process
 
 def test_a_key_is_required_when_set_and_health_stays_open(trained_run, images):
@@ -464,6 +495,7 @@ def test_a_key_is_required_when_set_and_health_stays_open(trained_run, images):
         assert s.post("/predict", files, {"Authorization": "Bearer s3cret"})[0] == 200
         assert s.post("/predict", files, {"X-API-Key": "s3cret"})[0] == 200
         assert s.request("GET", "/model")[0] == 401 and s.request("GET", "/health")[0] == 200
+        assert s.request("GET", "/metrics")[0] == 401  # (how busy, and with what: not for anyone to read)
         assert s.request("GET", "/")[0] == 200  # the page holds nothing secret; it asks for the key
         info = json.loads(s.request("GET", "/model", headers={"X-API-Key": "s3cret"})[2])
         assert info["serving"]["max_batch"] in (1, 2, 4, 8, 16)  # timed at start
@@ -536,6 +568,43 @@ def test_workers_share_the_port(two_workers, images):
         t.join()
     assert results == [200] * 8
     assert "2 worker(s)" in "".join(two_workers.output)
+
+
+def test_metrics_sum_every_worker(two_workers, images):
+    """Each worker counts its own; a scrape, whichever worker answers it, gives the sum over them all."""
+    key = ("imgcls_serve_requests_total", (("endpoint", "/predict"), ("status", "200")))
+    before = [scrape(two_workers).get(key, 0) for _ in range(8)]
+    files = [("a.png", read_file(images[0]))]
+    answers: list[int] = []
+    clients = [threading.Thread(target=lambda: answers.extend(two_workers.post("/predict", files)[0]
+                                                              for _ in range(3))) for _ in range(8)]
+    for t in clients:  # at once, so that both workers take some
+        t.start()
+    for t in clients:
+        t.join()
+    assert answers == [200] * 24
+    after = [scrape(two_workers)[key] for _ in range(8)]
+    assert len(set(before)) == 1  # every scrape the same sum: never one worker's share alone
+    assert {a - before[0] for a in after} == {24}
+
+
+def test_every_worker_counts_in_one_folder_removed_at_the_end(trained_run, tmp_path):
+    """The workers' metrics go through one folder (prometheus_client's multiprocess mode, a file per metric kind
+    and process), which is what lets any worker's scrape sum them all; it goes when the server does."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    s = Server("--checkpoint", str(trained_run), "--workers", "2", env={"TMPDIR": str(tmp)})
+    try:
+        [folder] = tmp.iterdir()
+        assert folder.name.startswith("imgcls-serve-metrics-")
+        deadline = time.monotonic() + 60  # (the server answers once one worker is up; the other may still load)
+        while len(workers := {p.stem.rpartition("_")[2] for p in folder.glob("histogram_*.db")}) < 2:
+            assert time.monotonic() < deadline, sorted(p.name for p in folder.iterdir())
+            time.sleep(0.2)
+        assert len(workers) == 2
+    finally:
+        assert s.stop() in STOPPED
+    assert list(tmp.iterdir()) == []
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")

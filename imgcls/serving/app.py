@@ -1,4 +1,5 @@
-"""The ASGI app (Starlette): POST /predict, POST /explain, GET /model, GET /health, and the page at /.
+"""The ASGI app (Starlette): POST /predict, POST /explain, GET /model, GET /health, GET /metrics, and the page
+at /.
 
 Every answer is JSON (an explanation: a PNG), every error too: {"error": "..."} with a 4xx status for what
 the client can fix (a bad upload, a wrong key, a bad parameter), 503 with Retry-After when the server is
@@ -13,6 +14,7 @@ import contextlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -26,6 +28,7 @@ from starlette.routing import Route
 
 from imgcls.machine import release_freed_memory, set_thread_threads
 from imgcls.serving.batcher import Batcher, Full
+from imgcls.serving.metrics import Metrics
 from imgcls.serving.model import Served
 from imgcls.serving.settings import KEY_ENV, Settings
 from imgcls.serving.uploads import BadUpload, Upload, decode, read_body, uploads
@@ -51,6 +54,8 @@ class Server:
         release_freed_memory()  # the timing's full batches: kept otherwise until a request had been answered
         self.batcher.max_batch, self.batcher.join_wait_s = served.max_batch, served.join_wait_s
         self.batcher.exclusive = served.decode_between_batches
+        self.metrics = Metrics()
+        self.batcher.observe = self.metrics.batch  # (from now: the timing's batches are not the clients')
         self.decoding_threads = max(2, served.threads)
         self.decoders = ThreadPoolExecutor(self.decoding_threads, thread_name_prefix="decode",
                                            initializer=set_thread_threads, initargs=(1,))  # (parallel: model only)
@@ -131,6 +136,7 @@ def make_app(served: Served, key: str | None = None) -> Starlette:
               Route("/explain", guarded(server, explain), methods=["POST"]),
               Route("/model", guarded(server, model_info), methods=["GET"]),
               Route("/health", lambda r: health(server), methods=["GET"]),
+              Route("/metrics", guarded(server, metrics), methods=["GET"]),
               Route("/", page, methods=["GET"]),
               Route("/page/{name}", page_file, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_allowed})
@@ -148,8 +154,15 @@ Handler = Callable[[Server, Request], Awaitable[Response]]
 
 
 def guarded(server: Server, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """The handler behind the API key (when one is set) and the time limit, its errors answered as JSON."""
+    """The handler behind the API key (when one is set) and the time limit, its errors answered as JSON; each
+    answer counted in the metrics."""
     async def endpoint(request: Request) -> Response:
+        start = time.perf_counter()
+        response = await answer(request)
+        server.metrics.request(request.url.path, response.status_code, time.perf_counter() - start)
+        return response
+
+    async def answer(request: Request) -> Response:
         if server.key is not None and not authorised(request, server.key):
             return error(401, "a valid API key is needed: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
                          {"WWW-Authenticate": "Bearer"})
@@ -217,10 +230,12 @@ async def predict(server: Server, request: Request) -> Response:
         decoded = await server.decode(files)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, BaseException)]
         if not good:
+            server.metrics.answered(0, len(files))
             first = decoded[0]
             return JSONResponse({"error": f"{files[0].name}: {first}", "results": [bad(f, d) for f, d in
                                                                                       zip(files, decoded)]},
                                 first.status)
+        server.metrics.answered(len(good), len(files) - len(good))
         futures = server.batcher.submit([decoded[i] for i in good])
     logits = await server.batcher.results(futures)
     answers = iter(served.answers(torch.stack(logits), topk, reject))
@@ -255,6 +270,11 @@ def ascii_header(text: str) -> str:
     return text.encode("ascii", "backslashreplace").decode().replace("\\x", "\\u00")
 
 
+async def metrics(server: Server, _: Request) -> Response:
+    text, content_type = server.metrics.exposition()
+    return Response(text, media_type=content_type)
+
+
 async def model_info(server: Server, _: Request) -> Response:
     return JSONResponse(server.served.info())
 
@@ -279,7 +299,8 @@ async def page_file(request: Request) -> Response:
 
 
 async def not_found(request: Request, _: Exception) -> Response:
-    return error(404, f"no such endpoint: {request.url.path} (POST /predict, POST /explain, GET /model, GET /health)")
+    return error(404, f"no such endpoint: {request.url.path} (POST /predict, POST /explain, GET /model, GET /health, "
+                      "GET /metrics)")
 
 
 async def not_allowed(request: Request, _: Exception) -> Response:

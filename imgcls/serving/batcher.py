@@ -58,6 +58,7 @@ class Batcher:
         self.cond = threading.Condition()
         self.stopping = False
         self.batches = self.images = 0  # served so far (GET /health)
+        self.observe: Callable[[int, float], None] | None = None  # told each batch's size and time (GET /metrics)
         self.thread = threading.Thread(target=self.loop, name="model", daemon=True)
         self.thread.start()
 
@@ -168,6 +169,7 @@ class Batcher:
             self.between.set()
 
     def run_batch(self, batch: list[Item]) -> None:
+        start = time.perf_counter()
         try:
             with self.running():
                 out = self.model(torch.stack([it.image for it in batch]))
@@ -177,6 +179,8 @@ class Batcher:
             return
         self.batches += 1
         self.images += len(batch)
+        if self.observe is not None:
+            self.observe(len(batch), time.perf_counter() - start)
         for it, row in zip(batch, out):
             it.future.set_result(row)
 

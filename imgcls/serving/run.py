@@ -5,15 +5,20 @@ that each load their own copy of the model (the server keeps no state: any of th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from imgcls.serving.app import make_app
+from imgcls.serving.metrics import MULTIPROCESS_ENV
 from imgcls.serving.model import Served
 from imgcls.serving.settings import ENV, KEY_ENV, Settings, cpus
 
@@ -50,5 +55,22 @@ def serve(settings: Settings, key: str | None, sock: socket.socket, log_level: s
     if key:
         os.environ[KEY_ENV] = key
     config = uvicorn.Config("imgcls.serving.app:from_environment", factory=True, workers=settings.workers, **options)
-    Multiprocess(config, sockets=[sock]).run()
+    with shared_metrics():
+        Multiprocess(config, sockets=[sock]).run()
     return 0
+
+
+@contextlib.contextmanager
+def shared_metrics() -> Iterator[None]:
+    """A folder where the workers count GET /metrics' figures (metrics.py), removed at the end; one given in
+    PROMETHEUS_MULTIPROC_DIR is used as it is and kept."""
+    if os.environ.get(MULTIPROCESS_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="imgcls-serve-metrics-")
+    os.environ[MULTIPROCESS_ENV] = folder
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROCESS_ENV]
+        shutil.rmtree(folder, ignore_errors=True)
