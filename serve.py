@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = runfolder.runnable(runfolder.find(args.checkpoint))
     sock = listen(args.host, args.port)
     try:  # the optional requirements, said plainly when missing
+        import prometheus_client  # noqa: F401
         import python_multipart  # noqa: F401
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401

@@ -725,6 +725,16 @@ def test_a_port_in_use_is_one_line_before_torch_loads(trained_run):
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
+def test_a_missing_metrics_library_is_one_line_before_torch_loads(trained_run, tmp_path, monkeypatch):
+    """prometheus_client is in requirements-serve.txt like the web libraries: its absence is said as theirs is."""
+    (tmp_path / "prometheus_client").mkdir()
+    (tmp_path / "prometheus_client" / "__init__.py").write_text("raise ImportError('prometheus_client hidden')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = run_script_in_process("serve.py", "--checkpoint", str(trained_run))
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    assert "requirements-serve.txt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_the_serving_code_keeps_the_projects_shape():
     """No entry script imported (serve.py's library included), no function over 80 lines."""
     sources = [ROOT / "serve.py", *sorted((ROOT / "imgcls").rglob("*.py"))]
