@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -482,6 +483,25 @@ def test_metrics_count_requests_images_and_batches(server, images):
     assert grew("imgcls_serve_images_total", outcome="bad") == 2
     assert grew("imgcls_serve_batch_images_sum") == 3 and 1 <= grew("imgcls_serve_batch_images_count") <= 2
     assert grew("imgcls_serve_batch_seconds_sum") > 0
+
+
+def test_images_turned_away_with_a_503_are_not_counted_as_answered(trained_run, images):
+    """A request refused because the model's queue is full was never answered: its images are not "ok"."""
+    s = Server("--checkpoint", str(trained_run), "--max-queue", "1", "--max-batch", "1")
+    pair = [("a.png", read_file(images[0]))] * 2  # (two images: refused whenever another request's image waits)
+    answers: list[tuple[int, Any]] = []
+    try:
+        clients = [threading.Thread(target=lambda: answers.extend(s.post("/predict", pair) for _ in range(3)))
+                   for _ in range(8)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        counted = scrape(s).get(("imgcls_serve_images_total", (("outcome", "ok"),)), 0)
+    finally:
+        assert s.stop() in STOPPED
+    assert any(code == 503 and "waiting for the model" in a["error"] for code, a in answers)
+    assert counted == 2 * sum(code == 200 for code, _ in answers)
 
 
 # ------------------------------------------------------------------------------------------- the process
