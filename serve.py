@@ -26,7 +26,7 @@ from pathlib import Path
 from imgcls import runfolder
 from imgcls.cli import Parser, add_shared, check_shared, imports_done, script
 from imgcls.errors import UsageError
-from imgcls.serving.settings import KEY_ENV, MAX_BATCH, MAX_IMAGES, MAX_WAIT_MS, Settings
+from imgcls.serving.settings import KEY_ENV, MAX_BATCH, MAX_IMAGES, MAX_WAIT_MS, Settings, metrics_folder
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     args = read_command_line(argv)
     ckpt = runfolder.runnable(runfolder.find(args.checkpoint))
     sock = listen(args.host, args.port)
+    metrics_folder()  # (before prometheus_client is imported: it reads the folder's variable then)
     try:  # the optional requirements, said plainly when missing
+        import prometheus_client  # noqa: F401
         import python_multipart  # noqa: F401
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
-for name in ("starlette", "uvicorn", "python_multipart"):
+for name in ("starlette", "uvicorn", "python_multipart", "prometheus_client"):
     pytest.importorskip(name, reason="serve.py's libraries are not installed: pip install -r requirements-serve.txt")
 
 

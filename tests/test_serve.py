@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -484,6 +485,25 @@ def test_metrics_count_requests_images_and_batches(server, images):
     assert grew("imgcls_serve_batch_seconds_sum") > 0
 
 
+def test_images_turned_away_with_a_503_are_not_counted_as_answered(trained_run, images):
+    """A request refused because the model's queue is full was never answered: its images are not "ok"."""
+    s = Server("--checkpoint", str(trained_run), "--max-queue", "1", "--max-batch", "1")
+    pair = [("a.png", read_file(images[0]))] * 2  # (two images: refused whenever another request's image waits)
+    answers: list[tuple[int, Any]] = []
+    try:
+        clients = [threading.Thread(target=lambda: answers.extend(s.post("/predict", pair) for _ in range(3)))
+                   for _ in range(8)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        counted = scrape(s).get(("imgcls_serve_images_total", (("outcome", "ok"),)), 0)
+    finally:
+        assert s.stop() in STOPPED
+    assert any(code == 503 and "waiting for the model" in a["error"] for code, a in answers)
+    assert counted == 2 * sum(code == 200 for code, _ in answers)
+
+
 # ------------------------------------------------------------------------------------------- the process
 
 def test_a_key_is_required_when_set_and_health_stays_open(trained_run, images):
@@ -607,6 +627,62 @@ def test_every_worker_counts_in_one_folder_removed_at_the_end(trained_run, tmp_p
     assert list(tmp.iterdir()) == []
 
 
+def holding_another_db(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "cache.db").write_bytes(b"SQLite format 3\x00")  # (a scrape reads every *.db there as its own)
+
+
+@pytest.mark.parametrize("make, says", [(lambda p: None, "does not exist"), (lambda p: p.write_text("x"),
+                                                                             "is not a folder"),
+                                        (holding_another_db, "holds files that are not prometheus_client's")])
+def test_a_metrics_folder_that_cannot_be_used_is_one_line_before_torch_loads(trained_run, tmp_path, monkeypatch,
+                                                                             make, says):
+    """prometheus_client would fail at the first count, in every worker (and uvicorn start them again, without end)."""
+    folder = tmp_path / "metrics"
+    make(folder)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+    result = run_script_in_process("serve.py", "--checkpoint", str(trained_run))
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    assert f"PROMETHEUS_MULTIPROC_DIR {folder} {says}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_metrics_folder_variable_is_taken_as_not_set(trained_run, images):
+    """PROMETHEUS_MULTIPROC_DIR= (as a container's environment may leave it): prometheus_client would count in files
+    of the current folder, left there."""
+    before = set(ROOT.glob("*.db"))
+    s = Server("--checkpoint", str(trained_run), env={"PROMETHEUS_MULTIPROC_DIR": ""})
+    try:
+        assert s.post("/predict", [("a.png", read_file(images[0]))])[0] == 200
+        assert scrape(s)[("imgcls_serve_images_total", (("outcome", "ok"),))] == 1
+        written = set(ROOT.glob("*.db")) - before
+    finally:
+        assert s.stop() in STOPPED
+        for p in set(ROOT.glob("*.db")) - before:
+            p.unlink()
+    assert written == set()
+
+
+def test_counts_in_a_given_metrics_folder_start_from_zero(trained_run, images, tmp_path):
+    """A folder of the user's, kept from an earlier run: its counts are not this server's (prometheus_client's files
+    are named by process id, which a container reuses at every start)."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("the user's")
+    earlier = ("from prometheus_client import Counter; Counter('imgcls_serve_requests', '', ['endpoint', 'status'])"
+               ".labels('/predict', '200').inc(1000)")
+    subprocess.run([sys.executable, "-c", earlier], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)},
+                   check=True)
+    assert any(p.name.startswith("counter_") for p in folder.iterdir())
+    s = Server("--checkpoint", str(trained_run), env={"PROMETHEUS_MULTIPROC_DIR": str(folder)})
+    try:
+        assert s.post("/predict", [("a.png", read_file(images[0]))])[0] == 200
+        assert scrape(s)[("imgcls_serve_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 1
+    finally:
+        assert s.stop() in STOPPED
+    assert (folder / "notes.txt").exists()  # (kept, and only prometheus_client's files go)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
 def test_memory_a_burst_of_uploads_took_goes_back_once_the_server_is_idle(two_workers):
     """Freed memory is kept for the next batch (machine.tune_cpu_allocator), in every worker: without a
@@ -723,6 +799,16 @@ def test_a_port_in_use_is_one_line_before_torch_loads(trained_run):
         result = run_script_in_process("serve.py", "--checkpoint", str(trained_run), "--port", str(port))
     assert result.stdout.split() == ["no", "torch", "2"], result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_missing_metrics_library_is_one_line_before_torch_loads(trained_run, tmp_path, monkeypatch):
+    """prometheus_client is in requirements-serve.txt like the web libraries: its absence is said as theirs is."""
+    (tmp_path / "prometheus_client").mkdir()
+    (tmp_path / "prometheus_client" / "__init__.py").write_text("raise ImportError('prometheus_client hidden')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = run_script_in_process("serve.py", "--checkpoint", str(trained_run))
+    assert result.stdout.split() == ["no", "torch", "2"], result.stderr
+    assert "requirements-serve.txt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_the_serving_code_keeps_the_projects_shape():

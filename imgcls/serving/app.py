@@ -235,9 +235,9 @@ async def predict(server: Server, request: Request) -> Response:
             return JSONResponse({"error": f"{files[0].name}: {first}", "results": [bad(f, d) for f, d in
                                                                                       zip(files, decoded)]},
                                 first.status)
-        server.metrics.answered(len(good), len(files) - len(good))
         futures = server.batcher.submit([decoded[i] for i in good])
     logits = await server.batcher.results(futures)
+    server.metrics.answered(len(good), len(files) - len(good))  # (not before: a full queue or the time limit is a 503)
     answers = iter(served.answers(torch.stack(logits), topk, reject))
     results = [{"file": f.name, **next(answers)} if i in good else bad(f, d)
                for i, (f, d) in enumerate(zip(files, decoded))]

@@ -18,9 +18,8 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from imgcls.serving.app import make_app
-from imgcls.serving.metrics import MULTIPROCESS_ENV
 from imgcls.serving.model import Served
-from imgcls.serving.settings import ENV, KEY_ENV, Settings, cpus
+from imgcls.serving.settings import ENV, KEY_ENV, MULTIPROCESS_ENV, Settings, cpus
 
 try:  # httptools (requirements-serve.txt), with limits on a request's head
     from imgcls.serving.protocol import BoundedHead
@@ -63,7 +62,7 @@ def serve(settings: Settings, key: str | None, sock: socket.socket, log_level: s
 @contextlib.contextmanager
 def shared_metrics() -> Iterator[None]:
     """A folder where the workers count GET /metrics' figures (metrics.py), removed at the end; one given in
-    PROMETHEUS_MULTIPROC_DIR is used as it is and kept."""
+    PROMETHEUS_MULTIPROC_DIR is kept (serve.py emptied it of earlier counts: settings.metrics_folder)."""
     if os.environ.get(MULTIPROCESS_ENV):
         yield
         return

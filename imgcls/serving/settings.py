@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from imgcls.errors import UsageError
 
 ENV = "IMGCLS_SERVE_SETTINGS"  # the settings, for the worker processes
 KEY_ENV = "IMGCLS_API_KEY"  # the API key: given here rather than on the command line, where `ps` shows it
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's folder of counts, shared by the workers
+METRIC_FILE = re.compile(r"(counter|gauge_[a-z]+|histogram|summary)_\d+\.db")  # prometheus_client's names there
 
 # The largest batch tried when the server times its model at start (model.Served.time_model), and
 # the longest wait for a batch to fill: chosen by measurement (bench/bench_serve.py --sweep, docs/serving.md).
@@ -78,3 +84,32 @@ def cpus() -> int:
 
 def threads_per_worker(settings: Settings) -> int:
     return settings.threads or max(1, cpus() // settings.workers)
+
+
+def metrics_folder() -> Path | None:
+    """The folder of GET /metrics' counts given in PROMETHEUS_MULTIPROC_DIR, made ready before the model loads
+    and before prometheus_client is imported (it reads the variable then). Set but empty, as a container's
+    environment may leave it, it is taken as not set: prometheus_client would count in files of the current
+    folder. One it cannot use is said in one line: it would fail at its first count, in every worker, which
+    uvicorn starts again without end; another program's *.db there would fail every scrape. Files of an
+    earlier server are removed: their counts are not this one's (and their names, by process id, come again
+    at each start of a container)."""
+    given = os.environ.get(MULTIPROCESS_ENV)
+    if not given:
+        os.environ.pop(MULTIPROCESS_ENV, None)
+        return None
+    folder = Path(given)
+    if not folder.exists():
+        raise UsageError(f"{MULTIPROCESS_ENV} {folder} does not exist: make the folder, or unset the variable (the "
+                         "server then makes one of its own)")
+    if not folder.is_dir():
+        raise UsageError(f"{MULTIPROCESS_ENV} {folder} is not a folder: give a folder for the metrics' files")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{MULTIPROCESS_ENV} {folder} is not writable: give a folder the server may write in")
+    others = sorted(p.name for p in folder.glob("*.db") if not METRIC_FILE.fullmatch(p.name))
+    if others:
+        raise UsageError(f"{MULTIPROCESS_ENV} {folder} holds files that are not prometheus_client's "
+                         f"({', '.join(others[:3])}): give the metrics a folder of their own")
+    for p in folder.glob("*.db"):
+        p.unlink(missing_ok=True)
+    return folder
