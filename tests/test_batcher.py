@@ -65,6 +65,20 @@ def test_a_failing_model_fails_its_requests_and_the_thread_serves_on():
         b.stop()
 
 
+def test_a_failing_observer_of_batches_neither_loses_the_answers_nor_stops_the_thread():
+    """What is told each batch's size and time (GET /metrics' files: a full disk) must not cost the answers."""
+    def observe(size: int, seconds: float) -> None:
+        raise OSError("no space left on device")
+
+    b = Batcher(Recording(), max_batch=2, max_wait_s=0.01, max_queue=100)
+    b.observe = observe
+    try:
+        assert [f.result(10).item() for f in b.submit(images(2))] == [0, 1]
+        assert [f.result(10).item() for f in b.submit(images(1))] == [0]
+    finally:
+        b.stop()
+
+
 def test_a_full_queue_turns_requests_away():
     b = Batcher(Recording(), max_batch=8, max_wait_s=10, max_queue=2)  # (the two wait for a batch to fill)
     try:

@@ -464,6 +464,21 @@ def scrape(server: Server) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(body.decode()) for s in family.samples}
 
 
+def test_a_count_that_cannot_be_kept_does_not_fail_the_request(monkeypatch):
+    """On a full disk the workers' metrics files cannot grow: the request is answered all the same."""
+    from imgcls.serving.metrics import Metrics
+
+    def full_disk(*_: object) -> None:
+        raise OSError("no space left on device")
+
+    m = Metrics()
+    monkeypatch.setattr(m.requests, "labels", full_disk)
+    monkeypatch.setattr(m.batch_images, "observe", full_disk)
+    m.request("/predict", 200, 0.01)
+    m.request("/predict", 200, 0.01)
+    m.batch(4, 0.02)
+
+
 def test_metrics_count_requests_images_and_batches(server, images):
     before = scrape(server)
     good, bad = ("a.png", read_file(images[0])), ("notes.txt", b"not an image")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 
 from imgcls.machine import set_thread_threads
+
+log = logging.getLogger("imgcls.serve")
 
 
 class Full(Exception):
@@ -177,12 +180,16 @@ class Batcher:
             for it in batch:
                 it.future.set_exception(e)
             return
+        seconds = time.perf_counter() - start
         self.batches += 1
         self.images += len(batch)
-        if self.observe is not None:
-            self.observe(len(batch), time.perf_counter() - start)
         for it, row in zip(batch, out):
             it.future.set_result(row)
+        if self.observe is not None:
+            try:
+                self.observe(len(batch), seconds)
+            except Exception:  # (the metrics' files on a full disk): the answers and the thread go on
+                log.exception("could not record a batch in the metrics")
 
 
 def run(job: Callable[[], Any], future: Future) -> None:

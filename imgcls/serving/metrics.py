@@ -9,12 +9,37 @@ run.py and removed at exit), so that every scrape sums all the workers. Nothing 
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from imgcls.serving.settings import MULTIPROCESS_ENV
+
+log = logging.getLogger("imgcls.serve")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def never_failing(record: F) -> F:
+    """A count that cannot be kept (the folder's files on a full disk) is logged, once per kind, and the request
+    answered all the same: the metrics are worth less than the answers."""
+    failed = False
+
+    @functools.wraps(record)
+    def safely(*args: Any) -> None:
+        nonlocal failed
+        try:
+            record(*args)
+        except Exception:
+            if not failed:
+                failed = True
+                log.exception("could not record %s in the metrics (said once)", record.__name__)
+    return safely  # type: ignore[return-value]
+
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -39,16 +64,19 @@ class Metrics:
         self.batch_seconds = Histogram("imgcls_serve_batch_seconds", "The model's time per batch", buckets=SECONDS,
                                        registry=registry)
 
+    @never_failing
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
+    @never_failing
     def answered(self, ok: int, bad: int) -> None:
         if ok:
             self.images.labels("ok").inc(ok)
         if bad:
             self.images.labels("bad").inc(bad)
 
+    @never_failing
     def batch(self, images: int, seconds: float) -> None:
         """(Called on the model thread: prometheus_client's metrics are thread-safe.)"""
         self.batch_images.observe(images)
