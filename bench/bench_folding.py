@@ -74,8 +74,8 @@ def main() -> None:
     p.add_argument("--json", default=str(ROOT / "bench" / "results-folding.json"))
     a = p.parse_args()
     torch.set_num_threads(cpus())
-    work = Path(tempfile.mkdtemp(prefix="imgcls-folding-"))
-    results = [bench_model(name, a, work) for name in a.models]
+    with tempfile.TemporaryDirectory(prefix="imgcls-folding-") as work:  # (its checkpoints: VGG11's is 0.5 GB)
+        results = [bench_model(name, a, Path(work)) for name in a.models]
     machine = (f"{cpus()} cores, load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, "
                f"{a.img_size} px")
     Path(a.json).write_text(json.dumps({"machine": machine, "seconds": a.seconds, "results": results}, indent=1))

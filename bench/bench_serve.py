@@ -290,11 +290,12 @@ def main() -> None:
     if a.quick:
         a.seconds, a.clients = 3.0, [1, 16]
     images = photos()
-    work = Path(tempfile.mkdtemp(prefix="imgcls-serve-"))
-    if a.sweep or a.stack:
-        (sweep if a.sweep else stack)(a, images, work)
-        return
-    results = [bench_model(name, a, images, work) for name in a.models]
+    with tempfile.TemporaryDirectory(prefix="imgcls-serve-") as tmp:  # (its checkpoints: ~100 MB a model)
+        work = Path(tmp)
+        if a.sweep or a.stack:
+            (sweep if a.sweep else stack)(a, images, work)
+            return
+        results = [bench_model(name, a, images, work) for name in a.models]
     machine = (f"{cpus()} cores, load average {os.getloadavg()[0]:.1f} at the end, {a.threads or cpus()} model "
                f"thread(s), torch {torch.__version__}")
     Path(a.json).write_text(json.dumps({"machine": machine, "seconds": a.seconds, "results": results}, indent=1))
