@@ -32,6 +32,15 @@ def batch_norms(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def folded_answers(model: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(the batch norms folded, the answers before, the answers after) on a small random batch."""
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        folded = fold_batch_norms(model)
+        return folded, before, model(x)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
                                   "densenet121", "googlenet", "regnet_x_400mf", "shufflenet_v2_x0_5"])
 def test_folding_keeps_the_networks_answers(name):
@@ -80,12 +89,10 @@ class Shared(nn.Module):
 
 def test_only_a_batch_norm_that_alone_takes_a_convolution_called_once_is_folded():
     model = with_trained_statistics(Shared())
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        before = model(x)
-        assert fold_batch_norms(model) == 1
-        assert isinstance(model.d_bn, nn.Identity)
-        assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
+    folded, before, after = folded_answers(model)
+    assert folded == 1
+    assert isinstance(model.d_bn, nn.Identity)
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-5)
 
 
 def test_a_network_fx_cannot_trace_is_left_as_it_is():
@@ -137,12 +144,9 @@ class Aliased(nn.Module):
 
 
 def test_a_pair_registered_under_two_names_keeps_the_answers():
-    model = with_trained_statistics(Aliased())
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        before = model(x)
-        assert fold_batch_norms(model) == 2
-        assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
+    folded, before, after = folded_answers(with_trained_statistics(Aliased()))
+    assert folded == 2
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-5)
 
 
 class Listed(nn.Module):
@@ -159,12 +163,9 @@ class Listed(nn.Module):
 
 
 def test_a_convolution_held_outside_the_module_tree_is_folded_where_it_is_called():
-    model = with_trained_statistics(Listed())
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        before = model(x)
-        assert fold_batch_norms(model) == 1
-        assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
+    folded, before, after = folded_answers(with_trained_statistics(Listed()))
+    assert folded == 1
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-5)
 
 
 class ReadsWeights(nn.Module):
@@ -181,12 +182,9 @@ class ReadsWeights(nn.Module):
 
 
 def test_a_pair_whose_weights_the_forward_also_reads_is_left_as_it_is():
-    model = with_trained_statistics(ReadsWeights())
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        before = model(x)
-        assert fold_batch_norms(model) == 0
-        assert torch.allclose(model(x), before)
+    folded, before, after = folded_answers(with_trained_statistics(ReadsWeights()))
+    assert folded == 0
+    assert torch.allclose(after, before)
 
 
 class Hooked(nn.Module):
@@ -206,19 +204,14 @@ class Hooked(nn.Module):
 
 
 def test_a_pair_with_hooks_is_left_as_it_is():
-    model = with_trained_statistics(Hooked())
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        before = model(x)
-        assert fold_batch_norms(model) == 0
-        assert torch.allclose(model(x), before)
+    folded, before, after = folded_answers(with_trained_statistics(Hooked()))
+    assert folded == 0
+    assert torch.allclose(after, before)
 
 
 def test_a_batch_norm_left_in_training_mode_is_left_as_it_is():
     model = with_trained_statistics(Shared())
     model.d_bn.train()  # (in a model in eval mode: it normalises with each batch's own statistics)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        before = model(x)
-        assert fold_batch_norms(model) == 0
-        assert torch.allclose(model(x), before)
+    folded, before, after = folded_answers(model)
+    assert folded == 0
+    assert torch.allclose(after, before)
