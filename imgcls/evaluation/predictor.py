@@ -77,18 +77,23 @@ def load_model(path: str | Path, device_name: str = "auto", amp: bool = False, f
     for note in (checkpoint.fitted_elsewhere(ckpt, path), checkpoint.temperature_not_kept(ckpt)):
         if note:
             print(note)
-    model = build.from_checkpoint(ckpt)
-    if device.type == "cpu":
-        if fold:  # measured on CPUs only (bench/bench_folding.py); a GPU runs the network as it was trained
-            fold_batch_norms(model)
-        tune_cpu_allocator()  # as training does: a batch's activations are not page-faulted in again each time
-    model = model.to(device, memory_format=torch.channels_last)
+    model = ready_for(build.from_checkpoint(ckpt), device, fold)
     autocast, _ = precision(device, amp)
     pre = ckpt.preprocess
     return Loaded(model=model, to_input=to_model_input(pre, device), autocast=autocast, classes=list(ckpt.classes),
                   preprocess=pre, source=path, device=device, arch=ckpt.arch,
                   temperature=checkpoint.temperature(ckpt, path), flips=checkpoint.trained_with_flips(ckpt),
                   thresholds=checkpoint.thresholds(ckpt, path), label_sep=checkpoint.label_sep(ckpt))
+
+
+def ready_for(model: torch.nn.Module, device: torch.device, fold: bool = True) -> torch.nn.Module:
+    """A network (in eval mode) as eval.py, test.py and serve.py run it on `device`: channels-last, and on
+    the CPU its batch norms folded unless not `fold` (export.py times this one against its export)."""
+    if device.type == "cpu":
+        if fold:  # measured on CPUs only (bench/bench_folding.py); a GPU runs the network as it was trained
+            fold_batch_norms(model)
+        tune_cpu_allocator()  # as training does: a batch's activations are not page-faulted in again each time
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def run_model(loaded: Loaded, items: list[tuple[str, int]], batch_size: int, workers: int | None, *,
