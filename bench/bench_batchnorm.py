@@ -15,7 +15,9 @@ bench/results-batchnorm.json: best and final validation accuracy of each, and th
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,6 +47,8 @@ def main() -> None:
     p.add_argument("--work", help="folder for the data, runs and caches (default: a new temporary one)")
     a = p.parse_args()
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="imgcls-bn-"))
+    if not a.work:  # its runs and caches: GBs a sitting, of no use once the figures are written
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     data = make(a.set, work)
     base = ["--data", data, "--model", a.model, "--mode", "scratch", "--img-size", "64", "--epochs", str(a.epochs),
             "--amp"]

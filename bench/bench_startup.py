@@ -12,9 +12,11 @@ the way a test or another program calls it (config.cli, nothing frozen), in the 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,7 @@ def whole_commands(repeats: int) -> dict[str, dict[str, float]]:
 
     data = make_photos(ROOT / "bench" / ".data" / "photos-200", 200)
     work = Path(tempfile.mkdtemp(prefix="imgcls-startup-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # (runs and caches, of no use once timed)
     os.environ["IMGCLS_CACHE"] = str(work / "cache")
     run = work / "run"
     train = ["--data", str(data), "--model", "resnet18", "--mode", "scratch", "--img-size", "64", "--epochs", "2",

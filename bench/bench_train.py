@@ -16,8 +16,10 @@ Writes the figures to bench/results-<model>-<size>px-<images>img.json as well.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,6 +132,7 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=("train", "transfer", "eval", "preprocess"))
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="imgcls-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # (runs and caches, of no use once measured)
     data = Path(a.data) if a.data else make_photos(ROOT / "bench" / ".data" / f"photos-{a.images}", a.images)
     py = sys.executable
     common = ["--data", str(data), "--model", a.model, "--img-size", str(a.img_size), "--batch-size",
