@@ -259,6 +259,26 @@ def test_a_models_latency_is_not_timed_straight_after_the_other_models_call():
         assert measured[name]["median"] < 10, measured[name]  # 30 ms when timed straight after the other
 
 
+def test_a_slow_model_is_timed_no_more_than_its_warm_up_and_the_least_runs():
+    """A model slower than the budget allows gets LATENCY_MIN_RUNS timed calls each after its warm-up, as before
+    the blocks: a first block of LATENCY_BLOCK timed calls each made a 3 s model's proof 12 s (25%) longer."""
+    import torch
+
+    from imgcls.export import parity
+
+    calls = {"export": 0, "pytorch": 0}
+
+    def model(name: str):
+        def run(x):
+            calls[name] += 1
+            time.sleep(0.03)
+        return run
+
+    measured = parity.latencies_ms({name: model(name) for name in calls}, torch.zeros(1), budget_s=0.05)
+    assert measured["runs"] == parity.LATENCY_MIN_RUNS
+    assert calls == {name: parity.LATENCY_WARMUP + parity.LATENCY_MIN_RUNS for name in calls}
+
+
 @pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
 def test_the_export_report_says_how_its_latency_was_measured(checkpoints, tmp_path):
     out = tmp_path / "m.onnx"

@@ -100,9 +100,14 @@ def latencies_ms(runs: dict[str, Callable], example: torch.Tensor, *, warmup: in
     start = time.perf_counter()
     while min(map(len, times.values())) < repeats:
         for name, run in runs.items():
+            # once the budget is spent, a block ends as soon as its model has as many runs as any other (and at
+            # least LATENCY_MIN_RUNS): a slow model is not called a whole block more than it must be
+            least = max(LATENCY_MIN_RUNS, *map(len, times.values()))
             for _ in range(warmup):
                 run(example)
             for _ in range(min(block, repeats - len(times[name]))):
+                if len(times[name]) >= least and time.perf_counter() - start > budget_s:
+                    break
                 t0 = time.perf_counter()
                 run(example)
                 times[name].append(1000 * (time.perf_counter() - t0))
