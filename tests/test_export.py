@@ -326,3 +326,21 @@ def test_the_export_latency_is_compared_with_pytorch_as_eval_runs_it(checkpoints
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(timed(x.float() / 255), loaded(x))
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_the_report_says_how_many_batch_norms_the_timed_pytorch_model_had_folded(tmp_path):
+    """Folding leaves what it cannot fold (no batch norms in VGG or SqueezeNet, a DenseNet's before its
+    convolutions, timm's BatchNormAct2d, a network fx cannot trace): "batch norms folded" claimed them all."""
+    import torch
+
+    from imgcls.networks import build
+
+    ckpt, out = tmp_path / "squeezenet.pt", tmp_path / "m.onnx"
+    torch.manual_seed(0)
+    net = build.build_model("squeezenet1_1", 3)
+    checkpoint.save(checkpoint.of_model("squeezenet1_1", ["a", "b", "c"], net.state_dict(),
+                                        build.preprocessing("squeezenet1_1", 64)), ckpt)
+    assert call(["--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--images", "2"]) == 0
+    timed = json.loads(Path(f"{out}.json").read_text())["pytorch_timed"]
+    assert "channels-last" in timed and "no batch norm" in timed and "folded" not in timed, timed
