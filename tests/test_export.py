@@ -259,6 +259,45 @@ def test_a_models_latency_is_not_timed_straight_after_the_other_models_call():
         assert measured[name]["median"] < 10, measured[name]  # 30 ms when timed straight after the other
 
 
+def test_a_slow_model_is_timed_no_more_than_its_warm_up_and_the_least_runs():
+    """A model slower than the budget allows gets LATENCY_MIN_RUNS timed calls each after its warm-up, as before
+    the blocks: a first block of LATENCY_BLOCK timed calls each made a 3 s model's proof 12 s (25%) longer."""
+    import torch
+
+    from imgcls.export import parity
+
+    calls = {"export": 0, "pytorch": 0}
+
+    def model(name: str):
+        def run(x):
+            calls[name] += 1
+            time.sleep(0.03)
+        return run
+
+    measured = parity.latencies_ms({name: model(name) for name in calls}, torch.zeros(1), budget_s=0.05)
+    assert measured["runs"] == parity.LATENCY_MIN_RUNS
+    assert calls == {name: parity.LATENCY_WARMUP + parity.LATENCY_MIN_RUNS for name in calls}
+
+
+def test_a_slow_first_call_does_not_spend_the_latency_budget():
+    """A first call's set-up (memory arenas, kernels chosen) is what the warm-up absorbs, not the model's speed:
+    counted against the budget, it cut a fast model's runs from 21 to 7."""
+    import torch
+
+    from imgcls.export import parity
+
+    calls = {"export": 0, "pytorch": 0}
+
+    def model(name: str):
+        def run(x):
+            calls[name] += 1
+            time.sleep(0.3 if calls[name] == 1 else 0.001)
+        return run
+
+    measured = parity.latencies_ms({name: model(name) for name in calls}, torch.zeros(1), budget_s=0.2)
+    assert measured["runs"] == parity.LATENCY_RUNS
+
+
 @pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
 def test_the_export_report_says_how_its_latency_was_measured(checkpoints, tmp_path):
     out = tmp_path / "m.onnx"
@@ -287,3 +326,21 @@ def test_the_export_latency_is_compared_with_pytorch_as_eval_runs_it(checkpoints
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(timed(x.float() / 255), loaded(x))
+
+
+@pytest.mark.skipif(not installed("onnx"), reason="onnxruntime is not installed")
+def test_the_report_says_how_many_batch_norms_the_timed_pytorch_model_had_folded(tmp_path):
+    """Folding leaves what it cannot fold (no batch norms in VGG or SqueezeNet, a DenseNet's before its
+    convolutions, timm's BatchNormAct2d, a network fx cannot trace): "batch norms folded" claimed them all."""
+    import torch
+
+    from imgcls.networks import build
+
+    ckpt, out = tmp_path / "squeezenet.pt", tmp_path / "m.onnx"
+    torch.manual_seed(0)
+    net = build.build_model("squeezenet1_1", 3)
+    checkpoint.save(checkpoint.of_model("squeezenet1_1", ["a", "b", "c"], net.state_dict(),
+                                        build.preprocessing("squeezenet1_1", 64)), ckpt)
+    assert call(["--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--images", "2"]) == 0
+    timed = json.loads(Path(f"{out}.json").read_text())["pytorch_timed"]
+    assert "channels-last" in timed and "no batch norm" in timed and "folded" not in timed, timed

@@ -92,21 +92,32 @@ def latencies_ms(runs: dict[str, Callable], example: torch.Tensor, *, warmup: in
                  ) -> dict[str, Any]:
     """Each of `runs` on one image, in blocks taken in turn so that all see the same load on the machine:
     `warmup` untimed calls, then `block` timed ones; blocks until `repeats` timed calls each (at least
-    LATENCY_MIN_RUNS; fewer when a slow model would take over `budget_s`). The warm-up is also what lets the
-    other model's threads go quiet: onnxruntime's and OpenMP's spin on after a call, and a call timed straight
-    after the other model's ran 1.3-2.6x slower than alone (ResNet18, MobileNetV2 on 2 cores). The median is
-    the figure: one call slowed by other work on the machine does not make it; min and max show the spread."""
+    LATENCY_MIN_RUNS; fewer when a slow model would take over `budget_s`, its first warm-up not counted). The
+    warm-up is also what lets the other model's threads go quiet: onnxruntime's and OpenMP's spin on after a call,
+    and a call timed straight after the other model's ran 1.3-2.6x slower than alone (ResNet18, MobileNetV2 on 2
+    cores). The median is the figure: one call slowed by other work on the machine does not make it; min and max
+    show the spread."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    start = time.perf_counter()
+    spent = 0.0  # what the budget counts: every call but each model's first warm-up (a first call's set-up)
     while min(map(len, times.values())) < repeats:
         for name, run in runs.items():
+            # once the budget is spent, a block ends as soon as its model has as many runs as any other (and at
+            # least LATENCY_MIN_RUNS): a slow model is not called a whole block more than it must be
+            least = max(LATENCY_MIN_RUNS, *map(len, times.values()))
+            t0 = time.perf_counter()
             for _ in range(warmup):
                 run(example)
+            if times[name]:
+                spent += time.perf_counter() - t0
             for _ in range(min(block, repeats - len(times[name]))):
+                if len(times[name]) >= least and spent > budget_s:
+                    break
                 t0 = time.perf_counter()
                 run(example)
-                times[name].append(1000 * (time.perf_counter() - t0))
-        if min(map(len, times.values())) >= LATENCY_MIN_RUNS and time.perf_counter() - start > budget_s:
+                took = time.perf_counter() - t0
+                times[name].append(1000 * took)
+                spent += took
+        if min(map(len, times.values())) >= LATENCY_MIN_RUNS and spent > budget_s:
             break
     return {"statistic": "median", "runs": len(times[next(iter(runs))]), "warmup_runs": warmup, "block": block,
             "threads": torch.get_num_threads(), "batch": int(example.shape[0]),
