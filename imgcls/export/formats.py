@@ -81,10 +81,11 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, meta:
     except RuntimeError:  # builds without XNNPACK (e.g. CUDA wheels) cannot run the mobile passes
         print("note: this PyTorch build has no XNNPACK; saving the TorchScript Lite model without mobile "
               "optimisation (its batch norms folded into the convolutions before them all the same)")
-        folded = copy.deepcopy(model)  # (folding changes weights in place: the caller's model is the reference)
-        # the network alone: fx cannot trace Deployable's normalisation (it looks at the input's dtype)
-        fold_batch_norms(folded.net if isinstance(folded, Deployable) else folded)
-        traced = torch.jit.trace(folded, example)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):  # (VGG11: no copy)
+            folded = copy.deepcopy(model)  # (folding changes weights in place: the caller's is the reference)
+            # the network alone: fx cannot trace Deployable's normalisation (it looks at the input's dtype)
+            if fold_batch_norms(folded.net if isinstance(folded, Deployable) else folded):
+                traced = torch.jit.trace(folded, example)
     # written from Python: torch's own writer aborts the process on a full disk
     out.write_bytes(traced._save_to_buffer_for_lite_interpreter(_extra_files={"meta.json": json.dumps(meta)}))
     from torch.jit.mobile import _load_for_lite_interpreter
