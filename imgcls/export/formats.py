@@ -12,7 +12,7 @@ from torch import nn
 
 from imgcls.data import loaders
 from imgcls.evaluation.predictor import OnnxModel
-from imgcls.networks.folding import fold_batch_norms
+from imgcls.networks.folding import fold_batch_norms, has_batch_norms
 from imgcls.preprocess import Preprocess
 
 
@@ -81,7 +81,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, meta:
     except RuntimeError:  # builds without XNNPACK (e.g. CUDA wheels) cannot run the mobile passes
         print("note: this PyTorch build has no XNNPACK; saving the TorchScript Lite model without mobile "
               "optimisation (its batch norms folded into the convolutions before them all the same)")
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):  # (VGG11: no copy)
+        if has_batch_norms(model):  # (VGG11: no copy of its 0.5 GB)
             folded = copy.deepcopy(model)  # (folding changes weights in place: the caller's is the reference)
             # the network alone: fx cannot trace Deployable's normalisation (it looks at the input's dtype)
             if fold_batch_norms(folded.net if isinstance(folded, Deployable) else folded):
